@@ -1,0 +1,55 @@
+# Crop AI — one-command dev loop. Every target installs what it needs on a fresh machine.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+NODE_STAMP := node_modules/.installed
+
+.PHONY: help install demo test lint up down bench clean
+
+help:
+	@echo "make demo   - start the local stack, analyse a real Sentinel-2 scene end to end, stop the stack"
+	@echo "make test   - install everything and run the whole test suite"
+	@echo "make up     - start PostgreSQL, Azurite, the Service Bus emulator, the Functions host and a worker"
+	@echo "make down   - stop what 'make up' started"
+	@echo "make lint   - ruff + mypy strict"
+	@echo "make bench  - benchmarks (JSON on stdout)"
+
+# Python virtual environment: torch 2.13.0 CPU first (a GPU image brings its own), then everything else.
+$(STAMP): requirements.txt requirements-worker.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@
+
+# Azurite (Blob Storage emulator) from npm, pinned in package-lock.json.
+$(NODE_STAMP): package.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+install: $(STAMP) $(NODE_STAMP)
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy .
+
+up: install
+	$(BIN)/python -m local.stack up
+
+down:
+	@if [ -x $(BIN)/python ]; then $(BIN)/python -m local.stack down; fi
+
+demo: install
+	$(BIN)/python -m local.demo
+
+bench: install
+	$(BIN)/python -m bench.servicebus_emulator
+
+clean: down
+	rm -rf .local

@@ -1,0 +1,1 @@
+"""Code shared by the Function App and the GPU worker: settings, message schema, errors and adapters."""

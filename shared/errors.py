@@ -1,0 +1,66 @@
+"""The error hierarchy. Every error says whether retrying can help.
+
+    CropAIError
+    ├── PermanentError          retrying cannot help: dead-letter at once, mark the job failed
+    │   ├── InvalidMessage      the Service Bus envelope does not decode or validate
+    │   ├── InvalidImage        the GeoTIFF cannot be read or has unusable bands
+    │   ├── InputMissing        the input blob is gone
+    │   └── UnknownAnalysis     the requested analysis or model does not exist
+    └── TransientError          retrying may help: abandon, the delivery count bounds the retries
+        ├── DatabaseUnavailable
+        ├── StorageUnavailable
+        └── BusUnavailable
+
+Adapters translate SDK and driver errors into these at the edge (``raise StorageUnavailable(...) from e``);
+nothing above the adapters catches SDK exceptions.
+"""
+
+from __future__ import annotations
+
+
+class CropAIError(Exception):
+    """Base class. ``code`` is the stable machine-readable name stored on failed jobs."""
+
+    code = "internal_error"
+    transient = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class PermanentError(CropAIError):
+    code = "permanent_error"
+
+
+class InvalidMessage(PermanentError):
+    code = "invalid_message"
+
+
+class InvalidImage(PermanentError):
+    code = "invalid_image"
+
+
+class InputMissing(PermanentError):
+    code = "input_missing"
+
+
+class UnknownAnalysis(PermanentError):
+    code = "unknown_analysis"
+
+
+class TransientError(CropAIError):
+    code = "transient_error"
+    transient = True
+
+
+class DatabaseUnavailable(TransientError):
+    code = "database_unavailable"
+
+
+class StorageUnavailable(TransientError):
+    code = "storage_unavailable"
+
+
+class BusUnavailable(TransientError):
+    code = "bus_unavailable"

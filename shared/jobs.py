@@ -1,0 +1,80 @@
+"""The job record and the repository interface the Functions and the worker use.
+
+``shared.db.PostgresJobRepository`` implements it on PostgreSQL; ``shared.memory.InMemoryJobRepository`` implements
+it for unit tests of pure logic.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any, Protocol
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict
+
+
+class JobStatus(str, enum.Enum):
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED)
+
+
+class Job(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    job_id: UUID
+    status: JobStatus
+    created_at: datetime
+    updated_at: datetime
+    attempts: int
+    input_blob: str
+    input_sha256: str
+    params: dict[str, Any]  # bands, scale, analysis: what the message carries
+    idempotency_key: str | None = None
+    result: dict[str, Any] | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before with different content."""
+
+    def __init__(self, existing: Job) -> None:
+        super().__init__(f"idempotency key already used for job {existing.job_id} with different content")
+        self.existing = existing
+
+
+class JobRepository(Protocol):
+    def create(
+        self,
+        *,
+        job_id: UUID,
+        input_blob: str,
+        input_sha256: str,
+        params: dict[str, Any],
+        idempotency_key: str | None,
+    ) -> tuple[Job, bool]:
+        """Insert a queued job; return ``(job, created)``. An existing key with the same sha256 returns the existing
+        job and ``False``; with another sha256 raises :class:`IdempotencyConflict`."""
+        ...
+
+    def get(self, job_id: UUID) -> Job | None: ...
+
+    def start_attempt(self, job_id: UUID) -> Job | None:
+        """Mark ``processing`` and count the attempt, unless the job is already terminal; return the job as it is
+        now (``None`` if unknown)."""
+        ...
+
+    def succeed(self, job_id: UUID, result: dict[str, Any]) -> bool:
+        """Store the result and mark ``succeeded`` in one transaction; ``False`` if it already had a result."""
+        ...
+
+    def fail(self, job_id: UUID, code: str, message: str) -> bool:
+        """Mark ``failed`` unless already terminal; ``False`` if nothing changed."""
+        ...

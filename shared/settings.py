@@ -1,0 +1,89 @@
+"""Settings, built once at an entrypoint with ``Settings.from_env()`` and injected from there.
+
+Nothing in this package reads the environment at import time. Names are the Azure Functions app-setting names, so
+the same variables work in ``local.settings.json``, in the Function App and in the worker's container:
+
+* keyless in Azure: ``ServiceBusConnection__fullyQualifiedNamespace``, ``AzureWebJobsStorage__blobServiceUri`` and
+  ``POSTGRES_HOST``/``POSTGRES_DATABASE``/``POSTGRES_USER`` (Entra token), all with ``DefaultAzureCredential``;
+* locally: ``ServiceBusConnection``, ``AzureWebJobsStorage`` and ``DATABASE_URL`` connection strings.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from datetime import timedelta
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class QueueProperties(BaseModel):
+    """The jobs queue's properties. infra/bicep and local/servicebus.config.json must agree (tests check it)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    lock_duration: timedelta = timedelta(minutes=1)
+    max_delivery_count: int = 5
+    default_message_time_to_live: timedelta = timedelta(days=1)
+    dead_lettering_on_message_expiration: bool = True
+    requires_duplicate_detection: bool = True
+    duplicate_detection_history_time_window: timedelta = timedelta(minutes=10)
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
+
+    # Service Bus
+    servicebus_connection_string: str | None = Field(None, alias="ServiceBusConnection")
+    servicebus_namespace: str | None = Field(None, alias="ServiceBusConnection__fullyQualifiedNamespace")
+    jobs_queue: str = Field("jobs", alias="JOBS_QUEUE_NAME")
+    queue: QueueProperties = QueueProperties()
+
+    # Blob Storage
+    storage_connection_string: str | None = Field(None, alias="AzureWebJobsStorage")
+    blob_service_uri: str | None = Field(None, alias="AzureWebJobsStorage__blobServiceUri")
+    images_container: str = Field("images", alias="IMAGES_CONTAINER")
+    results_container: str = Field("results", alias="RESULTS_CONTAINER")
+    result_sas_ttl: timedelta = Field(timedelta(hours=1), alias="RESULT_SAS_TTL")
+
+    # PostgreSQL: a URL (local, may carry a password) or host/database/user with an Entra token (Azure)
+    database_url: str | None = Field(None, alias="DATABASE_URL")
+    postgres_host: str | None = Field(None, alias="POSTGRES_HOST")
+    postgres_port: int = Field(5432, alias="POSTGRES_PORT")
+    postgres_database: str = Field("cropai", alias="POSTGRES_DATABASE")
+    postgres_user: str | None = Field(None, alias="POSTGRES_USER")
+    db_pool_min_size: int = Field(1, alias="DB_POOL_MIN_SIZE")
+    db_pool_max_size: int = Field(4, alias="DB_POOL_MAX_SIZE")
+
+    # Submit limits (validated before anything is stored)
+    max_upload_bytes: int = Field(100 * 1024 * 1024, alias="MAX_UPLOAD_BYTES")
+    max_pixels: int = Field(130_000_000, alias="MAX_PIXELS")  # a full 10980 x 10980 Sentinel-2 tile fits
+    max_bands: int = Field(32, alias="MAX_BANDS")
+    retry_after_seconds: int = Field(5, alias="RETRY_AFTER_SECONDS")
+
+    # Worker
+    worker_max_message_count: int = Field(4, alias="WORKER_MAX_MESSAGE_COUNT")
+    worker_max_wait_time: float = Field(5.0, alias="WORKER_MAX_WAIT_TIME")
+    worker_max_lock_renewal: timedelta = Field(timedelta(hours=2), alias="WORKER_MAX_LOCK_RENEWAL")
+    worker_shutdown_grace: float = Field(30.0, alias="WORKER_SHUTDOWN_GRACE")
+    worker_device: str = Field("auto", alias="WORKER_DEVICE")  # auto | cpu | cuda | cuda:N
+    models_dir: str | None = Field(None, alias="MODELS_DIR")
+
+    # Observability
+    applicationinsights_connection_string: str | None = Field(None, alias="APPLICATIONINSIGHTS_CONNECTION_STRING")
+    service_name: str = Field("crop-ai", alias="OTEL_SERVICE_NAME")
+
+    @model_validator(mode="after")
+    def _one_way_to_each_backend(self) -> Settings:
+        if not (self.servicebus_connection_string or self.servicebus_namespace):
+            raise ValueError("set ServiceBusConnection or ServiceBusConnection__fullyQualifiedNamespace")
+        if not (self.storage_connection_string or self.blob_service_uri):
+            raise ValueError("set AzureWebJobsStorage or AzureWebJobsStorage__blobServiceUri")
+        if not (self.database_url or (self.postgres_host and self.postgres_user)):
+            raise ValueError("set DATABASE_URL, or POSTGRES_HOST and POSTGRES_USER for Entra authentication")
+        return self
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``environ`` (default: ``os.environ``); unknown variables are ignored."""
+        return cls.model_validate(dict(os.environ if environ is None else environ))
