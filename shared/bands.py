@@ -20,8 +20,23 @@ from typing import Literal
 Sensor = Literal["sentinel-2", "landsat-oli", "generic"]
 
 COMMON_NAMES = frozenset(
-    {"coastal", "blue", "green", "red", "rededge1", "rededge2", "rededge3", "nir", "nir08", "nir09", "cirrus",
-     "swir16", "swir22", "lwir11", "lwir12"}
+    {
+        "coastal",
+        "blue",
+        "green",
+        "red",
+        "rededge1",
+        "rededge2",
+        "rededge3",
+        "nir",
+        "nir08",
+        "nir09",
+        "cirrus",
+        "swir16",
+        "swir22",
+        "lwir11",
+        "lwir12",
+    }
 )
 
 SENTINEL2: dict[str, str] = {
