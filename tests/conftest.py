@@ -12,6 +12,8 @@ import pytest
 
 pytest_plugins = [
     "tests.fixtures.backends",
+    "tests.fixtures.postgres",
+    "tests.fixtures.azurite",
 ]
 
 # Variables that would make tests talk to something other than the backends they start themselves.

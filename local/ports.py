@@ -1,0 +1,44 @@
+"""Loopback ports for local services: a free one for tests, and a clear error when a chosen one is taken."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+LOOPBACK = "127.0.0.1"
+
+
+class PortBusy(RuntimeError):
+    """The port a service was asked to use is already taken by another process."""
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A port that was free a moment ago (bind to port 0, read it, release it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def ensure_free(port: int, service: str, host: str = LOOPBACK) -> None:
+    """Raise PortBusy naming ``service`` when ``port`` cannot be bound."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise PortBusy(f"port {port} for {service} is busy on {host}; free it or choose another port") from e
+
+
+def is_listening(port: int, host: str = LOOPBACK) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def wait_listening(port: int, timeout: float, host: str = LOOPBACK) -> bool:
+    """Poll until something accepts connections on ``port``; False on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if is_listening(port, host):
+            return True
+        time.sleep(0.1)
+    return False
