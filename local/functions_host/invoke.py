@@ -1,0 +1,94 @@
+"""Calling one function: build ``azure.functions.HttpRequest``, run the user function, turn its answer into bytes.
+
+Synchronous functions run on the server's request thread (the Functions Python worker uses a thread pool too);
+coroutine functions run on one event loop shared by every request, so clients they cache stay on one loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import azure.functions as func
+
+from local.functions_host.routes import Route
+
+
+@dataclass(frozen=True)
+class WireResponse:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+class EventLoopThread:
+    """One asyncio loop in a daemon thread, for coroutine functions."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="functions-host-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+def build_request(
+    method: str,
+    url: str,
+    headers: Mapping[str, str],
+    params: Mapping[str, str],
+    route_params: Mapping[str, str],
+    body: bytes,
+) -> func.HttpRequest:
+    return func.HttpRequest(
+        method=method.upper(),
+        url=url,
+        headers=dict(headers),
+        params=dict(params),
+        route_params=dict(route_params),
+        body=body,
+    )
+
+
+def call(route: Route, request: func.HttpRequest, loop: EventLoopThread) -> Any:
+    """Run the user function with the request bound to its trigger's parameter name."""
+    kwargs = {route.binding_name: request}
+    if inspect.iscoroutinefunction(route.user_function):
+        return loop.run(route.user_function(**kwargs))
+    return route.user_function(**kwargs)
+
+
+def to_wire(result: Any) -> WireResponse:
+    """Turn a function's return value into status, headers and body, as the Python worker does."""
+    if isinstance(result, func.HttpResponse):
+        headers = [(k, v) for k, v in result.headers.items()]
+        if not any(k.lower() == "content-type" for k, _ in headers):
+            mimetype = result.mimetype
+            content_type = f"{mimetype}; charset={result.charset}" if mimetype.startswith("text/") else mimetype
+            headers.append(("Content-Type", content_type))
+        return WireResponse(result.status_code, headers, result.get_body() or b"")
+    if result is None:
+        return WireResponse(204, [], b"")
+    if isinstance(result, bytes | bytearray):
+        return WireResponse(200, [("Content-Type", "application/octet-stream")], bytes(result))
+    if isinstance(result, str):
+        return WireResponse(200, [("Content-Type", "text/plain; charset=utf-8")], result.encode())
+    return WireResponse(200, [("Content-Type", "application/json")], json.dumps(result).encode())
+
+
+def problem(status: int, title: str, detail: str, code: str) -> WireResponse:
+    """An ``application/problem+json`` answer from the host itself (404, 413, 500, ...)."""
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, "code": code}
+    return WireResponse(status, [("Content-Type", "application/problem+json")], json.dumps(body).encode())
