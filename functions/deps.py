@@ -1,0 +1,89 @@
+"""The Functions' dependencies, built once, lazily, on the first request (never at import time).
+
+Importing ``function_app`` reads no environment variable and opens no socket: the first request builds
+:class:`Settings` from the app settings and the clients from those, and every later request reuses them. Tests inject
+their own with :func:`use`.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Protocol
+from uuid import UUID
+
+from azure.core.credentials import TokenCredential
+
+from shared.jobs import JobRepository
+from shared.settings import Settings
+from shared.submission import Publisher
+
+DEFAULT_RETRY_AFTER = 5
+
+
+class BlobStoreLike(Protocol):
+    def put_input(self, job_id: UUID, data: bytes, sha256: str) -> str: ...
+    def read_url(self, blob_url: str, ttl: timedelta) -> str: ...
+
+
+@dataclass(frozen=True)
+class Deps:
+    settings: Settings
+    repo: JobRepository
+    blobs: BlobStoreLike
+    publisher: Publisher
+
+
+_lock = threading.Lock()
+_current: Deps | None = None
+
+
+def get() -> Deps:
+    global _current
+    if _current is None:
+        with _lock:
+            if _current is None:
+                _current = build(Settings.from_env())
+    return _current
+
+
+def use(deps: Deps | None) -> None:
+    """Replace the dependencies (tests); ``None`` makes the next request build them from the environment again."""
+    global _current
+    with _lock:
+        _current = deps
+
+
+def retry_after() -> int:
+    """Seconds for ``Retry-After``: the setting once built, a default before (e.g. when building failed)."""
+    return _current.settings.retry_after_seconds if _current is not None else DEFAULT_RETRY_AFTER
+
+
+def build(settings: Settings) -> Deps:
+    # Imported here: only a request needs the SDKs, and a cold start that serves no request should not pay for them.
+    from shared.bus import JobPublisher, servicebus_client
+    from shared.db import PostgresJobRepository, open_pool
+    from shared.storage import BlobStore
+    from shared.telemetry import configure_telemetry
+
+    configure_telemetry(settings, role="api")
+    credential = _credential(settings)
+    return Deps(
+        settings=settings,
+        repo=PostgresJobRepository(open_pool(settings, credential)),
+        blobs=BlobStore.from_settings(settings, credential),
+        publisher=JobPublisher(servicebus_client(settings, credential), settings.jobs_queue),
+    )
+
+
+def _credential(settings: Settings) -> TokenCredential | None:
+    """One DefaultAzureCredential shared by every client that authenticates with Entra ID, if any does."""
+    keyless = (
+        not settings.servicebus_connection_string or not settings.storage_connection_string or not settings.database_url
+    )
+    if not keyless:
+        return None
+    from azure.identity import DefaultAzureCredential
+
+    return DefaultAzureCredential()

@@ -1,0 +1,111 @@
+"""Cheap GeoTIFF inspection of an upload, before anything is stored.
+
+Only the header is read: the magic bytes, then GDAL's view of the first IFD through an in-memory file. Pixel data is
+never decoded, so a decompression bomb (a few kilobytes declaring 100 000 x 100 000 pixels) is refused by its declared
+size alone. A file cut short is caught either by GDAL (its IFD is gone) or by the last block of each band ending past
+the end of the bytes we were given.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import rasterio
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.io import DatasetReader, MemoryFile
+
+from shared.rejection import Rejected
+
+# Classic TIFF (little / big endian) and BigTIFF (little / big endian).
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int
+    max_pixels: int
+    max_bands: int
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    width: int
+    height: int
+    count: int
+    dtype: str
+    descriptions: tuple[str | None, ...]
+    crs: str | None
+
+    @property
+    def integer(self) -> bool:
+        return bool(np.issubdtype(np.dtype(self.dtype), np.integer))
+
+
+def inspect(data: bytes, limits: Limits) -> ImageHeader:
+    """Return the header of the GeoTIFF in ``data``; raise :class:`Rejected` with a code saying what is wrong."""
+    if not data:
+        raise Rejected("empty_body", "the request has no image: send GeoTIFF bytes")
+    if len(data) > limits.max_bytes:
+        raise Rejected("payload_too_large", f"the image is {len(data)} bytes; the limit is {limits.max_bytes}")
+    if data[:4] not in TIFF_MAGIC:
+        raise Rejected("not_a_tiff", "the body is not a TIFF file (its first bytes are not a TIFF signature)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with (
+                rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"),
+                MemoryFile(data) as mem,
+                mem.open(driver="GTiff") as ds,
+            ):
+                header = _header(ds)
+                _check_limits(header, limits)
+                _check_complete(ds, len(data))
+    except RasterioError as e:
+        raise Rejected("unreadable_image", f"the TIFF cannot be read: {_gdal_reason(e)}") from e
+    return header
+
+
+def _header(ds: DatasetReader) -> ImageHeader:
+    return ImageHeader(
+        width=ds.width,
+        height=ds.height,
+        count=ds.count,
+        dtype=ds.dtypes[0],
+        descriptions=tuple(ds.descriptions),
+        crs=ds.crs.to_string() if ds.crs else None,
+    )
+
+
+def _check_limits(header: ImageHeader, limits: Limits) -> None:
+    pixels = header.width * header.height
+    if pixels > limits.max_pixels:
+        raise Rejected(
+            "image_too_large",
+            f"the image declares {header.width} x {header.height} = {pixels} pixels; the limit is {limits.max_pixels}",
+        )
+    if header.count > limits.max_bands:
+        raise Rejected("too_many_bands", f"the image has {header.count} bands; the limit is {limits.max_bands}")
+
+
+def _check_complete(ds: DatasetReader, size: int) -> None:
+    """The last block of every band must lie within the bytes received (sparse, never-written blocks are fine)."""
+    block_h, block_w = ds.block_shapes[0]
+    last = f"BLOCK_OFFSET_{math.ceil(ds.width / block_w) - 1}_{math.ceil(ds.height / block_h) - 1}"
+    bands = [1] if ds.interleaving is not None and ds.interleaving.name == "PIXEL" else range(1, ds.count + 1)
+    for band in bands:
+        offset = ds.get_tag_item(last, "TIFF", bidx=band)
+        length = ds.get_tag_item(last.replace("OFFSET", "SIZE"), "TIFF", bidx=band)
+        if offset and length and int(offset) + int(length) > size:
+            raise Rejected(
+                "truncated_image",
+                f"the TIFF is cut short: band {band} needs {int(offset) + int(length)} bytes, the body has {size}",
+            )
+
+
+def _gdal_reason(e: RasterioError) -> str:
+    # GDAL prefixes messages with the random in-memory file name; keep only what helps the client.
+    text = str(e)
+    return text.split(": ", 1)[1] if text.count(": ") and text.split(": ", 1)[0].endswith(".tif") else text

@@ -1,0 +1,53 @@
+"""The status view of a job: what ``GET /api/jobs/{job_id}`` answers.
+
+Output blob URLs in a succeeded job's ``result["outputs"]`` become short-lived read URLs (SAS where the account
+allows); everything else in the stored result is passed through unchanged.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, Protocol
+from uuid import UUID
+
+from shared.jobs import Job, JobStatus
+from shared.rejection import Rejected
+
+
+class UrlSigner(Protocol):
+    def read_url(self, blob_url: str, ttl: timedelta) -> str: ...
+
+
+def parse_job_id(text: str) -> UUID:
+    """A job id as it appears in a URL: the canonical hyphenated UUID form only."""
+    try:
+        job_id = UUID(text)
+    except ValueError:
+        job_id = None
+    if job_id is None or str(job_id) != text.lower():
+        raise Rejected("invalid_job_id", f"{text[:64]!r} is not a job id (a UUID such as {UUID(int=0)})")
+    return job_id
+
+
+def job_view(job: Job, signer: UrlSigner, ttl: timedelta) -> dict[str, Any]:
+    view: dict[str, Any] = {
+        "job_id": str(job.job_id),
+        "status": job.status.value,
+        "created_at": job.created_at.isoformat(),
+        "updated_at": job.updated_at.isoformat(),
+        "attempts": job.attempts,
+        "analysis": job.params.get("analysis"),
+    }
+    if job.status is JobStatus.SUCCEEDED and job.result is not None:
+        view["result"] = _with_read_urls(job.result, signer, ttl)
+    if job.status is JobStatus.FAILED:
+        view["error"] = {"code": job.error_code or "unknown_error", "message": job.error_message or ""}
+    return view
+
+
+def _with_read_urls(result: dict[str, Any], signer: UrlSigner, ttl: timedelta) -> dict[str, Any]:
+    outputs = result.get("outputs")
+    if not isinstance(outputs, dict):
+        return result
+    signed = {key: signer.read_url(url, ttl) if isinstance(url, str) else url for key, url in outputs.items()}
+    return {**result, "outputs": signed}
