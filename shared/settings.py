@@ -54,6 +54,7 @@ class Settings(BaseModel):
     postgres_user: str | None = Field(None, alias="POSTGRES_USER")
     db_pool_min_size: int = Field(1, alias="DB_POOL_MIN_SIZE")
     db_pool_max_size: int = Field(4, alias="DB_POOL_MAX_SIZE")
+    db_pool_timeout: float = Field(10.0, alias="DB_POOL_TIMEOUT")  # seconds a request waits for a connection
 
     # Submit limits (validated before anything is stored)
     max_upload_bytes: int = Field(100 * 1024 * 1024, alias="MAX_UPLOAD_BYTES")
@@ -67,11 +68,16 @@ class Settings(BaseModel):
     worker_max_lock_renewal: timedelta = Field(timedelta(hours=2), alias="WORKER_MAX_LOCK_RENEWAL")
     worker_shutdown_grace: float = Field(30.0, alias="WORKER_SHUTDOWN_GRACE")
     worker_device: str = Field("auto", alias="WORKER_DEVICE")  # auto | cpu | cuda | cuda:N
+    worker_heartbeat_file: str = Field("/tmp/crop-ai-worker.heartbeat", alias="WORKER_HEARTBEAT_FILE")
+    worker_heartbeat_max_age: float = Field(120.0, alias="WORKER_HEARTBEAT_MAX_AGE")  # seconds, for --healthcheck
+    worker_deadletter_poll_interval: float = Field(60.0, alias="WORKER_DEADLETTER_POLL_INTERVAL")  # 0: off
+    worker_preemption_watch: bool = Field(False, alias="WORKER_PREEMPTION_WATCH")  # Azure Scheduled Events (Spot VMs)
     models_dir: str | None = Field(None, alias="MODELS_DIR")
 
     # Observability
     applicationinsights_connection_string: str | None = Field(None, alias="APPLICATIONINSIGHTS_CONNECTION_STRING")
     service_name: str = Field("crop-ai", alias="OTEL_SERVICE_NAME")
+    otel_traces_exporter: str = Field("none", alias="OTEL_TRACES_EXPORTER")  # none | console (no App Insights)
 
     @model_validator(mode="after")
     def _one_way_to_each_backend(self) -> Settings:

@@ -1,0 +1,102 @@
+"""The drain: SIGTERM/SIGINT (or the preemption watcher) stop receiving; in-flight work gets a grace period.
+
+First request: ``requested`` is set; the consumer stops receiving after the current receive call, finishes the job
+in hand, abandons the messages of its batch that it has not started, and closes its clients. A second request, or
+the grace period running out, sets ``forced``: if a job is still being processed it is interrupted with
+:class:`~gpu_worker.settlement.Interrupted` (raised in the main thread by a signal handler, only inside
+:meth:`Shutdown.interruptible`, so the settlement that follows is never cut short) and its message is abandoned.
+
+Signal handlers only run in the main thread, so the consumer runs there; other threads (grace timer, preemption
+watcher) wake it with ``pthread_kill(main, SIGUSR1)``, which also interrupts a blocking system call.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import FrameType
+
+from gpu_worker.settlement import Interrupted
+
+logger = logging.getLogger(__name__)
+
+DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+WAKE_SIGNAL = signal.SIGUSR1
+
+_Handler = Callable[[int, FrameType | None], object] | int | None
+
+
+class Shutdown:
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self.requested = threading.Event()
+        self.forced = threading.Event()
+        self.drained = threading.Event()  # set by the consumer when it has settled everything and stopped
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self._interruptible = False
+        self._installed = False
+
+    def request(self, why: str) -> None:
+        """Begin the drain; a second request forces it. Safe from any thread and from signal handlers."""
+        with self._lock:
+            first = not self.requested.is_set()
+            if first:
+                self.requested.set()
+                self._timer = threading.Timer(self.grace, self.force, args=(f"grace period of {self.grace:g} s over",))
+                self._timer.daemon = True
+                self._timer.start()
+        if first:
+            logger.warning("shutdown requested (%s): draining", why, extra={"action": "drain"})
+        else:
+            self.force(f"{why} again")
+
+    def force(self, why: str) -> None:
+        if self.forced.is_set() or self.drained.is_set():
+            return
+        self.forced.set()
+        logger.warning("shutdown forced (%s): abandoning work in hand", why, extra={"action": "drain_forced"})
+        if self._installed and threading.current_thread() is not threading.main_thread():
+            main = threading.main_thread().ident
+            if main is not None:
+                signal.pthread_kill(main, WAKE_SIGNAL)
+
+    def finished(self) -> None:
+        self.drained.set()
+        if self._timer is not None:
+            self._timer.cancel()
+
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """The block (the handler's work, never the settlement) may be interrupted by a forced shutdown."""
+        if self.forced.is_set():
+            raise Interrupted("shutdown forced before the job started")
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum != WAKE_SIGNAL:
+            self.request(signal.Signals(signum).name)
+        if self.forced.is_set() and self._interruptible:
+            self._interruptible = False
+            raise Interrupted("shutdown forced while processing")
+
+    def install(self) -> Callable[[], None]:
+        """Install the signal handlers (main thread only); return a function that restores the previous ones."""
+        previous: dict[int, _Handler] = {}
+        for signum in (*DRAIN_SIGNALS, WAKE_SIGNAL):
+            previous[signum] = signal.signal(signum, self._on_signal)
+        self._installed = True
+
+        def restore() -> None:
+            self._installed = False
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+        return restore
