@@ -14,6 +14,7 @@ pytest_plugins = [
     "tests.fixtures.backends",
     "tests.fixtures.postgres",
     "tests.fixtures.azurite",
+    "tests.fixtures.servicebus",
 ]
 
 # Variables that would make tests talk to something other than the backends they start themselves.
