@@ -65,7 +65,12 @@ def start_azurite(
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            command(location, port), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO_ROOT
+            command(location, port),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO_ROOT,
+            start_new_session=True,  # the stack leaves it running after `make up` exits
         )
     deadline = time.monotonic() + timeout
     while not is_listening(port):

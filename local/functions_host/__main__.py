@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host-json", type=Path, default=Path("host.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("azure").setLevel(logging.WARNING)  # the SDKs log every HTTP request and AMQP frame at INFO
 
     app = load_app(args.app)
     table = RouteTable(routes_of(app), load_route_prefix(args.host_json))

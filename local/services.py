@@ -1,0 +1,180 @@
+"""How the stack starts each service: command, settings, readiness, and the ``Service`` record for ``stack.json``.
+
+Every service listens on 127.0.0.1. A port of 0 means any free port; a chosen port that is taken is reported as
+such (PostgreSQL alone falls back to a free port: clients only ever read its URL from ``stack.json``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from azure.core.exceptions import ResourceExistsError
+from azure.storage.blob import BlobServiceClient
+
+from local.azurite import AzuriteError, start_azurite
+from local.functions_host.routes import load_route_prefix
+from local.ports import LOOPBACK, ensure_free, free_port, is_listening
+from local.postgres import PostgresError, start_postgres
+from local.processes import Service, spawn, wait_ready
+from local.servicebus_emulator.process import connection_string
+
+logger = logging.getLogger(__name__)
+
+SERVICEBUS_READY = "Service Bus emulator ready: "
+FUNCTIONS_READY = "Functions host ready: "
+# Settings that would point the services somewhere else than the stack's own backends.
+_REPLACED = (
+    "ServiceBusConnection__fullyQualifiedNamespace",
+    "AzureWebJobsStorage__blobServiceUri",
+    "POSTGRES_HOST",
+    "POSTGRES_USER",
+)
+
+
+class SetupFailed(RuntimeError):
+    """A step between services (a backend, migrations, containers) failed."""
+
+
+def first_queue(config: Path) -> str:
+    data = json.loads(config.read_text())
+    return str(data["UserConfig"]["Namespaces"][0]["Queues"][0]["Name"])
+
+
+def service_env(
+    environ: Mapping[str, str], database_url: str, blob: str, bus: str, queue: str, extra: Mapping[str, str]
+) -> dict[str, str]:
+    """The settings every Python service of the stack gets (the Settings aliases), over the caller's environment."""
+    env = {k: v for k, v in environ.items() if k not in _REPLACED}
+    env.update(
+        DATABASE_URL=database_url,
+        AzureWebJobsStorage=blob,
+        ServiceBusConnection=bus,
+        JOBS_QUEUE_NAME=queue,
+        FUNCTIONS_WORKER_RUNTIME="python",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+class Launcher:
+    def __init__(self, root: Path, repo: Path, environ: Mapping[str, str]) -> None:
+        self.root = root
+        self.repo = repo
+        self.environ = environ
+        self.logs = root / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+
+    def _port(self, port: int, name: str) -> int:
+        if port == 0:
+            return free_port()
+        ensure_free(port, name)
+        return port
+
+    def postgres(self, port: int) -> tuple[str, Service | None]:
+        url = self.environ.get("DATABASE_URL")
+        if url:
+            logger.info("postgres: using DATABASE_URL from the environment; nothing started")
+            return url, None
+        if port == 0 or is_listening(port):
+            if port:
+                logger.info("postgres: port %d is busy; using a free port", port)
+            port = free_port()
+        log = self.logs / "postgres.log"
+        try:
+            server = start_postgres(self.root / "postgres", port, log)
+        except (PostgresError, OSError) as e:
+            raise SetupFailed(f"postgres: {e}") from e
+        if server.pid is None:
+            raise SetupFailed("postgres: started by pgserver, which the stack cannot stop by PID; set DATABASE_URL")
+        logger.info("postgres: ready on port %d", port)
+        return server.url, Service("postgres", server.pid, str(log), "postgres", port, "SIGINT", 30.0)
+
+    def migrate(self, env: Mapping[str, str]) -> None:
+        if importlib.util.find_spec("shared.migrate") is None:
+            logger.warning("migrations: shared.migrate is not there yet; the database schema was NOT created")
+            return
+        log = self.logs / "migrate.log"
+        with log.open("ab") as out:
+            done = subprocess.run(
+                [sys.executable, "-m", "shared.migrate"],
+                env=dict(env),
+                cwd=self.repo,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                check=False,
+            )
+        if done.returncode != 0:
+            raise SetupFailed(f"migrations failed (exit {done.returncode}); see {log}")
+        logger.info("migrations: applied")
+
+    def azurite(self, port: int) -> tuple[str, Service]:
+        port = self._port(port, "Azurite")
+        log = self.logs / "azurite.log"
+        try:
+            conn, proc = start_azurite(self.root / "azurite", port, log)
+        except AzuriteError as e:
+            raise SetupFailed(f"azurite: {e}") from e
+        logger.info("azurite: ready on port %d", port)
+        return conn, Service("azurite", proc.pid, str(log), "azurite-blob", port)
+
+    def containers(self, blob: str, extra: Mapping[str, str]) -> None:
+        names = (extra.get("IMAGES_CONTAINER", "images"), extra.get("RESULTS_CONTAINER", "results"))
+        with BlobServiceClient.from_connection_string(blob) as client:
+            for name in names:
+                with contextlib.suppress(ResourceExistsError):
+                    client.create_container(name)
+
+    def servicebus(self, port: int, config: Path) -> tuple[str, str, Service]:
+        port = self._port(port, "the Service Bus emulator")
+        log = self.logs / "servicebus.log"
+        argv = [sys.executable, "-m", "local.servicebus_emulator", "--config", str(config)]
+        argv += ["--host", LOOPBACK, "--port", str(port), "--data-dir", str(self.root / "servicebus")]
+        proc, offset = spawn(argv, log, self.environ, self.repo)
+        service = Service("servicebus", proc.pid, str(log), "local.servicebus_emulator", port)
+        try:
+            wait_ready("servicebus", proc, log, timeout=60, ready_line=SERVICEBUS_READY, offset=offset)
+        except Exception:
+            proc.kill()
+            raise
+        logger.info("servicebus: ready on port %d", port)
+        return connection_string(LOOPBACK, port), first_queue(config), service
+
+    def functions_host(self, port: int, env: Mapping[str, str]) -> tuple[str, Service]:
+        port = self._port(port, "the Functions host")
+        log = self.logs / "functions.log"
+        argv = [sys.executable, "-m", "local.functions_host", "--app", "function_app:app"]
+        argv += ["--host", LOOPBACK, "--port", str(port), "--host-json", str(self.repo / "host.json")]
+        proc, offset = spawn(argv, log, env, self.repo)
+        try:
+            wait_ready("functions host", proc, log, timeout=60, ready_line=FUNCTIONS_READY, offset=offset)
+        except Exception:
+            proc.kill()
+            raise
+        prefix = load_route_prefix(self.repo / "host.json")
+        api_url = f"http://{LOOPBACK}:{port}" + (f"/{prefix}" if prefix else "")
+        logger.info("functions host: ready at %s", api_url)
+        return api_url, Service("functions", proc.pid, str(log), "local.functions_host", port)
+
+    def worker(self, index: int, env: Mapping[str, str]) -> Service:
+        name = f"worker-{index}"
+        log = self.logs / f"{name}.log"
+        heartbeat = self.root / f"{name}.heartbeat"
+        heartbeat.unlink(missing_ok=True)
+        env = {**env, "WORKER_HEARTBEAT_FILE": str(heartbeat)}
+        proc, _ = spawn([sys.executable, "-m", "gpu_worker"], log, env, self.repo)
+        try:
+            wait_ready(name, proc, log, timeout=180, probe=heartbeat.exists)
+        except Exception:
+            proc.kill()
+            raise
+        grace = float(env.get("WORKER_SHUTDOWN_GRACE", "30")) + 15
+        logger.info("%s: ready (PID %d)", name, proc.pid)
+        return Service(name, proc.pid, str(log), "gpu_worker", None, "SIGTERM", grace)
