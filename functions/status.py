@@ -10,7 +10,7 @@ from functions import deps
 from functions.problems import guarded, problem
 from shared.status import job_view, parse_job_id
 
-bp = func.Blueprint()
+bp = func.Blueprint()  # type: ignore[no-untyped-call]
 
 
 @bp.function_name("job_status")

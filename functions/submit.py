@@ -19,7 +19,7 @@ from shared.geotiff import Limits
 from shared.rejection import Rejected
 from shared.submission import Submitted, Upload, submit
 
-bp = func.Blueprint()
+bp = func.Blueprint()  # type: ignore[no-untyped-call]
 
 RAW_TYPES = frozenset({"", "image/tiff", "image/tif", "image/geotiff", "application/octet-stream"})
 

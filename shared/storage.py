@@ -1,0 +1,149 @@
+"""Blob Storage: input images (``images/{job_id}/input.tif``), result files (``results/{job_id}/{name}``) and
+short-lived read URLs for them.
+
+Locally a connection string (Azurite); in Azure the account's blob endpoint with an Entra credential. Read URLs are
+SAS URLs signed with the account key when the client has one, with a user delegation key when it authenticates
+with Entra ID (the key is fetched once and reused until close to its expiry), and the plain URL otherwise. SDK
+errors become :class:`~shared.errors.InputMissing` (the blob is gone) or :class:`~shared.errors.StorageUnavailable`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import ParamSpec, TypeVar
+from uuid import UUID
+
+from azure.core.credentials import TokenCredential
+from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
+from azure.storage.blob import (
+    BlobClient,
+    BlobSasPermissions,
+    BlobServiceClient,
+    ContentSettings,
+    UserDelegationKey,
+    generate_blob_sas,
+)
+
+from shared.errors import InputMissing, StorageUnavailable
+from shared.settings import Settings
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_CLOCK_SKEW = timedelta(minutes=5)  # SAS start time in the past: clocks disagree
+_DELEGATION_KEY_LIFETIME = timedelta(days=1)
+
+
+def _translated(method: Callable[P, R]) -> Callable[P, R]:
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except ResourceNotFoundError as e:
+            raise InputMissing(f"blob not found: {e.reason or e}"[:1000]) from e
+        except AzureError as e:
+            raise StorageUnavailable(f"blob storage unavailable: {type(e).__name__}: {e}"[:1000]) from e
+
+    return wrapper
+
+
+class BlobStore:
+    def __init__(
+        self, service: BlobServiceClient, images_container: str = "images", results_container: str = "results"
+    ):
+        self._service = service
+        self.images_container = images_container
+        self.results_container = results_container
+        self._delegation_key: UserDelegationKey | None = None
+        self._delegation_key_expiry = datetime.min.replace(tzinfo=UTC)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, credential: TokenCredential | None = None) -> BlobStore:
+        if settings.storage_connection_string:
+            service = BlobServiceClient.from_connection_string(settings.storage_connection_string)
+        else:
+            from azure.identity import DefaultAzureCredential
+
+            assert settings.blob_service_uri, "Settings guarantees one of the two"
+            service = BlobServiceClient(settings.blob_service_uri, credential=credential or DefaultAzureCredential())
+        return cls(service, settings.images_container, settings.results_container)
+
+    @_translated
+    def ensure_containers(self) -> None:
+        for name in (self.images_container, self.results_container):
+            with contextlib.suppress(ResourceExistsError):
+                self._service.create_container(name)
+
+    @_translated
+    def put_input(self, job_id: UUID, data: bytes, sha256: str) -> str:
+        name = f"{job_id}/input.tif"
+        self._service.get_blob_client(self.images_container, name).upload_blob(
+            data,
+            overwrite=True,  # a re-send of the same job uploads the same bytes again
+            metadata={"sha256": sha256},
+            content_settings=ContentSettings(content_type="image/tiff"),
+            max_concurrency=4,
+        )
+        return name
+
+    @_translated
+    def download_input(self, blob_name: str, path: Path) -> None:
+        blob = self._service.get_blob_client(self.images_container, blob_name)
+        with path.open("wb") as f:
+            blob.download_blob(max_concurrency=4).readinto(f)
+
+    @_translated
+    def input_sha256(self, blob_name: str) -> str | None:
+        """The SHA-256 recorded in the input blob's metadata when it was stored."""
+        props = self._service.get_blob_client(self.images_container, blob_name).get_blob_properties()
+        return props.metadata.get("sha256")
+
+    @_translated
+    def put_result(self, job_id: UUID, name: str, path: Path, content_type: str) -> str:
+        blob = self._service.get_blob_client(self.results_container, f"{job_id}/{name}")
+        with path.open("rb") as f:
+            blob.upload_blob(f, overwrite=True, content_settings=ContentSettings(content_type=content_type))
+        return str(blob.url)
+
+    @_translated
+    def read_url(self, blob_url: str, ttl: timedelta) -> str:
+        blob = BlobClient.from_blob_url(blob_url)
+        if blob.account_name != self._service.account_name or not blob.account_name:
+            return blob_url  # not ours to sign
+        now = datetime.now(UTC)
+        expiry = now + ttl
+        account_key: str | None = getattr(self._service.credential, "account_key", None)
+        delegation_key: UserDelegationKey | None = None
+        if not account_key:
+            if not hasattr(self._service.credential, "get_token"):
+                return blob_url  # e.g. an account SAS: nothing to sign with
+            delegation_key, key_expiry = self._user_delegation_key(now, ttl)
+            expiry = min(expiry, key_expiry)
+        sas = generate_blob_sas(
+            blob.account_name,
+            blob.container_name,
+            blob.blob_name,
+            account_key=account_key,
+            user_delegation_key=delegation_key,
+            permission=BlobSasPermissions(read=True),
+            start=now - _CLOCK_SKEW,
+            expiry=expiry,
+        )
+        return f"{blob_url.split('?', 1)[0]}?{sas}"
+
+    def _user_delegation_key(self, now: datetime, ttl: timedelta) -> tuple[UserDelegationKey, datetime]:
+        with self._lock:
+            if self._delegation_key is None or self._delegation_key_expiry - now < ttl:
+                expiry = now + min(max(_DELEGATION_KEY_LIFETIME, ttl), timedelta(days=7))  # the service maximum
+                self._delegation_key = self._service.get_user_delegation_key(now - _CLOCK_SKEW, expiry)
+                self._delegation_key_expiry = expiry
+            return self._delegation_key, self._delegation_key_expiry
+
+    def close(self) -> None:
+        self._service.close()
