@@ -1,0 +1,123 @@
+"""Reading a GeoTIFF window by window onto the device, with band roles and nodata resolved once.
+
+Every rasterio / GDAL failure (not a raster, truncated, corrupt block) becomes :class:`shared.errors.InvalidImage`
+at this edge, so nothing above it catches GDAL exceptions.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import rasterio
+import rasterio.errors
+import torch
+from rasterio._err import CPLE_BaseError
+from rasterio.warp import transform_bounds
+from rasterio.windows import Window
+
+from shared.bands import BandError, BandSet, resolve
+from shared.errors import InvalidImage
+
+GDAL_ERRORS = (rasterio.errors.RasterioError, CPLE_BaseError)
+
+
+@contextmanager
+def gdal_errors_as_invalid_image(what: str) -> Iterator[None]:
+    try:
+        yield
+    except GDAL_ERRORS as e:
+        raise InvalidImage(f"{what}: {e}") from e
+
+
+@dataclass(frozen=True)
+class Block:
+    """One window: ``values`` float64 reflectance [C, h, w], ``valid`` bool [C, h, w] (not nodata, finite).
+
+    float64 so that ill-conditioned indices (EVI near a zero denominator) agree with a float64 reference; the
+    element-wise work is memory-bound, so this costs little even on GPUs with slow float64 arithmetic."""
+
+    window: Window
+    values: torch.Tensor
+    valid: torch.Tensor
+
+
+class SceneReader:
+    """An open GeoTIFF whose band names resolve to roles. Use as a context manager."""
+
+    def __init__(self, path: Path, band_names: list[str], scale: float, device: torch.device) -> None:
+        self.path, self.scale, self.device = path, scale, device
+        with gdal_errors_as_invalid_image("not a readable GeoTIFF"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            self.dataset: Any = rasterio.open(path)
+        try:
+            self.bands = self._resolve(band_names)
+        except BaseException:
+            self.dataset.close()
+            raise
+        self.width: int = self.dataset.width
+        self.height: int = self.dataset.height
+        self._nodata: tuple[float | None, ...] = tuple(self.dataset.nodatavals)
+        self._float = np.issubdtype(np.dtype(self.dataset.dtypes[0]), np.floating)
+
+    def _resolve(self, band_names: list[str]) -> BandSet:
+        ds = self.dataset
+        names = band_names or [d or "" for d in ds.descriptions]
+        if len(names) != ds.count:
+            raise InvalidImage(f"{len(names)} band names given for a file with {ds.count} bands")
+        if len(set(ds.dtypes)) != 1:
+            raise InvalidImage(f"bands have mixed data types {sorted(set(ds.dtypes))}")
+        try:
+            bands = resolve(names)
+        except BandError as e:
+            raise InvalidImage(f"band names: {e}") from e
+        missing = [role for role in ("red", "nir") if not bands.has(role)]
+        if missing:
+            raise InvalidImage(f"no {' and no '.join(missing)} band among {', '.join(names)}: NDVI needs both")
+        return bands
+
+    def __enter__(self) -> SceneReader:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.dataset.close()
+
+    def describe(self) -> dict[str, Any]:
+        """The ``scene`` part of the result JSON."""
+        ds = self.dataset
+        crs = ds.crs.to_string() if ds.crs else None
+        bounds = None
+        if ds.crs:
+            with gdal_errors_as_invalid_image("cannot transform the bounds to WGS 84"):
+                bounds = [round(v, 7) for v in transform_bounds(ds.crs, "EPSG:4326", *ds.bounds, densify_pts=21)]
+        return {"width": ds.width, "height": ds.height, "band_count": ds.count, "crs": crs, "bounds_wgs84": bounds}
+
+    def windows(self, size: int) -> Iterator[Window]:
+        """Row-major windows of ``size`` x ``size`` pixels (smaller at the right and bottom edges)."""
+        for row in range(0, self.height, size):
+            for col in range(0, self.width, size):
+                yield Window(col, row, min(size, self.width - col), min(size, self.height - row))
+
+    def window_count(self, size: int) -> int:
+        return math.ceil(self.height / size) * math.ceil(self.width / size)
+
+    def read(self, window: Window, band_indices: list[int]) -> Block:
+        """Read the given 0-based bands of ``window``; reflectance = DN / scale."""
+        with gdal_errors_as_invalid_image(f"cannot read window {window!r}"):
+            data = self.dataset.read([i + 1 for i in band_indices], window=window)
+        valid = np.ones(data.shape, dtype=bool)
+        for j, i in enumerate(band_indices):
+            nodata = self._nodata[i]
+            if nodata is not None and not math.isnan(nodata):
+                valid[j] &= data[j] != nodata
+        if self._float:
+            valid &= np.isfinite(data)
+        values = torch.from_numpy(data).to(self.device, non_blocking=True).to(torch.float64) / self.scale
+        return Block(window=window, values=values, valid=torch.from_numpy(valid).to(self.device, non_blocking=True))
