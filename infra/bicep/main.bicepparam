@@ -1,0 +1,29 @@
+// Development defaults. Deploy with:
+//   GPU_SSH_PUBLIC_KEY="$(cat ~/.ssh/id_ed25519.pub)" \
+//   az deployment sub create --name cropai-dev --location westeurope --parameters infra/bicep/main.bicepparam
+using 'main.bicep'
+
+param environmentName = readEnvironmentVariable('AZURE_ENV_NAME', 'dev')
+param location = readEnvironmentVariable('AZURE_LOCATION', 'westeurope')
+param gpuSshPublicKey = readEnvironmentVariable('GPU_SSH_PUBLIC_KEY')
+param alertEmail = readEnvironmentVariable('ALERT_EMAIL', '')
+
+// The jobs queue: the same values as shared/settings.py QueueProperties and local/servicebus.config.json.
+param queueName = 'jobs'
+param queueLockDuration = 'PT1M'
+param queueMaxDeliveryCount = 5
+param queueDeadLetteringOnMessageExpiration = true
+param queueRequiresDuplicateDetection = true
+param queueDuplicateDetectionHistoryTimeWindow = 'PT10M'
+param queueDefaultMessageTimeToLive = 'P1D'
+
+// Small and cheap for development: Burstable PostgreSQL without HA, at most two Spot T4 workers, scale to zero.
+param postgresSkuName = 'Standard_B1ms'
+param postgresSkuTier = 'Burstable'
+param postgresHighAvailability = 'Disabled'
+param gpuVmSku = 'Standard_NC4as_T4_v3'
+param gpuUseSpot = true
+param gpuSpotEvictionPolicy = 'Delete'
+param workerMinInstances = 0
+param workerMaxInstances = 2
+param inputRetentionDays = 7

@@ -1,0 +1,186 @@
+// Metric alerts that page someone: any dead-lettered message on the jobs queue, a backlog that keeps growing, and
+// exceptions reported by the workers. They notify an existing action group (actionGroupId) or one created here
+// for alertEmail; with neither they still fire and show in the Portal's Alerts blade.
+
+@description('Tags applied to every resource.')
+param tags object
+
+@description('Prefix of the alert names.')
+param namePrefix string
+
+@description('Resource id of the Service Bus namespace.')
+param serviceBusNamespaceId string
+
+@description('Name of the jobs queue.')
+param queueName string
+
+@description('Resource id of the Application Insights component.')
+param appInsightsId string
+
+@description('cloud_RoleName of the workers in Application Insights (their OTEL_SERVICE_NAME).')
+param workerServiceName string
+
+@description('Resource id of an existing action group to notify; empty to create one from alertEmail (or none).')
+param actionGroupId string = ''
+
+@description('E-mail address for a new action group, used when actionGroupId is empty; empty for none.')
+param alertEmail string = ''
+
+@description('Active messages in the jobs queue above which the backlog alert fires.')
+@minValue(1)
+param backlogThreshold int = 100
+
+@description('Worker exceptions per 15 minutes above which the worker-errors alert fires.')
+@minValue(0)
+param workerErrorThreshold int = 0
+
+var createActionGroup = empty(actionGroupId) && !empty(alertEmail)
+
+resource actionGroup 'Microsoft.Insights/actionGroups@2023-01-01' = if (createActionGroup) {
+  name: '${namePrefix}-oncall'
+  location: 'global'
+  tags: tags
+  properties: {
+    enabled: true
+    groupShortName: 'cropai'
+    emailReceivers: [
+      {
+        name: 'oncall'
+        emailAddress: alertEmail
+        useCommonAlertSchema: true
+      }
+    ]
+  }
+}
+
+var targetActionGroupId = createActionGroup ? actionGroup.id : actionGroupId
+var actions = empty(targetActionGroupId) ? [] : [
+  {
+    actionGroupId: targetActionGroupId
+  }
+]
+
+resource deadLettered 'Microsoft.Insights/metricAlerts@2018-03-01' = {
+  name: '${namePrefix}-dead-lettered'
+  location: 'global'
+  tags: tags
+  properties: {
+    description: 'Messages in the dead-letter queue of ${queueName}: a job failed permanently, exceeded its delivery count or expired. Inspect them in Service Bus Explorer.'
+    severity: 1
+    enabled: true
+    scopes: [
+      serviceBusNamespaceId
+    ]
+    evaluationFrequency: 'PT5M'
+    windowSize: 'PT15M'
+    autoMitigate: true
+    criteria: {
+      'odata.type': 'Microsoft.Azure.Monitor.SingleResourceMultipleMetricCriteria'
+      allOf: [
+        {
+          criterionType: 'StaticThresholdCriterion'
+          name: 'DeadletteredMessages'
+          metricNamespace: 'Microsoft.ServiceBus/namespaces'
+          metricName: 'DeadletteredMessages'
+          dimensions: [
+            {
+              name: 'EntityName'
+              operator: 'Include'
+              values: [
+                queueName
+              ]
+            }
+          ]
+          operator: 'GreaterThan'
+          threshold: 0
+          timeAggregation: 'Maximum'
+        }
+      ]
+    }
+    actions: actions
+  }
+}
+
+resource backlog 'Microsoft.Insights/metricAlerts@2018-03-01' = {
+  name: '${namePrefix}-backlog'
+  location: 'global'
+  tags: tags
+  properties: {
+    description: 'More than ${backlogThreshold} active messages in ${queueName} for 15 minutes: workers are not keeping up (autoscale at its maximum, Spot capacity unavailable, or workers failing).'
+    severity: 2
+    enabled: true
+    scopes: [
+      serviceBusNamespaceId
+    ]
+    evaluationFrequency: 'PT5M'
+    windowSize: 'PT15M'
+    autoMitigate: true
+    criteria: {
+      'odata.type': 'Microsoft.Azure.Monitor.SingleResourceMultipleMetricCriteria'
+      allOf: [
+        {
+          criterionType: 'StaticThresholdCriterion'
+          name: 'ActiveMessages'
+          metricNamespace: 'Microsoft.ServiceBus/namespaces'
+          metricName: 'ActiveMessages'
+          dimensions: [
+            {
+              name: 'EntityName'
+              operator: 'Include'
+              values: [
+                queueName
+              ]
+            }
+          ]
+          operator: 'GreaterThan'
+          threshold: backlogThreshold
+          timeAggregation: 'Average'
+        }
+      ]
+    }
+    actions: actions
+  }
+}
+
+resource workerErrors 'Microsoft.Insights/metricAlerts@2018-03-01' = {
+  name: '${namePrefix}-worker-errors'
+  location: 'global'
+  tags: tags
+  properties: {
+    description: 'Exceptions reported by ${workerServiceName} in Application Insights. Search them under Failures > Exceptions, filtered by cloud role name.'
+    severity: 2
+    enabled: true
+    scopes: [
+      appInsightsId
+    ]
+    evaluationFrequency: 'PT5M'
+    windowSize: 'PT15M'
+    autoMitigate: true
+    criteria: {
+      'odata.type': 'Microsoft.Azure.Monitor.SingleResourceMultipleMetricCriteria'
+      allOf: [
+        {
+          criterionType: 'StaticThresholdCriterion'
+          name: 'WorkerExceptions'
+          metricNamespace: 'microsoft.insights/components'
+          metricName: 'exceptions/count'
+          dimensions: [
+            {
+              name: 'cloud/roleName'
+              operator: 'Include'
+              values: [
+                workerServiceName
+              ]
+            }
+          ]
+          operator: 'GreaterThan'
+          threshold: workerErrorThreshold
+          timeAggregation: 'Count'
+        }
+      ]
+    }
+    actions: actions
+  }
+}
+
+output actionGroupId string = targetActionGroupId

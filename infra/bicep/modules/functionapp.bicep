@@ -1,0 +1,230 @@
+// The HTTP API: a Function App on the Flex Consumption plan, Python 3.11, running as a user-assigned identity.
+// Every connection is identity-based (no connection string, no key): the app-setting names are the aliases of
+// shared/settings.py Settings (tests/infra checks it), plus the platform's own identity settings.
+
+@description('Azure region of the Function App.')
+param location string
+
+@description('Tags applied to every resource.')
+param tags object
+
+@description('Name of the Flex Consumption plan.')
+param planName string
+
+@description('Name of the Function App (the API host is <name>.azurewebsites.net).')
+param functionAppName string
+
+@description('Resource id of the Function App\'s user-assigned identity.')
+param identityId string
+
+@description('Client id of the Function App\'s user-assigned identity (AZURE_CLIENT_ID).')
+param identityClientId string
+
+@description('Name of the identity, which is also its PostgreSQL role name (POSTGRES_USER).')
+param identityName string
+
+@description('Blob endpoint of the storage account, https://<account>.blob.core.windows.net/.')
+param blobEndpoint string
+
+@description('URL of the blob container the deployment package is uploaded to.')
+param deploymentContainerUrl string
+
+@description('Container for uploaded images (IMAGES_CONTAINER).')
+param imagesContainerName string
+
+@description('Container for results (RESULTS_CONTAINER).')
+param resultsContainerName string
+
+@description('Fully qualified Service Bus namespace, <name>.servicebus.windows.net.')
+param serviceBusNamespaceFqdn string
+
+@description('Name of the jobs queue (JOBS_QUEUE_NAME).')
+param queueName string
+
+@description('Host name of the PostgreSQL server (POSTGRES_HOST).')
+param postgresHost string
+
+@description('Name of the application database (POSTGRES_DATABASE).')
+param postgresDatabase string
+
+@description('Application Insights connection string (no key-based ingestion: local auth is disabled).')
+param appInsightsConnectionString string
+
+@description('Service name the API reports to Application Insights (cloud_RoleName).')
+param serviceName string = 'crop-ai-api'
+
+@description('Largest number of instances the plan may scale out to.')
+@minValue(40)
+@maxValue(1000)
+param maximumInstanceCount int = 40
+
+@description('Memory per instance in MB.')
+@allowed([
+  512
+  2048
+  4096
+])
+param instanceMemoryMB int = 2048
+
+@description('Largest accepted upload in bytes (MAX_UPLOAD_BYTES); the Functions HTTP limit is 100 MB.')
+param maxUploadBytes int = 104857600
+
+resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
+  // checkov:skip=CKV_AZURE_225:Zone redundancy of Flex Consumption plans depends on the region; enable it per region when available
+  name: planName
+  location: location
+  tags: tags
+  kind: 'functionapp'
+  sku: {
+    name: 'FC1'
+    tier: 'FlexConsumption'
+  }
+  properties: {
+    reserved: true
+  }
+}
+
+resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
+  // checkov:skip=CKV_AZURE_222:Public network access is the product: the HTTP API is called from outside Azure
+  // checkov:skip=CKV_AZURE_212:numberOfWorkers applies to dedicated plans; Flex Consumption scales per instance from zero (alwaysReady can pin warm instances)
+  // checkov:skip=CKV_AZURE_213:No fixed instance pool: Flex Consumption replaces unhealthy instances itself, so an App Service health-check path has nothing to evict
+  // checkov:skip=CKV_AZURE_17:Client certificates are not part of the API contract (function keys / Entra in front)
+  name: functionAppName
+  location: location
+  tags: union(tags, {
+    'azd-service-name': 'api'
+  })
+  kind: 'functionapp,linux'
+  identity: {
+    type: 'UserAssigned'
+    userAssignedIdentities: {
+      '${identityId}': {}
+    }
+  }
+  properties: {
+    serverFarmId: plan.id
+    httpsOnly: true
+    publicNetworkAccess: 'Enabled'
+    functionAppConfig: {
+      deployment: {
+        storage: {
+          type: 'blobContainer'
+          value: deploymentContainerUrl
+          authentication: {
+            type: 'UserAssignedIdentity'
+            userAssignedIdentityResourceId: identityId
+          }
+        }
+      }
+      scaleAndConcurrency: {
+        maximumInstanceCount: maximumInstanceCount
+        instanceMemoryMB: instanceMemoryMB
+      }
+      runtime: {
+        name: 'python'
+        version: '3.11'
+      }
+    }
+    siteConfig: {
+      minTlsVersion: '1.2'
+      ftpsState: 'Disabled'
+      http20Enabled: true
+      appSettings: [
+        // Platform: the host's own storage, through the user-assigned identity (Flex Consumption needs all three)
+        {
+          name: 'AzureWebJobsStorage__blobServiceUri'
+          value: blobEndpoint
+        }
+        {
+          name: 'AzureWebJobsStorage__credential'
+          value: 'managedidentity'
+        }
+        {
+          name: 'AzureWebJobsStorage__clientId'
+          value: identityClientId
+        }
+        // Service Bus: identity-based connection (bindings also read __credential/__clientId)
+        {
+          name: 'ServiceBusConnection__fullyQualifiedNamespace'
+          value: serviceBusNamespaceFqdn
+        }
+        {
+          name: 'ServiceBusConnection__credential'
+          value: 'managedidentity'
+        }
+        {
+          name: 'ServiceBusConnection__clientId'
+          value: identityClientId
+        }
+        {
+          name: 'JOBS_QUEUE_NAME'
+          value: queueName
+        }
+        {
+          name: 'IMAGES_CONTAINER'
+          value: imagesContainerName
+        }
+        {
+          name: 'RESULTS_CONTAINER'
+          value: resultsContainerName
+        }
+        // PostgreSQL: Entra token as the password (shared/pg_entra.py); no DATABASE_URL, no password
+        {
+          name: 'POSTGRES_HOST'
+          value: postgresHost
+        }
+        {
+          name: 'POSTGRES_DATABASE'
+          value: postgresDatabase
+        }
+        {
+          name: 'POSTGRES_USER'
+          value: identityName
+        }
+        {
+          name: 'MAX_UPLOAD_BYTES'
+          value: string(maxUploadBytes)
+        }
+        // DefaultAzureCredential picks the user-assigned identity by its client id
+        {
+          name: 'AZURE_CLIENT_ID'
+          value: identityClientId
+        }
+        // Telemetry with Entra authentication (local auth is disabled on the component)
+        {
+          name: 'APPLICATIONINSIGHTS_CONNECTION_STRING'
+          value: appInsightsConnectionString
+        }
+        {
+          name: 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING'
+          value: 'ClientId=${identityClientId};Authorization=AAD'
+        }
+        {
+          name: 'OTEL_SERVICE_NAME'
+          value: serviceName
+        }
+      ]
+    }
+  }
+}
+
+// Keyless deployment too: no FTP or SCM basic-auth publishing credentials (az functionapp deploy uses Entra).
+resource ftpPublishing 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-04-01' = {
+  parent: functionApp
+  name: 'ftp'
+  properties: {
+    allow: false
+  }
+}
+
+resource scmPublishing 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-04-01' = {
+  parent: functionApp
+  name: 'scm'
+  properties: {
+    allow: false
+  }
+}
+
+output functionAppName string = functionApp.name
+output defaultHostName string = functionApp.properties.defaultHostName
+output apiBaseUrl string = 'https://${functionApp.properties.defaultHostName}/api'

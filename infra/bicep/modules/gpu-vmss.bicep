@@ -1,0 +1,293 @@
+// GPU workers: a VM Scale Set of NC-series VMs (Spot by default) that runs the Dockerfile.gpu image with the
+// NVIDIA container runtime (cloud-init in gpu-worker.cloud-init.yaml). It starts with no instances; autoscale
+// (modules/autoscale.bicep) follows the queue's active message count. Scale-in and Spot evictions are announced
+// through Scheduled Events (Terminate notification enabled here, Preempt always), which the worker turns into its
+// graceful drain (gpu_worker/preemption.py).
+
+@description('Azure region of the scale set (must offer the GPU SKU).')
+param location string
+
+@description('Tags applied to every resource.')
+param tags object
+
+@description('Name of the scale set.')
+param vmssName string
+
+@description('NC-series VM size, e.g. Standard_NC4as_T4_v3 (T4), Standard_NC24ads_A100_v4 (A100).')
+param vmSku string = 'Standard_NC4as_T4_v3'
+
+@description('Run on Spot capacity (much cheaper, can be evicted with 30 s notice).')
+param useSpot bool = true
+
+@description('What happens to an evicted Spot VM: Delete (no cost afterwards) or Deallocate (disk kept and billed).')
+@allowed([
+  'Delete'
+  'Deallocate'
+])
+param spotEvictionPolicy string = 'Delete'
+
+@description('Highest hourly price in USD for a Spot VM; -1 means up to the pay-as-you-go price (evicted for capacity only).')
+param spotMaxPrice int = -1
+
+@description('Instances when the scale set is created; autoscale takes over afterwards.')
+@minValue(0)
+param initialInstanceCount int = 0
+
+@description('Minutes a VM being deleted by scale-in waits for the worker to drain and acknowledge (5-15).')
+@minValue(5)
+@maxValue(15)
+param terminateNotificationMinutes int = 5
+
+@description('Linux image of the VMs.')
+param imageReference object = {
+  publisher: 'Canonical'
+  offer: '0001-com-ubuntu-server-jammy'
+  sku: '22_04-lts-gen2'
+  version: 'latest'
+}
+
+@description('OS disk type.')
+@allowed([
+  'Standard_LRS'
+  'StandardSSD_LRS'
+  'Premium_LRS'
+])
+param osDiskType string = 'StandardSSD_LRS'
+
+@description('OS disk size in GiB (the CUDA PyTorch image is large).')
+@minValue(64)
+param osDiskSizeGB int = 128
+
+@description('Encrypt temp disks and caches at the host (needs the EncryptionAtHost feature on the subscription).')
+param encryptionAtHost bool = false
+
+@description('Administrator user name (SSH key only; no inbound port is open, use Bastion or run-command).')
+param adminUsername string = 'azureuser'
+
+@description('SSH public key of the administrator.')
+param sshPublicKey string
+
+@description('Resource id of the workers\' subnet.')
+param subnetId string
+
+@description('Resource id of the workers\' user-assigned identity.')
+param identityId string
+
+@description('Client id of the workers\' identity (AZURE_CLIENT_ID, ACR login).')
+param identityClientId string
+
+@description('Name of the workers\' identity, which is also its PostgreSQL role name (POSTGRES_USER).')
+param identityName string
+
+@description('ACR login server, <name>.azurecr.io.')
+param registryLoginServer string
+
+@description('Worker image repository and tag inside the registry.')
+param workerImage string = 'crop-ai-worker:latest'
+
+@description('Blob endpoint of the storage account.')
+param blobEndpoint string
+
+@description('Container of uploaded images.')
+param imagesContainerName string
+
+@description('Container of results.')
+param resultsContainerName string
+
+@description('Fully qualified Service Bus namespace.')
+param serviceBusNamespaceFqdn string
+
+@description('Name of the jobs queue.')
+param queueName string
+
+@description('Host name of the PostgreSQL server.')
+param postgresHost string
+
+@description('Name of the application database.')
+param postgresDatabase string
+
+@description('Application Insights connection string.')
+param appInsightsConnectionString string
+
+@description('Service name the workers report to Application Insights (cloud_RoleName; alerts filter on it).')
+param serviceName string = 'crop-ai-worker'
+
+@description('Messages received per batch (WORKER_MAX_MESSAGE_COUNT).')
+@minValue(1)
+param maxMessageCount int = 4
+
+@description('Seconds the worker gets to finish in-flight work after SIGTERM or a Preempt notice; keep under 30 for Spot.')
+@minValue(1)
+param shutdownGraceSeconds int = 25
+
+@description('Local port of the health endpoint probed by the Application Health extension.')
+param healthPort int = 8080
+
+var image = '${registryLoginServer}/${workerImage}'
+var stopTimeoutSeconds = shutdownGraceSeconds + 30
+
+// The worker container's environment: names are shared/settings.py Settings aliases (tests/infra checks it).
+var workerEnvironment = {
+  ServiceBusConnection__fullyQualifiedNamespace: serviceBusNamespaceFqdn
+  JOBS_QUEUE_NAME: queueName
+  AzureWebJobsStorage__blobServiceUri: blobEndpoint
+  IMAGES_CONTAINER: imagesContainerName
+  RESULTS_CONTAINER: resultsContainerName
+  POSTGRES_HOST: postgresHost
+  POSTGRES_DATABASE: postgresDatabase
+  POSTGRES_USER: identityName
+  AZURE_CLIENT_ID: identityClientId
+  APPLICATIONINSIGHTS_CONNECTION_STRING: appInsightsConnectionString
+  APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identityClientId};Authorization=AAD'
+  OTEL_SERVICE_NAME: serviceName
+  WORKER_DEVICE: 'cuda'
+  WORKER_MAX_MESSAGE_COUNT: string(maxMessageCount)
+  WORKER_SHUTDOWN_GRACE: string(shutdownGraceSeconds)
+}
+
+var cloudInitTemplate = loadTextContent('gpu-worker.cloud-init.yaml')
+var cloudInitWithEnv = replace(cloudInitTemplate, '__WORKER_ENV_B64__', base64(string(workerEnvironment)))
+var cloudInitWithRegistry = replace(cloudInitWithEnv, '__REGISTRY__', registryLoginServer)
+var cloudInitWithClient = replace(cloudInitWithRegistry, '__CLIENT_ID__', identityClientId)
+var cloudInitWithImage = replace(cloudInitWithClient, '__IMAGE__', image)
+var cloudInitWithTimeout = replace(cloudInitWithImage, '__STOP_TIMEOUT__', string(stopTimeoutSeconds))
+var cloudInit = replace(cloudInitWithTimeout, '__HEALTH_PORT__', string(healthPort))
+
+resource vmss 'Microsoft.Compute/virtualMachineScaleSets@2024-07-01' = {
+  // checkov:skip=CKV_AZURE_97:Encryption at host is the encryptionAtHost parameter; it needs a per-subscription feature registration, so it is off by default
+  name: vmssName
+  location: location
+  tags: tags
+  sku: {
+    name: vmSku
+    tier: 'Standard'
+    capacity: initialInstanceCount
+  }
+  identity: {
+    type: 'UserAssigned'
+    userAssignedIdentities: {
+      '${identityId}': {}
+    }
+  }
+  properties: {
+    orchestrationMode: 'Uniform'
+    overprovision: false
+    singlePlacementGroup: false
+    upgradePolicy: {
+      mode: 'Manual'
+    }
+    scaleInPolicy: {
+      rules: [
+        'Default'
+      ]
+    }
+    virtualMachineProfile: {
+      priority: useSpot ? 'Spot' : 'Regular'
+      evictionPolicy: useSpot ? spotEvictionPolicy : null
+      billingProfile: useSpot ? {
+        maxPrice: spotMaxPrice
+      } : null
+      scheduledEventsProfile: {
+        terminateNotificationProfile: {
+          enable: true
+          notBeforeTimeout: 'PT${terminateNotificationMinutes}M'
+        }
+      }
+      osProfile: {
+        computerNamePrefix: 'gpuworker'
+        adminUsername: adminUsername
+        customData: base64(cloudInit)
+        linuxConfiguration: {
+          disablePasswordAuthentication: true
+          provisionVMAgent: true
+          ssh: {
+            publicKeys: [
+              {
+                path: '/home/${adminUsername}/.ssh/authorized_keys'
+                keyData: sshPublicKey
+              }
+            ]
+          }
+        }
+      }
+      storageProfile: {
+        imageReference: imageReference
+        osDisk: {
+          createOption: 'FromImage'
+          caching: 'ReadWrite'
+          diskSizeGB: osDiskSizeGB
+          managedDisk: {
+            storageAccountType: osDiskType
+          }
+        }
+      }
+      securityProfile: {
+        encryptionAtHost: encryptionAtHost
+      }
+      diagnosticsProfile: {
+        bootDiagnostics: {
+          enabled: true
+        }
+      }
+      networkProfile: {
+        networkInterfaceConfigurations: [
+          {
+            name: 'nic'
+            properties: {
+              primary: true
+              ipConfigurations: [
+                {
+                  name: 'ipconfig'
+                  properties: {
+                    primary: true
+                    subnet: {
+                      id: subnetId
+                    }
+                  }
+                }
+              ]
+            }
+          }
+        ]
+      }
+      extensionProfile: {
+        extensions: [
+          {
+            name: 'NvidiaGpuDriverLinux'
+            properties: {
+              publisher: 'Microsoft.HpcCompute'
+              type: 'NvidiaGpuDriverLinux'
+              typeHandlerVersion: '1.6'
+              autoUpgradeMinorVersion: true
+              settings: {}
+            }
+          }
+          {
+            name: 'HealthExtension'
+            properties: {
+              publisher: 'Microsoft.ManagedServices'
+              type: 'ApplicationHealthLinux'
+              typeHandlerVersion: '2.0'
+              autoUpgradeMinorVersion: true
+              enableAutomaticUpgrade: true
+              provisionAfterExtensions: [
+                'NvidiaGpuDriverLinux'
+              ]
+              settings: {
+                protocol: 'http'
+                port: healthPort
+                requestPath: '/health'
+                intervalInSeconds: 30
+                numberOfProbes: 3
+                gracePeriod: 1800
+              }
+            }
+          }
+        ]
+      }
+    }
+  }
+}
+
+output vmssName string = vmss.name
+output vmssId string = vmss.id

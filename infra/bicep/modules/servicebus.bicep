@@ -1,0 +1,89 @@
+// Service Bus namespace and the jobs queue. Keyless: SAS (local) authentication is disabled, so senders and
+// receivers need Entra role assignments (modules/roles.bicep). The queue properties are parameters whose defaults
+// must equal shared/settings.py QueueProperties and local/servicebus.config.json (tests/infra checks all three).
+
+@description('Azure region of the namespace.')
+param location string
+
+@description('Tags applied to every resource.')
+param tags object
+
+@description('Name of the Service Bus namespace.')
+param namespaceName string
+
+@description('Namespace tier: Standard (shared, pay per operation) or Premium (dedicated messaging units).')
+@allowed([
+  'Standard'
+  'Premium'
+])
+param skuName string = 'Standard'
+
+@description('Messaging units when skuName is Premium (1, 2, 4, 8 or 16); ignored for Standard.')
+@allowed([
+  1
+  2
+  4
+  8
+  16
+])
+param premiumCapacity int = 1
+
+@description('Name of the jobs queue (JOBS_QUEUE_NAME).')
+param queueName string = 'jobs'
+
+@description('Peek-lock duration (ISO 8601); the worker renews the lock while it works.')
+param lockDuration string = 'PT1M'
+
+@description('Deliveries before the broker dead-letters a message (MaxDeliveryCountExceeded).')
+@minValue(1)
+param maxDeliveryCount int = 5
+
+@description('Move expired messages to the dead-letter queue (TTLExpiredException) instead of dropping them.')
+param deadLetteringOnMessageExpiration bool = true
+
+@description('Drop a message whose MessageId (the job id) was already seen within the history window.')
+param requiresDuplicateDetection bool = true
+
+@description('How long message ids are remembered for duplicate detection (ISO 8601).')
+param duplicateDetectionHistoryTimeWindow string = 'PT10M'
+
+@description('Time a message may wait in the queue before it expires (ISO 8601).')
+param defaultMessageTimeToLive string = 'P1D'
+
+resource namespace 'Microsoft.ServiceBus/namespaces@2024-01-01' = {
+  name: namespaceName
+  location: location
+  tags: tags
+  sku: {
+    name: skuName
+    tier: skuName
+    capacity: skuName == 'Premium' ? premiumCapacity : null
+  }
+  properties: {
+    disableLocalAuth: true
+    minimumTlsVersion: '1.2'
+    publicNetworkAccess: 'Enabled'
+  }
+}
+
+resource queue 'Microsoft.ServiceBus/namespaces/queues@2024-01-01' = {
+  parent: namespace
+  name: queueName
+  properties: {
+    lockDuration: lockDuration
+    maxDeliveryCount: maxDeliveryCount
+    deadLetteringOnMessageExpiration: deadLetteringOnMessageExpiration
+    requiresDuplicateDetection: requiresDuplicateDetection
+    duplicateDetectionHistoryTimeWindow: duplicateDetectionHistoryTimeWindow
+    defaultMessageTimeToLive: defaultMessageTimeToLive
+    requiresSession: false
+    enablePartitioning: false
+  }
+}
+
+output namespaceName string = namespace.name
+output namespaceId string = namespace.id
+output queueName string = queue.name
+output queueId string = queue.id
+// ServiceBusConnection__fullyQualifiedNamespace: the host of https://<name>.servicebus.windows.net:443/
+output fullyQualifiedNamespace string = split(replace(namespace.properties.serviceBusEndpoint, 'https://', ''), ':')[0]
