@@ -59,13 +59,18 @@ def _image_bytes(req: func.HttpRequest, max_bytes: int) -> bytes:
 
 def _form_image(req: func.HttpRequest) -> bytes:
     try:
-        image = req.files.get("image")
+        files = req.files
     except ValueError as e:  # werkzeug: a boundary missing or malformed
         raise Rejected("invalid_multipart", f"the multipart body cannot be parsed: {e}") from e
-    if image is None:
-        raise Rejected("missing_image_field", "the form has no file field named 'image'")
-    data: bytes = image.read()
-    return data
+    try:
+        image = files.get("image")
+        if image is None:
+            raise Rejected("missing_image_field", "the form has no file field named 'image'")
+        data: bytes = image.read()
+        return data
+    finally:
+        for _, part in files.items(multi=True):
+            part.close()  # large parts are spooled to temporary files
 
 
 def _accepted(req: func.HttpRequest, outcome: Submitted, retry_after: int) -> func.HttpResponse:

@@ -1,0 +1,115 @@
+"""The JobRepository contract. Subclass :class:`JobRepositoryContract` and provide a ``repo`` fixture."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+
+from shared.jobs import IdempotencyConflict, Job, JobRepository, JobStatus
+
+SHA_A = "a" * 64
+SHA_B = "b" * 64
+PARAMS: dict[str, Any] = {"bands": ["B04", "B08"], "scale": 10000.0, "analysis": "crop-health"}
+
+
+def create(repo: JobRepository, *, key: str | None = None, sha256: str = SHA_A) -> tuple[Job, bool]:
+    job_id = uuid.uuid4()
+    return repo.create(
+        job_id=job_id, input_blob=f"{job_id}/input.tif", input_sha256=sha256, params=PARAMS, idempotency_key=key
+    )
+
+
+class JobRepositoryContract:
+    def test_create_returns_a_queued_job(self, repo: JobRepository) -> None:
+        job, created = create(repo)
+        assert created
+        assert job.status is JobStatus.QUEUED
+        assert job.attempts == 0
+        assert job.params == PARAMS
+        assert job.result is None
+        assert job.error_code is None
+        assert job.created_at.tzinfo is not None
+        assert repo.get(job.job_id) == job
+
+    def test_get_unknown_is_none(self, repo: JobRepository) -> None:
+        assert repo.get(uuid.uuid4()) is None
+
+    def test_same_key_same_bytes_is_the_existing_job(self, repo: JobRepository) -> None:
+        first, _ = create(repo, key="k-1")
+        again, created = create(repo, key="k-1")
+        assert not created
+        assert again.job_id == first.job_id
+
+    def test_same_key_other_bytes_conflicts(self, repo: JobRepository) -> None:
+        first, _ = create(repo, key="k-2")
+        with pytest.raises(IdempotencyConflict) as info:
+            create(repo, key="k-2", sha256=SHA_B)
+        assert info.value.existing.job_id == first.job_id
+
+    def test_jobs_without_a_key_never_collide(self, repo: JobRepository) -> None:
+        a, _ = create(repo)
+        b, created = create(repo)
+        assert created
+        assert a.job_id != b.job_id
+
+    def test_start_attempt_counts_attempts(self, repo: JobRepository) -> None:
+        job, _ = create(repo)
+        first = repo.start_attempt(job.job_id)
+        second = repo.start_attempt(job.job_id)
+        assert first is not None
+        assert first.status is JobStatus.PROCESSING
+        assert first.attempts == 1
+        assert second is not None
+        assert second.attempts == 2
+        assert second.updated_at >= job.updated_at
+
+    def test_start_attempt_unknown_is_none(self, repo: JobRepository) -> None:
+        assert repo.start_attempt(uuid.uuid4()) is None
+
+    def test_succeed_stores_the_result_once(self, repo: JobRepository) -> None:
+        job, _ = create(repo)
+        repo.start_attempt(job.job_id)
+        assert repo.succeed(job.job_id, {"valid_fraction": 0.5})
+        assert not repo.succeed(job.job_id, {"valid_fraction": 0.9})  # a redelivery writes nothing
+        done = repo.get(job.job_id)
+        assert done is not None
+        assert done.status is JobStatus.SUCCEEDED
+        assert done.result == {"valid_fraction": 0.5}
+
+    def test_start_attempt_on_a_terminal_job_changes_nothing(self, repo: JobRepository) -> None:
+        job, _ = create(repo)
+        repo.start_attempt(job.job_id)
+        repo.succeed(job.job_id, {"x": 1})
+        again = repo.start_attempt(job.job_id)
+        assert again is not None
+        assert again.status is JobStatus.SUCCEEDED
+        assert again.attempts == 1
+
+    def test_fail_records_code_and_message(self, repo: JobRepository) -> None:
+        job, _ = create(repo)
+        assert repo.fail(job.job_id, "invalid_image", "not a GeoTIFF")
+        failed = repo.get(job.job_id)
+        assert failed is not None
+        assert failed.status is JobStatus.FAILED
+        assert (failed.error_code, failed.error_message) == ("invalid_image", "not a GeoTIFF")
+
+    @pytest.mark.parametrize("first", ["succeed", "fail"])
+    def test_terminal_jobs_stay_terminal(self, repo: JobRepository, first: str) -> None:
+        job, _ = create(repo)
+        if first == "succeed":
+            repo.succeed(job.job_id, {"x": 1})
+        else:
+            repo.fail(job.job_id, "invalid_image", "bad")
+        before = repo.get(job.job_id)
+        assert not repo.fail(job.job_id, "other", "later")
+        assert not repo.succeed(job.job_id, {"x": 2})
+        after = repo.get(job.job_id)
+        assert after is not None
+        assert before is not None
+        assert (after.status, after.result, after.error_code) == (before.status, before.result, before.error_code)
+
+    def test_unknown_jobs_cannot_succeed_or_fail(self, repo: JobRepository) -> None:
+        assert not repo.succeed(uuid.uuid4(), {"x": 1})
+        assert not repo.fail(uuid.uuid4(), "code", "message")

@@ -1,0 +1,63 @@
+"""GeoTIFF bytes for tests: the real crops in tests/data and small files crafted with rasterio."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from affine import Affine
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.io import MemoryFile
+
+DATA = Path(__file__).parent / "data"
+FIELDS = DATA / "s2_l1c_fields_256.tif"  # 13 Sentinel-2 L1C bands, uint16, descriptions B01..B12
+RGBN = DATA / "s2_rgbn_fields_128.tif"  # B02, B03, B04, B08
+
+
+def real(path: Path = FIELDS) -> bytes:
+    return path.read_bytes()
+
+
+def crafted(
+    *,
+    count: int = 4,
+    width: int = 32,
+    height: int = 32,
+    dtype: str = "uint16",
+    descriptions: tuple[str | None, ...] | None = ("B02", "B03", "B04", "B08"),
+    write: bool = True,
+    **profile: Any,
+) -> bytes:
+    """A georeferenced GeoTIFF in memory; ``write=False`` leaves it sparse (no pixel block written at all)."""
+    options: dict[str, Any] = {
+        "driver": "GTiff",
+        "width": width,
+        "height": height,
+        "count": count,
+        "dtype": dtype,
+        "crs": "EPSG:32618",
+        "transform": Affine(10.0, 0.0, 439730.0, 0.0, -10.0, 4175460.0),
+        **profile,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with MemoryFile() as mem:
+            with mem.open(**options) as ds:
+                if descriptions is not None:
+                    for band, text in enumerate(descriptions[:count], start=1):
+                        if text:
+                            ds.set_band_description(band, text)
+                if write:
+                    rng = np.random.default_rng(0)
+                    ds.write(rng.integers(1, 5000, size=(count, height, width)).astype(dtype))
+            return bytes(mem.read())
+
+
+def huge_sparse(width: int = 20_000, height: int = 20_000, count: int = 4) -> bytes:
+    """A few hundred kilobytes declaring width x height pixels: a decompression bomb if anyone decoded it."""
+    return crafted(
+        count=count, width=width, height=height, write=False, tiled=True, blockxsize=1024, blockysize=1024,
+        compress="deflate", SPARSE_OK=True,
+    )  # fmt: skip

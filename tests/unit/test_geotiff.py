@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from shared.geotiff import Limits, inspect
+from shared.rejection import Rejected
+from tests import geotiffs
+
+LIMITS = Limits(max_bytes=100 * 1024 * 1024, max_pixels=130_000_000, max_bands=32)
+
+
+def test_real_sentinel2_crop_header() -> None:
+    header = inspect(geotiffs.real(), LIMITS)
+    assert (header.width, header.height, header.count, header.dtype) == (256, 256, 13, "uint16")
+    assert header.descriptions[3] == "B04"
+    assert header.crs == "EPSG:32618"
+    assert header.integer
+
+
+@pytest.mark.parametrize(
+    ("options", "magic"),
+    [
+        ({}, b"II*\x00"),
+        ({"ENDIANNESS": "BIG"}, b"MM\x00*"),
+        ({"BIGTIFF": "YES"}, b"II+\x00"),
+        ({"BIGTIFF": "YES", "ENDIANNESS": "BIG"}, b"MM\x00+"),
+        ({"tiled": True, "blockxsize": 16, "blockysize": 16, "compress": "deflate"}, b"II*\x00"),
+    ],
+)
+def test_every_tiff_flavour_is_accepted(options: dict[str, Any], magic: bytes) -> None:
+    data = geotiffs.crafted(**options)
+    assert data[:4] == magic
+    assert inspect(data, LIMITS).count == 4
+
+
+def test_float_images_are_not_integer() -> None:
+    assert not inspect(geotiffs.crafted(dtype="float32"), LIMITS).integer
+
+
+def _cog_style_truncated() -> bytes:
+    # IFD first, pixel data after it: GDAL still opens the header, the last block points past the end.
+    data = geotiffs.crafted(width=64, height=64, tiled=True, blockxsize=16, blockysize=16)
+    return data[: len(data) - 100]
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (b"", "empty_body"),
+        (b"hello, this is not an image", "not_a_tiff"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 100, "not_a_tiff"),
+        (b"II*\x00" + b"\xff" * 60, "unreadable_image"),
+        (geotiffs.real()[:500_000], "unreadable_image"),  # this file's IFD is at its end: GDAL cannot open it
+        (_cog_style_truncated(), "truncated_image"),
+        (geotiffs.huge_sparse(), "image_too_large"),
+        (geotiffs.crafted(count=33, descriptions=None, width=4, height=4), "too_many_bands"),
+    ],
+    ids=["empty", "text", "png", "garbage-after-magic", "truncated-ifd", "truncated-blocks", "bomb", "bands"],
+)
+def test_refusals(data: bytes, code: str) -> None:
+    with pytest.raises(Rejected) as info:
+        inspect(data, LIMITS)
+    assert info.value.code == code
+    assert info.value.detail
+    assert ".tif:" not in info.value.detail  # no in-memory file names leak to clients
+
+
+def test_size_limit_is_checked_before_anything_else() -> None:
+    with pytest.raises(Rejected) as info:
+        inspect(b"x" * 101, Limits(max_bytes=100, max_pixels=10, max_bands=1))
+    assert info.value.code == "payload_too_large"
+
+
+def test_pixel_limit_is_inclusive() -> None:
+    data = geotiffs.crafted(width=10, height=10)
+    assert inspect(data, Limits(max_bytes=10**6, max_pixels=100, max_bands=4)).width == 10
+    with pytest.raises(Rejected, match="image_too_large"):
+        inspect(data, Limits(max_bytes=10**6, max_pixels=99, max_bands=4))
