@@ -19,6 +19,10 @@ from typing import Any
 
 from local.ports import is_listening
 
+# Services this process started and has not reaped yet (the stack runs in-process in tests): keeping the Popen
+# objects lets us reap them on stop and keeps Popen.__del__ from warning about children that are still running.
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
 
 class ServiceFailed(RuntimeError):
     """A service did not become ready: the message names it, says why and where its log is."""
@@ -58,7 +62,13 @@ def spawn(argv: Sequence[str], log: Path, env: Mapping[str, str], cwd: Path) -> 
             cwd=cwd,
             start_new_session=True,
         )
+    adopt(proc)
     return proc, offset
+
+
+def adopt(proc: subprocess.Popen[bytes]) -> None:
+    """Remember a child started elsewhere (Azurite), so that ``is_alive`` and ``stop`` reap it."""
+    _CHILDREN[proc.pid] = proc
 
 
 def _log_contains(log: Path, offset: int, text: str) -> bool:
@@ -99,11 +109,12 @@ def wait_ready(
 
 def is_alive(pid: int) -> bool:
     """True while ``pid`` runs (reaping it first when it is our own exited child)."""
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        if child.poll() is None:
+            return True
+        del _CHILDREN[pid]
+        return False
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):

@@ -22,7 +22,7 @@ from local.azurite import AzuriteError, start_azurite
 from local.functions_host.routes import load_route_prefix
 from local.ports import LOOPBACK, ensure_free, free_port, is_listening
 from local.postgres import PostgresError, start_postgres
-from local.processes import Service, spawn, wait_ready
+from local.processes import Service, adopt, spawn, wait_ready
 from local.servicebus_emulator.process import connection_string
 
 logger = logging.getLogger(__name__)
@@ -122,6 +122,7 @@ class Launcher:
             conn, proc = start_azurite(self.root / "azurite", port, log)
         except AzuriteError as e:
             raise SetupFailed(f"azurite: {e}") from e
+        adopt(proc)
         logger.info("azurite: ready on port %d", port)
         return conn, Service("azurite", proc.pid, str(log), "azurite-blob", port)
 
