@@ -1,0 +1,95 @@
+"""BlobStore against a real Azurite: inputs, results, SAS read URLs, and the errors it translates."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+from azure.storage.blob import BlobServiceClient
+
+from shared.errors import InputMissing, StorageUnavailable
+from shared.settings import Settings
+from shared.storage import BlobStore
+from tests import geotiffs
+
+pytestmark = pytest.mark.integration
+
+
+def store_for(connection_string: str) -> BlobStore:
+    suffix = uuid.uuid4().hex[:10]  # containers of their own: Azurite is shared by the session
+    settings = Settings.from_env(
+        {"AzureWebJobsStorage": connection_string, "ServiceBusConnection": "unused", "DATABASE_URL": "unused",
+         "IMAGES_CONTAINER": f"images{suffix}", "RESULTS_CONTAINER": f"results{suffix}"}
+    )  # fmt: skip
+    return BlobStore.from_settings(settings)
+
+
+@pytest.fixture
+def store(blob_connection_string: str) -> Iterator[BlobStore]:
+    store = store_for(blob_connection_string)
+    store.ensure_containers()
+    store.ensure_containers()  # idempotent
+    yield store
+    store.close()
+
+
+def test_input_round_trip_with_sha256_metadata(store: BlobStore, tmp_path: Path) -> None:
+    data = geotiffs.real()
+    sha = hashlib.sha256(data).hexdigest()
+    job_id = uuid.uuid4()
+    name = store.put_input(job_id, data, sha)
+    assert name == f"{job_id}/input.tif"
+    assert store.put_input(job_id, data, sha) == name  # a re-send overwrites the same bytes
+    store.download_input(name, tmp_path / "in.tif")
+    assert (tmp_path / "in.tif").read_bytes() == data
+    assert store.input_sha256(name) == sha
+
+
+def test_missing_input_is_permanent(store: BlobStore, tmp_path: Path) -> None:
+    with pytest.raises(InputMissing) as info:
+        store.download_input(f"{uuid.uuid4()}/input.tif", tmp_path / "in.tif")
+    assert not info.value.transient
+
+
+def test_result_url_is_readable_only_with_its_sas(store: BlobStore, tmp_path: Path) -> None:
+    job_id = uuid.uuid4()
+    (tmp_path / "q.png").write_bytes(b"\x89PNG fake quicklook")
+    url = store.put_result(job_id, "quicklook.png", tmp_path / "q.png", "image/png")
+    assert url.endswith(f"/{store.results_container}/{job_id}/quicklook.png")
+    signed = store.read_url(url, timedelta(minutes=5))
+    query = parse_qs(urlsplit(signed).query)
+    assert query["sp"] == ["r"]
+    assert "se" in query
+    assert "sig" in query
+    ok = httpx.get(signed)
+    assert ok.status_code == 200
+    assert ok.content == b"\x89PNG fake quicklook"
+    assert ok.headers["content-type"] == "image/png"
+    assert httpx.get(url).status_code in (401, 403, 404)  # private container: no anonymous read
+
+
+def test_foreign_urls_are_not_signed(store: BlobStore) -> None:
+    url = "https://elsewhere.blob.core.windows.net/results/x/ndvi.tif"
+    assert store.read_url(url, timedelta(minutes=5)) == url
+
+
+def test_storage_that_is_not_there_is_transient() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conn = (
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+        "AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;"
+        f"BlobEndpoint=http://127.0.0.1:{port}/devstoreaccount1;"
+    )
+    store = BlobStore(BlobServiceClient.from_connection_string(conn, retry_total=0))  # fail fast, no retries
+    with pytest.raises(StorageUnavailable) as info:
+        store.put_input(uuid.uuid4(), b"II*\x00", "0" * 64)
+    assert info.value.transient
