@@ -1,0 +1,247 @@
+"""Receive -> dispatch -> settle.
+
+Peek-lock batches of ``max_message_count``; the receiver was opened with an ``AutoLockRenewer``, so the SDK registers
+every message for renewal the moment it is received (the ones still waiting in the batch keep their locks too).
+Each message is decoded first (a bad envelope is poison: dead-lettered at once), handled, and settled in exactly one
+place, :meth:`Consumer._process`'s ``finally``, from :func:`gpu_worker.settlement.decide`. Only the handler's work is
+interruptible by a forced shutdown; the settlement never is.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Protocol
+from uuid import UUID
+
+from azure.servicebus import ServiceBusReceivedMessage, ServiceBusReceiver, ServiceBusSession
+from azure.servicebus.exceptions import MessageAlreadySettled, ServiceBusError
+from opentelemetry import trace
+
+from gpu_worker.handler import Outcome
+from gpu_worker.heartbeat import Heartbeat
+from gpu_worker.settlement import Action, Decision, Interrupted, decide
+from gpu_worker.shutdown import Shutdown
+from shared.errors import CropAIError, InvalidMessage
+from shared.jobs import JobRepository
+from shared.messages import JobMessage, decode
+from shared.telemetry import context_from_properties
+
+logger = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+
+
+class Handler(Protocol):
+    def handle(self, message: JobMessage) -> Outcome: ...
+
+
+def _body(message: ServiceBusReceivedMessage) -> bytes:
+    """The data body; a value or sequence body (not what the publisher sends) is an invalid message."""
+    try:
+        return b"".join(message.body)
+    except TypeError as e:
+        raise InvalidMessage(f"message body is not a data body: {e}") from e
+
+
+def _job_id(message: ServiceBusReceivedMessage, envelope: JobMessage | None) -> UUID | None:
+    """The job id: from the envelope, else from ``message_id`` (= job id by contract) for undecodable bodies."""
+    if envelope is not None:
+        return envelope.job_id
+    try:
+        return UUID(str(message.message_id))
+    except ValueError:
+        return None
+
+
+class LockLosses:
+    """The AutoLockRenewer's failure callback (called from its threads): remembers the messages whose lock is lost,
+    so that the consumer does not try to settle them."""
+
+    def __init__(self) -> None:
+        self._tokens: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, renewable: ServiceBusReceivedMessage | ServiceBusSession, error: Exception | None) -> None:
+        message_id = getattr(renewable, "message_id", None)
+        with self._lock:
+            self._tokens.add(str(getattr(renewable, "lock_token", "")))
+        logger.warning(
+            "lock renewal failed for message %s: %s",
+            message_id,
+            error,
+            extra={"message_id": message_id, "action": "lock_lost"},
+        )
+
+    def __contains__(self, message: ServiceBusReceivedMessage) -> bool:
+        with self._lock:
+            return str(message.lock_token) in self._tokens
+
+
+class Consumer:
+    def __init__(
+        self,
+        receiver: ServiceBusReceiver,
+        handler: Handler,
+        repo: JobRepository,
+        shutdown: Shutdown,
+        heartbeat: Heartbeat,
+        lock_losses: LockLosses,
+        *,
+        max_delivery_count: int,
+        max_message_count: int,
+        max_wait_time: float,
+        after_batch: Callable[[], object] | None = None,
+    ) -> None:
+        self._receiver = receiver
+        self._handler = handler
+        self._repo = repo
+        self._shutdown = shutdown
+        self._heartbeat = heartbeat
+        self._max_delivery_count = max_delivery_count
+        self._max_message_count = max_message_count
+        self._max_wait_time = max_wait_time
+        self._after_batch = after_batch
+        self._lock_losses = lock_losses
+        self.settled: dict[Action, int] = dict.fromkeys(Action, 0)
+
+    def run(self, *, max_jobs: int | None = None, once: bool = False) -> int:
+        """Consume until shutdown (or ``max_jobs`` messages, or one batch with ``once``); return messages handled."""
+        handled = failures = 0
+        while not self._shutdown.requested.is_set():
+            self._heartbeat.beat()
+            want = self._max_message_count if max_jobs is None else min(self._max_message_count, max_jobs - handled)
+            try:
+                batch = self._receiver.receive_messages(max_message_count=want, max_wait_time=self._max_wait_time)
+            except ServiceBusError as e:  # the SDK has retried already; wait a little, keep the process alive
+                failures += 1
+                backoff = min(2.0**failures, 30.0)
+                logger.warning("receive failed (%r); retrying in %g s", e, backoff, extra={"action": "receive_failed"})
+                self._shutdown.requested.wait(backoff)
+                continue
+            failures = 0
+            for index, message in enumerate(batch):
+                if self._shutdown.requested.is_set():
+                    self._abandon_unstarted(batch[index:])
+                    break
+                self._process(message)
+                handled += 1
+            if self._after_batch is not None and not self._shutdown.requested.is_set():
+                self._after_batch()
+            if once or (max_jobs is not None and handled >= max_jobs):
+                break
+        self._heartbeat.idle()
+        return handled
+
+    def _abandon_unstarted(self, messages: list[ServiceBusReceivedMessage]) -> None:
+        for message in messages:
+            decision = decide(
+                Interrupted("not started before shutdown"), message.delivery_count, self._max_delivery_count
+            )
+            self._settle(message, decision, None)
+
+    def _process(self, message: ServiceBusReceivedMessage) -> None:
+        fields = {"message_id": message.message_id, "delivery_count": message.delivery_count}
+        envelope: JobMessage | None = None
+        error: BaseException | None = None
+        context = context_from_properties(message.application_properties or {})
+        with tracer.start_as_current_span("process job", context=context, kind=trace.SpanKind.CONSUMER) as span:
+            span.set_attribute("messaging.message.id", str(message.message_id))
+            self._heartbeat.busy()
+            try:
+                envelope = decode(_body(message))
+                span.set_attribute("crop_ai.job_id", str(envelope.job_id))
+                logger.info("processing job %s", envelope.job_id, extra={**fields, "job_id": str(envelope.job_id)})
+                with self._shutdown.interruptible():
+                    outcome = self._handler.handle(envelope)
+                logger.info(
+                    "job %s: %s",
+                    envelope.job_id,
+                    outcome.value,
+                    extra={**fields, "job_id": str(envelope.job_id), "action": outcome.value},
+                )
+            except BaseException as e:  # every outcome goes to the one decision below; re-raised after if fatal
+                error = e
+            finally:
+                decision = decide(
+                    error, message.delivery_count, self._max_delivery_count, lock_lost=self._lock_lost(message)
+                )
+                span.set_attribute("crop_ai.settlement", decision.action.value)
+                if error is not None:
+                    span.set_status(trace.StatusCode.ERROR, type(error).__name__)
+                self._settle(message, decision, _job_id(message, envelope), error)
+                self._heartbeat.idle()
+        if error is not None and not isinstance(error, Exception | Interrupted):
+            raise error  # KeyboardInterrupt, SystemExit: settled (abandoned) above, now let them through
+
+    def _lock_lost(self, message: ServiceBusReceivedMessage) -> bool:
+        if message in self._lock_losses:
+            return True
+        locked_until = message.locked_until_utc
+        return locked_until is not None and locked_until <= datetime.now(UTC)
+
+    def _settle(
+        self,
+        message: ServiceBusReceivedMessage,
+        decision: Decision,
+        job_id: UUID | None,
+        error: BaseException | None = None,
+    ) -> None:
+        fields: dict[str, Any] = {
+            "job_id": str(job_id) if job_id else None,
+            "message_id": message.message_id,
+            "delivery_count": message.delivery_count,
+            "action": decision.action.value,
+            "reason": decision.reason,
+        }
+        if decision.fail_code is not None and job_id is not None:
+            decision = self._fail_job(job_id, decision, message, fields)
+            fields["action"] = decision.action.value
+        level = logging.INFO if decision.action is Action.COMPLETE else logging.WARNING
+        logger.log(
+            logging.ERROR if decision.unexpected else level,
+            "message %s: %s (%s) %s",
+            message.message_id,
+            decision.action.value,
+            decision.reason,
+            decision.description or "",
+            exc_info=error if decision.unexpected else None,
+            extra=fields,
+        )
+        try:
+            if decision.action is Action.COMPLETE:
+                self._receiver.complete_message(message)
+            elif decision.action is Action.ABANDON:
+                self._receiver.abandon_message(message)
+            elif decision.action is Action.DEAD_LETTER:
+                self._receiver.dead_letter_message(
+                    message, reason=decision.reason, error_description=decision.description
+                )
+        except (ServiceBusError, MessageAlreadySettled) as e:  # lock lost, connection gone: the broker redelivers
+            logger.warning(
+                "could not %s message %s: %r",
+                decision.action.value,
+                message.message_id,
+                e,
+                extra={**fields, "action": "settle_failed"},
+            )
+            return
+        self.settled[decision.action] += 1
+
+    def _fail_job(
+        self, job_id: UUID, decision: Decision, message: ServiceBusReceivedMessage, fields: dict[str, Any]
+    ) -> Decision:
+        """Mark the job failed before the message leaves the queue. If the database is down, decide again with that
+        error (abandon, or on the last delivery dead-letter without it: the dead-letter watcher marks it later)."""
+        try:
+            self._repo.fail(job_id, decision.fail_code or "", decision.description or "")
+        except CropAIError as e:
+            logger.warning("could not mark job %s failed: %s", job_id, e, extra={**fields, "action": "fail_job_failed"})
+            retry = decide(
+                e, message.delivery_count, self._max_delivery_count, lock_lost=decision.action is Action.LEAVE
+            )
+            if retry.action is Action.DEAD_LETTER:
+                return decision  # last delivery: dead-letter with the original reason; the watcher fails the job
+            return retry
+        return decision

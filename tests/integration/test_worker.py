@@ -1,0 +1,254 @@
+"""The worker against real backends: the Service Bus emulator through the real SDK, PostgreSQL, Azurite, real GeoTIFFs.
+
+The worker runs in-process (``gpu_worker.__main__.run``, the same wiring as ``python -m gpu_worker``) with
+``max_jobs`` so that each test knows when it is done; the SIGTERM tests run it as a subprocess.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import pytest
+from azure.servicebus import ServiceBusMessage
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from gpu_worker.__main__ import healthcheck, run
+from gpu_worker.analysis import AnalysisOutput, AnalysisRequest
+from local.ports import free_port
+from shared.errors import StorageUnavailable
+from shared.jobs import JobStatus
+from shared.telemetry import configure_telemetry
+from tests.fixtures.servicebus import EmulatorHandle
+from tests.integration.worker_helpers import FIELDS, SlowAnalyzer, WorkerStack, worker_stack
+
+pytestmark = pytest.mark.integration
+
+StackFactory = Callable[..., WorkerStack]
+
+
+@pytest.fixture
+def stack_factory(
+    servicebus_emulator_factory: Callable[..., EmulatorHandle],
+    database_url: str,
+    blob_connection_string: str,
+    tmp_path: Path,
+) -> Iterator[StackFactory]:
+    closers: list[Iterator[WorkerStack]] = []
+
+    def factory(queue: dict[str, Any] | None = None, **env: str) -> WorkerStack:
+        emulator = servicebus_emulator_factory({"jobs": queue} if queue else None)
+        generator = worker_stack(emulator.connection_string, database_url, blob_connection_string, tmp_path, **env)
+        closers.append(generator)
+        stack = next(generator)
+        stack.max_delivery_count = int((queue or {}).get("MaxDeliveryCount", 5))
+        return stack
+
+    yield factory
+    for generator in closers:
+        generator.close()
+
+
+@pytest.fixture
+def stack(stack_factory: StackFactory) -> WorkerStack:
+    return stack_factory()
+
+
+def _actions(caplog: pytest.LogCaptureFixture) -> list[tuple[str | None, str | None]]:
+    """(action, reason) of the worker's settlement log records."""
+    return [
+        (getattr(r, "action", None), getattr(r, "reason", None))
+        for r in caplog.records
+        if r.name == "gpu_worker.consumer" and hasattr(r, "reason")
+    ]
+
+
+class FailingAnalyzer:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def analyse(self, image_path: Path, request: AnalysisRequest, workdir: Path) -> AnalysisOutput:
+        raise self.error
+
+
+def test_a_real_geotiff_goes_through_the_worker_and_its_span_is_a_child_of_the_submit_span(
+    stack: WorkerStack, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = stack.settings()
+    configure_telemetry(settings, role="test")
+    provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with trace.get_tracer(__name__).start_as_current_span("submit") as submit_span:
+        job_id = stack.submit(FIELDS.read_bytes())
+
+    with caplog.at_level(logging.INFO):
+        assert run(settings, max_jobs=1) == 0  # the real torch Analyzer, on the CPU
+
+    job = stack.job(job_id)
+    assert (job.status, job.attempts) == (JobStatus.SUCCEEDED, 1)
+    assert job.result is not None
+    assert job.result["analysis"] == "crop-health"
+    assert -1.0 <= job.result["indices"]["ndvi"]["mean"] <= 1.0
+    assert isinstance(job.result["outputs"], dict)
+    assert stack.queued() == []
+    assert stack.dead_letters() == []
+    assert ("complete", None) in _actions(caplog)
+    [span] = [s for s in exporter.get_finished_spans() if s.name == "process job"]
+    assert span.parent is not None
+    assert span.parent.span_id == submit_span.get_span_context().span_id
+    assert span.context is not None
+    assert span.context.trace_id == submit_span.get_span_context().trace_id
+    assert healthcheck(settings, None) == 0  # the loop left a fresh heartbeat
+
+
+def _poison(stack: WorkerStack) -> Any:
+    job = stack.create_job(FIELDS.read_bytes())
+    stack.send(ServiceBusMessage(b'{"schema_version": 1, "job_id": "nope"}', message_id=str(job.job_id)))
+    return job.job_id
+
+
+def _missing_blob(stack: WorkerStack) -> Any:
+    return stack.submit(None)
+
+
+def _truncated(stack: WorkerStack) -> Any:
+    return stack.submit(FIELDS.read_bytes()[:3000])
+
+
+def _text(stack: WorkerStack) -> Any:
+    return stack.submit(b"this is not a GeoTIFF")
+
+
+def _unknown_bands(stack: WorkerStack) -> Any:
+    return stack.submit(FIELDS.read_bytes(), bands=["X1", "X2", "X3", "X4"])
+
+
+@pytest.mark.parametrize(
+    ("prepare", "reason", "code"),
+    [
+        (_poison, "InvalidMessage", "invalid_message"),
+        (_missing_blob, "InputMissing", "input_missing"),
+        (_truncated, "InvalidImage", "invalid_image"),
+        (_text, "InvalidImage", "invalid_image"),
+        (_unknown_bands, "InvalidImage", "invalid_image"),
+    ],
+    ids=["poison message", "missing blob", "truncated GeoTIFF", "text body", "unknown band names"],
+)
+def test_permanent_failures_are_dead_lettered_at_once_and_fail_the_job(
+    stack: WorkerStack,
+    caplog: pytest.LogCaptureFixture,
+    prepare: Callable[[WorkerStack], Any],
+    reason: str,
+    code: str,
+) -> None:
+    job_id = prepare(stack)
+    with caplog.at_level(logging.INFO):
+        run(stack.settings(), max_jobs=1)
+    [dead] = stack.dead_letters()
+    assert dead.message_id == str(job_id)
+    assert dead.dead_letter_reason == reason
+    assert dead.dead_letter_error_description
+    assert dead.delivery_count == 0  # never retried
+    job = stack.job(job_id)
+    assert (job.status, job.error_code) == (JobStatus.FAILED, code)
+    assert job.error_message == dead.dead_letter_error_description
+    assert stack.queued() == []
+    assert ("dead_letter", reason) in _actions(caplog)
+
+
+def test_a_database_outage_abandons_the_message_and_a_later_delivery_succeeds(
+    stack: WorkerStack, caplog: pytest.LogCaptureFixture
+) -> None:
+    job_id = stack.submit(FIELDS.read_bytes())
+    closed = f"postgresql://nobody@127.0.0.1:{free_port()}/nothing?connect_timeout=1"
+    with caplog.at_level(logging.INFO):
+        run(stack.settings(DATABASE_URL=closed, DB_POOL_TIMEOUT="1"), analyzer=SlowAnalyzer(0), max_jobs=1)
+    assert ("abandon", "DatabaseUnavailable") in _actions(caplog)
+    [message] = stack.queued()
+    assert message.delivery_count == 1
+    assert stack.job(job_id).status is JobStatus.QUEUED
+
+    run(stack.settings(), analyzer=SlowAnalyzer(0), max_jobs=1)
+    job = stack.job(job_id)
+    assert (job.status, job.attempts) == (JobStatus.SUCCEEDED, 1)
+    assert stack.queued() == []
+    assert stack.dead_letters() == []
+
+
+@pytest.mark.parametrize(
+    ("error", "unexpected"),
+    [(StorageUnavailable("blob storage throttled"), False), (ZeroDivisionError("a bug"), True)],
+    ids=["transient", "unexpected"],
+)
+def test_retries_are_bounded_and_the_last_delivery_fails_the_job(
+    stack_factory: StackFactory, caplog: pytest.LogCaptureFixture, error: Exception, unexpected: bool
+) -> None:
+    stack = stack_factory({"MaxDeliveryCount": 2})
+    job_id = stack.submit(FIELDS.read_bytes())
+    with caplog.at_level(logging.INFO):
+        run(stack.settings(), analyzer=FailingAnalyzer(error), max_jobs=1)
+        assert stack.job(job_id).status is JobStatus.PROCESSING
+        assert [m.delivery_count for m in stack.queued()] == [1]
+        run(stack.settings(), analyzer=FailingAnalyzer(error), max_jobs=1)
+    assert _actions(caplog) == [("abandon", type(error).__name__), ("dead_letter", "RetriesExhausted")]
+    with_stack = [r for r in caplog.records if r.name == "gpu_worker.consumer" and r.exc_info]
+    assert bool(with_stack) is unexpected  # a bug is logged with its stack trace
+    [dead] = stack.dead_letters()
+    assert dead.dead_letter_reason == "RetriesExhausted"
+    job = stack.job(job_id)
+    assert (job.status, job.error_code, job.attempts) == (JobStatus.FAILED, "retries_exhausted", 2)
+    assert job.error_message is not None
+    assert str(error) in job.error_message
+
+
+def test_a_redelivered_message_for_a_succeeded_job_is_completed_without_writing_again(
+    stack: WorkerStack, caplog: pytest.LogCaptureFixture
+) -> None:
+    message = stack.create_job(FIELDS.read_bytes())
+    stack.repo.start_attempt(message.job_id)
+    assert stack.repo.succeed(message.job_id, {"written": "by the first delivery"})  # then the worker crashed
+    stack.send(message)
+    analyzer = SlowAnalyzer(0)
+    with caplog.at_level(logging.INFO):
+        run(stack.settings(), analyzer=analyzer, max_jobs=1)
+    assert analyzer.calls == 0
+    job = stack.job(message.job_id)
+    assert (job.status, job.attempts, job.result) == (JobStatus.SUCCEEDED, 1, {"written": "by the first delivery"})
+    assert stack.queued() == []
+    assert stack.dead_letters() == []
+    assert ("complete", None) in _actions(caplog)
+    assert any(getattr(r, "action", None) == "already_succeeded" for r in caplog.records)
+
+
+def test_lock_renewal_keeps_a_slow_job_locked_beyond_the_lock_duration(
+    stack_factory: StackFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    stack = stack_factory({"LockDuration": "PT3S", "MaxDeliveryCount": 2})
+    job_id = stack.submit(FIELDS.read_bytes())
+    analyzer = SlowAnalyzer(8)  # well past two lock durations: without renewal the broker would redeliver
+    with caplog.at_level(logging.INFO):
+        run(stack.settings(), analyzer=analyzer, max_jobs=1)
+    job = stack.job(job_id)
+    assert (job.status, job.attempts) == (JobStatus.SUCCEEDED, 1)
+    assert analyzer.calls == 1
+    assert stack.queued() == []
+    assert stack.dead_letters() == []
+    assert ("complete", None) in _actions(caplog)
+    assert not any(getattr(r, "action", None) == "lock_lost" for r in caplog.records)
+
+
+def test_an_unknown_job_is_dead_lettered(stack: WorkerStack) -> None:
+    message = stack.create_job(FIELDS.read_bytes()).model_copy(update={"job_id": uuid4()})
+    stack.send(message)
+    run(stack.settings(), analyzer=SlowAnalyzer(0), max_jobs=1)
+    [dead] = stack.dead_letters()
+    assert (dead.message_id, dead.dead_letter_reason) == (str(message.job_id), "InvalidMessage")
+    assert stack.repo.get(message.job_id) is None

@@ -1,0 +1,164 @@
+"""What the worker's integration tests share: a stack of real backends, job submission, broker inspection, and
+stand-in analyzers with the :class:`gpu_worker.analysis.Analyzer` interface.
+
+Run as ``python -m tests.integration.worker_helpers [worker flags]`` it is ``python -m gpu_worker`` with a slow
+stand-in analyzer (``SLOW_ANALYZER_SECONDS``), for the SIGTERM tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from uuid import UUID, uuid4
+
+from azure.servicebus import ServiceBusClient, ServiceBusMessage, ServiceBusReceivedMessage, ServiceBusSubQueue
+from psycopg_pool import ConnectionPool
+
+from gpu_worker.analysis import AnalysisOutput, AnalysisRequest
+from shared.bus import job_message
+from shared.db import PostgresJobRepository, open_pool
+from shared.jobs import Job
+from shared.messages import JobMessage
+from shared.migrate import migrate
+from shared.settings import QueueProperties, Settings
+from shared.storage import BlobStore
+
+DATA = Path(__file__).parents[1] / "data"
+FIELDS = DATA / "s2_rgbn_fields_128.tif"
+RGBN = ["B02", "B03", "B04", "B08"]
+
+
+class SlowAnalyzer:
+    """Sleeps (the GIL is free meanwhile, as in torch's kernels), then returns a small result."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.calls = 0
+
+    def analyse(self, image_path: Path, request: AnalysisRequest, workdir: Path) -> AnalysisOutput:
+        self.calls += 1
+        time.sleep(self.seconds)
+        return AnalysisOutput(result={"analysis": request.analysis, "slept": self.seconds})
+
+
+@dataclass
+class WorkerStack:
+    """Real PostgreSQL (migrated), Azurite and the Service Bus emulator, and the worker's environment for them."""
+
+    env: dict[str, str]
+    queue_name: str
+    pool: ConnectionPool
+    store: BlobStore
+    client: ServiceBusClient
+    max_delivery_count: int = 5
+    _closers: list[Any] = field(default_factory=list)
+
+    @property
+    def repo(self) -> PostgresJobRepository:
+        return PostgresJobRepository(self.pool)
+
+    def settings(self, **overrides: str) -> Settings:
+        settings = Settings.from_env({**self.env, **overrides})
+        return settings.model_copy(update={"queue": QueueProperties(max_delivery_count=self.max_delivery_count)})
+
+    def create_job(self, data: bytes | None = None, *, bands: list[str] | None = None) -> JobMessage:
+        """A queued job whose input blob holds ``data`` (no blob when ``None``); the message is not sent."""
+        job_id = uuid4()
+        payload = data if data is not None else FIELDS.read_bytes()
+        sha256 = hashlib.sha256(payload).hexdigest()
+        blob = f"{job_id}/input.tif"
+        if data is not None:
+            blob = self.store.put_input(job_id, data, sha256)
+        message = JobMessage(
+            job_id=job_id,
+            input_blob=blob,
+            input_sha256=sha256,
+            bands=bands or RGBN,
+            scale=10000,
+            submitted_at=datetime.now(UTC),
+        )
+        params = {"bands": message.bands, "scale": message.scale, "analysis": message.analysis}
+        self.repo.create(job_id=job_id, input_blob=blob, input_sha256=sha256, params=params, idempotency_key=None)
+        return message
+
+    def send(self, message: JobMessage | ServiceBusMessage, *, ttl: timedelta | None = None) -> None:
+        sb_message = job_message(message) if isinstance(message, JobMessage) else message
+        if ttl is not None:
+            sb_message.time_to_live = ttl
+        with self.client.get_queue_sender(self.queue_name) as sender:
+            sender.send_messages(sb_message)
+
+    def submit(self, data: bytes | None = None, **kwargs: Any) -> UUID:
+        message = self.create_job(data, **kwargs)
+        self.send(message)
+        return message.job_id
+
+    def job(self, job_id: UUID) -> Job:
+        job = self.repo.get(job_id)
+        assert job is not None
+        return job
+
+    def queued(self) -> list[ServiceBusReceivedMessage]:
+        with self.client.get_queue_receiver(self.queue_name) as receiver:
+            return receiver.peek_messages(max_message_count=100)
+
+    def dead_letters(self) -> list[ServiceBusReceivedMessage]:
+        with self.client.get_queue_receiver(self.queue_name, sub_queue=ServiceBusSubQueue.DEAD_LETTER) as receiver:
+            return receiver.peek_messages(max_message_count=100)
+
+    def wait_for(self, job_id: UUID, *statuses: str, timeout: float = 60.0) -> Job:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if job.status.value in statuses or time.monotonic() > deadline:
+                return job
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        self.client.close()
+        self.store.close()
+        self.pool.close()
+
+
+def worker_stack(
+    servicebus_connection_string: str, database_url: str, blob_connection_string: str, tmp: Path, **env: str
+) -> Iterator[WorkerStack]:
+    migrate(database_url)
+    full_env = {
+        "ServiceBusConnection": servicebus_connection_string,
+        "AzureWebJobsStorage": blob_connection_string,
+        "DATABASE_URL": database_url,
+        "WORKER_MAX_WAIT_TIME": "1",
+        "WORKER_HEARTBEAT_FILE": str(tmp / "worker.heartbeat"),
+        "WORKER_DEADLETTER_POLL_INTERVAL": "0",
+        "WORKER_DEVICE": "cpu",
+        "DB_POOL_MIN_SIZE": "1",
+        **env,
+    }
+    settings = Settings.from_env(full_env)
+    store = BlobStore.from_settings(settings)
+    store.ensure_containers()
+    stack = WorkerStack(
+        env=full_env,
+        queue_name=settings.jobs_queue,
+        pool=open_pool(settings),
+        store=store,
+        client=ServiceBusClient.from_connection_string(servicebus_connection_string),
+    )
+    try:
+        yield stack
+    finally:
+        stack.close()
+
+
+if __name__ == "__main__":
+    from gpu_worker.__main__ import main
+
+    sys.exit(main(sys.argv[1:], analyzer=SlowAnalyzer(float(os.environ.get("SLOW_ANALYZER_SECONDS", "5")))))
