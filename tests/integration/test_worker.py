@@ -7,7 +7,7 @@ The worker runs in-process (``gpu_worker.__main__.run``, the same wiring as ``py
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -40,7 +40,7 @@ def stack_factory(
     blob_connection_string: str,
     tmp_path: Path,
 ) -> Iterator[StackFactory]:
-    closers: list[Iterator[WorkerStack]] = []
+    closers: list[Generator[WorkerStack, None, None]] = []
 
     def factory(queue: dict[str, Any] | None = None, **env: str) -> WorkerStack:
         emulator = servicebus_emulator_factory({"jobs": queue} if queue else None)

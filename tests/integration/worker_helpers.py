@@ -11,7 +11,7 @@ import hashlib
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -129,7 +129,7 @@ class WorkerStack:
 
 def worker_stack(
     servicebus_connection_string: str, database_url: str, blob_connection_string: str, tmp: Path, **env: str
-) -> Iterator[WorkerStack]:
+) -> Generator[WorkerStack, None, None]:
     migrate(database_url)
     full_env = {
         "ServiceBusConnection": servicebus_connection_string,

@@ -1,0 +1,124 @@
+"""Jobs whose messages the broker dead-lettered by itself are marked failed by the dead-letter watcher."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Generator, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+from azure.servicebus import ServiceBusMessage
+
+from gpu_worker.__main__ import run
+from gpu_worker.deadletters import DeadLetterWatcher
+from shared.jobs import JobStatus
+from tests.fixtures.servicebus import EmulatorHandle
+from tests.integration.worker_helpers import FIELDS, SlowAnalyzer, WorkerStack, worker_stack
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def stack(
+    servicebus_emulator_factory: Callable[..., EmulatorHandle],
+    database_url: str,
+    blob_connection_string: str,
+    tmp_path: Path,
+) -> Iterator[WorkerStack]:
+    emulator = servicebus_emulator_factory({"jobs": {"MaxDeliveryCount": 2, "LockDuration": "PT3S"}})
+    generator: Generator[WorkerStack, None, None] = worker_stack(
+        emulator.connection_string, database_url, blob_connection_string, tmp_path
+    )
+    stack = next(generator)
+    stack.max_delivery_count = 2
+    yield stack
+    generator.close()
+
+
+def _abandoned_until_dead(stack: WorkerStack) -> UUID:
+    """A crashing consumer: the message is received and abandoned until the broker gives up on it."""
+    job_id = stack.submit(FIELDS.read_bytes())
+    with stack.client.get_queue_receiver(stack.queue_name) as receiver:
+        for _ in range(stack.max_delivery_count):
+            [message] = receiver.receive_messages(max_message_count=1, max_wait_time=10)
+            receiver.abandon_message(message)
+    return job_id
+
+
+def _expired(stack: WorkerStack) -> UUID:
+    """Nobody consumed the message within its time to live."""
+    message = stack.create_job(FIELDS.read_bytes())
+    stack.send(message, ttl=timedelta(seconds=1))
+    return message.job_id
+
+
+def _wait_for_dead_letter(stack: WorkerStack, job_id: UUID, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [m for m in stack.dead_letters() if m.message_id == str(job_id)]
+        if found:
+            return found[0]
+        time.sleep(0.5)
+    pytest.fail(f"message of job {job_id} not dead-lettered within {timeout} s")
+
+
+@pytest.mark.parametrize(
+    ("cause", "reason", "code"),
+    [
+        (_abandoned_until_dead, "MaxDeliveryCountExceeded", "max_delivery_count_exceeded"),
+        (_expired, "TTLExpiredException", "message_expired"),
+    ],
+    ids=["max delivery count", "time to live"],
+)
+def test_the_watcher_fails_jobs_the_broker_dead_lettered(
+    stack: WorkerStack,
+    caplog: pytest.LogCaptureFixture,
+    cause: Callable[[WorkerStack], UUID],
+    reason: str,
+    code: str,
+) -> None:
+    job_id = cause(stack)
+    dead = _wait_for_dead_letter(stack, job_id)
+    assert dead.dead_letter_reason == reason
+    assert stack.job(job_id).status in (JobStatus.QUEUED, JobStatus.PROCESSING)
+
+    watcher = DeadLetterWatcher(stack.client, stack.queue_name, stack.repo, interval=60)
+    with caplog.at_level(logging.INFO):
+        assert watcher.poll() == 1
+    job = stack.job(job_id)
+    assert (job.status, job.error_code) == (JobStatus.FAILED, code)
+    assert job.error_message is not None
+    assert reason in job.error_message
+    assert any(getattr(r, "action", None) == "dlq_job_failed" for r in caplog.records)
+    assert [m.message_id for m in stack.dead_letters()] == [str(job_id)]  # peeked, not removed: operators see it
+    assert watcher.poll() == 0  # already handled
+    assert DeadLetterWatcher(stack.client, stack.queue_name, stack.repo, interval=60).poll() == 1  # a restart: fail
+    assert stack.job(job_id).updated_at == job.updated_at  # ... is a no-op on a terminal job
+
+
+def test_the_worker_loop_runs_the_watcher_between_batches(stack: WorkerStack) -> None:
+    job_id = _abandoned_until_dead(stack)
+    _wait_for_dead_letter(stack, job_id)
+    later = stack.submit(FIELDS.read_bytes())
+    run(stack.settings(WORKER_DEADLETTER_POLL_INTERVAL="5"), analyzer=SlowAnalyzer(0), max_jobs=1)
+    assert stack.job(later).status is JobStatus.SUCCEEDED
+    job = stack.job(job_id)
+    assert (job.status, job.error_code) == (JobStatus.FAILED, "max_delivery_count_exceeded")
+
+
+def test_dead_letters_that_name_no_job_are_skipped(stack: WorkerStack) -> None:
+    stack.send(ServiceBusMessage(b"garbage", message_id="not-a-uuid"))
+    with stack.client.get_queue_receiver(stack.queue_name) as receiver:
+        [message] = receiver.receive_messages(max_message_count=1, max_wait_time=10)
+        receiver.dead_letter_message(message, reason="Test", error_description="garbage")
+    job_id = stack.submit(FIELDS.read_bytes())
+    with stack.client.get_queue_receiver(stack.queue_name) as receiver:
+        [message] = receiver.receive_messages(max_message_count=1, max_wait_time=10)
+        receiver.dead_letter_message(message, reason="SomethingElse", error_description="by an operator's tool")
+    assert DeadLetterWatcher(stack.client, stack.queue_name, stack.repo, interval=60).poll() == 2
+    job = stack.job(job_id)
+    assert (job.status, job.error_code) == (JobStatus.FAILED, "dead_lettered")
