@@ -102,3 +102,9 @@ def band_indices(bands: BandSet) -> list[int] | None:
     if any(index is None for index in roles.values()):
         return None
     return [index for index in roles.values() if index is not None]
+
+
+def cover_caveat(bands: BandSet) -> str | None:
+    """:data:`CAVEAT` unless the band names say surface reflectance (Landsat Collection-2 ``SR_B*``). The job
+    carries no processing level, so Sentinel-2 names (L1C or L2A alike) and common names get the caveat."""
+    return None if all(name.upper().startswith("SR_") for name in bands.names) else CAVEAT

@@ -13,7 +13,7 @@ import rasterio
 import torch
 
 from gpu_worker.analysis import train_cover
-from gpu_worker.analysis.cover import WEIGHTS, FractionalCover, band_indices
+from gpu_worker.analysis.cover import CAVEAT, WEIGHTS, FractionalCover, band_indices, cover_caveat
 from shared.bands import resolve
 from tests.fixtures.backends import unavailable
 
@@ -151,3 +151,12 @@ def test_dense_vegetation_is_mostly_green_and_sparse_is_not(model: FractionalCov
         green = model(fields)[0, 1]
     assert green[ndvi > 0.6].mean() > 0.7
     assert green[(ndvi > 0) & (ndvi < 0.2)].mean() < 0.2
+
+
+@pytest.mark.parametrize(
+    ("names", "caveat"),
+    [(list(S2_COVER_BANDS), True), (["blue", "green", "red", "nir", "swir16", "swir22"], True),
+     (["SR_B2", "SR_B3", "SR_B4", "SR_B5", "SR_B6", "SR_B7"], False)],
+)  # fmt: skip
+def test_caveat_unless_surface_reflectance(names: list[str], caveat: bool) -> None:
+    assert (cover_caveat(resolve(names)) == CAVEAT) is caveat
