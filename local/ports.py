@@ -22,6 +22,8 @@ def free_port(host: str = LOOPBACK) -> int:
 def ensure_free(port: int, service: str, host: str = LOOPBACK) -> None:
     """Raise PortBusy naming ``service`` when ``port`` cannot be bound."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As the servers themselves do: connections of a stopped server lingering in TIME_WAIT do not count.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as e:

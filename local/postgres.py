@@ -15,12 +15,14 @@ is started.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pwd
 import shutil
 import stat
 import subprocess
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,7 @@ class PostgresServer:
     port: int
     pid: int | None
     stop: Callable[[], None]
+    log: Path | None = None
 
 
 def find_bin_dir() -> Path | None:
@@ -75,13 +78,30 @@ def _run_as() -> tuple[int, int] | None:
     return entry.pw_uid, entry.pw_gid
 
 
+def _unsearchable_parent(path: Path) -> Path | None:
+    """The first existing ancestor of ``path`` that other users cannot enter (missing ones will be created 0755)."""
+    existing = (p for p in path.resolve().parents if p.exists())
+    return next((p for p in existing if not p.stat().st_mode & stat.S_IXOTH), None)
+
+
+def reachable_data_dir(preferred: Path) -> Path:
+    """``preferred``, or, when we are root and the server's user could not reach it, a stable place under /tmp."""
+    if _run_as() is None or _unsearchable_parent(preferred) is None:
+        return preferred
+    digest = hashlib.sha1(str(preferred.resolve()).encode()).hexdigest()[:10]
+    fallback = Path(tempfile.gettempdir()) / f"crop-ai-postgres-{digest}"
+    fallback.mkdir(mode=0o755, exist_ok=True)
+    logger.info("PostgreSQL data in %s: %s is not reachable by %s", fallback, preferred, UNPRIVILEGED_USER)
+    return fallback / preferred.name
+
+
 def _check_searchable(path: Path) -> None:
-    for parent in path.resolve().parents:
-        if not parent.stat().st_mode & stat.S_IXOTH:
-            raise PostgresError(
-                f"{parent} is not searchable by other users, so PostgreSQL (running as {UNPRIVILEGED_USER!r} because "
-                f"we are root) cannot reach {path}; choose a data directory elsewhere (e.g. under /tmp)"
-            )
+    parent = _unsearchable_parent(path)
+    if parent is not None:
+        raise PostgresError(
+            f"{parent} is not searchable by other users, so PostgreSQL (running as {UNPRIVILEGED_USER!r} because "
+            f"we are root) cannot reach {path}; choose a data directory elsewhere (e.g. under /tmp)"
+        )
 
 
 def _pg(bin_dir: Path, args: list[str], user: tuple[int, int] | None, log: Path) -> None:
@@ -129,7 +149,9 @@ def start_postgres(data_dir: Path, port: int | None = None, log_path: Path | Non
     user = _run_as()
     if user is not None:
         _check_searchable(data_dir)
-        _check_searchable(log)
+        if _unsearchable_parent(log) is not None:
+            log = data_dir.parent / f"{data_dir.name}.log"  # beside the data, which the server's user can reach
+            log.touch()
         os.chown(log, *user)
     if not (data_dir / "PG_VERSION").exists():
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -150,7 +172,7 @@ def start_postgres(data_dir: Path, port: int | None = None, log_path: Path | Non
 
     url = f"postgresql://{SUPERUSER}@127.0.0.1:{port}/postgres"
     logger.info("PostgreSQL ready at %s", url, extra={"action": "postgres_ready"})
-    return PostgresServer(url=url, data_dir=data_dir, port=port, pid=_read_pid(data_dir), stop=stop)
+    return PostgresServer(url=url, data_dir=data_dir, port=port, pid=_read_pid(data_dir), stop=stop, log=log)
 
 
 def _start_pgserver(data_dir: Path) -> PostgresServer:

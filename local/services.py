@@ -21,7 +21,7 @@ from azure.storage.blob import BlobServiceClient
 from local.azurite import AzuriteError, start_azurite
 from local.functions_host.routes import load_route_prefix
 from local.ports import LOOPBACK, ensure_free, free_port, is_listening
-from local.postgres import PostgresError, start_postgres
+from local.postgres import PostgresError, reachable_data_dir, start_postgres
 from local.processes import Service, adopt, spawn, wait_ready
 from local.servicebus_emulator.process import connection_string
 
@@ -89,13 +89,13 @@ class Launcher:
             port = free_port()
         log = self.logs / "postgres.log"
         try:
-            server = start_postgres(self.root / "postgres", port, log)
+            server = start_postgres(reachable_data_dir(self.root / "postgres"), port, log)
         except (PostgresError, OSError) as e:
             raise SetupFailed(f"postgres: {e}") from e
         if server.pid is None:
             raise SetupFailed("postgres: started by pgserver, which the stack cannot stop by PID; set DATABASE_URL")
         logger.info("postgres: ready on port %d", port)
-        return server.url, Service("postgres", server.pid, str(log), "postgres", port, "SIGINT", 30.0)
+        return server.url, Service("postgres", server.pid, str(server.log or log), "postgres", port, "SIGINT", 30.0)
 
     def migrate(self, env: Mapping[str, str]) -> None:
         if importlib.util.find_spec("shared.migrate") is None:
