@@ -55,6 +55,10 @@ def _path(address: Any) -> str:
     return text.strip("/")
 
 
+def _not_found(path: str) -> AMQPError:
+    return AMQPError(condition=b"amqp:not-found", description=f"The messaging entity '{path}' could not be found.")
+
+
 def _outcome(state: Any) -> tuple[Outcome, str, str, Any]:
     """Map a receiver's delivery state to (outcome, dead-letter reason, description, state to echo)."""
     if not isinstance(state, dict) or "accepted" in state:
@@ -151,14 +155,6 @@ class Broker:
                 max_message_size=MAX_MESSAGE_SIZE,
             ),
         )
-        if kind is not LinkKind.CBS and entity is None:
-            _LOGGER.info("attach to unknown entity %r refused", path, extra={"action": "not-found"})
-            error = AMQPError(
-                condition=b"amqp:not-found",
-                description=f"The messaging entity '{path}' could not be found.",
-            )
-            connection.send(session, frames.make(DetachFrame, handle=handle, closed=True, error=error))
-            return
         link = Link(
             session=session,
             name=name,
@@ -171,6 +167,10 @@ class Broker:
             snd_settle_mode=snd_mode,
             rcv_settle_mode=rcv_mode,
         )
+        if kind is not LinkKind.CBS and entity is None:
+            self._refuse_unknown(link)
+            if peer_receives and kind is LinkKind.QUEUE:
+                return
         session.links[handle] = link
         if peer_receives:
             if kind is LinkKind.QUEUE:
@@ -179,6 +179,18 @@ class Broker:
             link.delivery_count = fields[9] or 0
             link.credit_granted = _LINK_CREDIT
             connection.send_flow(session, link, credit=_LINK_CREDIT)
+
+    def _refuse_unknown(self, link: Link) -> None:
+        """An unknown entity: what the service answers is ``amqp:not-found``, raised by the SDK as
+        MessagingEntityNotFoundError. The SDK only maps it where it looks for it: a receive link's closing detach,
+        a rejected transfer (send) and a 404 management response (peek, schedule, ...). So a receive link is
+        attached then detached at once, while send and management links stay attached and fail each request."""
+        _LOGGER.info("link to unknown entity %r", link.address, extra={"action": "not-found"})
+        if link.outgoing and link.kind is LinkKind.QUEUE:
+            link.session.connection.send(
+                link.session,
+                frames.make(DetachFrame, handle=link.handle, closed=True, error=_not_found(link.address)),
+            )
 
     def detach(self, link: Link) -> None:
         link.closed = True
@@ -214,6 +226,8 @@ class Broker:
 
     def _enqueue(self, link: Link, message_format: int | None, payload: bytes) -> Any:
         entity = link.entity or ""
+        if link.entity is None:
+            return Rejected(error=_not_found(link.address))
         queue = self.store.queues.get(entity)
         if queue is None:
             error = AMQPError(condition=b"amqp:not-allowed", description=f"Cannot send to '{entity}'.")
@@ -239,8 +253,15 @@ class Broker:
             status, description = cbs.handle(props.get(b"operation"))
             app: dict[str, Any] = {"status-code": status, "status-description": description}
             value = None
+        elif link.entity is None:
+            app = {
+                "statusCode": 404,
+                "statusDescription": f"The messaging entity '{link.address}' could not be found.",
+                "errorCondition": {"TYPE": "SYMBOL", "VALUE": b"amqp:not-found"},
+            }
+            value = None
         else:
-            entity = link.entity or ""
+            entity = link.entity
             queue_name = entity[: -len(DLQ_SUFFIX)] if entity.endswith(DLQ_SUFFIX) else entity
             queue = self.store.queues[queue_name]
             target = management.Target(
