@@ -26,7 +26,7 @@ N_USED = 5
 _PAIRS = torch.triu_indices(N_USED, N_USED, 1)  # the 10 normalised differences between used bands
 N_FEATURES = 2 * N_USED + _PAIRS.shape[1]
 _FLOOR = 1e-4  # reflectance floor before logs and ratios (dark water, negative L2A offsets)
-_CHUNK = 1 << 20  # pixels per MLP call: bounds the hidden activations to a few hundred MB
+_CHUNK = 1 << 18  # pixels per MLP call: bounds the hidden activations to ~64 MB
 
 CAVEAT = (
     "Fractional cover comes from a model fitted to Landsat surface reflectance over Australian rangelands and "
@@ -67,10 +67,10 @@ class FractionalCover(nn.Module):
 
     @classmethod
     def load(cls, device: torch.device, path: Path = WEIGHTS) -> FractionalCover:
-        """The committed weights, in eval mode, on ``device``."""
+        """The committed weights, in eval mode, frozen (no autograd graph is built), on ``device``."""
         model = cls()
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return model.eval().to(device)
+        return model.eval().requires_grad_(False).to(device)
 
     def predict_pixels(self, reflectance: torch.Tensor) -> torch.Tensor:
         """[P, 5] used-band reflectance (finite) -> [P, 3] fractions. Used by training and by :meth:`forward`."""
