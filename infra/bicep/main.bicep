@@ -188,8 +188,10 @@ var allTags = union(tags, {
   'azd-env-name': environmentName
   application: 'crop-ai'
 })
-var apiServiceName = 'crop-ai-api'
-var workerServiceName = 'crop-ai-worker'
+// Telemetry: OTEL_SERVICE_NAME is the service namespace, the process adds its role (shared/telemetry.py), so
+// Application Insights shows cloud_RoleName 'crop-ai.api' and 'crop-ai.gpu-worker'.
+var otelServiceName = 'crop-ai'
+var workerRoleName = '${otelServiceName}.gpu-worker'
 var names = {
   apiIdentity: 'id-api-${resourceToken}'
   workerIdentity: 'id-worker-${resourceToken}'
@@ -347,7 +349,7 @@ module functionApp 'modules/functionapp.bicep' = {
     postgresHost: postgres.outputs.fqdn
     postgresDatabase: postgres.outputs.databaseName
     appInsightsConnectionString: monitoring.outputs.connectionString
-    serviceName: apiServiceName
+    serviceName: otelServiceName
     maximumInstanceCount: functionMaximumInstanceCount
     instanceMemoryMB: functionInstanceMemoryMB
   }
@@ -383,7 +385,7 @@ module gpuWorkers 'modules/gpu-vmss.bicep' = {
     postgresHost: postgres.outputs.fqdn
     postgresDatabase: postgres.outputs.databaseName
     appInsightsConnectionString: monitoring.outputs.connectionString
-    serviceName: workerServiceName
+    serviceName: otelServiceName
     maxMessageCount: workerMaxMessageCount
     shutdownGraceSeconds: workerShutdownGraceSeconds
   }
@@ -437,7 +439,7 @@ module alerts 'modules/alerts.bicep' = {
     serviceBusNamespaceId: serviceBus.outputs.namespaceId
     queueName: serviceBus.outputs.queueName
     appInsightsId: monitoring.outputs.appInsightsId
-    workerServiceName: workerServiceName
+    workerRoleName: workerRoleName
     actionGroupId: actionGroupId
     alertEmail: alertEmail
     backlogThreshold: backlogAlertThreshold

@@ -17,8 +17,8 @@ param queueName string
 @description('Resource id of the Application Insights component.')
 param appInsightsId string
 
-@description('cloud_RoleName of the workers in Application Insights (their OTEL_SERVICE_NAME).')
-param workerServiceName string
+@description('cloud_RoleName of the workers in Application Insights: <OTEL_SERVICE_NAME>.gpu-worker (shared/telemetry.py).')
+param workerRoleName string
 
 @description('Resource id of an existing action group to notify; empty to create one from alertEmail (or none).')
 param actionGroupId string = ''
@@ -147,7 +147,7 @@ resource workerErrors 'Microsoft.Insights/metricAlerts@2018-03-01' = {
   location: 'global'
   tags: tags
   properties: {
-    description: 'Exceptions reported by ${workerServiceName} in Application Insights. Search them under Failures > Exceptions, filtered by cloud role name.'
+    description: 'Exceptions reported by ${workerRoleName} in Application Insights. Search them under Failures > Exceptions, filtered by cloud role name.'
     severity: 2
     enabled: true
     scopes: [
@@ -169,7 +169,7 @@ resource workerErrors 'Microsoft.Insights/metricAlerts@2018-03-01' = {
               name: 'cloud/roleName'
               operator: 'Include'
               values: [
-                workerServiceName
+                workerRoleName
               ]
             }
           ]

@@ -50,8 +50,8 @@ param postgresDatabase string
 @description('Application Insights connection string (no key-based ingestion: local auth is disabled).')
 param appInsightsConnectionString string
 
-@description('Service name the API reports to Application Insights (cloud_RoleName).')
-param serviceName string = 'crop-ai-api'
+@description('OTEL_SERVICE_NAME of the API: the service namespace of its telemetry (cloud_RoleName <name>.api).')
+param serviceName string = 'crop-ai'
 
 @description('Largest number of instances the plan may scale out to.')
 @minValue(40)

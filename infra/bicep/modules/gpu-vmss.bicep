@@ -109,8 +109,8 @@ param postgresDatabase string
 @description('Application Insights connection string.')
 param appInsightsConnectionString string
 
-@description('Service name the workers report to Application Insights (cloud_RoleName; alerts filter on it).')
-param serviceName string = 'crop-ai-worker'
+@description('OTEL_SERVICE_NAME of the workers: the service namespace of their telemetry (cloud_RoleName <name>.gpu-worker).')
+param serviceName string = 'crop-ai'
 
 @description('Messages received per batch (WORKER_MAX_MESSAGE_COUNT).')
 @minValue(1)
@@ -143,6 +143,7 @@ var workerEnvironment = {
   WORKER_DEVICE: 'cuda'
   WORKER_MAX_MESSAGE_COUNT: string(maxMessageCount)
   WORKER_SHUTDOWN_GRACE: string(shutdownGraceSeconds)
+  WORKER_PREEMPTION_WATCH: 'true'
 }
 
 var cloudInitTemplate = loadTextContent('gpu-worker.cloud-init.yaml')

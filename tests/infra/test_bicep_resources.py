@@ -1,0 +1,302 @@
+"""Structural checks of infra/bicep: the resource set, keyless settings, scaling, roles, alerts and outputs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.infra import bicep_tree as bt
+from tests.infra.bicep_tree import Expr, dig
+
+
+def one(module: str, resource_type: str) -> dict[str, Any]:
+    found = bt.module(module).resources_of_type(resource_type)
+    assert len(found) == 1, f"{module}: expected one {resource_type}, found {len(found)}"
+    body = found[0].value
+    assert isinstance(body, dict)
+    return body
+
+
+def test_the_resource_set() -> None:
+    declared = {r.resource_type for p in bt.bicep_files() for r in bt.load(p).resources.values() if not r.existing}
+    assert declared >= {
+        "Microsoft.Resources/resourceGroups",
+        "Microsoft.ManagedIdentity/userAssignedIdentities",
+        "Microsoft.OperationalInsights/workspaces",
+        "Microsoft.Insights/components",
+        "Microsoft.Storage/storageAccounts",
+        "Microsoft.Storage/storageAccounts/blobServices/containers",
+        "Microsoft.Storage/storageAccounts/managementPolicies",
+        "Microsoft.ServiceBus/namespaces",
+        "Microsoft.ServiceBus/namespaces/queues",
+        "Microsoft.DBforPostgreSQL/flexibleServers",
+        "Microsoft.DBforPostgreSQL/flexibleServers/databases",
+        "Microsoft.DBforPostgreSQL/flexibleServers/administrators",
+        "Microsoft.ContainerRegistry/registries",
+        "Microsoft.Web/serverfarms",
+        "Microsoft.Web/sites",
+        "Microsoft.Compute/virtualMachineScaleSets",
+        "Microsoft.Insights/autoscalesettings",
+        "Microsoft.Authorization/roleAssignments",
+        "Microsoft.Insights/metricAlerts",
+        "Microsoft.Insights/actionGroups",
+    }
+
+
+@pytest.mark.parametrize("path", bt.bicep_files(), ids=lambda p: p.name)
+def test_no_preview_api_versions(path: Path) -> None:
+    versions = {r.type for r in bt.load(path).resources.values()}
+    assert [v for v in versions if "preview" in v] == []
+
+
+def test_no_secret_anywhere() -> None:
+    text = "\n".join(p.read_text() for p in bt.BICEP_DIR.rglob("*") if p.is_file())
+    for forbidden in ("listKeys(", "AccountKey=", "SharedAccessKey", "administratorLoginPassword", "@secure()"):
+        assert forbidden not in text
+
+
+def test_names_come_from_a_unique_string_resource_token() -> None:
+    main = bt.main()
+    token = main.variables["resourceToken"].value
+    assert isinstance(token, Expr)
+    assert "uniqueString(subscription().id, environmentName, location)" in token.text
+    names = main.variables["names"].value
+    assert all(isinstance(n, Expr) and "${resourceToken}" in n.text for n in names.values()), names
+    for path in bt.MODULES_DIR.glob("*.bicep"):  # modules name their top-level resources from parameters
+        for r in bt.load(path).resources.values():
+            if "parent" in r.value:  # child resources have fixed names ('default', 'ftp', ...)
+                continue
+            name = r.value.get("name")
+            assert isinstance(name, Expr), f"{path.name}: {r.name} has a literal name {name!r}"
+
+
+def test_storage_is_keyless_private_and_expires_inputs() -> None:
+    props = one("storage", "Microsoft.Storage/storageAccounts")["properties"]
+    assert props["allowSharedKeyAccess"] is False
+    assert props["allowBlobPublicAccess"] is False
+    assert props["minimumTlsVersion"] == "TLS1_2"
+    assert props["supportsHttpsTrafficOnly"] is True
+    assert props["defaultToOAuthAuthentication"] is True
+    storage = bt.module("storage")
+    containers = {
+        c.value["name"].text
+        for c in storage.resources_of_type("Microsoft.Storage/storageAccounts/blobServices/containers")
+    }
+    assert containers >= {"imagesContainerName", "resultsContainerName"}
+    assert storage.params["imagesContainerName"].value == "images"
+    assert storage.params["resultsContainerName"].value == "results"
+    for c in storage.resources_of_type("Microsoft.Storage/storageAccounts/blobServices/containers"):
+        assert c.value["properties"]["publicAccess"] == "None"
+    policy = one("storage", "Microsoft.Storage/storageAccounts/managementPolicies")
+    rule = dig(policy, "properties", "policy", "rules", 0)
+    assert dig(rule, "definition", "actions", "baseBlob", "delete", "daysAfterModificationGreaterThan") == Expr(
+        "inputRetentionDays"
+    )
+    assert dig(rule, "definition", "filters", "prefixMatch") == [Expr("'${imagesContainerName}/'")]
+    assert bt.main().modules["storage"].value["params"]["inputRetentionDays"] == Expr("inputRetentionDays")
+
+
+def test_service_bus_has_local_auth_disabled_and_a_tier_parameter() -> None:
+    namespace = one("servicebus", "Microsoft.ServiceBus/namespaces")
+    assert namespace["properties"]["disableLocalAuth"] is True
+    assert namespace["properties"]["minimumTlsVersion"] == "1.2"
+    sku = bt.module("servicebus").params["skuName"]
+    assert sku.value == "Standard"
+    assert sku.decorators["allowed"] == [["Standard", "Premium"]]
+
+
+def test_postgres_is_entra_only_with_both_identities_registered() -> None:
+    server = one("postgres", "Microsoft.DBforPostgreSQL/flexibleServers")
+    assert server["properties"]["authConfig"] == {
+        "activeDirectoryAuth": "Enabled",
+        "passwordAuth": "Disabled",
+        "tenantId": Expr("tenantId"),
+    }
+    assert "administratorLogin" not in server["properties"]
+    assert dig(server, "properties", "highAvailability", "mode") == Expr("highAvailability")
+    assert dig(server, "properties", "network", "publicNetworkAccess") == Expr("publicNetworkAccess")
+    admins = bt.module("postgres").resources["administrators"]
+    assert admins.loop
+    assert admins.value["properties"]["principalType"] == Expr("principal.type")
+    identity_admins = bt.main().variables["identityAdministrators"].value
+    assert [a["objectId"] for a in identity_admins] == [
+        Expr("identities.outputs.apiPrincipalId"),
+        Expr("identities.outputs.workerPrincipalId"),
+    ]
+    assert {a["type"] for a in identity_admins} == {"ServicePrincipal"}
+
+
+def test_registry_has_no_admin_user_and_no_anonymous_pull() -> None:
+    props = one("registry", "Microsoft.ContainerRegistry/registries")["properties"]
+    assert props["adminUserEnabled"] is False
+    assert props["anonymousPullEnabled"] is False
+
+
+def test_function_app_is_flex_consumption_python_311_with_a_user_assigned_identity() -> None:
+    plan = one("functionapp", "Microsoft.Web/serverfarms")
+    assert plan["sku"] == {"name": "FC1", "tier": "FlexConsumption"}
+    site = one("functionapp", "Microsoft.Web/sites")
+    assert site["kind"] == "functionapp,linux"
+    assert site["identity"]["type"] == "UserAssigned"
+    assert list(site["identity"]["userAssignedIdentities"]) == ["'${identityId}'"]
+    props = site["properties"]
+    assert props["httpsOnly"] is True
+    assert dig(props, "functionAppConfig", "runtime") == {"name": "python", "version": "3.11"}
+    auth = dig(props, "functionAppConfig", "deployment", "storage", "authentication")
+    assert auth == {"type": "UserAssignedIdentity", "userAssignedIdentityResourceId": Expr("identityId")}
+    settings = {s["name"]: s["value"] for s in dig(props, "siteConfig", "appSettings")}
+    assert settings["AzureWebJobsStorage__credential"] == "managedidentity"
+    assert settings["AzureWebJobsStorage__clientId"] == Expr("identityClientId")
+    assert settings["AZURE_CLIENT_ID"] == Expr("identityClientId")
+    assert settings["POSTGRES_USER"] == Expr("identityName")
+    assert {
+        "ServiceBusConnection__fullyQualifiedNamespace",
+        "AzureWebJobsStorage__blobServiceUri",
+        "POSTGRES_HOST",
+        "POSTGRES_DATABASE",
+        "APPLICATIONINSIGHTS_CONNECTION_STRING",
+        "JOBS_QUEUE_NAME",
+    } <= set(settings)
+    assert not {"DATABASE_URL", "ServiceBusConnection", "AzureWebJobsStorage"} & set(settings)
+    basic_auth = bt.module("functionapp").resources_of_type("Microsoft.Web/sites/basicPublishingCredentialsPolicies")
+    assert sorted(p.value["name"] for p in basic_auth) == ["ftp", "scm"]
+    assert all(p.value["properties"]["allow"] is False for p in basic_auth)
+
+
+def test_gpu_scale_set() -> None:
+    vmss_module = bt.module("gpu-vmss")
+    params = vmss_module.params
+    assert params["vmSku"].value.startswith("Standard_NC")
+    assert params["spotEvictionPolicy"].decorators["allowed"] == [["Delete", "Deallocate"]]
+    vmss = one("gpu-vmss", "Microsoft.Compute/virtualMachineScaleSets")
+    assert vmss["sku"]["name"] == Expr("vmSku")
+    assert vmss["identity"]["type"] == "UserAssigned"
+    profile = vmss["properties"]["virtualMachineProfile"]
+    assert profile["priority"] == Expr("useSpot ? 'Spot' : 'Regular'")
+    assert profile["evictionPolicy"] == Expr("useSpot ? spotEvictionPolicy : null")
+    assert dig(profile, "scheduledEventsProfile", "terminateNotificationProfile", "enable") is True
+    assert dig(profile, "osProfile", "customData") == Expr("base64(cloudInit)")
+    assert dig(profile, "osProfile", "linuxConfiguration", "disablePasswordAuthentication") is True
+    extensions = {e["properties"]["type"]: e["properties"] for e in dig(profile, "extensionProfile", "extensions")}
+    health = extensions["ApplicationHealthLinux"]
+    assert health["publisher"] == "Microsoft.ManagedServices"
+    assert health["settings"]["requestPath"] == "/health"
+    assert "NvidiaGpuDriverLinux" in extensions
+
+
+def test_cloud_init_runs_the_worker_image_on_the_gpus() -> None:
+    text = (bt.MODULES_DIR / "gpu-worker.cloud-init.yaml").read_text()
+    assert text.startswith("#cloud-config\n")
+    assert "nvidia-container-toolkit" in text
+    assert "nvidia-ctk runtime configure --runtime=docker" in text
+    run = next(line for line in text.splitlines() if "ExecStart=/usr/bin/docker run" in line)
+    assert "--gpus all" in run
+    assert "--env-file /etc/crop-ai/worker.env" in run
+    assert "__IMAGE__" in run
+    replaced = set(re.findall(r"'(__[A-Z0-9_]+__)'", vmss_source := bt.module("gpu-vmss").source.decode()))
+    assert set(re.findall(r"__[A-Z0-9_]+__", text)) == replaced, "every placeholder is filled in, none left over"
+    assert "base64(string(workerEnvironment))" in vmss_source
+
+
+def test_autoscale_follows_the_queue_backlog() -> None:
+    autoscale = one("autoscale", "Microsoft.Insights/autoscalesettings")["properties"]
+    assert autoscale["targetResourceUri"] == Expr("vmssId")
+    profile = autoscale["profiles"][0]
+    assert profile["capacity"] == {
+        "minimum": Expr("string(minInstances)"),
+        "maximum": Expr("string(maxInstances)"),
+        "default": Expr("string(defaultInstances)"),
+    }
+    rules = {r["scaleAction"]["direction"]: r for r in profile["rules"]}
+    assert set(rules) == {"Increase", "Decrease"}
+    for rule in rules.values():
+        trigger = rule["metricTrigger"]
+        assert trigger["metricName"] == "ActiveMessages"
+        assert trigger["metricNamespace"] == "Microsoft.ServiceBus/namespaces"
+        assert trigger["metricResourceUri"] == Expr("serviceBusNamespaceId")
+        assert trigger["dimensions"] == Expr("queueFilter")
+    assert rules["Increase"]["metricTrigger"]["operator"] == "GreaterThan"
+    assert rules["Decrease"]["metricTrigger"]["operator"] == "LessThanOrEqual"
+    assert rules["Increase"]["scaleAction"]["cooldown"] == Expr("scaleOutCooldown")
+    assert rules["Decrease"]["scaleAction"]["cooldown"] == Expr("scaleInCooldown")
+    assert bt.module("autoscale").variables["queueFilter"].value == [
+        {"DimensionName": "EntityName", "Operator": "Equals", "Values": [Expr("queueName")]}
+    ]
+    assert bt.module("autoscale").params["minInstances"].value == 0
+
+
+ROLE_NAMES = {  # built-in role definition ids, the same in every tenant
+    "69a216fc-b8fb-44d8-bc22-1f3c2cd27a39": "Azure Service Bus Data Sender",
+    "4f6d3b9b-027b-4f4c-9142-0e5a2a2247e0": "Azure Service Bus Data Receiver",
+    "ba92f5b4-2d11-453d-a403-e96b0029c9fe": "Storage Blob Data Contributor",
+    "2a2b9908-6ea1-4ae2-8e65-a410df84e7d1": "Storage Blob Data Reader",
+    "7f951dda-4ed3-4680-a7ca-43fe172d538d": "AcrPull",
+    "3913510d-42f4-4e42-8a64-420c390055eb": "Monitoring Metrics Publisher",
+}
+
+
+def test_role_ids_are_named_constants() -> None:
+    roles = bt.module("roles")
+    constants = roles.variables["roles"].value
+    assert set(constants.values()) == set(ROLE_NAMES)
+    lines = roles.source.decode().splitlines()
+    for guid, role in ROLE_NAMES.items():
+        assert any(guid in line and line.rstrip().endswith(f"// {role}") for line in lines), role
+
+
+def test_least_privilege_role_assignments() -> None:
+    roles = bt.module("roles")
+    constants = roles.variables["roles"].value
+    granted = set()
+    for assignment in roles.resources_of_type("Microsoft.Authorization/roleAssignments"):
+        props = assignment.value["properties"]
+        role_key = re.fullmatch(r".*, roles\.(\w+)\)", props["roleDefinitionId"].text)
+        assert role_key, props["roleDefinitionId"]
+        who = props["principalId"].text.removesuffix("PrincipalId")
+        granted.add((who, ROLE_NAMES[constants[role_key.group(1)]], assignment.value["scope"].text))
+        assert props["principalType"] == "ServicePrincipal"
+    assert granted == {
+        ("api", "Azure Service Bus Data Sender", "queue"),
+        ("api", "Storage Blob Data Contributor", "storage"),
+        ("api", "Monitoring Metrics Publisher", "appInsights"),
+        ("worker", "Azure Service Bus Data Receiver", "queue"),
+        ("worker", "Storage Blob Data Reader", "imagesContainer"),
+        ("worker", "Storage Blob Data Contributor", "resultsContainer"),
+        ("worker", "AcrPull", "registry"),
+        ("worker", "Monitoring Metrics Publisher", "appInsights"),
+    }
+
+
+def test_alerts() -> None:
+    alerts = bt.module("alerts")
+    criteria = {}
+    for alert in alerts.resources_of_type("Microsoft.Insights/metricAlerts"):
+        props = alert.value["properties"]
+        assert props["actions"] == Expr("actions")
+        (criterion,) = props["criteria"]["allOf"]
+        criteria[criterion["metricName"]] = criterion
+    assert set(criteria) == {"DeadletteredMessages", "ActiveMessages", "exceptions/count"}
+    assert criteria["DeadletteredMessages"]["operator"] == "GreaterThan"
+    assert criteria["DeadletteredMessages"]["threshold"] == 0
+    assert criteria["ActiveMessages"]["threshold"] == Expr("backlogThreshold")
+    assert criteria["exceptions/count"]["dimensions"][0]["values"] == [Expr("workerRoleName")]
+    assert "actionGroupId" in alerts.params
+    assert bt.main().modules["alerts"].value["params"]["actionGroupId"] == Expr("actionGroupId")
+
+
+def test_outputs_give_the_api_base_url_and_resource_names() -> None:
+    outputs = bt.main().outputs
+    assert outputs["API_BASE_URL"].value == Expr("functionApp.outputs.apiBaseUrl")
+    api_url = bt.module("functionapp").outputs["apiBaseUrl"].value
+    assert api_url == Expr("'https://${functionApp.properties.defaultHostName}/api'")
+    assert {
+        "FUNCTION_APP_NAME",
+        "STORAGE_ACCOUNT_NAME",
+        "SERVICEBUS_NAMESPACE",
+        "POSTGRES_HOST",
+        "AZURE_CONTAINER_REGISTRY_NAME",
+        "GPU_VMSS_NAME",
+    } <= set(outputs)
