@@ -263,6 +263,8 @@ class ModelRegistry:
         self._manifests: dict[str, tuple[Manifest, Path]] = {}
         self._loaded: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
+        if models_dir is not None and not models_dir.is_dir():
+            raise ManifestError(f"{models_dir}: MODELS_DIR is not a directory")
         for path in sorted(models_dir.glob(f"*/{MANIFEST}")) if models_dir else []:
             manifest = read_manifest(path)
             if manifest.name in self._manifests:

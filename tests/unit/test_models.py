@@ -260,6 +260,11 @@ def test_broken_models_dir_is_refused(tmp_path: Path, setup: Any, message: str) 
         ModelRegistry(tmp_path, CPU)
 
 
+def test_missing_models_dir_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="MODELS_DIR is not a directory"):
+        ModelRegistry(tmp_path / "absent", CPU)
+
+
 @pytest.mark.parametrize("models_dir", [None, "empty"])
 def test_unknown_model(tmp_path: Path, models_dir: str | None) -> None:
     registry = ModelRegistry(tmp_path if models_dir else None, CPU)
