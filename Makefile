@@ -16,7 +16,7 @@ help:
 	@echo "make up     - start PostgreSQL, Azurite, the Service Bus emulator, the Functions host and a worker"
 	@echo "make down   - stop what 'make up' started"
 	@echo "make lint   - ruff + mypy strict"
-	@echo "make bench  - benchmarks (JSON on stdout)"
+	@echo "make bench  - benchmarks (JSON on stdout): emulator throughput, submit latency p50/p95 and jobs/s"
 
 # Python virtual environment: torch 2.13.0 CPU first (a GPU image brings its own), then everything else.
 $(STAMP): requirements.txt requirements-worker.txt requirements-dev.txt
@@ -59,6 +59,7 @@ demo: install
 
 bench: install
 	$(BIN)/python -m bench.servicebus_emulator
+	$(BIN)/python -m bench.submit_latency
 
 clean: down
 	rm -rf .local
