@@ -16,9 +16,9 @@ param databaseName string = 'cropai'
 
 @description('PostgreSQL major version.')
 @allowed([
+  '14'
   '15'
   '16'
-  '17'
 ])
 param version string = '16'
 
