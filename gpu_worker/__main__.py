@@ -11,23 +11,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from azure.servicebus import AutoLockRenewer
-
-from gpu_worker.consumer import Consumer, LockLosses
-from gpu_worker.deadletters import DeadLetterWatcher
-from gpu_worker.handler import Analyzer, JobHandler
-from gpu_worker.heartbeat import Heartbeat, check
-from gpu_worker.shutdown import Shutdown
-from shared.bus import servicebus_client
-from shared.db import PostgresJobRepository, open_pool
+from gpu_worker.heartbeat import check
 from shared.settings import Settings
-from shared.storage import BlobStore
-from shared.telemetry import configure_telemetry
 
-logger = logging.getLogger("gpu_worker")
+if TYPE_CHECKING:
+    from gpu_worker.handler import Analyzer
 
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -49,84 +40,15 @@ def healthcheck(settings: Settings, max_age: float | None) -> int:
     return 0 if healthy else 1
 
 
-def _load_analyzer(settings: Settings) -> Analyzer:
-    from gpu_worker.analysis import Analyzer as TorchAnalyzer  # torch: only in the consumer, not the healthcheck
-    from gpu_worker.analysis import select_device
-
-    models_dir = Path(settings.models_dir) if settings.models_dir else None
-    return TorchAnalyzer(select_device(settings.worker_device), models_dir)
-
-
-def _start_preemption_watch(shutdown: Shutdown, stop: threading.Event) -> None:
-    from gpu_worker.preemption import PreemptionWatcher
-
-    PreemptionWatcher(lambda: shutdown.request("preemption notice"), drained=shutdown.drained.wait).start(stop)
-
-
-def run(
-    settings: Settings, *, analyzer: Analyzer | None = None, max_jobs: int | None = None, once: bool = False
-) -> int:
-    """Consume until drained; ``analyzer`` replaces the torch one (tests inject a slow or failing one)."""
-    configure_telemetry(settings, role="gpu-worker")
-    analyzer = analyzer or _load_analyzer(settings)
-    shutdown = Shutdown(settings.worker_shutdown_grace)
-    restore_signals = shutdown.install()
-    stop_watchers = threading.Event()
-    if settings.worker_preemption_watch:
-        _start_preemption_watch(shutdown, stop_watchers)
-    pool = open_pool(settings)
-    store = BlobStore.from_settings(settings)
-    try:
-        repo = PostgresJobRepository(pool)
-        lock_losses = LockLosses()
-        renewer = AutoLockRenewer(
-            max_lock_renewal_duration=settings.worker_max_lock_renewal.total_seconds(),
-            on_lock_renew_failure=lock_losses,
-        )
-        with (
-            servicebus_client(settings) as client,
-            renewer,
-            client.get_queue_receiver(settings.jobs_queue, auto_lock_renewer=renewer) as receiver,
-        ):
-            watcher = DeadLetterWatcher(
-                client, settings.jobs_queue, repo, interval=settings.worker_deadletter_poll_interval
-            )
-            consumer = Consumer(
-                receiver,
-                JobHandler(repo, store, analyzer),
-                repo,
-                shutdown,
-                Heartbeat(Path(settings.worker_heartbeat_file)),
-                lock_losses,
-                max_delivery_count=settings.queue.max_delivery_count,
-                max_message_count=settings.worker_max_message_count,
-                max_wait_time=settings.worker_max_wait_time,
-                after_batch=watcher.poll_if_due,
-            )
-            logger.info("worker ready on queue %s", settings.jobs_queue, extra={"action": "ready"})
-            handled = consumer.run(max_jobs=max_jobs, once=once)
-            renewer.close(wait=False)  # before the receiver closes: no renewal may race the link's detach
-        logger.info(
-            "worker stopped after %d messages: %s",
-            handled,
-            {a.value: n for a, n in consumer.settled.items()},
-            extra={"action": "stopped"},
-        )
-    finally:
-        shutdown.finished()
-        stop_watchers.set()
-        store.close()
-        pool.close()
-        restore_signals()
-    return 0
-
-
 def main(argv: list[str] | None = None, *, analyzer: Analyzer | None = None) -> int:
+    """``analyzer`` replaces the torch one (tests inject a slow one)."""
     args = _arguments(argv)
     settings = Settings.from_env()
     if args.healthcheck:
         return healthcheck(settings, args.max_age)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from gpu_worker.app import run  # torch and the SDKs: not for the healthcheck
+
     return run(settings, analyzer=analyzer, max_jobs=args.max_jobs, once=args.once)
 
 

@@ -201,11 +201,10 @@ class Consumer:
         level = logging.INFO if decision.action is Action.COMPLETE else logging.WARNING
         logger.log(
             logging.ERROR if decision.unexpected else level,
-            "message %s: %s (%s) %s",
+            "message %s: %s%s",
             message.message_id,
             decision.action.value,
-            decision.reason,
-            decision.description or "",
+            f" ({decision.reason}: {decision.description})" if decision.reason else "",
             exc_info=error if decision.unexpected else None,
             extra=fields,
         )

@@ -10,7 +10,7 @@ PermanentError (InvalidMessage, ...)   any                    dead-letter, reaso
 TransientError / ServiceBusError       before the last        abandon                       (processing)
 unexpected exception (a bug)           before the last        abandon, logged with stack    (processing)
 transient or unexpected                the last allowed       dead-letter RetriesExhausted  failed, retries_exhausted
-shutdown (:class:`Interrupted`)        any                    abandon                       (processing)
+shutdown (:class:`Interrupted`, ...)   any                    abandon                       (processing)
 lock lost while processing             any                    none: the broker redelivers   as above, if failing
 =====================================  =====================  ============================  ===================
 
@@ -88,7 +88,7 @@ def decide(
 def _decide(error: BaseException | None, delivery_count: int, max_delivery_count: int) -> Decision:
     if error is None:
         return Decision(Action.COMPLETE)
-    if isinstance(error, Interrupted):
+    if isinstance(error, Interrupted) or not isinstance(error, Exception):  # also KeyboardInterrupt, SystemExit
         return Decision(Action.ABANDON, "Shutdown", _describe(error))
     if isinstance(error, CropAIError) and not error.transient:
         return Decision(Action.DEAD_LETTER, type(error).__name__, _describe(error), fail_code=error.code)

@@ -19,8 +19,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from gpu_worker.__main__ import healthcheck, run
+from gpu_worker.__main__ import healthcheck
 from gpu_worker.analysis import AnalysisOutput, AnalysisRequest
+from gpu_worker.app import run
 from local.ports import free_port
 from shared.errors import StorageUnavailable
 from shared.jobs import JobStatus

@@ -13,7 +13,7 @@ from uuid import UUID
 import pytest
 from azure.servicebus import ServiceBusMessage
 
-from gpu_worker.__main__ import run
+from gpu_worker.app import run
 from gpu_worker.deadletters import DeadLetterWatcher
 from shared.jobs import JobStatus
 from tests.fixtures.servicebus import EmulatorHandle

@@ -81,8 +81,11 @@ def test_unexpected_exception_is_transient_but_flagged(delivery_count: int, acti
 
 
 @pytest.mark.parametrize("delivery_count", DELIVERIES)
-def test_shutdown_abandons_even_on_the_last_delivery(delivery_count: int) -> None:
-    decision = decide(Interrupted("grace over"), delivery_count, MAX)
+@pytest.mark.parametrize(
+    "error", [Interrupted("grace over"), KeyboardInterrupt(), SystemExit(1)], ids=lambda e: type(e).__name__
+)
+def test_shutdown_abandons_even_on_the_last_delivery(error: BaseException, delivery_count: int) -> None:
+    decision = decide(error, delivery_count, MAX)
     assert decision.action is Action.ABANDON
     assert decision.reason == "Shutdown"
     assert decision.fail_code is None
