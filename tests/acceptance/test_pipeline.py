@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import socket
 import uuid
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 import rasterio
 
 from tests.acceptance.client import independent_means, poll, submit
+from tests.acceptance.harness import Stack
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.usefixtures("worker")]
 
@@ -138,6 +140,15 @@ def test_truncated_geotiff_is_refused_or_fails_with_a_code(api: httpx.Client, fr
         assert final["error"]["code"]
     else:
         _problem(response)
+
+
+def test_body_over_the_100_mb_limit_is_413_before_it_is_sent(stack: Stack) -> None:
+    url = httpx.URL(stack.api_url)
+    with socket.create_connection((url.host, url.port or 80), timeout=30) as sock:
+        head = f"POST /api/jobs HTTP/1.1\r\nHost: {url.host}\r\nContent-Type: image/tiff\r\n"
+        sock.sendall(f"{head}Content-Length: {100 * 1024 * 1024 + 1}\r\n\r\n".encode())
+        status_line = sock.makefile("rb").readline()
+    assert status_line.split()[1] == b"413"
 
 
 def test_unknown_job_is_404(api: httpx.Client) -> None:

@@ -18,7 +18,7 @@ import rasterio
 
 from local.processes import is_alive
 from tests.acceptance.client import poll, submit, wait_status
-from tests.acceptance.conftest import Stack
+from tests.acceptance.harness import Stack
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.slow]
 
