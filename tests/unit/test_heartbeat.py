@@ -1,0 +1,61 @@
+"""The heartbeat file and ``python -m gpu_worker --healthcheck``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from gpu_worker.__main__ import main
+from gpu_worker.heartbeat import Heartbeat, check
+
+
+@pytest.mark.parametrize(
+    ("busy", "age", "healthy"),
+    [
+        (False, 1, True),
+        (False, 121, False),
+        (True, 121, True),  # a long job: the loop does not turn, the job is younger than the lock-renewal limit
+        (True, 7201, False),  # stuck past the lock-renewal limit
+    ],
+)
+def test_check(tmp_path: Path, busy: bool, age: float, healthy: bool) -> None:
+    beat = Heartbeat(tmp_path / "hb")
+    beat.busy() if busy else beat.idle()
+    ok, why = check(tmp_path / "hb", max_age=120, busy_limit=7200, now=time.time() + age)
+    assert ok is healthy, why
+
+
+@pytest.mark.parametrize("content", [None, "", "not json", json.dumps({"busy_since": None})])
+def test_a_missing_or_unreadable_heartbeat_is_unhealthy(tmp_path: Path, content: str | None) -> None:
+    path = tmp_path / "hb"
+    if content is not None:
+        path.write_text(content)
+    ok, why = check(path, max_age=120, busy_limit=7200)
+    assert not ok
+    assert str(path) in why
+
+
+def test_an_unwritable_heartbeat_is_logged_not_raised(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    Heartbeat(tmp_path / "missing-dir" / "hb").beat()
+    assert [getattr(r, "action", None) for r in caplog.records] == ["heartbeat_failed"]
+
+
+@pytest.fixture
+def worker_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    monkeypatch.setenv("ServiceBusConnection", "Endpoint=sb://127.0.0.1:1;SharedAccessKeyName=k;SharedAccessKey=v")
+    monkeypatch.setenv("AzureWebJobsStorage", "UseDevelopmentStorage=true")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
+    monkeypatch.setenv("WORKER_HEARTBEAT_FILE", str(tmp_path / "hb"))
+    return tmp_path / "hb"
+
+
+def test_healthcheck_cli(worker_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--healthcheck"]) == 1
+    assert capsys.readouterr().out.startswith("unhealthy: no readable heartbeat")
+    Heartbeat(worker_env).beat()
+    assert main(["--healthcheck"]) == 0
+    assert capsys.readouterr().out.startswith("healthy: last beat")
+    assert main(["--healthcheck", "--max-age", "-1"]) == 1

@@ -1,0 +1,91 @@
+"""The drain trigger: real signals delivered to this (main) thread, and wake-ups from other threads."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from gpu_worker.settlement import Interrupted
+from gpu_worker.shutdown import Shutdown
+
+
+def _work(drain: Shutdown, start: Callable[[], object]) -> None:
+    """A long job: ``start`` triggers the interruption, the sleep stands for GPU work (the GIL is free)."""
+    with drain.interruptible():
+        start()
+        time.sleep(30)  # the signal handler raises long before this returns
+
+
+@pytest.fixture
+def shutdown() -> Iterator[Shutdown]:
+    drain = Shutdown(grace=300)
+    restore = drain.install()
+    yield drain
+    drain.finished()
+    restore()
+
+
+def test_first_signal_requests_a_drain_and_nothing_is_interrupted(shutdown: Shutdown) -> None:
+    with shutdown.interruptible():
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert shutdown.requested.is_set()
+    assert not shutdown.forced.is_set()
+
+
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_interrupts_the_work_in_hand(shutdown: Shutdown, second: int) -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+    with pytest.raises(Interrupted):
+        _work(shutdown, lambda: os.kill(os.getpid(), second))
+    assert shutdown.forced.is_set()
+
+
+def test_outside_the_interruptible_block_a_forced_shutdown_raises_nothing(shutdown: Shutdown) -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)  # e.g. while settling: settlement must never be cut short
+    assert shutdown.forced.is_set()
+    with pytest.raises(Interrupted, match="before the job started"), shutdown.interruptible():
+        pass
+
+
+def test_the_grace_period_running_out_wakes_the_main_thread() -> None:
+    drain = Shutdown(grace=0.2)
+    restore = drain.install()
+    try:
+        with pytest.raises(Interrupted):  # by SIGUSR1 from the grace timer's thread
+            _work(drain, lambda: drain.request("test"))
+    finally:
+        drain.finished()
+        restore()
+
+
+def test_a_request_from_another_thread_twice_forces(shutdown: Shutdown) -> None:
+    def twice_from_a_thread() -> None:
+        for _ in range(2):
+            thread = threading.Thread(target=shutdown.request, args=("preemption notice",))
+            thread.start()
+            thread.join()
+
+    with pytest.raises(Interrupted):
+        _work(shutdown, twice_from_a_thread)
+
+
+def test_finished_stops_the_grace_timer() -> None:
+    drain = Shutdown(grace=0.1)
+    drain.request("test")
+    drain.finished()
+    assert not drain.forced.wait(0.5)
+    assert drain.drained.is_set()
+
+
+def test_restore_puts_the_previous_handlers_back() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    restore = Shutdown(grace=1).install()
+    assert signal.getsignal(signal.SIGTERM) is not before
+    restore()
+    assert signal.getsignal(signal.SIGTERM) is before
