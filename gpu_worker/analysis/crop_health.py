@@ -1,10 +1,11 @@
-"""The crop-health analysis: vegetation and water indices over the valid pixels of a scene, window by window.
+"""The crop-health analysis: indices, cloud mask, water / vegetation fractions, fractional cover, COG and PNG
+outputs, window by window.
 
-Memory is bounded by the window size (``window`` x ``window`` pixels of the bands in use, plus fixed-size
-histograms), not by the scene: a full 10980 x 10980 Sentinel-2 tile streams through the same code.
-
-``valid_fraction`` is the share of pixels where red and NIR are both valid (not the file's nodata value, finite);
-each index's statistics are over the pixels where all the bands it uses are valid and its denominator is not zero.
+Pass 1 (only when the bands allow a cloud mask) builds the coarse s2cloudless mask (:mod:`cloud_sources`). Pass 2
+reads ``window`` x ``window`` pixels of the bands in use, computes everything per pixel on the device, adds it to
+the :class:`SceneSummary` and writes the output rasters. Memory is bounded by the window size, not the scene: a
+full 10980 x 10980 Sentinel-2 tile streams through the same code (bench/analysis.py --full-tile measures it).
+Result keys are defined in :mod:`gpu_worker.analysis.summary`.
 """
 
 from __future__ import annotations
@@ -13,49 +14,123 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from rasterio.windows import Window
 
+from gpu_worker.analysis import cloudmask, quicklook
+from gpu_worker.analysis.cloud_sources import S2CloudMask, s2_cloud_bands_present
+from gpu_worker.analysis.cover import CAVEAT, FRACTIONS, FractionalCover, band_indices
 from gpu_worker.analysis.indices import INDICES, compute
-from gpu_worker.analysis.raster import SceneReader
+from gpu_worker.analysis.outputs import COG_CONTENT_TYPE, PNG_CONTENT_TYPE, RasterSink
+from gpu_worker.analysis.raster import SceneReader, gdal_errors_as_invalid_image
 from gpu_worker.analysis.request import AnalysisOutput, AnalysisRequest
-from gpu_worker.analysis.stats import StreamingStats
+from gpu_worker.analysis.summary import SceneSummary
 
 log = logging.getLogger(__name__)
 
-MODEL_VERSION = "crop-health/1"
+VERSION = "crop-health/2"
 DEFAULT_WINDOW = 1024
 INDEX_ROLES = ("blue", "green", "red", "nir")
+MASK_NODATA = 255
 
 
 class CropHealth:
+    """Holds the loaded models (cloud detector, fractional cover); ``run`` is one scene."""
+
     def __init__(self, device: torch.device, window: int = DEFAULT_WINDOW) -> None:
         self.device, self.window = device, window
+        self.detector = cloudmask.CloudDetector()
+        self.cover = FractionalCover.load(device)
+        self.model_version = f"{VERSION}; {cloudmask.VERSION}; {FractionalCover.VERSION}"
 
     def run(self, image_path: Path, request: AnalysisRequest, workdir: Path) -> AnalysisOutput:
         with SceneReader(image_path, request.bands, request.scale, self.device) as scene:
-            roles = [r for r in INDEX_ROLES if scene.bands.has(r)]
-            file_indices = [scene.bands.index(r) for r in roles]
-            specs = [s for s in INDICES if scene.bands.has(*s.roles)]
-            stats = {s.name: StreamingStats(*s.histogram_range, self.device) for s in specs}
-            valid_pixels = torch.zeros((), dtype=torch.int64, device=self.device)
-            for window in scene.windows(self.window):
-                block = scene.read(window, file_indices)
-                bands = {r: block.values[j] for j, r in enumerate(roles)}
-                valid = {r: block.valid[j] for j, r in enumerate(roles)}
-                valid_pixels += (valid["red"] & valid["nir"]).sum()
-                for spec in specs:
-                    values, mask = compute(spec, bands, valid)
-                    stats[spec.name].update(values, mask)
-            indices: dict[str, Any] = {}
-            for spec in INDICES:
-                summary = stats[spec.name].summary() if spec.name in stats else None
-                indices[spec.name] = summary.as_json() if summary else None
-            result = {
-                "analysis": "crop-health",
-                "scene": scene.describe(),
-                "valid_fraction": int(valid_pixels.item()) / (scene.width * scene.height),
-                "indices": indices,
-                "model_version": MODEL_VERSION,
-            }
+            clouds = S2CloudMask(scene, self.detector) if s2_cloud_bands_present(scene) else None
+            result, files = self._pass(scene, clouds, workdir)
+            result = {"analysis": "crop-health", "scene": scene.describe(), **result}
+        result["cloud_mask"] = clouds.describe() if clouds else None
+        result["cover_note"] = CAVEAT if result["cover"] is not None else None
+        result["model_version"] = self.model_version
+        with gdal_errors_as_invalid_image("cannot render the quicklook"):
+            files["quicklook_png"] = (
+                quicklook.render(
+                    files["ndvi_cog"][0], workdir / "quicklook.png", files.get("cloud_mask_cog", (None,))[0]
+                ),
+                PNG_CONTENT_TYPE,
+            )
         log.info("crop-health analysed %s", image_path.name, extra={"action": "analyse"})
-        return AnalysisOutput(result=result, files={})
+        return AnalysisOutput(result=result, files=files)
+
+    def _pass(
+        self, scene: SceneReader, clouds: S2CloudMask | None, workdir: Path
+    ) -> tuple[dict[str, Any], dict[str, tuple[Path, str]]]:
+        specs = [s for s in INDICES if scene.bands.has(*s.roles)]
+        cover_indices = band_indices(scene.bands)
+        roles = [r for r in INDEX_ROLES if scene.bands.has(r)]
+        read = sorted({scene.bands.index(r) for r in roles} | set(cover_indices or []))
+        position = {file_index: j for j, file_index in enumerate(read)}
+        summary = SceneSummary(specs, clouds is not None, self.device)
+        sinks = self._sinks(scene, workdir, clouds is not None, cover_indices is not None)
+        try:
+            for window in scene.windows(self.window):
+                block = scene.read(window, read)
+                bands = {r: block.values[position[scene.bands.index(r)]] for r in roles}
+                valid = {r: block.valid[position[scene.bands.index(r)]] for r in roles}
+                base = valid["red"] & valid["nir"]
+                cloud = clouds.window(window) if clouds else torch.zeros_like(base)
+                index_values = {s.name: compute(s, bands, valid) for s in specs}
+                land = summary.add(base, cloud, index_values)
+                ndvi, ndvi_ok = index_values["ndvi"]
+                sinks["ndvi_cog"].write(window, torch.where(ndvi_ok, ndvi, float("nan")).float().cpu().numpy())
+                if clouds is not None:
+                    mask = torch.where(base, cloud.to(torch.uint8), MASK_NODATA).to(torch.uint8)
+                    sinks["cloud_mask_cog"].write(window, mask.cpu().numpy())
+                if cover_indices is not None:
+                    self._cover(window, block.values, block.valid, [position[i] for i in cover_indices], land,
+                                summary, sinks["cover_cog"])  # fmt: skip
+        except BaseException:
+            for sink in sinks.values():
+                sink.discard()
+            raise
+        files = {key: (sink.finish(), COG_CONTENT_TYPE) for key, sink in sinks.items()}
+        pixels = scene.width * scene.height
+        return summary.result(pixels, scene.bands.has("green"), cover_indices is not None), files
+
+    def _cover(
+        self,
+        window: Window,
+        values: torch.Tensor,
+        valid: torch.Tensor,
+        channels: list[int],
+        land: torch.Tensor,
+        summary: SceneSummary,
+        sink: RasterSink,
+    ) -> None:
+        counted = land & valid[channels].all(dim=0)
+        pixels = values[channels][:, counted].float()  # only clear land pixels go through the MLP
+        with torch.inference_mode():
+            fractions = self.cover(pixels[None, :, :, None])[0, :, :, 0]
+        summary.add_cover(fractions, counted.sum())
+        percent = torch.full((len(FRACTIONS), *counted.shape), MASK_NODATA, dtype=torch.uint8, device=counted.device)
+        percent[:, counted] = (fractions * 100).round().to(torch.uint8)
+        sink.write(window, percent.cpu().numpy())
+
+    @staticmethod
+    def _sinks(scene: SceneReader, workdir: Path, has_clouds: bool, has_cover: bool) -> dict[str, RasterSink]:
+        grid = scene.grid()
+        sinks = {
+            "ndvi_cog": RasterSink(workdir / "ndvi.tif", grid, count=1, dtype="float32", nodata=float(np.nan),
+                                   overview_resampling="average", descriptions=("ndvi",)),
+        }  # fmt: skip
+        if has_clouds:
+            sinks["cloud_mask_cog"] = RasterSink(
+                workdir / "cloud_mask.tif", grid, count=1, dtype="uint8", nodata=MASK_NODATA,
+                overview_resampling="mode", descriptions=("cloud (1) / clear (0)",),
+            )  # fmt: skip
+        if has_cover:
+            sinks["cover_cog"] = RasterSink(
+                workdir / "cover.tif", grid, count=3, dtype="uint8", nodata=MASK_NODATA,
+                overview_resampling="average", descriptions=tuple(f"{f} cover (%)" for f in FRACTIONS),
+            )  # fmt: skip
+        return sinks

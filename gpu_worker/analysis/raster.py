@@ -99,6 +99,22 @@ class SceneReader:
                 bounds = [round(v, 7) for v in transform_bounds(ds.crs, "EPSG:4326", *ds.bounds, densify_pts=21)]
         return {"width": ds.width, "height": ds.height, "band_count": ds.count, "crs": crs, "bounds_wgs84": bounds}
 
+    def grid(self) -> dict[str, Any]:
+        """width, height, crs and transform: the profile keys an output on the same grid needs."""
+        ds = self.dataset
+        return {"width": ds.width, "height": ds.height, "crs": ds.crs, "transform": ds.transform}
+
+    def pixel_size_m(self) -> float | None:
+        """Pixel width in metres (degrees taken as 111.32 km), None without a CRS."""
+        ds = self.dataset
+        if not ds.crs:
+            return None
+        size = abs(float(ds.transform.a))
+        if ds.crs.is_geographic:
+            return size * 111_320.0
+        _unit, factor = ds.crs.linear_units_factor
+        return size * float(factor)
+
     def windows(self, size: int) -> Iterator[Window]:
         """Row-major windows of ``size`` x ``size`` pixels (smaller at the right and bottom edges)."""
         for row in range(0, self.height, size):

@@ -55,7 +55,7 @@ class Summary:
 
 
 class StreamingStats:
-    """Accumulates masked values; ``update`` never synchronises with the device."""
+    """Accumulates masked values window by window (one device synchronisation per update: the masked count)."""
 
     def __init__(self, lo: float, hi: float, device: torch.device) -> None:
         self.lo, self.hi = lo, hi
@@ -71,25 +71,42 @@ class StreamingStats:
 
     def update(self, values: torch.Tensor, mask: torch.Tensor) -> None:
         """Add ``values[mask]`` (float32 or float64, any shape; masked-out entries may be NaN or inf)."""
-        x = values.reshape(-1)
-        m = mask.reshape(-1)
-        xd = torch.where(m, x.to(torch.float64), 0.0)
-        n_b = m.sum(dtype=torch.float64)
-        mean_b = xd.sum() / n_b.clamp(min=1.0)
-        m2_b = torch.where(m, (xd - mean_b) ** 2, 0.0).sum()
+        v = values[mask].to(torch.float64)
+        if v.numel() == 0:
+            return
+        n_b = torch.tensor(float(v.numel()), dtype=torch.float64, device=v.device)
+        mean_b = v.mean()
+        self._merge(n_b, mean_b, ((v - mean_b) ** 2).sum(), v.min(), v.max())
+        inside = (v >= self.lo) & (v <= self.hi)
+        fine = ((v - self.lo) * self._scale).clamp_(0, FINE_BINS - 1).to(torch.int64)
+        self._fine += torch.bincount(torch.where(inside, fine, FINE_BINS), minlength=FINE_BINS + 1)
+        outside = v[~inside]
+        if outside.numel():
+            coarse = float_keys(outside.to(torch.float32)) >> COARSE_SHIFT
+            self._coarse += torch.bincount(coarse, minlength=COARSE_BINS + 1)
+
+    def merge(self, other: StreamingStats) -> StreamingStats:
+        """A new accumulator holding both ``self``'s and ``other``'s values (same range)."""
+        if (other.lo, other.hi) != (self.lo, self.hi):
+            raise ValueError("cannot merge statistics with different histogram ranges")
+        out = StreamingStats(self.lo, self.hi, self._n.device)
+        for part in (self, other):
+            out._merge(part._n, part._mean, part._m2, part._min, part._max)
+            out._fine += part._fine
+            out._coarse += part._coarse
+        return out
+
+    def _merge(
+        self, n_b: torch.Tensor, mean_b: torch.Tensor, m2_b: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor
+    ) -> None:
+        """Chan et al.'s parallel update of count, mean and sum of squared deviations."""
         n = self._n + n_b
         delta = mean_b - self._mean
         self._mean = self._mean + delta * n_b / n.clamp(min=1.0)
         self._m2 = self._m2 + m2_b + delta * delta * self._n * n_b / n.clamp(min=1.0)
         self._n = n
-        self._min = torch.minimum(self._min, torch.where(m, xd, float("inf")).min())
-        self._max = torch.maximum(self._max, torch.where(m, xd, float("-inf")).max())
-        inside = m & (xd >= self.lo) & (xd <= self.hi)
-        fine = ((xd - self.lo) * self._scale).clamp(0, FINE_BINS - 1).to(torch.int64)
-        self._fine += torch.bincount(torch.where(inside, fine, FINE_BINS), minlength=FINE_BINS + 1)
-        outside = m & ~inside
-        coarse = float_keys(x.to(torch.float32)) >> COARSE_SHIFT
-        self._coarse += torch.bincount(torch.where(outside, coarse, COARSE_BINS), minlength=COARSE_BINS + 1)
+        self._min = torch.minimum(self._min, lo)
+        self._max = torch.maximum(self._max, hi)
 
     def summary(self) -> Summary | None:
         """The statistics, or None when no value was ever added."""

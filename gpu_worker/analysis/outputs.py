@@ -1,0 +1,75 @@
+"""Per-pixel outputs written window by window, then turned into Cloud-Optimized GeoTIFFs.
+
+A :class:`RasterSink` writes a tiled, fast-compressed GeoTIFF in ``workdir`` window by window (memory stays at one
+window), then :meth:`RasterSink.finish` copies it with GDAL's COG driver: 512 x 512 tiles, DEFLATE with a
+predictor, internal overviews (computed by GDAL from the full-resolution file, in bounded memory), same grid and
+CRS as the input. The partial file is deleted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+from rasterio.windows import Window
+
+COG_CONTENT_TYPE = "image/tiff; application=geotiff; profile=cloud-optimized"
+PNG_CONTENT_TYPE = "image/png"
+TILE = 512
+
+
+class RasterSink:
+    """One output raster on the input's grid. ``overview_resampling``: ``average`` for continuous values,
+    ``nearest`` / ``mode`` for classes."""
+
+    def __init__(
+        self,
+        path: Path,
+        grid: dict[str, Any],
+        *,
+        count: int,
+        dtype: str,
+        nodata: float,
+        overview_resampling: str,
+        descriptions: tuple[str, ...] = (),
+    ) -> None:
+        self.path = path
+        self.overview_resampling = overview_resampling
+        self._partial = path.with_name(f".{path.stem}.partial.tif")
+        profile = {
+            "driver": "GTiff", "count": count, "dtype": dtype, "nodata": nodata, "tiled": True,
+            "blockxsize": TILE, "blockysize": TILE, "compress": "zstd", "zstd_level": 1, "bigtiff": "if_safer",
+            **grid,
+        }  # fmt: skip
+        self._dataset: Any = rasterio.open(self._partial, "w", **profile)
+        for i, text in enumerate(descriptions, start=1):
+            self._dataset.set_band_description(i, text)
+
+    def write(self, window: Window, data: np.ndarray) -> None:
+        """``data`` is [count, h, w] (or [h, w] for one band) for ``window``."""
+        self._dataset.write(data if data.ndim == 3 else data[None], window=window)
+
+    def finish(self) -> Path:
+        """Close the partial file and write the COG; returns its path."""
+        self._dataset.close()
+        rasterio.shutil.copy(
+            self._partial, self.path, driver="COG", compress="DEFLATE", predictor="YES", blocksize=TILE,
+            overview_resampling=self.overview_resampling, bigtiff="IF_SAFER",
+        )  # fmt: skip
+        self._partial.unlink()
+        return self.path
+
+    def discard(self) -> None:
+        self._dataset.close()
+        self._partial.unlink(missing_ok=True)
+
+    def __enter__(self) -> RasterSink:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        if et is not None:
+            self.discard()

@@ -1,0 +1,68 @@
+"""The quicklook: NDVI with a colour ramp, clouds in white, a labelled colour bar; at most 1024 px either way.
+
+It is read back from the NDVI COG at reduced resolution (GDAL uses the COG's overviews, averaging valid pixels), so
+memory does not depend on the scene size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from PIL import Image, ImageDraw, ImageFont
+from rasterio.enums import Resampling
+
+MAX_SIDE = 1024
+LEGEND_HEIGHT = 72
+# NDVI colour ramp: water blue, bare soil tan, sparse vegetation yellow-green, dense vegetation dark green.
+STOPS = np.array([-0.5, 0.0, 0.2, 0.4, 0.6, 0.9])
+COLOURS = np.array(
+    [[33, 102, 172], [222, 206, 170], [210, 180, 90], [166, 217, 106], [26, 150, 65], [0, 68, 27]], dtype=np.float64
+)
+NO_DATA = (64, 64, 64)
+CLOUD = np.array([255.0, 255.0, 255.0])
+TICKS = (-0.5, 0.0, 0.2, 0.4, 0.6, 0.9)
+
+
+def colourise(ndvi: np.ndarray) -> np.ndarray:
+    """[h, w] NDVI (NaN = no data) -> [h, w, 3] uint8."""
+    rgb = np.stack([np.interp(ndvi, STOPS, COLOURS[:, c]) for c in range(3)], axis=-1)
+    rgb[~np.isfinite(ndvi)] = NO_DATA
+    return rgb.round().astype(np.uint8)
+
+
+def render(ndvi_cog: Path, out: Path, cloud_cog: Path | None = None, title: str = "NDVI") -> Path:
+    with rasterio.open(ndvi_cog) as src:
+        scale = max(src.width / MAX_SIDE, src.height / (MAX_SIDE - LEGEND_HEIGHT), 1.0)
+        shape = (max(1, round(src.height / scale)), max(1, round(src.width / scale)))
+        ndvi = src.read(1, out_shape=shape, resampling=Resampling.average)
+    rgb = colourise(ndvi).astype(np.float64)
+    if cloud_cog is not None:
+        with rasterio.open(cloud_cog) as src:
+            cloud = src.read(1, out_shape=shape, resampling=Resampling.nearest) == 1
+        rgb[cloud] = 0.3 * rgb[cloud] + 0.7 * CLOUD
+    image = Image.fromarray(rgb.round().astype(np.uint8), "RGB")
+    width = max(image.width, 320)
+    canvas = Image.new("RGB", (width, image.height + LEGEND_HEIGHT), (255, 255, 255))
+    canvas.paste(image, ((width - image.width) // 2, 0))
+    _legend(canvas, image.height, title + (" (clouds white)" if cloud_cog is not None else ""))
+    canvas.save(out, format="PNG")
+    return out
+
+
+def _legend(canvas: Image.Image, top: int, title: str) -> None:
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=14)
+    margin = 24
+    bar_w = canvas.width - 2 * margin
+    lo, hi = STOPS[0], STOPS[-1]
+    ramp = colourise(np.linspace(lo, hi, bar_w)[None, :].repeat(14, axis=0))
+    bar_top = top + 24
+    canvas.paste(Image.fromarray(ramp, "RGB"), (margin, bar_top))
+    draw.rectangle((margin - 1, bar_top - 1, margin + bar_w, bar_top + 14), outline=(0, 0, 0))
+    draw.text((margin, top + 4), title, fill=(0, 0, 0), font=font)
+    for tick in TICKS:
+        x = margin + (tick - lo) / (hi - lo) * (bar_w - 1)
+        draw.line((x, bar_top + 14, x, bar_top + 19), fill=(0, 0, 0))
+        draw.text((x, bar_top + 20), f"{tick:g}", fill=(0, 0, 0), font=font, anchor="ma")

@@ -1,0 +1,148 @@
+"""Scene fractions, cover and the output files: COGs on the input's grid, values equal to a numpy reference,
+a quicklook PNG a person can read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from affine import Affine
+from PIL import Image
+
+from gpu_worker.analysis import AnalysisOutput, AnalysisRequest, Analyzer
+from gpu_worker.analysis.quicklook import MAX_SIDE
+
+DATA = Path(__file__).parents[1] / "data"
+
+
+@pytest.fixture(scope="module")
+def analyzer() -> Analyzer:
+    return Analyzer(torch.device("cpu"))
+
+
+def run(analyzer: Analyzer, path: Path, workdir: Path, bands: list[str] | None = None) -> AnalysisOutput:
+    return analyzer.analyse(path, AnalysisRequest("crop-health", bands or [], 10000.0), workdir)
+
+
+def write_tif(path: Path, data: np.ndarray, names: list[str]) -> Path:
+    profile = {"driver": "GTiff", "width": data.shape[2], "height": data.shape[1], "count": data.shape[0],
+               "dtype": "uint16", "crs": "EPSG:32618", "transform": Affine(10, 0, 440000, 0, -10, 4175000),
+               "nodata": 0, "tiled": True, "compress": "deflate"}  # fmt: skip
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+        for i, name in enumerate(names, start=1):
+            dst.set_band_description(i, name)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("crop", "keys"),
+    [
+        ("s2_l1c_fields_256.tif", {"ndvi_cog", "cloud_mask_cog", "cover_cog", "quicklook_png"}),
+        ("s2_rgbn_fields_128.tif", {"ndvi_cog", "quicklook_png"}),
+    ],
+)
+def test_outputs_follow_the_bands(crop: str, keys: set[str], analyzer: Analyzer, tmp_path: Path) -> None:
+    out = run(analyzer, DATA / crop, tmp_path)
+    assert set(out.files) == keys
+    for path, content_type in out.files.values():
+        assert path.parent == tmp_path
+        assert path.stat().st_size > 0
+        assert content_type in {"image/png", "image/tiff; application=geotiff; profile=cloud-optimized"}
+    assert not list(tmp_path.glob(".*partial*"))  # partial files are cleaned up
+
+
+def test_rgbn_has_no_cloud_mask_and_no_cover(analyzer: Analyzer, tmp_path: Path) -> None:
+    result = run(analyzer, DATA / "s2_rgbn_fields_128.tif", tmp_path).result
+    assert result["cloud_fraction"] is None
+    assert result["clear_fraction"] is None
+    assert result["cloud_mask"] is None
+    assert result["indices_clear"] is None
+    assert result["cover"] is None
+    assert result["vegetation_fraction"] > 0.5
+
+
+def test_real_scene_fractions(analyzer: Analyzer, tmp_path: Path) -> None:
+    (tmp_path / "coast").mkdir()
+    coast = run(analyzer, DATA / "s2_l1c_coast_256.tif", tmp_path / "coast").result
+    fields = run(analyzer, DATA / "s2_l1c_fields_256.tif", tmp_path).result
+    assert coast["water_fraction"] > 0.5  # lagoon and open sea
+    assert fields["water_fraction"] < 0.1
+    assert fields["vegetation_fraction"] > 0.5
+    cover = fields["cover"]
+    assert set(cover) == {"bare", "green", "non_green"}
+    assert sum(cover.values()) == pytest.approx(1.0)
+    assert cover["green"] > cover["bare"]  # summer fields and hedges
+    assert fields["indices_clear"]["ndvi"]["mean"] == pytest.approx(fields["indices"]["ndvi"]["mean"])  # no cloud
+
+
+def test_fractions_against_numpy(analyzer: Analyzer, tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    data = rng.integers(100, 5000, size=(4, 60, 70)).astype(np.uint16)
+    data[:, :5, :] = 0  # nodata rows
+    path = write_tif(tmp_path / "in.tif", data, ["blue", "green", "red", "nir"])
+    result = run(analyzer, path, tmp_path).result
+    _, g, r, n = (data[i].astype(np.float64) for i in range(4))
+    valid = (data != 0).all(axis=0)
+    with np.errstate(invalid="ignore"):
+        ndvi = (n - r) / (n + r)
+        ndwi = (g - n) / (g + n)
+    water = valid & (ndwi > 0)
+    land = valid & ~water
+    assert result["valid_fraction"] == pytest.approx(valid.mean())
+    assert result["water_fraction"] == pytest.approx(water.sum() / valid.sum())
+    assert result["vegetation_fraction"] == pytest.approx((land & (ndvi > 0.3)).sum() / land.sum())
+
+
+def test_cogs_share_the_grid_and_hold_the_right_values(analyzer: Analyzer, tmp_path: Path) -> None:
+    src_path = DATA / "s2_l1c_fields_256.tif"
+    out = run(analyzer, src_path, tmp_path)
+    with rasterio.open(src_path) as src:
+        dn = src.read().astype(np.float64)
+        grid = (src.crs, src.transform, src.width, src.height)
+    red, nir = dn[3], dn[7]
+    expected = ((nir - red) / (nir + red)).astype(np.float32)
+    for key in ("ndvi_cog", "cloud_mask_cog", "cover_cog"):
+        with rasterio.open(out.files[key][0]) as cog:
+            assert (cog.crs, cog.transform, cog.width, cog.height) == grid
+            assert cog.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+            assert cog.compression is not None
+            assert cog.block_shapes[0] == (256, 256) or cog.block_shapes[0] == (512, 512)
+            data = cog.read()
+        if key == "ndvi_cog":
+            np.testing.assert_allclose(data[0], expected, rtol=1e-6)
+        elif key == "cover_cog":
+            assert data.shape[0] == 3
+            land = data[0] != 255
+            assert land.mean() > 0.9
+            assert np.abs(data[:, land].astype(int).sum(axis=0) - 100).max() <= 2  # percent, rounded per band
+        else:
+            assert set(np.unique(data).tolist()) <= {0, 1}
+
+
+def test_large_scene_gets_tiled_cog_with_overviews_and_a_small_quicklook(analyzer: Analyzer, tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    data = rng.integers(200, 4000, size=(4, 1300, 1100)).astype(np.uint16)
+    data[:, 1200:, :] = 0
+    path = write_tif(tmp_path / "big.tif", data, ["B02", "B03", "B04", "B08"])
+    saved_window = analyzer._crop_health.window
+    analyzer._crop_health.window = 512  # several windows, with partial ones at the edges
+    try:
+        out = run(analyzer, path, tmp_path)
+    finally:
+        analyzer._crop_health.window = saved_window
+    with rasterio.open(out.files["ndvi_cog"][0]) as cog:
+        assert cog.block_shapes[0] == (512, 512)
+        assert cog.overviews(1)  # internal overviews
+        ndvi = cog.read(1)
+    r, n = data[2].astype(np.float64), data[3].astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        expected = np.where(data[2] != 0, (n - r) / (n + r), np.nan).astype(np.float32)
+    np.testing.assert_allclose(ndvi, expected, rtol=1e-6)  # NaN where nodata, on both sides
+    with Image.open(out.files["quicklook_png"][0]) as png:
+        assert png.format == "PNG"
+        assert max(png.size) <= MAX_SIDE
+        assert png.height > png.width  # the scene is taller than wide, plus the legend below
