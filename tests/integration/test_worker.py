@@ -98,7 +98,11 @@ def test_a_real_geotiff_goes_through_the_worker_and_its_span_is_a_child_of_the_s
     assert job.result is not None
     assert job.result["analysis"] == "crop-health"
     assert -1.0 <= job.result["indices"]["ndvi"]["mean"] <= 1.0
-    assert isinstance(job.result["outputs"], dict)
+    outputs = job.result["outputs"]
+    assert isinstance(outputs, dict)
+    uploaded = {b.name for b in stack.results_container().list_blobs(name_starts_with=f"{job_id}/")}
+    assert {f"{job_id}/{url.rsplit('/', 1)[1]}" for url in outputs.values()} == uploaded
+    assert all(f"/results/{job_id}/" in url for url in outputs.values())
     assert stack.queued() == []
     assert stack.dead_letters() == []
     assert ("complete", None) in _actions(caplog)

@@ -19,6 +19,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 from azure.servicebus import ServiceBusClient, ServiceBusMessage, ServiceBusReceivedMessage, ServiceBusSubQueue
+from azure.storage.blob import BlobServiceClient, ContainerClient
 from psycopg_pool import ConnectionPool
 
 from gpu_worker.analysis import AnalysisOutput, AnalysisRequest
@@ -120,6 +121,10 @@ class WorkerStack:
             if job.status.value in statuses or time.monotonic() > deadline:
                 return job
             time.sleep(0.1)
+
+    def results_container(self) -> ContainerClient:
+        service = BlobServiceClient.from_connection_string(self.env["AzureWebJobsStorage"])
+        return service.get_container_client(self.store.results_container)
 
     def close(self) -> None:
         self.client.close()
