@@ -147,7 +147,8 @@ def test_body_over_the_100_mb_limit_is_413_before_it_is_sent(stack: Stack) -> No
     with socket.create_connection((url.host, url.port or 80), timeout=30) as sock:
         head = f"POST /api/jobs HTTP/1.1\r\nHost: {url.host}\r\nContent-Type: image/tiff\r\n"
         sock.sendall(f"{head}Content-Length: {100 * 1024 * 1024 + 1}\r\n\r\n".encode())
-        status_line = sock.makefile("rb").readline()
+        with sock.makefile("rb") as response:
+            status_line = response.readline()
     assert status_line.split()[1] == b"413"
 
 
