@@ -52,13 +52,20 @@ class Block:
 class SceneReader:
     """An open GeoTIFF whose band names resolve to roles. Use as a context manager."""
 
-    def __init__(self, path: Path, band_names: list[str], scale: float, device: torch.device) -> None:
+    def __init__(
+        self,
+        path: Path,
+        band_names: list[str],
+        scale: float,
+        device: torch.device,
+        required: tuple[str, ...] = ("red", "nir"),
+    ) -> None:
         self.path, self.scale, self.device = path, scale, device
         with gdal_errors_as_invalid_image("not a readable GeoTIFF"), warnings.catch_warnings():
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
             self.dataset: Any = rasterio.open(path)
         try:
-            self.bands = self._resolve(band_names)
+            self.bands = self._resolve(band_names, required)
         except BaseException:
             self.dataset.close()
             raise
@@ -67,7 +74,7 @@ class SceneReader:
         self._nodata: tuple[float | None, ...] = tuple(self.dataset.nodatavals)
         self._float = np.issubdtype(np.dtype(self.dataset.dtypes[0]), np.floating)
 
-    def _resolve(self, band_names: list[str]) -> BandSet:
+    def _resolve(self, band_names: list[str], required: tuple[str, ...]) -> BandSet:
         ds = self.dataset
         names = band_names or [d or "" for d in ds.descriptions]
         if len(names) != ds.count:
@@ -78,9 +85,9 @@ class SceneReader:
             bands = resolve(names)
         except BandError as e:
             raise InvalidImage(f"band names: {e}") from e
-        missing = [role for role in ("red", "nir") if not bands.has(role)]
+        missing = [role for role in required if not bands.has(role)]
         if missing:
-            raise InvalidImage(f"no {' and no '.join(missing)} band among {', '.join(names)}: NDVI needs both")
+            raise InvalidImage(f"no {' and no '.join(missing)} band among {', '.join(names)}: NDVI needs red and nir")
         return bands
 
     def __enter__(self) -> SceneReader:

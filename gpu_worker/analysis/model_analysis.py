@@ -1,0 +1,67 @@
+"""``model:<name>``: a model from the pluggable slot (:mod:`gpu_worker.analysis.models`) run tiled over the scene.
+
+Classes (per pixel or per patch) give a ``class_histogram`` (fraction of valid pixels per class) and a
+``class_map_cog`` (uint8 class ids, 255 = no data); a regression gives ``means`` and a ``model_output_cog``
+(float32, one band per output, NaN = no data). Both COGs are on the input's grid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rasterio.windows import Window
+
+from gpu_worker.analysis.models import NODATA_CLASS, ModelRegistry
+from gpu_worker.analysis.outputs import COG_CONTENT_TYPE, RasterSink
+from gpu_worker.analysis.raster import SceneReader
+from gpu_worker.analysis.request import AnalysisOutput, AnalysisRequest
+
+
+class ModelAnalysis:
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+
+    def run(self, name: str, image_path: Path, request: AnalysisRequest, workdir: Path) -> AnalysisOutput:
+        model = self.registry.get(name)  # UnknownAnalysis before the image is even opened
+        m = model.manifest
+        classes = m.output_kind != "regression"
+        with SceneReader(image_path, request.bands, request.scale, self.registry.device, required=()) as scene:
+            indices = model.band_indices(scene.bands)
+
+            def read_window(window: Window) -> torch.Tensor:
+                block = scene.read(window, indices)
+                return torch.where(block.valid, block.values, float("nan")).float()
+
+            key = "class_map_cog" if classes else "model_output_cog"
+            sink = RasterSink(
+                workdir / ("class_map.tif" if classes else "model_output.tif"),
+                scene.grid(),
+                count=1 if classes else len(m.class_names),
+                dtype="uint8" if classes else "float32",
+                nodata=NODATA_CLASS if classes else float(np.nan),
+                overview_resampling="mode" if classes else "average",
+                descriptions=("class id",) if classes else tuple(m.class_names),
+            )
+            with sink:
+                run = model.tiled(read_window, scene.width, scene.height)
+                for window, values in run:
+                    sink.write(window, values)
+            path = sink.finish()
+            result: dict[str, Any] = {
+                "analysis": request.analysis,
+                "scene": scene.describe(),
+                "valid_fraction": run.valid_pixels / (scene.width * scene.height),
+                "model": {
+                    "name": m.name,
+                    "version": m.version,
+                    "output_kind": m.output_kind,
+                    "class_names": list(m.class_names),
+                },
+                "class_histogram": run.histogram() if classes else None,
+                "means": None if classes else run.means(),
+                "model_version": f"{m.name}/{m.version}",
+            }
+        return AnalysisOutput(result=result, files={key: (path, COG_CONTENT_TYPE)})
