@@ -232,6 +232,13 @@ class Store:
     ) -> bool:
         """Apply an outcome to a locked message; False when the lock is unknown, expired or already settled."""
         db = self._write()
+        if outcome == Outcome.COMPLETE:  # the hot path: one statement
+            return bool(
+                db.execute(
+                    "DELETE FROM messages WHERE lock_token = ? AND queue = ? AND state IN (1, 4) AND locked_until > ?",
+                    (token.bytes, entity, now),
+                ).rowcount
+            )
         row = db.execute(
             "SELECT seq, state, delivery_count FROM messages"
             " WHERE lock_token = ? AND queue = ? AND state IN (1, 4) AND locked_until > ?",
@@ -241,9 +248,7 @@ class Store:
             return False
         seq, state, delivery_count = row
         back = State.DEFERRED if state == State.DEFERRED_LOCKED else State.AVAILABLE
-        if outcome == Outcome.COMPLETE:
-            db.execute("DELETE FROM messages WHERE seq = ?", (seq,))
-        elif outcome == Outcome.RELEASE:
+        if outcome == Outcome.RELEASE:
             self._unlock(db, seq, back, delivery_count)
         elif outcome == Outcome.DEFER:
             self._unlock(db, seq, State.DEFERRED, delivery_count)

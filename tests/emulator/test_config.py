@@ -1,0 +1,68 @@
+"""Config.json parsing: ISO-8601 durations, defaults, and the repository's file agreeing with shared settings."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from local.servicebus_emulator.config import ConfigError, load_config, parse_config, parse_duration
+from shared.settings import QueueProperties
+from tests.fixtures.servicebus import REPO_CONFIG
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("PT1M", timedelta(minutes=1)),
+        ("P1D", timedelta(days=1)),
+        ("PT0.5S", timedelta(milliseconds=500)),
+        ("P1DT2H3M4S", timedelta(days=1, hours=2, minutes=3, seconds=4)),
+        ("PT10M", timedelta(minutes=10)),
+    ],
+)
+def test_parse_duration(text: str, expected: timedelta) -> None:
+    assert parse_duration(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "P", "PT", "1M", "PT1X", "P1DT", "five minutes"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="not an ISO-8601 duration"):
+        parse_duration(text)
+
+
+def test_repository_config_matches_shared_queue_properties() -> None:
+    (queue,) = load_config(REPO_CONFIG).queues
+    expected = QueueProperties()
+    assert queue.name == "jobs"
+    assert queue.lock_duration == expected.lock_duration
+    assert queue.max_delivery_count == expected.max_delivery_count
+    assert queue.default_message_time_to_live == expected.default_message_time_to_live
+    assert queue.dead_lettering_on_message_expiration == expected.dead_lettering_on_message_expiration
+    assert queue.requires_duplicate_detection == expected.requires_duplicate_detection
+    assert queue.duplicate_detection_history_time_window == expected.duplicate_detection_history_time_window
+
+
+def test_defaults_when_properties_are_omitted() -> None:
+    config = parse_config({"UserConfig": {"Namespaces": [{"Name": "ns", "Queues": [{"Name": "q"}]}]}})
+    (queue,) = config.queues
+    assert queue.lock_duration == timedelta(minutes=1)
+    assert queue.max_delivery_count == 10
+    assert not queue.requires_duplicate_detection
+
+
+@pytest.mark.parametrize(
+    ("queues", "topics", "message"),
+    [
+        ([{"Name": "a"}, {"Name": "A"}], [], "Queues[1].Name: duplicate queue name"),
+        ([{"Name": "a/b"}], [], "Queues[0].Name: invalid queue name"),
+        ([{"Properties": {}}], [], "Queues[0].Name: missing"),
+        ([{"Name": "a", "Properties": {"ForwardTo": "b"}}], [], "ForwardTo: auto-forwarding is not supported"),
+        ([], [{"Name": "t"}], "Topics: topics are not supported"),
+    ],
+)
+def test_invalid_config_names_the_field(queues: list[object], topics: list[object], message: str) -> None:
+    document = {"UserConfig": {"Namespaces": [{"Name": "ns", "Queues": queues, "Topics": topics}]}}
+    with pytest.raises(ConfigError) as excinfo:
+        parse_config(document)
+    assert message in str(excinfo.value)

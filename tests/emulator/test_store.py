@@ -1,0 +1,175 @@
+"""The store's state machine on its own: no network, the clock passed in."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from azure.servicebus import ServiceBusMessage
+from azure.servicebus._pyamqp import _decode, _encode
+from azure.servicebus._transport._pyamqp_transport import PyamqpTransport
+
+from local.servicebus_emulator.codec import MessageParts, build_message, split_message
+from local.servicebus_emulator.config import QueueConfig
+from local.servicebus_emulator.store import DLQ_SUFFIX, Outcome, Store, StoredMessage
+
+QUEUE = QueueConfig(
+    name="jobs",
+    lock_duration=timedelta(seconds=10),
+    max_delivery_count=3,
+    default_message_time_to_live=timedelta(seconds=100),
+    dead_lettering_on_message_expiration=True,
+    requires_duplicate_detection=True,
+    duplicate_detection_history_time_window=timedelta(seconds=60),
+)
+LOCK = 10_000
+
+
+def _parts(body: str = "b", **kwargs: object) -> MessageParts:
+    message = ServiceBusMessage(body, **kwargs)  # type: ignore[arg-type]
+    amqp = PyamqpTransport.to_outgoing_amqp_message(message._raw_amqp_message)
+    return split_message(bytes(_encode.encode_payload(bytearray(), amqp)))
+
+
+def _decoded(message: StoredMessage) -> object:
+    data = build_message(
+        message.bare,
+        message.ann,
+        message.ann_count,
+        delivery_count=message.delivery_count,
+        ttl_ms=message.ttl_ms,
+        sequence_number=message.seq,
+        enqueued_ms=message.enqueued_at,
+        locked_until_ms=message.locked_until,
+    )
+    return _decode.decode_payload(memoryview(data))
+
+
+@pytest.fixture
+def store() -> Store:
+    return Store(":memory:", [QUEUE])
+
+
+def test_lock_complete(store: Store) -> None:
+    store.enqueue(QUEUE, _parts(), now=0)
+    (message,) = store.lock_next("jobs", 10, LOCK, now=1)
+    assert store.lock_next("jobs", 10, LOCK, now=2) == []
+    assert message.lock_token is not None
+    assert store.settle("jobs", message.lock_token, Outcome.COMPLETE, now=3)
+    assert not store.settle("jobs", message.lock_token, Outcome.COMPLETE, now=4)  # already gone
+    assert store.count("jobs") == 0
+
+
+@pytest.mark.parametrize(("outcome", "count"), [(Outcome.ABANDON, 1), (Outcome.RELEASE, 0)])
+def test_abandon_counts_a_delivery_release_does_not(store: Store, outcome: Outcome, count: int) -> None:
+    store.enqueue(QUEUE, _parts(), now=0)
+    (message,) = store.lock_next("jobs", 1, LOCK, now=1)
+    assert message.lock_token is not None
+    assert store.settle("jobs", message.lock_token, outcome, now=2)
+    (again,) = store.lock_next("jobs", 1, LOCK, now=3)
+    assert again.delivery_count == count
+
+
+def test_lock_expiry_redelivers_then_dead_letters_at_max_delivery_count(store: Store) -> None:
+    store.enqueue(QUEUE, _parts(), now=0)
+    now = 0
+    for attempt in range(QUEUE.max_delivery_count):
+        (message,) = store.lock_next("jobs", 1, LOCK, now=now)
+        assert message.delivery_count == attempt
+        now += LOCK
+        assert message.lock_token is not None
+        assert not store.settle("jobs", message.lock_token, Outcome.COMPLETE, now=now)  # the lock expired
+        store.sweep(now)
+    assert store.count("jobs") == 0
+    (dead,) = store.lock_next("jobs" + DLQ_SUFFIX, 1, LOCK, now=now)
+    props = _decoded(dead).application_properties  # type: ignore[attr-defined]
+    assert props[b"DeadLetterReason"] == b"MaxDeliveryCountExceeded"
+
+
+@pytest.mark.parametrize("dead_letter", [True, False])
+def test_ttl_expiry(dead_letter: bool) -> None:
+    queue = QueueConfig(name="q", dead_lettering_on_message_expiration=dead_letter)
+    store = Store(":memory:", [queue])
+    store.enqueue(queue, _parts(time_to_live=timedelta(seconds=1)), now=0)
+    assert store.lock_next("q", 1, LOCK, now=1_000) == []  # expired messages are never delivered
+    store.sweep(1_000)
+    assert store.count("q") == 0
+    assert store.count("q" + DLQ_SUFFIX) == (1 if dead_letter else 0)
+
+
+def test_duplicate_detection_window(store: Store) -> None:
+    assert store.enqueue(QUEUE, _parts(message_id="a"), now=0) is not None
+    assert store.enqueue(QUEUE, _parts(message_id="a"), now=59_999) is None
+    store.sweep(60_000)
+    assert store.enqueue(QUEUE, _parts(message_id="a"), now=60_000) is not None
+
+
+def test_defer_and_receive_by_sequence_number(store: Store) -> None:
+    seq = store.enqueue(QUEUE, _parts(), now=0)
+    assert seq is not None
+    (message,) = store.lock_next("jobs", 1, LOCK, now=1)
+    assert message.lock_token is not None
+    assert store.settle("jobs", message.lock_token, Outcome.DEFER, now=2)
+    assert store.lock_next("jobs", 1, LOCK, now=3) == []
+    (deferred,) = store.lock_deferred("jobs", [seq], LOCK, now=4)
+    assert deferred.lock_token is not None
+    assert store.settle("jobs", deferred.lock_token, Outcome.ABANDON, now=5)  # back to deferred
+    assert store.lock_next("jobs", 1, LOCK, now=6) == []
+    assert len(store.lock_deferred("jobs", [seq], LOCK, now=7)) == 1
+
+
+def test_renew_extends_only_a_live_lock(store: Store) -> None:
+    store.enqueue(QUEUE, _parts(), now=0)
+    (message,) = store.lock_next("jobs", 1, LOCK, now=0)
+    assert message.lock_token is not None
+    assert store.renew("jobs", message.lock_token, LOCK, now=9_000) == 19_000
+    assert store.settle("jobs", message.lock_token, Outcome.COMPLETE, now=18_000)
+    assert store.renew("jobs", message.lock_token, LOCK, now=18_001) is None
+
+
+def _scheduled(at_ms: int) -> MessageParts:
+    parts = _parts()
+    annotations = {b"x-opt-scheduled-enqueue-time": at_ms}
+    return MessageParts(
+        parts.ttl_ms,
+        annotations,
+        parts.annotation_entries,
+        parts.annotation_count,
+        parts.message_id,
+        parts.bare,
+        parts.app_start,
+        parts.app_end,
+    )
+
+
+def test_schedule_cancel_and_activation(store: Store) -> None:
+    kept = store.enqueue(QUEUE, _parts(), now=0)
+    later = store.enqueue(QUEUE, _scheduled(5_000), now=0)
+    cancelled = store.enqueue(QUEUE, _scheduled(5_000), now=0)
+    assert kept is not None and later is not None and cancelled is not None
+    store.cancel_scheduled("jobs", [cancelled])
+    assert [m.seq for m in store.lock_next("jobs", 10, LOCK, now=1)] == [kept]
+    assert store.sweep(5_000) == {"jobs"}
+    assert [m.seq for m in store.lock_next("jobs", 10, LOCK, now=5_000)] == [later]
+
+
+def test_recover_releases_locks_with_a_delivery_counted(tmp_path: object) -> None:
+    path = f"{tmp_path}/s.sqlite3"
+    store = Store(path, [QUEUE])
+    store.enqueue(QUEUE, _parts(), now=0)
+    store.lock_next("jobs", 1, LOCK, now=0)
+    store.close()
+    reopened = Store(path, [QUEUE])
+    reopened.recover()
+    (message,) = reopened.lock_next("jobs", 1, LOCK, now=1)
+    assert message.delivery_count == 1
+
+
+def test_dead_letter_keeps_application_properties(store: Store) -> None:
+    store.enqueue(QUEUE, _parts(application_properties={"keep": "me"}), now=0)
+    (message,) = store.lock_next("jobs", 1, LOCK, now=0)
+    assert message.lock_token is not None
+    assert store.settle("jobs", message.lock_token, Outcome.DEAD_LETTER, 1, "Reason", "Why")
+    (dead,) = store.peek("jobs" + DLQ_SUFFIX, 0, 10)
+    props = _decoded(dead).application_properties  # type: ignore[attr-defined]
+    assert props == {b"keep": b"me", b"DeadLetterReason": b"Reason", b"DeadLetterErrorDescription": b"Why"}
