@@ -44,9 +44,7 @@ def _translated(method: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return method(*args, **kwargs)
-        except ResourceNotFoundError as e:
-            raise InputMissing(f"blob not found: {e.reason or e}"[:1000]) from e
-        except AzureError as e:
+        except AzureError as e:  # a missing container too: that is configuration, not the client's input
             raise StorageUnavailable(f"blob storage unavailable: {type(e).__name__}: {e}"[:1000]) from e
 
     return wrapper
@@ -95,13 +93,20 @@ class BlobStore:
     @_translated
     def download_input(self, blob_name: str, path: Path) -> None:
         blob = self._service.get_blob_client(self.images_container, blob_name)
+        try:
+            downloader = blob.download_blob(max_concurrency=4)
+        except ResourceNotFoundError as e:
+            raise InputMissing(f"input blob {blob_name} not found") from e
         with path.open("wb") as f:
-            blob.download_blob(max_concurrency=4).readinto(f)
+            downloader.readinto(f)
 
     @_translated
     def input_sha256(self, blob_name: str) -> str | None:
         """The SHA-256 recorded in the input blob's metadata when it was stored."""
-        props = self._service.get_blob_client(self.images_container, blob_name).get_blob_properties()
+        try:
+            props = self._service.get_blob_client(self.images_container, blob_name).get_blob_properties()
+        except ResourceNotFoundError as e:
+            raise InputMissing(f"input blob {blob_name} not found") from e
         return props.metadata.get("sha256")
 
     @_translated

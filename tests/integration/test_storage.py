@@ -93,3 +93,10 @@ def test_storage_that_is_not_there_is_transient() -> None:
     with pytest.raises(StorageUnavailable) as info:
         store.put_input(uuid.uuid4(), b"II*\x00", "0" * 64)
     assert info.value.transient
+
+
+def test_a_missing_container_is_not_the_clients_fault(blob_connection_string: str) -> None:
+    store = store_for(blob_connection_string)  # containers never created
+    with pytest.raises(StorageUnavailable):
+        store.put_input(uuid.uuid4(), b"II*\x00", "0" * 64)
+    store.close()
