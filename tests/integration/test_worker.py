@@ -7,7 +7,7 @@ The worker runs in-process (``gpu_worker.__main__.run``, the same wiring as ``py
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -26,34 +26,10 @@ from local.ports import free_port
 from shared.errors import StorageUnavailable
 from shared.jobs import JobStatus
 from shared.telemetry import configure_telemetry
-from tests.fixtures.servicebus import EmulatorHandle
-from tests.integration.worker_helpers import FIELDS, SlowAnalyzer, WorkerStack, worker_stack
+from tests.integration.worker_helpers import FIELDS, SlowAnalyzer, StackFactory, WorkerStack
+from tests.integration.worker_helpers import stack_factory as stack_factory
 
 pytestmark = pytest.mark.integration
-
-StackFactory = Callable[..., WorkerStack]
-
-
-@pytest.fixture
-def stack_factory(
-    servicebus_emulator_factory: Callable[..., EmulatorHandle],
-    database_url: str,
-    blob_connection_string: str,
-    tmp_path: Path,
-) -> Iterator[StackFactory]:
-    closers: list[Generator[WorkerStack, None, None]] = []
-
-    def factory(queue: dict[str, Any] | None = None, **env: str) -> WorkerStack:
-        emulator = servicebus_emulator_factory({"jobs": queue} if queue else None)
-        generator = worker_stack(emulator.connection_string, database_url, blob_connection_string, tmp_path, **env)
-        closers.append(generator)
-        stack = next(generator)
-        stack.max_delivery_count = int((queue or {}).get("MaxDeliveryCount", 5))
-        return stack
-
-    yield factory
-    for generator in closers:
-        generator.close()
 
 
 @pytest.fixture

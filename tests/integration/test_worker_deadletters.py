@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -16,27 +15,15 @@ from azure.servicebus import ServiceBusMessage
 from gpu_worker.app import run
 from gpu_worker.deadletters import DeadLetterWatcher
 from shared.jobs import JobStatus
-from tests.fixtures.servicebus import EmulatorHandle
-from tests.integration.worker_helpers import FIELDS, SlowAnalyzer, WorkerStack, worker_stack
+from tests.integration.worker_helpers import FIELDS, SlowAnalyzer, StackFactory, WorkerStack
+from tests.integration.worker_helpers import stack_factory as stack_factory
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def stack(
-    servicebus_emulator_factory: Callable[..., EmulatorHandle],
-    database_url: str,
-    blob_connection_string: str,
-    tmp_path: Path,
-) -> Iterator[WorkerStack]:
-    emulator = servicebus_emulator_factory({"jobs": {"MaxDeliveryCount": 2, "LockDuration": "PT3S"}})
-    generator: Generator[WorkerStack, None, None] = worker_stack(
-        emulator.connection_string, database_url, blob_connection_string, tmp_path
-    )
-    stack = next(generator)
-    stack.max_delivery_count = 2
-    yield stack
-    generator.close()
+def stack(stack_factory: StackFactory) -> WorkerStack:
+    return stack_factory({"MaxDeliveryCount": 2, "LockDuration": "PT3S"})
 
 
 def _abandoned_until_dead(stack: WorkerStack) -> UUID:

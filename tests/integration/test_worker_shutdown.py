@@ -8,15 +8,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from uuid import UUID
 
 import pytest
 
 from shared.jobs import JobStatus
-from tests.fixtures.servicebus import EmulatorHandle
-from tests.integration.worker_helpers import FIELDS, WorkerStack, worker_stack
+from tests.integration.worker_helpers import FIELDS, StackFactory, WorkerStack
+from tests.integration.worker_helpers import stack_factory as stack_factory
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -24,14 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def stack(
-    servicebus_emulator: EmulatorHandle, database_url: str, blob_connection_string: str, tmp_path: Path
-) -> Iterator[WorkerStack]:
-    generator: Generator[WorkerStack, None, None] = worker_stack(
-        servicebus_emulator.connection_string, database_url, blob_connection_string, tmp_path
-    )
-    yield next(generator)
-    generator.close()
+def stack(stack_factory: StackFactory) -> WorkerStack:
+    return stack_factory()
 
 
 class Worker:

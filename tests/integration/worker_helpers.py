@@ -11,13 +11,14 @@ import hashlib
 import os
 import sys
 import time
-from collections.abc import Generator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
 
+import pytest
 from azure.servicebus import ServiceBusClient, ServiceBusMessage, ServiceBusReceivedMessage, ServiceBusSubQueue
 from azure.storage.blob import BlobServiceClient, ContainerClient
 from psycopg_pool import ConnectionPool
@@ -30,6 +31,7 @@ from shared.messages import JobMessage
 from shared.migrate import migrate
 from shared.settings import QueueProperties, Settings
 from shared.storage import BlobStore
+from tests.fixtures.servicebus import EmulatorHandle
 
 DATA = Path(__file__).parents[1] / "data"
 FIELDS = DATA / "s2_rgbn_fields_128.tif"
@@ -59,7 +61,6 @@ class WorkerStack:
     store: BlobStore
     client: ServiceBusClient
     max_delivery_count: int = 5
-    _closers: list[Any] = field(default_factory=list)
 
     @property
     def repo(self) -> PostgresJobRepository:
@@ -132,9 +133,9 @@ class WorkerStack:
         self.pool.close()
 
 
-def worker_stack(
+def open_worker_stack(
     servicebus_connection_string: str, database_url: str, blob_connection_string: str, tmp: Path, **env: str
-) -> Generator[WorkerStack, None, None]:
+) -> WorkerStack:
     migrate(database_url)
     full_env = {
         "ServiceBusConnection": servicebus_connection_string,
@@ -150,16 +151,38 @@ def worker_stack(
     settings = Settings.from_env(full_env)
     store = BlobStore.from_settings(settings)
     store.ensure_containers()
-    stack = WorkerStack(
+    return WorkerStack(
         env=full_env,
         queue_name=settings.jobs_queue,
         pool=open_pool(settings),
         store=store,
         client=ServiceBusClient.from_connection_string(servicebus_connection_string),
     )
-    try:
-        yield stack
-    finally:
+
+
+StackFactory = Callable[..., WorkerStack]
+
+
+@pytest.fixture
+def stack_factory(
+    servicebus_emulator_factory: Callable[..., EmulatorHandle],
+    database_url: str,
+    blob_connection_string: str,
+    tmp_path: Path,
+) -> Iterator[StackFactory]:
+    """``stack_factory(queue_properties, **env)``: a fresh emulator (queue "jobs" with those properties, in
+    Config.json spelling) with PostgreSQL and Azurite. Import it into a test module to use it."""
+    stacks: list[WorkerStack] = []
+
+    def factory(queue: dict[str, Any] | None = None, **env: str) -> WorkerStack:
+        emulator = servicebus_emulator_factory({"jobs": queue} if queue else None)
+        stack = open_worker_stack(emulator.connection_string, database_url, blob_connection_string, tmp_path, **env)
+        stack.max_delivery_count = int((queue or {}).get("MaxDeliveryCount", 5))
+        stacks.append(stack)
+        return stack
+
+    yield factory
+    for stack in stacks:
         stack.close()
 
 
