@@ -29,7 +29,9 @@ def stack(stack_factory: StackFactory) -> WorkerStack:
 
 
 class Worker:
-    def __init__(self, stack: WorkerStack, log: Path, *, seconds: float, grace: float, **env: str) -> None:
+    def __init__(
+        self, stack: WorkerStack, log: Path, *, seconds: float, grace: float, args: tuple[str, ...] = (), **env: str
+    ) -> None:
         self.log = log
         environment = {
             **os.environ,
@@ -41,7 +43,7 @@ class Worker:
         self.env = environment
         with log.open("wb") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "tests.integration.worker_helpers"],
+                [sys.executable, "-m", "tests.integration.worker_helpers", *args],
                 cwd=ROOT,
                 env=environment,
                 stdout=out,
@@ -144,3 +146,15 @@ def test_messages_of_the_batch_not_started_are_abandoned(
     [message] = stack.queued()
     assert (message.message_id, message.delivery_count) == (str(second), 1), worker.output()
     assert "not started before shutdown" in worker.output()
+
+
+@pytest.mark.parametrize("args", [("--max-jobs", "2"), ("--once",)])
+def test_max_jobs_and_once_exit_0_by_themselves(
+    stack: WorkerStack, start_worker: Callable[..., Worker], args: tuple[str, ...]
+) -> None:
+    jobs = [stack.submit(FIELDS.read_bytes()) for _ in range(2)]
+    worker = start_worker(seconds=0, grace=60, args=args, WORKER_MAX_MESSAGE_COUNT="1")
+    assert worker.wait() == 0, worker.output()
+    done = [stack.job(job_id).status for job_id in jobs]
+    expected = 2 if args[0] == "--max-jobs" else 1  # --once: one batch of WORKER_MAX_MESSAGE_COUNT messages
+    assert done == [JobStatus.SUCCEEDED] * expected + [JobStatus.QUEUED] * (2 - expected), worker.output()
