@@ -5,7 +5,8 @@ Accepted names (case-insensitive), in file order:
 * STAC ``eo`` common names, for any sensor: coastal, blue, green, red, rededge1..3, nir, nir08, nir09, cirrus,
   swir16, swir22 (``rgbn`` files simply use blue, green, red, nir);
 * Sentinel-2, zero-padded as ESA names them: B01 … B12 and B8A;
-* Landsat-8/9 OLI/TIRS, unpadded: B1 … B11, or Collection-2 surface reflectance SR_B1 … SR_B7.
+* Landsat-8/9 OLI/TIRS, unpadded: B1 … B11, or Collection-2 surface reflectance SR_B1 … SR_B7; the quality
+  bands QA_PIXEL (Collection 2) and BQA (pre-collection / Collection 1) map to the roles qa_pixel and qa_bqa.
 
 Mixing Sentinel-2 and Landsat names in one file is refused: the two numberings disagree (B5 is red edge on
 Sentinel-2 and NIR on Landsat).
@@ -50,6 +51,9 @@ LANDSAT_OLI: dict[str, str] = {
     "B9": "cirrus", "B10": "lwir11", "B11": "lwir12",
 }  # fmt: skip
 LANDSAT_OLI.update({f"SR_{name}": role for name, role in list(LANDSAT_OLI.items()) if name <= "B7"})
+# Quality bands (bit masks, not reflectance): Collection-2 QA_PIXEL, and the older BQA (pre-collection or
+# Collection 1; gpu_worker/analysis/cloud_sources.py tells the two bit layouts apart).
+LANDSAT_OLI.update({"QA_PIXEL": "qa_pixel", "BQA": "qa_bqa"})
 
 
 class BandError(ValueError):

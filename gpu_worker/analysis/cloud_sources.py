@@ -1,9 +1,13 @@
 """Where a scene's cloud mask comes from, given its bands: one object answering "which pixels of this window are
-cloudy?". Sentinel-2 L1C with the ten s2cloudless bands -> :class:`S2CloudMask`; anything else -> no mask.
+cloudy?". Sentinel-2 L1C with the ten s2cloudless bands -> :class:`S2CloudMask`; Landsat with its quality band
+(QA_PIXEL or BQA) -> :class:`LandsatQaCloudMask`; anything else -> no mask (``cloud_fraction: null``).
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
+import numpy as np
 import torch
 from rasterio.windows import Window
 
@@ -21,6 +25,11 @@ from gpu_worker.analysis.raster import SceneReader
 from shared.bands import SENTINEL2
 
 COARSE_WINDOW = 1024
+
+
+class CloudSource(Protocol):
+    def window(self, window: Window) -> torch.Tensor: ...
+    def describe(self) -> dict[str, object]: ...
 
 
 class S2CloudMask:
@@ -52,3 +61,60 @@ class S2CloudMask:
 
 def s2_cloud_bands_present(scene: SceneReader) -> bool:
     return scene.bands.sensor == "sentinel-2" and scene.bands.has(*(SENTINEL2[name] for name in MODEL_BANDS))
+
+
+# Landsat quality bits -> cloudy. Bit positions from the USGS Landsat 8 data format control books.
+def _qa_pixel(qa: np.ndarray) -> np.ndarray:
+    """Collection 2 QA_PIXEL: dilated cloud (bit 1), cirrus (bit 2) or cloud (bit 3)."""
+    cloudy: np.ndarray = (qa & 0b1110) != 0
+    return cloudy
+
+
+def _bqa_collection1(qa: np.ndarray) -> np.ndarray:
+    """Collection 1 BQA: cloud (bit 4), high cloud confidence (bits 5-6) or high cirrus confidence (bits 11-12)."""
+    cloudy: np.ndarray = ((qa >> 4) & 1 == 1) | ((qa >> 5) & 3 == 3) | ((qa >> 11) & 3 == 3)
+    return cloudy
+
+
+def _bqa_pre_collection(qa: np.ndarray) -> np.ndarray:
+    """Pre-collection (2013-2016) BQA: medium or high cloud confidence (bits 14-15) or high cirrus confidence
+    (bits 12-13)."""
+    cloudy: np.ndarray = ((qa >> 14) & 3 >= 2) | ((qa >> 12) & 3 == 3)
+    return cloudy
+
+
+class LandsatQaCloudMask:
+    """Clouds from Landsat's own quality band, per pixel. A BQA band's layout is told apart by one scan of it:
+    pre-collection products set bits 13-15 (cloud / cirrus confidence) on every determined pixel, Collection 1
+    never uses them."""
+
+    method = "landsat-qa"
+
+    def __init__(self, scene: SceneReader) -> None:
+        self.scene = scene
+        if scene.bands.has("qa_pixel"):
+            self.index, self.layout, self._rule = scene.bands.index("qa_pixel"), "collection-2 QA_PIXEL", _qa_pixel
+        else:
+            self.index = scene.bands.index("qa_bqa")
+            seen = 0
+            for window in scene.windows(COARSE_WINDOW):
+                seen |= int(np.bitwise_or.reduce(scene.read_raw(window, self.index), axis=None))
+            pre = bool(seen & 0xE000)
+            self.layout = "pre-collection BQA" if pre else "collection-1 BQA"
+            self._rule = _bqa_pre_collection if pre else _bqa_collection1
+
+    def window(self, window: Window) -> torch.Tensor:
+        qa = self.scene.read_raw(window, self.index).astype(np.int64)
+        return torch.from_numpy(self._rule(qa)).to(self.scene.device)
+
+    def describe(self) -> dict[str, object]:
+        return {"method": self.method, "layout": self.layout, "resolution_m": self.scene.pixel_size_m()}
+
+
+def cloud_source(scene: SceneReader, detector: CloudDetector) -> CloudSource | None:
+    """The best cloud mask the scene's bands allow, or None."""
+    if s2_cloud_bands_present(scene):
+        return S2CloudMask(scene, detector)
+    if scene.bands.sensor == "landsat-oli" and (scene.bands.has("qa_pixel") or scene.bands.has("qa_bqa")):
+        return LandsatQaCloudMask(scene)
+    return None

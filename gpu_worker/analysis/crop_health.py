@@ -19,7 +19,7 @@ import torch
 from rasterio.windows import Window
 
 from gpu_worker.analysis import cloudmask, quicklook
-from gpu_worker.analysis.cloud_sources import S2CloudMask, s2_cloud_bands_present
+from gpu_worker.analysis.cloud_sources import CloudSource, cloud_source
 from gpu_worker.analysis.cover import CAVEAT, FRACTIONS, FractionalCover, band_indices
 from gpu_worker.analysis.indices import INDICES, compute
 from gpu_worker.analysis.outputs import COG_CONTENT_TYPE, PNG_CONTENT_TYPE, RasterSink
@@ -46,7 +46,7 @@ class CropHealth:
 
     def run(self, image_path: Path, request: AnalysisRequest, workdir: Path) -> AnalysisOutput:
         with SceneReader(image_path, request.bands, request.scale, self.device) as scene:
-            clouds = S2CloudMask(scene, self.detector) if s2_cloud_bands_present(scene) else None
+            clouds = cloud_source(scene, self.detector)
             result, files = self._pass(scene, clouds, workdir)
             result = {"analysis": "crop-health", "scene": scene.describe(), **result}
         result["cloud_mask"] = clouds.describe() if clouds else None
@@ -63,7 +63,7 @@ class CropHealth:
         return AnalysisOutput(result=result, files=files)
 
     def _pass(
-        self, scene: SceneReader, clouds: S2CloudMask | None, workdir: Path
+        self, scene: SceneReader, clouds: CloudSource | None, workdir: Path
     ) -> tuple[dict[str, Any], dict[str, tuple[Path, str]]]:
         specs = [s for s in INDICES if scene.bands.has(*s.roles)]
         cover_indices = band_indices(scene.bands)

@@ -131,6 +131,12 @@ class SceneReader:
     def window_count(self, size: int) -> int:
         return math.ceil(self.height / size) * math.ceil(self.width / size)
 
+    def read_raw(self, window: Window, band_index: int) -> np.ndarray:
+        """One band of ``window`` as stored (a quality bit mask, say): no scaling, no nodata handling."""
+        with gdal_errors_as_invalid_image(f"cannot read window {window!r}"):
+            data: np.ndarray = self.dataset.read(band_index + 1, window=window)
+        return data
+
     def read(self, window: Window, band_indices: list[int]) -> Block:
         """Read the given 0-based bands of ``window``; reflectance = DN / scale."""
         with gdal_errors_as_invalid_image(f"cannot read window {window!r}"):
