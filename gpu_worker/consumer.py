@@ -24,7 +24,7 @@ from gpu_worker.handler import Outcome
 from gpu_worker.heartbeat import Heartbeat
 from gpu_worker.settlement import Action, Decision, Interrupted, decide
 from gpu_worker.shutdown import Shutdown
-from shared.errors import CropAIError, InvalidMessage
+from shared.errors import InvalidMessage
 from shared.jobs import JobRepository
 from shared.messages import JobMessage, decode
 from shared.telemetry import context_from_properties
@@ -197,7 +197,7 @@ class Consumer:
         }
         if decision.fail_code is not None and job_id is not None:
             decision = self._fail_job(job_id, decision, message, fields)
-            fields["action"] = decision.action.value
+            fields.update(action=decision.action.value, reason=decision.reason)
         level = logging.INFO if decision.action is Action.COMPLETE else logging.WARNING
         logger.log(
             logging.ERROR if decision.unexpected else level,
@@ -235,8 +235,8 @@ class Consumer:
         error (abandon, or on the last delivery dead-letter without it: the dead-letter watcher marks it later)."""
         try:
             self._repo.fail(job_id, decision.fail_code or "", decision.description or "")
-        except CropAIError as e:
-            logger.warning("could not mark job %s failed: %s", job_id, e, extra={**fields, "action": "fail_job_failed"})
+        except Exception as e:  # DatabaseUnavailable, or a bug: never let it skip the settlement
+            logger.warning("could not mark job %s failed: %r", job_id, e, extra={**fields, "action": "fail_job_failed"})
             retry = decide(
                 e, message.delivery_count, self._max_delivery_count, lock_lost=decision.action is Action.LEAVE
             )

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import pytest
 from azure.servicebus import ServiceBusMessage
@@ -22,9 +22,14 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from gpu_worker.__main__ import healthcheck
 from gpu_worker.analysis import AnalysisOutput, AnalysisRequest
 from gpu_worker.app import run
+from gpu_worker.consumer import Consumer, LockLosses
+from gpu_worker.handler import JobHandler
+from gpu_worker.heartbeat import Heartbeat
+from gpu_worker.shutdown import Shutdown
 from local.ports import free_port
-from shared.errors import StorageUnavailable
+from shared.errors import DatabaseUnavailable, StorageUnavailable
 from shared.jobs import JobStatus
+from shared.memory import InMemoryJobRepository
 from shared.telemetry import configure_telemetry
 from tests.integration.worker_helpers import FIELDS, SlowAnalyzer, StackFactory, WorkerStack
 from tests.integration.worker_helpers import stack_factory as stack_factory
@@ -233,3 +238,53 @@ def test_an_unknown_job_is_dead_lettered(stack: WorkerStack) -> None:
     [dead] = stack.dead_letters()
     assert (dead.message_id, dead.dead_letter_reason) == (str(message.job_id), "InvalidMessage")
     assert stack.repo.get(message.job_id) is None
+
+
+class DatabaseDownAtFailure(InMemoryJobRepository):
+    """The job repository whose database goes away between the start of the attempt and marking the job failed."""
+
+    def fail(self, job_id: UUID, code: str, message: str) -> bool:
+        raise DatabaseUnavailable("connection refused")
+
+
+@pytest.mark.parametrize(("delivery_count", "action"), [(0, "abandon"), (1, "dead_letter")])
+def test_a_permanent_failure_is_not_dead_lettered_while_the_job_cannot_be_marked_failed(
+    stack_factory: StackFactory, caplog: pytest.LogCaptureFixture, tmp_path: Path, delivery_count: int, action: str
+) -> None:
+    stack = stack_factory({"MaxDeliveryCount": 2})
+    message = stack.create_job(None)  # the input blob is missing: InputMissing
+    repo = DatabaseDownAtFailure()
+    repo.create(
+        job_id=message.job_id,
+        input_blob=message.input_blob,
+        input_sha256=message.input_sha256,
+        params={},
+        idempotency_key=None,
+    )
+    stack.send(message)
+    with stack.client.get_queue_receiver(stack.queue_name) as receiver:
+        for _ in range(delivery_count):  # earlier deliveries that failed
+            [received] = receiver.receive_messages(max_message_count=1, max_wait_time=10)
+            receiver.abandon_message(received)
+        consumer = Consumer(
+            receiver,
+            JobHandler(repo, stack.store, SlowAnalyzer(0)),
+            repo,
+            Shutdown(grace=1),
+            Heartbeat(tmp_path / "hb"),
+            LockLosses(),
+            max_delivery_count=2,
+            max_message_count=1,
+            max_wait_time=10,
+        )
+        with caplog.at_level(logging.INFO):
+            assert consumer.run(max_jobs=1) == 1
+    assert any(getattr(r, "action", None) == "fail_job_failed" for r in caplog.records)
+    assert _actions(caplog)[-1] == (action, "DatabaseUnavailable" if action == "abandon" else "InputMissing")
+    if action == "abandon":  # the next delivery tries again to fail the job, then dead-letters
+        assert [m.delivery_count for m in stack.queued()] == [1]
+        assert stack.dead_letters() == []
+    else:  # the last delivery: dead-lettered anyway; the dead-letter watcher fails the job once the database is back
+        assert stack.queued() == []
+        [dead] = stack.dead_letters()
+        assert dead.dead_letter_reason == "InputMissing"
