@@ -5,9 +5,11 @@ Kept apart from ``__main__`` so that ``python -m gpu_worker --healthcheck`` does
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from pathlib import Path
+from typing import Any
 
 from azure.servicebus import AutoLockRenewer
 
@@ -33,10 +35,12 @@ def _load_analyzer(settings: Settings) -> Analyzer:
     return TorchAnalyzer(select_device(settings.worker_device), models_dir)
 
 
-def _start_preemption_watch(shutdown: Shutdown, stop: threading.Event) -> None:
+def start_preemption_watch(shutdown: Shutdown, stop: threading.Event, **watcher: Any) -> threading.Thread:
+    """Spot ``Preempt`` / scale-in ``Terminate``: the same drain as SIGTERM, acknowledged once drained."""
     from gpu_worker.preemption import PreemptionWatcher
 
-    PreemptionWatcher(lambda: shutdown.request("preemption notice"), drained=shutdown.drained.wait).start(stop)
+    on_notice = functools.partial(shutdown.request, "preemption notice")
+    return PreemptionWatcher(on_notice, drained=shutdown.drained.wait, **watcher).start(stop)
 
 
 def run(
@@ -49,7 +53,7 @@ def run(
     restore_signals = shutdown.install()
     stop_watchers = threading.Event()
     if settings.worker_preemption_watch:
-        _start_preemption_watch(shutdown, stop_watchers)
+        start_preemption_watch(shutdown, stop_watchers)
     pool = open_pool(settings)
     store = BlobStore.from_settings(settings)
     try:
