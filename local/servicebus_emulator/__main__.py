@@ -29,9 +29,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"servicebus emulator: invalid configuration: {exc}", file=sys.stderr, flush=True)
         return 2
     try:
+        args.data_dir.mkdir(parents=True, exist_ok=True)
         asyncio.run(serve(config, args.host, args.port, args.data_dir))
     except OSError as exc:
-        print(f"servicebus emulator: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr, flush=True)
+        print(
+            f"servicebus emulator: cannot listen on {args.host}:{args.port} or use {args.data_dir}: {exc}",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     return 0
 

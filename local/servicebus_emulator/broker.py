@@ -66,8 +66,8 @@ def _outcome(state: Any) -> tuple[Outcome, str, str, Any]:
     if "released" in state:
         return Outcome.RELEASE, "", "", Released()
     if "modified" in state:
-        failed, undeliverable = (list(state["modified"] or []) + [None, None])[:2]
-        echo = Modified(delivery_failed=failed, undeliverable_here=undeliverable)
+        failed, undeliverable = [*(state["modified"] or []), None, None][:2]
+        echo = frames.make(Modified, delivery_failed=failed, undeliverable_here=undeliverable)
         if undeliverable:
             return Outcome.DEFER, "", "", echo
         return (Outcome.ABANDON if failed else Outcome.RELEASE), "", "", echo
@@ -79,7 +79,12 @@ def _outcome(state: Any) -> tuple[Outcome, str, str, Any]:
             value = info.get(key)
             return value.decode("utf-8") if isinstance(value, bytes) else str(value or "")
 
-        return Outcome.DEAD_LETTER, text(b"DeadLetterReason"), text(b"DeadLetterErrorDescription"), Rejected()
+        return (
+            Outcome.DEAD_LETTER,
+            text(b"DeadLetterReason"),
+            text(b"DeadLetterErrorDescription"),
+            frames.make(Rejected),
+        )
     return Outcome.RELEASE, "", "", Released()
 
 
@@ -149,8 +154,8 @@ class Broker:
                 role=not peer_receives,
                 send_settle_mode=snd_mode,
                 rcv_settle_mode=rcv_mode,
-                source=Source(address=source[0]) if source else None,
-                target=Target(address=target[0]) if target else None,
+                source=frames.make(Source, address=source[0]) if source else None,
+                target=frames.make(Target, address=target[0]) if target else None,
                 initial_delivery_count=0 if peer_receives else None,
                 max_message_size=MAX_MESSAGE_SIZE,
             ),
@@ -214,10 +219,8 @@ class Broker:
         if link.credit_granted < _LINK_CREDIT // 2:
             link.credit_granted = _LINK_CREDIT
             connection.send_flow(session, link, credit=_LINK_CREDIT)
-        if link.kind is LinkKind.QUEUE:
-            state = self._enqueue(link, fields[3], payload)
-        else:
-            state = self._request(link, payload)
+        queue_link = link.kind is LinkKind.QUEUE
+        state = self._enqueue(link, fields[3], payload) if queue_link else self._request(link, payload)
         if not fields[4]:  # the sender waits for our outcome
             connection.send(
                 session,
@@ -251,7 +254,7 @@ class Broker:
         message_id = request.properties.message_id if request.properties else None
         if link.kind is LinkKind.CBS:
             status, description = cbs.handle(props.get(b"operation"))
-            app: dict[str, Any] = {"status-code": status, "status-description": description}
+            app: dict[str | bytes, Any] = {"status-code": status, "status-description": description}
             value = None
         elif link.entity is None:
             app = {
@@ -274,8 +277,9 @@ class Broker:
             value = response.value
             self.dispatch(entity)
             self.dispatch(queue_name + DLQ_SUFFIX)
-        reply = Message(
-            properties=Properties(correlation_id=message_id),
+        reply = frames.make(
+            Message,
+            properties=frames.make(Properties, correlation_id=message_id),
             application_properties=app,
             value=value,
         )

@@ -194,31 +194,22 @@ class Connection(asyncio.Protocol):
             self._on_open(fields)
             return
         if code == _BEGIN:
-            session = Session(connection=self, channel=frame.channel, remote_channel=frame.channel)
-            session.next_incoming_id = fields[1]
-            self.sessions[frame.channel] = session
-            self.send(
-                session,
-                frames.make(
-                    BeginFrame,
-                    remote_channel=frame.channel,
-                    next_outgoing_id=0,
-                    incoming_window=WINDOW,
-                    outgoing_window=WINDOW,
-                    handle_max=WINDOW,
-                ),
-            )
+            self._on_begin(frame.channel, fields)
             return
         if code == _CLOSE:
-            for session in list(self.sessions.values()):
-                self._end_session(session)
+            for ended in list(self.sessions.values()):
+                self._end_session(ended)
             self.sessions.clear()
             self.close()
             return
         session = self.sessions.get(frame.channel)
-        if session is None:
+        if session is None:  # the SDK may detach links after ending their session
             _LOGGER.debug("frame %#x on channel %d without a session ignored", code, frame.channel)
             return
+        self._on_session_frame(session, frame)
+
+    def _on_session_frame(self, session: Session, frame: frames.Frame) -> None:
+        code, fields = frame.code, frame.fields
         if code == _ATTACH:
             self.broker.attach(session, fields)
         elif code == _FLOW:
@@ -236,6 +227,19 @@ class Connection(asyncio.Protocol):
             self._end_session(session)
             del self.sessions[frame.channel]
             self.send(session, frames.make(EndFrame))
+
+    def _on_begin(self, channel: int, fields: list[Any]) -> None:
+        session = Session(connection=self, channel=channel, remote_channel=channel, next_incoming_id=fields[1])
+        self.sessions[channel] = session
+        begin = frames.make(
+            BeginFrame,
+            remote_channel=channel,
+            next_outgoing_id=0,
+            incoming_window=WINDOW,
+            outgoing_window=WINDOW,
+            handle_max=WINDOW,
+        )
+        self.send(session, begin)
 
     def _on_open(self, fields: list[Any]) -> None:
         self.remote_max_frame_size = min(fields[2] or MAX_FRAME_SIZE, MAX_FRAME_SIZE)

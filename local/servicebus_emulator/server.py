@@ -20,8 +20,7 @@ READY = "Service Bus emulator ready: amqp://{host}:{port}"
 
 
 async def serve(config: EmulatorConfig, host: str, port: int, data_dir: Path) -> None:
-    """Serve until SIGTERM or SIGINT."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    """Serve until SIGTERM or SIGINT; ``data_dir`` must exist."""
     store = Store(data_dir / "servicebus.sqlite3", config.queues)
     broker = Broker(config, store)
     loop = asyncio.get_running_loop()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -11,6 +11,7 @@ from azure.servicebus import ServiceBusMessage, ServiceBusReceiveMode, ServiceBu
 from azure.servicebus.aio import AutoLockRenewer, ServiceBusClient
 from azure.servicebus.exceptions import MessageLockLostError, MessagingEntityNotFoundError
 
+from tests.emulator.sdk import Received, app_properties, seq
 from tests.fixtures.servicebus import EmulatorHandle
 
 pytestmark = pytest.mark.integration
@@ -30,14 +31,14 @@ async def test_batch_send_receive_complete(servicebus_emulator: EmulatorHandle) 
             for i in range(10):
                 batch.add_message(ServiceBusMessage(f"a{i}", application_properties={"i": i}))
             await sender.send_messages(batch)
-        received: list = []
+        received: Received = []
         async with client.get_queue_receiver("jobs", max_wait_time=5) as receiver:
             while len(received) < 10:
                 got = await receiver.receive_messages(max_message_count=10, max_wait_time=5)
                 assert got
                 await asyncio.gather(*(receiver.complete_message(m) for m in got))
                 received += got
-            assert [m.application_properties[b"i"] for m in received] == list(range(10))
+            assert [app_properties(m)[b"i"] for m in received] == list(range(10))
             assert await receiver.peek_messages(10) == []
 
 
@@ -77,7 +78,7 @@ async def test_defer_and_receive_deferred(servicebus_emulator: EmulatorHandle) -
         async with client.get_queue_receiver("jobs", max_wait_time=5) as receiver:
             (message,) = await receiver.receive_messages(max_wait_time=5)
             await receiver.defer_message(message)
-            (again,) = await receiver.receive_deferred_messages([message.sequence_number])
+            (again,) = await receiver.receive_deferred_messages([seq(message)])
             assert str(again) == "deferred"
             await receiver.complete_message(again)
             assert await receiver.peek_messages(10) == []
@@ -94,6 +95,7 @@ async def test_renew_lock_and_auto_lock_renewer(servicebus_emulator_factory: Fac
             renewer.register(receiver, first)
             before = second.locked_until_utc
             await asyncio.sleep(1)
+            assert before is not None
             assert await receiver.renew_message_lock(second) > before
             await asyncio.sleep(3.5)  # the manual renewal has lapsed; the auto-renewed lock has not
             await receiver.complete_message(first)
@@ -147,13 +149,20 @@ async def test_duplicate_detection(servicebus_emulator: EmulatorHandle) -> None:
             assert [str(m) for m in await receiver.peek_messages(10)] == ["1"]
 
 
-@pytest.mark.parametrize("kind", ["sender", "receiver"])
-async def test_unknown_entity(servicebus_emulator: EmulatorHandle, kind: str) -> None:
+async def _send_to(client: ServiceBusClient) -> None:
+    async with client.get_queue_sender("nope") as sender:
+        await sender.send_messages(ServiceBusMessage("x"))
+
+
+async def _receive_from(client: ServiceBusClient) -> None:
+    async with client.get_queue_receiver("nope", max_wait_time=1) as receiver:
+        await receiver.receive_messages(max_wait_time=1)
+
+
+@pytest.mark.parametrize("operation", [_send_to, _receive_from], ids=["send", "receive"])
+async def test_unknown_entity(
+    servicebus_emulator: EmulatorHandle, operation: Callable[[ServiceBusClient], Awaitable[None]]
+) -> None:
     async with ServiceBusClient.from_connection_string(servicebus_emulator.connection_string, retry_total=0) as client:
         with pytest.raises(MessagingEntityNotFoundError):
-            if kind == "sender":
-                async with client.get_queue_sender("nope") as sender:
-                    await sender.send_messages(ServiceBusMessage("x"))
-            else:
-                async with client.get_queue_receiver("nope", max_wait_time=1) as receiver:
-                    await receiver.receive_messages(max_wait_time=1)
+            await operation(client)

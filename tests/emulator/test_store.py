@@ -146,7 +146,9 @@ def test_schedule_cancel_and_activation(store: Store) -> None:
     kept = store.enqueue(QUEUE, _parts(), now=0)
     later = store.enqueue(QUEUE, _scheduled(5_000), now=0)
     cancelled = store.enqueue(QUEUE, _scheduled(5_000), now=0)
-    assert kept is not None and later is not None and cancelled is not None
+    assert kept is not None
+    assert later is not None
+    assert cancelled is not None
     store.cancel_scheduled("jobs", [cancelled])
     assert [m.seq for m in store.lock_next("jobs", 10, LOCK, now=1)] == [kept]
     assert store.sweep(5_000) == {"jobs"}
