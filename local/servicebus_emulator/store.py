@@ -81,8 +81,9 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, state, seq);
 CREATE INDEX IF NOT EXISTS messages_lock ON messages (lock_token) WHERE lock_token IS NOT NULL;
-CREATE INDEX IF NOT EXISTS messages_due ON messages (state, locked_until, visible_at);
-CREATE INDEX IF NOT EXISTS messages_expiry ON messages (expires_at) WHERE expires_at < 4611686018427387904;
+CREATE INDEX IF NOT EXISTS messages_locked ON messages (locked_until) WHERE locked_until IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_scheduled ON messages (visible_at) WHERE visible_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS messages_expiry ON messages (expires_at);
 CREATE TABLE IF NOT EXISTS duplicates (
     queue TEXT NOT NULL, message_id BLOB NOT NULL, expires_at INTEGER NOT NULL, PRIMARY KEY (queue, message_id)
 ) WITHOUT ROWID;
@@ -177,7 +178,7 @@ class Store:
         """Peek-lock up to ``count`` available, unexpired messages in sequence order."""
         db = self._write()
         rows = db.execute(
-            f"SELECT {_COLUMNS} FROM messages WHERE queue = ? AND state = 0 AND expires_at > ? ORDER BY seq LIMIT ?",
+            f"SELECT {_COLUMNS} FROM messages WHERE queue = ? AND state = 0 AND +expires_at > ? ORDER BY seq LIMIT ?",
             (entity, now, count),
         ).fetchall()
         return self._lock(db, rows, State.LOCKED, lock_ms, now)
@@ -186,7 +187,7 @@ class Store:
         """Receive-and-delete up to ``count`` available, unexpired messages."""
         db = self._write()
         rows = db.execute(
-            f"SELECT {_COLUMNS} FROM messages WHERE queue = ? AND state = 0 AND expires_at > ? ORDER BY seq LIMIT ?",
+            f"SELECT {_COLUMNS} FROM messages WHERE queue = ? AND state = 0 AND +expires_at > ? ORDER BY seq LIMIT ?",
             (entity, now, count),
         ).fetchall()
         db.executemany("DELETE FROM messages WHERE seq = ?", [(row[0],) for row in rows])
@@ -235,13 +236,14 @@ class Store:
         if outcome == Outcome.COMPLETE:  # the hot path: one statement
             return bool(
                 db.execute(
-                    "DELETE FROM messages WHERE lock_token = ? AND queue = ? AND state IN (1, 4) AND locked_until > ?",
+                    "DELETE FROM messages"
+                    " WHERE lock_token = ? AND +queue = ? AND +state IN (1, 4) AND +locked_until > ?",
                     (token.bytes, entity, now),
                 ).rowcount
             )
         row = db.execute(
             "SELECT seq, state, delivery_count FROM messages"
-            " WHERE lock_token = ? AND queue = ? AND state IN (1, 4) AND locked_until > ?",
+            " WHERE lock_token = ? AND +queue = ? AND +state IN (1, 4) AND +locked_until > ?",
             (token.bytes, entity, now),
         ).fetchone()
         if row is None:
@@ -262,7 +264,7 @@ class Store:
         db = self._write()
         cursor = db.execute(
             "UPDATE messages SET locked_until = ?"
-            " WHERE lock_token = ? AND queue = ? AND state IN (1, 4) AND locked_until > ?",
+            " WHERE lock_token = ? AND +queue = ? AND +state IN (1, 4) AND +locked_until > ?",
             (now + lock_ms, token.bytes, entity, now),
         )
         return now + lock_ms if cursor.rowcount else None
@@ -310,19 +312,19 @@ class Store:
         db = self._write()
         woken: set[str] = set()
         for seq, queue, state, count in db.execute(
-            "SELECT seq, queue, state, delivery_count FROM messages WHERE state IN (1, 4) AND locked_until <= ?",
+            "SELECT seq, queue, state, delivery_count FROM messages WHERE locked_until <= ? AND +state IN (1, 4)",
             (now,),
         ).fetchall():
             back = State.DEFERRED if state == State.DEFERRED_LOCKED else State.AVAILABLE
             self._fail_delivery(db, queue, seq, back, count)
             woken.update((queue, queue + DLQ_SUFFIX))
         for (queue,) in db.execute(
-            "UPDATE messages SET state = 0, visible_at = NULL WHERE state = 3 AND visible_at <= ? RETURNING queue",
+            "UPDATE messages SET state = 0, visible_at = NULL WHERE visible_at <= ? AND +state = 3 RETURNING queue",
             (now,),
         ).fetchall():
             woken.add(queue)
         for seq, queue in db.execute(
-            "SELECT seq, queue FROM messages WHERE expires_at <= ? AND state IN (0, 2)", (now,)
+            "SELECT seq, queue FROM messages WHERE expires_at <= ? AND +state IN (0, 2)", (now,)
         ).fetchall():
             config = self.queues.get(queue)
             if config is not None and config.dead_lettering_on_message_expiration:
