@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import rasterio
 import torch
 
 from gpu_worker.analysis.crop_health import CropHealth
@@ -11,6 +12,9 @@ from gpu_worker.analysis.model_analysis import ModelAnalysis
 from gpu_worker.analysis.models import ModelRegistry, model_name
 from gpu_worker.analysis.request import AnalysisOutput, AnalysisRequest
 from shared.errors import UnknownAnalysis
+
+# GDAL's block cache defaults to 5 % of RAM; a fixed size keeps the worker's memory independent of the machine.
+GDAL_CACHE_MB = 256
 
 
 class Analyzer:
@@ -25,6 +29,10 @@ class Analyzer:
         self._models = ModelAnalysis(ModelRegistry(models_dir, device))
 
     def analyse(self, image_path: Path, request: AnalysisRequest, workdir: Path) -> AnalysisOutput:
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+            return self._dispatch(image_path, request, workdir)
+
+    def _dispatch(self, image_path: Path, request: AnalysisRequest, workdir: Path) -> AnalysisOutput:
         if request.analysis == "crop-health":
             return self._crop_health.run(image_path, request, workdir)
         name = model_name(request.analysis)

@@ -33,6 +33,7 @@ VERSION = "crop-health/2"
 DEFAULT_WINDOW = 1024
 INDEX_ROLES = ("blue", "green", "red", "nir")
 MASK_NODATA = 255
+COVER_CHUNK = 1 << 18
 
 
 class CropHealth:
@@ -109,8 +110,10 @@ class CropHealth:
     ) -> None:
         counted = land & valid[channels].all(dim=0)
         pixels = values[channels][:, counted].float()  # only clear land pixels go through the MLP
-        with torch.inference_mode():
-            fractions = self.cover(pixels[None, :, :, None])[0, :, :, 0]
+        with torch.inference_mode():  # in chunks: the MLP's hidden activations are 64 floats per pixel
+            chunks = torch.split(pixels, COVER_CHUNK, dim=1) if pixels.shape[1] else ()
+            parts = [self.cover(chunk[None, :, :, None])[0, :, :, 0] for chunk in chunks]
+        fractions = torch.cat(parts, dim=1) if parts else pixels.new_zeros((len(FRACTIONS), 0))
         summary.add_cover(fractions, counted.sum())
         percent = torch.full((len(FRACTIONS), *counted.shape), MASK_NODATA, dtype=torch.uint8, device=counted.device)
         percent[:, counted] = (fractions * 100).round().to(torch.uint8)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import rasterio.windows
 import torch
 from affine import Affine
 from PIL import Image
@@ -146,3 +147,20 @@ def test_large_scene_gets_tiled_cog_with_overviews_and_a_small_quicklook(analyze
         assert png.format == "PNG"
         assert max(png.size) <= MAX_SIDE
         assert png.height > png.width  # the scene is taller than wide, plus the legend below
+
+
+def test_open_sea_has_no_land_so_no_cover_and_no_vegetation_fraction(analyzer: Analyzer, tmp_path: Path) -> None:
+    with rasterio.open(DATA / "s2_l1c_coast_256.tif") as src:
+        profile = src.profile | {"width": 40, "height": 40}
+        data = src.read(window=rasterio.windows.Window(200, 200, 40, 40))
+        names = src.descriptions
+    path = tmp_path / "sea.tif"
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+        for i, name in enumerate(names, start=1):
+            dst.set_band_description(i, name)
+    result = run(analyzer, path, tmp_path).result
+    assert result["water_fraction"] == 1.0
+    assert result["vegetation_fraction"] is None
+    assert result["cover"] is None
+    assert result["indices"]["ndvi"]["p90"] < 0
