@@ -17,22 +17,9 @@ from torch import nn
 from gpu_worker.analysis import AnalysisRequest, Analyzer
 from gpu_worker.analysis.models import ManifestError
 from shared.errors import InvalidImage, UnknownAnalysis
+from tests.unit.test_models import NirOverRed  # 1x1 conv: class 1 (vegetation) where nir > 2 red
 
 RGBN = Path(__file__).parents[1] / "data" / "s2_rgbn_fields_128.tif"
-
-
-class NirMinusTwoRed(nn.Module):
-    """1x1 conv: score(vegetation) = nir - 2 red = -score(other), so class 1 where NDVI > 1/3."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(2, 2, 1, bias=False)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.tensor([[2.0, -1.0], [-2.0, 1.0]]).view(2, 2, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.conv(x)
-        return out
 
 
 class Difference(nn.Module):
@@ -55,7 +42,7 @@ def install(models_dir: Path, name: str, module: nn.Module, **manifest: Any) -> 
 @pytest.fixture(scope="module")
 def analyzer(tmp_path_factory: pytest.TempPathFactory) -> Analyzer:
     models = tmp_path_factory.mktemp("models")
-    install(models, "veg", NirMinusTwoRed())
+    install(models, "veg", NirOverRed())
     install(models, "diff", Difference(), output_kind="regression", class_names=["nir_minus_red"])
     install(models, "swir", Difference(), input_bands=["swir16", "nir"])
     return Analyzer(torch.device("cpu"), models_dir=models)
