@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
+from azure.core.credentials import AccessToken
 from psycopg_pool import ConnectionPool
 
+from local.postgres import PostgresServer
 from shared.db import PostgresJobRepository, open_pool
 from shared.errors import DatabaseUnavailable
 from shared.jobs import IdempotencyConflict
@@ -140,3 +144,28 @@ def unused_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
     return port
+
+
+class CountingCredential:
+    def __init__(self) -> None:
+        self.scopes: list[tuple[str, ...]] = []
+
+    def get_token(self, *scopes: str, **kwargs: object) -> AccessToken:
+        self.scopes.append(scopes)
+        return AccessToken("entra-token", int(time.time()) + 3600)
+
+
+def test_entra_settings_fetch_a_token_for_each_new_connection(postgres_server: PostgresServer) -> None:
+    # The throwaway server has no TLS, so the sslmode=require connection is refused after the token was fetched:
+    # what this checks is the wiring (host/user settings -> EntraPassword -> the pool's per-connection kwargs).
+    url = urlsplit(postgres_server.url)
+    settings = Settings.from_env(
+        {"POSTGRES_HOST": url.hostname or "", "POSTGRES_PORT": str(url.port), "POSTGRES_USER": "postgres",
+         "POSTGRES_DATABASE": "postgres", "DB_POOL_MIN_SIZE": "0", "DB_POOL_TIMEOUT": "2",
+         "ServiceBusConnection": "unused", "AzureWebJobsStorage": "unused"}
+    )  # fmt: skip
+    credential = CountingCredential()
+    with open_pool(settings, credential) as pool, pytest.raises(DatabaseUnavailable):
+        PostgresJobRepository(pool).get(uuid.uuid4())
+    assert credential.scopes
+    assert credential.scopes[0] == ("https://ossrdbms-aad.database.windows.net/.default",)
