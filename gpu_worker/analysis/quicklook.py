@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 from rasterio.enums import Resampling
 
 MAX_SIDE = 1024
+MIN_SIDE = 512  # small scenes are enlarged (nearest neighbour) so that a person can see them
 LEGEND_HEIGHT = 72
 # NDVI colour ramp: water blue, bare soil tan, sparse vegetation yellow-green, dense vegetation dark green.
 STOPS = np.array([-0.5, 0.0, 0.2, 0.4, 0.6, 0.9])
@@ -21,7 +22,7 @@ COLOURS = np.array(
     [[33, 102, 172], [222, 206, 170], [210, 180, 90], [166, 217, 106], [26, 150, 65], [0, 68, 27]], dtype=np.float64
 )
 NO_DATA = (64, 64, 64)
-CLOUD = np.array([255.0, 255.0, 255.0])
+CLOUD = (255, 255, 255)
 TICKS = (-0.5, 0.0, 0.2, 0.4, 0.6, 0.9)
 
 
@@ -37,21 +38,23 @@ def render(ndvi_cog: Path, out: Path, cloud_cog: Path | None = None, title: str 
         scale = max(src.width / MAX_SIDE, src.height / (MAX_SIDE - LEGEND_HEIGHT), 1.0)
         shape = (max(1, round(src.height / scale)), max(1, round(src.width / scale)))
         ndvi = src.read(1, out_shape=shape, resampling=Resampling.average)
-    rgb = colourise(ndvi).astype(np.float64)
+    rgb = colourise(ndvi)
     if cloud_cog is not None:
         with rasterio.open(cloud_cog) as src:
-            cloud = src.read(1, out_shape=shape, resampling=Resampling.nearest) == 1
-        rgb[cloud] = 0.3 * rgb[cloud] + 0.7 * CLOUD
-    image = Image.fromarray(rgb.round().astype(np.uint8), "RGB")
-    width = max(image.width, 320)
+            rgb[src.read(1, out_shape=shape, resampling=Resampling.nearest) == 1] = CLOUD
+    image = Image.fromarray(rgb, "RGB")
+    enlarge = max(1, MIN_SIDE // max(image.size))
+    if enlarge > 1:
+        image = image.resize((image.width * enlarge, image.height * enlarge), Image.Resampling.NEAREST)
+    width = max(image.width, 360)
     canvas = Image.new("RGB", (width, image.height + LEGEND_HEIGHT), (255, 255, 255))
     canvas.paste(image, ((width - image.width) // 2, 0))
-    _legend(canvas, image.height, title + (" (clouds white)" if cloud_cog is not None else ""))
+    _legend(canvas, image.height, title, cloud_cog is not None)
     canvas.save(out, format="PNG")
     return out
 
 
-def _legend(canvas: Image.Image, top: int, title: str) -> None:
+def _legend(canvas: Image.Image, top: int, title: str, clouds: bool) -> None:
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=14)
     margin = 24
@@ -62,6 +65,13 @@ def _legend(canvas: Image.Image, top: int, title: str) -> None:
     canvas.paste(Image.fromarray(ramp, "RGB"), (margin, bar_top))
     draw.rectangle((margin - 1, bar_top - 1, margin + bar_w, bar_top + 14), outline=(0, 0, 0))
     draw.text((margin, top + 4), title, fill=(0, 0, 0), font=font)
+    x = canvas.width - margin
+    for label, colour in (("no data", NO_DATA), *((("cloud", CLOUD),) if clouds else ())):
+        x -= int(draw.textlength(label, font=font))
+        draw.text((x, top + 4), label, fill=(0, 0, 0), font=font)
+        x -= 18
+        draw.rectangle((x, top + 6, x + 12, top + 18), fill=colour, outline=(0, 0, 0))
+        x -= 14
     for tick in TICKS:
         x = margin + (tick - lo) / (hi - lo) * (bar_w - 1)
         draw.line((x, bar_top + 14, x, bar_top + 19), fill=(0, 0, 0))
