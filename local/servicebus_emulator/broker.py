@@ -22,7 +22,7 @@ from azure.servicebus._pyamqp.outcomes import Accepted, Modified, Rejected, Rele
 from azure.servicebus._pyamqp.performatives import AttachFrame, DetachFrame, DispositionFrame
 
 from . import cbs, frames, management
-from .codec import build_message, split_message
+from .codec import split_message
 from .config import EmulatorConfig, QueueConfig
 from .session import Link, LinkKind, Session
 from .store import DLQ_SUFFIX, Outcome, Store, StoredMessage
@@ -331,16 +331,7 @@ class Broker:
                 link.session.connection.send_flow(link.session, link, credit=0)
 
     def _deliver(self, link: Link, message: StoredMessage) -> None:
-        payload = build_message(
-            message.bare,
-            message.ann,
-            message.ann_count,
-            delivery_count=message.delivery_count,
-            ttl_ms=message.ttl_ms,
-            sequence_number=message.seq,
-            enqueued_ms=message.enqueued_at,
-            locked_until_ms=message.locked_until,
-        )
+        payload = message.encoded()
         token = message.lock_token or uuid.uuid4()
         connection = link.session.connection
         delivery_id = connection.send_transfer(link, token.bytes_le, payload, settled=link.settled_mode)

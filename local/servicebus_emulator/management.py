@@ -13,7 +13,7 @@ from typing import Any
 
 from azure.servicebus._pyamqp.types import AMQPTypes
 
-from .codec import build_message, split_message
+from .codec import split_message
 from .store import Outcome, Store, StoredMessage
 
 __all__ = ["Response", "handle"]
@@ -53,25 +53,12 @@ def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value or "")
 
 
-def _encoded(message: StoredMessage) -> bytes:
-    return build_message(
-        message.bare,
-        message.ann,
-        message.ann_count,
-        delivery_count=message.delivery_count,
-        ttl_ms=message.ttl_ms,
-        sequence_number=message.seq,
-        enqueued_ms=message.enqueued_at,
-        locked_until_ms=message.locked_until,
-    )
-
-
 def _messages(messages: list[StoredMessage], *, with_tokens: bool) -> Response:
     if not messages:
         return Response(204, "No messages")
     items = []
     for message in messages:
-        item: dict[str, Any] = {"message": _encoded(message)}
+        item: dict[str, Any] = {"message": message.encoded()}
         if with_tokens and message.lock_token is not None:
             item["lock-token"] = {_TYPE: AMQPTypes.uuid, _VALUE: message.lock_token}
         items.append(item)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 
-from .codec import MessageParts, add_application_properties
+from .codec import MessageParts, add_application_properties, build_message
 from .config import QueueConfig
 
 __all__ = ["DLQ_SUFFIX", "Outcome", "State", "Store", "StoredMessage"]
@@ -58,6 +58,19 @@ class StoredMessage:
     ann: bytes
     ann_count: int
     bare: bytes
+
+    def encoded(self) -> bytes:
+        """The message as the broker delivers it (transfer payload, peek and deferred-receive responses)."""
+        return build_message(
+            self.bare,
+            self.ann,
+            self.ann_count,
+            delivery_count=self.delivery_count,
+            ttl_ms=self.ttl_ms,
+            sequence_number=self.seq,
+            enqueued_ms=self.enqueued_at,
+            locked_until_ms=self.locked_until,
+        )
 
 
 _COLUMNS = "seq, state, enqueued_at, delivery_count, lock_token, locked_until, ttl_ms, ann, ann_count, bare"

@@ -9,7 +9,7 @@ from azure.servicebus import ServiceBusMessage
 from azure.servicebus._pyamqp import _decode, _encode
 from azure.servicebus._transport._pyamqp_transport import PyamqpTransport
 
-from local.servicebus_emulator.codec import MessageParts, build_message, split_message
+from local.servicebus_emulator.codec import MessageParts, split_message
 from local.servicebus_emulator.config import QueueConfig
 from local.servicebus_emulator.store import DLQ_SUFFIX, Outcome, Store, StoredMessage
 
@@ -32,17 +32,7 @@ def _parts(body: str = "b", **kwargs: object) -> MessageParts:
 
 
 def _decoded(message: StoredMessage) -> object:
-    data = build_message(
-        message.bare,
-        message.ann,
-        message.ann_count,
-        delivery_count=message.delivery_count,
-        ttl_ms=message.ttl_ms,
-        sequence_number=message.seq,
-        enqueued_ms=message.enqueued_at,
-        locked_until_ms=message.locked_until,
-    )
-    return _decode.decode_payload(memoryview(data))
+    return _decode.decode_payload(memoryview(message.encoded()))
 
 
 @pytest.fixture
