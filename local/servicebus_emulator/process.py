@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import selectors
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import IO
 
 __all__ = ["CONNECTION_STRING", "EmulatorStartError", "connection_string", "start_emulator"]
 
@@ -18,6 +21,9 @@ CONNECTION_STRING = (
 )
 _READY = re.compile(r"Service Bus emulator ready: amqp://(?P<host>[^:\s]+):(?P<port>\d+)")
 _REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+_LOGGER = logging.getLogger(__name__)
 
 
 class EmulatorStartError(RuntimeError):
@@ -39,8 +45,9 @@ def start_emulator(
 ) -> tuple[subprocess.Popen[bytes], int]:
     """Start ``python -m local.servicebus_emulator``; return the process and its bound port once it is ready.
 
-    The process's stderr stays a pipe that the caller owns after the ready line; it is drained by nothing, so
-    keep ``log_level`` at WARNING (the default) or read it. Raises :class:`EmulatorStartError` on failure.
+    After the ready line a daemon thread keeps reading the process's stderr (so the pipe never fills up) and
+    logs each line to this module's logger; it closes the pipe when the process exits. Raises
+    :class:`EmulatorStartError` when the process exits or is not ready within ``timeout``.
     """
     command = [
         sys.executable,
@@ -75,7 +82,14 @@ def start_emulator(
             output += chunk
             match = _READY.search(output.decode("utf-8", "replace"))
             if match:
+                threading.Thread(target=_drain, args=(process.stderr,), daemon=True).start()
                 return process, int(match.group("port"))
     process.kill()
     process.wait()
     raise EmulatorStartError(f"Service Bus emulator did not start: {output.decode('utf-8', 'replace').strip()}")
+
+
+def _drain(stream: IO[bytes]) -> None:
+    with stream:
+        for line in stream:
+            _LOGGER.info("emulator: %s", line.decode("utf-8", "replace").rstrip())

@@ -22,10 +22,8 @@ def test_ready_line_and_clean_stop(tmp_path: Path, sig: int) -> None:
     process, port = start_emulator(REPO_CONFIG, tmp_path / "data", log_level="INFO")
     assert port > 0
     process.send_signal(sig)
-    _, stderr = process.communicate(timeout=10)
-    assert process.returncode == 0
+    assert process.wait(timeout=10) == 0
     assert (tmp_path / "data" / "servicebus.sqlite3").exists()
-    assert b"Traceback" not in stderr
 
 
 def _run_with(tmp_path: Path, document: Any) -> subprocess.CompletedProcess[str]:
@@ -72,4 +70,4 @@ def test_port_in_use_fails_clearly(tmp_path: Path) -> None:
         assert "cannot listen" in result.stderr
     finally:
         process.terminate()
-        process.communicate(timeout=10)
+        process.wait(timeout=10)
