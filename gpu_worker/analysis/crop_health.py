@@ -53,13 +53,10 @@ class CropHealth:
         result["cloud_mask"] = clouds.describe() if clouds else None
         result["cover_note"] = CAVEAT if result["cover"] is not None else None
         result["model_version"] = self.model_version
+        cloud_cog = files["cloud_mask_cog"][0] if "cloud_mask_cog" in files else None
         with gdal_errors_as_invalid_image("cannot render the quicklook"):
-            files["quicklook_png"] = (
-                quicklook.render(
-                    files["ndvi_cog"][0], workdir / "quicklook.png", files.get("cloud_mask_cog", (None,))[0]
-                ),
-                PNG_CONTENT_TYPE,
-            )
+            png = quicklook.render(files["ndvi_cog"][0], workdir / "quicklook.png", cloud_cog)
+        files["quicklook_png"] = (png, PNG_CONTENT_TYPE)
         log.info("crop-health analysed %s", image_path.name, extra={"action": "analyse"})
         return AnalysisOutput(result=result, files=files)
 
