@@ -108,9 +108,11 @@ def up(config: StackConfig, environ: Mapping[str, str] | None = None) -> dict[st
         record(host)
         for index in range(config.workers):
             record(launcher.worker(index, env))
-    except (ServiceFailed, PortBusy, services.SetupFailed) as e:
+    except BaseException as e:  # also Ctrl-C half-way: stop what was started
         down(root)
-        raise StackError(str(e)) from e
+        if isinstance(e, ServiceFailed | PortBusy | services.SetupFailed):
+            raise StackError(str(e)) from e
+        raise
     return state
 
 
