@@ -30,7 +30,8 @@ FACTOR = 16
 
 def block_mean(data: np.ndarray, factor: int) -> np.ndarray:
     c, h, w = data.shape
-    return data.reshape(c, h // factor, factor, w // factor, factor).mean(axis=(2, 4))
+    means: np.ndarray = data.reshape(c, h // factor, factor, w // factor, factor).mean(axis=(2, 4))
+    return means
 
 
 def main() -> None:
