@@ -40,7 +40,7 @@ $(CHECKOV_STAMP):
 
 install: $(STAMP) $(NODE_STAMP) $(CHECKOV_STAMP)
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
@@ -60,6 +60,7 @@ demo: install
 bench: install
 	$(BIN)/python -m bench.servicebus_emulator
 	$(BIN)/python -m bench.submit_latency
+	$(BIN)/python -m bench.analysis
 
 clean: down
 	rm -rf .local
