@@ -4,7 +4,9 @@ short-lived read URLs for them.
 Locally a connection string (Azurite); in Azure the account's blob endpoint with an Entra credential. Read URLs are
 SAS URLs signed with the account key when the client has one, with a user delegation key when it authenticates
 with Entra ID (the key is fetched once and reused until close to its expiry), and the plain URL otherwise. SDK
-errors become :class:`~shared.errors.InputMissing` (the blob is gone) or :class:`~shared.errors.StorageUnavailable`.
+errors become :class:`~shared.errors.InputMissing` only when the service says ``BlobNotFound`` (the blob is gone),
+and :class:`~shared.errors.StorageUnavailable` otherwise: a missing container (``ContainerNotFound``) is a
+configuration error, and treating it as a permanent per-job failure would dead-letter the whole backlog.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from azure.storage.blob import (
     BlobSasPermissions,
     BlobServiceClient,
     ContentSettings,
+    StorageErrorCode,
     UserDelegationKey,
     generate_blob_sas,
 )
@@ -48,6 +51,11 @@ def _translated(method: Callable[P, R]) -> Callable[P, R]:
             raise StorageUnavailable(f"blob storage unavailable: {type(e).__name__}: {e}"[:1000]) from e
 
     return wrapper
+
+
+def _blob_not_found(e: ResourceNotFoundError) -> bool:
+    """The blob itself is gone (not its container, which is configuration: re-raised, so StorageUnavailable)."""
+    return getattr(e, "error_code", None) == StorageErrorCode.BLOB_NOT_FOUND
 
 
 class BlobStore:
@@ -96,7 +104,9 @@ class BlobStore:
         try:
             downloader = blob.download_blob(max_concurrency=4)
         except ResourceNotFoundError as e:
-            raise InputMissing(f"input blob {blob_name} not found") from e
+            if _blob_not_found(e):
+                raise InputMissing(f"input blob {blob_name} not found") from e
+            raise
         with path.open("wb") as f:
             downloader.readinto(f)
 
@@ -106,7 +116,9 @@ class BlobStore:
         try:
             props = self._service.get_blob_client(self.images_container, blob_name).get_blob_properties()
         except ResourceNotFoundError as e:
-            raise InputMissing(f"input blob {blob_name} not found") from e
+            if _blob_not_found(e):
+                raise InputMissing(f"input blob {blob_name} not found") from e
+            raise
         return props.metadata.get("sha256")
 
     @_translated

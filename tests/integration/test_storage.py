@@ -14,7 +14,7 @@ import httpx
 import pytest
 from azure.storage.blob import BlobServiceClient
 
-from shared.errors import InputMissing, StorageUnavailable
+from shared.errors import CropAIError, InputMissing, StorageUnavailable
 from shared.settings import Settings
 from shared.storage import BlobStore
 from tests import geotiffs
@@ -99,4 +99,27 @@ def test_a_missing_container_is_not_the_clients_fault(blob_connection_string: st
     store = store_for(blob_connection_string)  # containers never created
     with pytest.raises(StorageUnavailable):
         store.put_input(uuid.uuid4(), b"II*\x00", "0" * 64)
+    store.close()
+
+
+@pytest.mark.parametrize("action", ["download_input", "input_sha256"])
+@pytest.mark.parametrize(
+    ("containers", "error"),
+    [(True, InputMissing), (False, StorageUnavailable)],
+    ids=["missing-blob-is-permanent", "missing-container-is-transient"],
+)
+def test_download_side_missing_blob_versus_missing_container(
+    blob_connection_string: str, tmp_path: Path, action: str, containers: bool, error: type[CropAIError]
+) -> None:
+    """Only BlobNotFound means the input is gone; a wrong IMAGES_CONTAINER must not dead-letter every job."""
+    store = store_for(blob_connection_string)
+    if containers:
+        store.ensure_containers()
+    name = f"{uuid.uuid4()}/input.tif"
+    args: tuple[object, ...] = (name, tmp_path / "in.tif") if action == "download_input" else (name,)
+    with pytest.raises(error) as info:
+        getattr(store, action)(*args)
+    assert type(info.value) is error
+    assert isinstance(info.value, CropAIError)
+    assert info.value.transient is (error is StorageUnavailable)
     store.close()
