@@ -3,7 +3,8 @@
 Only the header is read: the magic bytes, then GDAL's view of the first IFD through an in-memory file. Pixel data is
 never decoded, so a decompression bomb (a few kilobytes declaring 100 000 x 100 000 pixels) is refused by its declared
 size alone. A file cut short is caught either by GDAL (its IFD is gone) or by the last block of each band ending past
-the end of the bytes we were given.
+the end of the bytes we were given. A header GDAL opens but Python cannot decode (a band description that is not
+UTF-8, a CRS that does not parse) is unreadable too: the client's mistake, never a 500.
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ def inspect(data: bytes, limits: Limits) -> ImageHeader:
                 header = _header(ds)
                 _check_limits(header, limits)
                 _check_complete(ds, len(data))
-    except RasterioError as e:
-        raise Rejected("unreadable_image", f"the TIFF cannot be read: {_gdal_reason(e)}") from e
+    except (RasterioError, ValueError) as e:  # ValueError: a band description that is not UTF-8, a CRSError
+        raise Rejected("unreadable_image", f"the TIFF cannot be read: {_reason(e)}") from e
     return header
 
 
@@ -105,7 +106,9 @@ def _check_complete(ds: DatasetReader, size: int) -> None:
             )
 
 
-def _gdal_reason(e: RasterioError) -> str:
+def _reason(e: Exception) -> str:
+    if isinstance(e, UnicodeDecodeError):
+        return f"a text field in its header is not valid {e.encoding.upper()} (byte {e.start})"
     # GDAL prefixes messages with the random in-memory file name; keep only what helps the client.
     text = str(e)
     return text.split(": ", 1)[1] if text.count(": ") and text.split(": ", 1)[0].endswith(".tif") else text

@@ -78,3 +78,30 @@ def test_pixel_limit_is_inclusive() -> None:
     assert inspect(data, Limits(max_bytes=10**6, max_pixels=100, max_bands=4)).width == 10
     with pytest.raises(Rejected, match="image_too_large"):
         inspect(data, Limits(max_bytes=10**6, max_pixels=99, max_bands=4))
+
+
+def _with_header_bytes(placeholder: str, replacement: bytes, band: int) -> bytes:
+    """A valid file whose band ``band`` description is rewritten in place (same length) with raw bytes."""
+    descriptions = ["B02", "B03", "B04", "B08"]
+    descriptions[band - 1] = placeholder
+    data = geotiffs.crafted(descriptions=tuple(descriptions))
+    assert data.count(placeholder.encode()) == 1
+    assert len(replacement) == len(placeholder)
+    return data.replace(placeholder.encode(), replacement)
+
+
+@pytest.mark.parametrize(
+    ("replacement", "band"),
+    [
+        (b"\xff\xfe\xfdQ", 1),  # bytes that never occur in UTF-8
+        (b"B0\x80Q", 4),  # a lone continuation byte
+        (b"\xc0\xafQQ", 2),  # an overlong encoding of '/'
+        (b"\xe9t\xe9Q", 3),  # Latin-1 'été'
+    ],
+    ids=["ff-fe", "lone-continuation", "overlong", "latin-1"],
+)
+def test_a_band_description_that_is_not_utf8_is_unreadable(replacement: bytes, band: int) -> None:
+    with pytest.raises(Rejected) as info:
+        inspect(_with_header_bytes("QQQQ", replacement, band), LIMITS)
+    assert info.value.code == "unreadable_image"
+    assert "UTF-8" in info.value.detail
