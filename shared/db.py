@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any, ParamSpec, TypeVar
 from uuid import UUID
 
@@ -29,7 +30,7 @@ R = TypeVar("R")
 
 _JOB = """
     SELECT j.job_id, j.status, j.idempotency_key, j.input_blob, j.input_sha256, j.params, j.attempts,
-           j.error_code, j.error_message, j.created_at, j.updated_at, r.result
+           j.error_code, j.error_message, j.created_at, j.updated_at, j.enqueued_at, r.result
     FROM jobs j LEFT JOIN results r USING (job_id)
 """
 _ACTIVE = "status IN ('queued', 'processing')"
@@ -147,6 +148,33 @@ class PostgresJobRepository:
                 (code, message, job_id),
             )
             return cur.rowcount == 1
+
+    @_translated
+    def requeue_enqueue_failed(self, job_id: UUID) -> Job | None:
+        # Conditional on the state, so of two concurrent retries exactly one gets the job back.
+        with self._conn() as conn:
+            changed = conn.execute(
+                "UPDATE jobs SET status = 'queued', error_code = NULL, error_message = NULL, enqueued_at = NULL,"
+                " updated_at = now()"
+                " WHERE job_id = %s AND status = 'failed' AND error_code = 'enqueue_failed' RETURNING job_id",
+                (job_id,),
+            ).fetchone()
+            return self._get(conn, job_id) if changed is not None else None
+
+    @_translated
+    def mark_enqueued(self, job_id: UUID) -> bool:
+        with self._conn() as conn:
+            return conn.execute("UPDATE jobs SET enqueued_at = now() WHERE job_id = %s", (job_id,)).rowcount == 1
+
+    @_translated
+    def stale_unsent(self, older_than: timedelta, limit: int) -> list[Job]:
+        with self._conn() as conn:
+            rows = conn.execute(
+                _JOB + " WHERE j.status = 'queued' AND j.enqueued_at IS NULL AND j.created_at < now() - %s"
+                " ORDER BY j.created_at LIMIT %s",
+                (older_than, limit),
+            ).fetchall()
+        return [_job(row) for row in rows]
 
     def _get(self, conn: psycopg.Cursor[dict[str, Any]], job_id: UUID) -> Job:
         row = conn.execute(_JOB + " WHERE j.job_id = %s", (job_id,)).fetchone()

@@ -7,7 +7,7 @@ it for unit tests of pure logic.
 from __future__ import annotations
 
 import enum
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 from uuid import UUID
 
@@ -40,6 +40,7 @@ class Job(BaseModel):
     result: dict[str, Any] | None = None
     error_code: str | None = None
     error_message: str | None = None
+    enqueued_at: datetime | None = None  # when the submit path (or the sweeper) last handed the message to the bus
 
 
 class IdempotencyConflict(Exception):
@@ -77,4 +78,19 @@ class JobRepository(Protocol):
 
     def fail(self, job_id: UUID, code: str, message: str) -> bool:
         """Mark ``failed`` unless already terminal; ``False`` if nothing changed."""
+        ...
+
+    def requeue_enqueue_failed(self, job_id: UUID) -> Job | None:
+        """Atomically set a job that is ``failed`` with code ``enqueue_failed`` back to ``queued`` (error cleared,
+        ``enqueued_at`` cleared); return it, or ``None`` if it was in any other state (nothing changed). Only the
+        caller that gets the job back may hand it over again."""
+        ...
+
+    def mark_enqueued(self, job_id: UUID) -> bool:
+        """Record that the job's message was sent (``enqueued_at = now``); ``False`` if the job is unknown."""
+        ...
+
+    def stale_unsent(self, older_than: timedelta, limit: int) -> list[Job]:
+        """``queued`` jobs never recorded as sent (``enqueued_at`` unset) created more than ``older_than`` ago,
+        oldest first, at most ``limit``: submits that died between the insert and the send."""
         ...

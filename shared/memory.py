@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+from shared.errors import InputMissing
 from shared.jobs import IdempotencyConflict, Job, JobStatus
 from shared.messages import JobMessage
 
@@ -83,6 +84,31 @@ class InMemoryJobRepository:
             self._update(job, status=JobStatus.FAILED, error_code=code, error_message=message)
             return True
 
+    def requeue_enqueue_failed(self, job_id: UUID) -> Job | None:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or job.status is not JobStatus.FAILED or job.error_code != "enqueue_failed":
+                return None
+            return self._update(job, status=JobStatus.QUEUED, error_code=None, error_message=None, enqueued_at=None)
+
+    def mark_enqueued(self, job_id: UUID) -> bool:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                return False
+            self._jobs[job_id] = job.model_copy(update={"enqueued_at": datetime.now(UTC)})
+            return True
+
+    def stale_unsent(self, older_than: timedelta, limit: int) -> list[Job]:
+        cutoff = datetime.now(UTC) - older_than
+        with self._lock:
+            stale = [
+                j
+                for j in self._jobs.values()
+                if j.status is JobStatus.QUEUED and j.enqueued_at is None and j.created_at < cutoff
+            ]
+        return sorted(stale, key=lambda j: j.created_at)[:limit]
+
     def _update(self, job: Job, **changes: Any) -> Job:
         job = job.model_copy(update={**changes, "updated_at": datetime.now(UTC)})
         self._jobs[job.job_id] = job
@@ -104,6 +130,14 @@ class InMemoryBlobStore:
         name = f"{job_id}/input.tif"
         self.blobs[f"images/{name}"] = (data, {"sha256": sha256})
         return name
+
+    def input_sha256(self, blob_name: str) -> str | None:
+        if self.failure is not None:
+            raise self.failure
+        blob = self.blobs.get(f"images/{blob_name}")
+        if blob is None:
+            raise InputMissing(f"input blob {blob_name} not found")
+        return blob[1].get("sha256")
 
     def read_url(self, blob_url: str, ttl: timedelta) -> str:
         if self.failure is not None:

@@ -4,19 +4,32 @@ Order and failure semantics (at-least-once, nothing orphaned):
 
 1. Everything about the request is validated first (:func:`shared.geotiff.inspect`, bands, scale, analysis);
    a refusal raises :class:`~shared.rejection.Rejected` and nothing is stored.
-2. The job row is inserted (``queued``) *before* the image is uploaded: an ``Idempotency-Key`` replay or conflict
-   is known at this point, so a replay never uploads a stray blob.
-3. The image goes to ``images/{job_id}/input.tif``, then the message (``message_id = job_id``) is sent.
+2. The job row is inserted (``queued``, ``enqueued_at`` unset) *before* the image is uploaded: an
+   ``Idempotency-Key`` replay or conflict is known at this point, so a replay never uploads a stray blob.
+3. The image goes to ``images/{job_id}/input.tif``, then the message (``message_id = job_id``) is sent, then the job
+   is marked sent (``enqueued_at``).
 4. If 3 fails for a new job, the job is marked ``failed`` with code ``enqueue_failed`` (terminal and visible through
    the status endpoint, so it cannot stay ``queued`` for ever) and :class:`EnqueueFailed` (transient) is raised:
-   the API answers 503 with ``Retry-After``; the client submits again (with a new ``Idempotency-Key`` if it used
-   one). Should the send have reached the broker after all, the worker finds the job terminal and skips it.
+   the API answers 503 with ``Retry-After``. The client retries, with the same ``Idempotency-Key`` if it used one
+   (see below). Should the send have reached the broker after all, the worker finds the job terminal and skips it.
+5. A process that dies between 2 and the end of 3 leaves a ``queued`` job with ``enqueued_at`` unset. The worker's
+   sweeper finds those (:meth:`~shared.jobs.JobRepository.stale_unsent`) and calls :func:`resend`: the message is
+   sent again if the image is there, else the job fails with ``enqueue_failed``.
 
-``Idempotency-Key``: same key + same bytes returns the existing job (``created=False``). If that job is still
-``queued``, its image and message are sent again: the upload overwrites identical bytes and Service Bus duplicate
-detection drops the second message, so a replay also heals a submit that crashed between insert and send. A failed
-re-send of a replay leaves the job as it was (the first send may well have worked). Same key + other bytes raises
-:class:`~shared.jobs.IdempotencyConflict`.
+``Idempotency-Key``: same key + same bytes returns the existing job (``created=False``, the API answers 200):
+
+* still ``queued``: its image and message are sent again (the upload overwrites identical bytes, Service Bus
+  duplicate detection drops the second message), so a replay also heals a submit that crashed between insert and
+  send. A failed re-send of such a replay leaves the job as it was (the first send may well have worked);
+* ``failed`` with ``enqueue_failed`` (the retry after a 503): the job is atomically set back to ``queued``
+  (:meth:`~shared.jobs.JobRepository.requeue_enqueue_failed`, a conditional update: of two concurrent retries one
+  wins, the other sees a ``queued`` job) and handed over again, exactly like a new job: on failure it is
+  ``failed``/``enqueue_failed`` again and the answer is 503 once more. Known gap: if the first send did reach the
+  broker and the worker skipped the then-failed job, a retry within the queue's duplicate-detection window is
+  dropped by the broker and the job stays ``queued`` (sent, so the sweeper does not see it either);
+* any other state: the job as it is, nothing is sent.
+
+Same key + other bytes raises :class:`~shared.jobs.IdempotencyConflict`.
 """
 
 from __future__ import annotations
@@ -33,7 +46,7 @@ from uuid import UUID
 from opentelemetry import trace
 
 from shared.bands import BandError, parse_names, resolve
-from shared.errors import BusUnavailable, StorageUnavailable, TransientError
+from shared.errors import BusUnavailable, DatabaseUnavailable, InputMissing, StorageUnavailable, TransientError
 from shared.geotiff import ImageHeader, Limits, inspect
 from shared.jobs import Job, JobRepository, JobStatus
 from shared.messages import JobMessage
@@ -49,6 +62,12 @@ _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")  # visible ASCII, as an H
 
 class InputStore(Protocol):
     def put_input(self, job_id: UUID, data: bytes, sha256: str) -> str: ...
+
+
+class InputChecker(Protocol):
+    def input_sha256(self, blob_name: str) -> str | None:
+        """The stored input's SHA-256 metadata; raises InputMissing when the blob is not there."""
+        ...
 
 
 class Publisher(Protocol):
@@ -99,8 +118,14 @@ def submit(
         span.set_attribute("crop_ai.job_id", str(job.job_id))
         span.set_attribute("crop_ai.idempotent_replay", not created)
         extra = {"job_id": str(job.job_id), "action": "submit" if created else "replay"}
-        if created or job.status is JobStatus.QUEUED:
-            _hand_over(job, upload.data, store, publisher, repo, new=created)
+        owned = created
+        if not created and job.status is JobStatus.FAILED and job.error_code == EnqueueFailed.code:
+            requeued = repo.requeue_enqueue_failed(job.job_id)
+            owned = requeued is not None
+            job = requeued or repo.get(job.job_id) or job  # lost the race: the job as the winner left it
+            extra["action"] = "retry" if owned else "replay"
+        if owned or job.status is JobStatus.QUEUED:
+            _hand_over(job, upload.data, store, publisher, repo, owned=owned)
         log.info("job %s accepted (%s, %s)", job.job_id, job.status.value, extra["action"], extra=extra)
         return Submitted(job=job, created=created)
 
@@ -127,8 +152,9 @@ def message_for(job: Job) -> JobMessage:
 
 
 def _hand_over(
-    job: Job, data: bytes, store: InputStore, publisher: Publisher, repo: JobRepository, *, new: bool
+    job: Job, data: bytes, store: InputStore, publisher: Publisher, repo: JobRepository, *, owned: bool
 ) -> None:
+    """Upload and send; ``owned``: this request created (or re-queued) the job, so a failure fails it."""
     extra = {"job_id": str(job.job_id), "action": "enqueue"}
     try:
         store.put_input(job.job_id, data, job.input_sha256)
@@ -136,9 +162,36 @@ def _hand_over(
     except (StorageUnavailable, BusUnavailable) as e:
         step = "store the image" if isinstance(e, StorageUnavailable) else "queue the job"
         log.error("job %s: could not %s: %s", job.job_id, step, e.message, extra=extra)
-        if new:
+        if owned:
             repo.fail(job.job_id, EnqueueFailed.code, f"could not {step}: {e.message}"[:1000])
         raise EnqueueFailed(job.job_id, f"could not {step}; submit the image again") from e
+    try:
+        repo.mark_enqueued(job.job_id)
+    except DatabaseUnavailable as e:  # the job is on its way; at worst the sweeper sends it once more
+        log.warning("job %s: sent, but not recorded as sent: %s", job.job_id, e.message, extra=extra)
+
+
+def resend(job: Job, store: InputChecker, publisher: Publisher, repo: JobRepository) -> bool:
+    """Hand a ``queued`` job that was never recorded as sent (:meth:`JobRepository.stale_unsent`) to the bus again.
+
+    The message is rebuilt from the job's row (:func:`message_for`). If the input blob is there it is sent and the
+    job marked sent: ``True``. If the blob is missing (the submit died before the upload) the job is failed with
+    ``enqueue_failed`` (nobody else can supply the image): ``False``. Storage, bus and database errors propagate
+    (transient: the next sweep tries again). A job that is no longer ``queued`` is left alone: ``False``.
+    """
+    extra = {"job_id": str(job.job_id), "message_id": str(job.job_id), "action": "resend"}
+    if job.status is not JobStatus.QUEUED:
+        return False
+    try:
+        store.input_sha256(job.input_blob)
+    except InputMissing:
+        log.warning("job %s: never sent and its image is missing; failing it", job.job_id, extra=extra)
+        repo.fail(job.job_id, EnqueueFailed.code, "the image was never stored; submit it again")
+        return False
+    publisher.send(message_for(job))
+    repo.mark_enqueued(job.job_id)
+    log.info("job %s: sent again (its submit never recorded the send)", job.job_id, extra=extra)
+    return True
 
 
 def _idempotency_key(value: str | None) -> str | None:

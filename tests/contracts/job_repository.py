@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -113,3 +115,57 @@ class JobRepositoryContract:
     def test_unknown_jobs_cannot_succeed_or_fail(self, repo: JobRepository) -> None:
         assert not repo.succeed(uuid.uuid4(), {"x": 1})
         assert not repo.fail(uuid.uuid4(), "code", "message")
+
+    def test_requeue_enqueue_failed_sets_the_job_back_to_queued(self, repo: JobRepository) -> None:
+        job, _ = create(repo, key="k-3")
+        repo.mark_enqueued(job.job_id)
+        repo.fail(job.job_id, "enqueue_failed", "could not queue the job")
+        again = repo.requeue_enqueue_failed(job.job_id)
+        assert again is not None
+        assert (again.status, again.error_code, again.error_message) == (JobStatus.QUEUED, None, None)
+        assert again.enqueued_at is None
+        assert repo.get(job.job_id) == again
+        assert repo.requeue_enqueue_failed(job.job_id) is None  # queued now: nothing to requeue
+
+    @pytest.mark.parametrize("state", ["queued", "processing", "succeeded", "failed-otherwise", "unknown"])
+    def test_requeue_enqueue_failed_changes_nothing_else(self, repo: JobRepository, state: str) -> None:
+        job, _ = create(repo)
+        if state == "processing":
+            repo.start_attempt(job.job_id)
+        elif state == "succeeded":
+            repo.succeed(job.job_id, {"x": 1})
+        elif state == "failed-otherwise":
+            repo.fail(job.job_id, "invalid_image", "not a GeoTIFF")
+        before = repo.get(job.job_id)
+        assert repo.requeue_enqueue_failed(uuid.uuid4() if state == "unknown" else job.job_id) is None
+        assert repo.get(job.job_id) == before
+
+    def test_requeue_enqueue_failed_has_one_winner(self, repo: JobRepository) -> None:
+        job, _ = create(repo)
+        repo.fail(job.job_id, "enqueue_failed", "could not queue the job")
+        with ThreadPoolExecutor(4) as pool:
+            outcomes = list(pool.map(lambda _: repo.requeue_enqueue_failed(job.job_id), range(8)))
+        assert sum(o is not None for o in outcomes) == 1
+
+    def test_mark_enqueued_records_the_send(self, repo: JobRepository) -> None:
+        job, _ = create(repo)
+        assert job.enqueued_at is None
+        assert repo.mark_enqueued(job.job_id)
+        sent = repo.get(job.job_id)
+        assert sent is not None
+        assert sent.enqueued_at is not None
+        assert sent.enqueued_at >= job.created_at
+        assert not repo.mark_enqueued(uuid.uuid4())
+
+    def test_stale_unsent_are_queued_never_sent_and_old_enough(self, repo: JobRepository) -> None:
+        unsent = [create(repo)[0] for _ in range(3)]
+        sent, _ = create(repo)
+        repo.mark_enqueued(sent.job_id)
+        started, _ = create(repo)
+        repo.start_attempt(started.job_id)
+        failed, _ = create(repo)
+        repo.fail(failed.job_id, "enqueue_failed", "could not store the image")
+        found = repo.stale_unsent(timedelta(0), limit=10)
+        assert [j.job_id for j in found] == [j.job_id for j in unsent]  # oldest first
+        assert [j.job_id for j in repo.stale_unsent(timedelta(0), limit=2)] == [j.job_id for j in unsent[:2]]
+        assert repo.stale_unsent(timedelta(hours=1), limit=10) == []  # too recent: the submit may still be sending

@@ -20,7 +20,7 @@ from local.postgres import PostgresServer
 from shared.db import PostgresJobRepository, open_pool
 from shared.errors import DatabaseUnavailable
 from shared.jobs import IdempotencyConflict
-from shared.migrate import MigrationError, migrate
+from shared.migrate import MigrationError, available, migrate
 from shared.settings import Settings
 from tests.contracts.job_repository import SHA_A, SHA_B, JobRepositoryContract, create
 
@@ -52,7 +52,7 @@ class TestPostgresJobRepository(JobRepositoryContract):
 
 
 def test_migrate_applies_once(database_url: str) -> None:
-    assert migrate(database_url) == ["0001"]
+    assert migrate(database_url) == [m.version for m in available()]
     assert migrate(database_url) == []
     with psycopg.connect(database_url) as conn:
         tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
@@ -62,7 +62,7 @@ def test_migrate_applies_once(database_url: str) -> None:
 def test_concurrent_migrations_apply_each_version_once(database_url: str) -> None:
     with ThreadPoolExecutor(4) as ex:
         runs = list(ex.map(lambda _: migrate(database_url), range(4)))
-    assert sorted(runs) == [[], [], [], ["0001"]]
+    assert sorted(runs) == [[], [], [], [m.version for m in available()]]
 
 
 def test_a_changed_migration_is_refused(database_url: str) -> None:

@@ -23,6 +23,7 @@ from shared.db import PostgresJobRepository
 from shared.messages import decode
 from shared.migrate import migrate
 from shared.storage import BlobStore
+from shared.submission import input_blob_name, resend
 from tests import geotiffs
 from tests.fixtures.servicebus import EmulatorHandle
 from tests.functions_client import body, get_job, post_job
@@ -137,3 +138,53 @@ def test_broker_down_fails_the_job_and_answers_503(app_deps: Deps, servicebus_em
     status = body(get_job(problem["job_id"]))
     assert status["status"] == "failed"
     assert status["error"]["code"] == "enqueue_failed"
+
+
+@pytest.mark.filterwarnings("ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning")
+def test_a_retry_with_the_same_key_after_a_503_is_queued(app_deps: Deps, servicebus_emulator: EmulatorHandle) -> None:
+    data = geotiffs.real(geotiffs.RGBN)
+    params = {"bands": "B02,B03,B04,B08"}
+    servicebus_emulator.stop()
+    failed = post_job(data, params=params, headers={"Idempotency-Key": "retry-it"})
+    gc.collect()
+    assert failed.status_code == 503
+    job_id = body(failed)["job_id"]
+    servicebus_emulator.start()
+    retried = post_job(data, params=params, headers={"Idempotency-Key": "retry-it"})
+    assert retried.status_code == 200
+    assert (body(retried)["job_id"], body(retried)["status"]) == (job_id, "queued")
+    assert [decode(m).job_id for m in queued_messages(servicebus_emulator)] == [uuid.UUID(job_id)]
+    assert body(get_job(job_id))["status"] == "queued"
+    assert app_deps.repo.stale_unsent(timedelta(0), limit=10) == []  # recorded as sent
+
+
+@pytest.mark.parametrize("stored", [True, False], ids=["image-stored", "image-missing"])
+def test_resend_of_a_job_whose_submit_died(app_deps: Deps, servicebus_emulator: EmulatorHandle, stored: bool) -> None:
+    """What the worker's sweeper does for a job inserted but never sent, through the real adapters."""
+    data = geotiffs.real(geotiffs.RGBN)
+    job_id = uuid.uuid4()
+    app_deps.repo.create(
+        job_id=job_id,
+        input_blob=input_blob_name(job_id),
+        input_sha256=hashlib.sha256(data).hexdigest(),
+        params={"bands": ["B02", "B03", "B04", "B08"], "scale": 10000.0, "analysis": "crop-health"},
+        idempotency_key=None,
+    )
+    assert isinstance(app_deps.blobs, BlobStore)
+    if stored:
+        app_deps.blobs.put_input(job_id, data, hashlib.sha256(data).hexdigest())
+    [stale] = app_deps.repo.stale_unsent(timedelta(0), limit=10)
+    assert stale.job_id == job_id
+    assert resend(stale, app_deps.blobs, app_deps.publisher, app_deps.repo) is stored
+    assert app_deps.repo.stale_unsent(timedelta(0), limit=10) == []
+    job = app_deps.repo.get(job_id)
+    assert job is not None
+    messages = [decode(m) for m in queued_messages(servicebus_emulator)]
+    if stored:
+        assert (job.status.value, job.enqueued_at is not None) == ("queued", True)
+        assert [(m.job_id, m.bands, m.input_blob) for m in messages] == [
+            (job_id, stale.params["bands"], stale.input_blob)
+        ]
+    else:
+        assert (job.status.value, job.error_code) == ("failed", "enqueue_failed")
+        assert messages == []

@@ -143,6 +143,22 @@ def test_send_failure_is_a_503_and_the_job_is_failed(world: Deps) -> None:
     assert status["error"]["code"] == "enqueue_failed"
 
 
+def test_a_retry_with_the_same_key_after_a_503_succeeds(world: Deps) -> None:
+    assert isinstance(world.publisher, InMemoryPublisher)
+    data = geotiffs.crafted()
+    world.publisher.failure = BusUnavailable("emulator down")
+    failed = post_job(data, headers={"Idempotency-Key": "retry-1"})
+    job_id = assert_problem(failed, 503, "enqueue_failed")["job_id"]
+    world.publisher.failure = None
+    retried = post_job(data, headers={"Idempotency-Key": "retry-1"})
+    assert retried.status_code == 200
+    assert body(retried)["job_id"] == job_id
+    assert body(retried)["status"] == "queued"
+    assert retried.headers["Retry-After"] == "3"
+    assert [str(m.job_id) for m in world.publisher.sent] == [job_id]
+    assert body(get_job(str(job_id)))["status"] == "queued"
+
+
 class BrokenRepository(InMemoryJobRepository):
     def get(self, job_id: uuid.UUID) -> None:
         raise DatabaseUnavailable("connection refused")
