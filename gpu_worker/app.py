@@ -13,10 +13,11 @@ from typing import Any
 
 from azure.servicebus import AutoLockRenewer
 
-from gpu_worker.consumer import Consumer, LockLosses
+from gpu_worker.consumer import Consumer
 from gpu_worker.deadletters import DeadLetterWatcher
 from gpu_worker.handler import Analyzer, JobHandler
 from gpu_worker.heartbeat import Heartbeat
+from gpu_worker.locks import Locks
 from gpu_worker.shutdown import Shutdown
 from shared.bus import servicebus_client
 from shared.db import PostgresJobRepository, open_pool
@@ -58,15 +59,12 @@ def run(
     store = BlobStore.from_settings(settings)
     try:
         repo = PostgresJobRepository(pool)
-        lock_losses = LockLosses()
-        renewer = AutoLockRenewer(
-            max_lock_renewal_duration=settings.worker_max_lock_renewal.total_seconds(),
-            on_lock_renew_failure=lock_losses,
-        )
+        renewer = AutoLockRenewer()  # the consumer registers each message itself, see gpu_worker.locks
+        locks = Locks(renewer, max_lock_renewal=settings.worker_max_lock_renewal.total_seconds())
         with (
             servicebus_client(settings) as client,
             renewer,
-            client.get_queue_receiver(settings.jobs_queue, auto_lock_renewer=renewer) as receiver,
+            client.get_queue_receiver(settings.jobs_queue) as receiver,
         ):
             watcher = DeadLetterWatcher(
                 client, settings.jobs_queue, repo, interval=settings.worker_deadletter_poll_interval
@@ -77,7 +75,7 @@ def run(
                 repo,
                 shutdown,
                 Heartbeat(Path(settings.worker_heartbeat_file)),
-                lock_losses,
+                locks,
                 max_delivery_count=settings.queue.max_delivery_count,
                 max_message_count=settings.worker_max_message_count,
                 max_wait_time=settings.worker_max_wait_time,

@@ -1,27 +1,35 @@
 """Receive -> dispatch -> settle.
 
-Peek-lock batches of ``max_message_count``; the receiver was opened with an ``AutoLockRenewer``, so the SDK registers
-every message for renewal the moment it is received (the ones still waiting in the batch keep their locks too).
-Each message is decoded first (a bad envelope is poison: dead-lettered at once), handled, and settled in exactly one
-place, :meth:`Consumer._process`'s ``finally``, from :func:`gpu_worker.settlement.decide`. Only the handler's work is
-interruptible by a forced shutdown; the settlement never is.
+Peek-lock batches of ``max_message_count``. Every message of a batch is registered for lock renewal on receipt, for
+a budget that covers its wait behind the messages before it (:mod:`gpu_worker.locks`); a message whose lock is
+already gone when its turn comes is skipped, neither processed nor settled (``action=skip_lock_lost``): the broker
+redelivers it, perhaps to another worker already. Each message is decoded first (a bad envelope is poison:
+dead-lettered at once), handled, and settled in exactly one place, :meth:`Consumer._process`'s ``finally``, from
+:func:`gpu_worker.settlement.decide`. Only the handler's work is interruptible by a forced shutdown; the settlement
+never is.
+
+Batches (``WORKER_MAX_MESSAGE_COUNT`` > 1) trade fewer receive round trips for two costs, both worse the longer a
+job runs: the messages waiting in a batch stay locked to this worker (a worker started meanwhile cannot take them),
+and a drain (SIGTERM, Spot eviction, scale-in) abandons the ones not started, which costs each of them a delivery:
+Service Bus has no "release without counting", so repeated evictions can push a job that never ran to
+``MaxDeliveryCountExceeded`` (the dead-letter watcher then fails it with ``max_delivery_count_exceeded``). For GPU
+jobs of minutes, use 1; batches pay off only for short jobs.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any, Protocol
 from uuid import UUID
 
-from azure.servicebus import ServiceBusReceivedMessage, ServiceBusReceiver, ServiceBusSession
+from azure.servicebus import ServiceBusReceivedMessage, ServiceBusReceiver
 from azure.servicebus.exceptions import MessageAlreadySettled, ServiceBusError
 from opentelemetry import trace
 
 from gpu_worker.handler import Outcome
 from gpu_worker.heartbeat import Heartbeat
+from gpu_worker.locks import Locks
 from gpu_worker.settlement import Action, Decision, Interrupted, decide
 from gpu_worker.shutdown import Shutdown
 from shared.errors import InvalidMessage
@@ -55,30 +63,6 @@ def _job_id(message: ServiceBusReceivedMessage, envelope: JobMessage | None) -> 
         return None
 
 
-class LockLosses:
-    """The AutoLockRenewer's failure callback (called from its threads): remembers the messages whose lock is lost,
-    so that the consumer does not try to settle them."""
-
-    def __init__(self) -> None:
-        self._tokens: set[str] = set()
-        self._lock = threading.Lock()
-
-    def __call__(self, renewable: ServiceBusReceivedMessage | ServiceBusSession, error: Exception | None) -> None:
-        message_id = getattr(renewable, "message_id", None)
-        with self._lock:
-            self._tokens.add(str(getattr(renewable, "lock_token", "")))
-        logger.warning(
-            "lock renewal failed for message %s: %s",
-            message_id,
-            error,
-            extra={"message_id": message_id, "action": "lock_lost"},
-        )
-
-    def __contains__(self, message: ServiceBusReceivedMessage) -> bool:
-        with self._lock:
-            return str(message.lock_token) in self._tokens
-
-
 class Consumer:
     def __init__(
         self,
@@ -87,7 +71,7 @@ class Consumer:
         repo: JobRepository,
         shutdown: Shutdown,
         heartbeat: Heartbeat,
-        lock_losses: LockLosses,
+        locks: Locks,
         *,
         max_delivery_count: int,
         max_message_count: int,
@@ -103,7 +87,7 @@ class Consumer:
         self._max_message_count = max_message_count
         self._max_wait_time = max_wait_time
         self._after_batch = after_batch
-        self._lock_losses = lock_losses
+        self._locks = locks
         self.settled: dict[Action, int] = dict.fromkeys(Action, 0)
 
     def run(self, *, max_jobs: int | None = None, once: bool = False) -> int:
@@ -121,12 +105,16 @@ class Consumer:
                 self._shutdown.requested.wait(backoff)
                 continue
             failures = 0
+            self._locks.hold(self._receiver, batch)
             for index, message in enumerate(batch):
                 if self._shutdown.requested.is_set():
                     self._abandon_unstarted(batch[index:])
                     break
-                self._process(message)
                 handled += 1
+                if not self._locks.ready(self._receiver, message):
+                    self._skip(message)
+                    continue
+                self._process(message)
             if self._after_batch is not None and not self._shutdown.requested.is_set():
                 self._after_batch()
             if once or (max_jobs is not None and handled >= max_jobs):
@@ -136,10 +124,25 @@ class Consumer:
 
     def _abandon_unstarted(self, messages: list[ServiceBusReceivedMessage]) -> None:
         for message in messages:
+            if self._locks.lost(message):
+                self._skip(message)
+                continue
             decision = decide(
                 Interrupted("not started before shutdown"), message.delivery_count, self._max_delivery_count
             )
             self._settle(message, decision, None)
+
+    def _skip(self, message: ServiceBusReceivedMessage) -> None:
+        logger.warning(
+            "message %s: lock lost before it started; left to the broker",
+            message.message_id,
+            extra={
+                "job_id": str(job_id) if (job_id := _job_id(message, None)) else None,
+                "message_id": message.message_id,
+                "delivery_count": message.delivery_count,
+                "action": "skip_lock_lost",
+            },
+        )
 
     def _process(self, message: ServiceBusReceivedMessage) -> None:
         fields = {"message_id": message.message_id, "delivery_count": message.delivery_count}
@@ -165,7 +168,7 @@ class Consumer:
                 error = e
             finally:
                 decision = decide(
-                    error, message.delivery_count, self._max_delivery_count, lock_lost=self._lock_lost(message)
+                    error, message.delivery_count, self._max_delivery_count, lock_lost=self._locks.lost(message)
                 )
                 span.set_attribute("crop_ai.settlement", decision.action.value)
                 if error is not None:
@@ -174,12 +177,6 @@ class Consumer:
                 self._heartbeat.idle()
         if error is not None and not isinstance(error, Exception | Interrupted):
             raise error  # KeyboardInterrupt, SystemExit: settled (abandoned) above, now let them through
-
-    def _lock_lost(self, message: ServiceBusReceivedMessage) -> bool:
-        if message in self._lock_losses:
-            return True
-        locked_until = message.locked_until_utc
-        return locked_until is not None and locked_until <= datetime.now(UTC)
 
     def _settle(
         self,

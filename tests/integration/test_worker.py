@@ -22,9 +22,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from gpu_worker.__main__ import healthcheck
 from gpu_worker.analysis import AnalysisOutput, AnalysisRequest
 from gpu_worker.app import run
-from gpu_worker.consumer import Consumer, LockLosses
+from gpu_worker.consumer import Consumer
 from gpu_worker.handler import JobHandler
 from gpu_worker.heartbeat import Heartbeat
+from gpu_worker.locks import Locks
 from gpu_worker.shutdown import Shutdown
 from local.ports import free_port
 from shared.errors import DatabaseUnavailable, StorageUnavailable
@@ -272,7 +273,7 @@ def test_a_permanent_failure_is_not_dead_lettered_while_the_job_cannot_be_marked
             repo,
             Shutdown(grace=1),
             Heartbeat(tmp_path / "hb"),
-            LockLosses(),
+            Locks(None, max_lock_renewal=60),
             max_delivery_count=2,
             max_message_count=1,
             max_wait_time=10,
@@ -288,3 +289,41 @@ def test_a_permanent_failure_is_not_dead_lettered_while_the_job_cannot_be_marked
         assert stack.queued() == []
         [dead] = stack.dead_letters()
         assert dead.dead_letter_reason == "InputMissing"
+
+
+def test_a_message_waiting_in_the_batch_keeps_its_lock_while_the_one_before_it_runs(
+    stack_factory: StackFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Each job may hold its lock for 5 s; the first takes 4.5 s, so the second ends 9 s after the batch was received.
+    # Counted from receipt, a flat 5 s renewal would let the second's lock lapse while it runs.
+    stack = stack_factory({"LockDuration": "PT3S", "MaxDeliveryCount": 2})
+    first, second = (stack.submit(FIELDS.read_bytes()) for _ in range(2))
+    analyzer = SlowAnalyzer(4.5)
+    settings = stack.settings(WORKER_MAX_MESSAGE_COUNT="2", WORKER_MAX_LOCK_RENEWAL="PT5S")
+    with caplog.at_level(logging.INFO):
+        run(settings, analyzer=analyzer, max_jobs=2, once=True)
+    assert analyzer.calls == 2
+    assert [stack.job(j).status for j in (first, second)] == [JobStatus.SUCCEEDED] * 2
+    assert _actions(caplog) == [("complete", None), ("complete", None)]
+    assert stack.queued() == []
+
+
+def test_a_message_whose_lock_lapsed_while_it_waited_in_the_batch_is_skipped(
+    stack_factory: StackFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The first job runs far past its renewal budget (and the one of the message waiting behind it): the second's
+    # lock is gone before it starts, so another worker may hold it already. It must be neither processed nor settled.
+    stack = stack_factory({"LockDuration": "PT2S", "MaxDeliveryCount": 5})
+    first, second = (stack.submit(FIELDS.read_bytes()) for _ in range(2))
+    analyzer = SlowAnalyzer(7)
+    settings = stack.settings(WORKER_MAX_MESSAGE_COUNT="2", WORKER_MAX_LOCK_RENEWAL="PT1S")
+    with caplog.at_level(logging.INFO):
+        run(settings, analyzer=analyzer, max_jobs=2, once=True)
+    assert analyzer.calls == 1
+    assert stack.job(first).status is JobStatus.SUCCEEDED  # stored, but its message could not be completed
+    job = stack.job(second)
+    assert (job.status, job.attempts) == (JobStatus.QUEUED, 0)
+    [skipped] = [r for r in caplog.records if getattr(r, "action", None) == "skip_lock_lost"]
+    assert getattr(skipped, "message_id", None) == str(second)
+    assert [a for a, _ in _actions(caplog)] == ["leave"]  # the first; nothing at all for the second
+    assert {m.message_id for m in stack.queued()} == {str(first), str(second)}
