@@ -13,17 +13,23 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from datetime import timedelta
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class QueueProperties(BaseModel):
-    """The jobs queue's properties. infra/bicep and local/servicebus.config.json must agree (tests check it)."""
+    """The jobs queue's properties. infra/bicep and local/servicebus.config.json must agree (tests check it).
 
-    model_config = ConfigDict(frozen=True)
+    The properties the app itself reads can be set from the environment by their alias (``QUEUE_MAX_DELIVERY_COUNT``:
+    the worker marks a job ``retries_exhausted`` on the last allowed delivery, so it must know the queue's value);
+    infra/bicep sets it from the same parameter as the queue's ``maxDeliveryCount``.
+    """
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
 
     lock_duration: timedelta = timedelta(minutes=1)
-    max_delivery_count: int = 5
+    max_delivery_count: int = Field(5, alias="QUEUE_MAX_DELIVERY_COUNT", ge=1)
     default_message_time_to_live: timedelta = timedelta(days=1)
     dead_lettering_on_message_expiration: bool = True
     requires_duplicate_detection: bool = True
@@ -78,6 +84,14 @@ class Settings(BaseModel):
     applicationinsights_connection_string: str | None = Field(None, alias="APPLICATIONINSIGHTS_CONNECTION_STRING")
     service_name: str = Field("crop-ai", alias="OTEL_SERVICE_NAME")
     otel_traces_exporter: str = Field("none", alias="OTEL_TRACES_EXPORTER")  # none | console (no App Insights)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _queue_from_flat_names(cls, data: Any) -> Any:
+        """App settings are flat: the queue's aliased names (``QUEUE_*``) build :class:`QueueProperties`."""
+        if isinstance(data, Mapping) and "queue" not in data:
+            return {**data, "queue": {k: v for k, v in data.items() if k.startswith("QUEUE_")}}
+        return data
 
     @model_validator(mode="after")
     def _one_way_to_each_backend(self) -> Settings:

@@ -352,6 +352,7 @@ module functionApp 'modules/functionapp.bicep' = {
     serviceName: otelServiceName
     maximumInstanceCount: functionMaximumInstanceCount
     instanceMemoryMB: functionInstanceMemoryMB
+    queueMaxDeliveryCount: queueMaxDeliveryCount
   }
   dependsOn: [
     roles
@@ -388,6 +389,7 @@ module gpuWorkers 'modules/gpu-vmss.bicep' = {
     serviceName: otelServiceName
     maxMessageCount: workerMaxMessageCount
     shutdownGraceSeconds: workerShutdownGraceSeconds
+    queueMaxDeliveryCount: queueMaxDeliveryCount
   }
   dependsOn: [
     roles

@@ -105,8 +105,41 @@ def worker_environment_names() -> list[str]:
 
 
 def unknown_setting_names(names: list[str]) -> list[str]:
-    aliases = {f.alias or name for name, f in Settings.model_fields.items()}
+    aliases = {f.alias or name for name, f in Settings.model_fields.items()} | set(QUEUE_ENVIRONMENT)
     return [n for n in names if n not in aliases and n not in PLATFORM_SETTINGS]
+
+
+# The QueueProperties the app reads from its environment: alias -> QUEUE_FIELDS key.
+QUEUE_ENVIRONMENT = {f.alias: name for name, f in QueueProperties.model_fields.items() if f.alias}
+
+
+def function_app_settings() -> dict[str, Any]:
+    site = bt.module("functionapp").resources_of_type("Microsoft.Web/sites")[0].value
+    return {s["name"]: s["value"] for s in bt.dig(site, "properties", "siteConfig", "appSettings")}
+
+
+def worker_environment() -> dict[str, Any]:
+    return dict(bt.module("gpu-vmss").variables["workerEnvironment"].value)
+
+
+@pytest.mark.parametrize(
+    ("module_file", "module_name", "environment"),
+    [("functionapp", "functionApp", function_app_settings), ("gpu-vmss", "gpuWorkers", worker_environment)],
+    ids=["functions", "worker"],
+)
+def test_queue_settings_come_from_the_queues_own_parameters(
+    module_file: str, module_name: str, environment: Any
+) -> None:
+    """QUEUE_MAX_DELIVERY_COUNT in each environment is the very parameter the queue's maxDeliveryCount is set from."""
+    assert QUEUE_ENVIRONMENT, "the app reads at least QUEUE_MAX_DELIVERY_COUNT"
+    env = environment()
+    passed = bt.main().modules[module_name].value["params"]
+    module_params = bt.module(module_file).params
+    for alias, field in QUEUE_ENVIRONMENT.items():
+        _, main_param, _ = QUEUE_FIELDS[field]
+        assert env[alias] == Expr(f"string({main_param})"), alias
+        assert passed[main_param] == Expr(main_param), f"main.bicep passes {main_param} to {module_name}"
+        assert module_params[main_param].value is None, f"{module_file}: no default of its own for {main_param}"
 
 
 @pytest.mark.parametrize("names", [function_app_setting_names, worker_environment_names], ids=["functions", "worker"])
@@ -121,7 +154,7 @@ def test_the_environment_builds_valid_settings(names: Any) -> None:
     """With placeholder values the names alone must satisfy Settings' one-way-to-each-backend rule, keyless."""
     env = dict.fromkeys(names(), "x")
     env.update({"POSTGRES_PORT": "5432"})
-    settings = Settings.from_env({k: v for k, v in env.items() if not k.startswith(("MAX_", "WORKER_"))})
+    settings = Settings.from_env({k: v for k, v in env.items() if not k.startswith(("MAX_", "WORKER_", "QUEUE_"))})
     assert settings.servicebus_connection_string is None
     assert settings.storage_connection_string is None
     assert settings.database_url is None

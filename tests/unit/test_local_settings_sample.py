@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from shared.settings import Settings
+from shared.settings import QueueProperties, Settings
 
 SAMPLE = json.loads((Path(__file__).resolve().parents[2] / "local.settings.sample.json").read_text())
 
 
 def test_every_setting_is_documented() -> None:
-    aliases = {field.alias for field in Settings.model_fields.values() if field.alias}
+    fields = [*Settings.model_fields.values(), *QueueProperties.model_fields.values()]
+    aliases = {field.alias for field in fields if field.alias}
+    assert "QUEUE_MAX_DELIVERY_COUNT" in aliases
     assert aliases - set(SAMPLE["Documentation"]) == set()
 
 

@@ -60,3 +60,16 @@ def test_queue_defaults() -> None:
     assert queue.lock_duration == timedelta(minutes=1)
     assert queue.max_delivery_count == 5
     assert queue.requires_duplicate_detection
+
+
+def test_queue_max_delivery_count_from_the_environment() -> None:
+    assert Settings.from_env(LOCAL).queue.max_delivery_count == 5
+    settings = Settings.from_env({**LOCAL, "QUEUE_MAX_DELIVERY_COUNT": "9"})
+    assert settings.queue.max_delivery_count == 9
+    assert settings.queue.lock_duration == QueueProperties().lock_duration  # the rest keep their defaults
+
+
+@pytest.mark.parametrize("value", ["0", "many"])
+def test_bad_queue_max_delivery_count_names_the_setting(value: str) -> None:
+    with pytest.raises(ValidationError, match="QUEUE_MAX_DELIVERY_COUNT"):
+        Settings.from_env({**LOCAL, "QUEUE_MAX_DELIVERY_COUNT": value})

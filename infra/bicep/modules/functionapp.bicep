@@ -69,6 +69,10 @@ param instanceMemoryMB int = 2048
 @description('Largest accepted upload in bytes (MAX_UPLOAD_BYTES); the Functions HTTP limit is 100 MB.')
 param maxUploadBytes int = 104857600
 
+@description('The jobs queue\'s maxDeliveryCount (QUEUE_MAX_DELIVERY_COUNT): main.bicep passes the queue\'s own parameter.')
+@minValue(1)
+param queueMaxDeliveryCount int
+
 resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
   // checkov:skip=CKV_AZURE_225:Zone redundancy of Flex Consumption plans depends on the region; enable it per region when available
   name: planName
@@ -184,6 +188,10 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
         {
           name: 'MAX_UPLOAD_BYTES'
           value: string(maxUploadBytes)
+        }
+        {
+          name: 'QUEUE_MAX_DELIVERY_COUNT'
+          value: string(queueMaxDeliveryCount)
         }
         // DefaultAzureCredential picks the user-assigned identity by its client id
         {

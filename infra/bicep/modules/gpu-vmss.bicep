@@ -116,6 +116,10 @@ param serviceName string = 'crop-ai'
 @minValue(1)
 param maxMessageCount int = 4
 
+@description('The jobs queue\'s maxDeliveryCount (QUEUE_MAX_DELIVERY_COUNT): the worker fails a job on the last delivery.')
+@minValue(1)
+param queueMaxDeliveryCount int
+
 @description('Seconds the worker gets to finish in-flight work after SIGTERM or a Preempt notice; keep under 30 for Spot.')
 @minValue(1)
 param shutdownGraceSeconds int = 25
@@ -142,6 +146,7 @@ var workerEnvironment = {
   OTEL_SERVICE_NAME: serviceName
   WORKER_DEVICE: 'cuda'
   WORKER_MAX_MESSAGE_COUNT: string(maxMessageCount)
+  QUEUE_MAX_DELIVERY_COUNT: string(queueMaxDeliveryCount)
   WORKER_SHUTDOWN_GRACE: string(shutdownGraceSeconds)
   WORKER_PREEMPTION_WATCH: 'true'
 }
