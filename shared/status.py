@@ -1,17 +1,23 @@
 """The status view of a job: what ``GET /api/jobs/{job_id}`` answers.
 
 Output blob URLs in a succeeded job's ``result["outputs"]`` become short-lived read URLs (SAS where the account
-allows); everything else in the stored result is passed through unchanged.
+allows); everything else in the stored result is passed through unchanged. A URL that cannot be signed right now
+(storage unreachable, the user delegation key refused) is returned unsigned with a warning in the log: the job and
+its result are still there, so the status answer must not turn into a 503.
 """
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from typing import Any, Protocol
 from uuid import UUID
 
+from shared.errors import StorageUnavailable
 from shared.jobs import Job, JobStatus
 from shared.rejection import Rejected
+
+log = logging.getLogger(__name__)
 
 
 class UrlSigner(Protocol):
@@ -39,15 +45,24 @@ def job_view(job: Job, signer: UrlSigner, ttl: timedelta) -> dict[str, Any]:
         "analysis": job.params.get("analysis"),
     }
     if job.status is JobStatus.SUCCEEDED and job.result is not None:
-        view["result"] = _with_read_urls(job.result, signer, ttl)
+        view["result"] = _with_read_urls(job, job.result, signer, ttl)
     if job.status is JobStatus.FAILED:
         view["error"] = {"code": job.error_code or "unknown_error", "message": job.error_message or ""}
     return view
 
 
-def _with_read_urls(result: dict[str, Any], signer: UrlSigner, ttl: timedelta) -> dict[str, Any]:
+def _with_read_urls(job: Job, result: dict[str, Any], signer: UrlSigner, ttl: timedelta) -> dict[str, Any]:
     outputs = result.get("outputs")
     if not isinstance(outputs, dict):
         return result
-    signed = {key: signer.read_url(url, ttl) if isinstance(url, str) else url for key, url in outputs.items()}
+    signed = {key: _read_url(job, url, signer, ttl) if isinstance(url, str) else url for key, url in outputs.items()}
     return {**result, "outputs": signed}
+
+
+def _read_url(job: Job, url: str, signer: UrlSigner, ttl: timedelta) -> str:
+    try:
+        return signer.read_url(url, ttl)
+    except StorageUnavailable as e:
+        extra = {"job_id": str(job.job_id), "action": "sign_url_failed"}
+        log.warning("job %s: cannot sign %s, returning it unsigned: %s", job.job_id, url, e.message, extra=extra)
+        return url

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import socket
+import time
 import uuid
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+from azure.core.credentials import AccessToken
 from azure.storage.blob import BlobServiceClient
 
 from shared.errors import CropAIError, InputMissing, StorageUnavailable
+from shared.jobs import Job, JobStatus
 from shared.settings import Settings
+from shared.status import job_view
 from shared.storage import BlobStore
 from tests import geotiffs
 
@@ -122,4 +127,41 @@ def test_download_side_missing_blob_versus_missing_container(
     assert type(info.value) is error
     assert isinstance(info.value, CropAIError)
     assert info.value.transient is (error is StorageUnavailable)
+    store.close()
+
+
+class _BearerToken:
+    """A token credential: the store signs with a user delegation key, which it must fetch from the service."""
+
+    def get_token(self, *scopes: str, **kwargs: object) -> AccessToken:
+        return AccessToken("not-a-real-token", int(time.time()) + 3600)
+
+
+def test_a_url_that_cannot_be_signed_is_served_unsigned(caplog: pytest.LogCaptureFixture) -> None:
+    """The user delegation key fetch fails (here: nothing listens): the status view still answers, unsigned."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    account = f"https://127.0.0.1:{port}/devstoreaccount1"
+    store = BlobStore(BlobServiceClient(account, credential=_BearerToken(), retry_total=0))
+    url = f"{account}/results/{uuid.uuid4()}/ndvi.tif"
+    with pytest.raises(StorageUnavailable):
+        store.read_url(url, timedelta(minutes=5))  # the adapter itself still says what happened
+    now = datetime.now(UTC)
+    job = Job(
+        job_id=uuid.uuid4(),
+        status=JobStatus.SUCCEEDED,
+        created_at=now,
+        updated_at=now,
+        attempts=1,
+        input_blob="x/input.tif",
+        input_sha256="0" * 64,
+        params={},
+        result={"outputs": {"ndvi_cog": url}},
+    )
+    with caplog.at_level(logging.WARNING, logger="shared.status"):
+        view = job_view(job, store, timedelta(minutes=5))
+    assert view["result"]["outputs"] == {"ndvi_cog": url}
+    [record] = [r for r in caplog.records if getattr(r, "action", None) == "sign_url_failed"]
+    assert getattr(record, "job_id", None) == str(job.job_id)
     store.close()

@@ -12,7 +12,7 @@ import pytest
 
 from functions import deps
 from functions.deps import Deps
-from shared.errors import BusUnavailable, DatabaseUnavailable
+from shared.errors import BusUnavailable, DatabaseUnavailable, StorageUnavailable
 from shared.jobs import Job
 from shared.memory import InMemoryBlobStore, InMemoryJobRepository, InMemoryPublisher
 from shared.settings import Settings
@@ -208,6 +208,19 @@ def test_status_of_a_succeeded_job_signs_output_urls(world: Deps) -> None:
     assert view["result"]["indices"]["ndvi"]["mean"] == 0.4
     assert view["result"]["outputs"]["ndvi_cog"] == f"{url}?se=3600"
     assert "Retry-After" not in response.headers
+
+
+def test_status_of_a_succeeded_job_when_signing_fails(world: Deps, caplog: pytest.LogCaptureFixture) -> None:
+    job_id = uuid.UUID(body(post_job(geotiffs.crafted()))["job_id"])
+    url = f"http://127.0.0.1:10000/devstoreaccount1/results/{job_id}/ndvi.tif"
+    world.repo.succeed(job_id, {"analysis": "crop-health", "outputs": {"ndvi_cog": url, "note": None}})
+    assert isinstance(world.blobs, InMemoryBlobStore)
+    world.blobs.failure = StorageUnavailable("user delegation key: AuthorizationPermissionMismatch")
+    with caplog.at_level(logging.WARNING, logger="shared.status"):
+        response = get_job(str(job_id))
+    assert response.status_code == 200
+    assert body(response)["result"]["outputs"] == {"ndvi_cog": url, "note": None}  # unsigned, still there
+    assert [getattr(r, "job_id", None) for r in caplog.records if r.name == "shared.status"] == [str(job_id)]
 
 
 def test_status_of_a_failed_job(world: Deps) -> None:
