@@ -4,6 +4,11 @@ Output blob URLs in a succeeded job's ``result["outputs"]`` become short-lived r
 allows); everything else in the stored result is passed through unchanged. A URL that cannot be signed right now
 (storage unreachable, the user delegation key refused) is returned unsigned with a warning in the log: the job and
 its result are still there, so the status answer must not turn into a 503.
+
+A failed job's ``error.message`` is the stored text only for codes whose messages are written for the client (a
+permanent problem with the job's own input); ``enqueue_failed`` gets a fixed text, and every other code (retries
+exhausted, dead-lettered by the broker, internal errors) a generic one, since the stored text may carry exception
+names and SDK details. The full text stays in the database and the logs.
 """
 
 from __future__ import annotations
@@ -18,6 +23,12 @@ from shared.jobs import Job, JobStatus
 from shared.rejection import Rejected
 
 log = logging.getLogger(__name__)
+
+CLIENT_MESSAGE_CODES = frozenset({"invalid_image", "input_missing", "unknown_analysis", "invalid_message"})
+FIXED_MESSAGES = {
+    "enqueue_failed": "the job could not be queued; submit the image again (the same Idempotency-Key may be reused)",
+}
+GENERIC_MESSAGE = "the job could not be processed because of an internal error; it has been logged"
 
 
 class UrlSigner(Protocol):
@@ -47,8 +58,16 @@ def job_view(job: Job, signer: UrlSigner, ttl: timedelta) -> dict[str, Any]:
     if job.status is JobStatus.SUCCEEDED and job.result is not None:
         view["result"] = _with_read_urls(job, job.result, signer, ttl)
     if job.status is JobStatus.FAILED:
-        view["error"] = {"code": job.error_code or "unknown_error", "message": job.error_message or ""}
+        code = job.error_code or "unknown_error"
+        view["error"] = {"code": code, "message": client_message(code, job.error_message)}
     return view
+
+
+def client_message(code: str, stored: str | None) -> str:
+    """What a client may read about a failure with ``code`` (``stored``: the full text in the database)."""
+    if code in CLIENT_MESSAGE_CODES and stored:
+        return stored
+    return FIXED_MESSAGES.get(code, GENERIC_MESSAGE)
 
 
 def _with_read_urls(job: Job, result: dict[str, Any], signer: UrlSigner, ttl: timedelta) -> dict[str, Any]:
