@@ -1,14 +1,18 @@
 """The broker: resolves link addresses to queues and nodes, moves messages between links and the store.
 
-Everything runs on one asyncio event loop. Handlers mutate the store inside an open transaction and queue
-outgoing frames on their connections; :meth:`Broker.flush` commits, then writes, so a reply never precedes the
-durable state it confirms. A 100 ms timer expires locks and TTLs and releases scheduled messages.
+Everything runs on one asyncio event loop. Handlers mutate the store inside an open transaction, queue replies on
+their own connection and mark the entities that may have messages to deliver (:meth:`Broker.wake`);
+:meth:`Broker.flush` delivers to the woken entities' receivers, commits, then writes, so a reply never precedes the
+durable state it confirms. Because no handler writes to another connection, a turn that fails can be undone whole
+(:meth:`Broker.abort`) with nothing of it sent anywhere. A 100 ms timer expires locks and TTLs and releases
+scheduled messages.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -99,6 +103,7 @@ class Broker:
             self._entities[queue.name.lower()] = (queue.name, queue)
             self._entities[(queue.name + DLQ_SUFFIX).lower()] = (queue.name + DLQ_SUFFIX, queue)
         self._consumers: dict[str, list[Link]] = {}
+        self._woken: set[str] = set()
         self._sweeper: asyncio.TimerHandle | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
@@ -114,17 +119,31 @@ class Broker:
                 connection.transport.abort()
         self.store.close()
 
+    def wake(self, entity: str) -> None:
+        """The entity may have deliverable messages or receivers with new credit: dispatch at the next flush."""
+        self._woken.add(entity)
+
     def flush(self) -> None:
+        """End of an event-loop turn: deliver to woken entities, commit, then write every buffered frame."""
+        while self._woken:
+            self.dispatch(self._woken.pop())
         self.store.commit()
         dirty, self.dirty = self.dirty, set()
         for connection in dirty:
             connection.flush()
 
+    def abort(self) -> None:
+        """Undo the turn's uncommitted store changes (a frame failed half-way); its replies are the caller's."""
+        self.store.rollback()
+
     def _sweep(self) -> None:
         try:
             for entity in self.store.sweep(now_ms()):
-                self.dispatch(entity)
+                self.wake(entity)
             self.flush()
+        except BaseException:
+            self.abort()
+            raise
         finally:
             self._sweeper = asyncio.get_running_loop().call_later(_SWEEP_SECONDS, self._sweep)
 
@@ -208,7 +227,7 @@ class Broker:
 
     def credit(self, link: Link) -> None:
         if link.kind is LinkKind.QUEUE and link.entity:
-            self.dispatch(link.entity)
+            self.wake(link.entity)
         else:
             self._send_replies(link)
 
@@ -235,17 +254,18 @@ class Broker:
         if queue is None:
             error = AMQPError(condition=b"amqp:not-allowed", description=f"Cannot send to '{entity}'.")
             return Rejected(error=error)
-        try:
+        try:  # decode every message of a batch before storing any: a batch is accepted or rejected whole
             bodies = (
                 _decode.decode_payload(memoryview(payload)).data or [] if message_format == BATCH_FORMAT else [payload]
             )
-            now = now_ms()
-            for body in bodies:
-                self.store.enqueue(queue, split_message(bytes(body)), now)
-        except (ValueError, IndexError, KeyError, TypeError) as exc:
+            messages = [split_message(bytes(body)) for body in bodies]
+        except (ValueError, IndexError, KeyError, TypeError, struct.error) as exc:
             _LOGGER.warning("rejected an undecodable message on %s: %s", entity, exc, extra={"action": "reject"})
             return Rejected(error=AMQPError(condition=b"amqp:decode-error", description=str(exc)))
-        self.dispatch(entity)
+        now = now_ms()
+        for message in messages:
+            self.store.enqueue(queue, message, now)
+        self.wake(entity)
         return Accepted()
 
     def _request(self, link: Link, payload: bytes) -> Any:
@@ -275,8 +295,8 @@ class Broker:
             if response.condition:
                 app["errorCondition"] = {"TYPE": "SYMBOL", "VALUE": response.condition}
             value = response.value
-            self.dispatch(entity)
-            self.dispatch(queue_name + DLQ_SUFFIX)
+            self.wake(entity)
+            self.wake(queue_name + DLQ_SUFFIX)
         reply = frames.make(
             Message,
             properties=frames.make(Properties, correlation_id=message_id),
@@ -375,4 +395,4 @@ class Broker:
                 )
                 session.connection.send(session, frame)
         for entity in woken:
-            self.dispatch(entity)
+            self.wake(entity)

@@ -62,17 +62,23 @@ class Connection(asyncio.Protocol):
         self._buffer.feed(data)
         try:
             self._process()
-        except Exception as exc:
+        except Exception as exc:  # the connection's last word: undo the turn, close with the error
             _LOGGER.exception("protocol error, closing the connection", extra={"action": "close"})
-            self.write(
-                frames.encode(
-                    0, frames.make(CloseFrame, error=AMQPError(condition=b"amqp:internal-error", description=str(exc)))
-                )
-            )
-            self._stage = "closed"
+            self._fail(exc)
         self.broker.flush()
         if self._stage == "closed" and self.transport is not None:
             self.transport.close()
+
+    def _fail(self, exc: Exception) -> None:
+        """A frame failed half-way. Nothing of this turn has been committed or sent (the broker flushes at the
+        end of a turn and handlers only write to their own connection), so undo all of it, drop the replies, and
+        close: the peer sees no acknowledgement for work that was not kept."""
+        self.broker.abort()
+        self.out.clear()
+        for session in list(self.sessions.values()):
+            self._end_session(session)
+        self.sessions.clear()
+        self.close(b"amqp:internal-error", str(exc))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._heartbeat is not None:

@@ -142,6 +142,12 @@ class Store:
             self._db.execute("COMMIT")
             self._in_tx = False
 
+    def rollback(self) -> None:
+        """Undo every transition since the last commit (a handler failed half-way)."""
+        if self._in_tx:
+            self._db.execute("ROLLBACK")
+            self._in_tx = False
+
     def close(self) -> None:
         self.commit()
         self._db.close()
