@@ -69,24 +69,30 @@ def _tokens(body: dict[bytes, Any]) -> list[uuid.UUID]:
     return [t if isinstance(t, uuid.UUID) else uuid.UUID(bytes=bytes(t)) for t in body.get(b"lock-tokens") or []]
 
 
+def _lost(tokens: list[uuid.UUID]) -> Response:
+    listed = ", ".join(str(token) for token in tokens)
+    return Response(410, f"One of the locks ({listed}) is lost; nothing was changed.", condition=_LOCK_LOST)
+
+
 def _renew(target: Target, body: dict[bytes, Any]) -> Response:
-    expirations = []
-    for token in _tokens(body):
-        until = target.store.renew(target.entity, token, target.lock_ms, target.now)
-        if until is None:
-            return Response(410, f"The lock {token} is lost.", condition=_LOCK_LOST)
-        expirations.append({_TYPE: AMQPTypes.timestamp, _VALUE: until})
+    """All or nothing, as the service: one lost lock fails the request and renews none of them."""
+    tokens = _tokens(body)
+    until = target.store.renew_all(target.entity, tokens, target.lock_ms, target.now)
+    if until is None:
+        return _lost(tokens)
+    expirations = [{_TYPE: AMQPTypes.timestamp, _VALUE: until} for _ in tokens]
     return Response(200, "OK", {"expirations": {_TYPE: AMQPTypes.array, _VALUE: expirations}})
 
 
 def _settle(target: Target, body: dict[bytes, Any]) -> Response:
+    """All or nothing, as the service: one lost lock fails the request and settles none of them."""
     outcome = _SETTLEMENTS.get(bytes(body.get(b"disposition-status") or b""))
     if outcome is None:
         return Response(400, "Unknown disposition-status.", condition=_VENDOR + b"argument-error")
     reason, description = _text(body.get(b"deadletter-reason")), _text(body.get(b"deadletter-description"))
-    for token in _tokens(body):
-        if not target.store.settle(target.entity, token, outcome, target.now, reason, description):
-            return Response(410, f"The lock {token} is lost.", condition=_LOCK_LOST)
+    tokens = _tokens(body)
+    if not target.store.settle_all(target.entity, tokens, outcome, target.now, reason, description):
+        return _lost(tokens)
     return Response(200, "OK", {})
 
 

@@ -279,6 +279,41 @@ class Store:
             self._fail_delivery(db, entity, seq, back, delivery_count)
         return True
 
+    def settle_all(
+        self,
+        entity: str,
+        tokens: Sequence[uuid.UUID],
+        outcome: Outcome,
+        now: int,
+        reason: str = "",
+        description: str = "",
+    ) -> bool:
+        """Settle every lock or none (a management request): False, changing nothing, when one is lost."""
+        tokens = list(dict.fromkeys(tokens))
+        if not self._all_held(entity, tokens, now):
+            return False
+        for token in tokens:
+            self.settle(entity, token, outcome, now, reason, description)
+        return True
+
+    def renew_all(self, entity: str, tokens: Sequence[uuid.UUID], lock_ms: int, now: int) -> int | None:
+        """Renew every lock or none: the new expiry, or None, changing nothing, when one is lost."""
+        tokens = list(dict.fromkeys(tokens))
+        if not self._all_held(entity, tokens, now):
+            return None
+        for token in tokens:
+            self.renew(entity, token, lock_ms, now)
+        return now + lock_ms
+
+    def _all_held(self, entity: str, tokens: Sequence[uuid.UUID], now: int) -> bool:
+        marks = ",".join("?" * len(tokens))
+        (held,) = self._db.execute(
+            f"SELECT count(*) FROM messages WHERE lock_token IN ({marks})"
+            " AND +queue = ? AND +state IN (1, 4) AND +locked_until > ?",
+            (*(token.bytes for token in tokens), entity, now),
+        ).fetchone()
+        return bool(held == len(tokens))
+
     def renew(self, entity: str, token: uuid.UUID, lock_ms: int, now: int) -> int | None:
         db = self._write()
         cursor = db.execute(

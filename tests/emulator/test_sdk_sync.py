@@ -6,6 +6,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from azure.servicebus import (
@@ -15,6 +16,13 @@ from azure.servicebus import (
     ServiceBusReceiveMode,
     ServiceBusSubQueue,
 )
+from azure.servicebus._common.constants import (
+    SETTLEMENT_ABANDON,
+    SETTLEMENT_COMPLETE,
+    SETTLEMENT_DEADLETTER,
+    SETTLEMENT_DEFER,
+)
+from azure.servicebus._servicebus_receiver import ServiceBusReceiver
 from azure.servicebus.exceptions import MessageLockLostError, MessageNotFoundError, MessagingEntityNotFoundError
 
 from tests.emulator.sdk import Received, app_properties, locked_until, seq
@@ -443,3 +451,46 @@ def test_competing_receivers_share_the_queue(servicebus_emulator: EmulatorHandle
             one.complete_message(message)
         for message in b:
             two.complete_message(message)
+
+
+# The public API sends one lock token per management request; the SDK's own request functions take several, as
+# the service does. One lost lock fails the whole request and changes nothing.
+_Request = Callable[[ServiceBusReceiver, list[Any]], object]
+
+
+def _update_disposition(status: str) -> _Request:
+    def request(receiver: ServiceBusReceiver, tokens: list[Any]) -> object:
+        return receiver._settle_message_via_mgmt_link(status, tokens)
+
+    return request
+
+
+_SEVERAL_TOKENS: dict[str, _Request] = {
+    "renew-lock": lambda receiver, tokens: receiver._renew_locks(*tokens),
+    **{
+        f"update-disposition-{status}": _update_disposition(status)
+        for status in (SETTLEMENT_COMPLETE, SETTLEMENT_ABANDON, SETTLEMENT_DEFER, SETTLEMENT_DEADLETTER)
+    },
+}
+
+
+@pytest.mark.parametrize("request_several", list(_SEVERAL_TOKENS.values()), ids=list(_SEVERAL_TOKENS))
+def test_a_management_request_with_a_lost_lock_changes_nothing(
+    servicebus_emulator: EmulatorHandle, request_several: _Request
+) -> None:
+    _send(servicebus_emulator, ServiceBusMessage("live"), ServiceBusMessage("settled"))
+    with (
+        ServiceBusClient.from_connection_string(servicebus_emulator.connection_string, retry_total=0) as client,
+        client.get_queue_receiver("jobs", max_wait_time=5) as receiver,
+    ):
+        live, settled = receiver.receive_messages(max_message_count=2, max_wait_time=5)
+        tokens = [live.lock_token, settled.lock_token]  # a settled message no longer reports its token
+        receiver.complete_message(settled)
+        time.sleep(0.01)  # a renewal now would move locked_until
+        with pytest.raises(MessageLockLostError):
+            request_several(receiver, tokens)
+        (peeked,) = receiver.peek_messages(10, sequence_number=seq(live))  # not the settled one: it is gone
+        assert (peeked.sequence_number, peeked.delivery_count) == (live.sequence_number, 0)
+        assert peeked.locked_until_utc == live.locked_until_utc  # neither renewed nor settled
+        receiver.complete_message(live)  # still locked by this receiver
+        assert receiver.peek_messages(10, sequence_number=seq(live)) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 
 import pytest
@@ -11,7 +12,7 @@ from azure.servicebus._transport._pyamqp_transport import PyamqpTransport
 
 from local.servicebus_emulator.codec import MessageParts, split_message
 from local.servicebus_emulator.config import QueueConfig
-from local.servicebus_emulator.store import DLQ_SUFFIX, Outcome, Store, StoredMessage
+from local.servicebus_emulator.store import DLQ_SUFFIX, Outcome, State, Store, StoredMessage
 
 QUEUE = QueueConfig(
     name="jobs",
@@ -33,6 +34,11 @@ def _parts(body: str = "b", **kwargs: object) -> MessageParts:
 
 def _decoded(message: StoredMessage) -> object:
     return _decode.decode_payload(memoryview(message.encoded()))
+
+
+def _token(message: StoredMessage) -> uuid.UUID:
+    assert message.lock_token is not None
+    return message.lock_token
 
 
 @pytest.fixture
@@ -165,3 +171,31 @@ def test_dead_letter_keeps_application_properties(store: Store) -> None:
     (dead,) = store.peek("jobs" + DLQ_SUFFIX, 0, 10)
     props = _decoded(dead).application_properties  # type: ignore[attr-defined]
     assert props == {b"keep": b"me", b"DeadLetterReason": b"Reason", b"DeadLetterErrorDescription": b"Why"}
+
+
+@pytest.mark.parametrize("outcome", list(Outcome))
+@pytest.mark.parametrize("lost_first", [False, True], ids=["lost-last", "lost-first"])
+def test_settling_several_locks_is_all_or_nothing(store: Store, outcome: Outcome, lost_first: bool) -> None:
+    for _ in range(3):
+        store.enqueue(QUEUE, _parts(), now=0)
+    live, also_live, lost = store.lock_next("jobs", 3, LOCK, now=1)
+    tokens = [_token(live), _token(also_live), _token(lost)]
+    assert store.settle("jobs", _token(lost), Outcome.COMPLETE, now=2)
+    tokens = tokens[::-1] if lost_first else tokens
+    assert not store.settle_all("jobs", tokens, outcome, now=3)
+    assert [(m.seq, m.state, m.lock_token) for m in store.peek("jobs", 0, 10)] == [
+        (live.seq, State.LOCKED, live.lock_token),
+        (also_live.seq, State.LOCKED, also_live.lock_token),
+    ]
+    assert store.settle_all("jobs", [t for t in tokens if t != _token(lost)], outcome, now=4)
+
+
+def test_renewing_several_locks_is_all_or_nothing(store: Store) -> None:
+    store.enqueue(QUEUE, _parts(), now=0)
+    store.enqueue(QUEUE, _parts(), now=0)
+    live, lost = store.lock_next("jobs", 2, LOCK, now=0)
+    assert store.settle("jobs", _token(lost), Outcome.COMPLETE, now=1)
+    assert store.renew_all("jobs", [_token(live), _token(lost)], LOCK, now=5_000) is None
+    (peeked,) = store.peek("jobs", 0, 10)
+    assert peeked.locked_until == live.locked_until == LOCK  # not renewed
+    assert store.renew_all("jobs", [_token(live), _token(live)], LOCK, now=5_000) == 5_000 + LOCK
