@@ -8,6 +8,7 @@ their own with :func:`use`.
 from __future__ import annotations
 
 import threading
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
@@ -69,12 +70,16 @@ def build(settings: Settings) -> Deps:
 
     configure_telemetry(settings, role="api")
     credential = _credential(settings)
-    return Deps(
-        settings=settings,
-        repo=PostgresJobRepository(open_pool(settings, credential)),
-        blobs=BlobStore.from_settings(settings, credential),
-        publisher=JobPublisher(servicebus_client(settings, credential), settings.jobs_queue),
-    )
+    # If a later client cannot be built (a malformed connection string), close the ones already opened: every
+    # request retries build(), and each failed try would otherwise leak a pool with its connections.
+    with ExitStack() as opened:
+        pool = open_pool(settings, credential)
+        opened.callback(pool.close)
+        blobs = BlobStore.from_settings(settings, credential)
+        opened.callback(blobs.close)
+        publisher = JobPublisher(servicebus_client(settings, credential), settings.jobs_queue)
+        opened.pop_all()  # built: from here on they live as long as the process
+    return Deps(settings=settings, repo=PostgresJobRepository(pool), blobs=blobs, publisher=publisher)
 
 
 def _credential(settings: Settings) -> TokenCredential | None:

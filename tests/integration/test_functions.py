@@ -15,6 +15,7 @@ import psycopg
 import pytest
 from azure.servicebus import ServiceBusClient
 from azure.storage.blob import BlobServiceClient
+from psycopg_pool import ConnectionPool
 
 from functions import deps
 from functions.deps import Deps
@@ -188,3 +189,32 @@ def test_resend_of_a_job_whose_submit_died(app_deps: Deps, servicebus_emulator: 
     else:
         assert (job.status.value, job.error_code) == ("failed", "enqueue_failed")
         assert messages == []
+
+
+def _open_pools() -> list[ConnectionPool]:
+    return [o for o in gc.get_objects() if isinstance(o, ConnectionPool) and not o.closed]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("ServiceBusConnection", "Endpoint=nonsense"), ("AzureWebJobsStorage", "not a connection string")],
+    ids=["bad-servicebus", "bad-storage"],
+)
+def test_a_failed_build_closes_the_pool_it_opened(
+    monkeypatch: pytest.MonkeyPatch, database_url: str, blob_connection_string: str, name: str, value: str
+) -> None:
+    env = {
+        "DATABASE_URL": database_url,
+        "AzureWebJobsStorage": blob_connection_string,
+        "ServiceBusConnection": "Endpoint=sb://127.0.0.1:1;SharedAccessKeyName=k;SharedAccessKey=v;",
+        name: value,
+    }
+    for key, setting in env.items():
+        monkeypatch.setenv(key, setting)
+    before = _open_pools()
+    for _ in range(3):  # every request tries to build again
+        deps.use(None)
+        with pytest.raises(ValueError, match=r"onnection [Ss]tring"):
+            deps.get()
+    deps.use(None)
+    assert [p for p in _open_pools() if p not in before] == []
