@@ -15,6 +15,7 @@ pytest_plugins = [
     "tests.fixtures.postgres",
     "tests.fixtures.azurite",
     "tests.fixtures.servicebus",
+    "tests.fixtures.signals",
 ]
 
 # Variables that would make tests talk to something other than the backends they start themselves.
