@@ -8,15 +8,21 @@ the grace period running out, sets ``forced``: if a job is still being processed
 
 Signal handlers only run in the main thread, so the consumer runs there; other threads (grace timer, preemption
 watcher) wake it with ``pthread_kill(main, SIGUSR1)``, which also interrupts a blocking system call.
+
+A signal handler runs between any two bytecodes of the main thread: inside another handler, inside
+:meth:`Shutdown.request`'s critical section, inside ``Event.wait``'s own lock. So it takes no lock at all: it writes
+the signal number to a pipe, and a small thread turns what it reads into :meth:`Shutdown.request` calls (raising
+:class:`Interrupted` is the only thing the handler does itself, on the ``SIGUSR1`` that a forced shutdown sends).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from types import FrameType
 
 from gpu_worker.settlement import Interrupted
@@ -39,9 +45,10 @@ class Shutdown:
         self._timer: threading.Timer | None = None
         self._interruptible = False
         self._installed = False
+        self._signal_pipe = -1  # write end; the dispatcher thread reads the other
 
     def request(self, why: str) -> None:
-        """Begin the drain; a second request forces it. Safe from any thread and from signal handlers."""
+        """Begin the drain; a second request forces it. Safe from any thread, never from a signal handler."""
         with self._lock:
             first = not self.requested.is_set()
             if first:
@@ -81,14 +88,20 @@ class Shutdown:
             self._interruptible = False
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        """Lock-free (see the module docstring): hand the signal to the dispatcher; raise if forced mid-job."""
         if signum != WAKE_SIGNAL:
-            self.request(signal.Signals(signum).name)
+            with suppress(BlockingIOError):  # a full pipe: plenty of requests are pending, a force among them
+                os.write(self._signal_pipe, bytes([signum]))
         if self.forced.is_set() and self._interruptible:
             self._interruptible = False
             raise Interrupted("shutdown forced while processing")
 
     def install(self) -> Callable[[], None]:
         """Install the signal handlers (main thread only); return a function that restores the previous ones."""
+        read_end, self._signal_pipe = os.pipe()
+        os.set_blocking(self._signal_pipe, False)
+        dispatcher = threading.Thread(target=self._dispatch, args=(read_end,), name="shutdown-signals", daemon=True)
+        dispatcher.start()
         previous: dict[int, _Handler] = {}
         for signum in (*DRAIN_SIGNALS, WAKE_SIGNAL):
             previous[signum] = signal.signal(signum, self._on_signal)
@@ -98,5 +111,13 @@ class Shutdown:
             self._installed = False
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            os.close(self._signal_pipe)  # the dispatcher reads end-of-file and stops
+            dispatcher.join()
 
         return restore
+
+    def _dispatch(self, read_end: int) -> None:
+        with open(read_end, "rb", buffering=0) as pipe:
+            while signums := pipe.read(64):
+                for signum in signums:
+                    self.request(signal.Signals(signum).name)

@@ -13,6 +13,8 @@ import pytest
 from gpu_worker.settlement import Interrupted
 from gpu_worker.shutdown import Shutdown
 
+WAIT = 10.0  # seconds: only a bound on a hang, never a speed claim
+
 
 def _work(drain: Shutdown, start: Callable[[], object]) -> None:
     """A long job: ``start`` triggers the interruption, the sleep stands for GPU work (the GIL is free)."""
@@ -33,7 +35,7 @@ def shutdown() -> Iterator[Shutdown]:
 def test_first_signal_requests_a_drain_and_nothing_is_interrupted(shutdown: Shutdown) -> None:
     with shutdown.interruptible():
         os.kill(os.getpid(), signal.SIGTERM)
-    assert shutdown.requested.is_set()
+    assert shutdown.requested.wait(WAIT)  # set by the dispatcher thread, a moment after the handler returned
     assert not shutdown.forced.is_set()
 
 
@@ -48,7 +50,7 @@ def test_a_second_signal_interrupts_the_work_in_hand(shutdown: Shutdown, second:
 def test_outside_the_interruptible_block_a_forced_shutdown_raises_nothing(shutdown: Shutdown) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
     os.kill(os.getpid(), signal.SIGTERM)  # e.g. while settling: settlement must never be cut short
-    assert shutdown.forced.is_set()
+    assert shutdown.forced.wait(WAIT)
     with pytest.raises(Interrupted, match="before the job started"), shutdown.interruptible():
         pass
 
@@ -89,3 +91,14 @@ def test_restore_puts_the_previous_handlers_back() -> None:
     assert signal.getsignal(signal.SIGTERM) is not before
     restore()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.timeout(60)
+def test_a_signal_arriving_while_the_main_thread_is_inside_a_request_does_not_deadlock(shutdown: Shutdown) -> None:
+    # A second SIGTERM can land between any two bytecodes of the main thread, e.g. inside the first request's
+    # critical section (or inside ``Event.wait``'s lock): the handler must take no lock the main thread may hold.
+    with shutdown._lock:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert shutdown.requested.wait(WAIT)
+    assert shutdown.forced.wait(WAIT)
