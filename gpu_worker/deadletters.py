@@ -12,9 +12,11 @@ Design:
 * **No persisted cursor.** A message keeps the sequence number it got in the queue when it is dead-lettered
   (Service Bus changes sequence numbers only for scheduled messages), so DLQ sequence numbers do not grow in the
   order messages arrive there, and a "last seen" cursor would skip a message dead-lettered late. Instead the
-  watcher remembers in memory which sequence numbers it has handled; after a restart it goes over the DLQ once
-  more, which is harmless: ``fail`` changes nothing on a terminal job. The cost is one peek round trip per 100
-  dead letters per interval, and the DLQ is meant to stay small (alerted on, drained by operators).
+  watcher remembers in memory which sequence numbers it has handled, trimmed after each complete scan to the ones
+  that scan saw (dead letters that operators removed are forgotten, so memory follows the DLQ's size). After a
+  restart it goes over the DLQ once more; a dead letter whose job is already terminal costs a read (``get``),
+  never an ``UPDATE``. The cost is one peek round trip per 100 dead letters per interval, and the DLQ is meant to
+  stay small (alerted on, drained by operators).
 * It runs in the consumer's thread between batches (``poll_if_due``), not in a thread of its own: the SDK's
   clients are not thread-safe, and a poll is short.
 
@@ -86,20 +88,34 @@ class DeadLetterWatcher:
             logger.warning("dead-letter poll failed: %s", e, extra={"action": "dlq_poll_failed"})
             return 0
 
+    @property
+    def remembered(self) -> int:
+        """How many dead letters the watcher remembers as handled."""
+        return len(self._seen)
+
     def poll(self) -> int:
         """Peek the whole DLQ; mark failed the jobs of messages not handled before. Return how many were new."""
         new = 0
-        with self._client.get_queue_receiver(self._queue_name, sub_queue=ServiceBusSubQueue.DEAD_LETTER) as receiver:
-            sequence_number = 0
-            while page := receiver.peek_messages(max_message_count=PAGE, sequence_number=sequence_number):
-                for message in page:
-                    seq = message.sequence_number
-                    if seq is None or seq in self._seen:
-                        continue
-                    self._mark_failed(message)  # raises DatabaseUnavailable before remembering: retried next poll
-                    self._seen.add(seq)
-                    new += 1
-                sequence_number = max(m.sequence_number or 0 for m in page) + 1
+        seen: set[int] = set()  # what this scan saw and need not handle again
+        complete = False
+        try:
+            with self._client.get_queue_receiver(
+                self._queue_name, sub_queue=ServiceBusSubQueue.DEAD_LETTER
+            ) as receiver:
+                sequence_number = 0
+                while page := receiver.peek_messages(max_message_count=PAGE, sequence_number=sequence_number):
+                    for message in page:
+                        seq = message.sequence_number
+                        if seq is None:
+                            continue
+                        if seq not in self._seen:
+                            self._mark_failed(message)  # raises DatabaseUnavailable first: retried next poll
+                            new += 1
+                        seen.add(seq)
+                    sequence_number = max(m.sequence_number or 0 for m in page) + 1
+            complete = True
+        finally:  # a complete scan replaces the memory (bounded by the DLQ); an interrupted one only adds to it
+            self._seen = seen if complete else self._seen | seen
         return new
 
     def _mark_failed(self, message: ServiceBusReceivedMessage) -> None:
@@ -109,13 +125,16 @@ class DeadLetterWatcher:
         if job_id is None:
             logger.warning("dead letter %s names no job", message.message_id, extra={**fields, "action": "dlq_skip"})
             return
-        code, text = failure_of(reason, description)
-        changed = self._repo.fail(job_id, code, text)
+        job = self._repo.get(job_id)  # a read: after a restart most dead letters' jobs are long terminal
+        changed = False
+        if job is not None and not job.status.terminal:
+            code, text = failure_of(reason, description)
+            changed = self._repo.fail(job_id, code, text)
         logger.log(
             logging.WARNING if changed else logging.DEBUG,
             "dead letter for job %s (%s): %s",
             job_id,
             reason,
-            "job marked failed" if changed else "job already terminal",
+            "job marked failed" if changed else "job already terminal" if job else "job unknown",
             extra={**fields, "job_id": str(job_id), "action": "dlq_job_failed" if changed else "dlq_noop"},
         )

@@ -10,10 +10,12 @@ from typing import Any
 from uuid import UUID
 
 import pytest
-from azure.servicebus import ServiceBusMessage
+from azure.servicebus import ServiceBusMessage, ServiceBusSubQueue
+from psycopg_pool import ConnectionPool
 
 from gpu_worker.app import run
 from gpu_worker.deadletters import DeadLetterWatcher
+from shared.db import PostgresJobRepository
 from shared.jobs import JobStatus
 from tests.integration.worker_helpers import FIELDS, SlowAnalyzer, StackFactory, WorkerStack
 from tests.integration.worker_helpers import stack_factory as stack_factory
@@ -83,8 +85,36 @@ def test_the_watcher_fails_jobs_the_broker_dead_lettered(
     assert any(getattr(r, "action", None) == "dlq_job_failed" for r in caplog.records)
     assert [m.message_id for m in stack.dead_letters()] == [str(job_id)]  # peeked, not removed: operators see it
     assert watcher.poll() == 0  # already handled
-    assert DeadLetterWatcher(stack.client, stack.queue_name, stack.repo, interval=60).poll() == 1  # a restart: fail
-    assert stack.job(job_id).updated_at == job.updated_at  # ... is a no-op on a terminal job
+    restarted = CountingRepository(stack.pool)
+    assert DeadLetterWatcher(stack.client, stack.queue_name, restarted, interval=60).poll() == 1  # a restart ...
+    assert restarted.failed == []  # ... reads the terminal job, never updates it
+    assert stack.job(job_id).updated_at == job.updated_at
+
+
+class CountingRepository(PostgresJobRepository):
+    """The real repository, remembering which jobs it was asked to fail."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        super().__init__(pool)
+        self.failed: list[UUID] = []
+
+    def fail(self, job_id: UUID, code: str, message: str) -> bool:
+        self.failed.append(job_id)
+        return super().fail(job_id, code, message)
+
+
+def test_the_watcher_forgets_dead_letters_that_left_the_dead_letter_queue(stack: WorkerStack) -> None:
+    for job_id in [_abandoned_until_dead(stack), _abandoned_until_dead(stack)]:
+        _wait_for_dead_letter(stack, job_id)
+    watcher = DeadLetterWatcher(stack.client, stack.queue_name, stack.repo, interval=60)
+    assert watcher.poll() == 2
+    assert watcher.remembered == 2
+    dlq = stack.client.get_queue_receiver(stack.queue_name, sub_queue=ServiceBusSubQueue.DEAD_LETTER)
+    with dlq as receiver:  # an operator drains one of them
+        [message] = receiver.receive_messages(max_message_count=1, max_wait_time=10)
+        receiver.complete_message(message)
+    assert watcher.poll() == 0
+    assert watcher.remembered == 1
 
 
 def test_the_worker_loop_runs_the_watcher_between_batches(stack: WorkerStack) -> None:
