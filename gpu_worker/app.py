@@ -19,7 +19,8 @@ from gpu_worker.handler import Analyzer, JobHandler
 from gpu_worker.heartbeat import Heartbeat
 from gpu_worker.locks import Locks
 from gpu_worker.shutdown import Shutdown
-from shared.bus import servicebus_client
+from gpu_worker.sweeper import OrphanSweeper
+from shared.bus import JobPublisher, servicebus_client
 from shared.db import PostgresJobRepository, open_pool
 from shared.settings import Settings
 from shared.storage import BlobStore
@@ -34,6 +35,12 @@ def _load_analyzer(settings: Settings) -> Analyzer:
 
     models_dir = Path(settings.models_dir) if settings.models_dir else None
     return TorchAnalyzer(select_device(settings.worker_device), models_dir)
+
+
+def _sweep(settings: Settings) -> float:
+    """WORKER_SWEEP_INTERVAL once Settings has it; until then the dead-letter watcher's cadence (0 turns both off)."""
+    interval: float = getattr(settings, "worker_sweep_interval", settings.worker_deadletter_poll_interval)
+    return interval
 
 
 def start_preemption_watch(shutdown: Shutdown, stop: threading.Event, **watcher: Any) -> threading.Thread:
@@ -69,6 +76,13 @@ def run(
             watcher = DeadLetterWatcher(
                 client, settings.jobs_queue, repo, interval=settings.worker_deadletter_poll_interval
             )
+            # The publisher's sender is closed with the client (JobPublisher.close would close the shared client).
+            sweeper = OrphanSweeper(repo, store, JobPublisher(client, settings.jobs_queue), interval=_sweep(settings))
+
+            def between_batches() -> None:
+                watcher.poll_if_due()
+                sweeper.sweep_if_due()
+
             consumer = Consumer(
                 receiver,
                 JobHandler(repo, store, analyzer),
@@ -79,7 +93,7 @@ def run(
                 max_delivery_count=settings.queue.max_delivery_count,
                 max_message_count=settings.worker_max_message_count,
                 max_wait_time=settings.worker_max_wait_time,
-                after_batch=watcher.poll_if_due,
+                after_batch=between_batches,
             )
             logger.info("worker ready on queue %s", settings.jobs_queue, extra={"action": "ready"})
             handled = consumer.run(max_jobs=max_jobs, once=once)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
@@ -27,7 +28,9 @@ from gpu_worker.handler import JobHandler
 from gpu_worker.heartbeat import Heartbeat
 from gpu_worker.locks import Locks
 from gpu_worker.shutdown import Shutdown
+from gpu_worker.sweeper import OrphanSweeper
 from local.ports import free_port
+from shared.bus import JobPublisher
 from shared.errors import DatabaseUnavailable, StorageUnavailable
 from shared.jobs import JobStatus
 from shared.memory import InMemoryJobRepository
@@ -327,3 +330,19 @@ def test_a_message_whose_lock_lapsed_while_it_waited_in_the_batch_is_skipped(
     assert getattr(skipped, "message_id", None) == str(second)
     assert [a for a, _ in _actions(caplog)] == ["leave"]  # the first; nothing at all for the second
     assert {m.message_id for m in stack.queued()} == {str(first), str(second)}
+
+
+def test_the_sweeper_sends_an_orphaned_job_again_and_the_worker_processes_it(stack: WorkerStack) -> None:
+    orphan = stack.create_job(FIELDS.read_bytes())  # the submit died after the upload, before the send
+    lost = stack.create_job(None)  # ... or before the upload
+    publisher = JobPublisher(stack.client, stack.queue_name)
+    sweeper = OrphanSweeper(stack.repo, stack.store, publisher, interval=60, older_than=timedelta(0))
+    assert sweeper.sweep() == 1
+    assert [m.message_id for m in stack.queued()] == [str(orphan.job_id)]
+    failed = stack.job(lost.job_id)
+    assert (failed.status, failed.error_code) == (JobStatus.FAILED, "enqueue_failed")
+    run(stack.settings(), analyzer=SlowAnalyzer(0), max_jobs=1)
+    job = stack.job(orphan.job_id)
+    assert (job.status, job.attempts) == (JobStatus.SUCCEEDED, 1)
+    assert job.enqueued_at is not None
+    assert sweeper.sweep() == 0
