@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +25,8 @@ from local.servicebus_emulator.config import EmulatorConfig, QueueConfig
 from local.servicebus_emulator.connection import Connection
 from local.servicebus_emulator.store import Store
 
-QUEUE = QueueConfig(
-    name="jobs",
-    lock_duration=timedelta(seconds=30),
-    max_delivery_count=10,
-    default_message_time_to_live=timedelta(days=1),
-    dead_lettering_on_message_expiration=False,
-    requires_duplicate_detection=False,
-    duplicate_detection_history_time_window=timedelta(minutes=1),
-)
-_OPEN, _DISPOSITION, _CLOSE = 0x10, 0x15, 0x18
+QUEUE = QueueConfig(name="jobs")  # the service's defaults
+_DISPOSITION, _CLOSE = 0x15, 0x18
 _SCHEDULE = b"com.microsoft:schedule-message"
 
 

@@ -16,16 +16,21 @@ from azure.servicebus import (
     ServiceBusReceiveMode,
     ServiceBusSubQueue,
 )
-from azure.servicebus._common.constants import (
-    SETTLEMENT_ABANDON,
-    SETTLEMENT_COMPLETE,
-    SETTLEMENT_DEADLETTER,
-    SETTLEMENT_DEFER,
-)
 from azure.servicebus._servicebus_receiver import ServiceBusReceiver
 from azure.servicebus.exceptions import MessageLockLostError, MessageNotFoundError, MessagingEntityNotFoundError
 
-from tests.emulator.sdk import Received, app_properties, locked_until, seq
+from tests.emulator.sdk import (
+    SEVERAL_TOKEN_REQUESTS,
+    Received,
+    app_properties,
+    assert_round_trip,
+    expired_dead_letters,
+    locked_until,
+    round_trip_message,
+    seq,
+    ttl_messages,
+    ttl_queue,
+)
 from tests.fixtures.servicebus import EmulatorHandle
 
 pytestmark = pytest.mark.integration
@@ -47,37 +52,11 @@ def _peek_all(client: ServiceBusClient, queue: str = "jobs", sub_queue: ServiceB
 
 
 def test_message_properties_round_trip(servicebus_emulator: EmulatorHandle) -> None:
-    body = bytes(range(256))
-    sent = ServiceBusMessage(
-        body,
-        subject="analyse",
-        correlation_id="corr-1",
-        message_id="job-1",
-        content_type="application/json",
-        time_to_live=timedelta(minutes=5),
-        application_properties={"traceparent": "00-abc-def-01", "attempt": 3, "ratio": 0.5, "flag": True},
-    )
-    _send(servicebus_emulator, sent)
+    _send(servicebus_emulator, round_trip_message())
     with ServiceBusClient.from_connection_string(servicebus_emulator.connection_string) as client:
         with client.get_queue_receiver("jobs", max_wait_time=5) as receiver:
             (received,) = receiver.receive_messages(max_message_count=1, max_wait_time=5)
-            assert b"".join(received.body) == body
-            assert received.subject == "analyse"
-            assert received.correlation_id == "corr-1"
-            assert received.message_id == "job-1"
-            assert received.content_type == "application/json"
-            assert received.time_to_live == timedelta(minutes=5)
-            assert received.application_properties == {
-                b"traceparent": b"00-abc-def-01",
-                b"attempt": 3,
-                b"ratio": 0.5,
-                b"flag": True,
-            }
-            assert received.delivery_count == 0
-            assert received.sequence_number is not None
-            assert received.sequence_number > 0
-            assert received.enqueued_time_utc is not None
-            assert locked_until(received) > datetime.now(UTC)
+            assert_round_trip(received)
             receiver.complete_message(received)
         assert _peek_all(client) == []
 
@@ -285,8 +264,8 @@ def test_max_delivery_count_dead_letters(servicebus_emulator_factory: Factory) -
 
 @pytest.mark.parametrize("dead_letter_on_expiry", [True, False])
 def test_ttl_expiry(servicebus_emulator_factory: Factory, dead_letter_on_expiry: bool) -> None:
-    emulator = servicebus_emulator_factory({"jobs": {"DeadLetteringOnMessageExpiration": dead_letter_on_expiry}})
-    _send(emulator, ServiceBusMessage("stale", time_to_live=timedelta(seconds=1)), ServiceBusMessage("fresh"))
+    emulator = servicebus_emulator_factory(ttl_queue(dead_letter_on_expiry))
+    _send(emulator, *ttl_messages())
     time.sleep(1.5)
     with ServiceBusClient.from_connection_string(emulator.connection_string) as client:
         with client.get_queue_receiver("jobs", max_wait_time=2) as receiver:
@@ -294,10 +273,7 @@ def test_ttl_expiry(servicebus_emulator_factory: Factory, dead_letter_on_expiry:
             assert [str(m) for m in received] == ["fresh"]
             receiver.complete_message(received[0])
         dead = _peek_all(client, sub_queue=ServiceBusSubQueue.DEAD_LETTER)
-        if dead_letter_on_expiry:
-            assert [(str(m), m.dead_letter_reason) for m in dead] == [("stale", "TTLExpiredException")]
-        else:
-            assert dead == []
+        assert [(str(m), m.dead_letter_reason) for m in dead] == expired_dead_letters(dead_letter_on_expiry)
 
 
 def test_queue_default_ttl_applies(servicebus_emulator_factory: Factory) -> None:
@@ -453,30 +429,18 @@ def test_competing_receivers_share_the_queue(servicebus_emulator: EmulatorHandle
             two.complete_message(message)
 
 
-# The public API sends one lock token per management request; the SDK's own request functions take several, as
-# the service does. One lost lock fails the whole request and changes nothing.
-_Request = Callable[[ServiceBusReceiver, list[Any]], object]
-
-
-def _update_disposition(status: str) -> _Request:
+def _several_tokens(status: str | None) -> Callable[[ServiceBusReceiver, list[Any]], object]:
     def request(receiver: ServiceBusReceiver, tokens: list[Any]) -> object:
+        if status is None:
+            return receiver._renew_locks(*tokens)
         return receiver._settle_message_via_mgmt_link(status, tokens)
 
     return request
 
 
-_SEVERAL_TOKENS: dict[str, _Request] = {
-    "renew-lock": lambda receiver, tokens: receiver._renew_locks(*tokens),
-    **{
-        f"update-disposition-{status}": _update_disposition(status)
-        for status in (SETTLEMENT_COMPLETE, SETTLEMENT_ABANDON, SETTLEMENT_DEFER, SETTLEMENT_DEADLETTER)
-    },
-}
-
-
-@pytest.mark.parametrize("request_several", list(_SEVERAL_TOKENS.values()), ids=list(_SEVERAL_TOKENS))
+@pytest.mark.parametrize("status", list(SEVERAL_TOKEN_REQUESTS.values()), ids=list(SEVERAL_TOKEN_REQUESTS))
 def test_a_management_request_with_a_lost_lock_changes_nothing(
-    servicebus_emulator: EmulatorHandle, request_several: _Request
+    servicebus_emulator: EmulatorHandle, status: str | None
 ) -> None:
     _send(servicebus_emulator, ServiceBusMessage("live"), ServiceBusMessage("settled"))
     with (
@@ -488,7 +452,7 @@ def test_a_management_request_with_a_lost_lock_changes_nothing(
         receiver.complete_message(settled)
         time.sleep(0.01)  # a renewal now would move locked_until
         with pytest.raises(MessageLockLostError):
-            request_several(receiver, tokens)
+            _several_tokens(status)(receiver, tokens)
         (peeked,) = receiver.peek_messages(10, sequence_number=seq(live))  # not the settled one: it is gone
         assert (peeked.sequence_number, peeked.delivery_count) == (live.sequence_number, 0)
         assert peeked.locked_until_utc == live.locked_until_utc  # neither renewed nor settled
