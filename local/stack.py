@@ -10,6 +10,10 @@ every PID in ``ROOT/stack.json`` as it goes, with the URLs clients need::
      "root": "...", "env": {...settings given to the services...},
      "services": [{"name", "pid", "log", "marker", "port", "stop_signal", "grace"}, ...]}
 
+``--models-dir DIR`` (``StackConfig.models_dir``) gives the workers ``MODELS_DIR=DIR``: the pluggable model slot
+(``?analysis=model:<name>``, see docs/analysis.md). Without it the workers get whatever ``MODELS_DIR`` the caller's
+environment holds (none by default). Workers read the folder at start-up, so models must be in it before ``up``.
+
 Logs go to ``ROOT/logs/<service>.log``. When something fails, what was started is stopped and the error names the
 log. ``down`` stops exactly what ``stack.json`` lists (newest first) and is safe to run twice.
 """
@@ -47,6 +51,12 @@ class StackConfig:
     servicebus_config: Path = REPO_ROOT / "local" / "servicebus.config.json"
     workers: int = 1
     env: dict[str, str] = field(default_factory=dict)  # extra settings for the host and the workers
+    models_dir: Path | None = None  # MODELS_DIR for the workers (model:<name> analyses)
+
+    def service_settings(self) -> dict[str, str]:
+        """``env``, plus ``MODELS_DIR`` when ``models_dir`` is given."""
+        models = {} if self.models_dir is None else {"MODELS_DIR": str(self.models_dir.resolve())}
+        return {**self.env, **models}
 
 
 class StackError(RuntimeError):
@@ -100,8 +110,9 @@ def up(config: StackConfig, environ: Mapping[str, str] | None = None) -> dict[st
         bus, queue, emulator = launcher.servicebus(config.servicebus_port, config.servicebus_config)
         state.update(servicebus_connection_string=bus, queue_name=queue)
         record(emulator)
-        env = services.service_env(environ, database_url, blob, bus, queue, config.env)
-        state["env"] = {k: env[k] for k in sorted(set(env) - set(environ) | set(config.env))}
+        extra = config.service_settings()
+        env = services.service_env(environ, database_url, blob, bus, queue, extra)
+        state["env"] = {k: env[k] for k in sorted(set(env) - set(environ) | set(extra))}
         launcher.migrate(env)  # `python -m shared.migrate` builds the full Settings: every backend must be known
         api_url, host = launcher.functions_host(config.api_port, env)
         state["api_url"] = api_url
@@ -140,6 +151,7 @@ def _parser() -> argparse.ArgumentParser:
         parser.add_argument(flag, type=int, default=getattr(defaults, name), help="0: any free port")
     parser.add_argument("--servicebus-config", type=Path, default=defaults.servicebus_config)
     parser.add_argument("--workers", type=int, default=defaults.workers)
+    parser.add_argument("--models-dir", type=Path, help="MODELS_DIR for the workers (model:<name> analyses)")
     return parser
 
 
@@ -174,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         api_port=args.api_port,
         servicebus_config=args.servicebus_config,
         workers=args.workers,
+        models_dir=args.models_dir,
     )
     try:
         state = up(config)

@@ -3,7 +3,8 @@ temporary directory, on free ports, with the real entrypoints as subprocesses.
 
 The stack starts without workers; tests get them from ``stack.ensure_worker()`` (through the ``worker`` fixture) or
 start, SIGTERM and SIGKILL their own. The jobs queue has a 5 s lock so that a killed worker's message comes back
-quickly; live workers renew their locks.
+quickly; live workers renew their locks. Workers get ``MODELS_DIR = ROOT/models`` holding the test model of
+:mod:`tests.acceptance.models` (written before any worker starts: workers read the folder at start-up).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from local.processes import Service
 from local.services import Launcher
 from local.stack import REPO_ROOT, StackConfig, StackError, down, up
 from tests.acceptance.harness import Stack
+from tests.acceptance.models import write_models
 from tests.fixtures.backends import unavailable
 
 LOCK_DURATION = "PT5S"
@@ -56,6 +58,7 @@ def stack() -> Iterator[Stack]:
         servicebus_config=_servicebus_config(root),
         workers=0,
         env=SERVICE_ENV,
+        models_dir=write_models(root / "models"),
     )
     environ = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     try:
