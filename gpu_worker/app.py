@@ -37,12 +37,6 @@ def _load_analyzer(settings: Settings) -> Analyzer:
     return TorchAnalyzer(select_device(settings.worker_device), models_dir)
 
 
-def _sweep(settings: Settings) -> float:
-    """WORKER_SWEEP_INTERVAL once Settings has it; until then the dead-letter watcher's cadence (0 turns both off)."""
-    interval: float = getattr(settings, "worker_sweep_interval", settings.worker_deadletter_poll_interval)
-    return interval
-
-
 def start_preemption_watch(shutdown: Shutdown, stop: threading.Event, **watcher: Any) -> threading.Thread:
     """Spot ``Preempt`` / scale-in ``Terminate``: the same drain as SIGTERM, acknowledged once drained."""
     from gpu_worker.preemption import PreemptionWatcher
@@ -77,7 +71,13 @@ def run(
                 client, settings.jobs_queue, repo, interval=settings.worker_deadletter_poll_interval
             )
             # The publisher's sender is closed with the client (JobPublisher.close would close the shared client).
-            sweeper = OrphanSweeper(repo, store, JobPublisher(client, settings.jobs_queue), interval=_sweep(settings))
+            sweeper = OrphanSweeper(
+                repo,
+                store,
+                JobPublisher(client, settings.jobs_queue),
+                interval=settings.worker_sweep_interval,
+                older_than=settings.worker_sweep_age,
+            )
 
             def between_batches() -> None:
                 watcher.poll_if_due()

@@ -77,6 +77,8 @@ class Settings(BaseModel):
     worker_heartbeat_file: str = Field("/tmp/crop-ai-worker.heartbeat", alias="WORKER_HEARTBEAT_FILE")
     worker_heartbeat_max_age: float = Field(120.0, alias="WORKER_HEARTBEAT_MAX_AGE")  # seconds, for --healthcheck
     worker_deadletter_poll_interval: float = Field(60.0, alias="WORKER_DEADLETTER_POLL_INTERVAL")  # 0: off
+    worker_sweep_interval: float = Field(60.0, alias="WORKER_SWEEP_INTERVAL")  # 0: off
+    worker_sweep_age: timedelta = Field(timedelta(minutes=5), alias="WORKER_SWEEP_AGE")
     worker_preemption_watch: bool = Field(False, alias="WORKER_PREEMPTION_WATCH")  # Azure Scheduled Events (Spot VMs)
     models_dir: str | None = Field(None, alias="MODELS_DIR")
 

@@ -263,6 +263,7 @@ def test_least_privilege_role_assignments() -> None:
         ("api", "Storage Blob Data Contributor", "storage"),
         ("api", "Monitoring Metrics Publisher", "appInsights"),
         ("worker", "Azure Service Bus Data Receiver", "queue"),
+        ("worker", "Azure Service Bus Data Sender", "queue"),  # the orphan sweeper
         ("worker", "Storage Blob Data Reader", "imagesContainer"),
         ("worker", "Storage Blob Data Contributor", "resultsContainer"),
         ("worker", "AcrPull", "registry"),

@@ -1,8 +1,9 @@
 // Role assignments by role definition id, least privilege, each at the narrowest scope that works:
 //   API (Function App): Service Bus Data Sender on the queue; Blob Data Contributor on the account (it writes
 //     images, reads results, and the Functions host keeps its own state and deployment package there).
-//   Workers: Service Bus Data Receiver on the queue; Blob Data Reader on images; Blob Data Contributor on results;
-//     AcrPull on the registry.
+//   Workers: Service Bus Data Receiver on the queue, and Sender on the queue too (the orphan sweeper re-sends the
+//     message of a job whose submit died between the insert and the send); Blob Data Reader on images; Blob Data
+//     Contributor on results; AcrPull on the registry.
 //   Both: Monitoring Metrics Publisher on Application Insights (telemetry with Entra auth; local auth is off).
 // PostgreSQL access is not an Azure role: both identities are Entra principals of the server (modules/postgres.bicep).
 
@@ -105,6 +106,16 @@ resource apiMetricsPublisher 'Microsoft.Authorization/roleAssignments@2022-04-01
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.monitoringMetricsPublisher)
     principalId: apiPrincipalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+resource workerSender 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(queue.id, workerPrincipalId, roles.serviceBusDataSender)
+  scope: queue
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.serviceBusDataSender)
+    principalId: workerPrincipalId
     principalType: 'ServicePrincipal'
   }
 }
