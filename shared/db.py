@@ -34,6 +34,8 @@ _JOB = """
     FROM jobs j LEFT JOIN results r USING (job_id)
 """
 _ACTIVE = "status IN ('queued', 'processing')"
+# A delivered message proves that a send reported as failed reached the broker after all: the job was never run.
+_STARTABLE = f"({_ACTIVE} OR (status = 'failed' AND error_code = 'enqueue_failed'))"
 
 
 def open_pool(settings: Settings, credential: TokenCredential | None = None) -> ConnectionPool:
@@ -117,8 +119,8 @@ class PostgresJobRepository:
     def start_attempt(self, job_id: UUID) -> Job | None:
         with self._conn() as conn:
             conn.execute(
-                "UPDATE jobs SET status = 'processing', attempts = attempts + 1, updated_at = now()"
-                f" WHERE job_id = %s AND {_ACTIVE}",
+                "UPDATE jobs SET status = 'processing', attempts = attempts + 1, error_code = NULL,"
+                f" error_message = NULL, updated_at = now() WHERE job_id = %s AND {_STARTABLE}",
                 (job_id,),
             )
             row = conn.execute(_JOB + " WHERE j.job_id = %s", (job_id,)).fetchone()

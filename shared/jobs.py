@@ -69,7 +69,8 @@ class JobRepository(Protocol):
 
     def start_attempt(self, job_id: UUID) -> Job | None:
         """Mark ``processing`` and count the attempt, unless the job is already terminal; return the job as it is
-        now (``None`` if unknown)."""
+        now (``None`` if unknown). A job ``failed`` with ``enqueue_failed`` is started too: its message was delivered,
+        so the send that reported failure reached the broker after all, and the job was never run."""
         ...
 
     def succeed(self, job_id: UUID, result: dict[str, Any]) -> bool:

@@ -64,8 +64,11 @@ class InMemoryJobRepository:
     def start_attempt(self, job_id: UUID) -> Job | None:
         with self._lock:
             job = self._jobs.get(job_id)
-            if job is not None and job.status in _ACTIVE:
-                job = self._update(job, status=JobStatus.PROCESSING, attempts=job.attempts + 1)
+            sent_after_all = job is not None and job.status is JobStatus.FAILED and job.error_code == "enqueue_failed"
+            if job is not None and (job.status in _ACTIVE or sent_after_all):
+                job = self._update(
+                    job, status=JobStatus.PROCESSING, attempts=job.attempts + 1, error_code=None, error_message=None
+                )
             return job
 
     def succeed(self, job_id: UUID, result: dict[str, Any]) -> bool:

@@ -11,7 +11,9 @@ Order and failure semantics (at-least-once, nothing orphaned):
 4. If 3 fails for a new job, the job is marked ``failed`` with code ``enqueue_failed`` (terminal and visible through
    the status endpoint, so it cannot stay ``queued`` for ever) and :class:`EnqueueFailed` (transient) is raised:
    the API answers 503 with ``Retry-After``. The client retries, with the same ``Idempotency-Key`` if it used one
-   (see below). Should the send have reached the broker after all, the worker finds the job terminal and skips it.
+   (see below). Should the send have reached the broker after all, the worker runs the job anyway
+   (:meth:`~shared.jobs.JobRepository.start_attempt` starts a job failed with ``enqueue_failed``: its message was
+   delivered), and a retry with the same key finds it ``processing`` or ``succeeded``.
 5. A process that dies between 2 and the end of 3 leaves a ``queued`` job with ``enqueued_at`` unset. The worker's
    sweeper finds those (:meth:`~shared.jobs.JobRepository.stale_unsent`) and calls :func:`resend`: the message is
    sent again if the image is there, else the job fails with ``enqueue_failed``.
@@ -24,9 +26,8 @@ Order and failure semantics (at-least-once, nothing orphaned):
 * ``failed`` with ``enqueue_failed`` (the retry after a 503): the job is atomically set back to ``queued``
   (:meth:`~shared.jobs.JobRepository.requeue_enqueue_failed`, a conditional update: of two concurrent retries one
   wins, the other sees a ``queued`` job) and handed over again, exactly like a new job: on failure it is
-  ``failed``/``enqueue_failed`` again and the answer is 503 once more. Known gap: if the first send did reach the
-  broker and the worker skipped the then-failed job, a retry within the queue's duplicate-detection window is
-  dropped by the broker and the job stays ``queued`` (sent, so the sweeper does not see it either);
+  ``failed``/``enqueue_failed`` again and the answer is 503 once more. (Had the first send reached the broker, the
+  worker runs the job from that message, so a re-send dropped by duplicate detection loses nothing);
 * any other state: the job as it is, nothing is sent.
 
 Same key + other bytes raises :class:`~shared.jobs.IdempotencyConflict`.

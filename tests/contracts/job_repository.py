@@ -89,6 +89,21 @@ class JobRepositoryContract:
         assert again.status is JobStatus.SUCCEEDED
         assert again.attempts == 1
 
+    def test_start_attempt_runs_a_job_whose_failed_send_reached_the_broker(self, repo: JobRepository) -> None:
+        job, _ = create(repo)
+        assert repo.fail(job.job_id, "enqueue_failed", "the message could not be queued")
+        started = repo.start_attempt(job.job_id)
+        assert started is not None
+        assert started.status is JobStatus.PROCESSING
+        assert (started.error_code, started.error_message, started.attempts) == (None, None, 1)
+
+    def test_start_attempt_on_a_job_failed_otherwise_changes_nothing(self, repo: JobRepository) -> None:
+        job, _ = create(repo)
+        assert repo.fail(job.job_id, "invalid_image", "not a GeoTIFF")
+        again = repo.start_attempt(job.job_id)
+        assert again is not None
+        assert (again.status, again.error_code, again.attempts) == (JobStatus.FAILED, "invalid_image", 0)
+
     def test_fail_records_code_and_message(self, repo: JobRepository) -> None:
         job, _ = create(repo)
         assert repo.fail(job.job_id, "invalid_image", "not a GeoTIFF")
