@@ -77,6 +77,10 @@ class _Handler(BaseHTTPRequestHandler):
             limit = self.server.config.body_limit
             detail = f"the request body exceeds the host's limit of {limit} bytes"
             return route.function_name, problem(413, "Payload Too Large", detail, "request_too_large")
+        except ValueError:  # a Content-Length or chunk size that is not a number
+            self.close_connection = True
+            detail = "the request's Content-Length or chunk framing is malformed"
+            return route.function_name, problem(400, "Bad Request", detail, "malformed_request")
         host = self.headers.get("Host") or f"{self.server.config.host}:{self.server.server_port}"
         request = build_request(self.command, f"http://{host}{self.path}", headers, params, route_params, body)
         try:
@@ -101,6 +105,8 @@ class _Handler(BaseHTTPRequestHandler):
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             return self._read_chunked(limit)
         length = int(self.headers.get("Content-Length") or 0)
+        if length < 0:
+            raise ValueError(f"negative Content-Length {length}")
         if length > limit:
             raise BodyTooLarge
         return self.rfile.read(length) if length else b""

@@ -107,27 +107,36 @@ def _problem(response: httpx.Response) -> dict[str, object]:
 
 
 @pytest.mark.parametrize(
-    ("content", "content_type"),
+    ("content", "content_type", "code"),
     [
-        (b"hello, this is not an image", "text/plain"),
-        (b'{"image": "base64?"}', "application/json"),
-        (b"", "image/tiff"),
-        (b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "image/png"),
-        (b"II*\x00" + b"\0" * 60, "image/tiff"),  # TIFF magic, nothing behind it
+        (b"hello, this is not an image", "text/plain", "unsupported_media_type"),
+        (b'{"image": "base64?"}', "application/json", "unsupported_media_type"),
+        (b"", "image/tiff", "empty_body"),
+        (b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "image/png", "unsupported_media_type"),
+        (b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "image/tiff", "not_a_tiff"),
+        (b"II*\x00" + b"\0" * 60, "image/tiff", "unreadable_image"),  # TIFF magic, nothing behind it
     ],
-    ids=["text", "json", "empty", "png", "tiff-magic-only"],
+    ids=["text", "json", "empty", "png", "png-as-tiff", "tiff-magic-only"],
 )
-def test_non_geotiff_bodies_get_a_problem(api: httpx.Client, content: bytes, content_type: str) -> None:
-    _problem(api.post("/api/jobs", content=content, headers={"Content-Type": content_type}))
+def test_non_geotiff_bodies_get_a_problem(api: httpx.Client, content: bytes, content_type: str, code: str) -> None:
+    problem = _problem(api.post("/api/jobs", content=content, headers={"Content-Type": content_type}))
+    assert problem["code"] == code, problem
 
 
 @pytest.mark.parametrize(
-    "params",
-    [{"bands": "B02,B03"}, {"bands": "X1,X2,X3,X4"}, {"scale": "-1"}, {"scale": "many"}],
-    ids=["too-few-bands", "unknown-band-names", "negative-scale", "non-numeric-scale"],
+    ("params", "code"),
+    [
+        ({"bands": "B02,B03"}, "band_count_mismatch"),
+        ({"bands": "X1,X2,X3,X4"}, "invalid_bands"),
+        ({"scale": "-1"}, "invalid_scale"),
+        ({"scale": "many"}, "invalid_scale"),
+        ({"analysis": "poetry"}, "invalid_analysis"),
+    ],
+    ids=["too-few-bands", "unknown-band-names", "negative-scale", "non-numeric-scale", "unknown-analysis"],
 )
-def test_bad_parameters_get_a_problem(api: httpx.Client, params: dict[str, str]) -> None:
-    _problem(submit(api, RGBN.read_bytes(), params=params))
+def test_bad_parameters_get_a_problem(api: httpx.Client, params: dict[str, str], code: str) -> None:
+    problem = _problem(submit(api, RGBN.read_bytes(), params=params))
+    assert problem["code"] == code, problem
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.9], ids=["half", "most"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -129,6 +130,24 @@ def test_body_over_the_limit_is_413(client: httpx.Client, chunked: bool) -> None
 def test_body_within_the_limit_arrives_whole(client: httpx.Client, size: int) -> None:
     response = client.put(f"/echo/{GUID}", content=b"\1" * size)
     assert response.json()["size"] == size
+
+
+@pytest.mark.parametrize("framing", ["Content-Length: lots", "Content-Length: -5", "Transfer-Encoding: chunked"])
+def test_malformed_framing_is_a_400_problem(client: httpx.Client, framing: str) -> None:
+    url = httpx.URL(str(client.base_url))
+    body = b"zz\r\nnot hex\r\n" if "chunked" in framing else b""
+    request = f"POST {url.raw_path.decode().rstrip('/')}/echo/{GUID} HTTP/1.1\r\nHost: x\r\n{framing}\r\n\r\n"
+    with socket.create_connection((url.host, url.port), timeout=10) as sock:
+        sock.sendall(request.encode() + body)
+        with sock.makefile("rb") as answer:
+            status = answer.readline()
+            headers = {}
+            while (line := answer.readline()) not in (b"\r\n", b""):
+                key, _, value = line.decode().partition(":")
+                headers[key.strip().lower()] = value.strip()
+            problem = json.loads(answer.read(int(headers["content-length"])))
+    assert status.split()[1] == b"400", status
+    assert problem["code"] == "malformed_request"
 
 
 def test_chunked_body_arrives_whole(client: httpx.Client) -> None:
