@@ -9,12 +9,12 @@ stale, 2 on bad arguments.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gpu_worker.heartbeat import check
+from shared.logs import configure_console_logging
 from shared.settings import Settings
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None, *, analyzer: Analyzer | None = None) -> 
     settings = Settings.from_env()
     if args.healthcheck:
         return healthcheck(settings, args.max_age)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_console_logging()
     from gpu_worker.app import run  # torch and the SDKs: not for the healthcheck
 
     return run(settings, analyzer=analyzer, max_jobs=args.max_jobs, once=args.once)
