@@ -8,7 +8,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -18,11 +18,12 @@ from azure.core.credentials import AccessToken
 from azure.storage.blob import BlobServiceClient
 
 from shared.errors import CropAIError, InputMissing, StorageUnavailable
-from shared.jobs import Job, JobStatus
+from shared.jobs import JobStatus
 from shared.settings import Settings
 from shared.status import job_view
 from shared.storage import BlobStore
 from tests import geotiffs
+from tests.jobs import job_record
 
 pytestmark = pytest.mark.integration
 
@@ -147,18 +148,7 @@ def test_a_url_that_cannot_be_signed_is_served_unsigned(caplog: pytest.LogCaptur
     url = f"{account}/results/{uuid.uuid4()}/ndvi.tif"
     with pytest.raises(StorageUnavailable):
         store.read_url(url, timedelta(minutes=5))  # the adapter itself still says what happened
-    now = datetime.now(UTC)
-    job = Job(
-        job_id=uuid.uuid4(),
-        status=JobStatus.SUCCEEDED,
-        created_at=now,
-        updated_at=now,
-        attempts=1,
-        input_blob="x/input.tif",
-        input_sha256="0" * 64,
-        params={},
-        result={"outputs": {"ndvi_cog": url}},
-    )
+    job = job_record(JobStatus.SUCCEEDED, result={"outputs": {"ndvi_cog": url}})
     with caplog.at_level(logging.WARNING, logger="shared.status"):
         view = job_view(job, store, timedelta(minutes=5))
     assert view["result"]["outputs"] == {"ndvi_cog": url}

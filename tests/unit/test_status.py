@@ -2,32 +2,20 @@
 
 from __future__ import annotations
 
-import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 
 from shared.jobs import Job, JobStatus
 from shared.memory import InMemoryBlobStore
 from shared.status import FIXED_MESSAGES, GENERIC_MESSAGE, job_view
+from tests.jobs import job_record
 
 INTERNAL = "retries exhausted after 5 deliveries; last error: KeyError: 'nir' (psycopg.OperationalError at 10.0.0.4)"
 
 
 def failed(code: str, message: str | None) -> Job:
-    now = datetime.now(UTC)
-    return Job(
-        job_id=uuid.uuid4(),
-        status=JobStatus.FAILED,
-        created_at=now,
-        updated_at=now,
-        attempts=5,
-        input_blob="x/input.tif",
-        input_sha256="0" * 64,
-        params={},
-        error_code=code,
-        error_message=message,
-    )
+    return job_record(JobStatus.FAILED, attempts=5, error_code=code, error_message=message)
 
 
 def error_of(job: Job) -> dict[str, str]:
