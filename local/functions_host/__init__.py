@@ -1,4 +1,4 @@
-"""A local Azure Functions host for the HTTP triggers of a v2-model ``FunctionApp``.
+"""A local Azure Functions host for the HTTP and timer triggers of a v2-model ``FunctionApp``.
 
 Functions Core Tools cannot be installed offline, so ``python -m local.functions_host --app function_app:app`` serves
 the app's HTTP functions the way the Functions host does: routes from each function's ``httpTrigger`` binding under
@@ -7,10 +7,28 @@ the route prefix from ``host.json`` (``extensions.http.routePrefix``, default ``
 (``FUNCTIONS_REQUEST_BODY_SIZE_LIMIT`` overrides), and, like Core Tools, function keys not enforced unless
 ``FUNCTIONS_HOST_ENFORCE_KEYS=true`` (then ``FUNCTIONS_HOST_KEY`` via ``?code=`` or ``x-functions-key``).
 
-Modules: ``routes`` (the route table), ``invoke`` (HttpRequest in, HttpResponse out), ``server`` (the HTTP server).
+It also runs the functions with a ``timerTrigger`` binding on their schedules, as the host's timer extension does:
+NCRONTAB (``{second} {minute} {hour} {day} {month} {day-of-week}``, in UTC) or TimeSpan schedules, ``%NAME%`` app
+setting references, ``run_on_startup``, one invocation at a time per function, and
+``AzureWebJobs.<function>.Disabled=true`` to keep one from running. There is no schedule monitor (``use_monitor``):
+``past_due`` is always False and occurrences missed while the host was stopped are not replayed.
+
+Modules: ``routes`` (the route table), ``invoke`` (HttpRequest in, HttpResponse out), ``server`` (the HTTP server),
+``ncrontab`` (schedule expressions), ``timers`` (the timer functions of an app), ``scheduler`` (running them).
 """
 
 from local.functions_host.routes import Route, RouteTable, load_route_prefix
+from local.functions_host.scheduler import TimerScheduler
 from local.functions_host.server import FunctionsHost, HostConfig
+from local.functions_host.timers import TimerFunction, timers_of
 
-__all__ = ["FunctionsHost", "HostConfig", "Route", "RouteTable", "load_route_prefix"]
+__all__ = [
+    "FunctionsHost",
+    "HostConfig",
+    "Route",
+    "RouteTable",
+    "TimerFunction",
+    "TimerScheduler",
+    "load_route_prefix",
+    "timers_of",
+]

@@ -1,7 +1,9 @@
 """``python -m local.functions_host --app function_app:app [--host 127.0.0.1] [--port 7071] [--host-json host.json]``.
 
-Logs ``Functions host ready: http://HOST:PORT/api`` (with the real port when ``--port 0``) once it accepts requests;
-SIGTERM or SIGINT stops it.
+Logs each HTTP route and each timer function (``name: timer "schedule"``), starts the timers, then logs
+``Functions host ready: http://HOST:PORT/api`` (with the real port when ``--port 0``) once it accepts requests.
+SIGTERM or SIGINT stops it: no new request or timer invocation, a running timer invocation gets a few seconds.
+``AzureWebJobs.<function>.Disabled=true`` keeps a timer function from running.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from types import FrameType
 from typing import Any
 
 from local.functions_host.routes import RouteTable, load_route_prefix, routes_of
+from local.functions_host.scheduler import TimerScheduler
 from local.functions_host.server import DEFAULT_BODY_LIMIT, FunctionsHost, HostConfig
+from local.functions_host.timers import TimerFunction, timers_of
 
 logger = logging.getLogger("local.functions_host")
 
@@ -28,6 +32,16 @@ def load_app(spec: str) -> Any:
     module_name, _, attribute = spec.partition(":")
     sys.path.insert(0, os.getcwd())
     return getattr(importlib.import_module(module_name), attribute or "app")
+
+
+class IndexedApp:
+    """An app's functions, indexed once as the worker does: ``FunctionApp.get_functions()`` refuses a second call."""
+
+    def __init__(self, app: Any) -> None:
+        self._functions = list(app.get_functions())
+
+    def get_functions(self) -> list[Any]:
+        return self._functions
 
 
 def config_from(args: argparse.Namespace, environ: dict[str, str]) -> HostConfig:
@@ -40,6 +54,15 @@ def config_from(args: argparse.Namespace, environ: dict[str, str]) -> HostConfig
     )
 
 
+def log_timers(timers: list[TimerFunction], environ: dict[str, str]) -> None:
+    for timer in timers:
+        resolved = timer.schedule.expression
+        shown = f'"{resolved}"' if resolved == timer.declared else f'"{timer.declared}" = "{resolved}"'
+        logger.info("%s: timer %s%s", timer.function_name, shown, " (disabled)" if timer.disabled else "")
+    if timers and environ.get("WEBSITE_TIME_ZONE"):
+        logger.warning("timer schedules run in UTC here: WEBSITE_TIME_ZONE=%s is ignored", environ["WEBSITE_TIME_ZONE"])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m local.functions_host", description=__doc__)
     parser.add_argument("--app", default="function_app:app", help="module:attribute of the FunctionApp")
@@ -50,22 +73,28 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("azure").setLevel(logging.WARNING)  # the SDKs log every HTTP request and AMQP frame at INFO
 
-    app = load_app(args.app)
+    environ = dict(os.environ)
+    app = IndexedApp(load_app(args.app))
     table = RouteTable(routes_of(app), load_route_prefix(args.host_json))
     for route in table.routes:
         methods = ",".join(sorted(route.methods))
         logger.info("%s: [%s] /%s/%s", route.function_name, methods, table.prefix, route.template)
-    host = FunctionsHost(config_from(args, dict(os.environ)), table)
+    timers = timers_of(app, environ)
+    log_timers(timers, environ)
+    host = FunctionsHost(config_from(args, environ), table)
+    scheduler = TimerScheduler(timers, host.loop)
 
     def stop(signum: int, frame: FrameType | None) -> None:
         threading.Thread(target=host.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    scheduler.start()
     logger.info("Functions host ready: %s", host.base_url, extra={"action": "host_ready"})
     try:
         host.serve_forever()
     finally:
+        scheduler.stop()
         host.close()
         logger.info("Functions host stopped", extra={"action": "host_stopped"})
 

@@ -1,7 +1,7 @@
 """Calling one function: build ``azure.functions.HttpRequest``, run the user function, turn its answer into bytes.
 
 Synchronous functions run on the server's request thread (the Functions Python worker uses a thread pool too);
-coroutine functions run on one event loop shared by every request, so clients they cache stay on one loop.
+coroutine functions run on one event loop shared by every request and timer, so clients they cache stay on one loop.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import asyncio
 import inspect
 import json
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,12 +62,16 @@ def build_request(
     )
 
 
+def run_function(user_function: Callable[..., Any], kwargs: Mapping[str, Any], loop: EventLoopThread) -> Any:
+    """Call a user function on this thread, or, when it is a coroutine function, on ``loop`` and wait for it."""
+    if inspect.iscoroutinefunction(user_function):
+        return loop.run(user_function(**kwargs))
+    return user_function(**kwargs)
+
+
 def call(route: Route, request: func.HttpRequest, loop: EventLoopThread) -> Any:
     """Run the user function with the request bound to its trigger's parameter name."""
-    kwargs = {route.binding_name: request}
-    if inspect.iscoroutinefunction(route.user_function):
-        return loop.run(route.user_function(**kwargs))
-    return route.user_function(**kwargs)
+    return run_function(route.user_function, {route.binding_name: request}, loop)
 
 
 def to_wire(result: Any) -> WireResponse:

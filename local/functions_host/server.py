@@ -166,6 +166,11 @@ class FunctionsHost:
         return int(self._server.server_address[1])
 
     @property
+    def loop(self) -> EventLoopThread:
+        """The event loop that coroutine functions run on (timer functions share it); closed by ``close``."""
+        return self._server.loop
+
+    @property
     def base_url(self) -> str:
         prefix = f"/{self.table.prefix}" if self.table.prefix else ""
         return f"http://{self.config.host}:{self.port}{prefix}"

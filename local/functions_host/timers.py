@@ -1,0 +1,103 @@
+"""The timer-triggered functions of a v2 ``FunctionApp``, read from each function's ``timerTrigger`` binding.
+
+``@app.timer_trigger(schedule=..., arg_name=..., run_on_startup=..., use_monitor=...)`` writes
+``{"type": "timerTrigger", "name": arg_name, "schedule": ..., "runOnStartup": ..., "useMonitor": ...}``, the last two
+only when given (the host's defaults: false and true). As on the host, ``%NAME%`` references in the schedule are
+replaced by app settings (here: the environment), and ``AzureWebJobs.<function>.Disabled`` (or the Linux spelling
+``AzureWebJobs_<function>_Disabled``) set to ``true`` or ``1`` disables a function. App setting names are matched
+case-insensitively, as .NET configuration matches them. A function whose schedule is invalid or names a missing
+setting is logged as in error and left out; the others still run, as on the host.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from local.functions_host.ncrontab import Schedule, ScheduleError, parse_schedule
+
+logger = logging.getLogger(__name__)
+
+_SETTING = re.compile(r"%([^%]*)%")
+
+
+@dataclass(frozen=True)
+class TimerFunction:
+    function_name: str
+    declared: str  # the schedule as the binding has it, before %NAME% references are resolved
+    schedule: Schedule
+    binding_name: str
+    run_on_startup: bool
+    use_monitor: bool
+    disabled: bool
+    user_function: Callable[..., Any]
+
+
+def app_setting(environ: Mapping[str, str], name: str) -> str | None:
+    """The setting ``name``, matched exactly first, then ignoring case."""
+    if name in environ:
+        return environ[name]
+    return next((value for key, value in environ.items() if key.lower() == name.lower()), None)
+
+
+def resolve_settings(expression: str, environ: Mapping[str, str]) -> str:
+    """``expression`` with each ``%NAME%`` replaced by the app setting ``NAME``."""
+    if expression.count("%") % 2:
+        raise ScheduleError(f"schedule {expression!r} has a '%' without its closing '%'")
+
+    def setting(found: re.Match[str]) -> str:
+        value = app_setting(environ, found[1])
+        if value is None:
+            raise ScheduleError(f"schedule {expression!r} names app setting {found[1]!r}, which is not set")
+        return value
+
+    return _SETTING.sub(setting, expression)
+
+
+def is_disabled(function_name: str, environ: Mapping[str, str]) -> bool:
+    for name in (f"AzureWebJobs.{function_name}.Disabled", f"AzureWebJobs_{function_name}_Disabled"):
+        if (app_setting(environ, name) or "").lower() in ("1", "true"):
+            return True
+    return False
+
+
+def _timer_trigger(function: Any) -> dict[str, Any] | None:
+    for raw in function.get_raw_bindings():
+        binding = json.loads(raw)
+        if binding.get("type") == "timerTrigger":
+            return dict(binding)
+    return None
+
+
+def timers_of(app: Any, environ: Mapping[str, str]) -> list[TimerFunction]:
+    """The timer-triggered functions of a v2 ``FunctionApp`` (other triggers are ignored)."""
+    timers = []
+    for function in app.get_functions():
+        trigger = _timer_trigger(function)
+        if trigger is None:
+            continue
+        name = function.get_function_name()
+        declared = str(trigger.get("schedule", ""))
+        try:
+            schedule = parse_schedule(resolve_settings(declared, environ))
+        except ScheduleError as e:
+            fields = {"action": "timer_invalid", "function": name}
+            logger.error("The '%s' function is in error: %s", name, e, extra=fields)
+            continue
+        timers.append(
+            TimerFunction(
+                function_name=name,
+                declared=declared,
+                schedule=schedule,
+                binding_name=trigger.get("name", "timer"),
+                run_on_startup=bool(trigger.get("runOnStartup", False)),
+                use_monitor=bool(trigger.get("useMonitor", True)),
+                disabled=is_disabled(name, environ),
+                user_function=function.get_user_function(),
+            )
+        )
+    return timers
