@@ -8,7 +8,8 @@ their own with :func:`use`.
 from __future__ import annotations
 
 import threading
-from contextlib import ExitStack
+from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
@@ -16,7 +17,8 @@ from uuid import UUID
 
 from azure.core.credentials import TokenCredential
 
-from shared.jobs import JobRepository
+from shared.jobs import JobStore
+from shared.reconciler import DeadLetterInbox
 from shared.settings import Settings
 from shared.submission import Publisher
 
@@ -25,15 +27,17 @@ DEFAULT_RETRY_AFTER = 5
 
 class BlobStoreLike(Protocol):
     def put_input(self, job_id: UUID, data: bytes, sha256: str) -> str: ...
+    def input_sha256(self, blob_name: str) -> str | None: ...
     def read_url(self, blob_url: str, ttl: timedelta) -> str: ...
 
 
 @dataclass(frozen=True)
 class Deps:
     settings: Settings
-    repo: JobRepository
+    jobs: JobStore
     blobs: BlobStoreLike
     publisher: Publisher
+    dead_letters: Callable[[], AbstractContextManager[DeadLetterInbox]]  # a receiver for one reconciler run
 
 
 _lock = threading.Lock()
@@ -63,8 +67,8 @@ def retry_after() -> int:
 
 def build(settings: Settings) -> Deps:
     # Imported here: only a request needs the SDKs, and a cold start that serves no request should not pay for them.
-    from shared.bus import JobPublisher, servicebus_client
-    from shared.db import PostgresJobRepository, open_pool
+    from shared.bus import DeadLetterInbox, JobPublisher, servicebus_client
+    from shared.db import PostgresJobStore, open_pool
     from shared.storage import BlobStore
     from shared.telemetry import configure_telemetry
 
@@ -77,9 +81,18 @@ def build(settings: Settings) -> Deps:
         opened.callback(pool.close)
         blobs = BlobStore.from_settings(settings, credential)
         opened.callback(blobs.close)
-        publisher = JobPublisher(servicebus_client(settings, credential), settings.jobs_queue)
+        client = servicebus_client(settings, credential)
+        # A send that fails makes the next ones fail at once for a few seconds: submit stays fast while the bus is
+        # down, and the reconciler hands over what was accepted meanwhile.
+        publisher = JobPublisher(client, settings.jobs_queue, timeout=settings.bus_send_timeout, cooldown=10.0)
         opened.pop_all()  # built: from here on they live as long as the process
-    return Deps(settings=settings, repo=PostgresJobRepository(pool), blobs=blobs, publisher=publisher)
+    return Deps(
+        settings=settings,
+        jobs=PostgresJobStore(pool),
+        blobs=blobs,
+        publisher=publisher,
+        dead_letters=lambda: DeadLetterInbox(client, settings.jobs_queue),
+    )
 
 
 def _credential(settings: Settings) -> TokenCredential | None:

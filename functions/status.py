@@ -19,7 +19,7 @@ bp = func.Blueprint()  # type: ignore[no-untyped-call]
 def job_status(req: func.HttpRequest) -> func.HttpResponse:
     job_id = parse_job_id(req.route_params.get("job_id", ""))
     d = deps.get()
-    job = d.repo.get(job_id)
+    job = d.jobs.get(job_id)
     if job is None:
         return problem("job_not_found", f"there is no job {job_id}")
     headers = {"Cache-Control": "no-store"}

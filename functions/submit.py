@@ -37,7 +37,7 @@ def submit_job(req: func.HttpRequest) -> func.HttpResponse:
         analysis=req.params.get("analysis"),
         idempotency_key=req.headers.get("Idempotency-Key"),
     )
-    outcome = submit(upload, limits=limits, repo=d.repo, store=d.blobs, publisher=d.publisher)
+    outcome = submit(upload, limits=limits, jobs=d.jobs, store=d.blobs, publisher=d.publisher)
     return _accepted(req, outcome, d.settings.retry_after_seconds)
 
 

@@ -7,21 +7,23 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import socket
 import threading
 from pathlib import Path
 from typing import Any
 
 from azure.servicebus import AutoLockRenewer
 
-from gpu_worker.consumer import Consumer
-from gpu_worker.deadletters import DeadLetterWatcher
+from gpu_worker.breaker import Breaker
+from gpu_worker.consumer import AttemptLimits, Consumer
 from gpu_worker.handler import Analyzer, JobHandler
 from gpu_worker.heartbeat import Heartbeat
-from gpu_worker.locks import Locks
+from gpu_worker.locks import LostLocks
+from gpu_worker.settlement import RetryPolicy
 from gpu_worker.shutdown import Shutdown
-from gpu_worker.sweeper import OrphanSweeper
 from shared.bus import JobPublisher, servicebus_client
-from shared.db import PostgresJobRepository, open_pool
+from shared.db import PostgresJobStore, open_pool
 from shared.settings import Settings
 from shared.storage import BlobStore
 from shared.telemetry import configure_telemetry
@@ -45,9 +47,11 @@ def start_preemption_watch(shutdown: Shutdown, stop: threading.Event, **watcher:
     return PreemptionWatcher(on_notice, drained=shutdown.drained.wait, **watcher).start(stop)
 
 
-def run(
-    settings: Settings, *, analyzer: Analyzer | None = None, max_jobs: int | None = None, once: bool = False
-) -> int:
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def run(settings: Settings, *, analyzer: Analyzer | None = None, max_jobs: int | None = None) -> int:
     """Consume until drained; ``analyzer`` replaces the torch one (tests inject a slow or failing one)."""
     configure_telemetry(settings, role="gpu-worker")
     analyzer = analyzer or _load_analyzer(settings)
@@ -59,44 +63,36 @@ def run(
     pool = open_pool(settings)
     store = BlobStore.from_settings(settings)
     try:
-        repo = PostgresJobRepository(pool)
-        renewer = AutoLockRenewer()  # the consumer registers each message itself, see gpu_worker.locks
-        locks = Locks(renewer, max_lock_renewal=settings.worker_max_lock_renewal.total_seconds())
+        jobs = PostgresJobStore(pool)
+        locks = LostLocks()
+        renewer = AutoLockRenewer(
+            max_lock_renewal_duration=settings.lock_renewal_limit.total_seconds(),
+            on_lock_renew_failure=locks.on_renew_failure,
+        )
         with (
             servicebus_client(settings) as client,
             renewer,
-            client.get_queue_receiver(settings.jobs_queue) as receiver,
+            client.get_queue_receiver(settings.jobs_queue, auto_lock_renewer=renewer) as receiver,
         ):
-            watcher = DeadLetterWatcher(
-                client, settings.jobs_queue, repo, interval=settings.worker_deadletter_poll_interval
-            )
-            # The publisher's sender is closed with the client (JobPublisher.close would close the shared client).
-            sweeper = OrphanSweeper(
-                repo,
-                store,
-                JobPublisher(client, settings.jobs_queue),
-                interval=settings.worker_sweep_interval,
-                older_than=settings.worker_sweep_age,
-            )
-
-            def between_batches() -> None:
-                watcher.poll_if_due()
-                sweeper.sweep_if_due()
-
             consumer = Consumer(
                 receiver,
-                JobHandler(repo, store, analyzer),
-                repo,
+                jobs,
+                JobHandler(jobs, store, analyzer),
+                # Its sender is closed with the client (JobPublisher.close would close the shared client).
+                JobPublisher(client, settings.jobs_queue, timeout=settings.bus_send_timeout),
                 shutdown,
                 Heartbeat(Path(settings.worker_heartbeat_file)),
                 locks,
-                max_delivery_count=settings.queue.max_delivery_count,
-                max_message_count=settings.worker_max_message_count,
+                Breaker(
+                    {"postgres": jobs.ping, "storage": store.ping}, max_interval=settings.worker_probe_max_interval
+                ),
+                worker_id=worker_id(),
+                retry=RetryPolicy(settings.job_max_attempts, settings.retry_backoff, settings.retry_backoff_max),
+                limits=AttemptLimits(settings.job_lease, settings.job_timeout, settings.worker_shutdown_grace),
                 max_wait_time=settings.worker_max_wait_time,
-                after_batch=between_batches,
             )
             logger.info("worker ready on queue %s", settings.jobs_queue, extra={"action": "ready"})
-            handled = consumer.run(max_jobs=max_jobs, once=once)
+            handled = consumer.run(max_jobs=max_jobs)
             renewer.close(wait=False)  # before the receiver closes: no renewal may race the link's detach
         logger.info(
             "worker stopped after %d messages: %s",

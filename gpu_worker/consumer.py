@@ -1,48 +1,51 @@
-"""Receive -> dispatch -> settle.
+"""Receive -> claim -> run -> settle, one message at a time.
 
-Peek-lock batches of ``max_message_count``. Every message of a batch is registered for lock renewal on receipt, for
-a budget that covers its wait behind the messages before it (:mod:`gpu_worker.locks`); a message whose lock is
-already gone when its turn comes is skipped, neither processed nor settled (``action=skip_lock_lost``): the broker
-redelivers it, perhaps to another worker already. Each message is decoded first (a bad envelope is poison:
-dead-lettered at once), handled, and settled in exactly one place, :meth:`Consumer._process`'s ``finally``, from
-:func:`gpu_worker.settlement.decide`. Only the handler's work is interruptible by a forced shutdown; the settlement
-never is.
+Before each receive the circuit breaker (:mod:`gpu_worker.breaker`) makes sure PostgreSQL and Blob Storage answer;
+while one is down the worker does not receive. A received message is decoded (a bad envelope is poison:
+dead-lettered at once), then its job is *claimed* (:meth:`shared.jobs.JobStore.claim`): a job that is finished, or
+running under another worker's live lease, is not run again, and the message is completed. A claimed attempt runs
+inside an :class:`~gpu_worker.attempt.AttemptGuard` (lease renewal, time limit). Whatever happened is settled in
+exactly one place, :meth:`Consumer._process`'s ``finally``, from :func:`gpu_worker.settlement.decide`; only the
+attempt is interruptible by a forced shutdown or its time limit, never the settlement.
 
-Batches (``WORKER_MAX_MESSAGE_COUNT`` > 1) trade fewer receive round trips for two costs, both worse the longer a
-job runs: the messages waiting in a batch stay locked to this worker (a worker started meanwhile cannot take them),
-and a drain (SIGTERM, Spot eviction, scale-in) abandons the ones not started, which costs each of them a delivery:
-Service Bus has no "release without counting", so repeated evictions can push a job that never ran to
-``MaxDeliveryCountExceeded`` (the dead-letter watcher then fails it with ``max_delivery_count_exceeded``). For GPU
-jobs of minutes, use 1; batches pay off only for short jobs.
+One message per receive: a message waiting in a batch would stay locked to this worker while the one before it
+runs for minutes, and a drain would have to abandon it (spending a delivery it never used).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any, Protocol
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
 from uuid import UUID
 
 from azure.servicebus import ServiceBusReceivedMessage, ServiceBusReceiver
 from azure.servicebus.exceptions import MessageAlreadySettled, ServiceBusError
 from opentelemetry import trace
 
-from gpu_worker.handler import Outcome
+from gpu_worker.attempt import AttemptGuard
+from gpu_worker.breaker import Breaker
+from gpu_worker.handler import JobHandler, Outcome
 from gpu_worker.heartbeat import Heartbeat
-from gpu_worker.locks import Locks
-from gpu_worker.settlement import Action, Decision, Interrupted, decide
+from gpu_worker.locks import LostLocks
+from gpu_worker.settlement import Action, Decision, Interrupted, RetryPolicy, decide
 from gpu_worker.shutdown import Shutdown
-from shared.errors import InvalidMessage
-from shared.jobs import JobRepository
-from shared.messages import JobMessage, decode
+from shared.errors import CropAIError, InvalidMessage
+from shared.jobs import Job, JobStore
+from shared.messages import JobMessage, decode, parse_message_id
+from shared.submission import Publisher
 from shared.telemetry import context_from_properties
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 
 
-class Handler(Protocol):
-    def handle(self, message: JobMessage) -> Outcome: ...
+@dataclass(frozen=True)
+class AttemptLimits:
+    lease: timedelta
+    timeout: timedelta
+    hard_exit_after: float  # seconds past the time limit before the process exits
 
 
 def _body(message: ServiceBusReceivedMessage) -> bytes:
@@ -53,51 +56,46 @@ def _body(message: ServiceBusReceivedMessage) -> bytes:
         raise InvalidMessage(f"message body is not a data body: {e}") from e
 
 
-def _job_id(message: ServiceBusReceivedMessage, envelope: JobMessage | None) -> UUID | None:
-    """The job id: from the envelope, else from ``message_id`` (= job id by contract) for undecodable bodies."""
-    if envelope is not None:
-        return envelope.job_id
-    try:
-        return UUID(str(message.message_id))
-    except ValueError:
-        return None
-
-
 class Consumer:
     def __init__(
         self,
         receiver: ServiceBusReceiver,
-        handler: Handler,
-        repo: JobRepository,
+        jobs: JobStore,
+        handler: JobHandler,
+        publisher: Publisher,
         shutdown: Shutdown,
         heartbeat: Heartbeat,
-        locks: Locks,
+        locks: LostLocks,
+        breaker: Breaker,
         *,
-        max_delivery_count: int,
-        max_message_count: int,
+        worker_id: str,
+        retry: RetryPolicy,
+        limits: AttemptLimits,
         max_wait_time: float,
-        after_batch: Callable[[], object] | None = None,
     ) -> None:
         self._receiver = receiver
+        self._jobs = jobs
         self._handler = handler
-        self._repo = repo
+        self._publisher = publisher
         self._shutdown = shutdown
         self._heartbeat = heartbeat
-        self._max_delivery_count = max_delivery_count
-        self._max_message_count = max_message_count
-        self._max_wait_time = max_wait_time
-        self._after_batch = after_batch
         self._locks = locks
+        self._breaker = breaker
+        self._worker_id = worker_id
+        self._retry = retry
+        self._limits = limits
+        self._max_wait_time = max_wait_time
         self.settled: dict[Action, int] = dict.fromkeys(Action, 0)
 
-    def run(self, *, max_jobs: int | None = None, once: bool = False) -> int:
-        """Consume until shutdown (or ``max_jobs`` messages, or one batch with ``once``); return messages handled."""
+    def run(self, *, max_jobs: int | None = None) -> int:
+        """Consume until shutdown (or ``max_jobs`` messages); return the number of messages handled."""
         handled = failures = 0
         while not self._shutdown.requested.is_set():
             self._heartbeat.beat()
-            want = self._max_message_count if max_jobs is None else min(self._max_message_count, max_jobs - handled)
+            if not self._breaker.wait_until_closed(self._shutdown.requested, tick=self._heartbeat.beat):
+                break
             try:
-                batch = self._receiver.receive_messages(max_message_count=want, max_wait_time=self._max_wait_time)
+                batch = self._receiver.receive_messages(max_message_count=1, max_wait_time=self._max_wait_time)
             except ServiceBusError as e:  # the SDK has retried already; wait a little, keep the process alive
                 failures += 1
                 backoff = min(2.0**failures, 30.0)
@@ -105,48 +103,18 @@ class Consumer:
                 self._shutdown.requested.wait(backoff)
                 continue
             failures = 0
-            self._locks.hold(self._receiver, batch)
-            for index, message in enumerate(batch):
-                if self._shutdown.requested.is_set():
-                    self._abandon_unstarted(batch[index:])
-                    break
+            for message in batch:
                 handled += 1
-                if not self._locks.ready(self._receiver, message):
-                    self._skip(message)
-                    continue
                 self._process(message)
-            if self._after_batch is not None and not self._shutdown.requested.is_set():
-                self._after_batch()
-            if once or (max_jobs is not None and handled >= max_jobs):
+            if max_jobs is not None and handled >= max_jobs:
                 break
         self._heartbeat.idle()
         return handled
 
-    def _abandon_unstarted(self, messages: list[ServiceBusReceivedMessage]) -> None:
-        for message in messages:
-            if self._locks.lost(message):
-                self._skip(message)
-                continue
-            decision = decide(
-                Interrupted("not started before shutdown"), message.delivery_count, self._max_delivery_count
-            )
-            self._settle(message, decision, None)
-
-    def _skip(self, message: ServiceBusReceivedMessage) -> None:
-        logger.warning(
-            "message %s: lock lost before it started; left to the broker",
-            message.message_id,
-            extra={
-                "job_id": str(job_id) if (job_id := _job_id(message, None)) else None,
-                "message_id": message.message_id,
-                "delivery_count": message.delivery_count,
-                "action": "skip_lock_lost",
-            },
-        )
-
     def _process(self, message: ServiceBusReceivedMessage) -> None:
-        fields = {"message_id": message.message_id, "delivery_count": message.delivery_count}
-        envelope: JobMessage | None = None
+        fields: dict[str, Any] = {"message_id": message.message_id, "delivery_count": message.delivery_count}
+        job: Job | None = None
+        job_id = (parse_message_id(str(message.message_id)) or (None, 0))[0]
         error: BaseException | None = None
         context = context_from_properties(message.application_properties or {})
         with tracer.start_as_current_span("process job", context=context, kind=trace.SpanKind.CONSUMER) as span:
@@ -154,57 +122,94 @@ class Consumer:
             self._heartbeat.busy()
             try:
                 envelope = decode(_body(message))
-                span.set_attribute("crop_ai.job_id", str(envelope.job_id))
-                logger.info("processing job %s", envelope.job_id, extra={**fields, "job_id": str(envelope.job_id)})
-                with self._shutdown.interruptible():
-                    outcome = self._handler.handle(envelope)
-                logger.info(
-                    "job %s: %s",
-                    envelope.job_id,
-                    outcome.value,
-                    extra={**fields, "job_id": str(envelope.job_id), "action": outcome.value},
-                )
+                job_id = envelope.job_id
+                fields["job_id"] = str(job_id)
+                span.set_attribute("crop_ai.job_id", str(job_id))
+                job = self._claim(envelope, fields)
+                if job is not None:
+                    fields["attempt"] = job.attempts
+                    outcome = self._attempt(job)
+                    logger.info("job %s: %s", job_id, outcome.value, extra={**fields, "action": outcome.value})
             except BaseException as e:  # every outcome goes to the one decision below; re-raised after if fatal
                 error = e
             finally:
-                decision = decide(
-                    error, message.delivery_count, self._max_delivery_count, lock_lost=self._locks.lost(message)
-                )
+                self._breaker.record(error)
+                decision = decide(error, job.attempts if job is not None else None, self._retry)
                 span.set_attribute("crop_ai.settlement", decision.action.value)
                 if error is not None:
                     span.set_status(trace.StatusCode.ERROR, type(error).__name__)
-                self._settle(message, decision, _job_id(message, envelope), error)
+                self._settle(message, decision, job, job_id, error)
                 self._heartbeat.idle()
         if error is not None and not isinstance(error, Exception | Interrupted):
-            raise error  # KeyboardInterrupt, SystemExit: settled (abandoned) above, now let them through
+            raise error  # KeyboardInterrupt, SystemExit: settled above, now let them through
+
+    def _claim(self, envelope: JobMessage, fields: dict[str, Any]) -> Job | None:
+        job = self._jobs.claim(
+            envelope.job_id, worker_id=self._worker_id, lease=self._limits.lease, max_attempts=self._retry.max_attempts
+        )
+        if job is not None:
+            logger.info("job %s: attempt %d claimed", job.job_id, job.attempts, extra={**fields, "action": "claim"})
+            return job
+        current = self._jobs.get(envelope.job_id)
+        if current is None:
+            raise InvalidMessage(f"job {envelope.job_id} does not exist")
+        logger.info(
+            "job %s is %s (attempt %d): nothing to do for message %s",
+            current.job_id,
+            current.status.value,
+            current.attempts,
+            envelope.message_id,
+            extra={**fields, "action": Outcome.NOT_CLAIMED.value},
+        )
+        return None
+
+    def _attempt(self, job: Job) -> Outcome:
+        guard = AttemptGuard(
+            self._jobs,
+            job,
+            lease=self._limits.lease,
+            timeout=self._limits.timeout,
+            interrupt=self._shutdown.interrupt,
+            hard_exit_after=self._limits.hard_exit_after,
+        )
+        with guard, self._shutdown.interruptible():
+            return self._handler.run(job, guard)
 
     def _settle(
         self,
         message: ServiceBusReceivedMessage,
         decision: Decision,
+        job: Job | None,
         job_id: UUID | None,
-        error: BaseException | None = None,
+        error: BaseException | None,
     ) -> None:
         fields: dict[str, Any] = {
             "job_id": str(job_id) if job_id else None,
             "message_id": message.message_id,
             "delivery_count": message.delivery_count,
-            "action": decision.action.value,
-            "reason": decision.reason,
+            "attempt": job.attempts if job else None,
         }
-        if decision.fail_code is not None and job_id is not None:
-            decision = self._fail_job(job_id, decision, message, fields)
-            fields.update(action=decision.action.value, reason=decision.reason)
+        if decision.fail_code is not None and job is not None:
+            decision = self._fail(job, decision, fields)
+        if decision.action is Action.RETRY:
+            assert job is not None, "only a claimed attempt is retried"
+            decision = self._reschedule(job, decision, fields)
+        fields.update(action=decision.action.value, reason=decision.reason)
         level = logging.INFO if decision.action is Action.COMPLETE else logging.WARNING
         logger.log(
             logging.ERROR if decision.unexpected else level,
             "message %s: %s%s",
             message.message_id,
             decision.action.value,
-            f" ({decision.reason}: {decision.description})" if decision.reason else "",
+            f" ({decision.reason}: {decision.description})" if decision.description else "",
             exc_info=error if decision.unexpected else None,
             extra=fields,
         )
+        if self._locks.lost(message):  # settling needs the lock; the redelivery finds the job moved on
+            logger.warning("message %s: lock lost; left to the broker", message.message_id,
+                           extra={**fields, "action": "leave_lock_lost"})  # fmt: skip
+            self._locks.forget(message)
+            return
         try:
             if decision.action is Action.COMPLETE:
                 self._receiver.complete_message(message)
@@ -215,29 +220,49 @@ class Consumer:
                     message, reason=decision.reason, error_description=decision.description
                 )
         except (ServiceBusError, MessageAlreadySettled) as e:  # lock lost, connection gone: the broker redelivers
-            logger.warning(
-                "could not %s message %s: %r",
-                decision.action.value,
-                message.message_id,
-                e,
-                extra={**fields, "action": "settle_failed"},
-            )
+            logger.warning("could not %s message %s: %r", decision.action.value, message.message_id, e,
+                           extra={**fields, "action": "settle_failed"})  # fmt: skip
             return
         self.settled[decision.action] += 1
 
-    def _fail_job(
-        self, job_id: UUID, decision: Decision, message: ServiceBusReceivedMessage, fields: dict[str, Any]
-    ) -> Decision:
-        """Mark the job failed before the message leaves the queue. If the database is down, decide again with that
-        error (abandon, or on the last delivery dead-letter without it: the dead-letter watcher marks it later)."""
+    def _fail(self, job: Job, decision: Decision, fields: dict[str, Any]) -> Decision:
+        """Fail the attempt before its message leaves the queue; if the database is down, abandon instead (the
+        redelivery, or the reconciler once the lease runs out, comes back to it)."""
         try:
-            self._repo.fail(job_id, decision.fail_code or "", decision.description or "")
-        except Exception as e:  # DatabaseUnavailable, or a bug: never let it skip the settlement
-            logger.warning("could not mark job %s failed: %r", job_id, e, extra={**fields, "action": "fail_job_failed"})
-            retry = decide(
-                e, message.delivery_count, self._max_delivery_count, lock_lost=decision.action is Action.LEAVE
-            )
-            if retry.action is Action.DEAD_LETTER:
-                return decision  # last delivery: dead-letter with the original reason; the watcher fails the job
-            return retry
+            self._jobs.fail(job.job_id, job.attempts, decision.fail_code or "", decision.description or "")
+        except CropAIError as e:
+            logger.warning("could not fail job %s: %s", job.job_id, e, extra={**fields, "action": "fail_job_failed"})
+            return Decision(Action.ABANDON, type(e).__name__, e.message)
         return decision
+
+    def _reschedule(self, job: Job, decision: Decision, fields: dict[str, Any]) -> Decision:
+        """Release the attempt, schedule the next generation after the backoff, then complete this message. The
+        outbox order: if the release fails, abandon (the lease runs out, the reconciler re-queues); if the send
+        fails, abandon (the redelivery claims the released job); an unconfirmed send is the reconciler's."""
+        try:
+            released = self._jobs.release(job.job_id, job.attempts)
+        except CropAIError as e:
+            logger.warning("could not release job %s: %s", job.job_id, e, extra={**fields, "action": "release_failed"})
+            return Decision(Action.ABANDON, decision.reason, decision.description, unexpected=decision.unexpected)
+        if released is None:  # cancelled or taken over meanwhile: nothing of ours to retry
+            return Decision(Action.COMPLETE, decision.reason, decision.description)
+        delay = decision.delay or timedelta(0)
+        due = datetime.now(UTC) + delay if delay > timedelta(0) else None
+        try:
+            self._publisher.send(JobMessage.for_job(released), at=due)
+        except CropAIError as e:
+            logger.warning("could not schedule job %s: %s", job.job_id, e, extra={**fields, "action": "retry_failed"})
+            return Decision(Action.ABANDON, decision.reason, decision.description, unexpected=decision.unexpected)
+        try:
+            self._jobs.confirm_sent(released.job_id, released.generation)
+        except CropAIError:
+            logger.warning("job %s: retry scheduled but not confirmed", job.job_id, extra=fields)
+        logger.warning(
+            "job %s: attempt %d released; generation %d due in %g s",
+            job.job_id,
+            job.attempts,
+            released.generation,
+            delay.total_seconds(),
+            extra={**fields, "action": "retry_scheduled", "generation": released.generation},
+        )
+        return Decision(Action.COMPLETE, decision.reason, decision.description, unexpected=decision.unexpected)

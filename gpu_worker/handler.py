@@ -1,14 +1,16 @@
-"""Process one job: start the attempt, download the input, analyse, upload the outputs, store the result.
+"""Run one claimed attempt: download the input, analyse, upload the outputs, store the result.
 
-The handler returns an :class:`Outcome` or raises (a :mod:`shared.errors` error, or anything else for a bug); it
-never settles the message: :mod:`gpu_worker.consumer` turns what happened into complete / abandon / dead-letter.
+The consumer claims the job (:meth:`shared.jobs.JobStore.claim`) and hands the claimed :class:`~shared.jobs.Job`
+here; the handler returns an :class:`Outcome` or raises (a :mod:`shared.errors` error, :class:`AttemptLost`, or
+anything else for a bug), and never settles the message: :mod:`gpu_worker.settlement` decides that.
 
-At-least-once delivery: a message can come again after the result was written (crash or lost lock between the
-write and the complete). ``start_attempt`` returns the job as it is, and a terminal job is not processed again; the
-result is keyed by job id, so even two deliveries racing each other store it once.
+Fencing: outputs go under ``results/{job_id}/{attempt}/``, and the result is stored by ``succeed`` for this attempt
+only. Between stages the handler checks that the attempt still holds the job (:meth:`AttemptGuard.check`), so a run
+that was taken over stops early; if it gets as far as ``succeed`` anyway, the write is refused and its files, under
+its own attempt's prefix, never overwrite the winner's.
 
-The analysis (torch, rasterio) releases the GIL in its heavy parts, so the AutoLockRenewer's threads keep renewing
-the message lock while a long job runs in this thread.
+The analysis (torch, rasterio) releases the GIL in its heavy parts, so the lease thread and the SDK's lock renewer
+keep running while a long job runs in this thread.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from typing import Protocol
 from uuid import UUID
 
 from gpu_worker.analysis import AnalysisOutput, AnalysisRequest
-from shared.errors import InvalidImage, InvalidMessage
-from shared.jobs import JobRepository, JobStatus
-from shared.messages import JobMessage
+from gpu_worker.settlement import AttemptLost
+from shared.errors import InvalidImage
+from shared.jobs import Job, JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +35,7 @@ _CHUNK = 1 << 20
 
 class Outcome(enum.StrEnum):
     SUCCEEDED = "succeeded"
-    ALREADY_SUCCEEDED = "already_succeeded"  # a redelivery after the result was stored
-    ALREADY_FAILED = "already_failed"
+    NOT_CLAIMED = "not_claimed"  # running elsewhere under a live lease, or finished: this delivery has nothing to do
 
 
 class Analyzer(Protocol):
@@ -46,7 +47,13 @@ class BlobStore(Protocol):
 
     def download_input(self, blob_name: str, path: Path) -> None: ...
 
-    def put_result(self, job_id: UUID, name: str, path: Path, content_type: str) -> str: ...
+    def put_result(self, job_id: UUID, attempt: int, name: str, path: Path, content_type: str) -> str: ...
+
+
+class Checkpoint(Protocol):
+    def check(self) -> None:
+        """Raise :class:`AttemptLost` when the attempt no longer holds the job."""
+        ...
 
 
 def sha256_of(path: Path) -> str:
@@ -58,49 +65,35 @@ def sha256_of(path: Path) -> str:
 
 
 class JobHandler:
-    def __init__(self, repo: JobRepository, store: BlobStore, analyzer: Analyzer, *, tmp_dir: Path | None = None):
-        self._repo = repo
+    def __init__(self, jobs: JobStore, store: BlobStore, analyzer: Analyzer, *, tmp_dir: Path | None = None):
+        self._jobs = jobs
         self._store = store
         self._analyzer = analyzer
         self._tmp_dir = tmp_dir
 
-    def handle(self, message: JobMessage) -> Outcome:
-        job_id = message.job_id
-        job = self._repo.start_attempt(job_id)
-        if job is None:
-            raise InvalidMessage(f"job {job_id} does not exist")
-        if job.status is JobStatus.SUCCEEDED:
-            return Outcome.ALREADY_SUCCEEDED
-        if job.status is JobStatus.FAILED:
-            return Outcome.ALREADY_FAILED
-        with tempfile.TemporaryDirectory(prefix=f"crop-ai-{job_id}-", dir=self._tmp_dir) as tmp:
+    def run(self, job: Job, checkpoint: Checkpoint) -> Outcome:
+        job_id, attempt = job.job_id, job.attempts
+        with tempfile.TemporaryDirectory(prefix=f"crop-ai-{job_id}-{attempt}-", dir=self._tmp_dir) as tmp:
             workdir = Path(tmp)
             image = workdir / "input.tif"
-            self._store.download_input(message.input_blob, image)
+            self._store.download_input(job.input_blob, image)
             actual = sha256_of(image)
-            if actual != message.input_sha256:
+            if actual != job.input_sha256:
                 raise InvalidImage(
-                    f"input blob {message.input_blob} has sha256 {actual}, the job expects {message.input_sha256}"
+                    f"input blob {job.input_blob} has sha256 {actual}, the job expects {job.input_sha256}"
                 )
-            request = AnalysisRequest(analysis=message.analysis, bands=list(message.bands), scale=message.scale)
+            checkpoint.check()
+            params = job.params
+            request = AnalysisRequest(analysis=params["analysis"], bands=list(params["bands"]), scale=params["scale"])
             outdir = workdir / "out"
             outdir.mkdir()
             output = self._analyzer.analyse(image, request, outdir)
+            checkpoint.check()
             outputs = {
-                key: self._store.put_result(job_id, path.name, path, content_type)
+                key: self._store.put_result(job_id, attempt, path.name, path, content_type)
                 for key, (path, content_type) in output.files.items()
             }
-            result = {**output.result, "outputs": outputs}
-        if self._repo.succeed(job_id, result):
-            return Outcome.SUCCEEDED
-        # Another delivery stored a result first, or the job was failed meanwhile: what is stored stands.
-        current = self._repo.get(job_id)
-        outcome = (
-            Outcome.ALREADY_FAILED if current and current.status is JobStatus.FAILED else Outcome.ALREADY_SUCCEEDED
-        )
-        logger.info(
-            "job %s was already terminal: result not stored",
-            job_id,
-            extra={"job_id": str(job_id), "action": outcome.value},
-        )
-        return outcome
+            result = {**output.result, "attempt": attempt, "outputs": outputs}
+        if self._jobs.succeed(job_id, attempt, result) is None:
+            raise AttemptLost(f"attempt {attempt} of job {job_id} was superseded before its result was stored")
+        return Outcome.SUCCEEDED

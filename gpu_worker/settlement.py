@@ -1,31 +1,35 @@
-"""The one retry/settlement decision: what happens to a message once the handler returned or raised.
+"""The one settlement decision: what happens to the message and to the job once an attempt returned or raised.
 
-A pure function of the outcome and the delivery count, so the whole table is unit-tested without a broker:
+A pure function of the outcome, whether the job was claimed (and which attempt), so the whole table is unit-tested
+without a broker or a database:
 
-=====================================  =====================  ============================  ===================
-handler outcome                        delivery               action                        job
-=====================================  =====================  ============================  ===================
-returned                               any                    complete                      (as the handler left it)
-PermanentError (InvalidMessage, ...)   any                    dead-letter, reason = class   failed, ``error.code``
-TransientError / ServiceBusError       before the last        abandon                       (processing)
-unexpected exception (a bug)           before the last        abandon, logged with stack    (processing)
-transient or unexpected                the last allowed       dead-letter RetriesExhausted  failed, retries_exhausted
-shutdown (:class:`Interrupted`, ...)   any                    abandon                       (processing)
-lock lost while processing             any                    none: the broker redelivers   as above, if failing
-=====================================  =====================  ============================  ===================
+======================================  ==========  ===========================================  ===================
+outcome                                 claimed     message                                      job (fenced)
+======================================  ==========  ===========================================  ===================
+returned (succeeded, or nothing to do)  any         complete                                     (as left)
+:class:`AttemptLost` (taken over)       yes         complete                                     (another owns it)
+:class:`TimedOut` (time limit)          yes         dead-letter ``TimedOut``                     fail ``timed_out``
+PermanentError (InvalidImage, ...)      yes         dead-letter, reason = class                  fail ``error.code``
+PermanentError (InvalidMessage)         no          dead-letter, reason = class                  (the reconciler)
+transient or unexpected                 attempt<max retry: release, schedule a new generation   release
+                                                    after the backoff, complete this one
+transient or unexpected                 attempt=max dead-letter ``RetriesExhausted``              fail
+transient or unexpected                 no          abandon (the breaker stops receiving)       (unchanged)
+shutdown (:class:`Interrupted`, ...)    yes         retry with no delay                          release
+shutdown                                no          abandon                                      (unchanged)
+======================================  ==========  ===========================================  ===================
 
-Deliveries: the SDK's ``delivery_count`` is the AMQP header's count of *earlier failed* deliveries (0 on the first
-delivery; Azure and our emulator agree), and the broker dead-letters a message by itself once that count reaches
-``MaxDeliveryCount``. So delivery ``delivery_count + 1`` is the last allowed one when it equals ``MaxDeliveryCount``:
-abandoning it would only hand the job to the broker's ``MaxDeliveryCountExceeded``, so we fail it ourselves with a
-clearer reason. A shutdown abandons even on the last delivery (it is not the job's fault); the dead-letter watcher
-then marks the job failed.
+A retry never waits on the delivery count: the message is completed and a copy of the next generation is scheduled
+(``complete plus a scheduled copy``), so backoff costs time, not deliveries, and the attempt count
+(``JOB_MAX_ATTEMPTS``) bounds the retries. When the lock was lost meanwhile, the job's side still happens and the
+message is left to the broker (its redelivery finds the job moved on).
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from datetime import timedelta
 
 from azure.servicebus.exceptions import ServiceBusError
 
@@ -33,6 +37,8 @@ from shared.errors import CropAIError
 
 RETRIES_EXHAUSTED = "RetriesExhausted"
 RETRIES_EXHAUSTED_CODE = "retries_exhausted"
+TIMED_OUT = "TimedOut"
+TIMED_OUT_CODE = "timed_out"
 DESCRIPTION_LIMIT = 1024  # Service Bus keeps the description as a message property; stay well inside its limits
 
 
@@ -41,23 +47,44 @@ class Interrupted(BaseException):
     no ``except Exception`` in a library swallows it."""
 
 
+class TimedOut(Interrupted):
+    """The attempt ran past ``JOB_TIMEOUT`` and was stopped."""
+
+
+class AttemptLost(Exception):  # a state, not an error of ours: another claim or a cancel took the job
+    """The attempt no longer holds the job (its lease was taken over, or the job was cancelled)."""
+
+
 class Action(enum.StrEnum):
     COMPLETE = "complete"
+    RETRY = "retry"  # release the job, schedule the next generation, complete this message
     ABANDON = "abandon"
     DEAD_LETTER = "dead_letter"
-    LEAVE = "leave"  # the lock is lost: settling would fail; the broker redelivers when it sees fit
 
 
 @dataclass(frozen=True)
 class Decision:
     action: Action
-    reason: str | None = None  # dead-letter reason (an error class name) or why we abandon
+    reason: str | None = None  # dead-letter reason (an error class name) or why we abandon or retry
     description: str | None = None  # dead-letter description: the detail
-    fail_code: str | None = None  # mark the job failed with this code (and ``description``) before settling
+    fail_code: str | None = None  # fail the claimed attempt with this code (and ``description``) before settling
+    delay: timedelta | None = None  # RETRY: when the next generation is due
     unexpected: bool = False  # not one of our errors: log with the stack
 
 
-def _describe(error: BaseException) -> str:
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int
+    backoff: timedelta
+    backoff_max: timedelta
+
+    def delay(self, attempt: int) -> timedelta:
+        """Exponential: ``backoff`` after the first attempt, doubled after each, at most ``backoff_max``."""
+        delay: timedelta = self.backoff * 2 ** max(attempt - 1, 0)
+        return min(delay, self.backoff_max)
+
+
+def describe(error: BaseException) -> str:
     text = error.message if isinstance(error, CropAIError) else f"{type(error).__name__}: {error}"
     return text[:DESCRIPTION_LIMIT]
 
@@ -70,31 +97,24 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, ServiceBusError)
 
 
-def decide(
-    error: BaseException | None,
-    delivery_count: int | None,
-    max_delivery_count: int,
-    *,
-    lock_lost: bool = False,
-) -> Decision:
-    """Turn the handler's outcome (``error`` is ``None`` when it returned) into a :class:`Decision`."""
-    decision = _decide(error, delivery_count or 0, max_delivery_count)
-    if lock_lost:
-        # Settling needs the lock. The job update (if any) still happens; the redelivery then finds it terminal.
-        return Decision(Action.LEAVE, "LockLost", decision.description, decision.fail_code, decision.unexpected)
-    return decision
-
-
-def _decide(error: BaseException | None, delivery_count: int, max_delivery_count: int) -> Decision:
-    if error is None:
-        return Decision(Action.COMPLETE)
+def decide(error: BaseException | None, attempt: int | None, policy: RetryPolicy) -> Decision:
+    """Turn an outcome into a :class:`Decision`; ``attempt`` is the claimed attempt's number, ``None`` if unclaimed."""
+    if error is None or isinstance(error, AttemptLost):
+        return Decision(Action.COMPLETE, type(error).__name__ if error else None)
+    if isinstance(error, TimedOut):
+        return Decision(Action.DEAD_LETTER, TIMED_OUT, describe(error), fail_code=TIMED_OUT_CODE)
     if isinstance(error, Interrupted) or not isinstance(error, Exception):  # also KeyboardInterrupt, SystemExit
-        return Decision(Action.ABANDON, "Shutdown", _describe(error))
+        if attempt is None:
+            return Decision(Action.ABANDON, "Shutdown", describe(error))
+        return Decision(Action.RETRY, "Shutdown", describe(error), delay=timedelta(0))
     if isinstance(error, CropAIError) and not error.transient:
-        return Decision(Action.DEAD_LETTER, type(error).__name__, _describe(error), fail_code=error.code)
+        code = error.code if attempt is not None else None
+        return Decision(Action.DEAD_LETTER, type(error).__name__, describe(error), fail_code=code)
     unexpected = not is_transient(error)
-    if delivery_count + 1 >= max_delivery_count:
-        description = f"failed on all {max_delivery_count} deliveries; last error: {_describe(error)}"
+    if attempt is None:
+        return Decision(Action.ABANDON, type(error).__name__, describe(error), unexpected=unexpected)
+    if attempt >= policy.max_attempts:
+        description = f"failed on all {policy.max_attempts} attempts; last error: {describe(error)}"
         return Decision(
             Action.DEAD_LETTER,
             RETRIES_EXHAUSTED,
@@ -102,4 +122,6 @@ def _decide(error: BaseException | None, delivery_count: int, max_delivery_count
             fail_code=RETRIES_EXHAUSTED_CODE,
             unexpected=unexpected,
         )
-    return Decision(Action.ABANDON, type(error).__name__, _describe(error), unexpected=unexpected)
+    return Decision(
+        Action.RETRY, type(error).__name__, describe(error), delay=policy.delay(attempt), unexpected=unexpected
+    )

@@ -6,6 +6,9 @@ the grace period running out, sets ``forced``: if a job is still being processed
 :class:`~gpu_worker.settlement.Interrupted` (raised in the main thread by a signal handler, only inside
 :meth:`Shutdown.interruptible`, so the settlement that follows is never cut short) and its message is abandoned.
 
+The same path interrupts one job without a shutdown: :meth:`Shutdown.interrupt` (the attempt's time limit, see
+:mod:`gpu_worker.attempt`) has the handler raise the given exception inside :meth:`Shutdown.interruptible`.
+
 Signal handlers only run in the main thread, so the consumer runs there; other threads (grace timer, preemption
 watcher) wake it with ``pthread_kill(main, SIGUSR1)``, which also interrupts a blocking system call.
 
@@ -44,6 +47,7 @@ class Shutdown:
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
         self._interruptible = False
+        self._interrupt: BaseException | None = None  # raised in the main thread by the next SIGUSR1
         self._installed = False
         self._signal_pipe = -1  # write end; the dispatcher thread reads the other
 
@@ -71,6 +75,13 @@ class Shutdown:
             if main is not None:
                 signal.pthread_kill(main, WAKE_SIGNAL)
 
+    def interrupt(self, error: BaseException) -> None:
+        """Raise ``error`` in the main thread if it is inside :meth:`interruptible` (from any other thread)."""
+        self._interrupt = error
+        main = threading.main_thread().ident
+        if self._installed and main is not None and threading.current_thread() is not threading.main_thread():
+            signal.pthread_kill(main, WAKE_SIGNAL)
+
     def finished(self) -> None:
         self.drained.set()
         if self._timer is not None:
@@ -81,17 +92,22 @@ class Shutdown:
         """The block (the handler's work, never the settlement) may be interrupted by a forced shutdown."""
         if self.forced.is_set():
             raise Interrupted("shutdown forced before the job started")
+        self._interrupt = None
         self._interruptible = True
         try:
             yield
         finally:
             self._interruptible = False
+            self._interrupt = None
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         """Lock-free (see the module docstring): hand the signal to the dispatcher; raise if forced mid-job."""
         if signum != WAKE_SIGNAL:
             with suppress(BlockingIOError):  # a full pipe: plenty of requests are pending, a force among them
                 os.write(self._signal_pipe, bytes([signum]))
+        if self._interruptible and self._interrupt is not None:
+            self._interruptible = False
+            raise self._interrupt
         if self.forced.is_set() and self._interruptible:
             self._interruptible = False
             raise Interrupted("shutdown forced while processing")

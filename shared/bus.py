@@ -1,21 +1,33 @@
 """Service Bus: the client (connection string locally, namespace + Entra credential in Azure) and the job publisher.
 
-A job message's ``message_id`` is the job id, so the queue's duplicate detection drops a re-send within its window
-(a submit retried after a timeout, an ``Idempotency-Key`` replay); the body is the JSON envelope of
-:mod:`shared.messages`; the W3C trace context of the current span rides in the application properties.
+A job message's ``message_id`` is ``{job_id}:{generation}`` (:func:`shared.messages.message_id`), so the queue's
+duplicate detection drops a retry of the same send within its window while a new generation always goes through;
+the body is the JSON envelope of :mod:`shared.messages`; the W3C trace context of the current span rides in the
+application properties. A send may be scheduled (``at``): the worker's retry with backoff is a scheduled message.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from datetime import datetime
+from uuid import UUID
 
 from azure.core.credentials import TokenCredential
-from azure.servicebus import ServiceBusClient, ServiceBusMessage, ServiceBusSender
+from azure.servicebus import (
+    ServiceBusClient,
+    ServiceBusMessage,
+    ServiceBusReceivedMessage,
+    ServiceBusReceiver,
+    ServiceBusSender,
+    ServiceBusSubQueue,
+)
 from azure.servicebus.exceptions import ServiceBusError
 
-from shared.errors import BusUnavailable
-from shared.messages import CONTENT_TYPE, SUBJECT, JobMessage
+from shared.errors import BusUnavailable, CropAIError
+from shared.messages import CONTENT_TYPE, SUBJECT, JobMessage, decode, parse_message_id
+from shared.reconciler import Letter
 from shared.settings import Settings
 from shared.telemetry import trace_properties
 
@@ -34,7 +46,7 @@ def servicebus_client(settings: Settings, credential: TokenCredential | None = N
 def job_message(message: JobMessage) -> ServiceBusMessage:
     return ServiceBusMessage(
         message.to_json(),
-        message_id=str(message.job_id),
+        message_id=message.message_id,
         content_type=CONTENT_TYPE,
         subject=SUBJECT,
         application_properties=trace_properties(),  # type: ignore[arg-type]  # dict[str, str] is accepted
@@ -42,26 +54,45 @@ def job_message(message: JobMessage) -> ServiceBusMessage:
 
 
 class JobPublisher:
-    """Sends job messages on one long-lived sender (opened on first use, reopened after a failure); thread-safe."""
+    """Sends job messages on one long-lived sender (opened on first use, reopened after a failure); thread-safe.
 
-    def __init__(self, client: ServiceBusClient, queue_name: str, *, timeout: float = 30.0) -> None:
+    ``timeout`` bounds one send, retries included. After a failed send, further sends fail at once for ``cooldown``
+    seconds (:class:`BusUnavailable`) instead of each waiting out the timeout: the API answers quickly while the
+    bus is down, and the jobs it accepted meanwhile are handed over by the reconciler.
+    """
+
+    def __init__(
+        self, client: ServiceBusClient, queue_name: str, *, timeout: float = 30.0, cooldown: float = 0.0
+    ) -> None:
         self._client = client
         self._queue_name = queue_name
         self._timeout = timeout
+        self._cooldown = cooldown
         self._sender: ServiceBusSender | None = None
         self._lock = threading.Lock()
+        self._failed_at = -float("inf")
 
-    def send(self, message: JobMessage) -> None:
-        extra = {"job_id": str(message.job_id), "message_id": str(message.job_id), "action": "send"}
+    def send(self, message: JobMessage, *, at: datetime | None = None) -> None:
+        """Send ``message`` now, or schedule it for ``at`` (an aware datetime)."""
+        extra = {"job_id": str(message.job_id), "message_id": message.message_id, "action": "send"}
         with self._lock:
+            if time.monotonic() - self._failed_at < self._cooldown:
+                raise BusUnavailable(f"queue {self._queue_name!r} failed a moment ago; not trying again yet")
             try:
                 if self._sender is None:
                     self._sender = self._client.get_queue_sender(self._queue_name)
-                self._sender.send_messages(job_message(message), timeout=self._timeout)
+                if at is None:
+                    self._sender.send_messages(job_message(message), timeout=self._timeout)
+                else:
+                    self._sender.schedule_messages(job_message(message), at, timeout=self._timeout)
             except ServiceBusError as e:
+                self._failed_at = time.monotonic()
                 self._close_sender()
                 raise BusUnavailable(f"could not send to queue {self._queue_name!r}: {e}"[:1000]) from e
-        log.info("sent job %s", message.job_id, extra=extra)
+        if at is None:
+            log.info("sent job %s (generation %d)", message.job_id, message.generation, extra=extra)
+        else:
+            log.info("scheduled job %s (generation %d) for %s", message.job_id, message.generation, at, extra=extra)
 
     def _close_sender(self) -> None:
         if self._sender is not None:
@@ -75,3 +106,64 @@ class JobPublisher:
         with self._lock:
             self._close_sender()
         self._client.close()
+
+
+class DeadLetterInbox:
+    """The jobs queue's dead-letter sub-queue, received in peek-lock for :class:`shared.reconciler.Reconciler`:
+    each letter is completed once it has been reconciled and recorded, so every run reads only new letters. A
+    receiver per run (``with DeadLetterInbox(...) as inbox``)."""
+
+    def __init__(self, client: ServiceBusClient, queue_name: str, *, max_wait_time: float = 1.0) -> None:
+        self._client = client
+        self._queue_name = queue_name
+        self._max_wait_time = max_wait_time
+        self._receiver: ServiceBusReceiver | None = None
+
+    def __enter__(self) -> DeadLetterInbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._receiver is not None:
+            try:
+                self._receiver.close()
+            except ServiceBusError:
+                log.debug("closing the dead-letter receiver failed", exc_info=True)
+            self._receiver = None
+
+    def receive(self, max_count: int) -> list[Letter]:
+        try:
+            if self._receiver is None:
+                self._receiver = self._client.get_queue_receiver(
+                    self._queue_name, sub_queue=ServiceBusSubQueue.DEAD_LETTER
+                )
+            received = self._receiver.receive_messages(max_message_count=max_count, max_wait_time=self._max_wait_time)
+        except ServiceBusError as e:
+            raise BusUnavailable(f"could not receive dead letters of {self._queue_name!r}: {e}"[:1000]) from e
+        return [_letter(m) for m in received]
+
+    def complete(self, letter: Letter) -> None:
+        assert self._receiver is not None, "a letter comes from receive()"
+        try:
+            self._receiver.complete_message(letter.token)  # type: ignore[arg-type]  # the SDK message we received
+        except ServiceBusError as e:  # the lock ran out: the letter comes again and is reconciled as a no-op
+            raise BusUnavailable(f"could not complete dead letter {letter.message_id}: {e}"[:1000]) from e
+
+
+def _letter(message: ServiceBusReceivedMessage) -> Letter:
+    job: tuple[UUID, int] | None
+    try:
+        envelope = decode(b"".join(message.body))
+        job = (envelope.job_id, envelope.generation)
+    except (CropAIError, TypeError):  # undecodable: the message id names the job and generation by contract
+        job = parse_message_id(str(message.message_id))
+    return Letter(
+        message_id=str(message.message_id),
+        sequence_number=message.sequence_number or 0,
+        job_id=job[0] if job else None,
+        generation=job[1] if job else None,
+        reason=message.dead_letter_reason,
+        description=message.dead_letter_error_description,
+        delivery_count=message.delivery_count,
+        enqueued_at=message.enqueued_time_utc,
+        token=message,
+    )

@@ -1,4 +1,4 @@
-"""PostgreSQL: the connection pool and :class:`PostgresJobRepository`, the job repository on it.
+"""PostgreSQL: the connection pool and :class:`PostgresJobStore`, the job store on it.
 
 Locally the pool connects with ``DATABASE_URL``; in Azure with ``POSTGRES_HOST``/``POSTGRES_USER`` and a Microsoft
 Entra token as the password (:mod:`shared.pg_entra`). psycopg_pool evaluates ``kwargs`` for every new connection,
@@ -22,20 +22,22 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 
 from shared.errors import DatabaseUnavailable
-from shared.jobs import IdempotencyConflict, Job
+from shared.jobs import DeadLetter, IdempotencyConflict, Job
+from shared.lifecycle import Event, statement
 from shared.settings import Settings
+
+# A host that drops packets must not hold a pool slot for the OS's connect timeout.
+_CONNECTION: dict[str, Any] = {"autocommit": True, "connect_timeout": 5}
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 _JOB = """
-    SELECT j.job_id, j.status, j.idempotency_key, j.input_blob, j.input_sha256, j.params, j.attempts,
-           j.error_code, j.error_message, j.created_at, j.updated_at, j.enqueued_at, r.result
+    SELECT j.job_id, j.status, j.idempotency_key, j.input_blob, j.input_sha256, j.params, j.generation, j.sent_at,
+           j.attempts, j.worker_id, j.lease_until, j.started_at, j.finished_at, j.error_code, j.error_message,
+           j.created_at, j.updated_at, r.result
     FROM jobs j LEFT JOIN results r USING (job_id)
 """
-_ACTIVE = "status IN ('queued', 'processing')"
-# A delivered message proves that a send reported as failed reached the broker after all: the job was never run.
-_STARTABLE = f"({_ACTIVE} OR (status = 'failed' AND error_code = 'enqueue_failed'))"
 
 
 def open_pool(settings: Settings, credential: TokenCredential | None = None) -> ConnectionPool:
@@ -49,15 +51,13 @@ def open_pool(settings: Settings, credential: TokenCredential | None = None) -> 
         "open": True,
     }
     if settings.database_url:
-        return ConnectionPool(settings.database_url, kwargs={"autocommit": True}, **common)
+        return ConnectionPool(settings.database_url, kwargs=_CONNECTION, **common)
     from azure.identity import DefaultAzureCredential
 
     from shared.pg_entra import EntraPassword, entra_conninfo_kwargs
 
     password = EntraPassword(credential or DefaultAzureCredential())
-    return ConnectionPool(
-        "", kwargs=lambda: {**entra_conninfo_kwargs(settings, password), "autocommit": True}, **common
-    )
+    return ConnectionPool("", kwargs=lambda: {**entra_conninfo_kwargs(settings, password), **_CONNECTION}, **common)
 
 
 def _translated(method: Callable[P, R]) -> Callable[P, R]:
@@ -71,8 +71,9 @@ def _translated(method: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-class PostgresJobRepository:
-    """:class:`shared.jobs.JobRepository` on PostgreSQL (tables from ``shared/migrations``)."""
+class PostgresJobStore:
+    """:class:`shared.jobs.JobStore` on PostgreSQL (tables from ``shared/migrations``); every status change runs
+    :func:`shared.lifecycle.statement` of its event."""
 
     def __init__(self, pool: ConnectionPool) -> None:
         self._pool = pool
@@ -99,12 +100,12 @@ class PostgresJobRepository:
                 (job_id, input_blob, input_sha256, Jsonb(params), idempotency_key),
             ).fetchone()
             if inserted is not None:
-                return self._get(conn, job_id), True
+                return _get(conn, job_id), True
             # The key exists (ON CONFLICT waited for a concurrent insert with the same key to commit).
             row = conn.execute(_JOB + " WHERE j.idempotency_key = %s", (idempotency_key,)).fetchone()
         if row is None:  # the conflicting job was deleted in between: nothing left to be idempotent with
             raise DatabaseUnavailable(f"job with idempotency key {idempotency_key!r} vanished; retry")
-        existing = _job(row)
+        existing = Job.model_validate(row)
         if existing.input_sha256 != input_sha256:
             raise IdempotencyConflict(existing)
         return existing, False
@@ -113,76 +114,111 @@ class PostgresJobRepository:
     def get(self, job_id: UUID) -> Job | None:
         with self._conn() as conn:
             row = conn.execute(_JOB + " WHERE j.job_id = %s", (job_id,)).fetchone()
-        return _job(row) if row else None
+        return Job.model_validate(row) if row else None
 
     @_translated
-    def start_attempt(self, job_id: UUID) -> Job | None:
+    def ping(self) -> None:
         with self._conn() as conn:
-            conn.execute(
-                "UPDATE jobs SET status = 'processing', attempts = attempts + 1, error_code = NULL,"
-                f" error_message = NULL, updated_at = now() WHERE job_id = %s AND {_STARTABLE}",
-                (job_id,),
-            )
-            row = conn.execute(_JOB + " WHERE j.job_id = %s", (job_id,)).fetchone()
-        return _job(row) if row else None
+            conn.execute("SELECT 1")
+
+    # Events: each one conditional UPDATE from shared.lifecycle
 
     @_translated
-    def succeed(self, job_id: UUID, result: dict[str, Any]) -> bool:
-        # One statement, so one transaction: the job turns succeeded and its one result row appears together. The
-        # UPDATE's row lock serialises two concurrent deliveries; the second finds the job terminal and writes nothing.
+    def _move(self, event: Event, job_id: UUID, **params: Any) -> Job | None:
+        with self._conn() as conn:
+            if event is Event.SUCCEED:
+                # One statement: the job turns succeeded and its result row (naming the attempt) appears together.
+                moved = conn.execute(
+                    f"WITH moved AS ({statement(event)})"
+                    " INSERT INTO results (job_id, attempt, result) SELECT job_id, attempts, %(result)s FROM moved"
+                    " ON CONFLICT (job_id) DO NOTHING RETURNING job_id",
+                    {"job_id": job_id, **params},
+                ).fetchone()
+            else:
+                moved = conn.execute(statement(event), {"job_id": job_id, **params}).fetchone()
+            return _get(conn, job_id) if moved is not None else None
+
+    def confirm_sent(self, job_id: UUID, generation: int) -> Job | None:
+        return self._move(Event.CONFIRM_SENT, job_id, generation=generation)
+
+    def abort_submit(self, job_id: UUID, generation: int, code: str, message: str) -> Job | None:
+        return self._move(Event.ABORT_SUBMIT, job_id, generation=generation, code=code, message=message)
+
+    def resubmit(self, job_id: UUID) -> Job | None:
+        return self._move(Event.RESUBMIT, job_id)
+
+    def claim(self, job_id: UUID, *, worker_id: str, lease: timedelta, max_attempts: int) -> Job | None:
+        return self._move(Event.CLAIM, job_id, worker_id=worker_id, lease=lease, max_attempts=max_attempts)
+
+    def renew_lease(self, job_id: UUID, attempt: int, lease: timedelta) -> Job | None:
+        return self._move(Event.RENEW_LEASE, job_id, attempt=attempt, lease=lease)
+
+    def succeed(self, job_id: UUID, attempt: int, result: dict[str, Any]) -> Job | None:
+        return self._move(Event.SUCCEED, job_id, attempt=attempt, result=Jsonb(result))
+
+    def fail(self, job_id: UUID, attempt: int, code: str, message: str) -> Job | None:
+        return self._move(Event.FAIL, job_id, attempt=attempt, code=code, message=message)
+
+    def release(self, job_id: UUID, attempt: int) -> Job | None:
+        return self._move(Event.RELEASE, job_id, attempt=attempt)
+
+    def cancel(self, job_id: UUID) -> Job | None:
+        return self._move(Event.CANCEL, job_id)
+
+    def resend(self, job_id: UUID, generation: int, older_than: timedelta) -> Job | None:
+        return self._move(Event.RESEND, job_id, generation=generation, older_than=older_than)
+
+    def expire(self, job_id: UUID, max_attempts: int) -> Job | None:
+        return self._move(Event.EXPIRE, job_id, max_attempts=max_attempts)
+
+    def exhaust(self, job_id: UUID, max_attempts: int, message: str) -> Job | None:
+        return self._move(Event.EXHAUST, job_id, max_attempts=max_attempts, message=message)
+
+    def redrive(self, job_id: UUID, generation: int) -> Job | None:
+        return self._move(Event.REDRIVE, job_id, generation=generation)
+
+    def dead_lettered(self, job_id: UUID, generation: int, code: str, message: str) -> Job | None:
+        return self._move(Event.DEAD_LETTERED, job_id, generation=generation, code=code, message=message)
+
+    # Reconciler queries
+
+    @_translated
+    def unsent(self, older_than: timedelta, limit: int) -> list[Job]:
+        return self._select(
+            "j.status = 'queued' AND j.sent_at IS NULL AND j.updated_at < now() - %s ORDER BY j.updated_at LIMIT %s",
+            (older_than, limit),
+        )
+
+    @_translated
+    def expired(self, limit: int) -> list[Job]:
+        return self._select("j.status = 'running' AND j.lease_until < now() ORDER BY j.lease_until LIMIT %s", (limit,))
+
+    @_translated
+    def stranded(self, max_attempts: int, limit: int) -> list[Job]:
+        return self._select(
+            "j.status = 'queued' AND j.attempts >= %s ORDER BY j.created_at LIMIT %s", (max_attempts, limit)
+        )
+
+    @_translated
+    def record_dead_letter(self, letter: DeadLetter) -> bool:
+        """Keep a dead letter the reconciler drained; ``False`` if it was recorded before (a redelivery)."""
         with self._conn() as conn:
             row = conn.execute(
-                "WITH done AS ("
-                " UPDATE jobs SET status = 'succeeded', error_code = NULL, error_message = NULL, updated_at = now()"
-                f" WHERE job_id = %s AND {_ACTIVE} RETURNING job_id)"
-                " INSERT INTO results (job_id, result) SELECT job_id, %s FROM done"
-                " ON CONFLICT (job_id) DO NOTHING RETURNING job_id",
-                (job_id, Jsonb(result)),
+                "INSERT INTO dead_letters (message_id, sequence_number, job_id, generation, reason, description,"
+                " delivery_count, enqueued_at, action) VALUES (%(message_id)s, %(sequence_number)s, %(job_id)s,"
+                " %(generation)s, %(reason)s, %(description)s, %(delivery_count)s, %(enqueued_at)s, %(action)s)"
+                " ON CONFLICT DO NOTHING RETURNING message_id",
+                letter.model_dump(),
             ).fetchone()
         return row is not None
 
-    @_translated
-    def fail(self, job_id: UUID, code: str, message: str) -> bool:
+    def _select(self, where: str, params: tuple[Any, ...]) -> list[Job]:
         with self._conn() as conn:
-            cur = conn.execute(
-                "UPDATE jobs SET status = 'failed', error_code = %s, error_message = %s, updated_at = now()"
-                f" WHERE job_id = %s AND {_ACTIVE}",
-                (code, message, job_id),
-            )
-            return cur.rowcount == 1
-
-    @_translated
-    def requeue_enqueue_failed(self, job_id: UUID) -> Job | None:
-        # Conditional on the state, so of two concurrent retries exactly one gets the job back.
-        with self._conn() as conn:
-            changed = conn.execute(
-                "UPDATE jobs SET status = 'queued', error_code = NULL, error_message = NULL, enqueued_at = NULL,"
-                " updated_at = now()"
-                " WHERE job_id = %s AND status = 'failed' AND error_code = 'enqueue_failed' RETURNING job_id",
-                (job_id,),
-            ).fetchone()
-            return self._get(conn, job_id) if changed is not None else None
-
-    @_translated
-    def mark_enqueued(self, job_id: UUID) -> bool:
-        with self._conn() as conn:
-            return conn.execute("UPDATE jobs SET enqueued_at = now() WHERE job_id = %s", (job_id,)).rowcount == 1
-
-    @_translated
-    def stale_unsent(self, older_than: timedelta, limit: int) -> list[Job]:
-        with self._conn() as conn:
-            rows = conn.execute(
-                _JOB + " WHERE j.status = 'queued' AND j.enqueued_at IS NULL AND j.created_at < now() - %s"
-                " ORDER BY j.created_at LIMIT %s",
-                (older_than, limit),
-            ).fetchall()
-        return [_job(row) for row in rows]
-
-    def _get(self, conn: psycopg.Cursor[dict[str, Any]], job_id: UUID) -> Job:
-        row = conn.execute(_JOB + " WHERE j.job_id = %s", (job_id,)).fetchone()
-        assert row is not None, "a job just inserted must be there"
-        return _job(row)
+            rows = conn.execute(_JOB + " WHERE " + where, params).fetchall()
+        return [Job.model_validate(row) for row in rows]
 
 
-def _job(row: dict[str, Any]) -> Job:
+def _get(conn: psycopg.Cursor[dict[str, Any]], job_id: UUID) -> Job:
+    row = conn.execute(_JOB + " WHERE j.job_id = %s", (job_id,)).fetchone()
+    assert row is not None, "a job just inserted or moved is there (jobs are never deleted)"
     return Job.model_validate(row)

@@ -1,7 +1,7 @@
-"""The job record and the repository interface the Functions and the worker use.
+"""The job record and the job store's interface.
 
-``shared.db.PostgresJobRepository`` implements it on PostgreSQL; ``shared.memory.InMemoryJobRepository`` implements
-it for unit tests of pure logic.
+The job's lifecycle (its states, the events that move it, and the conditional UPDATE of each) is
+:mod:`shared.lifecycle`; ``shared.db.PostgresJobStore`` implements this interface with it on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -16,31 +16,55 @@ from pydantic import BaseModel, ConfigDict
 
 class JobStatus(enum.StrEnum):
     QUEUED = "queued"
-    PROCESSING = "processing"
+    RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
     @property
     def terminal(self) -> bool:
-        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED)
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
 class Job(BaseModel):
+    """One row of ``jobs`` (with its result, if any)."""
+
     model_config = ConfigDict(frozen=True)
 
     job_id: UUID
     status: JobStatus
     created_at: datetime
     updated_at: datetime
-    attempts: int
     input_blob: str
     input_sha256: str
     params: dict[str, Any]  # bands, scale, analysis: what the message carries
     idempotency_key: str | None = None
+    generation: int = 1  # the current hand-over to the bus; its message id is "{job_id}:{generation}"
+    sent_at: datetime | None = None  # when the current generation's send was confirmed (None: not confirmed)
+    attempts: int = 0  # attempts claimed so far; the running (or last) attempt's number
+    worker_id: str | None = None  # who holds (or last held) the attempt
+    lease_until: datetime | None = None  # a running attempt's lease; past it, the attempt may be taken over
+    started_at: datetime | None = None  # the last attempt's start
+    finished_at: datetime | None = None
     result: dict[str, Any] | None = None
     error_code: str | None = None
     error_message: str | None = None
-    enqueued_at: datetime | None = None  # when the submit path (or the sweeper) last handed the message to the bus
+
+
+class DeadLetter(BaseModel):
+    """A message the reconciler drained from the dead-letter sub-queue, and what it did with the job."""
+
+    model_config = ConfigDict(frozen=True)
+
+    message_id: str
+    sequence_number: int
+    job_id: UUID | None
+    generation: int | None
+    reason: str | None
+    description: str | None
+    delivery_count: int | None
+    enqueued_at: datetime | None
+    action: str  # redrive | failed | none
 
 
 class IdempotencyConflict(Exception):
@@ -51,7 +75,11 @@ class IdempotencyConflict(Exception):
         self.existing = existing
 
 
-class JobRepository(Protocol):
+class JobStore(Protocol):
+    """Jobs in the database. Every status change is an event of :mod:`shared.lifecycle`: a conditional update that
+    returns the job as it now is, or ``None`` when the job was not in a state (or attempt, or generation) that allows
+    the event, in which case nothing changed."""
+
     def create(
         self,
         *,
@@ -61,37 +89,51 @@ class JobRepository(Protocol):
         params: dict[str, Any],
         idempotency_key: str | None,
     ) -> tuple[Job, bool]:
-        """Insert a queued job; return ``(job, created)``. An existing key with the same sha256 returns the existing
-        job and ``False``; with another sha256 raises :class:`IdempotencyConflict`."""
+        """Insert a queued job (generation 1, send not confirmed); return ``(job, created)``. An existing key with the
+        same sha256 returns the existing job and ``False``; with another sha256 raises :class:`IdempotencyConflict`."""
         ...
 
     def get(self, job_id: UUID) -> Job | None: ...
 
-    def start_attempt(self, job_id: UUID) -> Job | None:
-        """Mark ``processing`` and count the attempt, unless the job is already terminal; return the job as it is
-        now (``None`` if unknown). A job ``failed`` with ``enqueue_failed`` is started too: its message was delivered,
-        so the send that reported failure reached the broker after all, and the job was never run."""
+    def ping(self) -> None:
+        """Raise :class:`~shared.errors.DatabaseUnavailable` unless the database answers."""
         ...
 
-    def succeed(self, job_id: UUID, result: dict[str, Any]) -> bool:
-        """Store the result and mark ``succeeded`` in one transaction; ``False`` if it already had a result."""
+    # Submission
+    def confirm_sent(self, job_id: UUID, generation: int) -> Job | None: ...
+    def abort_submit(self, job_id: UUID, generation: int, code: str, message: str) -> Job | None: ...
+    def resubmit(self, job_id: UUID) -> Job | None: ...
+
+    # Worker (fenced by the attempt number)
+    def claim(self, job_id: UUID, *, worker_id: str, lease: timedelta, max_attempts: int) -> Job | None: ...
+    def renew_lease(self, job_id: UUID, attempt: int, lease: timedelta) -> Job | None: ...
+    def succeed(self, job_id: UUID, attempt: int, result: dict[str, Any]) -> Job | None: ...
+    def fail(self, job_id: UUID, attempt: int, code: str, message: str) -> Job | None: ...
+    def release(self, job_id: UUID, attempt: int) -> Job | None: ...
+
+    # Control
+    def cancel(self, job_id: UUID) -> Job | None: ...
+
+    # Reconciler
+    def resend(self, job_id: UUID, generation: int, older_than: timedelta) -> Job | None: ...
+    def expire(self, job_id: UUID, max_attempts: int) -> Job | None: ...
+    def exhaust(self, job_id: UUID, max_attempts: int, message: str) -> Job | None: ...
+    def redrive(self, job_id: UUID, generation: int) -> Job | None: ...
+    def dead_lettered(self, job_id: UUID, generation: int, code: str, message: str) -> Job | None: ...
+
+    # Reconciler queries (read only; each candidate is then moved by its conditional event)
+    def unsent(self, older_than: timedelta, limit: int) -> list[Job]:
+        """``queued`` jobs whose current send is not confirmed and that have not changed for ``older_than``."""
         ...
 
-    def fail(self, job_id: UUID, code: str, message: str) -> bool:
-        """Mark ``failed`` unless already terminal; ``False`` if nothing changed."""
+    def expired(self, limit: int) -> list[Job]:
+        """``running`` jobs whose lease has run out, oldest lease first."""
         ...
 
-    def requeue_enqueue_failed(self, job_id: UUID) -> Job | None:
-        """Atomically set a job that is ``failed`` with code ``enqueue_failed`` back to ``queued`` (error cleared,
-        ``enqueued_at`` cleared); return it, or ``None`` if it was in any other state (nothing changed). Only the
-        caller that gets the job back may hand it over again."""
+    def stranded(self, max_attempts: int, limit: int) -> list[Job]:
+        """``queued`` jobs that no claim can take any more (``attempts >= max_attempts``)."""
         ...
 
-    def mark_enqueued(self, job_id: UUID) -> bool:
-        """Record that the job's message was sent (``enqueued_at = now``); ``False`` if the job is unknown."""
-        ...
-
-    def stale_unsent(self, older_than: timedelta, limit: int) -> list[Job]:
-        """``queued`` jobs never recorded as sent (``enqueued_at`` unset) created more than ``older_than`` ago,
-        oldest first, at most ``limit``: submits that died between the insert and the send."""
+    def record_dead_letter(self, letter: DeadLetter) -> bool:
+        """Keep a drained dead letter; ``False`` if it was recorded before (the DLQ delivered it again)."""
         ...

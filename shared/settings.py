@@ -13,27 +13,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-
-class QueueProperties(BaseModel):
-    """The jobs queue's properties. infra/bicep and local/servicebus.config.json must agree (tests check it).
-
-    The properties the app itself reads can be set from the environment by their alias (``QUEUE_MAX_DELIVERY_COUNT``:
-    the worker marks a job ``retries_exhausted`` on the last allowed delivery, so it must know the queue's value);
-    infra/bicep sets it from the same parameter as the queue's ``maxDeliveryCount``.
-    """
-
-    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
-
-    lock_duration: timedelta = timedelta(minutes=1)
-    max_delivery_count: int = Field(5, alias="QUEUE_MAX_DELIVERY_COUNT", ge=1)
-    default_message_time_to_live: timedelta = timedelta(days=1)
-    dead_lettering_on_message_expiration: bool = True
-    requires_duplicate_detection: bool = True
-    duplicate_detection_history_time_window: timedelta = timedelta(minutes=10)
 
 
 class Settings(BaseModel):
@@ -43,7 +24,6 @@ class Settings(BaseModel):
     servicebus_connection_string: str | None = Field(None, alias="ServiceBusConnection")
     servicebus_namespace: str | None = Field(None, alias="ServiceBusConnection__fullyQualifiedNamespace")
     jobs_queue: str = Field("jobs", alias="JOBS_QUEUE_NAME")
-    queue: QueueProperties = QueueProperties()
 
     # Blob Storage
     storage_connection_string: str | None = Field(None, alias="AzureWebJobsStorage")
@@ -60,7 +40,8 @@ class Settings(BaseModel):
     postgres_user: str | None = Field(None, alias="POSTGRES_USER")
     db_pool_min_size: int = Field(1, alias="DB_POOL_MIN_SIZE")
     db_pool_max_size: int = Field(4, alias="DB_POOL_MAX_SIZE")
-    db_pool_timeout: float = Field(10.0, alias="DB_POOL_TIMEOUT")  # seconds a request waits for a connection
+    # Seconds a call waits for a connection: while the database is down, submit answers 503 after this long.
+    db_pool_timeout: float = Field(2.0, alias="DB_POOL_TIMEOUT")
 
     # Submit limits (validated before anything is stored)
     max_upload_bytes: int = Field(100 * 1024 * 1024, alias="MAX_UPLOAD_BYTES")
@@ -68,17 +49,26 @@ class Settings(BaseModel):
     max_bands: int = Field(32, alias="MAX_BANDS")
     retry_after_seconds: int = Field(5, alias="RETRY_AFTER_SECONDS")
 
+    # The job lifecycle (shared.lifecycle): attempts, leases, time limit, retries, reconciliation
+    job_max_attempts: int = Field(5, alias="JOB_MAX_ATTEMPTS", ge=1)
+    job_lease: timedelta = Field(timedelta(minutes=2), alias="JOB_LEASE")  # renewed every third of it while running
+    job_timeout: timedelta = Field(timedelta(hours=1), alias="JOB_TIMEOUT")  # one attempt's time limit
+    retry_backoff: timedelta = Field(timedelta(seconds=10), alias="RETRY_BACKOFF")  # doubled per attempt
+    retry_backoff_max: timedelta = Field(timedelta(minutes=5), alias="RETRY_BACKOFF_MAX")
+    reconcile_resend_after: timedelta = Field(timedelta(minutes=2), alias="RECONCILE_RESEND_AFTER")
+    reconcile_batch: int = Field(100, alias="RECONCILE_BATCH", ge=1)  # jobs (and dead letters) per step and run
+    reconcile_schedule: str = Field("0 */1 * * * *", alias="RECONCILE_SCHEDULE")  # NCRONTAB; read by the trigger
+    bus_send_timeout: float = Field(5.0, alias="BUS_SEND_TIMEOUT")  # seconds one send may take, retries included
+    storage_retry_total: int = Field(3, alias="STORAGE_RETRY_TOTAL")
+
     # Worker
-    worker_max_message_count: int = Field(4, alias="WORKER_MAX_MESSAGE_COUNT")
+    worker_max_message_count: int = Field(1, alias="WORKER_MAX_MESSAGE_COUNT", ge=1)
     worker_max_wait_time: float = Field(5.0, alias="WORKER_MAX_WAIT_TIME")
-    worker_max_lock_renewal: timedelta = Field(timedelta(hours=2), alias="WORKER_MAX_LOCK_RENEWAL")
     worker_shutdown_grace: float = Field(30.0, alias="WORKER_SHUTDOWN_GRACE")
     worker_device: str = Field("auto", alias="WORKER_DEVICE")  # auto | cpu | cuda | cuda:N
     worker_heartbeat_file: str = Field("/tmp/crop-ai-worker.heartbeat", alias="WORKER_HEARTBEAT_FILE")
     worker_heartbeat_max_age: float = Field(120.0, alias="WORKER_HEARTBEAT_MAX_AGE")  # seconds, for --healthcheck
-    worker_deadletter_poll_interval: float = Field(60.0, alias="WORKER_DEADLETTER_POLL_INTERVAL")  # 0: off
-    worker_sweep_interval: float = Field(60.0, alias="WORKER_SWEEP_INTERVAL")  # 0: off
-    worker_sweep_age: timedelta = Field(timedelta(minutes=5), alias="WORKER_SWEEP_AGE")
+    worker_probe_max_interval: float = Field(30.0, alias="WORKER_PROBE_MAX_INTERVAL")  # circuit breaker backoff cap
     worker_preemption_watch: bool = Field(False, alias="WORKER_PREEMPTION_WATCH")  # Azure Scheduled Events (Spot VMs)
     models_dir: str | None = Field(None, alias="MODELS_DIR")
 
@@ -86,14 +76,6 @@ class Settings(BaseModel):
     applicationinsights_connection_string: str | None = Field(None, alias="APPLICATIONINSIGHTS_CONNECTION_STRING")
     service_name: str = Field("crop-ai", alias="OTEL_SERVICE_NAME")
     otel_traces_exporter: str = Field("none", alias="OTEL_TRACES_EXPORTER")  # none | console (no App Insights)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _queue_from_flat_names(cls, data: Any) -> Any:
-        """App settings are flat: the queue's aliased names (``QUEUE_*``) build :class:`QueueProperties`."""
-        if isinstance(data, Mapping) and "queue" not in data:
-            return {**data, "queue": {k: v for k, v in data.items() if k.startswith("QUEUE_")}}
-        return data
 
     @model_validator(mode="after")
     def _one_way_to_each_backend(self) -> Settings:
@@ -103,7 +85,14 @@ class Settings(BaseModel):
             raise ValueError("set AzureWebJobsStorage or AzureWebJobsStorage__blobServiceUri")
         if not (self.database_url or (self.postgres_host and self.postgres_user)):
             raise ValueError("set DATABASE_URL, or POSTGRES_HOST and POSTGRES_USER for Entra authentication")
+        if self.job_timeout <= self.job_lease:
+            raise ValueError("JOB_TIMEOUT must be longer than JOB_LEASE")
         return self
+
+    @property
+    def lock_renewal_limit(self) -> timedelta:
+        """How long the worker renews a message's lock: the time limit plus the grace to stop and settle."""
+        return self.job_timeout + timedelta(seconds=self.worker_shutdown_grace) + self.job_lease
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

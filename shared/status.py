@@ -24,7 +24,7 @@ from shared.rejection import Rejected
 
 log = logging.getLogger(__name__)
 
-CLIENT_MESSAGE_CODES = frozenset({"invalid_image", "input_missing", "unknown_analysis", "invalid_message"})
+CLIENT_MESSAGE_CODES = frozenset({"invalid_image", "input_missing", "unknown_analysis", "invalid_message", "timed_out"})
 FIXED_MESSAGES = {
     "enqueue_failed": "the job could not be queued; submit the image again (the same Idempotency-Key may be reused)",
 }

@@ -1,5 +1,8 @@
-"""Blob Storage: input images (``images/{job_id}/input.tif``), result files (``results/{job_id}/{name}``) and
-short-lived read URLs for them.
+"""Blob Storage: input images (``images/{job_id}/input.tif``), result files (``results/{job_id}/{attempt}/{name}``:
+a losing attempt never overwrites the winner's files) and short-lived read URLs for them.
+
+``STORAGE_RETRY_TOTAL`` bounds the SDK's retries (exponential from 1 s): the API uses few, so that a submit while
+storage is down answers 503 within seconds instead of the SDK's default of tens of seconds.
 
 Locally a connection string (Azurite); in Azure the account's blob endpoint with an Entra credential. Read URLs are
 SAS URLs signed with the account key when the client has one, with a user delegation key when it authenticates
@@ -17,7 +20,7 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 from uuid import UUID
 
 from azure.core.credentials import TokenCredential
@@ -27,6 +30,7 @@ from azure.storage.blob import (
     BlobSasPermissions,
     BlobServiceClient,
     ContentSettings,
+    ExponentialRetry,
     StorageErrorCode,
     UserDelegationKey,
     generate_blob_sas,
@@ -58,6 +62,13 @@ def _blob_not_found(e: ResourceNotFoundError) -> bool:
     return getattr(e, "error_code", None) == StorageErrorCode.BLOB_NOT_FOUND
 
 
+def _retries(settings: Settings) -> dict[str, Any]:
+    policy = ExponentialRetry(
+        initial_backoff=1, increment_base=2, retry_total=settings.storage_retry_total, random_jitter_range=1
+    )
+    return {"retry_policy": policy, "connection_timeout": 5}
+
+
 class BlobStore:
     def __init__(
         self, service: BlobServiceClient, images_container: str = "images", results_container: str = "results"
@@ -72,12 +83,14 @@ class BlobStore:
     @classmethod
     def from_settings(cls, settings: Settings, credential: TokenCredential | None = None) -> BlobStore:
         if settings.storage_connection_string:
-            service = BlobServiceClient.from_connection_string(settings.storage_connection_string)
+            service = BlobServiceClient.from_connection_string(settings.storage_connection_string, **_retries(settings))
         else:
             from azure.identity import DefaultAzureCredential
 
             assert settings.blob_service_uri, "Settings guarantees one of the two"
-            service = BlobServiceClient(settings.blob_service_uri, credential=credential or DefaultAzureCredential())
+            service = BlobServiceClient(
+                settings.blob_service_uri, credential=credential or DefaultAzureCredential(), **_retries(settings)
+            )
         return cls(service, settings.images_container, settings.results_container)
 
     @_translated
@@ -85,6 +98,11 @@ class BlobStore:
         for name in (self.images_container, self.results_container):
             with contextlib.suppress(ResourceExistsError):
                 self._service.create_container(name)
+
+    @_translated
+    def ping(self) -> None:
+        """Raise :class:`StorageUnavailable` unless the images container answers."""
+        self._service.get_container_client(self.images_container).get_container_properties()
 
     @_translated
     def put_input(self, job_id: UUID, data: bytes, sha256: str) -> str:
@@ -122,8 +140,8 @@ class BlobStore:
         return props.metadata.get("sha256")
 
     @_translated
-    def put_result(self, job_id: UUID, name: str, path: Path, content_type: str) -> str:
-        blob = self._service.get_blob_client(self.results_container, f"{job_id}/{name}")
+    def put_result(self, job_id: UUID, attempt: int, name: str, path: Path, content_type: str) -> str:
+        blob = self._service.get_blob_client(self.results_container, f"{job_id}/{attempt}/{name}")
         with path.open("rb") as f:
             blob.upload_blob(f, overwrite=True, content_settings=ContentSettings(content_type=content_type))
         return str(blob.url)

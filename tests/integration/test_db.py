@@ -1,4 +1,4 @@
-"""PostgresJobRepository and the migrations against a real PostgreSQL (a fresh database per test)."""
+"""PostgresJobStore and the migrations against a real PostgreSQL (a fresh database per test)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -17,12 +18,12 @@ from azure.core.credentials import AccessToken
 from psycopg_pool import ConnectionPool
 
 from local.postgres import PostgresServer
-from shared.db import PostgresJobRepository, open_pool
+from shared.db import PostgresJobStore, open_pool
 from shared.errors import DatabaseUnavailable
-from shared.jobs import IdempotencyConflict
+from shared.jobs import IdempotencyConflict, JobStatus
 from shared.migrate import MigrationError, available, migrate
 from shared.settings import Settings
-from tests.contracts.job_repository import SHA_A, SHA_B, JobRepositoryContract, create
+from tests.contracts.job_store import SHA_A, SHA_B, JobStoreContract, claimed, create
 
 pytestmark = pytest.mark.integration
 
@@ -43,11 +44,11 @@ def pool(database_url: str) -> Iterator[ConnectionPool]:
 
 
 @pytest.fixture
-def repo(pool: ConnectionPool) -> PostgresJobRepository:
-    return PostgresJobRepository(pool)
+def store(pool: ConnectionPool) -> PostgresJobStore:
+    return PostgresJobStore(pool)
 
 
-class TestPostgresJobRepository(JobRepositoryContract):
+class TestPostgresJobStore(JobStoreContract):
     pass
 
 
@@ -56,7 +57,7 @@ def test_migrate_applies_once(database_url: str) -> None:
     assert migrate(database_url) == []
     with psycopg.connect(database_url) as conn:
         tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
-    assert tables == {"jobs", "results", "schema_migrations"}
+    assert tables == {"jobs", "results", "dead_letters", "schema_migrations"}
 
 
 def test_concurrent_migrations_apply_each_version_once(database_url: str) -> None:
@@ -92,20 +93,20 @@ def test_migrate_through_a_pool(pool: ConnectionPool) -> None:
 
 def test_the_schema_refuses_a_result_for_an_unknown_job(pool: ConnectionPool) -> None:
     with pool.connection() as conn, pytest.raises(psycopg.errors.ForeignKeyViolation):
-        conn.execute("INSERT INTO results (job_id, result) VALUES (%s, '{}')", (uuid.uuid4(),))
+        conn.execute("INSERT INTO results (job_id, attempt, result) VALUES (%s, 1, '{}')", (uuid.uuid4(),))
 
 
-def test_the_same_key_submitted_concurrently_makes_one_job(repo: PostgresJobRepository) -> None:
+def test_the_same_key_submitted_concurrently_makes_one_job(store: PostgresJobStore) -> None:
     with ThreadPoolExecutor(8) as ex:
-        outcomes = list(ex.map(lambda _: create(repo, key="race"), range(16)))
+        outcomes = list(ex.map(lambda _: create(store, key="race"), range(16)))
     assert sum(created for _, created in outcomes) == 1
     assert len({job.job_id for job, _ in outcomes}) == 1
 
 
-def test_conflicting_bytes_under_concurrency(repo: PostgresJobRepository) -> None:
+def test_conflicting_bytes_under_concurrency(store: PostgresJobStore) -> None:
     def attempt(i: int) -> str:
         try:
-            create(repo, key="race-2", sha256=SHA_A if i % 2 else SHA_B)
+            create(store, key="race-2", sha256=SHA_A if i % 2 else SHA_B)
         except IdempotencyConflict:
             return "conflict"
         return "ok"
@@ -116,23 +117,68 @@ def test_conflicting_bytes_under_concurrency(repo: PostgresJobRepository) -> Non
     assert results.count("conflict") == 8
 
 
-def test_concurrent_deliveries_write_one_result(repo: PostgresJobRepository, pool: ConnectionPool) -> None:
-    job, _ = create(repo)
-    repo.start_attempt(job.job_id)
+def test_concurrent_succeeds_write_one_result_naming_the_attempt(store: PostgresJobStore, pool: ConnectionPool) -> None:
+    job = claimed(store, create(store)[0])
     with ThreadPoolExecutor(8) as ex:
-        wins = list(ex.map(lambda i: repo.succeed(job.job_id, {"delivery": i}), range(8)))
-    assert wins.count(True) == 1
+        wins = list(ex.map(lambda i: store.succeed(job.job_id, job.attempts, {"delivery": i}), range(8)))
+    assert sum(w is not None for w in wins) == 1
     with pool.connection() as conn:
-        rows = conn.execute("SELECT count(*) FROM results WHERE job_id = %s", (job.job_id,)).fetchone()
-    assert rows == (1,)
+        rows = conn.execute("SELECT count(*), min(attempt) FROM results WHERE job_id = %s", (job.job_id,)).fetchone()
+    assert rows == (1, job.attempts)
+
+
+def test_the_schema_keeps_a_lease_on_running_jobs_only(store: PostgresJobStore, pool: ConnectionPool) -> None:
+    job = create(store)[0]
+    with pool.connection() as conn, pytest.raises(psycopg.errors.CheckViolation):
+        conn.execute("UPDATE jobs SET status = 'running' WHERE job_id = %s", (job.job_id,))
+
+
+def test_migration_0003_moves_existing_rows_to_the_lifecycle(database_url: str) -> None:
+    """Rows written by the previous schema (0001 + 0002) come out in the new model."""
+    old = [m for m in available() if m.version < "0003"]
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for m in old:
+            conn.execute(m.sql.encode())
+        conn.execute(
+            "CREATE TABLE schema_migrations (version text PRIMARY KEY, name text NOT NULL, sha256 text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for m in old:
+            conn.execute("INSERT INTO schema_migrations VALUES (%s, %s, %s)", (m.version, m.name, m.sha256))
+        ids = {s: uuid.uuid4() for s in ("queued_unsent", "queued_sent", "processing", "succeeded", "enqueue_failed")}
+        for state, job_id in ids.items():
+            status = {"queued_unsent": "queued", "queued_sent": "queued", "enqueue_failed": "failed"}.get(state, state)
+            conn.execute(
+                "INSERT INTO jobs (job_id, status, input_blob, input_sha256, params, attempts, error_code, enqueued_at)"
+                " VALUES (%s, %s, 'b', %s, '{}', %s, %s, CASE WHEN %s THEN now() END)",
+                (job_id, status, SHA_A, 1 if state in ("processing", "succeeded") else 0,
+                 "enqueue_failed" if state == "enqueue_failed" else None, state != "queued_unsent"),
+            )  # fmt: skip
+        conn.execute("INSERT INTO results (job_id, result) VALUES (%s, '{}')", (ids["succeeded"],))
+    assert migrate(database_url) == [m.version for m in available() if m.version >= "0003"]
+    with open_pool(settings_for(database_url)) as pool:
+        store = PostgresJobStore(pool)
+        jobs = {state: store.get(job_id) for state, job_id in ids.items()}
+        assert all(jobs.values())
+        unsent, sent, running = jobs["queued_unsent"], jobs["queued_sent"], jobs["processing"]
+        assert unsent is not None
+        assert sent is not None
+        assert running is not None
+        assert (unsent.status, unsent.sent_at, unsent.generation) == (JobStatus.QUEUED, None, 1)
+        assert sent.sent_at is not None
+        assert running.status is JobStatus.RUNNING
+        assert [j.job_id for j in store.expired(10)] == [running.job_id]  # the reconciler takes it over
+        assert store.claim(running.job_id, worker_id="w", lease=timedelta(minutes=1), max_attempts=5) is not None
+        with pool.connection() as conn:
+            assert conn.execute("SELECT attempt FROM results").fetchall() == [(1,)]
 
 
 def test_a_database_that_is_not_there_is_transient(unused_port: int) -> None:
     url = f"postgresql://postgres@127.0.0.1:{unused_port}/postgres?connect_timeout=2"
     with open_pool(settings_for(url, DB_POOL_TIMEOUT="1", DB_POOL_MIN_SIZE="0")) as pool:
-        repo = PostgresJobRepository(pool)
+        store = PostgresJobStore(pool)
         with pytest.raises(DatabaseUnavailable) as info:
-            repo.get(uuid.uuid4())
+            store.get(uuid.uuid4())
     assert info.value.transient
 
 
@@ -166,6 +212,6 @@ def test_entra_settings_fetch_a_token_for_each_new_connection(postgres_server: P
     )  # fmt: skip
     credential = CountingCredential()
     with open_pool(settings, credential) as pool, pytest.raises(DatabaseUnavailable):
-        PostgresJobRepository(pool).get(uuid.uuid4())
+        PostgresJobStore(pool).get(uuid.uuid4())
     assert credential.scopes
     assert credential.scopes[0] == ("https://ossrdbms-aad.database.windows.net/.default",)

@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
@@ -24,12 +24,13 @@ from azure.storage.blob import BlobServiceClient, ContainerClient
 from psycopg_pool import ConnectionPool
 
 from gpu_worker.analysis import AnalysisOutput, AnalysisRequest
-from shared.bus import job_message
-from shared.db import PostgresJobRepository, open_pool
+from shared.bus import DeadLetterInbox, JobPublisher, job_message
+from shared.db import PostgresJobStore, open_pool
 from shared.jobs import Job
 from shared.messages import JobMessage
 from shared.migrate import migrate
-from shared.settings import QueueProperties, Settings
+from shared.reconciler import Policy, Reconciler
+from shared.settings import Settings
 from shared.storage import BlobStore
 from tests.fixtures.servicebus import EmulatorHandle
 
@@ -60,15 +61,13 @@ class WorkerStack:
     pool: ConnectionPool
     store: BlobStore
     client: ServiceBusClient
-    max_delivery_count: int = 5
 
     @property
-    def repo(self) -> PostgresJobRepository:
-        return PostgresJobRepository(self.pool)
+    def jobs(self) -> PostgresJobStore:
+        return PostgresJobStore(self.pool)
 
     def settings(self, **overrides: str) -> Settings:
-        settings = Settings.from_env({**self.env, **overrides})
-        return settings.model_copy(update={"queue": QueueProperties(max_delivery_count=self.max_delivery_count)})
+        return Settings.from_env({**self.env, **overrides})
 
     def create_job(self, data: bytes | None = None, *, bands: list[str] | None = None) -> JobMessage:
         """A queued job whose input blob holds ``data`` (no blob when ``None``); the message is not sent."""
@@ -78,17 +77,11 @@ class WorkerStack:
         blob = f"{job_id}/input.tif"
         if data is not None:
             blob = self.store.put_input(job_id, data, sha256)
-        message = JobMessage(
-            job_id=job_id,
-            input_blob=blob,
-            input_sha256=sha256,
-            bands=bands or RGBN,
-            scale=10000,
-            submitted_at=datetime.now(UTC),
+        params = {"bands": bands or RGBN, "scale": 10000.0, "analysis": "crop-health"}
+        job, _ = self.jobs.create(
+            job_id=job_id, input_blob=blob, input_sha256=sha256, params=params, idempotency_key=None
         )
-        params = {"bands": message.bands, "scale": message.scale, "analysis": message.analysis}
-        self.repo.create(job_id=job_id, input_blob=blob, input_sha256=sha256, params=params, idempotency_key=None)
-        return message
+        return JobMessage.for_job(job)
 
     def send(self, message: JobMessage | ServiceBusMessage, *, ttl: timedelta | None = None) -> None:
         sb_message = job_message(message) if isinstance(message, JobMessage) else message
@@ -98,14 +91,28 @@ class WorkerStack:
             sender.send_messages(sb_message)
 
     def submit(self, data: bytes | None = None, **kwargs: Any) -> UUID:
+        """What the submit path does: create, send generation 1, confirm the send."""
         message = self.create_job(data, **kwargs)
         self.send(message)
+        assert self.jobs.confirm_sent(message.job_id, message.generation) is not None
         return message.job_id
 
     def job(self, job_id: UUID) -> Job:
-        job = self.repo.get(job_id)
+        job = self.jobs.get(job_id)
         assert job is not None
         return job
+
+    def reconcile(self, **overrides: str) -> Any:
+        """One run of the reconciler (the timer Function's work) against these backends."""
+        settings = self.settings(**overrides)
+        policy = Policy(settings.reconcile_resend_after, settings.job_max_attempts, settings.reconcile_batch)
+        with DeadLetterInbox(self.client, self.queue_name) as inbox:
+            publisher = JobPublisher(self.client, self.queue_name)
+            return Reconciler(self.jobs, self.store, publisher, inbox, policy).run()
+
+    def results(self, job_id: UUID) -> set[str]:
+        """The names of the job's result blobs."""
+        return {b.name for b in self.results_container().list_blobs(name_starts_with=f"{job_id}/")}
 
     def queued(self) -> list[ServiceBusReceivedMessage]:
         with self.client.get_queue_receiver(self.queue_name) as receiver:
@@ -143,7 +150,10 @@ def open_worker_stack(
         "DATABASE_URL": database_url,
         "WORKER_MAX_WAIT_TIME": "1",
         "WORKER_HEARTBEAT_FILE": str(tmp / "worker.heartbeat"),
-        "WORKER_DEADLETTER_POLL_INTERVAL": "0",
+        "RETRY_BACKOFF": "PT1S",
+        "RETRY_BACKOFF_MAX": "PT2S",
+        "JOB_LEASE": "PT6S",
+        "WORKER_PROBE_MAX_INTERVAL": "1",
         "WORKER_DEVICE": "cpu",
         "DB_POOL_MIN_SIZE": "1",
         **env,
@@ -177,7 +187,6 @@ def stack_factory(
     def factory(queue: dict[str, Any] | None = None, **env: str) -> WorkerStack:
         emulator = servicebus_emulator_factory({"jobs": queue} if queue else None)
         stack = open_worker_stack(emulator.connection_string, database_url, blob_connection_string, tmp_path, **env)
-        stack.max_delivery_count = int((queue or {}).get("MaxDeliveryCount", 5))
         stacks.append(stack)
         return stack
 

@@ -1,0 +1,34 @@
+"""``reconcile_jobs``: the timer-triggered reconciler (:mod:`shared.reconciler` does the work).
+
+Schedule: the NCRONTAB in the app setting ``RECONCILE_SCHEDULE`` (every minute by default; the host resolves
+``%NAME%`` from the app settings). Timer functions are singletons across the Function App's instances (the host
+holds a blob lease), so runs never overlap; a run that starts late (``past_due``) reconciles the same way. It
+needs no worker: with the scale set at zero, orphaned jobs are still handed over, and their messages scale it out.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import azure.functions as func
+
+from functions import deps
+from shared.reconciler import Policy, Reconciler
+
+bp = func.Blueprint()  # type: ignore[no-untyped-call]
+log = logging.getLogger(__name__)
+
+
+@bp.function_name("reconcile_jobs")
+@bp.timer_trigger(schedule="%RECONCILE_SCHEDULE%", arg_name="timer", run_on_startup=False, use_monitor=True)
+def reconcile_jobs(timer: func.TimerRequest) -> None:
+    if timer.past_due:
+        log.warning("reconciler run is past due", extra={"action": "reconcile_past_due"})
+    d = deps.get()
+    policy = Policy(
+        resend_after=d.settings.reconcile_resend_after,
+        max_attempts=d.settings.job_max_attempts,
+        batch=d.settings.reconcile_batch,
+    )
+    with d.dead_letters() as inbox:
+        Reconciler(d.jobs, d.blobs, d.publisher, inbox, policy).run()

@@ -1,0 +1,116 @@
+"""A claimed attempt while it runs: its lease kept alive, its time limit enforced, its loss noticed.
+
+:class:`AttemptGuard` is a context manager around the analysis. Its thread wakes every third of ``JOB_LEASE``:
+
+* it renews the lease (``renew_lease``, fenced by the attempt number). A renewal that moves nothing means another
+  claim took the job over (after this worker stalled past its lease) or it was cancelled: :meth:`check`, called by
+  the handler between stages, then raises :class:`~gpu_worker.settlement.AttemptLost`. A renewal that fails (the
+  database is down) is retried at the next tick; if the lease runs out meanwhile, another delivery may take over,
+  and this attempt's writes are refused from then on.
+* past ``JOB_TIMEOUT`` it fails the attempt ``timed_out`` and interrupts the main thread with
+  :class:`~gpu_worker.settlement.TimedOut` (:meth:`gpu_worker.shutdown.Shutdown.interrupt`, delivered between two
+  bytecodes). A call that never returns to Python (a hung read, a GPU kernel) cannot be interrupted that way: if the
+  attempt is still running ``hard_exit_after`` seconds later, the process exits with :data:`EXIT_TIMED_OUT` and its
+  supervisor (Docker's restart policy, the scale set's health extension) starts a fresh one. Meanwhile the
+  heartbeat file shows the overrun, so ``--healthcheck`` reports unhealthy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from types import TracebackType
+
+from gpu_worker.settlement import TIMED_OUT_CODE, AttemptLost, TimedOut
+from shared.errors import CropAIError
+from shared.jobs import Job, JobStore
+
+logger = logging.getLogger(__name__)
+
+EXIT_TIMED_OUT = 75  # EX_TEMPFAIL: the supervisor restarts the worker
+
+
+class AttemptGuard:
+    def __init__(
+        self,
+        jobs: JobStore,
+        job: Job,
+        *,
+        lease: timedelta,
+        timeout: timedelta,
+        interrupt: Callable[[BaseException], None],
+        hard_exit_after: float,
+        exit_process: Callable[[int], None] = os._exit,
+    ) -> None:
+        self._jobs = jobs
+        self.job_id = job.job_id
+        self.attempt = job.attempts
+        self._lease = lease
+        self._timeout = timeout.total_seconds()
+        self._interrupt = interrupt
+        self._hard_exit_after = hard_exit_after
+        self._exit_process = exit_process
+        self._done = threading.Event()
+        self.lost = threading.Event()
+        self.timed_out = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"attempt-{job.job_id}", daemon=True)
+        self._extra = {"job_id": str(job.job_id), "attempt": self.attempt}
+
+    def __enter__(self) -> AttemptGuard:
+        self._started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def check(self) -> None:
+        """Between stages: stop if the attempt no longer holds the job."""
+        if self.lost.is_set():
+            raise AttemptLost(f"attempt {self.attempt} of job {self.job_id} no longer holds the job")
+
+    def _run(self) -> None:
+        tick = max(self._lease.total_seconds() / 3, 0.05)
+        deadline = self._started + self._timeout
+        while not self._done.wait(min(tick, max(deadline - time.monotonic(), 0.0))):
+            if time.monotonic() >= deadline:
+                self._time_out()
+                return
+            self._renew()
+
+    def _renew(self) -> None:
+        try:
+            renewed = self._jobs.renew_lease(self.job_id, self.attempt, self._lease)
+        except CropAIError as e:
+            logger.warning("lease renewal failed: %s", e, extra={**self._extra, "action": "lease_renew_failed"})
+            return
+        if renewed is None and not self.lost.is_set():
+            self.lost.set()
+            logger.warning(
+                "job %s: attempt %d no longer holds the job", self.job_id, self.attempt,
+                extra={**self._extra, "action": "attempt_lost"},
+            )  # fmt: skip
+
+    def _time_out(self) -> None:
+        self.timed_out.set()
+        message = f"attempt {self.attempt} ran past the time limit of {self._timeout:g} s"
+        logger.error("job %s: %s; stopping it", self.job_id, message, extra={**self._extra, "action": "timed_out"})
+        try:
+            self._jobs.fail(self.job_id, self.attempt, TIMED_OUT_CODE, message)
+        except CropAIError as e:  # the settlement fails it again; failing that, the lease runs out
+            logger.warning(
+                "could not fail the timed-out attempt: %s", e, extra={**self._extra, "action": "fail_job_failed"}
+            )
+        self._interrupt(TimedOut(message))
+        if not self._done.wait(self._hard_exit_after):
+            logger.critical(
+                "job %s: the attempt did not stop %g s after its time limit; exiting for a restart",
+                self.job_id, self._hard_exit_after, extra={**self._extra, "action": "exit_timed_out"},
+            )  # fmt: skip
+            logging.shutdown()
+            self._exit_process(EXIT_TIMED_OUT)

@@ -1,0 +1,60 @@
+"""A circuit breaker on the worker's backends: while PostgreSQL or Blob Storage is down, stop receiving.
+
+Pulling messages only to abandon them spends their deliveries and the worker's time. When an attempt (or a claim)
+fails because the database or storage is unavailable, the breaker *opens*; before the next receive the consumer
+calls :meth:`Breaker.wait_until_closed`, which probes every backend (``SELECT 1``, the images container's
+properties) with exponential backoff (1 s doubling to ``max_interval``) until all answer, and only then receives
+again. The messages wait in the queue meanwhile, costing time, not deliveries. A shutdown ends the wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+
+from shared.errors import DatabaseUnavailable, StorageUnavailable, TransientError
+
+logger = logging.getLogger(__name__)
+
+TRIPPING = (DatabaseUnavailable, StorageUnavailable)
+
+
+class Breaker:
+    def __init__(self, probes: Mapping[str, Callable[[], None]], *, max_interval: float, first_interval: float = 1.0):
+        self._probes = probes
+        self._max_interval = max_interval
+        self._first_interval = first_interval
+        self.open_because: str | None = None
+
+    def record(self, error: BaseException | None) -> None:
+        """After an attempt or a claim: open when ``error`` says a backend is down."""
+        if isinstance(error, TRIPPING) and self.open_because is None:
+            self.open_because = error.code
+            logger.warning("backend unavailable (%s): receiving stops until it answers", error.code,
+                           extra={"action": "breaker_open", "reason": error.code})  # fmt: skip
+
+    def wait_until_closed(self, stop: threading.Event, tick: Callable[[], object] = lambda: None) -> bool:
+        """Probe until every backend answers (``True``), or until ``stop`` is set (``False``); ``tick`` after each
+        probe (the heartbeat: waiting for a backend is not a hung worker)."""
+        interval = self._first_interval
+        while self.open_because is not None:
+            tick()
+            failing = self._failing_probe()
+            if failing is None:
+                logger.warning("backends answer again: receiving", extra={"action": "breaker_closed"})
+                self.open_because = None
+                break
+            if stop.wait(interval):
+                return False
+            interval = min(interval * 2, self._max_interval)
+        return not stop.is_set()
+
+    def _failing_probe(self) -> str | None:
+        for name, probe in self._probes.items():
+            try:
+                probe()
+            except TransientError as e:
+                logger.info("probe %s failed: %s", name, e.code, extra={"action": "breaker_probe", "reason": e.code})
+                return name
+        return None

@@ -1,0 +1,159 @@
+"""The job's lifecycle: its states, the events that move it, and the one conditional UPDATE of each event.
+
+This module owns every status change. An event is allowed from a set of states and, within them, only when its
+guard holds (the attempt still holds the job, the message is of the current generation, the lease ran out...). Each
+event is one ``UPDATE jobs ... WHERE job_id = %(job_id)s AND status IN (...) AND <guard>``: of two concurrent
+callers exactly one moves the job, and a caller whose view of the job is stale moves nothing. The submit path, the
+worker, the reconciler and the API call :class:`shared.jobs.JobStore`'s methods, which run these statements; none of
+them writes status SQL of its own.
+
+Two numbers fence the actors:
+
+* ``generation`` counts deliberate hand-overs to the bus. The message of generation *g* has the message id
+  ``{job_id}:{g}``, so a retry of the same send is dropped by duplicate detection, while a deliberate re-send (a new
+  generation) never is. A message of any generation may claim a queued job (a message is a wake-up; the row decides).
+* ``attempts`` counts claims. A worker holds attempt *a* while its lease lasts (renewed as it runs); its progress,
+  result and failure writes name *a* and are refused once another claim took the job over. Outputs go under
+  ``results/{job_id}/{a}/``, so a losing run never overwrites the winner's files.
+
+::
+
+        create ──► queued ◄──────────────────────────────┐ resend, redrive (new generation)
+                    │  │ ▲                                │ confirm_sent (same state)
+        claim ──────┘  │ └── release, expire ── running ◄─┘ claim (lease expired), renew_lease
+                       │     (new generation)     │
+                       ├── abort_submit, dead_lettered, exhaust ──► failed ◄── fail, exhaust
+                       ├── cancel ──► cancelled ◄── cancel        │
+                       └────────────────────── succeeded ◄── succeed
+        failed (enqueue_failed) ── resubmit ──► queued
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from shared.jobs import JobStatus
+
+Q, R, S, F, C = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class Event(enum.StrEnum):
+    CONFIRM_SENT = "confirm_sent"
+    ABORT_SUBMIT = "abort_submit"
+    RESUBMIT = "resubmit"
+    CLAIM = "claim"
+    RENEW_LEASE = "renew_lease"
+    SUCCEED = "succeed"
+    FAIL = "fail"
+    RELEASE = "release"
+    CANCEL = "cancel"
+    RESEND = "resend"
+    EXPIRE = "expire"
+    EXHAUST = "exhaust"
+    REDRIVE = "redrive"
+    DEAD_LETTERED = "dead_lettered"
+
+
+@dataclass(frozen=True)
+class Transition:
+    sources: frozenset[JobStatus]
+    target: JobStatus
+    actor: str  # who may cause it
+    guard: str  # SQL, beyond the source states
+    assign: str  # SQL SET list, beyond status and updated_at
+    meaning: str
+
+
+_ATTEMPT = "attempts = %(attempt)s"
+_NEW_GENERATION = "generation = generation + 1, sent_at = NULL"
+_FINISHED = "lease_until = NULL, finished_at = now()"
+_ERROR = "error_code = %(code)s, error_message = %(message)s"
+
+TRANSITIONS: dict[Event, Transition] = {
+    Event.CONFIRM_SENT: Transition(
+        frozenset({Q}), Q, "submit, worker, reconciler",
+        "generation = %(generation)s AND sent_at IS NULL", "sent_at = now()",
+        "the bus accepted the current generation's message",
+    ),
+    Event.ABORT_SUBMIT: Transition(
+        frozenset({Q}), F, "submit, reconciler",
+        "generation = %(generation)s AND sent_at IS NULL AND attempts = 0", f"{_ERROR}, finished_at = now()",
+        "the image was never stored, so no message can have been sent: nobody can ever run the job",
+    ),
+    Event.RESUBMIT: Transition(
+        frozenset({F}), Q, "submit (the same Idempotency-Key)",
+        "error_code = 'enqueue_failed'",
+        f"{_NEW_GENERATION}, error_code = NULL, error_message = NULL, finished_at = NULL",
+        "the client sends the image again after an aborted submit",
+    ),
+    Event.CLAIM: Transition(
+        frozenset({Q, R}), R, "worker (a delivered message)",
+        "(status = 'queued' OR lease_until < now()) AND attempts < %(max_attempts)s",
+        "attempts = attempts + 1, worker_id = %(worker_id)s, lease_until = now() + %(lease)s, started_at = now(),"
+        " sent_at = coalesce(sent_at, now())",
+        "a worker starts a new attempt: the job is queued, or the running attempt's lease ran out",
+    ),
+    Event.RENEW_LEASE: Transition(
+        frozenset({R}), R, "worker", _ATTEMPT, "lease_until = now() + %(lease)s",
+        "the attempt is still running",
+    ),
+    Event.SUCCEED: Transition(
+        frozenset({R}), S, "worker", _ATTEMPT, _FINISHED,
+        "the attempt stored its result (in the same statement)",
+    ),
+    Event.FAIL: Transition(
+        frozenset({R}), F, "worker", _ATTEMPT, f"{_FINISHED}, {_ERROR}",
+        "the attempt failed for good: bad input, time limit, the last attempt's transient error",
+    ),
+    Event.RELEASE: Transition(
+        frozenset({R}), Q, "worker", _ATTEMPT, f"{_NEW_GENERATION}, lease_until = NULL",
+        "the attempt gives the job back (transient error, shutdown) for a later, scheduled attempt",
+    ),
+    Event.CANCEL: Transition(
+        frozenset({Q, R}), C, "API", "TRUE", _FINISHED,
+        "a client cancels; a running attempt's later writes are refused",
+    ),
+    Event.RESEND: Transition(
+        frozenset({Q}), Q, "reconciler",
+        "generation = %(generation)s AND sent_at IS NULL AND updated_at < now() - %(older_than)s", _NEW_GENERATION,
+        "the send of a queued job was never confirmed (a submit died, a send was ambiguous): hand it over again",
+    ),
+    Event.EXPIRE: Transition(
+        frozenset({R}), Q, "reconciler",
+        "lease_until < now() AND attempts < %(max_attempts)s", f"{_NEW_GENERATION}, lease_until = NULL",
+        "the attempt's worker vanished (its lease ran out): queue the job again",
+    ),
+    Event.EXHAUST: Transition(
+        frozenset({Q, R}), F, "reconciler",
+        "attempts >= %(max_attempts)s AND (status = 'queued' OR lease_until < now())",
+        f"{_FINISHED}, error_code = 'retries_exhausted', error_message = %(message)s",
+        "no attempt is left and none is running",
+    ),
+    Event.REDRIVE: Transition(
+        frozenset({Q}), Q, "reconciler", "generation = %(generation)s", _NEW_GENERATION,
+        "the broker dead-lettered the current message (MaxDeliveryCountExceeded) before any claim: send a new one",
+    ),
+    Event.DEAD_LETTERED: Transition(
+        frozenset({Q}), F, "reconciler", "generation = %(generation)s", f"{_ERROR}, finished_at = now()",
+        "the current message was dead-lettered before any claim and cannot run (expired, undecodable)",
+    ),
+}  # fmt: skip
+
+
+def target(status: JobStatus, event: Event) -> JobStatus | None:
+    """The state ``event`` moves a job in ``status`` to, or ``None`` when the state does not allow it."""
+    transition = TRANSITIONS[event]
+    return transition.target if status in transition.sources else None
+
+
+def statement(event: Event) -> str:
+    """The conditional UPDATE of ``event`` (named parameters; ``job_id`` always), returning the moved job's id and
+    attempt number."""
+    transition = TRANSITIONS[event]
+    sources = ", ".join(f"'{s.value}'" for s in sorted(transition.sources))
+    return (
+        f"UPDATE jobs SET status = '{transition.target.value}', {transition.assign}, updated_at = now()"
+        f" WHERE job_id = %(job_id)s AND status IN ({sources}) AND ({transition.guard})"
+        " RETURNING job_id, attempts"
+    )

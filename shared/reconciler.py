@@ -1,0 +1,203 @@
+"""The reconciler: what heals jobs that no message, no worker or no broker will move on their own.
+
+It runs as a timer-triggered Function (``functions/reconciler.py``), so it works with zero workers. Each run does
+four bounded, idempotent steps, every job change being a conditional event of :mod:`shared.lifecycle`:
+
+1. **Unconfirmed sends.** A ``queued`` job whose send was never confirmed for ``resend_after`` (the submit died
+   between insert and send, or the send was ambiguous) gets a new generation and its message is sent. A job never
+   attempted whose image is missing (the submit died before the upload) is failed ``enqueue_failed`` instead.
+2. **Expired leases.** A ``running`` job whose lease ran out (its worker died or hung) is queued again with a new
+   generation and sent, or failed ``retries_exhausted`` when its attempts are used up.
+3. **Stranded jobs.** A ``queued`` job no claim can take (attempts used up, e.g. after ``JOB_MAX_ATTEMPTS`` was
+   lowered) is failed ``retries_exhausted``.
+4. **Dead letters.** Messages in the queue's dead-letter sub-queue are *received* (incrementally: each once), their
+   job reconciled, the letter recorded in ``dead_letters`` and completed. Only a letter of the job's *current*
+   generation, while the job is still ``queued``, can move it: ``MaxDeliveryCountExceeded`` (deliveries spent on
+   crashes and outages, never on a claim) re-drives it with a new generation; ``TTLExpiredException`` fails it
+   ``message_expired``; a poison message (``InvalidMessage``) fails it ``invalid_message``. A letter of an older
+   generation, or of a job that is running or finished, changes nothing (a later copy may be mid-run).
+
+Sends follow the outbox order: the event commits (new generation, send unconfirmed), then the message is sent, then
+the send is confirmed. A run that dies in between leaves the job to step 1 of a later run. A backend error ends the
+step it happened in; the next run starts again.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Protocol
+from uuid import UUID
+
+from shared.errors import CropAIError, InputMissing, InvalidImage, InvalidMessage, UnknownAnalysis
+from shared.jobs import DeadLetter, Job, JobStore
+from shared.messages import JobMessage
+from shared.submission import EnqueueFailed, Publisher
+
+log = logging.getLogger(__name__)
+
+RETRIES_EXHAUSTED = "retries_exhausted"
+REDRIVE_REASONS = frozenset({"MaxDeliveryCountExceeded"})
+# Dead-letter reason -> the code a still-queued job of that generation fails with.
+FAIL_CODES = {
+    "TTLExpiredException": "message_expired",
+    **{cls.__name__: cls.code for cls in (InvalidMessage, InvalidImage, InputMissing, UnknownAnalysis)},
+}
+
+
+class InputChecker(Protocol):
+    def input_sha256(self, blob_name: str) -> str | None:
+        """The stored input's SHA-256 metadata; raises InputMissing when the blob is not there."""
+        ...
+
+
+@dataclass(frozen=True)
+class Letter:
+    """A received dead letter, as the reconciler needs it (the SDK message stays with the inbox)."""
+
+    message_id: str
+    sequence_number: int
+    job_id: UUID | None
+    generation: int | None
+    reason: str | None
+    description: str | None
+    delivery_count: int | None
+    enqueued_at: datetime | None
+    token: object  # the inbox's handle for completing it
+
+
+class DeadLetterInbox(Protocol):
+    def receive(self, max_count: int) -> list[Letter]: ...
+    def complete(self, letter: Letter) -> None: ...
+
+
+@dataclass
+class Report:
+    resent: int = 0
+    aborted: int = 0
+    requeued: int = 0
+    exhausted: int = 0
+    redriven: int = 0
+    dead_letters: int = 0
+    dead_lettered_failed: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> int:
+        return self.resent + self.aborted + self.requeued + self.exhausted + self.redriven + self.dead_lettered_failed
+
+
+@dataclass(frozen=True)
+class Policy:
+    resend_after: timedelta
+    max_attempts: int
+    batch: int
+
+
+class Reconciler:
+    def __init__(
+        self, jobs: JobStore, store: InputChecker, publisher: Publisher, inbox: DeadLetterInbox, policy: Policy
+    ) -> None:
+        self._jobs = jobs
+        self._store = store
+        self._publisher = publisher
+        self._inbox = inbox
+        self._policy = policy
+
+    def run(self) -> Report:
+        report = Report()
+        for step in (self._unconfirmed, self._expired, self._stranded, self._dead_letters):
+            try:
+                step(report)
+            except CropAIError as e:  # a backend is down: the next run starts this step again
+                report.errors.append(f"{step.__name__.lstrip('_')}: {e.code}")
+                log.warning("reconcile step %s stopped: %s", step.__name__, e, extra={"action": "reconcile_failed"})
+        log.log(
+            logging.WARNING if report.changed else logging.INFO,
+            "reconciled: %s",
+            report,
+            extra={"action": "reconciled", "changed": report.changed},
+        )
+        return report
+
+    def _unconfirmed(self, report: Report) -> None:
+        for job in self._jobs.unsent(self._policy.resend_after, self._policy.batch):
+            if job.attempts == 0 and not self._image_stored(job):
+                if self._jobs.abort_submit(
+                    job.job_id, job.generation, EnqueueFailed.code, "the image was never stored; submit it again"
+                ):
+                    report.aborted += 1
+                continue
+            moved = self._jobs.resend(job.job_id, job.generation, self._policy.resend_after)
+            if moved is not None:
+                self._send(moved, "resend")
+                report.resent += 1
+
+    def _expired(self, report: Report) -> None:
+        for job in self._jobs.expired(self._policy.batch):
+            moved = self._jobs.expire(job.job_id, self._policy.max_attempts)
+            if moved is not None:
+                self._send(moved, "expire")
+                report.requeued += 1
+            elif self._exhaust(job, f"the lease of attempt {job.attempts} ran out and no attempt is left"):
+                report.exhausted += 1
+
+    def _stranded(self, report: Report) -> None:
+        for job in self._jobs.stranded(self._policy.max_attempts, self._policy.batch):
+            if self._exhaust(job, f"{job.attempts} attempts used; no attempt is left"):
+                report.exhausted += 1
+
+    def _dead_letters(self, report: Report) -> None:
+        for letter in self._inbox.receive(self._policy.batch):
+            action = self._reconcile_letter(letter)
+            report.dead_letters += 1
+            report.redriven += action == "redrive"
+            report.dead_lettered_failed += action == "failed"
+            self._jobs.record_dead_letter(
+                DeadLetter(
+                    message_id=letter.message_id,
+                    sequence_number=letter.sequence_number,
+                    job_id=letter.job_id,
+                    generation=letter.generation,
+                    reason=letter.reason,
+                    description=letter.description,
+                    delivery_count=letter.delivery_count,
+                    enqueued_at=letter.enqueued_at,
+                    action=action,
+                )
+            )
+            self._inbox.complete(letter)
+
+    def _reconcile_letter(self, letter: Letter) -> str:
+        if letter.job_id is None or letter.generation is None:
+            return "none"
+        if letter.reason in REDRIVE_REASONS:
+            moved = self._jobs.redrive(letter.job_id, letter.generation)
+            if moved is None:
+                return "none"
+            self._send(moved, "redrive")
+            return "redrive"
+        code = FAIL_CODES.get(letter.reason or "")
+        if code is None:  # our own dead letters (RetriesExhausted, TimedOut...): the worker failed the job first
+            return "none"
+        text = f"message dead-lettered ({letter.reason}): {letter.description or 'no description'}"[:1000]
+        failed = self._jobs.dead_lettered(letter.job_id, letter.generation, code, text)
+        return "failed" if failed is not None else "none"
+
+    def _exhaust(self, job: Job, why: str) -> bool:
+        return self._jobs.exhaust(job.job_id, self._policy.max_attempts, why) is not None
+
+    def _image_stored(self, job: Job) -> bool:
+        try:
+            self._store.input_sha256(job.input_blob)
+        except InputMissing:
+            return False
+        return True
+
+    def _send(self, job: Job, action: str) -> None:
+        message = JobMessage.for_job(job)
+        extra = {"job_id": str(job.job_id), "message_id": message.message_id, "action": action}
+        self._publisher.send(message)
+        self._jobs.confirm_sent(job.job_id, job.generation)
+        log.warning("job %s handed over again (%s, generation %d)", job.job_id, action, job.generation, extra=extra)

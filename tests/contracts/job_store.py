@@ -1,0 +1,363 @@
+"""The JobStore contract: every event from every state, its guards, and its races.
+
+Subclass :class:`JobStoreContract` and provide a ``store`` fixture (real PostgreSQL in tests/integration, the
+in-memory fake in tests/unit). The expected outcomes are written out here, independently of
+:mod:`shared.lifecycle`'s table, so that a wrong table or a wrong guard fails.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from shared.jobs import IdempotencyConflict, Job, JobStatus, JobStore
+from shared.lifecycle import Event, target
+
+SHA_A = "a" * 64
+SHA_B = "b" * 64
+PARAMS: dict[str, Any] = {"bands": ["B04", "B08"], "scale": 10000.0, "analysis": "crop-health"}
+LEASE = timedelta(minutes=5)
+GONE = timedelta(seconds=-1)  # a lease that has already run out; an age every job has reached
+MAX = 5
+
+
+def create(store: JobStore, *, key: str | None = None, sha256: str = SHA_A) -> tuple[Job, bool]:
+    job_id = uuid.uuid4()
+    return store.create(
+        job_id=job_id, input_blob=f"{job_id}/input.tif", input_sha256=sha256, params=PARAMS, idempotency_key=key
+    )
+
+
+def claimed(store: JobStore, job: Job, *, lease: timedelta = LEASE, worker: str = "w1") -> Job:
+    moved = store.claim(job.job_id, worker_id=worker, lease=lease, max_attempts=MAX)
+    assert moved is not None
+    return moved
+
+
+# The fixture states every event is tried from.
+def _queued(store: JobStore) -> Job:
+    return create(store)[0]
+
+
+def _queued_sent(store: JobStore) -> Job:
+    job = create(store)[0]
+    moved = store.confirm_sent(job.job_id, job.generation)
+    assert moved is not None
+    return moved
+
+
+def _running(store: JobStore) -> Job:
+    return claimed(store, _queued_sent(store))
+
+
+def _running_expired(store: JobStore) -> Job:
+    return claimed(store, _queued_sent(store), lease=GONE)
+
+
+def _succeeded(store: JobStore) -> Job:
+    job = _running(store)
+    moved = store.succeed(job.job_id, job.attempts, {"x": 1})
+    assert moved is not None
+    return moved
+
+
+def _failed(store: JobStore) -> Job:
+    job = _running(store)
+    moved = store.fail(job.job_id, job.attempts, "invalid_image", "not a GeoTIFF")
+    assert moved is not None
+    return moved
+
+
+def _failed_enqueue(store: JobStore) -> Job:
+    job = create(store)[0]
+    moved = store.abort_submit(job.job_id, job.generation, "enqueue_failed", "could not store the image")
+    assert moved is not None
+    return moved
+
+
+def _cancelled(store: JobStore) -> Job:
+    job = _running(store)
+    moved = store.cancel(job.job_id)
+    assert moved is not None
+    return moved
+
+
+STATES: dict[str, Callable[[JobStore], Job]] = {
+    "queued": _queued,
+    "queued_sent": _queued_sent,
+    "running": _running,
+    "running_expired": _running_expired,
+    "succeeded": _succeeded,
+    "failed": _failed,
+    "failed_enqueue": _failed_enqueue,
+    "cancelled": _cancelled,
+}
+
+# Each event with the arguments of an actor whose view of the job is current (its generation, its attempt).
+CALLS: dict[Event, Callable[[JobStore, Job], Job | None]] = {
+    Event.CONFIRM_SENT: lambda s, j: s.confirm_sent(j.job_id, j.generation),
+    Event.ABORT_SUBMIT: lambda s, j: s.abort_submit(j.job_id, j.generation, "enqueue_failed", "no image"),
+    Event.RESUBMIT: lambda s, j: s.resubmit(j.job_id),
+    Event.CLAIM: lambda s, j: s.claim(j.job_id, worker_id="w2", lease=LEASE, max_attempts=MAX),
+    Event.RENEW_LEASE: lambda s, j: s.renew_lease(j.job_id, j.attempts, LEASE),
+    Event.SUCCEED: lambda s, j: s.succeed(j.job_id, j.attempts, {"y": 2}),
+    Event.FAIL: lambda s, j: s.fail(j.job_id, j.attempts, "timed_out", "too long"),
+    Event.RELEASE: lambda s, j: s.release(j.job_id, j.attempts),
+    Event.CANCEL: lambda s, j: s.cancel(j.job_id),
+    Event.RESEND: lambda s, j: s.resend(j.job_id, j.generation, GONE),
+    Event.EXPIRE: lambda s, j: s.expire(j.job_id, MAX),
+    Event.EXHAUST: lambda s, j: s.exhaust(j.job_id, 1, "no attempt left"),
+    Event.REDRIVE: lambda s, j: s.redrive(j.job_id, j.generation),
+    Event.DEAD_LETTERED: lambda s, j: s.dead_lettered(j.job_id, j.generation, "message_expired", "expired"),
+}
+
+# Where each event moves a job, from the fixture states it is allowed in (absent: it changes nothing).
+EXPECTED: dict[Event, dict[str, JobStatus]] = {
+    Event.CONFIRM_SENT: {"queued": JobStatus.QUEUED},
+    Event.ABORT_SUBMIT: {"queued": JobStatus.FAILED},
+    Event.RESUBMIT: {"failed_enqueue": JobStatus.QUEUED},
+    Event.CLAIM: {"queued": JobStatus.RUNNING, "queued_sent": JobStatus.RUNNING, "running_expired": JobStatus.RUNNING},
+    Event.RENEW_LEASE: {"running": JobStatus.RUNNING, "running_expired": JobStatus.RUNNING},
+    Event.SUCCEED: {"running": JobStatus.SUCCEEDED, "running_expired": JobStatus.SUCCEEDED},
+    Event.FAIL: {"running": JobStatus.FAILED, "running_expired": JobStatus.FAILED},
+    Event.RELEASE: {"running": JobStatus.QUEUED, "running_expired": JobStatus.QUEUED},
+    Event.CANCEL: {s: JobStatus.CANCELLED for s in ("queued", "queued_sent", "running", "running_expired")},
+    Event.RESEND: {"queued": JobStatus.QUEUED},
+    Event.EXPIRE: {"running_expired": JobStatus.QUEUED},
+    Event.EXHAUST: {"running_expired": JobStatus.FAILED},
+    Event.REDRIVE: {"queued": JobStatus.QUEUED, "queued_sent": JobStatus.QUEUED},
+    Event.DEAD_LETTERED: {"queued": JobStatus.FAILED, "queued_sent": JobStatus.FAILED},
+}
+
+
+class JobStoreContract:
+    # Creating and reading
+
+    def test_create_returns_a_queued_job_with_an_unconfirmed_first_generation(self, store: JobStore) -> None:
+        job, created = create(store)
+        assert created
+        assert (job.status, job.generation, job.sent_at, job.attempts) == (JobStatus.QUEUED, 1, None, 0)
+        assert (job.params, job.result, job.error_code, job.lease_until) == (PARAMS, None, None, None)
+        assert job.created_at.tzinfo is not None
+        assert store.get(job.job_id) == job
+
+    def test_get_unknown_is_none(self, store: JobStore) -> None:
+        assert store.get(uuid.uuid4()) is None
+
+    def test_same_key_same_bytes_is_the_existing_job(self, store: JobStore) -> None:
+        first, created = create(store, key="k-1")
+        again, created_again = create(store, key="k-1")
+        assert (created, created_again) == (True, False)
+        assert again == first
+
+    def test_same_key_other_bytes_conflicts(self, store: JobStore) -> None:
+        first, _ = create(store, key="k-2")
+        with pytest.raises(IdempotencyConflict) as e:
+            create(store, key="k-2", sha256=SHA_B)
+        assert e.value.existing.job_id == first.job_id
+
+    def test_jobs_without_a_key_never_collide(self, store: JobStore) -> None:
+        a, _ = create(store)
+        b, _ = create(store)
+        assert a.job_id != b.job_id
+
+    def test_ping(self, store: JobStore) -> None:
+        store.ping()
+
+    # Every event from every state
+
+    @pytest.mark.parametrize("state", sorted(STATES))
+    @pytest.mark.parametrize("event", list(Event), ids=str)
+    def test_event_from_state(self, store: JobStore, event: Event, state: str) -> None:
+        job = STATES[state](store)
+        before = store.get(job.job_id)
+        moved = CALLS[event](store, job)
+        expected = EXPECTED[event].get(state)
+        if expected is None:
+            assert moved is None
+            assert store.get(job.job_id) == before, "a refused event changes nothing"
+        else:
+            assert moved is not None
+            assert moved.status is expected
+            assert store.get(job.job_id) == moved
+            assert moved.updated_at >= job.updated_at
+
+    @pytest.mark.parametrize("event", list(Event), ids=str)
+    def test_the_table_allows_what_the_store_does(self, event: Event) -> None:
+        """Consistency of lifecycle.target with the outcomes above (a guard may refuse more, never allow more)."""
+        for state, expected in EXPECTED[event].items():
+            assert target(STATES_STATUS[state], event) is expected
+
+    @pytest.mark.parametrize("event", list(Event), ids=str)
+    def test_unknown_job_moves_nowhere(self, store: JobStore, event: Event) -> None:
+        ghost = _queued(store).model_copy(update={"job_id": uuid.uuid4()})
+        assert CALLS[event](store, ghost) is None
+
+    # Guards: a stale view moves nothing
+
+    @pytest.mark.parametrize("event", [Event.RENEW_LEASE, Event.SUCCEED, Event.FAIL, Event.RELEASE], ids=str)
+    def test_a_stale_attempt_is_fenced_off(self, store: JobStore, event: Event) -> None:
+        first = _running_expired(store)
+        second = claimed(store, first, worker="w2")  # the lease ran out: another worker took over
+        assert second.attempts == first.attempts + 1
+        assert CALLS[event](store, first) is None
+        assert store.get(first.job_id) == second
+
+    @pytest.mark.parametrize(
+        "event", [Event.CONFIRM_SENT, Event.ABORT_SUBMIT, Event.RESEND, Event.REDRIVE, Event.DEAD_LETTERED], ids=str
+    )
+    def test_an_old_generation_is_fenced_off(self, store: JobStore, event: Event) -> None:
+        job = _queued(store)
+        newer = store.resend(job.job_id, job.generation, GONE)
+        assert newer is not None
+        assert newer.generation == job.generation + 1
+        assert CALLS[event](store, job) is None
+        assert store.get(job.job_id) == newer
+
+    def test_claim_of_a_live_lease_is_refused(self, store: JobStore) -> None:
+        job = _running(store)
+        assert store.claim(job.job_id, worker_id="w2", lease=LEASE, max_attempts=MAX) is None
+        assert store.expire(job.job_id, MAX) is None
+        assert store.exhaust(job.job_id, 1, "x") is None
+
+    def test_claim_counts_attempts_up_to_the_limit(self, store: JobStore) -> None:
+        job = _queued(store)
+        for attempt in range(1, 4):
+            running = store.claim(job.job_id, worker_id="w", lease=GONE, max_attempts=3)
+            assert running is not None
+            assert (running.attempts, running.worker_id) == (attempt, "w")
+        assert store.claim(job.job_id, worker_id="w", lease=GONE, max_attempts=3) is None
+        assert store.expire(job.job_id, 3) is None
+        exhausted = store.exhaust(job.job_id, 3, "3 attempts")
+        assert exhausted is not None
+        assert (exhausted.status, exhausted.error_code, exhausted.lease_until) == (
+            JobStatus.FAILED, "retries_exhausted", None,
+        )  # fmt: skip
+
+    def test_claim_confirms_the_send(self, store: JobStore) -> None:
+        job = _queued(store)
+        running = claimed(store, job)
+        assert running.sent_at is not None
+        assert running.lease_until is not None
+        assert running.started_at is not None
+
+    def test_succeed_stores_the_result_of_its_attempt(self, store: JobStore) -> None:
+        job = _running(store)
+        done = store.succeed(job.job_id, job.attempts, {"valid_fraction": 0.5})
+        assert done is not None
+        assert (done.status, done.result, done.lease_until) == (JobStatus.SUCCEEDED, {"valid_fraction": 0.5}, None)
+        assert done.finished_at is not None
+        assert store.succeed(job.job_id, job.attempts, {"valid_fraction": 0.9}) is None
+        assert store.get(job.job_id) == done
+
+    def test_release_hands_over_a_new_generation(self, store: JobStore) -> None:
+        job = _running(store)
+        released = store.release(job.job_id, job.attempts)
+        assert released is not None
+        assert (released.status, released.generation, released.sent_at, released.lease_until) == (
+            JobStatus.QUEUED, job.generation + 1, None, None,
+        )  # fmt: skip
+        assert released.attempts == job.attempts  # the count stays: attempt numbers never repeat
+        again = claimed(store, released)
+        assert again.attempts == job.attempts + 1
+
+    def test_resend_waits_for_the_age(self, store: JobStore) -> None:
+        job = _queued(store)
+        assert store.resend(job.job_id, job.generation, timedelta(hours=1)) is None
+        assert store.unsent(timedelta(hours=1), 10) == []
+        assert [j.job_id for j in store.unsent(GONE, 10)] == [job.job_id]
+
+    def test_abort_submit_only_before_any_attempt(self, store: JobStore) -> None:
+        job = _queued(store)
+        running = store.claim(job.job_id, worker_id="w", lease=LEASE, max_attempts=MAX)
+        assert running is not None
+        released = store.release(running.job_id, running.attempts)
+        assert released is not None
+        assert store.abort_submit(released.job_id, released.generation, "enqueue_failed", "x") is None
+
+    def test_resubmit_clears_the_error(self, store: JobStore) -> None:
+        job = _failed_enqueue(store)
+        again = store.resubmit(job.job_id)
+        assert again is not None
+        assert (again.status, again.error_code, again.error_message, again.generation) == (
+            JobStatus.QUEUED, None, None, job.generation + 1,
+        )  # fmt: skip
+        assert store.resubmit(job.job_id) is None
+
+    def test_resubmit_of_a_job_failed_otherwise_is_refused(self, store: JobStore) -> None:
+        job = _failed(store)
+        assert store.resubmit(job.job_id) is None
+
+    # Reconciler queries
+
+    def test_expired_and_stranded_queries(self, store: JobStore) -> None:
+        live = _running(store)
+        dead = _running_expired(store)
+        assert [j.job_id for j in store.expired(10)] == [dead.job_id]
+        assert live.job_id not in {j.job_id for j in store.stranded(1, 10)}
+        released = store.release(live.job_id, live.attempts)
+        assert released is not None
+        assert [j.job_id for j in store.stranded(1, 10)] == [live.job_id]
+        assert store.stranded(2, 10) == []
+
+    # Races: of two concurrent callers exactly one moves the job
+
+    @pytest.mark.parametrize(
+        ("state", "event"),
+        [("queued", Event.CLAIM), ("running_expired", Event.CLAIM), ("failed_enqueue", Event.RESUBMIT),
+         ("queued", Event.RESEND), ("running_expired", Event.EXPIRE), ("queued", Event.REDRIVE)],
+        ids=str,
+    )  # fmt: skip
+    def test_one_winner(self, store: JobStore, state: str, event: Event) -> None:
+        for _ in range(5):
+            job = STATES[state](store)
+            with ThreadPoolExecutor(8) as pool:
+                outcomes = list(pool.map(CALLS[event], [store] * 8, [job] * 8))
+            assert sum(o is not None for o in outcomes) == 1
+
+    def test_claims_racing_expire_start_one_attempt(self, store: JobStore) -> None:
+        """The reconciler re-queues an expired attempt while two redeliveries claim: one new attempt, never two."""
+        for _ in range(5):
+            job = _running_expired(store)
+            with ThreadPoolExecutor(3) as pool:
+                claims = [pool.submit(CALLS[Event.CLAIM], store, job) for _ in range(2)]
+                expire = pool.submit(CALLS[Event.EXPIRE], store, job)
+                won = [c.result() for c in claims if c.result() is not None]
+                expired = expire.result()
+            assert len(won) <= 1
+            final = store.get(job.job_id)
+            assert final is not None
+            if won:
+                assert (final.status, final.attempts) == (JobStatus.RUNNING, job.attempts + 1)
+            else:
+                assert expired is not None
+                assert (final.status, final.attempts) == (JobStatus.QUEUED, job.attempts)
+
+    def test_succeed_racing_cancel(self, store: JobStore) -> None:
+        for _ in range(5):
+            job = _running(store)
+            with ThreadPoolExecutor(2) as pool:
+                done = pool.submit(CALLS[Event.SUCCEED], store, job)
+                cancel = pool.submit(CALLS[Event.CANCEL], store, job)
+                outcomes = [done.result(), cancel.result()]
+            assert sum(o is not None for o in outcomes) == 1
+            final = store.get(job.job_id)
+            assert final is not None
+            assert (final.result is not None) == (final.status is JobStatus.SUCCEEDED)
+
+
+STATES_STATUS: dict[str, JobStatus] = {
+    "queued": JobStatus.QUEUED,
+    "queued_sent": JobStatus.QUEUED,
+    "running": JobStatus.RUNNING,
+    "running_expired": JobStatus.RUNNING,
+    "succeeded": JobStatus.SUCCEEDED,
+    "failed": JobStatus.FAILED,
+    "failed_enqueue": JobStatus.FAILED,
+    "cancelled": JobStatus.CANCELLED,
+}
