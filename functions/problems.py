@@ -46,6 +46,14 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "internal_error": (500, "Internal error"),
 }
 SERVICE_UNAVAILABLE = (503, "Service temporarily unavailable")  # every TransientError code: enqueue_failed, ...
+# What a 503 says, by code: fixed texts, never the error's own message (it names drivers, exceptions, hosts).
+UNAVAILABLE_DETAILS = {
+    "enqueue_failed": "the image could not be stored; submit it again (the same Idempotency-Key may be reused)",
+    "database_unavailable": "the job database is unavailable at the moment; retry after the Retry-After delay",
+    "storage_unavailable": "image storage is unavailable at the moment; retry after the Retry-After delay",
+    "bus_unavailable": "the job queue is unavailable at the moment; retry after the Retry-After delay",
+}
+UNAVAILABLE_DEFAULT = "the service is unavailable at the moment; retry after the Retry-After delay"
 
 Handler = Callable[[func.HttpRequest], func.HttpResponse]
 
@@ -78,7 +86,8 @@ def guarded(retry_after: Callable[[], int]) -> Callable[[Handler], Handler]:
                 log.warning("%s: %s", e.code, e.message, extra={"action": "unavailable", "code": e.code})
                 extra = {"job_id": str(job_id)} if (job_id := getattr(e, "job_id", None)) else {}
                 headers = {"Retry-After": str(retry_after())}
-                return problem(e.code, e.message, status=503, headers=headers, **extra)
+                detail = UNAVAILABLE_DETAILS.get(e.code, UNAVAILABLE_DEFAULT)
+                return problem(e.code, detail, status=503, headers=headers, **extra)
             except Exception:
                 log.exception("unhandled error in %s", handler.__name__, extra={"action": "internal_error"})
                 return problem("internal_error", "an unexpected error occurred; it has been logged")

@@ -24,6 +24,7 @@ from local.ports import LOOPBACK, ensure_free, free_port, is_listening
 from local.postgres import PostgresError, reachable_data_dir, start_postgres
 from local.processes import Service, adopt, spawn, wait_ready
 from local.servicebus_emulator.process import connection_string
+from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ def service_env(
         FUNCTIONS_WORKER_RUNTIME="python",
         PYTHONUNBUFFERED="1",
     )
+    # The reconciler's timer resolves %RECONCILE_SCHEDULE% from the app settings, as in Azure (Bicep sets it there).
+    env.setdefault("RECONCILE_SCHEDULE", str(Settings.model_fields["reconcile_schedule"].default))
     env.update(extra)
     return env
 

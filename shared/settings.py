@@ -62,7 +62,6 @@ class Settings(BaseModel):
     storage_retry_total: int = Field(3, alias="STORAGE_RETRY_TOTAL")
 
     # Worker
-    worker_max_message_count: int = Field(1, alias="WORKER_MAX_MESSAGE_COUNT", ge=1)
     worker_max_wait_time: float = Field(5.0, alias="WORKER_MAX_WAIT_TIME")
     worker_shutdown_grace: float = Field(30.0, alias="WORKER_SHUTDOWN_GRACE")
     worker_device: str = Field("auto", alias="WORKER_DEVICE")  # auto | cpu | cuda | cuda:N

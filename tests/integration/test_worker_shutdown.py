@@ -92,9 +92,9 @@ def start_worker(stack: WorkerStack, tmp_path: Path) -> Iterator[Callable[..., W
             worker.process.wait()
 
 
-def _processing(stack: WorkerStack, job_id: UUID, worker: Worker) -> None:
-    job = stack.wait_for(job_id, "processing", "succeeded", "failed")
-    assert job.status is JobStatus.PROCESSING, worker.output()
+def _running(stack: WorkerStack, job_id: UUID, worker: Worker) -> None:
+    job = stack.wait_for(job_id, "running", "succeeded", "failed")
+    assert job.status is JobStatus.RUNNING, worker.output()
 
 
 def test_sigterm_lets_the_job_in_hand_finish_and_exits_0(
@@ -102,7 +102,7 @@ def test_sigterm_lets_the_job_in_hand_finish_and_exits_0(
 ) -> None:
     job_id = stack.submit(FIELDS.read_bytes())
     worker = start_worker(seconds=4, grace=60)
-    _processing(stack, job_id, worker)
+    _running(stack, job_id, worker)
     assert worker.healthcheck() == 0  # busy, and the heartbeat says so
     worker.signal()
     assert worker.wait() == 0, worker.output()
@@ -114,12 +114,12 @@ def test_sigterm_lets_the_job_in_hand_finish_and_exits_0(
 
 
 @pytest.mark.parametrize("how", ["grace period over", "second signal"])
-def test_a_job_that_cannot_finish_in_time_is_abandoned_and_the_worker_exits_0(
+def test_a_job_that_cannot_finish_in_time_is_released_and_handed_over_without_spending_a_delivery(
     stack: WorkerStack, start_worker: Callable[..., Worker], how: str
 ) -> None:
     job_id = stack.submit(FIELDS.read_bytes())
     worker = start_worker(seconds=300, grace=1 if how == "grace period over" else 300)
-    _processing(stack, job_id, worker)
+    _running(stack, job_id, worker)
     worker.signal()
     if how == "second signal":
         worker.wait_for_output("draining")
@@ -127,34 +127,47 @@ def test_a_job_that_cannot_finish_in_time_is_abandoned_and_the_worker_exits_0(
     assert worker.wait() == 0, worker.output()
     assert "shutdown forced" in worker.output()
     [message] = stack.queued()
-    assert message.delivery_count == 1  # abandoned: available again at once for another worker
+    # Released, the next generation sent at once for another worker, the interrupted delivery completed.
+    assert (message.message_id, message.delivery_count) == (f"{job_id}:2", 0)
     job = stack.job(job_id)
-    assert (job.status, job.attempts) == (JobStatus.PROCESSING, 1)
+    assert (job.status, job.attempts, job.generation) == (JobStatus.QUEUED, 1, 2)
+    assert job.sent_at is not None
 
 
-def test_messages_of_the_batch_not_started_are_abandoned(
+def test_max_jobs_exits_0_by_itself(stack: WorkerStack, start_worker: Callable[..., Worker]) -> None:
+    jobs = [stack.submit(FIELDS.read_bytes()) for _ in range(3)]
+    worker = start_worker(seconds=0, grace=60, args=("--max-jobs", "2"))
+    assert worker.wait() == 0, worker.output()
+    done = sorted(stack.job(job_id).status.value for job_id in jobs)
+    assert done == ["queued", "succeeded", "succeeded"], worker.output()
+
+
+def test_a_job_past_its_time_limit_is_stopped_and_failed_timed_out(
     stack: WorkerStack, start_worker: Callable[..., Worker]
 ) -> None:
-    first, second = stack.submit(FIELDS.read_bytes()), stack.submit(FIELDS.read_bytes())
-    worker = start_worker(seconds=4, grace=60, WORKER_MAX_MESSAGE_COUNT="2")
-    job = stack.wait_for(first, "processing")
-    assert job.status is JobStatus.PROCESSING, worker.output()
-    worker.signal()
+    job_id = stack.submit(FIELDS.read_bytes())
+    worker = start_worker(seconds=300, grace=30, args=("--max-jobs", "1"), JOB_TIMEOUT="PT3S", JOB_LEASE="PT1S")
     assert worker.wait() == 0, worker.output()
-    assert stack.job(first).status is JobStatus.SUCCEEDED
-    assert stack.job(second).status is JobStatus.QUEUED
-    [message] = stack.queued()
-    assert (message.message_id, message.delivery_count) == (str(second), 1), worker.output()
-    assert "not started before shutdown" in worker.output()
+    job = stack.job(job_id)
+    assert (job.status, job.error_code, job.attempts) == (JobStatus.FAILED, "timed_out", 1), worker.output()
+    [dead] = stack.dead_letters()
+    assert (dead.message_id, dead.dead_letter_reason) == (f"{job_id}:1", "TimedOut")
+    assert stack.queued() == []
 
 
-@pytest.mark.parametrize("args", [("--max-jobs", "2"), ("--once",)])
-def test_max_jobs_and_once_exit_0_by_themselves(
-    stack: WorkerStack, start_worker: Callable[..., Worker], args: tuple[str, ...]
+def test_a_job_that_ignores_its_interruption_makes_the_worker_exit_for_a_restart(
+    stack: WorkerStack, start_worker: Callable[..., Worker]
 ) -> None:
-    jobs = [stack.submit(FIELDS.read_bytes()) for _ in range(2)]
-    worker = start_worker(seconds=0, grace=60, args=args, WORKER_MAX_MESSAGE_COUNT="1")
-    assert worker.wait() == 0, worker.output()
-    done = [stack.job(job_id).status for job_id in jobs]
-    expected = 2 if args[0] == "--max-jobs" else 1  # --once: one batch of WORKER_MAX_MESSAGE_COUNT messages
-    assert done == [JobStatus.SUCCEEDED] * expected + [JobStatus.QUEUED] * (2 - expected), worker.output()
+    """A call that never returns to Python cannot be interrupted: past the time limit and the grace, the process
+    exits 75 for its supervisor to restart; the healthcheck says unhealthy while the job overruns."""
+    job_id = stack.submit(FIELDS.read_bytes())
+    worker = start_worker(
+        seconds=300, grace=4, JOB_TIMEOUT="PT3S", JOB_LEASE="PT1S", WORKER_HEARTBEAT_MAX_AGE="1",
+        SLOW_ANALYZER_STUBBORN="1",
+    )  # fmt: skip
+    _running(stack, job_id, worker)
+    worker.wait_for_output("ran past the time limit", timeout=30)
+    assert worker.healthcheck() == 1, worker.output()  # overrunning: unhealthy
+    assert worker.wait() == 75, worker.output()
+    job = stack.job(job_id)
+    assert (job.status, job.error_code) == (JobStatus.FAILED, "timed_out"), worker.output()

@@ -40,15 +40,23 @@ RGBN = ["B02", "B03", "B04", "B08"]
 
 
 class SlowAnalyzer:
-    """Sleeps (the GIL is free meanwhile, as in torch's kernels), then returns a small result."""
+    """Sleeps (the GIL is free meanwhile, as in torch's kernels), then returns a small result. ``stubborn``: a call
+    that swallows every interruption (as a call that never returns to Python would)."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, *, stubborn: bool = False) -> None:
         self.seconds = seconds
+        self.stubborn = stubborn
         self.calls = 0
 
     def analyse(self, image_path: Path, request: AnalysisRequest, workdir: Path) -> AnalysisOutput:
         self.calls += 1
-        time.sleep(self.seconds)
+        deadline = time.monotonic() + self.seconds
+        while time.monotonic() < deadline:
+            try:
+                time.sleep(max(deadline - time.monotonic(), 0))
+            except BaseException:
+                if not self.stubborn:
+                    raise
         return AnalysisOutput(result={"analysis": request.analysis, "slept": self.seconds})
 
 
@@ -198,4 +206,6 @@ def stack_factory(
 if __name__ == "__main__":
     from gpu_worker.__main__ import main
 
-    sys.exit(main(sys.argv[1:], analyzer=SlowAnalyzer(float(os.environ.get("SLOW_ANALYZER_SECONDS", "5")))))
+    seconds = float(os.environ.get("SLOW_ANALYZER_SECONDS", "5"))
+    stubborn = os.environ.get("SLOW_ANALYZER_STUBBORN") == "1"
+    sys.exit(main(sys.argv[1:], analyzer=SlowAnalyzer(seconds, stubborn=stubborn)))
