@@ -31,7 +31,9 @@ SERVICE_ENV = {
     "RETRY_AFTER_SECONDS": "1",
     "WORKER_SHUTDOWN_GRACE": "30",
     "WORKER_MAX_WAIT_TIME": "1",
-    "WORKER_DEADLETTER_POLL_INTERVAL": "2",
+    "RECONCILE_SCHEDULE": "*/2 * * * * *",  # every 2 s: the tests wait for the timer Function
+    "RECONCILE_RESEND_AFTER": "PT3S",
+    "JOB_LEASE": "PT6S",  # a killed worker's attempt is taken over within seconds
 }
 
 

@@ -40,19 +40,19 @@ def large_scene(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return path.read_bytes()
 
 
-def _submit_and_wait_until_processing(api: httpx.Client, data: bytes) -> str:
+def _submit_and_wait_until_running(api: httpx.Client, data: bytes) -> str:
     response = submit(api, data)
     assert response.status_code == 202, response.text
     location = response.headers["Location"]
-    body = wait_status(api, location, "processing")
-    assert body["status"] == "processing", f"the job was not seen in flight: {body}"
+    body = wait_status(api, location, "running")
+    assert body["status"] == "running", f"the job was not seen in flight: {body}"
     return location
 
 
 def test_sigterm_drains_the_job_in_flight(stack: Stack, api: httpx.Client, large_scene: bytes) -> None:
     stack.stop_workers()
     worker = stack.start_worker()
-    location = _submit_and_wait_until_processing(api, large_scene)
+    location = _submit_and_wait_until_running(api, large_scene)
     os.kill(worker.pid, signal.SIGTERM)
     deadline = time.monotonic() + worker.grace
     while is_alive(worker.pid) and time.monotonic() < deadline:
@@ -69,7 +69,7 @@ def test_sigkill_mid_job_lock_expires_and_another_worker_finishes(
 ) -> None:
     stack.stop_workers()
     first = stack.start_worker()
-    location = _submit_and_wait_until_processing(api, large_scene)
+    location = _submit_and_wait_until_running(api, large_scene)
     stack.kill(first)
     stack.start_worker()
     final = poll(api, location, timeout=90)
