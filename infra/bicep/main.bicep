@@ -25,7 +25,8 @@ param resourceGroupName string = 'rg-cropai-${environmentName}'
 param tags object = {}
 
 // ---------------------------------------------------------------------------------------------------- queue
-// Defaults must equal shared/settings.py QueueProperties and local/servicebus.config.json (tests/infra checks it).
+// Defaults must equal local/servicebus.config.json (tests/infra/test_settings_alignment.py holds the expected values).
+// The app reads none of them: attempts are bounded by jobMaxAttempts (JOB_MAX_ATTEMPTS), not by the delivery count.
 @description('Service Bus tier: Standard or Premium.')
 @allowed([
   'Standard'
@@ -42,7 +43,8 @@ param queueName string = 'jobs'
 @description('Peek-lock duration of the jobs queue (ISO 8601).')
 param queueLockDuration string = 'PT1M'
 
-@description('Deliveries before a message is dead-lettered (MaxDeliveryCountExceeded).')
+@description('Deliveries before a message is dead-lettered (MaxDeliveryCountExceeded; the reconciler re-drives a queued job).')
+@minValue(1)
 param queueMaxDeliveryCount int = 5
 
 @description('Dead-letter expired messages (TTLExpiredException) instead of dropping them.')
@@ -148,9 +150,6 @@ param gpuSshPublicKey string
 @description('Seconds a worker has to drain after SIGTERM or a Preempt notice (WORKER_SHUTDOWN_GRACE).')
 param workerShutdownGraceSeconds int = 25
 
-@description('Messages a worker receives per batch (WORKER_MAX_MESSAGE_COUNT).')
-param workerMaxMessageCount int = 4
-
 @description('Fewest worker VMs (0 = scale to zero when idle).')
 param workerMinInstances int = 0
 
@@ -168,6 +167,35 @@ param scaleOutCooldown string = 'PT10M'
 
 @description('Cool-down after a scale-in (ISO 8601).')
 param scaleInCooldown string = 'PT10M'
+
+// ---------------------------------------------------------------------------------------------------- job lifecycle
+// docs/lifecycle.md. Defaults equal shared/settings.py's (tests/infra checks it). The worker renews a message's
+// lock for JOB_TIMEOUT + WORKER_SHUTDOWN_GRACE + JOB_LEASE (computed in code), so there is no lock setting here.
+@description('Attempts (claims) a job gets before it fails retries_exhausted (JOB_MAX_ATTEMPTS); the worker and the reconciler both read it.')
+@minValue(1)
+param jobMaxAttempts int = 5
+
+@description('Lease of a running attempt, renewed every third of it by the worker (JOB_LEASE, ISO 8601); shorter than jobTimeout.')
+param jobLease string = 'PT2M'
+
+@description('Time limit of one attempt, after which the worker fails it timed_out (JOB_TIMEOUT, ISO 8601).')
+param jobTimeout string = 'PT1H'
+
+@description('Delay before the second attempt after a transient error, doubled per attempt (RETRY_BACKOFF, ISO 8601).')
+param retryBackoff string = 'PT10S'
+
+@description('Longest delay between two attempts (RETRY_BACKOFF_MAX, ISO 8601).')
+param retryBackoffMax string = 'PT5M'
+
+@description('NCRONTAB schedule of the reconciler Function (RECONCILE_SCHEDULE): {second} {minute} {hour} {day} {month} {day-of-week}, UTC.')
+param reconcileSchedule string = '0 */1 * * * *'
+
+@description('How long a queued job\'s send may stay unconfirmed before the reconciler sends it again (RECONCILE_RESEND_AFTER, ISO 8601).')
+param reconcileResendAfter string = 'PT2M'
+
+@description('Jobs (and dead letters) the reconciler handles per step and run (RECONCILE_BATCH).')
+@minValue(1)
+param reconcileBatch int = 100
 
 // ---------------------------------------------------------------------------------------------------- alerts
 @description('Resource id of an existing action group for the alerts; empty to use alertEmail.')
@@ -352,7 +380,10 @@ module functionApp 'modules/functionapp.bicep' = {
     serviceName: otelServiceName
     maximumInstanceCount: functionMaximumInstanceCount
     instanceMemoryMB: functionInstanceMemoryMB
-    queueMaxDeliveryCount: queueMaxDeliveryCount
+    jobMaxAttempts: jobMaxAttempts
+    reconcileSchedule: reconcileSchedule
+    reconcileResendAfter: reconcileResendAfter
+    reconcileBatch: reconcileBatch
   }
   dependsOn: [
     roles
@@ -387,9 +418,12 @@ module gpuWorkers 'modules/gpu-vmss.bicep' = {
     postgresDatabase: postgres.outputs.databaseName
     appInsightsConnectionString: monitoring.outputs.connectionString
     serviceName: otelServiceName
-    maxMessageCount: workerMaxMessageCount
     shutdownGraceSeconds: workerShutdownGraceSeconds
-    queueMaxDeliveryCount: queueMaxDeliveryCount
+    jobMaxAttempts: jobMaxAttempts
+    jobLease: jobLease
+    jobTimeout: jobTimeout
+    retryBackoff: retryBackoff
+    retryBackoffMax: retryBackoffMax
   }
   dependsOn: [
     roles

@@ -8,7 +8,7 @@ param location = readEnvironmentVariable('AZURE_LOCATION', 'westeurope')
 param gpuSshPublicKey = readEnvironmentVariable('GPU_SSH_PUBLIC_KEY')
 param alertEmail = readEnvironmentVariable('ALERT_EMAIL', '')
 
-// The jobs queue: the same values as shared/settings.py QueueProperties and local/servicebus.config.json.
+// The jobs queue: the same values as local/servicebus.config.json (tests/infra/test_settings_alignment.py checks it).
 param queueName = 'jobs'
 param queueLockDuration = 'PT1M'
 param queueMaxDeliveryCount = 5

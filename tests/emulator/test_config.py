@@ -1,14 +1,25 @@
-"""Config.json parsing: ISO-8601 durations, defaults, and the repository's file agreeing with shared settings."""
+"""Config.json parsing: ISO-8601 durations, defaults, and the repository's file declaring the jobs queue we deploy."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import timedelta
 
 import pytest
 
 from local.servicebus_emulator.config import ConfigError, load_config, parse_config, parse_duration
-from shared.settings import QueueProperties
 from tests.fixtures.servicebus import REPO_CONFIG
+
+# The jobs queue as infra/bicep deploys it (tests/infra/test_settings_alignment.py checks Bicep against the same file).
+JOBS_QUEUE = {
+    "name": "jobs",
+    "lock_duration": timedelta(minutes=1),
+    "max_delivery_count": 5,
+    "default_message_time_to_live": timedelta(days=1),
+    "dead_lettering_on_message_expiration": True,
+    "requires_duplicate_detection": True,
+    "duplicate_detection_history_time_window": timedelta(minutes=10),
+}
 
 
 @pytest.mark.parametrize(
@@ -31,16 +42,9 @@ def test_parse_duration_rejects(text: str) -> None:
         parse_duration(text)
 
 
-def test_repository_config_matches_shared_queue_properties() -> None:
+def test_repository_config_declares_the_deployed_jobs_queue() -> None:
     (queue,) = load_config(REPO_CONFIG).queues
-    expected = QueueProperties()
-    assert queue.name == "jobs"
-    assert queue.lock_duration == expected.lock_duration
-    assert queue.max_delivery_count == expected.max_delivery_count
-    assert queue.default_message_time_to_live == expected.default_message_time_to_live
-    assert queue.dead_lettering_on_message_expiration == expected.dead_lettering_on_message_expiration
-    assert queue.requires_duplicate_detection == expected.requires_duplicate_detection
-    assert queue.duplicate_detection_history_time_window == expected.duplicate_detection_history_time_window
+    assert asdict(queue) == JOBS_QUEUE
 
 
 def test_defaults_when_properties_are_omitted() -> None:

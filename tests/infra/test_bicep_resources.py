@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import TypeAdapter
 
 from tests.infra import bicep_tree as bt
 from tests.infra.bicep_tree import Expr, dig
@@ -201,6 +203,18 @@ def test_cloud_init_runs_the_worker_image_on_the_gpus() -> None:
     assert "base64(string(workerEnvironment))" in vmss_source
 
 
+def test_the_health_endpoint_answers_in_rich_health_states() -> None:
+    """typeHandlerVersion 2.0 reads the state from a 2xx body; any other answer is Unknown (repaired as unhealthy)."""
+    profile = one("gpu-vmss", "Microsoft.Compute/virtualMachineScaleSets")["properties"]["virtualMachineProfile"]
+    (health,) = [
+        e["properties"] for e in dig(profile, "extensionProfile", "extensions") if e["name"] == "HealthExtension"
+    ]
+    assert health["typeHandlerVersion"] == "2.0"
+    text = (bt.MODULES_DIR / "gpu-worker.cloud-init.yaml").read_text()
+    assert '{"ApplicationHealthState": "Healthy" if healthy else "Unhealthy"}' in text
+    assert "self.send_response(200)" in text
+
+
 def test_autoscale_follows_the_queue_backlog() -> None:
     autoscale = one("autoscale", "Microsoft.Insights/autoscalesettings")["properties"]
     assert autoscale["targetResourceUri"] == Expr("vmssId")
@@ -259,11 +273,12 @@ def test_least_privilege_role_assignments() -> None:
         granted.add((who, ROLE_NAMES[constants[role_key.group(1)]], assignment.value["scope"].text))
         assert props["principalType"] == "ServicePrincipal"
     assert granted == {
-        ("api", "Azure Service Bus Data Sender", "queue"),
+        ("api", "Azure Service Bus Data Sender", "queue"),  # submit, and the reconciler's re-sends
+        ("api", "Azure Service Bus Data Receiver", "queue"),  # the reconciler drains the dead-letter sub-queue
         ("api", "Storage Blob Data Contributor", "storage"),
         ("api", "Monitoring Metrics Publisher", "appInsights"),
         ("worker", "Azure Service Bus Data Receiver", "queue"),
-        ("worker", "Azure Service Bus Data Sender", "queue"),  # the orphan sweeper
+        ("worker", "Azure Service Bus Data Sender", "queue"),  # retries: the next generation, scheduled
         ("worker", "Storage Blob Data Reader", "imagesContainer"),
         ("worker", "Storage Blob Data Contributor", "resultsContainer"),
         ("worker", "AcrPull", "registry"),
@@ -280,12 +295,32 @@ def test_alerts() -> None:
         (criterion,) = props["criteria"]["allOf"]
         criteria[criterion["metricName"]] = criterion
     assert set(criteria) == {"DeadletteredMessages", "ActiveMessages", "exceptions/count"}
-    assert criteria["DeadletteredMessages"]["operator"] == "GreaterThan"
-    assert criteria["DeadletteredMessages"]["threshold"] == 0
     assert criteria["ActiveMessages"]["threshold"] == Expr("backlogThreshold")
     assert criteria["exceptions/count"]["dimensions"][0]["values"] == [Expr("workerRoleName")]
     assert "actionGroupId" in alerts.params
     assert bt.main().modules["alerts"].value["params"]["actionGroupId"] == Expr("actionGroupId")
+
+
+def test_the_dead_letter_alert_fires_only_on_a_queue_the_reconciler_does_not_drain() -> None:
+    """The reconciler empties the dead-letter queue every minute, so a letter is routine; a queue that is never
+    empty (its minimum above 0) for 15 minutes is not."""
+    (alert,) = [
+        a.value["properties"]
+        for a in bt.module("alerts").resources_of_type("Microsoft.Insights/metricAlerts")
+        if a.value["properties"]["criteria"]["allOf"][0]["metricName"] == "DeadletteredMessages"
+    ]
+    (criterion,) = alert["criteria"]["allOf"]
+    assert (criterion["timeAggregation"], criterion["operator"], criterion["threshold"]) == (
+        "Minimum",
+        "GreaterThan",
+        0,
+    )
+    assert criterion["dimensions"] == [{"name": "EntityName", "operator": "Include", "values": [Expr("queueName")]}]
+    reconcile_every = timedelta(minutes=1)  # RECONCILE_SCHEDULE's default, "0 */1 * * * *"
+    assert bt.main().params["reconcileSchedule"].value == "0 */1 * * * *"
+    window = TypeAdapter(timedelta).validate_python(alert["windowSize"])
+    assert window >= 10 * reconcile_every
+    assert TypeAdapter(timedelta).validate_python(alert["evaluationFrequency"]) <= window
 
 
 def test_outputs_give_the_api_base_url_and_resource_names() -> None:

@@ -1,6 +1,7 @@
-// Metric alerts that page someone: any dead-lettered message on the jobs queue, a backlog that keeps growing, and
-// exceptions reported by the workers. They notify an existing action group (actionGroupId) or one created here
-// for alertEmail; with neither they still fire and show in the Portal's Alerts blade.
+// Metric alerts that page someone: a dead-letter queue that is not being drained (the reconciler is broken), a
+// backlog that keeps growing, and exceptions reported by the workers. They notify an existing action group
+// (actionGroupId) or one created here for alertEmail; with neither they still fire and show in the Portal's Alerts
+// blade.
 
 @description('Tags applied to every resource.')
 param tags object
@@ -60,12 +61,23 @@ var actions = empty(targetActionGroupId) ? [] : [
   }
 ]
 
-resource deadLettered 'Microsoft.Insights/metricAlerts@2018-03-01' = {
+// The dead-letter queue is drained by the reconciler (the timer Function reconcile_jobs, RECONCILE_SCHEDULE: every
+// minute): it reconciles each letter's job, records the letter in PostgreSQL (table dead_letters, where failed jobs
+// are investigated) and completes it. Dead letters themselves are routine now (the worker dead-letters a bad input,
+// a timed-out or an exhausted job; the broker a message past its delivery count or TTL), so a letter present at one
+// moment means nothing. What matters is a queue that stays non-empty: the *Minimum* of DeadletteredMessages over
+// 15 minutes (fifteen reconciler periods) above 0 means no run emptied it in that time, i.e. the reconciler is not
+// running (host down, RECONCILE_SCHEDULE broken, the function disabled) or each run fails (PostgreSQL down, the
+// identity's Data Receiver role missing); meanwhile redrives and the reconciler's other repairs (resend, expire)
+// stop too. It also fires when letters keep arriving faster than the reconciler drains them for 15 minutes,
+// which deserves a look as well. Keep the window at several reconciler periods if RECONCILE_SCHEDULE is slowed.
+// The alert keeps its name from when it fired on any dead letter, so a redeployment updates it in place.
+resource deadLettersNotDrained 'Microsoft.Insights/metricAlerts@2018-03-01' = {
   name: '${namePrefix}-dead-lettered'
   location: 'global'
   tags: tags
   properties: {
-    description: 'Messages in the dead-letter queue of ${queueName}: a job failed permanently, exceeded its delivery count or expired. Inspect them in Service Bus Explorer.'
+    description: 'The dead-letter queue of ${queueName} has not been empty for 15 minutes: the reconciler (Function reconcile_jobs) is not draining it. Check its runs and exceptions in Application Insights (the API\'s cloud role, <OTEL_SERVICE_NAME>.api), then the letters in Service Bus Explorer; drained letters are in the dead_letters table.'
     severity: 1
     enabled: true
     scopes: [
@@ -93,7 +105,7 @@ resource deadLettered 'Microsoft.Insights/metricAlerts@2018-03-01' = {
           ]
           operator: 'GreaterThan'
           threshold: 0
-          timeAggregation: 'Maximum'
+          timeAggregation: 'Minimum'
         }
       ]
     }

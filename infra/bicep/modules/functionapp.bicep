@@ -1,6 +1,8 @@
-// The HTTP API: a Function App on the Flex Consumption plan, Python 3.11, running as a user-assigned identity.
-// Every connection is identity-based (no connection string, no key): the app-setting names are the aliases of
-// shared/settings.py Settings (tests/infra checks it), plus the platform's own identity settings.
+// The HTTP API and the reconciler: a Function App on the Flex Consumption plan, Python 3.11, running as a
+// user-assigned identity. Besides the HTTP functions it runs reconcile_jobs, a timer trigger whose schedule is
+// '%RECONCILE_SCHEDULE%': the host resolves it from the app setting of that name and cannot index the function
+// without it. Every connection is identity-based (no connection string, no key): the app-setting names are the
+// aliases of shared/settings.py Settings (tests/infra checks it), plus the platform's own identity settings.
 
 @description('Azure region of the Function App.')
 param location string
@@ -69,9 +71,19 @@ param instanceMemoryMB int = 2048
 @description('Largest accepted upload in bytes (MAX_UPLOAD_BYTES); the Functions HTTP limit is 100 MB.')
 param maxUploadBytes int = 104857600
 
-@description('The jobs queue\'s maxDeliveryCount (QUEUE_MAX_DELIVERY_COUNT): main.bicep passes the queue\'s own parameter.')
+@description('Attempts a job gets (JOB_MAX_ATTEMPTS): the reconciler fails a job retries_exhausted past it; main.bicep passes the workers the same parameter.')
 @minValue(1)
-param queueMaxDeliveryCount int
+param jobMaxAttempts int
+
+@description('NCRONTAB schedule of the reconciler (RECONCILE_SCHEDULE), resolved by the host from this app setting.')
+param reconcileSchedule string
+
+@description('How long a send may stay unconfirmed before the reconciler sends the job again (RECONCILE_RESEND_AFTER, ISO 8601).')
+param reconcileResendAfter string
+
+@description('Jobs (and dead letters) the reconciler handles per step and run (RECONCILE_BATCH).')
+@minValue(1)
+param reconcileBatch int
 
 resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
   // checkov:skip=CKV_AZURE_225:Zone redundancy of Flex Consumption plans depends on the region; enable it per region when available
@@ -189,9 +201,22 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
           name: 'MAX_UPLOAD_BYTES'
           value: string(maxUploadBytes)
         }
+        // The reconciler (functions/reconciler.py): its timer's schedule and the lifecycle settings it reads
         {
-          name: 'QUEUE_MAX_DELIVERY_COUNT'
-          value: string(queueMaxDeliveryCount)
+          name: 'RECONCILE_SCHEDULE'
+          value: reconcileSchedule
+        }
+        {
+          name: 'RECONCILE_RESEND_AFTER'
+          value: reconcileResendAfter
+        }
+        {
+          name: 'RECONCILE_BATCH'
+          value: string(reconcileBatch)
+        }
+        {
+          name: 'JOB_MAX_ATTEMPTS'
+          value: string(jobMaxAttempts)
         }
         // DefaultAzureCredential picks the user-assigned identity by its client id
         {

@@ -112,13 +112,21 @@ param appInsightsConnectionString string
 @description('OTEL_SERVICE_NAME of the workers: the service namespace of their telemetry (cloud_RoleName <name>.gpu-worker).')
 param serviceName string = 'crop-ai'
 
-@description('Messages received per batch (WORKER_MAX_MESSAGE_COUNT).')
+@description('Attempts a job gets (JOB_MAX_ATTEMPTS): the worker fails the last one for good; main.bicep passes the reconciler the same parameter.')
 @minValue(1)
-param maxMessageCount int = 4
+param jobMaxAttempts int
 
-@description('The jobs queue\'s maxDeliveryCount (QUEUE_MAX_DELIVERY_COUNT): the worker fails a job on the last delivery.')
-@minValue(1)
-param queueMaxDeliveryCount int
+@description('Lease of a running attempt, renewed every third of it (JOB_LEASE, ISO 8601); shorter than jobTimeout.')
+param jobLease string
+
+@description('Time limit of one attempt (JOB_TIMEOUT, ISO 8601); message locks are renewed for it plus the grace and the lease.')
+param jobTimeout string
+
+@description('Backoff before the next attempt after a transient error, doubled per attempt (RETRY_BACKOFF, ISO 8601).')
+param retryBackoff string
+
+@description('Longest backoff between two attempts (RETRY_BACKOFF_MAX, ISO 8601).')
+param retryBackoffMax string
 
 @description('Seconds the worker gets to finish in-flight work after SIGTERM or a Preempt notice; keep under 30 for Spot.')
 @minValue(1)
@@ -130,7 +138,8 @@ param healthPort int = 8080
 var image = '${registryLoginServer}/${workerImage}'
 var stopTimeoutSeconds = shutdownGraceSeconds + 30
 
-// The worker container's environment: names are shared/settings.py Settings aliases (tests/infra checks it).
+// The worker container's environment: names are shared/settings.py Settings aliases (tests/infra checks it). The
+// worker receives one message at a time (gpu_worker/consumer.py): there is no batch size to set.
 var workerEnvironment = {
   ServiceBusConnection__fullyQualifiedNamespace: serviceBusNamespaceFqdn
   JOBS_QUEUE_NAME: queueName
@@ -145,10 +154,13 @@ var workerEnvironment = {
   APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identityClientId};Authorization=AAD'
   OTEL_SERVICE_NAME: serviceName
   WORKER_DEVICE: 'cuda'
-  WORKER_MAX_MESSAGE_COUNT: string(maxMessageCount)
-  QUEUE_MAX_DELIVERY_COUNT: string(queueMaxDeliveryCount)
   WORKER_SHUTDOWN_GRACE: string(shutdownGraceSeconds)
   WORKER_PREEMPTION_WATCH: 'true'
+  JOB_MAX_ATTEMPTS: string(jobMaxAttempts)
+  JOB_LEASE: jobLease
+  JOB_TIMEOUT: jobTimeout
+  RETRY_BACKOFF: retryBackoff
+  RETRY_BACKOFF_MAX: retryBackoffMax
 }
 
 var cloudInitTemplate = loadTextContent('gpu-worker.cloud-init.yaml')

@@ -20,7 +20,7 @@ param registryName string
 ])
 param skuName string = 'Standard'
 
-resource registry 'Microsoft.ContainerRegistry/registries@2023-07-01' = {
+resource registry 'Microsoft.ContainerRegistry/registries@2025-04-01' = {
   // checkov:skip=CKV_AZURE_139:Public endpoint: the workers pull over the internet with Entra tokens; private endpoints need Premium
   // checkov:skip=CKV_AZURE_163:Image vulnerability scanning is Microsoft Defender for Containers, a subscription-level plan, not a registry property
   // checkov:skip=CKV_AZURE_166:Quarantine needs Premium and a scanner to release images

@@ -1,9 +1,12 @@
 // Role assignments by role definition id, least privilege, each at the narrowest scope that works:
-//   API (Function App): Service Bus Data Sender on the queue; Blob Data Contributor on the account (it writes
-//     images, reads results, and the Functions host keeps its own state and deployment package there).
-//   Workers: Service Bus Data Receiver on the queue, and Sender on the queue too (the orphan sweeper re-sends the
-//     message of a job whose submit died between the insert and the send); Blob Data Reader on images; Blob Data
-//     Contributor on results; AcrPull on the registry.
+//   API (Function App): on the queue, Service Bus Data Sender (submit sends a job's message; the reconciler sends
+//     it again: resend, expire, redrive) and Data Receiver (the reconciler receives from the queue's dead-letter
+//     sub-queue, <queue>/$deadletterqueue, and completes each letter; a queue-scoped role covers its sub-queue);
+//     Blob Data Contributor on the account (it writes images, reads results, and the Functions host keeps its own
+//     state there: keys, the timer's schedule monitor and singleton lock, the deployment package).
+//   Workers: Service Bus Data Receiver on the queue (one message at a time), and Sender on the queue too (a
+//     transient error or a drain releases the attempt and schedules the job's next message after its backoff);
+//     Blob Data Reader on images; Blob Data Contributor on results; AcrPull on the registry.
 //   Both: Monitoring Metrics Publisher on Application Insights (telemetry with Entra auth; local auth is off).
 // PostgreSQL access is not an Azure role: both identities are Entra principals of the server (modules/postgres.bicep).
 
@@ -72,7 +75,7 @@ resource resultsContainer 'Microsoft.Storage/storageAccounts/blobServices/contai
   name: resultsContainerName
 }
 
-resource registry 'Microsoft.ContainerRegistry/registries@2023-07-01' existing = {
+resource registry 'Microsoft.ContainerRegistry/registries@2025-04-01' existing = {
   name: registryName
 }
 
@@ -85,6 +88,16 @@ resource apiSender 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   scope: queue
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.serviceBusDataSender)
+    principalId: apiPrincipalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+resource apiReceiver 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(queue.id, apiPrincipalId, roles.serviceBusDataReceiver)
+  scope: queue
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.serviceBusDataReceiver)
     principalId: apiPrincipalId
     principalType: 'ServicePrincipal'
   }

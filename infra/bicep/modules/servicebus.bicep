@@ -1,6 +1,8 @@
 // Service Bus namespace and the jobs queue. Keyless: SAS (local) authentication is disabled, so senders and
 // receivers need Entra role assignments (modules/roles.bicep). The queue properties are parameters whose defaults
-// must equal shared/settings.py QueueProperties and local/servicebus.config.json (tests/infra checks all three).
+// must equal main.bicep's, main.bicepparam's and local/servicebus.config.json's (tests/infra/test_settings_alignment.py
+// holds the expected values). The app reads none of them: a job's attempts are bounded by JOB_MAX_ATTEMPTS; a message
+// past maxDeliveryCount (deliveries spent on crashes, never on a claim) is dead-lettered and re-driven by the reconciler.
 
 @description('Azure region of the namespace.')
 param location string
@@ -34,7 +36,7 @@ param queueName string = 'jobs'
 @description('Peek-lock duration (ISO 8601); the worker renews the lock while it works.')
 param lockDuration string = 'PT1M'
 
-@description('Deliveries before the broker dead-letters a message (MaxDeliveryCountExceeded).')
+@description('Deliveries before the broker dead-letters a message (MaxDeliveryCountExceeded; the reconciler re-drives its job).')
 @minValue(1)
 param maxDeliveryCount int = 5
 
