@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import time
 
 LOOPBACK = "127.0.0.1"
 
@@ -34,13 +33,3 @@ def is_listening(port: int, host: str = LOOPBACK) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
         return sock.connect_ex((host, port)) == 0
-
-
-def wait_listening(port: int, timeout: float, host: str = LOOPBACK) -> bool:
-    """Poll until something accepts connections on ``port``; False on timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if is_listening(port, host):
-            return True
-        time.sleep(0.1)
-    return False

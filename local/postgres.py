@@ -9,8 +9,6 @@ PostgreSQL refuses to run as root. When we are root the server runs as ``nobody`
 data directory is handed to that user, and every parent directory must be searchable by others.
 
 Without system binaries it falls back to the ``pgserver`` PyPI package (which bundles them), when installed.
-``postgres_url_or_start`` is the entrypoint for the stack: a ``DATABASE_URL`` in the environment wins and nothing
-is started.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,13 +184,3 @@ def _start_pgserver(data_dir: Path) -> PostgresServer:
     server = pgserver.get_server(str(data_dir), cleanup_mode="stop")
     url = str(server.get_uri())
     return PostgresServer(url=url, data_dir=data_dir, port=0, pid=None, stop=server.cleanup)
-
-
-def postgres_url_or_start(
-    environ: Mapping[str, str], data_dir: Path, port: int | None = None, log_path: Path | None = None
-) -> PostgresServer:
-    """``DATABASE_URL`` from ``environ`` when set (nothing started, stop is a no-op), else ``start_postgres``."""
-    url = environ.get("DATABASE_URL")
-    if url:
-        return PostgresServer(url=url, data_dir=data_dir, port=0, pid=None, stop=lambda: None)
-    return start_postgres(data_dir, port, log_path)

@@ -128,9 +128,6 @@ class SceneReader:
             for col in range(0, self.width, size):
                 yield Window(col, row, min(size, self.width - col), min(size, self.height - row))
 
-    def window_count(self, size: int) -> int:
-        return math.ceil(self.height / size) * math.ceil(self.width / size)
-
     def read_raw(self, window: Window, band_index: int) -> np.ndarray:
         """One band of ``window`` as stored (a quality bit mask, say): no scaling, no nodata handling."""
         with gdal_errors_as_invalid_image(f"cannot read window {window!r}"):

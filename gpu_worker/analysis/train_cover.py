@@ -35,7 +35,6 @@ from gpu_worker.analysis.cover import FRACTIONS, FractionalCover, features
 
 PACKAGE = "fractionalcover3==2.0.0"
 DATA_MEMBER = "fractionalcover3/pkgdata/training_data.json"
-LICENCE_MEMBER = "fractionalcover3-2.0.0.dist-info/licenses/LICENSE.txt"
 DATA_SHA256 = "3a399ac30ae9e8abac1889857a03db64aa974b3e603d2c892104a72c790b2570"
 DEFAULT_CACHE = Path(".local/fractionalcover3")
 DEFAULT_OUT = Path(__file__).parent / "weights"
