@@ -134,7 +134,7 @@ class Consumer:
                 error = e
             finally:
                 self._breaker.record(error)
-                decision = decide(error, job.attempts if job is not None else None, self._retry)
+                decision = decide(error, job.charged if job is not None else None, self._retry)
                 span.set_attribute("crop_ai.settlement", decision.action.value)
                 if error is not None:
                     span.set_status(trace.StatusCode.ERROR, type(error).__name__)
@@ -240,7 +240,7 @@ class Consumer:
         outbox order: if the release fails, abandon (the lease runs out, the reconciler re-queues); if the send
         fails, abandon (the redelivery claims the released job); an unconfirmed send is the reconciler's."""
         try:
-            released = self._jobs.release(job.job_id, job.attempts)
+            released = self._jobs.release(job.job_id, job.attempts, drain=decision.drain)
         except CropAIError as e:
             logger.warning("could not release job %s: %s", job.job_id, e, extra={**fields, "action": "release_failed"})
             return Decision(Action.ABANDON, decision.reason, decision.description, unexpected=decision.unexpected)

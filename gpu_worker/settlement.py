@@ -15,7 +15,7 @@ transient or unexpected                 attempt<max retry: release, schedule a n
                                                     after the backoff, complete this one
 transient or unexpected                 attempt=max dead-letter ``RetriesExhausted``              fail
 transient or unexpected                 no          abandon (the breaker stops receiving)       (unchanged)
-shutdown (:class:`Interrupted`, ...)    yes         retry with no delay                          release
+shutdown (:class:`Interrupted`, ...)    yes         retry with no delay                          release, uncharged
 shutdown                                no          abandon                                      (unchanged)
 ======================================  ==========  ===========================================  ===================
 
@@ -69,6 +69,7 @@ class Decision:
     description: str | None = None  # dead-letter description: the detail
     fail_code: str | None = None  # fail the claimed attempt with this code (and ``description``) before settling
     delay: timedelta | None = None  # RETRY: when the next generation is due
+    drain: bool = False  # RETRY after a shutdown: the attempt is not charged against JOB_MAX_ATTEMPTS
     unexpected: bool = False  # not one of our errors: log with the stack
 
 
@@ -98,7 +99,8 @@ def is_transient(error: BaseException) -> bool:
 
 
 def decide(error: BaseException | None, attempt: int | None, policy: RetryPolicy) -> Decision:
-    """Turn an outcome into a :class:`Decision`; ``attempt`` is the claimed attempt's number, ``None`` if unclaimed."""
+    """Turn an outcome into a :class:`Decision`; ``attempt`` is how many attempts the claimed job has been charged
+    (this one included; :attr:`shared.jobs.Job.charged`), ``None`` if unclaimed."""
     if error is None or isinstance(error, AttemptLost):
         return Decision(Action.COMPLETE, type(error).__name__ if error else None)
     if isinstance(error, TimedOut):
@@ -106,7 +108,7 @@ def decide(error: BaseException | None, attempt: int | None, policy: RetryPolicy
     if isinstance(error, Interrupted) or not isinstance(error, Exception):  # also KeyboardInterrupt, SystemExit
         if attempt is None:
             return Decision(Action.ABANDON, "Shutdown", describe(error))
-        return Decision(Action.RETRY, "Shutdown", describe(error), delay=timedelta(0))
+        return Decision(Action.RETRY, "Shutdown", describe(error), delay=timedelta(0), drain=True)
     if isinstance(error, CropAIError) and not error.transient:
         code = error.code if attempt is not None else None
         return Decision(Action.DEAD_LETTER, type(error).__name__, describe(error), fail_code=code)

@@ -34,7 +34,7 @@ R = TypeVar("R")
 
 _JOB = """
     SELECT j.job_id, j.status, j.idempotency_key, j.input_blob, j.input_sha256, j.params, j.generation, j.sent_at,
-           j.attempts, j.worker_id, j.lease_until, j.started_at, j.finished_at, j.error_code, j.error_message,
+           j.attempts, j.drains, j.worker_id, j.lease_until, j.started_at, j.finished_at, j.error_code, j.error_message,
            j.created_at, j.updated_at, r.result
     FROM jobs j LEFT JOIN results r USING (job_id)
 """
@@ -159,8 +159,8 @@ class PostgresJobStore:
     def fail(self, job_id: UUID, attempt: int, code: str, message: str) -> Job | None:
         return self._move(Event.FAIL, job_id, attempt=attempt, code=code, message=message)
 
-    def release(self, job_id: UUID, attempt: int) -> Job | None:
-        return self._move(Event.RELEASE, job_id, attempt=attempt)
+    def release(self, job_id: UUID, attempt: int, *, drain: bool = False) -> Job | None:
+        return self._move(Event.RELEASE, job_id, attempt=attempt, drain=int(drain))
 
     def cancel(self, job_id: UUID) -> Job | None:
         return self._move(Event.CANCEL, job_id)
@@ -196,7 +196,7 @@ class PostgresJobStore:
     @_translated
     def stranded(self, max_attempts: int, limit: int) -> list[Job]:
         return self._select(
-            "j.status = 'queued' AND j.attempts >= %s ORDER BY j.created_at LIMIT %s", (max_attempts, limit)
+            "j.status = 'queued' AND j.attempts - j.drains >= %s ORDER BY j.created_at LIMIT %s", (max_attempts, limit)
         )
 
     @_translated

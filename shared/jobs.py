@@ -27,7 +27,7 @@ class JobStatus(enum.StrEnum):
 
 
 class Job(BaseModel):
-    """One row of ``jobs`` (with its result, if any)."""
+    """One row of ``jobs`` (with its result, if any). ``charged``: the attempts that count against the limit."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -42,6 +42,7 @@ class Job(BaseModel):
     generation: int = 1  # the current hand-over to the bus; its message id is "{job_id}:{generation}"
     sent_at: datetime | None = None  # when the current generation's send was confirmed (None: not confirmed)
     attempts: int = 0  # attempts claimed so far; the running (or last) attempt's number
+    drains: int = 0  # attempts released by a drain (shutdown, eviction): not charged against JOB_MAX_ATTEMPTS
     worker_id: str | None = None  # who holds (or last held) the attempt
     lease_until: datetime | None = None  # a running attempt's lease; past it, the attempt may be taken over
     started_at: datetime | None = None  # the last attempt's start
@@ -49,6 +50,10 @@ class Job(BaseModel):
     result: dict[str, Any] | None = None
     error_code: str | None = None
     error_message: str | None = None
+
+    @property
+    def charged(self) -> int:
+        return self.attempts - self.drains
 
 
 class DeadLetter(BaseModel):
@@ -109,7 +114,7 @@ class JobStore(Protocol):
     def renew_lease(self, job_id: UUID, attempt: int, lease: timedelta) -> Job | None: ...
     def succeed(self, job_id: UUID, attempt: int, result: dict[str, Any]) -> Job | None: ...
     def fail(self, job_id: UUID, attempt: int, code: str, message: str) -> Job | None: ...
-    def release(self, job_id: UUID, attempt: int) -> Job | None: ...
+    def release(self, job_id: UUID, attempt: int, *, drain: bool = False) -> Job | None: ...
 
     # Control
     def cancel(self, job_id: UUID) -> Job | None: ...
@@ -131,7 +136,7 @@ class JobStore(Protocol):
         ...
 
     def stranded(self, max_attempts: int, limit: int) -> list[Job]:
-        """``queued`` jobs that no claim can take any more (``attempts >= max_attempts``)."""
+        """``queued`` jobs that no claim can take any more (``attempts - drains >= max_attempts``)."""
         ...
 
     def record_dead_letter(self, letter: DeadLetter) -> bool:

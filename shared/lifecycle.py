@@ -14,7 +14,9 @@ Two numbers fence the actors:
   generation) never is. A message of any generation may claim a queued job (a message is a wake-up; the row decides).
 * ``attempts`` counts claims. A worker holds attempt *a* while its lease lasts (renewed as it runs); its progress,
   result and failure writes name *a* and are refused once another claim took the job over. Outputs go under
-  ``results/{job_id}/{a}/``, so a losing run never overwrites the winner's files.
+  ``results/{job_id}/{a}/``, so a losing run never overwrites the winner's files. ``JOB_MAX_ATTEMPTS`` bounds the
+  attempts *charged* to the job: ``attempts - drains``, where a drain (a release on SIGTERM or a Spot eviction) is
+  not the job's fault. A crash (the lease runs out) is charged: it may be the job that crashes the worker.
 
 ::
 
@@ -66,6 +68,7 @@ class Transition:
 
 
 _ATTEMPT = "attempts = %(attempt)s"
+_CHARGED = "attempts - drains"  # attempts that count against JOB_MAX_ATTEMPTS: a drain is not the job's fault
 _NEW_GENERATION = "generation = generation + 1, sent_at = NULL"
 _FINISHED = "lease_until = NULL, finished_at = now()"
 _ERROR = "error_code = %(code)s, error_message = %(message)s"
@@ -89,7 +92,7 @@ TRANSITIONS: dict[Event, Transition] = {
     ),
     Event.CLAIM: Transition(
         frozenset({Q, R}), R, "worker (a delivered message)",
-        "(status = 'queued' OR lease_until < now()) AND attempts < %(max_attempts)s",
+        f"(status = 'queued' OR lease_until < now()) AND {_CHARGED} < %(max_attempts)s",
         "attempts = attempts + 1, worker_id = %(worker_id)s, lease_until = now() + %(lease)s, started_at = now(),"
         " sent_at = coalesce(sent_at, now())",
         "a worker starts a new attempt: the job is queued, or the running attempt's lease ran out",
@@ -107,8 +110,8 @@ TRANSITIONS: dict[Event, Transition] = {
         "the attempt failed for good: bad input, time limit, the last attempt's transient error",
     ),
     Event.RELEASE: Transition(
-        frozenset({R}), Q, "worker", _ATTEMPT, f"{_NEW_GENERATION}, lease_until = NULL",
-        "the attempt gives the job back (transient error, shutdown) for a later, scheduled attempt",
+        frozenset({R}), Q, "worker", _ATTEMPT, f"{_NEW_GENERATION}, lease_until = NULL, drains = drains + %(drain)s",
+        "the attempt gives the job back (transient error; a drain, which is not charged) for a later attempt",
     ),
     Event.CANCEL: Transition(
         frozenset({Q, R}), C, "API", "TRUE", _FINISHED,
@@ -121,12 +124,12 @@ TRANSITIONS: dict[Event, Transition] = {
     ),
     Event.EXPIRE: Transition(
         frozenset({R}), Q, "reconciler",
-        "lease_until < now() AND attempts < %(max_attempts)s", f"{_NEW_GENERATION}, lease_until = NULL",
+        f"lease_until < now() AND {_CHARGED} < %(max_attempts)s", f"{_NEW_GENERATION}, lease_until = NULL",
         "the attempt's worker vanished (its lease ran out): queue the job again",
     ),
     Event.EXHAUST: Transition(
         frozenset({Q, R}), F, "reconciler",
-        "attempts >= %(max_attempts)s AND (status = 'queued' OR lease_until < now())",
+        f"{_CHARGED} >= %(max_attempts)s AND (status = 'queued' OR lease_until < now())",
         f"{_FINISHED}, error_code = 'retries_exhausted', error_message = %(message)s",
         "no attempt is left and none is running",
     ),

@@ -106,7 +106,7 @@ class InMemoryJobStore:
     def claim(self, job_id: UUID, *, worker_id: str, lease: timedelta, max_attempts: int) -> Job | None:
         return self._move(
             Event.CLAIM, job_id,
-            lambda j, now: (j.status is Q or _expired(j, now)) and j.attempts < max_attempts,
+            lambda j, now: (j.status is Q or _expired(j, now)) and j.charged < max_attempts,
             attempts=lambda j, _: j.attempts + 1, worker_id=worker_id, lease_until=lambda _, now: now + lease,
             started_at=lambda _, now: now, sent_at=lambda j, now: j.sent_at or now,
         )  # fmt: skip
@@ -128,10 +128,11 @@ class InMemoryJobStore:
             error_code=code, error_message=message, lease_until=None, finished_at=lambda _, now: now,
         )  # fmt: skip
 
-    def release(self, job_id: UUID, attempt: int) -> Job | None:
+    def release(self, job_id: UUID, attempt: int, *, drain: bool = False) -> Job | None:
         return self._move(
             Event.RELEASE, job_id, lambda j, _: j.attempts == attempt,
             generation=lambda j, _: j.generation + 1, sent_at=None, lease_until=None,
+            drains=lambda j, _: j.drains + int(drain),
         )  # fmt: skip
 
     def cancel(self, job_id: UUID) -> Job | None:
@@ -146,14 +147,14 @@ class InMemoryJobStore:
 
     def expire(self, job_id: UUID, max_attempts: int) -> Job | None:
         return self._move(
-            Event.EXPIRE, job_id, lambda j, now: _expired(j, now) and j.attempts < max_attempts,
+            Event.EXPIRE, job_id, lambda j, now: _expired(j, now) and j.charged < max_attempts,
             generation=lambda j, _: j.generation + 1, sent_at=None, lease_until=None,
         )  # fmt: skip
 
     def exhaust(self, job_id: UUID, max_attempts: int, message: str) -> Job | None:
         return self._move(
             Event.EXHAUST, job_id,
-            lambda j, now: j.attempts >= max_attempts and (j.status is Q or _expired(j, now)),
+            lambda j, now: j.charged >= max_attempts and (j.status is Q or _expired(j, now)),
             error_code="retries_exhausted", error_message=message, lease_until=None, finished_at=lambda _, now: now,
         )  # fmt: skip
 
@@ -183,7 +184,7 @@ class InMemoryJobStore:
 
     def stranded(self, max_attempts: int, limit: int) -> list[Job]:
         self._fail_if_broken()
-        found = [j for j in self._jobs.values() if j.status is Q and j.attempts >= max_attempts]
+        found = [j for j in self._jobs.values() if j.status is Q and j.charged >= max_attempts]
         return sorted(found, key=lambda j: j.created_at)[:limit]
 
     def record_dead_letter(self, letter: DeadLetter) -> bool:

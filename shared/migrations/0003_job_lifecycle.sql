@@ -19,7 +19,9 @@ ALTER TABLE jobs
     ADD COLUMN worker_id   text,
     ADD COLUMN lease_until timestamptz,
     ADD COLUMN started_at  timestamptz,
-    ADD COLUMN finished_at timestamptz;
+    ADD COLUMN finished_at timestamptz,
+    -- attempts cut short by a drain (SIGTERM, a Spot eviction): they do not count against JOB_MAX_ATTEMPTS
+    ADD COLUMN drains      integer NOT NULL DEFAULT 0 CHECK (drains >= 0);
 
 UPDATE jobs SET sent_at = enqueued_at;
 UPDATE jobs SET lease_until = now(), started_at = updated_at WHERE status = 'running';

@@ -266,6 +266,23 @@ class JobStoreContract:
         again = claimed(store, released)
         assert again.attempts == job.attempts + 1
 
+    def test_a_drained_attempt_is_not_charged(self, store: JobStore) -> None:
+        job = _queued(store)
+        first = store.claim(job.job_id, worker_id="evicted", lease=LEASE, max_attempts=1)
+        assert first is not None
+        drained = store.release(job.job_id, first.attempts, drain=True)
+        assert drained is not None
+        assert (drained.attempts, drained.drains, drained.charged) == (1, 1, 0)
+        assert store.stranded(1, 10) == []
+        second = store.claim(job.job_id, worker_id="w", lease=LEASE, max_attempts=1)
+        assert second is not None
+        assert (second.attempts, second.charged) == (2, 1)  # attempt numbers still never repeat
+        failed = store.release(job.job_id, second.attempts)
+        assert failed is not None
+        assert failed.charged == 1
+        assert store.claim(job.job_id, worker_id="w", lease=LEASE, max_attempts=1) is None
+        assert [j.job_id for j in store.stranded(1, 10)] == [job.job_id]
+
     def test_resend_waits_for_the_age(self, store: JobStore) -> None:
         job = _queued(store)
         assert store.resend(job.job_id, job.generation, timedelta(hours=1)) is None

@@ -70,5 +70,11 @@ def test_every_deliberate_hand_over_is_a_new_generation(event: Event) -> None:
     assert "generation = generation + 1, sent_at = NULL" in TRANSITIONS[event].assign
 
 
+def test_a_drain_is_not_charged_and_every_attempt_limit_counts_the_same_way() -> None:
+    assert "drains = drains + %(drain)s" in TRANSITIONS[Event.RELEASE].assign
+    for event in (Event.CLAIM, Event.EXPIRE, Event.EXHAUST):
+        assert "attempts - drains" in TRANSITIONS[event].guard
+
+
 def test_terminal_flags() -> None:
     assert {s for s in JobStatus if s.terminal} == {S, F, C}
