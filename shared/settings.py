@@ -58,8 +58,9 @@ class Settings(BaseModel):
     reconcile_resend_after: timedelta = Field(timedelta(minutes=2), alias="RECONCILE_RESEND_AFTER")
     reconcile_batch: int = Field(100, alias="RECONCILE_BATCH", ge=1)  # jobs (and dead letters) per step and run
     reconcile_schedule: str = Field("0 */1 * * * *", alias="RECONCILE_SCHEDULE")  # NCRONTAB; read by the trigger
-    bus_send_timeout: float = Field(5.0, alias="BUS_SEND_TIMEOUT")  # seconds one send may take, retries included
-    storage_retry_total: int = Field(3, alias="STORAGE_RETRY_TOTAL")
+    # Short on purpose: a submit while a backend is down answers within ~2 s; the worker retries whole attempts.
+    bus_send_timeout: float = Field(2.0, alias="BUS_SEND_TIMEOUT")  # seconds one send may take, retries included
+    storage_retry_total: int = Field(1, alias="STORAGE_RETRY_TOTAL")
 
     # Worker
     worker_max_wait_time: float = Field(5.0, alias="WORKER_MAX_WAIT_TIME")

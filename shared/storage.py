@@ -1,8 +1,8 @@
 """Blob Storage: input images (``images/{job_id}/input.tif``), result files (``results/{job_id}/{attempt}/{name}``:
 a losing attempt never overwrites the winner's files) and short-lived read URLs for them.
 
-``STORAGE_RETRY_TOTAL`` bounds the SDK's retries (exponential from 1 s): the API uses few, so that a submit while
-storage is down answers 503 within seconds instead of the SDK's default of tens of seconds.
+``STORAGE_RETRY_TOTAL`` bounds the SDK's retries, 1 s apart (default 1): a submit while storage is down answers
+503 within about 2 s instead of the SDK's default of tens of seconds; the worker retries whole attempts on top.
 
 Locally a connection string (Azurite); in Azure the account's blob endpoint with an Entra credential. Read URLs are
 SAS URLs signed with the account key when the client has one, with a user delegation key when it authenticates
@@ -30,7 +30,7 @@ from azure.storage.blob import (
     BlobSasPermissions,
     BlobServiceClient,
     ContentSettings,
-    ExponentialRetry,
+    LinearRetry,
     StorageErrorCode,
     UserDelegationKey,
     generate_blob_sas,
@@ -63,9 +63,7 @@ def _blob_not_found(e: ResourceNotFoundError) -> bool:
 
 
 def _retries(settings: Settings) -> dict[str, Any]:
-    policy = ExponentialRetry(
-        initial_backoff=1, increment_base=2, retry_total=settings.storage_retry_total, random_jitter_range=1
-    )
+    policy = LinearRetry(backoff=1, retry_total=settings.storage_retry_total, random_jitter_range=0)
     return {"retry_policy": policy, "connection_timeout": 5}
 
 
