@@ -81,7 +81,8 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> timedelta:
         """Exponential: ``backoff`` after the first attempt, doubled after each, at most ``backoff_max``."""
-        delay: timedelta = self.backoff * 2 ** max(attempt - 1, 0)
+        exponent = min(max(attempt - 1, 0), 32)  # past 2**32 any backoff is over any cap; timedelta would overflow
+        delay: timedelta = self.backoff * 2**exponent
         return min(delay, self.backoff_max)
 
 

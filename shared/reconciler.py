@@ -123,6 +123,8 @@ class Reconciler:
 
     def _unconfirmed(self, report: Report) -> None:
         for job in self._jobs.unsent(self._policy.resend_after, self._policy.batch):
+            if job.charged >= self._policy.max_attempts:  # stranded: step 3 fails it, sending it would be waste
+                continue
             if job.attempts == 0 and not self._image_stored(job):
                 if self._jobs.abort_submit(
                     job.job_id, job.generation, EnqueueFailed.code, "the image was never stored; submit it again"

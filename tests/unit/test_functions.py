@@ -6,31 +6,79 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import pytest
+from azure.functions.timer import TimerRequest
 
 from functions import deps
 from functions.deps import Deps
 from shared.errors import BusUnavailable, DatabaseUnavailable, StorageUnavailable
-from shared.jobs import Job
-from shared.memory import InMemoryBlobStore, InMemoryJobRepository, InMemoryPublisher
+from shared.jobs import Job, JobStatus
+from shared.reconciler import Letter
 from shared.settings import Settings
 from tests import geotiffs
-from tests.functions_client import body, get_job, multipart, post_job
+from tests.fakes import InMemoryBlobStore, InMemoryJobStore, InMemoryPublisher
+from tests.functions_client import body, function, get_job, multipart, post_job
+from tests.jobs import claimed, new_job
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+class Inbox:
+    """The dead-letter sub-queue for one reconciler run: a context manager, as ``DeadLetterInbox`` is."""
+
+    def __init__(self) -> None:
+        self.pending: list[Letter] = []
+        self.completed: list[Letter] = []
+        self.opened = self.closed = 0
+
+    def __enter__(self) -> Inbox:
+        self.opened += 1
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.closed += 1
+
+    def receive(self, max_count: int) -> list[Letter]:
+        batch, self.pending = self.pending[:max_count], self.pending[max_count:]
+        return batch
+
+    def complete(self, letter: Letter) -> None:
+        self.completed.append(letter)
+
+
+class World:
+    """The Functions' dependencies, in memory (what :func:`functions.deps.use` installs)."""
+
+    def __init__(self, **environ: str) -> None:
+        self.settings = Settings.from_env(
+            {"ServiceBusConnection": "unused", "AzureWebJobsStorage": "unused", "DATABASE_URL": "unused",
+             "MAX_UPLOAD_BYTES": str(5 * 1024 * 1024), "RETRY_AFTER_SECONDS": "3", **environ}
+        )  # fmt: skip
+        self.jobs = InMemoryJobStore()
+        self.blobs = InMemoryBlobStore()
+        self.publisher = InMemoryPublisher()
+        self.inbox = Inbox()
+
+    def deps(self) -> Deps:
+        return Deps(
+            settings=self.settings, jobs=self.jobs, blobs=self.blobs, publisher=self.publisher,
+            dead_letters=lambda: self.inbox,
+        )  # fmt: skip
+
+    def job(self, job_id: object) -> Job:
+        job = self.jobs.get(uuid.UUID(str(job_id)))
+        assert job is not None
+        return job
+
+
 @pytest.fixture
-def world() -> Iterator[Deps]:
-    settings = Settings.from_env(
-        {"ServiceBusConnection": "unused", "AzureWebJobsStorage": "unused", "DATABASE_URL": "unused",
-         "MAX_UPLOAD_BYTES": str(5 * 1024 * 1024), "RETRY_AFTER_SECONDS": "3"}
-    )  # fmt: skip
-    d = Deps(settings, InMemoryJobRepository(), InMemoryBlobStore(), InMemoryPublisher())
-    deps.use(d)
-    yield d
+def world() -> Iterator[World]:
+    w = World()
+    deps.use(w.deps())
+    yield w
     deps.use(None)
 
 
@@ -63,13 +111,13 @@ def test_importing_the_app_reads_no_setting_and_opens_no_socket() -> None:
         [sys.executable, "-c", code], cwd=ROOT, env={}, capture_output=True, text=True, timeout=120, check=False
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "['job_status', 'submit_job']"
+    assert done.stdout.strip() == "['job_status', 'reconcile_jobs', 'submit_job']"
 
 
 @pytest.mark.parametrize(
     "content_type", ["image/tiff", "application/octet-stream", "image/tiff; application=geotiff", None]
 )
-def test_submit_answers_202_with_location(world: Deps, content_type: str | None) -> None:
+def test_submit_answers_202_with_location(world: World, content_type: str | None) -> None:
     response = post_job(geotiffs.real(), content_type=content_type)
     assert response.status_code == 202
     job = body(response)
@@ -80,12 +128,11 @@ def test_submit_answers_202_with_location(world: Deps, content_type: str | None)
     assert "Idempotent-Replayed" not in response.headers
 
 
-def test_submit_multipart(world: Deps) -> None:
+def test_submit_multipart(world: World) -> None:
     data, content_type = multipart({"image": ("scene.tif", geotiffs.real(geotiffs.RGBN))})
     response = post_job(data, content_type=content_type, params={"bands": "B02,B03,B04,B08"})
     assert response.status_code == 202
-    assert isinstance(world.publisher, InMemoryPublisher)
-    assert world.publisher.sent[0].bands == ["B02", "B03", "B04", "B08"]
+    assert world.publisher.messages[0].bands == ["B02", "B03", "B04", "B08"]
 
 
 @pytest.mark.parametrize(
@@ -111,14 +158,13 @@ def test_submit_multipart(world: Deps) -> None:
         ),
     ],
 )
-def test_submit_refusals_are_problems(world: Deps, kwargs: dict[str, object], status: int, code: str) -> None:
+def test_submit_refusals_are_problems(world: World, kwargs: dict[str, object], status: int, code: str) -> None:
     response = post_job(**kwargs)  # type: ignore[arg-type]
     assert_problem(response, status, code)
-    assert isinstance(world.publisher, InMemoryPublisher)
     assert world.publisher.sent == []
 
 
-def test_idempotency_key(world: Deps) -> None:
+def test_idempotency_key(world: World) -> None:
     data = geotiffs.crafted()
     first = post_job(data, headers={"Idempotency-Key": "abc-1"})
     again = post_job(data, headers={"Idempotency-Key": "abc-1"})
@@ -132,46 +178,58 @@ def test_idempotency_key(world: Deps) -> None:
     assert problem["job_id"] == body(first)["job_id"]
 
 
-def test_send_failure_is_a_503_and_the_job_is_failed(world: Deps) -> None:
-    assert isinstance(world.publisher, InMemoryPublisher)
+def test_an_ambiguous_send_still_answers_202_and_the_job_stays_queued(world: World) -> None:
     world.publisher.failure = BusUnavailable("emulator down")
+    response = post_job(geotiffs.crafted())
+    assert response.status_code == 202
+    job = world.job(body(response)["job_id"])
+    assert (job.status, job.sent_at) == (JobStatus.QUEUED, None)  # the reconciler sends it
+    assert body(get_job(str(job.job_id)))["status"] == "queued"
+
+
+def test_an_upload_failure_is_a_503_and_the_job_is_failed(world: World) -> None:
+    world.blobs.failure = StorageUnavailable("azurite down at 10.0.0.4")
     response = post_job(geotiffs.crafted())
     problem = assert_problem(response, 503, "enqueue_failed")
     assert response.headers["Retry-After"] == "3"
+    assert "10.0.0.4" not in str(problem["detail"])
     status = body(get_job(str(problem["job_id"])))
     assert status["status"] == "failed"
     assert status["error"]["code"] == "enqueue_failed"
+    assert world.publisher.sent == []
 
 
-def test_a_retry_with_the_same_key_after_a_503_succeeds(world: Deps) -> None:
-    assert isinstance(world.publisher, InMemoryPublisher)
+def test_a_retry_with_the_same_key_after_a_503_succeeds(world: World) -> None:
     data = geotiffs.crafted()
-    world.publisher.failure = BusUnavailable("emulator down")
+    world.blobs.failure = StorageUnavailable("azurite down")
     failed = post_job(data, headers={"Idempotency-Key": "retry-1"})
     job_id = assert_problem(failed, 503, "enqueue_failed")["job_id"]
-    world.publisher.failure = None
+    world.blobs.failure = None
     retried = post_job(data, headers={"Idempotency-Key": "retry-1"})
     assert retried.status_code == 200
+    assert retried.headers["Idempotent-Replayed"] == "true"
     assert body(retried)["job_id"] == job_id
     assert body(retried)["status"] == "queued"
     assert retried.headers["Retry-After"] == "3"
-    assert [str(m.job_id) for m in world.publisher.sent] == [job_id]
+    assert [m.message_id for m in world.publisher.messages] == [f"{job_id}:2"]
     assert body(get_job(str(job_id)))["status"] == "queued"
 
 
-class BrokenRepository(InMemoryJobRepository):
+class BrokenJobStore(InMemoryJobStore):
     def get(self, job_id: uuid.UUID) -> None:
-        raise DatabaseUnavailable("connection refused")
+        raise DatabaseUnavailable("connection refused at 10.0.0.4")
 
     def create(self, **kwargs: Any) -> tuple[Job, bool]:
         raise RuntimeError("a bug, with a secret in its message: hunter2")
 
 
-def test_backend_down_is_503_and_bugs_are_500_without_details(world: Deps, caplog: pytest.LogCaptureFixture) -> None:
-    deps.use(Deps(world.settings, BrokenRepository(), world.blobs, world.publisher))
+def test_backend_down_is_503_and_bugs_are_500_without_details(world: World, caplog: pytest.LogCaptureFixture) -> None:
+    world.jobs = BrokenJobStore()
+    deps.use(world.deps())
     down = get_job(str(uuid.uuid4()))
     assert_problem(down, 503, "database_unavailable")
     assert down.headers["Retry-After"] == "3"
+    assert b"10.0.0.4" not in down.get_body()
     with caplog.at_level(logging.ERROR):
         bug = post_job(geotiffs.crafted())
     assert_problem(bug, 500, "internal_error")
@@ -179,7 +237,7 @@ def test_backend_down_is_503_and_bugs_are_500_without_details(world: Deps, caplo
     assert any(r.exc_info for r in caplog.records)  # the details are logged instead
 
 
-def test_status_of_a_queued_job(world: Deps) -> None:
+def test_status_of_a_queued_job(world: World) -> None:
     job_id = body(post_job(geotiffs.crafted()))["job_id"]
     response = get_job(job_id)
     assert response.status_code == 200
@@ -192,29 +250,39 @@ def test_status_of_a_queued_job(world: Deps) -> None:
     assert "result" not in view
     assert "error" not in view
     assert response.headers["Retry-After"] == "3"
+    assert response.headers["Cache-Control"] == "no-store"
 
 
-def test_status_of_a_succeeded_job_signs_output_urls(world: Deps) -> None:
-    job_id = uuid.UUID(body(post_job(geotiffs.crafted()))["job_id"])
-    url = f"http://127.0.0.1:10000/devstoreaccount1/results/{job_id}/ndvi.tif"
-    world.repo.start_attempt(job_id)
-    world.repo.succeed(
-        job_id, {"analysis": "crop-health", "indices": {"ndvi": {"mean": 0.4}}, "outputs": {"ndvi_cog": url}}
-    )
+def test_status_of_a_running_job(world: World) -> None:
+    job = claimed(world.jobs, world.job(body(post_job(geotiffs.crafted()))["job_id"]))
+    response = get_job(str(job.job_id))
+    assert (body(response)["status"], body(response)["attempts"]) == ("running", 1)
+    assert response.headers["Retry-After"] == "3"
+
+
+def _succeeded(world: World, result: dict[str, Any]) -> uuid.UUID:
+    job = claimed(world.jobs, world.job(body(post_job(geotiffs.crafted()))["job_id"]))
+    assert world.jobs.succeed(job.job_id, job.attempts, result) is not None
+    return job.job_id
+
+
+def test_status_of_a_succeeded_job_signs_output_urls(world: World) -> None:
+    url = "http://127.0.0.1:10000/devstoreaccount1/results/j/1/ndvi.tif"
+    result = {"analysis": "crop-health", "attempt": 1, "indices": {"ndvi": {"mean": 0.4}}, "outputs": {"ndvi_cog": url}}
+    job_id = _succeeded(world, result)
     response = get_job(str(job_id))
     view = body(response)
     assert view["status"] == "succeeded"
     assert view["attempts"] == 1
+    assert view["result"]["attempt"] == 1
     assert view["result"]["indices"]["ndvi"]["mean"] == 0.4
     assert view["result"]["outputs"]["ndvi_cog"] == f"{url}?se=3600"
     assert "Retry-After" not in response.headers
 
 
-def test_status_of_a_succeeded_job_when_signing_fails(world: Deps, caplog: pytest.LogCaptureFixture) -> None:
-    job_id = uuid.UUID(body(post_job(geotiffs.crafted()))["job_id"])
-    url = f"http://127.0.0.1:10000/devstoreaccount1/results/{job_id}/ndvi.tif"
-    world.repo.succeed(job_id, {"analysis": "crop-health", "outputs": {"ndvi_cog": url, "note": None}})
-    assert isinstance(world.blobs, InMemoryBlobStore)
+def test_status_of_a_succeeded_job_when_signing_fails(world: World, caplog: pytest.LogCaptureFixture) -> None:
+    url = "http://127.0.0.1:10000/devstoreaccount1/results/j/1/ndvi.tif"
+    job_id = _succeeded(world, {"analysis": "crop-health", "outputs": {"ndvi_cog": url, "note": None}})
     world.blobs.failure = StorageUnavailable("user delegation key: AuthorizationPermissionMismatch")
     with caplog.at_level(logging.WARNING, logger="shared.status"):
         response = get_job(str(job_id))
@@ -223,18 +291,65 @@ def test_status_of_a_succeeded_job_when_signing_fails(world: Deps, caplog: pytes
     assert [getattr(r, "job_id", None) for r in caplog.records if r.name == "shared.status"] == [str(job_id)]
 
 
-def test_status_of_a_failed_job(world: Deps) -> None:
-    job_id = uuid.UUID(body(post_job(geotiffs.crafted()))["job_id"])
-    world.repo.fail(job_id, "invalid_image", "the GeoTIFF cannot be decoded")
-    view = body(get_job(str(job_id)))
+def test_status_of_a_failed_job(world: World) -> None:
+    job = claimed(world.jobs, world.job(body(post_job(geotiffs.crafted()))["job_id"]))
+    world.jobs.fail(job.job_id, job.attempts, "invalid_image", "the GeoTIFF cannot be decoded")
+    response = get_job(str(job.job_id))
+    view = body(response)
     assert view["status"] == "failed"
     assert view["error"] == {"code": "invalid_image", "message": "the GeoTIFF cannot be decoded"}
+    assert "Retry-After" not in response.headers
 
 
-def test_status_unknown_job_is_404(world: Deps) -> None:
+# The reconciler's timer function
+
+
+@pytest.fixture
+def old_enough() -> Iterator[World]:
+    w = World(RECONCILE_RESEND_AFTER="-PT1S")  # every unconfirmed job is old enough
+    deps.use(w.deps())
+    yield w
+    deps.use(None)
+
+
+def test_reconcile_jobs_hands_over_an_unconfirmed_job_and_drains_the_dead_letters(old_enough: World) -> None:
+    world = old_enough
+    unsent = new_job(world.jobs, store=world.blobs)
+    queued = new_job(world.jobs, store=world.blobs)
+    queued = world.jobs.confirm_sent(queued.job_id, queued.generation) or queued
+    letter = Letter(
+        message_id=f"{queued.job_id}:1", sequence_number=1, job_id=queued.job_id, generation=1,
+        reason="TTLExpiredException", description="expired", delivery_count=1, enqueued_at=None, token=None,
+    )  # fmt: skip
+    world.inbox.pending.append(letter)
+    function("reconcile_jobs")(TimerRequest(past_due=False))
+    assert [m.message_id for m in world.publisher.messages] == [f"{unsent.job_id}:2"]
+    assert world.job(unsent.job_id).sent_at is not None
+    assert (world.job(queued.job_id).status, world.job(queued.job_id).error_code) == (
+        JobStatus.FAILED, "message_expired",
+    )  # fmt: skip
+    assert world.inbox.completed == [letter]
+    assert (world.inbox.opened, world.inbox.closed) == (1, 1)  # one receiver per run, closed after it
+
+
+def test_reconcile_jobs_uses_the_lifecycle_settings(world: World) -> None:
+    unsent = new_job(world.jobs, store=world.blobs)  # younger than RECONCILE_RESEND_AFTER (2 minutes)
+    function("reconcile_jobs")(TimerRequest(past_due=False))
+    assert world.job(unsent.job_id) == unsent
+    assert world.publisher.sent == []
+
+
+def test_a_past_due_run_is_logged_and_reconciles_the_same(old_enough: World, caplog: pytest.LogCaptureFixture) -> None:
+    unsent = new_job(old_enough.jobs, store=old_enough.blobs)
+    function("reconcile_jobs")(TimerRequest(past_due=True))
+    assert "reconcile_past_due" in [getattr(r, "action", None) for r in caplog.records]
+    assert old_enough.job(unsent.job_id).generation == 2
+
+
+def test_status_unknown_job_is_404(world: World) -> None:
     assert_problem(get_job(str(uuid.uuid4())), 404, "job_not_found")
 
 
 @pytest.mark.parametrize("job_id", ["nope", "1234", "../../etc", "", "{12345678-1234-5678-1234-567812345678}"])
-def test_status_malformed_id_is_400(world: Deps, job_id: str) -> None:
+def test_status_malformed_id_is_400(world: World, job_id: str) -> None:
     assert_problem(get_job(job_id), 400, "invalid_job_id")

@@ -1,33 +1,33 @@
-"""The job handler on in-memory implementations of the repository and the blob store, with real GeoTIFFs."""
+"""One claimed attempt through the job handler, on the in-memory job store and blob store, with real GeoTIFFs."""
 
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
-from uuid import UUID, uuid4
+from uuid import UUID
 
 import pytest
 import torch
 
 from gpu_worker.analysis import AnalysisOutput, AnalysisRequest, Analyzer
 from gpu_worker.handler import JobHandler, Outcome
-from shared.errors import CropAIError, InputMissing, InvalidImage, InvalidMessage, StorageUnavailable
-from shared.jobs import JobStatus
-from shared.memory import InMemoryJobRepository
-from shared.messages import JobMessage
+from gpu_worker.settlement import AttemptLost
+from shared.errors import CropAIError, InputMissing, InvalidImage, StorageUnavailable
+from shared.jobs import Job, JobStatus
+from tests.fakes import InMemoryJobStore
+from tests.jobs import GONE, PARAMS, claimed, new_job
 
 DATA = Path(__file__).parents[1] / "data"
 FIELDS = DATA / "s2_rgbn_fields_128.tif"
 
 
 class MemoryStore:
-    """The handler's side of :class:`shared.storage.BlobStore`: inputs by blob name, results by (job, name)."""
+    """The handler's side of :class:`shared.storage.BlobStore`: inputs by blob name, results by attempt."""
 
     def __init__(self) -> None:
         self.inputs: dict[str, bytes] = {}
         self.results: dict[str, tuple[bytes, str]] = {}
+        self.put_calls: list[tuple[UUID, int, str]] = []
         self.failure: CropAIError | None = None
 
     def download_input(self, blob_name: str, path: Path) -> None:
@@ -37,8 +37,9 @@ class MemoryStore:
             raise InputMissing(f"images/{blob_name} does not exist")
         path.write_bytes(self.inputs[blob_name])
 
-    def put_result(self, job_id: UUID, name: str, path: Path, content_type: str) -> str:
-        url = f"memory://account/results/{job_id}/{name}"
+    def put_result(self, job_id: UUID, attempt: int, name: str, path: Path, content_type: str) -> str:
+        self.put_calls.append((job_id, attempt, name))
+        url = f"memory://account/results/{job_id}/{attempt}/{name}"
         self.results[url] = (path.read_bytes(), content_type)
         return url
 
@@ -59,29 +60,29 @@ class StandInAnalyzer:
         )
 
 
-def _submit(
-    repo: InMemoryJobRepository, store: MemoryStore, data: bytes, *, bands: list[str] | None = None
-) -> JobMessage:
-    job_id = uuid4()
-    sha256 = hashlib.sha256(data).hexdigest()
-    blob = f"{job_id}/input.tif"
-    store.inputs[blob] = data
-    message = JobMessage(
-        job_id=job_id,
-        input_blob=blob,
-        input_sha256=sha256,
-        bands=bands or ["B02", "B03", "B04", "B08"],
-        scale=10000,
-        submitted_at=datetime.now(UTC),
-    )
-    params: dict[str, Any] = {"bands": message.bands, "scale": message.scale, "analysis": message.analysis}
-    repo.create(job_id=job_id, input_blob=blob, input_sha256=sha256, params=params, idempotency_key=None)
-    return message
+class Checkpoint:
+    """Counts the handler's checks; raises :class:`AttemptLost` at the ``lose_at``-th."""
+
+    def __init__(self, lose_at: int | None = None) -> None:
+        self.checks = 0
+        self.lose_at = lose_at
+
+    def check(self) -> None:
+        self.checks += 1
+        if self.checks == self.lose_at:
+            raise AttemptLost("taken over")
+
+
+def running_job(jobs: InMemoryJobStore, store: MemoryStore, data: bytes, *, bands: list[str] | None = None) -> Job:
+    """A job whose image is stored, claimed (attempt 1)."""
+    job = new_job(jobs, data, params={**PARAMS, "bands": bands or PARAMS["bands"]})
+    store.inputs[job.input_blob] = data
+    return claimed(jobs, job)
 
 
 @pytest.fixture
-def repo() -> InMemoryJobRepository:
-    return InMemoryJobRepository()
+def jobs() -> InMemoryJobStore:
+    return InMemoryJobStore()
 
 
 @pytest.fixture
@@ -89,68 +90,92 @@ def store() -> MemoryStore:
     return MemoryStore()
 
 
-def test_real_analysis_of_a_real_geotiff_is_stored(repo: InMemoryJobRepository, store: MemoryStore) -> None:
-    message = _submit(repo, store, FIELDS.read_bytes())
-    handler = JobHandler(repo, store, Analyzer(torch.device("cpu")))
-    assert handler.handle(message) is Outcome.SUCCEEDED
-    job = repo.get(message.job_id)
-    assert job is not None
-    assert (job.status, job.attempts) == (JobStatus.SUCCEEDED, 1)
-    assert job.result is not None
-    assert job.result["analysis"] == "crop-health"
-    assert 0.0 < job.result["valid_fraction"] <= 1.0
-    assert -1.0 <= job.result["indices"]["ndvi"]["mean"] <= 1.0
-    assert "outputs" in job.result
+def test_real_analysis_of_a_real_geotiff_is_stored(jobs: InMemoryJobStore, store: MemoryStore) -> None:
+    job = running_job(jobs, store, FIELDS.read_bytes())
+    handler = JobHandler(jobs, store, Analyzer(torch.device("cpu")))
+    assert handler.run(job, Checkpoint()) is Outcome.SUCCEEDED
+    done = jobs.get(job.job_id)
+    assert done is not None
+    assert (done.status, done.attempts) == (JobStatus.SUCCEEDED, 1)
+    assert done.result is not None
+    assert done.result["analysis"] == "crop-health"
+    assert done.result["attempt"] == 1
+    assert 0.0 < done.result["valid_fraction"] <= 1.0
+    assert -1.0 <= done.result["indices"]["ndvi"]["mean"] <= 1.0
+    assert done.result["outputs"]
+    assert all(f"/results/{job.job_id}/1/" in url for url in done.result["outputs"].values())
 
 
-def test_output_files_are_uploaded_and_their_urls_stored(repo: InMemoryJobRepository, store: MemoryStore) -> None:
-    message = _submit(repo, store, FIELDS.read_bytes())
-    JobHandler(repo, store, StandInAnalyzer()).handle(message)
-    job = repo.get(message.job_id)
-    assert job is not None
-    assert job.result is not None
-    url = job.result["outputs"]["quicklook_png"]
-    assert url == f"memory://account/results/{message.job_id}/quicklook.png"
-    assert store.results[url] == (b"\x89PNG stand-in", "image/png")
-
-
-@pytest.mark.parametrize(
-    ("terminal", "outcome"), [("succeed", Outcome.ALREADY_SUCCEEDED), ("fail", Outcome.ALREADY_FAILED)]
-)
-def test_a_redelivered_message_for_a_terminal_job_is_not_processed_again(
-    repo: InMemoryJobRepository, store: MemoryStore, terminal: str, outcome: Outcome
+def test_outputs_are_uploaded_under_the_attempt_and_the_result_names_it(
+    jobs: InMemoryJobStore, store: MemoryStore
 ) -> None:
-    message = _submit(repo, store, FIELDS.read_bytes())
-    if terminal == "succeed":
-        repo.succeed(message.job_id, {"first": True})
-    else:
-        repo.fail(message.job_id, "invalid_image", "broken")
+    first = running_job(jobs, store, FIELDS.read_bytes())
+    released = jobs.release(first.job_id, first.attempts)  # a transient error: the next attempt is number 2
+    assert released is not None
+    job = claimed(jobs, released)
+    assert job.attempts == 2
+    checkpoint = Checkpoint()
+    assert JobHandler(jobs, store, StandInAnalyzer()).run(job, checkpoint) is Outcome.SUCCEEDED
+    assert store.put_calls == [(job.job_id, 2, "quicklook.png")]
+    url = f"memory://account/results/{job.job_id}/2/quicklook.png"
+    assert store.results == {url: (b"\x89PNG stand-in", "image/png")}
+    done = jobs.get(job.job_id)
+    assert done is not None
+    assert done.status is JobStatus.SUCCEEDED
+    assert done.result == {
+        "analysis": "crop-health",
+        "bytes": FIELDS.stat().st_size,
+        "attempt": 2,
+        "outputs": {"quicklook_png": url},
+    }
+    assert checkpoint.checks == 2  # before the analysis and before the upload
+
+
+@pytest.mark.parametrize(("lose_at", "analysed"), [(1, 0), (2, 1)], ids=["before-the-analysis", "before-the-upload"])
+def test_a_lost_attempt_stops_before_uploading_anything(
+    jobs: InMemoryJobStore, store: MemoryStore, lose_at: int, analysed: int
+) -> None:
+    job = running_job(jobs, store, FIELDS.read_bytes())
     analyzer = StandInAnalyzer()
-    assert JobHandler(repo, store, analyzer).handle(message) is outcome
-    assert analyzer.calls == 0
-    job = repo.get(message.job_id)
-    assert job is not None
-    assert job.result == ({"first": True} if terminal == "succeed" else None)
+    with pytest.raises(AttemptLost):
+        JobHandler(jobs, store, analyzer).run(job, Checkpoint(lose_at=lose_at))
+    assert analyzer.calls == analysed
+    assert store.put_calls == []
+    assert jobs.get(job.job_id) == job  # untouched: settling is the consumer's
 
 
-def test_a_result_stored_meanwhile_by_another_delivery_stands(repo: InMemoryJobRepository, store: MemoryStore) -> None:
-    message = _submit(repo, store, FIELDS.read_bytes())
+def test_a_succeed_refused_after_a_take_over_is_attempt_lost_and_the_winner_stands(
+    jobs: InMemoryJobStore, store: MemoryStore
+) -> None:
+    data = FIELDS.read_bytes()
+    job = new_job(jobs, data)
+    store.inputs[job.input_blob] = data
+    loser = claimed(jobs, job, lease=GONE)  # this worker stalled past its lease...
+    winner = claimed(jobs, loser, worker="w2")  # ...and another delivery took the job over
+    assert (loser.attempts, winner.attempts) == (1, 2)
+    handler = JobHandler(jobs, store, StandInAnalyzer())
+    assert handler.run(winner, Checkpoint()) is Outcome.SUCCEEDED
+    won = jobs.get(job.job_id)
+    assert won is not None
+    with pytest.raises(AttemptLost, match="attempt 1"):
+        handler.run(loser, Checkpoint())
+    assert jobs.get(job.job_id) == won
+    assert won.result is not None
+    assert won.result["attempt"] == 2
+    assert won.result["outputs"] == {"quicklook_png": f"memory://account/results/{job.job_id}/2/quicklook.png"}
+    # The loser's files went under its own attempt: the winner's were never overwritten.
+    assert [(a, n) for _, a, n in store.put_calls] == [(2, "quicklook.png"), (1, "quicklook.png")]
 
-    class RacingAnalyzer(StandInAnalyzer):
-        def analyse(self, image_path: Path, request: AnalysisRequest, workdir: Path) -> AnalysisOutput:
-            repo.succeed(message.job_id, {"winner": "other delivery"})
-            return super().analyse(image_path, request, workdir)
 
-    assert JobHandler(repo, store, RacingAnalyzer()).handle(message) is Outcome.ALREADY_SUCCEEDED
-    job = repo.get(message.job_id)
-    assert job is not None
-    assert job.result == {"winner": "other delivery"}
-
-
-def test_unknown_job_is_an_invalid_message(repo: InMemoryJobRepository, store: MemoryStore) -> None:
-    message = _submit(InMemoryJobRepository(), store, FIELDS.read_bytes())  # the job exists elsewhere only
-    with pytest.raises(InvalidMessage, match="does not exist"):
-        JobHandler(repo, store, StandInAnalyzer()).handle(message)
+def test_a_succeed_refused_while_the_winner_runs_leaves_it_running(jobs: InMemoryJobStore, store: MemoryStore) -> None:
+    data = FIELDS.read_bytes()
+    job = new_job(jobs, data)
+    store.inputs[job.input_blob] = data
+    loser = claimed(jobs, job, lease=GONE)
+    winner = claimed(jobs, loser, worker="w2")
+    with pytest.raises(AttemptLost):
+        JobHandler(jobs, store, StandInAnalyzer()).run(loser, Checkpoint())
+    assert jobs.get(job.job_id) == winner
 
 
 def _truncated() -> bytes:
@@ -169,31 +194,42 @@ def _truncated() -> bytes:
     ],
 )
 def test_failures_raise_the_typed_error_and_leave_the_job_to_the_consumer(
-    repo: InMemoryJobRepository, store: MemoryStore, case: str, error: type[CropAIError]
+    jobs: InMemoryJobStore, store: MemoryStore, case: str, error: type[CropAIError]
 ) -> None:
     data = {"truncated GeoTIFF": _truncated(), "text body": b"hello, not a tiff"}.get(case, FIELDS.read_bytes())
     bands = ["X1", "X2", "X3", "X4"] if case == "bands that do not resolve" else None
-    message = _submit(repo, store, data, bands=bands)
+    job = running_job(jobs, store, data, bands=bands)
     if case == "missing blob":
-        del store.inputs[message.input_blob]
+        del store.inputs[job.input_blob]
     elif case == "storage down":
         store.failure = StorageUnavailable("throttled")
     elif case == "sha256 mismatch":
-        store.inputs[message.input_blob] = data[:-1] + bytes([data[-1] ^ 0xFF])
+        store.inputs[job.input_blob] = data[:-1] + bytes([data[-1] ^ 0xFF])
     with pytest.raises(error):
-        JobHandler(repo, store, Analyzer(torch.device("cpu"))).handle(message)
-    job = repo.get(message.job_id)
-    assert job is not None
-    assert (job.status, job.attempts) == (JobStatus.PROCESSING, 1)
+        JobHandler(jobs, store, Analyzer(torch.device("cpu"))).run(job, Checkpoint())
+    assert jobs.get(job.job_id) == job
+    assert store.put_calls == []
+
+
+def test_a_sha256_mismatch_names_both_digests(jobs: InMemoryJobStore, store: MemoryStore) -> None:
+    job = running_job(jobs, store, FIELDS.read_bytes())
+    store.inputs[job.input_blob] = b"tampered"
+    analyzer = StandInAnalyzer()
+    with pytest.raises(InvalidImage, match=hashlib.sha256(b"tampered").hexdigest()) as info:
+        JobHandler(jobs, store, analyzer).run(job, Checkpoint())
+    assert job.input_sha256 in info.value.message
+    assert analyzer.calls == 0
 
 
 def test_the_work_directory_is_removed_after_success_and_failure(
-    repo: InMemoryJobRepository, store: MemoryStore, tmp_path: Path
+    jobs: InMemoryJobStore, store: MemoryStore, tmp_path: Path
 ) -> None:
-    handler = JobHandler(repo, store, StandInAnalyzer(), tmp_dir=tmp_path)
-    assert handler.handle(_submit(repo, store, FIELDS.read_bytes())) is Outcome.SUCCEEDED
-    broken = _submit(repo, store, FIELDS.read_bytes())
+    handler = JobHandler(jobs, store, StandInAnalyzer(), tmp_dir=tmp_path)
+    assert handler.run(running_job(jobs, store, FIELDS.read_bytes()), Checkpoint()) is Outcome.SUCCEEDED
+    broken = running_job(jobs, store, FIELDS.read_bytes())
     store.inputs[broken.input_blob] = b"tampered"
     with pytest.raises(InvalidImage, match="sha256"):
-        handler.handle(broken)
+        handler.run(broken, Checkpoint())
+    with pytest.raises(AttemptLost):
+        handler.run(running_job(jobs, store, FIELDS.read_bytes()), Checkpoint(lose_at=2))
     assert list(tmp_path.iterdir()) == []

@@ -17,8 +17,8 @@ from gpu_worker.heartbeat import Heartbeat, check
     [
         (False, 1, True),
         (False, 121, False),
-        (True, 121, True),  # a long job: the loop does not turn, the job is younger than the lock-renewal limit
-        (True, 7201, False),  # stuck past the lock-renewal limit
+        (True, 121, True),  # a long job: the loop does not turn, the job is younger than its time limit
+        (True, 7201, False),  # past the attempt's time limit (JOB_TIMEOUT): overrunning until it is stopped
     ],
 )
 def test_check(tmp_path: Path, busy: bool, age: float, healthy: bool) -> None:
@@ -59,3 +59,30 @@ def test_healthcheck_cli(worker_env: Path, capsys: pytest.CaptureFixture[str]) -
     assert main(["--healthcheck"]) == 0
     assert capsys.readouterr().out.startswith("healthy: last beat")
     assert main(["--healthcheck", "--max-age", "-1"]) == 1
+
+
+def _stale_busy_heartbeat(path: Path, *, busy_for: float) -> None:
+    """A worker busy with one job for ``busy_for`` seconds, its loop not turning meanwhile."""
+    then = time.time() - busy_for
+    path.write_text(json.dumps({"beat": then, "busy_since": then, "pid": 1}))
+
+
+@pytest.mark.parametrize(
+    ("job_timeout", "healthy"), [("PT1H", True), ("PT5M", False)], ids=["within-JOB_TIMEOUT", "past-JOB_TIMEOUT"]
+)
+def test_healthcheck_cli_allows_a_busy_worker_up_to_the_job_timeout(
+    worker_env: Path, monkeypatch: pytest.MonkeyPatch, job_timeout: str, healthy: bool
+) -> None:
+    monkeypatch.setenv("JOB_TIMEOUT", job_timeout)
+    _stale_busy_heartbeat(worker_env, busy_for=600)  # older than WORKER_HEARTBEAT_MAX_AGE (120 s)
+    assert main(["--healthcheck"]) == (0 if healthy else 1)
+
+
+def test_idle_clears_busy(tmp_path: Path) -> None:
+    beat = Heartbeat(tmp_path / "hb")
+    beat.busy()
+    assert json.loads((tmp_path / "hb").read_text())["busy_since"] is not None
+    beat.idle()
+    state = json.loads((tmp_path / "hb").read_text())
+    assert state["busy_since"] is None
+    assert not check(tmp_path / "hb", max_age=120, busy_limit=7200, now=time.time() + 121)[0]

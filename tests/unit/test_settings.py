@@ -5,7 +5,7 @@ from datetime import timedelta
 import pytest
 from pydantic import ValidationError
 
-from shared.settings import QueueProperties, Settings
+from shared.settings import Settings
 
 LOCAL = {
     "ServiceBusConnection": "Endpoint=sb://127.0.0.1:5672;SharedAccessKeyName=RootManageSharedAccessKey;"
@@ -30,13 +30,13 @@ def test_keyless_azure_names() -> None:
             "POSTGRES_HOST": "pg.postgres.database.azure.com",
             "POSTGRES_USER": "id-crop-ai-func",
             "JOBS_QUEUE_NAME": "jobs-prod",
-            "WORKER_MAX_MESSAGE_COUNT": "8",
+            "JOB_MAX_ATTEMPTS": "8",
         }
     )
     assert settings.servicebus_namespace == "ns.servicebus.windows.net"
     assert settings.database_url is None
     assert settings.jobs_queue == "jobs-prod"
-    assert settings.worker_max_message_count == 8
+    assert settings.job_max_attempts == 8
 
 
 @pytest.mark.parametrize(
@@ -55,21 +55,70 @@ def test_bad_number_names_the_setting() -> None:
         Settings.from_env({**LOCAL, "MAX_UPLOAD_BYTES": "lots"})
 
 
-def test_queue_defaults() -> None:
-    queue = QueueProperties()
-    assert queue.lock_duration == timedelta(minutes=1)
-    assert queue.max_delivery_count == 5
-    assert queue.requires_duplicate_detection
+REMOVED = [
+    "QUEUE_MAX_DELIVERY_COUNT",
+    "WORKER_MAX_LOCK_RENEWAL",
+    "WORKER_SWEEP_INTERVAL",
+    "WORKER_SWEEP_AGE",
+    "WORKER_DEADLETTER_POLL_INTERVAL",
+    "WORKER_MAX_MESSAGE_COUNT",  # one message per receive
+]
 
 
-def test_queue_max_delivery_count_from_the_environment() -> None:
-    assert Settings.from_env(LOCAL).queue.max_delivery_count == 5
-    settings = Settings.from_env({**LOCAL, "QUEUE_MAX_DELIVERY_COUNT": "9"})
-    assert settings.queue.max_delivery_count == 9
-    assert settings.queue.lock_duration == QueueProperties().lock_duration  # the rest keep their defaults
+def test_lifecycle_defaults() -> None:
+    settings = Settings.from_env(LOCAL)
+    assert settings.job_max_attempts == 5
+    assert settings.job_lease == timedelta(minutes=2)
+    assert settings.job_timeout == timedelta(hours=1)
+    assert settings.retry_backoff == timedelta(seconds=10)
+    assert settings.retry_backoff_max == timedelta(minutes=5)
+    assert settings.reconcile_resend_after == timedelta(minutes=2)
+    assert settings.reconcile_batch == 100
+    assert settings.reconcile_schedule == "0 */1 * * * *"
+    assert settings.worker_probe_max_interval == 30.0
 
 
-@pytest.mark.parametrize("value", ["0", "many"])
-def test_bad_queue_max_delivery_count_names_the_setting(value: str) -> None:
-    with pytest.raises(ValidationError, match="QUEUE_MAX_DELIVERY_COUNT"):
-        Settings.from_env({**LOCAL, "QUEUE_MAX_DELIVERY_COUNT": value})
+def test_lifecycle_settings_from_the_environment() -> None:
+    settings = Settings.from_env(
+        {**LOCAL, "JOB_MAX_ATTEMPTS": "3", "JOB_LEASE": "PT30S", "JOB_TIMEOUT": "02:00:00", "RETRY_BACKOFF": "PT1S",
+         "RETRY_BACKOFF_MAX": "PT1M", "RECONCILE_RESEND_AFTER": "PT5M", "RECONCILE_BATCH": "7",
+         "RECONCILE_SCHEDULE": "*/30 * * * * *", "BUS_SEND_TIMEOUT": "2.5", "STORAGE_RETRY_TOTAL": "0",
+         "WORKER_PROBE_MAX_INTERVAL": "4"}
+    )  # fmt: skip
+    assert (settings.job_max_attempts, settings.job_lease, settings.job_timeout) == (
+        3, timedelta(seconds=30), timedelta(hours=2),
+    )  # fmt: skip
+    assert (settings.retry_backoff, settings.retry_backoff_max) == (timedelta(seconds=1), timedelta(minutes=1))
+    assert (settings.reconcile_resend_after, settings.reconcile_batch) == (timedelta(minutes=5), 7)
+    assert settings.reconcile_schedule == "*/30 * * * * *"
+    assert (settings.bus_send_timeout, settings.storage_retry_total, settings.worker_probe_max_interval) == (
+        2.5, 0, 4.0,
+    )  # fmt: skip
+
+
+def test_the_lock_outlives_any_attempt() -> None:
+    settings = Settings.from_env({**LOCAL, "JOB_TIMEOUT": "PT10M", "JOB_LEASE": "PT1M", "WORKER_SHUTDOWN_GRACE": "30"})
+    assert settings.lock_renewal_limit == timedelta(minutes=11, seconds=30)
+
+
+@pytest.mark.parametrize(("timeout", "lease"), [("PT2M", "PT2M"), ("PT1M", "PT2M")])
+def test_the_time_limit_must_be_longer_than_the_lease(timeout: str, lease: str) -> None:
+    with pytest.raises(ValidationError, match="JOB_TIMEOUT must be longer than JOB_LEASE"):
+        Settings.from_env({**LOCAL, "JOB_TIMEOUT": timeout, "JOB_LEASE": lease})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("JOB_MAX_ATTEMPTS", "0"), ("JOB_MAX_ATTEMPTS", "many"), ("RECONCILE_BATCH", "0"), ("JOB_LEASE", "120"),
+     ("RETRY_BACKOFF", "soon")],
+)  # fmt: skip
+def test_bad_lifecycle_values_name_the_setting(name: str, value: str) -> None:
+    with pytest.raises(ValidationError, match=name):
+        Settings.from_env({**LOCAL, name: value})
+
+
+def test_removed_settings_are_gone_and_ignored() -> None:
+    aliases = {field.alias for field in Settings.model_fields.values()}
+    assert aliases.isdisjoint(REMOVED)
+    settings = Settings.from_env({**LOCAL, **dict.fromkeys(REMOVED, "9")})
+    assert settings == Settings.from_env(LOCAL)

@@ -1,31 +1,45 @@
+"""The submit use case on the in-memory job store, blob store and publisher (:mod:`tests.fakes`)."""
+
 from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import uuid
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import datetime
 
 import pytest
 
 from shared.errors import BusUnavailable, DatabaseUnavailable, StorageUnavailable
 from shared.geotiff import Limits
 from shared.jobs import IdempotencyConflict, Job, JobStatus
-from shared.memory import InMemoryBlobStore, InMemoryJobRepository, InMemoryPublisher
+from shared.messages import JobMessage
 from shared.rejection import Rejected
-from shared.submission import EnqueueFailed, Submitted, Upload, resend, submit
+from shared.submission import EnqueueFailed, Submitted, Upload, submit
 from tests import geotiffs
+from tests.fakes import InMemoryBlobStore, InMemoryJobStore, InMemoryPublisher
+from tests.jobs import GONE, claimed
 
 LIMITS = Limits(max_bytes=10 * 1024 * 1024, max_pixels=10_000_000, max_bands=32)
 
 
 class World:
     def __init__(self) -> None:
-        self.repo = InMemoryJobRepository()
+        self.jobs = InMemoryJobStore()
         self.store = InMemoryBlobStore()
         self.publisher = InMemoryPublisher()
 
     def submit(self, upload: Upload) -> Submitted:
-        return submit(upload, limits=LIMITS, repo=self.repo, store=self.store, publisher=self.publisher)
+        return submit(upload, limits=LIMITS, jobs=self.jobs, store=self.store, publisher=self.publisher)
+
+    def job(self, job_id: uuid.UUID) -> Job:
+        job = self.jobs.get(job_id)
+        assert job is not None
+        return job
+
+    def message_ids(self) -> list[str]:
+        return [m.message_id for m in self.publisher.messages]
 
 
 @pytest.fixture
@@ -33,29 +47,30 @@ def world() -> World:
     return World()
 
 
-def test_a_real_scene_is_stored_recorded_and_queued(world: World, caplog: pytest.LogCaptureFixture) -> None:
+def actions(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [getattr(r, "action", "") for r in caplog.records if r.name == "shared.submission"]
+
+
+def test_a_real_scene_is_recorded_stored_sent_and_confirmed(world: World, caplog: pytest.LogCaptureFixture) -> None:
     data = geotiffs.real()
     with caplog.at_level(logging.INFO, logger="shared.submission"):
         outcome = world.submit(Upload(data))
     job = outcome.job
     assert outcome.created
-    assert job.status is JobStatus.QUEUED
+    assert (job.status, job.generation, job.attempts) == (JobStatus.QUEUED, 1, 0)
+    assert job.sent_at is not None  # the send is confirmed: the reconciler leaves the job alone
+    assert world.job(job.job_id) == job
     sha = hashlib.sha256(data).hexdigest()
-    assert world.store.blobs[f"images/{job.job_id}/input.tif"] == (data, {"sha256": sha})
-    [message] = world.publisher.sent
-    assert message.job_id == job.job_id
-    assert message.input_blob == f"{job.job_id}/input.tif" == job.input_blob
-    assert message.input_sha256 == sha
+    assert world.store.blobs == {f"images/{job.job_id}/input.tif": (data, {"sha256": sha})}
+    [(message, at)] = world.publisher.sent
+    assert at is None  # due now
+    assert message.message_id == f"{job.job_id}:1"
+    assert message == JobMessage.for_job(job)
+    assert (message.input_blob, message.input_sha256) == (f"{job.job_id}/input.tif", sha)
     assert message.bands == ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12"]
-    assert message.scale == 10000.0
-    assert message.analysis == "crop-health"
-    assert message.submitted_at == job.created_at
-    stored = world.repo.get(job.job_id)
-    assert stored is not None
-    assert stored.enqueued_at is not None  # recorded as sent: the sweeper leaves it alone
-    assert stored == job.model_copy(update={"enqueued_at": stored.enqueued_at})
-    assert world.repo.stale_unsent(timedelta(0), limit=10) == []
-    assert any(getattr(r, "job_id", None) == str(job.job_id) for r in caplog.records)
+    assert (message.scale, message.analysis, message.submitted_at) == (10000.0, "crop-health", job.created_at)
+    accepted = [r for r in caplog.records if getattr(r, "action", None) == "submit"]
+    assert [getattr(r, "job_id", None) for r in accepted] == [str(job.job_id)]
 
 
 @pytest.mark.parametrize(
@@ -86,6 +101,8 @@ def test_a_real_scene_is_stored_recorded_and_queued(world: World, caplog: pytest
 def test_parameters(world: World, upload: Upload, bands: list[str], scale: float, analysis: str) -> None:
     job = world.submit(upload).job
     assert job.params == {"bands": bands, "scale": scale, "analysis": analysis}
+    [message] = world.publisher.messages
+    assert (message.bands, message.scale, message.analysis) == (bands, scale, analysis)
 
 
 @pytest.mark.parametrize(
@@ -120,197 +137,246 @@ def test_refusals_store_nothing(world: World, upload: Upload, code: str) -> None
     assert info.value.code == code
     assert world.store.blobs == {}
     assert world.publisher.sent == []
-    assert world.repo._jobs == {}
+    assert world.jobs.unsent(GONE, limit=10) == []  # no job row either
 
 
-def test_same_key_same_bytes_is_the_same_job(world: World) -> None:
+# Failures of the hand-over
+
+
+def test_an_upload_failure_fails_the_job_and_sends_nothing(world: World) -> None:
+    world.store.failure = StorageUnavailable("azurite down")
+    with pytest.raises(EnqueueFailed) as info:
+        world.submit(Upload(geotiffs.crafted()))
+    assert info.value.transient
+    assert info.value.code == "enqueue_failed"
+    job = world.job(info.value.job_id)
+    assert (job.status, job.error_code, job.generation) == (JobStatus.FAILED, "enqueue_failed", 1)
+    assert job.error_message is not None
+    assert "azurite down" in job.error_message
+    assert job.finished_at is not None
+    assert world.publisher.sent == []
+
+
+def test_a_send_failure_is_ambiguous_and_never_fails_the_job(world: World, caplog: pytest.LogCaptureFixture) -> None:
+    world.publisher.failure = BusUnavailable("emulator down")
+    with caplog.at_level(logging.WARNING, logger="shared.submission"):
+        outcome = world.submit(Upload(geotiffs.crafted()))
+    assert outcome.created
+    job = world.job(outcome.job.job_id)
+    assert (job.status, job.sent_at, job.error_code, job.generation) == (JobStatus.QUEUED, None, None, 1)
+    assert outcome.job == job
+    assert list(world.store.blobs) == [f"images/{job.job_id}/input.tif"]  # stored: the reconciler can resend
+    assert world.publisher.sent == []
+    assert "enqueue" in actions(caplog)
+
+
+class DatabaseDownAfterTheSend(InMemoryPublisher):
+    """The message reaches the bus; the database goes away before the send is confirmed."""
+
+    def __init__(self, jobs: InMemoryJobStore) -> None:
+        super().__init__()
+        self._jobs = jobs
+
+    def send(self, message: JobMessage, *, at: datetime | None = None) -> None:
+        super().send(message, at=at)
+        self._jobs.failure = DatabaseUnavailable("connection reset")
+
+
+def test_a_confirm_failure_still_answers(world: World, caplog: pytest.LogCaptureFixture) -> None:
+    world.publisher = DatabaseDownAfterTheSend(world.jobs)
+    with caplog.at_level(logging.WARNING, logger="shared.submission"):
+        outcome = world.submit(Upload(geotiffs.crafted()))
+    assert outcome.created
+    assert (outcome.job.status, outcome.job.sent_at) == (JobStatus.QUEUED, None)
+    assert world.message_ids() == [f"{outcome.job.job_id}:1"]
+    assert any("not recorded" in r.getMessage() for r in caplog.records)
+    world.jobs.failure = None
+    job = world.job(outcome.job.job_id)
+    assert (job.status, job.sent_at) == (JobStatus.QUEUED, None)  # left to a claim or the reconciler
+
+
+# Idempotency-Key replays
+
+
+def test_a_replay_of_an_unconfirmed_job_sends_the_same_generation_again(world: World) -> None:
     data = geotiffs.crafted()
-    first = world.submit(Upload(data, idempotency_key="order-17"))
-    world.repo.start_attempt(first.job.job_id)  # the worker has picked it up
-    again = world.submit(Upload(data, idempotency_key="order-17", scale="1"))
+    world.publisher.failure = BusUnavailable("down")
+    first = world.submit(Upload(data, idempotency_key="k"))
+    world.publisher.failure = None
+    world.store.blobs.clear()  # as if the first submit had died between the insert and the upload
+    again = world.submit(Upload(data, idempotency_key="k"))
     assert not again.created
     assert again.job.job_id == first.job.job_id
-    assert again.job.status is JobStatus.PROCESSING
+    assert world.message_ids() == [f"{first.job.job_id}:1"]  # the same message id: duplicate detection drops it
+    assert list(world.store.blobs) == [f"images/{first.job.job_id}/input.tif"]
+    job = world.job(first.job.job_id)
+    assert (job.status, job.generation) == (JobStatus.QUEUED, 1)
+    assert job.sent_at is not None
+    assert again.job == job
+
+
+def test_a_replay_after_a_lost_confirm_resends_the_same_message_id_never_a_new_one(world: World) -> None:
+    data = geotiffs.crafted()
+    world.publisher = lost_confirm = DatabaseDownAfterTheSend(world.jobs)
+    first = world.submit(Upload(data, idempotency_key="k"))
+    world.jobs.failure = None
+    world.publisher = InMemoryPublisher()
+    again = world.submit(Upload(data, idempotency_key="k"))
+    expected = [f"{first.job.job_id}:1"]
+    assert [m.message_id for m in lost_confirm.messages] == world.message_ids() == expected
+    assert again.job.sent_at is not None
+
+
+def test_a_failed_replay_of_an_unconfirmed_job_leaves_it_queued(world: World) -> None:
+    data = geotiffs.crafted()
+    world.publisher.failure = BusUnavailable("down")
+    first = world.submit(Upload(data, idempotency_key="k"))
+    world.store.failure = StorageUnavailable("down")
+    with pytest.raises(EnqueueFailed):
+        world.submit(Upload(data, idempotency_key="k"))
+    job = world.job(first.job.job_id)
+    assert (job.status, job.error_code, job.sent_at) == (JobStatus.QUEUED, None, None)  # not the replay's to fail
+
+
+def _confirmed(world: World, job: Job) -> Job:
+    return job
+
+
+def _running(world: World, job: Job) -> Job:
+    return claimed(world.jobs, job)
+
+
+def _succeeded(world: World, job: Job) -> Job:
+    running = claimed(world.jobs, job)
+    done = world.jobs.succeed(job.job_id, running.attempts, {"attempt": 1})
+    assert done is not None
+    return done
+
+
+def _failed(world: World, job: Job) -> Job:
+    running = claimed(world.jobs, job)
+    failed = world.jobs.fail(job.job_id, running.attempts, "invalid_image", "not a GeoTIFF")
+    assert failed is not None
+    return failed
+
+
+def _cancelled(world: World, job: Job) -> Job:
+    cancelled = world.jobs.cancel(job.job_id)
+    assert cancelled is not None
+    return cancelled
+
+
+@pytest.mark.parametrize("state", [_confirmed, _running, _succeeded, _failed, _cancelled], ids=lambda f: f.__name__)
+def test_a_replay_of_a_job_already_handed_over_sends_nothing(world: World, state: Callable[[World, Job], Job]) -> None:
+    data = geotiffs.crafted()
+    first = world.submit(Upload(data, idempotency_key="k"))
+    now = state(world, first.job)
+    world.store.blobs.clear()
+    again = world.submit(Upload(data, idempotency_key="k", scale="1"))
+    assert not again.created
+    assert again.job == now == world.job(first.job.job_id)
     assert again.job.params["scale"] == 10000.0  # the first submission's parameters stand
+    assert world.message_ids() == [f"{first.job.job_id}:1"]
+    assert world.store.blobs == {}
+
+
+def test_a_retry_after_an_upload_failure_resubmits_a_new_generation(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = geotiffs.crafted()
+    world.store.failure = StorageUnavailable("down")
+    with pytest.raises(EnqueueFailed) as info:
+        world.submit(Upload(data, idempotency_key="k"))
+    world.store.failure = None
+    with caplog.at_level(logging.INFO, logger="shared.submission"):
+        again = world.submit(Upload(data, idempotency_key="k"))
+    job_id = info.value.job_id
+    assert not again.created
+    job = world.job(job_id)
+    assert again.job == job
+    assert (job.status, job.generation, job.error_code, job.error_message) == (JobStatus.QUEUED, 2, None, None)
+    assert job.sent_at is not None
+    assert world.message_ids() == [f"{job_id}:2"]
+    assert list(world.store.blobs) == [f"images/{job_id}/input.tif"]
+    assert "resubmit" in actions(caplog)
+
+
+def test_a_retry_that_fails_again_is_failed_again_and_the_next_one_resubmits(world: World) -> None:
+    data = geotiffs.crafted()
+    world.store.failure = StorageUnavailable("down")
+    with pytest.raises(EnqueueFailed):
+        world.submit(Upload(data, idempotency_key="k"))
+    with pytest.raises(EnqueueFailed) as info:
+        world.submit(Upload(data, idempotency_key="k"))
+    job = world.job(info.value.job_id)
+    assert (job.status, job.error_code, job.generation) == (JobStatus.FAILED, "enqueue_failed", 2)
+    world.store.failure = None
+    world.submit(Upload(data, idempotency_key="k"))
+    assert world.message_ids() == [f"{job.job_id}:3"]
+
+
+class RacingResubmits(InMemoryJobStore):
+    """Both concurrent retries reach ``resubmit`` before either has moved the job."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.barrier = threading.Barrier(2, timeout=5)
+        self.resubmitted: list[Job | None] = []
+
+    def resubmit(self, job_id: uuid.UUID) -> Job | None:
+        self.barrier.wait()
+        moved = super().resubmit(job_id)
+        self.resubmitted.append(moved)
+        return moved
+
+
+def test_two_concurrent_retries_resubmit_once(world: World, caplog: pytest.LogCaptureFixture) -> None:
+    world.jobs = jobs = RacingResubmits()
+    data = geotiffs.crafted()
+    world.store.failure = StorageUnavailable("down")
+    with pytest.raises(EnqueueFailed) as info:
+        world.submit(Upload(data, idempotency_key="k"))
+    world.store.failure = None
+    outcomes: list[Submitted] = []
+    errors: list[BaseException] = []
+
+    def retry() -> None:
+        try:
+            outcomes.append(world.submit(Upload(data, idempotency_key="k")))
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=retry) for _ in range(2)]
+    with caplog.at_level(logging.INFO, logger="shared.submission"):
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+    assert errors == []
+    assert [o.created for o in outcomes] == [False, False]
+    assert sum(moved is not None for moved in jobs.resubmitted) == 1  # one owner
+    accepted = sorted(a for a in actions(caplog) if a in ("resubmit", "replay"))
+    assert accepted == ["replay", "resubmit"]
+    job = world.job(info.value.job_id)
+    assert (job.status, job.generation) == (JobStatus.QUEUED, 2)
+    assert job.sent_at is not None
+    assert set(world.message_ids()) == {f"{job.job_id}:2"}  # never a third generation
+
+
+def test_same_key_other_bytes_conflicts(world: World) -> None:
+    first = world.submit(Upload(geotiffs.crafted(), idempotency_key="k"))
+    with pytest.raises(IdempotencyConflict) as info:
+        world.submit(Upload(geotiffs.crafted(dtype="float32"), idempotency_key="k"))
+    assert info.value.existing.job_id == first.job.job_id
     assert len(world.publisher.sent) == 1
     assert len(world.store.blobs) == 1
 
 
-def test_replay_of_a_queued_job_sends_it_again(world: World) -> None:
+def test_without_a_key_the_same_bytes_are_a_new_job(world: World) -> None:
     data = geotiffs.crafted()
-    first = world.submit(Upload(data, idempotency_key="k"))
-    world.store.blobs.clear()  # as if the first submit had died between the insert and the upload
-    again = world.submit(Upload(data, idempotency_key="k"))
-    assert not again.created
-    assert [m.job_id for m in world.publisher.sent] == [first.job.job_id] * 2  # same message_id: deduplicated
-    assert list(world.store.blobs) == [f"images/{first.job.job_id}/input.tif"]
-
-
-def test_same_key_other_bytes_conflicts(world: World) -> None:
-    world.submit(Upload(geotiffs.crafted(), idempotency_key="k"))
-    with pytest.raises(IdempotencyConflict):
-        world.submit(Upload(geotiffs.crafted(dtype="float32"), idempotency_key="k"))
-    assert len(world.publisher.sent) == 1
-
-
-@pytest.mark.parametrize(
-    ("target", "error", "step"),
-    [
-        ("publisher", BusUnavailable("emulator down"), "queue the job"),
-        ("store", StorageUnavailable("azurite down"), "store the image"),
-    ],
-)
-def test_a_failed_hand_over_fails_the_new_job(world: World, target: str, error: Exception, step: str) -> None:
-    getattr(world, target).failure = error
-    with pytest.raises(EnqueueFailed) as info:
-        world.submit(Upload(geotiffs.crafted()))
-    job = world.repo.get(info.value.job_id)
-    assert job is not None
-    assert job.status is JobStatus.FAILED
-    assert job.error_code == "enqueue_failed"
-    assert job.error_message is not None
-    assert step in job.error_message
-    assert info.value.transient
-
-
-def test_a_failed_replay_leaves_the_job_as_it_was(world: World) -> None:
-    data = geotiffs.crafted()
-    first = world.submit(Upload(data, idempotency_key="k"))
-    world.publisher.failure = BusUnavailable("down")
-    with pytest.raises(EnqueueFailed):
-        world.submit(Upload(data, idempotency_key="k"))
-    job = world.repo.get(first.job.job_id)
-    assert job is not None
-    assert job.status is JobStatus.QUEUED
-
-
-@pytest.mark.parametrize("target", ["publisher", "store"])
-def test_a_retry_with_the_same_key_after_a_503_hands_the_job_over_again(world: World, target: str) -> None:
-    data = geotiffs.crafted()
-    getattr(world, target).failure = BusUnavailable("down") if target == "publisher" else StorageUnavailable("down")
-    with pytest.raises(EnqueueFailed) as info:
-        world.submit(Upload(data, idempotency_key="k"))
-    getattr(world, target).failure = None
-    again = world.submit(Upload(data, idempotency_key="k"))
-    assert not again.created
-    assert again.job.job_id == info.value.job_id
-    assert again.job.status is JobStatus.QUEUED
-    assert (again.job.error_code, again.job.error_message) == (None, None)
-    assert [m.job_id for m in world.publisher.sent] == [info.value.job_id]
-    assert list(world.store.blobs) == [f"images/{info.value.job_id}/input.tif"]
-    stored = world.repo.get(info.value.job_id)
-    assert stored is not None
-    assert stored.status is JobStatus.QUEUED
-    assert stored.enqueued_at is not None
-
-
-def test_a_retry_that_fails_again_is_failed_again(world: World) -> None:
-    data = geotiffs.crafted()
-    world.publisher.failure = BusUnavailable("down")
-    with pytest.raises(EnqueueFailed):
-        world.submit(Upload(data, idempotency_key="k"))
-    with pytest.raises(EnqueueFailed) as info:
-        world.submit(Upload(data, idempotency_key="k"))
-    job = world.repo.get(info.value.job_id)
-    assert job is not None
-    assert (job.status, job.error_code) == (JobStatus.FAILED, "enqueue_failed")
-
-
-@pytest.mark.parametrize("code", ["invalid_image", "retries_exhausted"])
-def test_a_replay_of_a_job_failed_otherwise_sends_nothing(world: World, code: str) -> None:
-    data = geotiffs.crafted()
-    first = world.submit(Upload(data, idempotency_key="k"))
-    world.repo.fail(first.job.job_id, code, "worker said no")
-    again = world.submit(Upload(data, idempotency_key="k"))
-    assert (again.job.status, again.job.error_code) == (JobStatus.FAILED, code)
-    assert len(world.publisher.sent) == 1
-
-
-def test_a_retry_that_loses_the_requeue_race_replays_the_queued_job(world: World) -> None:
-    data = geotiffs.crafted()
-    world.publisher.failure = BusUnavailable("down")
-    with pytest.raises(EnqueueFailed) as info:
-        world.submit(Upload(data, idempotency_key="k"))
-    world.publisher.failure = None
-    requeue = world.repo.requeue_enqueue_failed
-
-    def another_retry_wins(job_id: uuid.UUID) -> Job | None:
-        assert requeue(job_id) is not None  # the concurrent retry
-        return requeue(job_id)  # ours: nothing left to requeue
-
-    world.repo.requeue_enqueue_failed = another_retry_wins  # type: ignore[method-assign]
-    world.publisher.failure = BusUnavailable("down")
-    with pytest.raises(EnqueueFailed):
-        world.submit(Upload(data, idempotency_key="k"))
-    job = world.repo.get(info.value.job_id)
-    assert job is not None
-    assert job.status is JobStatus.QUEUED  # a replay that does not own the job leaves it to the winner
-
-
-def test_sent_but_not_recorded_is_still_accepted(world: World, caplog: pytest.LogCaptureFixture) -> None:
-    def down(job_id: uuid.UUID) -> bool:
-        raise DatabaseUnavailable("gone")
-
-    world.repo.mark_enqueued = down  # type: ignore[method-assign]
-    with caplog.at_level(logging.WARNING, logger="shared.submission"):
-        outcome = world.submit(Upload(geotiffs.crafted()))
-    assert outcome.job.status is JobStatus.QUEUED
-    assert len(world.publisher.sent) == 1
-    assert any("not recorded as sent" in r.getMessage() for r in caplog.records)
-
-
-def unsent_job(world: World, *, stored: bool) -> Job:
-    """A queued job whose submit died after the insert (and, with ``stored``, after the upload)."""
-    data = geotiffs.crafted()
-    job, _ = world.repo.create(
-        job_id=(job_id := uuid.uuid4()),
-        input_blob=f"{job_id}/input.tif",
-        input_sha256=hashlib.sha256(data).hexdigest(),
-        params={"bands": ["B02", "B03", "B04", "B08"], "scale": 10000.0, "analysis": "crop-health"},
-        idempotency_key=None,
-    )
-    if stored:
-        world.store.put_input(job.job_id, data, job.input_sha256)
-    return job
-
-
-def test_resend_sends_the_message_rebuilt_from_the_job(world: World) -> None:
-    job = unsent_job(world, stored=True)
-    [stale] = world.repo.stale_unsent(timedelta(0), limit=10)
-    assert resend(stale, world.store, world.publisher, world.repo)
-    [message] = world.publisher.sent
-    assert (message.job_id, message.input_blob, message.input_sha256) == (job.job_id, job.input_blob, job.input_sha256)
-    assert (message.bands, message.scale, message.analysis) == (["B02", "B03", "B04", "B08"], 10000.0, "crop-health")
-    assert message.submitted_at == job.created_at
-    assert world.repo.stale_unsent(timedelta(0), limit=10) == []  # marked sent
-
-
-def test_resend_fails_a_job_whose_image_is_missing(world: World) -> None:
-    job = unsent_job(world, stored=False)
-    assert not resend(job, world.store, world.publisher, world.repo)
-    failed = world.repo.get(job.job_id)
-    assert failed is not None
-    assert (failed.status, failed.error_code) == (JobStatus.FAILED, "enqueue_failed")
-    assert world.publisher.sent == []
-
-
-@pytest.mark.parametrize(
-    ("target", "error"),
-    [("publisher", BusUnavailable("down")), ("store", StorageUnavailable("down"))],
-)
-def test_resend_leaves_the_job_for_the_next_sweep_on_transient_errors(
-    world: World, target: str, error: Exception
-) -> None:
-    job = unsent_job(world, stored=True)
-    getattr(world, target).failure = error
-    with pytest.raises(type(error)):
-        resend(job, world.store, world.publisher, world.repo)
-    assert [j.job_id for j in world.repo.stale_unsent(timedelta(0), limit=10)] == [job.job_id]
-
-
-def test_resend_leaves_a_job_that_is_no_longer_queued_alone(world: World) -> None:
-    job = unsent_job(world, stored=True)
-    started = world.repo.start_attempt(job.job_id)
-    assert started is not None
-    assert not resend(started, world.store, world.publisher, world.repo)
-    assert world.publisher.sent == []
+    a = world.submit(Upload(data))
+    b = world.submit(Upload(data))
+    assert a.created
+    assert b.created
+    assert a.job.job_id != b.job.job_id
+    assert world.message_ids() == [f"{a.job.job_id}:1", f"{b.job.job_id}:1"]

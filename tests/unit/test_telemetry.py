@@ -49,7 +49,7 @@ def test_job_message_envelope() -> None:
     )  # fmt: skip
     with trace.get_tracer(__name__).start_as_current_span("submit"):
         sb = job_message(message)
-    assert sb.message_id == str(job_id)
+    assert sb.message_id == f"{job_id}:1"
     assert sb.content_type == CONTENT_TYPE
     assert sb.subject == SUBJECT
     assert JobMessage.model_validate_json(b"".join(sb.body)) == message

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from gpu_worker.settlement import Interrupted
+from gpu_worker.settlement import Interrupted, TimedOut
 from gpu_worker.shutdown import Shutdown
 
 WAIT = 10.0  # seconds: only a bound on a hang, never a speed claim
@@ -102,3 +102,48 @@ def test_a_signal_arriving_while_the_main_thread_is_inside_a_request_does_not_de
         os.kill(os.getpid(), signal.SIGTERM)
     assert shutdown.requested.wait(WAIT)
     assert shutdown.forced.wait(WAIT)
+
+
+# Shutdown.interrupt: one job interrupted (its time limit) without a shutdown
+
+
+class Stop(Exception):
+    pass
+
+
+def _interrupt_from_a_thread(drain: Shutdown, error: BaseException) -> None:
+    thread = threading.Thread(target=drain.interrupt, args=(error,))
+    thread.start()
+    thread.join()
+
+
+def test_interrupt_raises_the_given_error_inside_the_interruptible_block(shutdown: Shutdown) -> None:
+    error = TimedOut("past the time limit")
+    with pytest.raises(TimedOut) as info:
+        _work(shutdown, lambda: _interrupt_from_a_thread(shutdown, error))
+    assert info.value is error
+    assert not shutdown.requested.is_set()  # no drain: the worker carries on with the next message
+    assert not shutdown.forced.is_set()
+
+
+def test_interrupt_outside_the_interruptible_block_raises_nothing(shutdown: Shutdown) -> None:
+    _interrupt_from_a_thread(shutdown, Stop("too late: the job is being settled"))
+    time.sleep(0.2)  # the signal handler has run by now, and raised nothing
+    assert not shutdown.requested.is_set()
+    with shutdown.interruptible():  # the stale interrupt does not hit the next job either...
+        os.kill(os.getpid(), signal.SIGTERM)  # ...not even when a signal arrives during it
+        assert shutdown.requested.wait(WAIT)
+    assert not shutdown.forced.is_set()
+
+
+def test_interrupt_without_its_handlers_installed_signals_nothing() -> None:
+    received: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: received.append(signum))
+    try:
+        drain = Shutdown(grace=300)
+        with drain.interruptible():
+            _interrupt_from_a_thread(drain, Stop("no handler installed"))
+            time.sleep(0.2)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert received == []

@@ -1,0 +1,204 @@
+"""The attempt guard with real threads and short leases: renewal, loss, a database outage, the time limit."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from gpu_worker.attempt import EXIT_TIMED_OUT, AttemptGuard
+from gpu_worker.settlement import AttemptLost, TimedOut
+from gpu_worker.shutdown import Shutdown
+from shared.errors import DatabaseUnavailable
+from shared.jobs import Job, JobStatus
+from tests.fakes import InMemoryJobStore
+from tests.jobs import GONE, claimed, new_job
+
+pytestmark = pytest.mark.timeout(10)
+
+LEASE = timedelta(milliseconds=60)  # the guard ticks every max(lease / 3, 50 ms): every 50 ms here
+LONG = timedelta(seconds=30)  # a time limit no test reaches
+WAIT = 2.0  # seconds: a bound on a hang, never a speed claim
+
+
+class Recorder:
+    """Stands in for ``Shutdown.interrupt`` and ``os._exit``: records the calls, sets ``called``."""
+
+    def __init__(self) -> None:
+        self.calls: list[object] = []
+        self.called = threading.Event()
+
+    def __call__(self, value: object) -> None:
+        self.calls.append(value)
+        self.called.set()
+
+
+@pytest.fixture
+def jobs() -> InMemoryJobStore:
+    return InMemoryJobStore()
+
+
+@pytest.fixture
+def running(jobs: InMemoryJobStore) -> Job:
+    return claimed(jobs, new_job(jobs), lease=LEASE)
+
+
+def guard(
+    jobs: InMemoryJobStore,
+    job: Job,
+    *,
+    timeout: timedelta = LONG,
+    interrupt: Recorder | None = None,
+    exit_process: Recorder | None = None,
+    hard_exit_after: float = WAIT,
+) -> AttemptGuard:
+    return AttemptGuard(
+        jobs,
+        job,
+        lease=LEASE,
+        timeout=timeout,
+        interrupt=interrupt or Recorder(),
+        hard_exit_after=hard_exit_after,
+        exit_process=exit_process or Recorder(),
+    )
+
+
+def current(jobs: InMemoryJobStore, job: Job) -> Job:
+    now = jobs.get(job.job_id)
+    assert now is not None
+    return now
+
+
+def test_the_lease_is_renewed_while_the_attempt_runs(jobs: InMemoryJobStore, running: Job) -> None:
+    assert running.lease_until is not None
+    with guard(jobs, running) as g:
+        time.sleep(0.3)  # five times the lease: without renewals it would have run out long ago
+        renewed = current(jobs, running).lease_until
+        assert renewed is not None
+        assert renewed > running.lease_until + timedelta(milliseconds=150)
+        assert jobs.claim(running.job_id, worker_id="w2", lease=LEASE, max_attempts=5) is None  # still held
+        g.check()
+    assert not g.lost.is_set()
+    assert current(jobs, running).status is JobStatus.RUNNING
+
+
+def test_a_take_over_is_noticed_and_check_raises(jobs: InMemoryJobStore, caplog: pytest.LogCaptureFixture) -> None:
+    stale = claimed(jobs, new_job(jobs), lease=GONE)  # this worker stalled past its lease...
+    winner = claimed(jobs, stale, worker="w2", lease=timedelta(minutes=5))  # ...another claim took the job
+    with guard(jobs, stale) as g:
+        g.check()  # nothing known yet: the first renewal is a tick away
+        assert g.lost.wait(WAIT)
+        with pytest.raises(AttemptLost, match="attempt 1"):
+            g.check()
+    assert current(jobs, stale) == winner  # the stale renewals moved nothing
+    assert [getattr(r, "action", None) for r in caplog.records].count("attempt_lost") == 1
+
+
+def test_a_cancelled_job_is_lost_too(jobs: InMemoryJobStore, running: Job) -> None:
+    with guard(jobs, running) as g:
+        assert jobs.cancel(running.job_id) is not None
+        assert g.lost.wait(WAIT)
+        with pytest.raises(AttemptLost):
+            g.check()
+
+
+def test_a_failed_renewal_is_tolerated_and_retried(
+    jobs: InMemoryJobStore, running: Job, caplog: pytest.LogCaptureFixture
+) -> None:
+    with guard(jobs, running) as g:
+        jobs.failure = DatabaseUnavailable("connection refused")
+        time.sleep(0.2)  # several ticks, every renewal failing
+        jobs.failure = None
+        cleared_at = datetime.now(UTC)
+        time.sleep(0.2)
+        g.check()
+    assert not g.lost.is_set()
+    renewed = current(jobs, running).lease_until
+    assert renewed is not None
+    assert renewed > cleared_at + LEASE  # renewed again once the database answered
+    assert "lease_renew_failed" in [getattr(r, "action", None) for r in caplog.records]
+
+
+def test_the_time_limit_fails_the_job_and_interrupts_it(jobs: InMemoryJobStore, running: Job) -> None:
+    interrupt, exit_process = Recorder(), Recorder()
+    with guard(jobs, running, timeout=timedelta(milliseconds=150), interrupt=interrupt, exit_process=exit_process) as g:
+        assert interrupt.called.wait(WAIT)  # the block stops when interrupted, as Shutdown.interrupt makes it
+    [error] = interrupt.calls
+    assert isinstance(error, TimedOut)
+    assert "time limit" in str(error)
+    assert g.timed_out.is_set()
+    failed = current(jobs, running)
+    assert (failed.status, failed.error_code, failed.attempts) == (JobStatus.FAILED, "timed_out", 1)
+    assert exit_process.calls == []
+
+
+def test_the_time_limit_of_a_stale_attempt_fails_nothing(jobs: InMemoryJobStore) -> None:
+    stale = claimed(jobs, new_job(jobs), lease=GONE)
+    winner = claimed(jobs, stale, worker="w2", lease=timedelta(minutes=5))
+    interrupt = Recorder()
+    with guard(jobs, stale, timeout=timedelta(milliseconds=100), interrupt=interrupt):
+        assert interrupt.called.wait(WAIT)
+    assert current(jobs, stale) == winner  # fenced: the winner's attempt is not failed
+
+
+def test_an_attempt_that_cannot_be_interrupted_exits_the_process(jobs: InMemoryJobStore, running: Job) -> None:
+    interrupt, exit_process = Recorder(), Recorder()
+    started = time.monotonic()
+    with guard(
+        jobs, running, timeout=timedelta(milliseconds=100), interrupt=interrupt, exit_process=exit_process,
+        hard_exit_after=0.2,
+    ):  # fmt: skip
+        assert exit_process.called.wait(WAIT)  # a hung call: the interrupt changes nothing
+    assert exit_process.calls == [EXIT_TIMED_OUT] == [75]
+    assert time.monotonic() - started >= 0.3  # the time limit, then the grace to stop
+    assert len(interrupt.calls) == 1
+
+
+def test_an_attempt_that_stops_in_time_after_the_interrupt_does_not_exit(jobs: InMemoryJobStore, running: Job) -> None:
+    interrupt, exit_process = Recorder(), Recorder()
+    with guard(
+        jobs, running, timeout=timedelta(milliseconds=100), interrupt=interrupt, exit_process=exit_process,
+        hard_exit_after=0.3,
+    ):  # fmt: skip
+        assert interrupt.called.wait(WAIT)
+        time.sleep(0.1)  # winding down, within hard_exit_after
+    time.sleep(0.4)  # past hard_exit_after: an exit would have happened by now
+    assert exit_process.calls == []
+
+
+def test_an_attempt_that_finishes_on_time_neither_fails_nor_exits(jobs: InMemoryJobStore, running: Job) -> None:
+    interrupt, exit_process = Recorder(), Recorder()
+    started = time.monotonic()
+    with guard(jobs, running, timeout=timedelta(milliseconds=300), interrupt=interrupt, exit_process=exit_process) as g:
+        time.sleep(0.05)
+    assert time.monotonic() - started < 0.25  # leaving the block stops the guard's thread at once
+    time.sleep(0.4)  # past the time limit
+    assert (interrupt.calls, exit_process.calls) == ([], [])
+    assert not g.timed_out.is_set()
+    assert current(jobs, running).status is JobStatus.RUNNING
+
+
+@pytest.fixture
+def shutdown() -> Iterator[Shutdown]:
+    drain = Shutdown(grace=300)
+    restore = drain.install()
+    yield drain
+    drain.finished()
+    restore()
+
+
+def test_with_the_real_shutdown_the_time_limit_interrupts_the_main_thread(
+    jobs: InMemoryJobStore, running: Job, shutdown: Shutdown
+) -> None:
+    exit_process = Recorder()
+    attempt = AttemptGuard(
+        jobs, running, lease=LEASE, timeout=timedelta(milliseconds=100), interrupt=shutdown.interrupt,
+        hard_exit_after=WAIT, exit_process=exit_process,
+    )  # fmt: skip
+    with pytest.raises(TimedOut), attempt, shutdown.interruptible():
+        time.sleep(5)  # GPU work that releases the GIL: the signal handler raises long before this returns
+    assert current(jobs, running).error_code == "timed_out"
+    assert exit_process.calls == []

@@ -1,0 +1,272 @@
+"""One message through the consumer (claim, attempt, settle) with a recording receiver and the in-memory fakes.
+
+What the broker does with each settlement and what the row says afterwards; the real SDK and the real backends are
+the integration tier's (tests/integration).
+"""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from azure.servicebus import ServiceBusReceivedMessage, ServiceBusReceiver
+
+from gpu_worker.breaker import Breaker
+from gpu_worker.consumer import AttemptLimits, Consumer
+from gpu_worker.handler import Checkpoint, JobHandler, Outcome
+from gpu_worker.heartbeat import Heartbeat
+from gpu_worker.locks import LostLocks
+from gpu_worker.settlement import Action, AttemptLost, Interrupted, RetryPolicy
+from gpu_worker.shutdown import Shutdown
+from shared.errors import BusUnavailable, DatabaseUnavailable, InvalidImage, StorageUnavailable
+from shared.jobs import Job, JobStatus
+from shared.messages import JobMessage
+from tests.fakes import InMemoryJobStore, InMemoryPublisher
+from tests.jobs import claimed, new_job
+
+MAX = 3
+RETRY = RetryPolicy(max_attempts=MAX, backoff=timedelta(seconds=10), backoff_max=timedelta(minutes=5))
+_tokens = itertools.count()
+
+
+class Message:
+    """What the consumer reads of a ``ServiceBusReceivedMessage``."""
+
+    def __init__(self, body: bytes, message_id: str, *, lock_lost: bool = False) -> None:
+        self.body = [body]
+        self.message_id = message_id
+        self.delivery_count = 0
+        self.application_properties: dict[bytes, bytes] = {}
+        self.lock_token = f"token-{next(_tokens)}"
+        self.locked_until_utc = datetime.now(UTC) + (timedelta(seconds=-1) if lock_lost else timedelta(minutes=5))
+
+
+class Receiver:
+    """Records each settlement as ``(action, message_id, reason)``."""
+
+    def __init__(self) -> None:
+        self.settled: list[tuple[str, str, str | None]] = []
+        self.descriptions: list[str | None] = []
+
+    def complete_message(self, message: Message) -> None:
+        self.settled.append(("complete", message.message_id, None))
+
+    def abandon_message(self, message: Message) -> None:
+        self.settled.append(("abandon", message.message_id, None))
+
+    def dead_letter_message(
+        self, message: Message, reason: str | None = None, error_description: str | None = None
+    ) -> None:
+        self.settled.append(("dead_letter", message.message_id, reason))
+        self.descriptions.append(error_description)
+
+
+class Handler(JobHandler):
+    """Runs an attempt by raising ``error`` (or succeeding); records the attempts it was given."""
+
+    def __init__(self, jobs: InMemoryJobStore, error: BaseException | None = None) -> None:
+        self._jobs_store = jobs
+        self.error = error
+        self.runs: list[int] = []
+
+    def run(self, job: Job, checkpoint: Checkpoint) -> Outcome:
+        self.runs.append(job.attempts)
+        checkpoint.check()
+        if self.error is not None:
+            raise self.error
+        assert self._jobs_store.succeed(job.job_id, job.attempts, {"attempt": job.attempts}) is not None
+        return Outcome.SUCCEEDED
+
+
+class World:
+    def __init__(self, tmp_path: Path) -> None:
+        self.jobs = InMemoryJobStore()
+        self.publisher = InMemoryPublisher()
+        self.receiver = Receiver()
+        self.handler = Handler(self.jobs)
+        self.breaker = Breaker({}, max_interval=1)
+        self.consumer = Consumer(
+            cast(ServiceBusReceiver, self.receiver),
+            self.jobs,
+            self.handler,
+            self.publisher,
+            Shutdown(grace=300),
+            Heartbeat(tmp_path / "hb"),
+            LostLocks(),
+            self.breaker,
+            worker_id="w1",
+            retry=RETRY,
+            limits=AttemptLimits(lease=timedelta(minutes=5), timeout=timedelta(minutes=10), hard_exit_after=5),
+            max_wait_time=0.1,
+        )
+
+    def process(self, message: Message) -> None:
+        self.consumer._process(cast(ServiceBusReceivedMessage, message))
+
+    def deliver(self, job: Job, **kwargs: Any) -> Message:
+        message = JobMessage.for_job(job)
+        delivered = Message(message.to_json(), message.message_id, **kwargs)
+        self.process(delivered)
+        return delivered
+
+    def job(self, job: Job) -> Job:
+        now = self.jobs.get(job.job_id)
+        assert now is not None
+        return now
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    return World(tmp_path)
+
+
+def test_a_succeeded_attempt_completes_the_message(world: World) -> None:
+    job = new_job(world.jobs)
+    world.deliver(job)
+    assert world.receiver.settled == [("complete", f"{job.job_id}:1", None)]
+    assert (world.job(job).status, world.job(job).attempts) == (JobStatus.SUCCEEDED, 1)
+    assert world.consumer.settled[Action.COMPLETE] == 1
+
+
+@pytest.mark.parametrize("state", ["running", "succeeded"])
+def test_a_job_that_cannot_be_claimed_is_not_run_again(world: World, state: str) -> None:
+    job = new_job(world.jobs)
+    world.deliver(job)  # succeeded
+    if state == "running":
+        job = claimed(world.jobs, new_job(world.jobs), worker="w2")  # a live lease elsewhere
+    before = world.job(job)
+    world.receiver.settled.clear()
+    runs = list(world.handler.runs)
+    world.deliver(job)
+    assert world.receiver.settled == [("complete", f"{job.job_id}:{job.generation}", None)]
+    assert world.handler.runs == runs
+    assert world.job(job) == before
+
+
+def test_a_poison_message_is_dead_lettered(world: World) -> None:
+    world.process(Message(b"not json", "garbage"))
+    assert world.receiver.settled == [("dead_letter", "garbage", "InvalidMessage")]
+
+
+def test_a_message_for_an_unknown_job_is_dead_lettered(world: World) -> None:
+    ghost = new_job(InMemoryJobStore())
+    world.deliver(ghost)
+    assert world.receiver.settled == [("dead_letter", f"{ghost.job_id}:1", "InvalidMessage")]
+    assert world.receiver.descriptions[0] is not None
+    assert "does not exist" in world.receiver.descriptions[0]
+
+
+def test_a_transient_error_releases_the_job_and_schedules_the_next_generation(world: World) -> None:
+    job = new_job(world.jobs)
+    world.handler.error = StorageUnavailable("throttled")
+    before = datetime.now(UTC)
+    world.deliver(job)
+    assert world.receiver.settled == [("complete", f"{job.job_id}:1", None)]  # backoff costs time, not deliveries
+    now = world.job(job)
+    assert (now.status, now.generation, now.attempts) == (JobStatus.QUEUED, 2, 1)
+    assert now.sent_at is not None
+    [(message, at)] = world.publisher.sent
+    assert message.message_id == f"{job.job_id}:2"
+    assert at is not None
+    assert before + timedelta(seconds=10) <= at <= datetime.now(UTC) + timedelta(seconds=10)
+    assert world.breaker.open_because == "storage_unavailable"
+
+
+def test_the_next_generation_claims_the_next_attempt_with_a_doubled_backoff(world: World) -> None:
+    job = new_job(world.jobs)
+    world.handler.error = DatabaseUnavailable("down")
+    world.deliver(job)
+    world.deliver(world.job(job))
+    assert world.handler.runs == [1, 2]
+    [(_, first), (second_message, second)] = world.publisher.sent
+    assert second_message.message_id == f"{job.job_id}:3"
+    assert first is not None
+    assert second is not None
+    assert second - first >= timedelta(seconds=9)  # 20 s after the second attempt, 10 s after the first
+
+
+def test_a_transient_error_on_the_last_attempt_fails_the_job(world: World) -> None:
+    job = new_job(world.jobs)
+    world.handler.error = BusUnavailable("down")
+    for _ in range(MAX):
+        world.deliver(world.job(job))
+    assert world.handler.runs == [1, 2, 3]
+    now = world.job(job)
+    assert (now.status, now.error_code) == (JobStatus.FAILED, "retries_exhausted")
+    assert world.receiver.settled[-1] == ("dead_letter", f"{job.job_id}:3", "RetriesExhausted")
+    assert len(world.publisher.sent) == MAX - 1
+
+
+def test_a_permanent_error_fails_the_job_and_dead_letters(world: World) -> None:
+    job = new_job(world.jobs)
+    world.handler.error = InvalidImage("band 4 is empty")
+    world.deliver(job)
+    now = world.job(job)
+    assert (now.status, now.error_code, now.error_message) == (JobStatus.FAILED, "invalid_image", "band 4 is empty")
+    assert world.receiver.settled == [("dead_letter", f"{job.job_id}:1", "InvalidImage")]
+    assert world.publisher.sent == []
+
+
+def test_a_lost_attempt_completes_and_leaves_the_job_to_its_owner(world: World) -> None:
+    job = new_job(world.jobs)
+    world.handler.error = AttemptLost("taken over")
+    world.deliver(job)
+    assert world.receiver.settled == [("complete", f"{job.job_id}:1", None)]
+    now = world.job(job)
+    assert (now.status, now.attempts) == (JobStatus.RUNNING, 1)
+
+
+def test_a_shutdown_retries_at_once(world: World) -> None:
+    job = new_job(world.jobs)
+    world.handler.error = Interrupted("grace over")
+    world.deliver(job)
+    [(message, at)] = world.publisher.sent
+    assert (message.message_id, at) == (f"{job.job_id}:2", None)
+    assert world.job(job).status is JobStatus.QUEUED
+    assert world.receiver.settled == [("complete", f"{job.job_id}:1", None)]
+
+
+def test_keyboard_interrupt_is_settled_then_raised(world: World) -> None:
+    job = new_job(world.jobs)
+    world.handler.error = KeyboardInterrupt()
+    with pytest.raises(KeyboardInterrupt):
+        world.deliver(job)
+    assert world.receiver.settled == [("complete", f"{job.job_id}:1", None)]
+    assert world.job(job).status is JobStatus.QUEUED
+
+
+class FailingFail(InMemoryJobStore):
+    def fail(self, job_id: Any, attempt: int, code: str, message: str) -> Job | None:
+        raise DatabaseUnavailable("connection reset")
+
+
+def test_a_database_outage_while_failing_the_job_abandons_the_message(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    world.jobs = FailingFail()
+    world.consumer._jobs = world.jobs
+    world.handler.error = InvalidImage("bad")
+    job = new_job(world.jobs)
+    world.deliver(job)
+    assert world.receiver.settled == [("abandon", f"{job.job_id}:1", None)]
+    assert world.job(job).status is JobStatus.RUNNING  # the redelivery, or the reconciler, comes back to it
+
+
+def test_a_send_failure_while_rescheduling_abandons_and_leaves_the_job_released(world: World) -> None:
+    job = new_job(world.jobs)
+    world.handler.error = StorageUnavailable("throttled")
+    world.publisher.failure = BusUnavailable("down")
+    world.deliver(job)
+    assert world.receiver.settled == [("abandon", f"{job.job_id}:1", None)]
+    now = world.job(job)
+    assert (now.status, now.generation, now.sent_at) == (JobStatus.QUEUED, 2, None)  # the redelivery claims it
+
+
+def test_a_lost_lock_settles_nothing_but_the_job_still_fails(world: World) -> None:
+    job = new_job(world.jobs)
+    world.handler.error = InvalidImage("bad")
+    world.deliver(job, lock_lost=True)
+    assert world.receiver.settled == []
+    assert world.job(job).error_code == "invalid_image"
