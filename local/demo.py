@@ -64,7 +64,7 @@ def wait(client: httpx.Client, status_url: str, retry_after: float, timeout: flo
         elif body["status"] != last:
             print(line, flush=True)
         last = body["status"]
-        if body["status"] in ("succeeded", "failed"):
+        if body["status"] in ("succeeded", "failed", "cancelled"):
             if interactive:
                 print()
             return body
