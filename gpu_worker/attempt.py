@@ -77,24 +77,28 @@ class AttemptGuard:
     def _run(self) -> None:
         tick = max(self._lease.total_seconds() / 3, 0.05)
         deadline = self._started + self._timeout
-        while not self._done.wait(min(tick, max(deadline - time.monotonic(), 0.0))):
+        wait = tick
+        while not self._done.wait(min(wait, max(deadline - time.monotonic(), 0.0))):
             if time.monotonic() >= deadline:
                 self._time_out()
                 return
-            self._renew()
+            wait = tick if self._renew() else tick / 4  # a failed renewal is retried soon: the lease is running out
 
-    def _renew(self) -> None:
+    def _renew(self) -> bool:
+        """Renew the lease; ``False`` when the renewal could not be made (try again soon)."""
         try:
             renewed = self._jobs.renew_lease(self.job_id, self.attempt, self._lease)
-        except CropAIError as e:
-            logger.warning("lease renewal failed: %s", e, extra={**self._extra, "action": "lease_renew_failed"})
-            return
+        except Exception as e:  # DatabaseUnavailable, or a bug: the thread must live on (time limit, hard exit)
+            logger.warning("lease renewal failed: %s", e, exc_info=not isinstance(e, CropAIError),
+                           extra={**self._extra, "action": "lease_renew_failed"})  # fmt: skip
+            return False
         if renewed is None and not self.lost.is_set():
             self.lost.set()
             logger.warning(
                 "job %s: attempt %d no longer holds the job", self.job_id, self.attempt,
                 extra={**self._extra, "action": "attempt_lost"},
             )  # fmt: skip
+        return True
 
     def _time_out(self) -> None:
         self.timed_out.set()

@@ -31,7 +31,7 @@ from gpu_worker.heartbeat import Heartbeat
 from gpu_worker.locks import LostLocks
 from gpu_worker.settlement import Action, Decision, Interrupted, RetryPolicy, decide
 from gpu_worker.shutdown import Shutdown
-from shared.errors import CropAIError, InvalidMessage
+from shared.errors import InvalidMessage
 from shared.jobs import Job, JobStore
 from shared.messages import JobMessage, decode, parse_message_id
 from shared.submission import Publisher
@@ -230,9 +230,9 @@ class Consumer:
         redelivery, or the reconciler once the lease runs out, comes back to it)."""
         try:
             self._jobs.fail(job.job_id, job.attempts, decision.fail_code or "", decision.description or "")
-        except CropAIError as e:
+        except Exception as e:  # DatabaseUnavailable, or a bug: the message must still be settled
             logger.warning("could not fail job %s: %s", job.job_id, e, extra={**fields, "action": "fail_job_failed"})
-            return Decision(Action.ABANDON, type(e).__name__, e.message)
+            return Decision(Action.ABANDON, type(e).__name__, str(e)[:1000])
         return decision
 
     def _reschedule(self, job: Job, decision: Decision, fields: dict[str, Any]) -> Decision:
@@ -241,7 +241,7 @@ class Consumer:
         fails, abandon (the redelivery claims the released job); an unconfirmed send is the reconciler's."""
         try:
             released = self._jobs.release(job.job_id, job.attempts, drain=decision.drain)
-        except CropAIError as e:
+        except Exception as e:  # DatabaseUnavailable, or a bug: the message must still be settled
             logger.warning("could not release job %s: %s", job.job_id, e, extra={**fields, "action": "release_failed"})
             return Decision(Action.ABANDON, decision.reason, decision.description, unexpected=decision.unexpected)
         if released is None:  # cancelled or taken over meanwhile: nothing of ours to retry
@@ -250,12 +250,12 @@ class Consumer:
         due = datetime.now(UTC) + delay if delay > timedelta(0) else None
         try:
             self._publisher.send(JobMessage.for_job(released), at=due)
-        except CropAIError as e:
+        except Exception as e:  # BusUnavailable, or a bug: the redelivery of this message claims the released job
             logger.warning("could not schedule job %s: %s", job.job_id, e, extra={**fields, "action": "retry_failed"})
             return Decision(Action.ABANDON, decision.reason, decision.description, unexpected=decision.unexpected)
         try:
             self._jobs.confirm_sent(released.job_id, released.generation)
-        except CropAIError:
+        except Exception:  # the reconciler may send it once more: harmless
             logger.warning("job %s: retry scheduled but not confirmed", job.job_id, extra=fields)
         logger.warning(
             "job %s: attempt %d released; generation %d due in %g s",

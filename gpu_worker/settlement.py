@@ -15,8 +15,9 @@ transient or unexpected                 attempt<max retry: release, schedule a n
                                                     after the backoff, complete this one
 transient or unexpected                 attempt=max dead-letter ``RetriesExhausted``              fail
 transient or unexpected                 no          abandon (the breaker stops receiving)       (unchanged)
-shutdown (:class:`Interrupted`, ...)    yes         retry with no delay                          release, uncharged
+shutdown (:class:`Interrupted`)        yes         retry with no delay                          release, uncharged
 shutdown                                no          abandon                                      (unchanged)
+SystemExit, KeyboardInterrupt (a bug)   any         as an unexpected error (charged), then re-raised
 ======================================  ==========  ===========================================  ===================
 
 A retry never waits on the delivery count: the message is completed and a copy of the next generation is scheduled
@@ -106,7 +107,7 @@ def decide(error: BaseException | None, attempt: int | None, policy: RetryPolicy
         return Decision(Action.COMPLETE, type(error).__name__ if error else None)
     if isinstance(error, TimedOut):
         return Decision(Action.DEAD_LETTER, TIMED_OUT, describe(error), fail_code=TIMED_OUT_CODE)
-    if isinstance(error, Interrupted) or not isinstance(error, Exception):  # also KeyboardInterrupt, SystemExit
+    if isinstance(error, Interrupted):  # a drain: not the job's fault, so not charged
         if attempt is None:
             return Decision(Action.ABANDON, "Shutdown", describe(error))
         return Decision(Action.RETRY, "Shutdown", describe(error), delay=timedelta(0), drain=True)

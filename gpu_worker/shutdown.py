@@ -1,10 +1,11 @@
 """The drain: SIGTERM/SIGINT (or the preemption watcher) stop receiving; in-flight work gets a grace period.
 
-First request: ``requested`` is set; the consumer stops receiving after the current receive call, finishes the job
-in hand, abandons the messages of its batch that it has not started, and closes its clients. A second request, or
+First request: ``requested`` is set; the consumer stops receiving after the current receive call (a message that
+call returns is still run, within the grace), finishes the job in hand and closes its clients. A second request, or
 the grace period running out, sets ``forced``: if a job is still being processed it is interrupted with
 :class:`~gpu_worker.settlement.Interrupted` (raised in the main thread by a signal handler, only inside
-:meth:`Shutdown.interruptible`, so the settlement that follows is never cut short) and its message is abandoned.
+:meth:`Shutdown.interruptible`, so the settlement that follows is never cut short): its attempt is released,
+uncharged, and the job's next generation sent at once for another worker.
 
 The same path interrupts one job without a shutdown: :meth:`Shutdown.interrupt` (the attempt's time limit, see
 :mod:`gpu_worker.attempt`) has the handler raise the given exception inside :meth:`Shutdown.interruptible`.

@@ -3,7 +3,7 @@
 Locally the pool connects with ``DATABASE_URL``; in Azure with ``POSTGRES_HOST``/``POSTGRES_USER`` and a Microsoft
 Entra token as the password (:mod:`shared.pg_entra`). psycopg_pool evaluates ``kwargs`` for every new connection,
 so a connection opened after the token expired gets a fresh one. Driver and pool errors that mean "the database is
-not there right now" become :class:`~shared.errors.DatabaseUnavailable` (transient).
+not there right now" (down, unreachable, read-only) become :class:`~shared.errors.DatabaseUnavailable` (transient).
 """
 
 from __future__ import annotations
@@ -26,8 +26,26 @@ from shared.jobs import DeadLetter, IdempotencyConflict, Job
 from shared.lifecycle import Event, statement
 from shared.settings import Settings
 
-# A host that drops packets must not hold a pool slot for the OS's connect timeout.
-_CONNECTION: dict[str, Any] = {"autocommit": True, "connect_timeout": 5}
+# A host that drops packets must not hold a pool slot for the OS's timeouts: connecting gives up after 5 s, and TCP
+# keepalives (and tcp_user_timeout) notice a server that vanished mid-call within about 30 s instead of ~15 min.
+_CONNECTION: dict[str, Any] = {
+    "autocommit": True,
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
+# "The database is not there (for writes) right now": down, unreachable, out of connections, or read-only (storage
+# full, a failover that landed on a standby), which psycopg classes as an InternalError.
+_UNAVAILABLE = (
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    psycopg.errors.ReadOnlySqlTransaction,
+    PoolTimeout,
+    TooManyRequests,
+)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -65,7 +83,7 @@ def _translated(method: Callable[P, R]) -> Callable[P, R]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return method(*args, **kwargs)
-        except (psycopg.OperationalError, PoolTimeout, TooManyRequests) as e:
+        except _UNAVAILABLE as e:
             raise DatabaseUnavailable(f"database unavailable: {type(e).__name__}: {e}"[:1000]) from e
 
     return wrapper
@@ -131,7 +149,9 @@ class PostgresJobStore:
                 moved = conn.execute(
                     f"WITH moved AS ({statement(event)})"
                     " INSERT INTO results (job_id, attempt, result) SELECT job_id, attempts, %(result)s FROM moved"
-                    " ON CONFLICT (job_id) DO NOTHING RETURNING job_id",
+                    # A row already there can only predate this attempt's move (the job was not succeeded): replace it.
+                    " ON CONFLICT (job_id) DO UPDATE SET attempt = EXCLUDED.attempt, result = EXCLUDED.result,"
+                    " created_at = now() RETURNING job_id",
                     {"job_id": job_id, **params},
                 ).fetchone()
             else:

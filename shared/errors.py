@@ -6,7 +6,8 @@
     │   ├── InvalidImage        the GeoTIFF cannot be read or has unusable bands
     │   ├── InputMissing        the input blob is gone
     │   └── UnknownAnalysis     the requested analysis or model does not exist
-    └── TransientError          retrying may help: abandon, the delivery count bounds the retries
+    └── TransientError          retrying may help: the attempt is released and retried after a backoff,
+                                JOB_MAX_ATTEMPTS bounds the retries (gpu_worker/settlement.py)
         ├── DatabaseUnavailable
         ├── StorageUnavailable
         └── BusUnavailable

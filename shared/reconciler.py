@@ -110,9 +110,11 @@ class Reconciler:
         for step in (self._unconfirmed, self._expired, self._stranded, self._dead_letters):
             try:
                 step(report)
-            except CropAIError as e:  # a backend is down: the next run starts this step again
-                report.errors.append(f"{step.__name__.lstrip('_')}: {e.code}")
-                log.warning("reconcile step %s stopped: %s", step.__name__, e, extra={"action": "reconcile_failed"})
+            except Exception as e:  # a backend is down (or a bug): the other steps still run; the next run retries
+                code = e.code if isinstance(e, CropAIError) else type(e).__name__
+                report.errors.append(f"{step.__name__.lstrip('_')}: {code}")
+                log.warning("reconcile step %s stopped: %s", step.__name__, e, exc_info=not isinstance(e, CropAIError),
+                            extra={"action": "reconcile_failed"})  # fmt: skip
         log.log(
             logging.WARNING if report.changed else logging.INFO,
             "reconciled: %s",

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 from azure.core.credentials import AccessToken
+from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from local.postgres import PostgresServer
@@ -215,3 +216,32 @@ def test_entra_settings_fetch_a_token_for_each_new_connection(postgres_server: P
         PostgresJobStore(pool).get(uuid.uuid4())
     assert credential.scopes
     assert credential.scopes[0] == ("https://ossrdbms-aad.database.windows.net/.default",)
+
+
+def test_a_read_only_server_is_database_unavailable(database_url: str, pool: ConnectionPool) -> None:
+    """Azure PG Flexible Server turns read-only when its storage is ~95 % full; a failover can land on a standby
+    briefly. Every UPDATE then fails with SQLSTATE 25006 (psycopg classes it InternalError): an outage, transient."""
+    store = PostgresJobStore(pool)
+    job_id = create(store)[0].job_id
+    name = database_url.rsplit("/", 1)[1]
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on").format(sql.Identifier(name)))
+    with open_pool(settings_for(database_url)) as read_only_pool, pytest.raises(DatabaseUnavailable):
+        PostgresJobStore(read_only_pool).claim(job_id, worker_id="w", lease=timedelta(minutes=2), max_attempts=5)
+
+
+def test_succeed_reports_the_move_it_made_over_a_result_row_from_before_0003(pool: ConnectionPool) -> None:
+    """A results row left from before 0003 (a 'processing' job that had stored one) is replaced: the move and its
+    report agree (the UPDATE in the CTE commits even when its INSERT inserts nothing)."""
+    store = PostgresJobStore(pool)
+    job_id = create(store)[0].job_id
+    claimed = store.claim(job_id, worker_id="w", lease=timedelta(minutes=2), max_attempts=5)
+    assert claimed is not None
+    with pool.connection() as conn:
+        conn.execute("INSERT INTO results (job_id, attempt, result) VALUES (%s, 0, '{}')", (job_id,))
+    moved = store.succeed(job_id, claimed.attempts, {"attempt": claimed.attempts})
+    now = store.get(job_id)
+    assert now is not None
+    assert (moved is None) == (now.status is not JobStatus.SUCCEEDED), (
+        f"succeed returned {moved!r} but the job is {now.status.value} with the result {now.result}"
+    )

@@ -67,8 +67,8 @@ def test_missing_input_is_permanent(store: BlobStore, tmp_path: Path) -> None:
 def test_result_url_is_readable_only_with_its_sas(store: BlobStore, tmp_path: Path) -> None:
     job_id = uuid.uuid4()
     (tmp_path / "q.png").write_bytes(b"\x89PNG fake quicklook")
-    url = store.put_result(job_id, "quicklook.png", tmp_path / "q.png", "image/png")
-    assert url.endswith(f"/{store.results_container}/{job_id}/quicklook.png")
+    url = store.put_result(job_id, 3, "quicklook.png", tmp_path / "q.png", "image/png")
+    assert url.endswith(f"/{store.results_container}/{job_id}/3/quicklook.png")
     signed = store.read_url(url, timedelta(minutes=5))
     query = parse_qs(urlsplit(signed).query)
     assert query["sp"] == ["r"]

@@ -44,8 +44,10 @@ RETRYABLE = [
     BusUnavailable("bus down"),
     ServiceBusServerBusyError(message="server busy"),
     ValueError("a bug"),
+    SystemExit(1),  # a library calling sys.exit(): a bug, charged like one (then re-raised by the consumer)
+    KeyboardInterrupt(),
 ]
-SHUTDOWN = [Interrupted("grace over"), KeyboardInterrupt(), SystemExit(1)]
+SHUTDOWN = [Interrupted("grace over")]
 
 
 def name(value: object) -> str:
@@ -121,7 +123,7 @@ def test_transient_errors_and_bugs_before_the_last_attempt_retry_after_the_backo
     assert decision.reason == name(error)
     assert decision.delay == POLICY.delay(attempt) == timedelta(seconds=10 * 2 ** (attempt - 1))
     assert decision.fail_code is None
-    assert decision.unexpected is isinstance(error, ValueError)
+    assert decision.unexpected is isinstance(error, ValueError | SystemExit | KeyboardInterrupt)
 
 
 @pytest.mark.parametrize("attempt", [MAX, MAX + 1])  # MAX + 1: JOB_MAX_ATTEMPTS lowered meanwhile
@@ -134,7 +136,7 @@ def test_transient_errors_and_bugs_on_the_last_attempt_dead_letter_and_fail_the_
     assert (decision.reason, decision.fail_code, decision.delay) == ("RetriesExhausted", "retries_exhausted", None)
     assert decision.description is not None
     assert decision.description.startswith(f"failed on all {MAX} attempts; last error: ")
-    assert decision.unexpected is isinstance(error, ValueError)
+    assert decision.unexpected is isinstance(error, ValueError | SystemExit | KeyboardInterrupt)
 
 
 @pytest.mark.parametrize("error", RETRYABLE, ids=name)
@@ -142,7 +144,7 @@ def test_transient_errors_and_bugs_without_a_claim_abandon(error: Exception) -> 
     decision = decide(error, None, POLICY)
     assert decision.action is Action.ABANDON
     assert (decision.reason, decision.fail_code, decision.delay) == (name(error), None, None)
-    assert decision.unexpected is isinstance(error, ValueError)
+    assert decision.unexpected is isinstance(error, ValueError | SystemExit | KeyboardInterrupt)
 
 
 def test_a_bugs_description_names_its_class() -> None:

@@ -43,7 +43,7 @@ param maxDeliveryCount int = 5
 @description('Move expired messages to the dead-letter queue (TTLExpiredException) instead of dropping them.')
 param deadLetteringOnMessageExpiration bool = true
 
-@description('Drop a message whose MessageId (the job id) was already seen within the history window.')
+@description('Drop a message whose MessageId ({job_id}:{generation}) was already seen within the history window: a retried send of the same generation.')
 param requiresDuplicateDetection bool = true
 
 @description('How long message ids are remembered for duplicate detection (ISO 8601).')
