@@ -29,6 +29,7 @@ def reconcile_jobs(timer: func.TimerRequest) -> None:
         resend_after=d.settings.reconcile_resend_after,
         max_attempts=d.settings.job_max_attempts,
         batch=d.settings.reconcile_batch,
+        abort_after=d.settings.reconcile_abort_after,
     )
     with d.dead_letters() as inbox:
         Reconciler(d.jobs, d.blobs, d.publisher, inbox, policy).run()

@@ -5,7 +5,8 @@ four bounded, idempotent steps, every job change being a conditional event of :m
 
 1. **Unconfirmed sends.** A ``queued`` job whose send was never confirmed for ``resend_after`` (the submit died
    between insert and send, or the send was ambiguous) gets a new generation and its message is sent. A job never
-   attempted whose image is missing (the submit died before the upload) is failed ``enqueue_failed`` instead.
+   attempted whose image is missing (the submit died before the upload) is failed ``enqueue_failed`` instead, once
+   it is older than any submit can run (``abort_after``).
 2. **Expired leases.** A ``running`` job whose lease ran out (its worker died or hung) is queued again with a new
    generation and sent, or failed ``retries_exhausted`` when its attempts are used up.
 3. **Stranded jobs.** A ``queued`` job no claim can take (attempts used up, e.g. after ``JOB_MAX_ATTEMPTS`` was
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 from uuid import UUID
 
@@ -93,6 +94,9 @@ class Policy:
     resend_after: timedelta
     max_attempts: int
     batch: int
+    # A never-attempted job whose image is missing is failed only this long after its submit: longer than a submit
+    # may run (host.json's functionTimeout, 5 min), so an upload still in flight is never taken for a dead submit.
+    abort_after: timedelta
 
 
 class Reconciler:
@@ -128,6 +132,8 @@ class Reconciler:
             if job.charged >= self._policy.max_attempts:  # stranded: step 3 fails it, sending it would be waste
                 continue
             if job.attempts == 0 and not self._image_stored(job):
+                if datetime.now(UTC) - job.updated_at < self._policy.abort_after:
+                    continue  # the submit may still be uploading: wait, it sends the message itself
                 if self._jobs.abort_submit(
                     job.job_id, job.generation, EnqueueFailed.code, "the image was never stored; submit it again"
                 ):

@@ -56,6 +56,8 @@ class Settings(BaseModel):
     retry_backoff: timedelta = Field(timedelta(seconds=10), alias="RETRY_BACKOFF")  # doubled per attempt
     retry_backoff_max: timedelta = Field(timedelta(minutes=5), alias="RETRY_BACKOFF_MAX")
     reconcile_resend_after: timedelta = Field(timedelta(minutes=2), alias="RECONCILE_RESEND_AFTER")
+    # A never-attempted job whose image is missing is failed this long after its submit (> host.json functionTimeout)
+    reconcile_abort_after: timedelta = Field(timedelta(minutes=10), alias="RECONCILE_ABORT_AFTER")
     reconcile_batch: int = Field(100, alias="RECONCILE_BATCH", ge=1)  # jobs (and dead letters) per step and run
     reconcile_schedule: str = Field("0 */1 * * * *", alias="RECONCILE_SCHEDULE")  # NCRONTAB; read by the trigger
     # Short on purpose: a submit while a backend is down answers within ~2 s; the worker retries whole attempts.

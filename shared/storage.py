@@ -104,14 +104,17 @@ class BlobStore:
 
     @_translated
     def put_input(self, job_id: UUID, data: bytes, sha256: str) -> str:
+        """Store a job's image once. A blob already there holds these very bytes (an ``Idempotency-Key`` replay
+        matched their SHA-256), so it is kept: overwriting it could break a worker's download in progress."""
         name = f"{job_id}/input.tif"
-        self._service.get_blob_client(self.images_container, name).upload_blob(
-            data,
-            overwrite=True,  # a re-send of the same job uploads the same bytes again
-            metadata={"sha256": sha256},
-            content_settings=ContentSettings(content_type="image/tiff"),
-            max_concurrency=4,
-        )
+        with contextlib.suppress(ResourceExistsError):
+            self._service.get_blob_client(self.images_container, name).upload_blob(
+                data,
+                overwrite=False,
+                metadata={"sha256": sha256},
+                content_settings=ContentSettings(content_type="image/tiff"),
+                max_concurrency=4,
+            )
         return name
 
     @_translated

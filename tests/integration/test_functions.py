@@ -45,6 +45,7 @@ def _environment(database_url: str, blob_connection_string: str, bus: str, suffi
         "RESULTS_CONTAINER": f"results{suffix}",
         "RETRY_AFTER_SECONDS": "2",
         "RECONCILE_RESEND_AFTER": "PT0S",
+        "RECONCILE_ABORT_AFTER": "PT0S",
     }
 
 

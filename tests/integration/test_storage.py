@@ -52,7 +52,10 @@ def test_input_round_trip_with_sha256_metadata(store: BlobStore, tmp_path: Path)
     job_id = uuid.uuid4()
     name = store.put_input(job_id, data, sha)
     assert name == f"{job_id}/input.tif"
-    assert store.put_input(job_id, data, sha) == name  # a re-send overwrites the same bytes
+    blob = store._service.get_blob_client(store.images_container, name)
+    etag = blob.get_blob_properties().etag
+    assert store.put_input(job_id, data, sha) == name  # a replay keeps the stored blob: no overwrite under a download
+    assert blob.get_blob_properties().etag == etag
     store.download_input(name, tmp_path / "in.tif")
     assert (tmp_path / "in.tif").read_bytes() == data
     assert store.input_sha256(name) == sha

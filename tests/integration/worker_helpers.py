@@ -113,7 +113,12 @@ class WorkerStack:
     def reconcile(self, **overrides: str) -> Any:
         """One run of the reconciler (the timer Function's work) against these backends."""
         settings = self.settings(**overrides)
-        policy = Policy(settings.reconcile_resend_after, settings.job_max_attempts, settings.reconcile_batch)
+        policy = Policy(
+            settings.reconcile_resend_after,
+            settings.job_max_attempts,
+            settings.reconcile_batch,
+            settings.reconcile_abort_after,
+        )
         with DeadLetterInbox(self.client, self.queue_name) as inbox:
             publisher = JobPublisher(self.client, self.queue_name)
             return Reconciler(self.jobs, self.store, publisher, inbox, policy).run()

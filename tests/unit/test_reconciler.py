@@ -15,7 +15,7 @@ from tests.fakes import InMemoryBlobStore, InMemoryJobStore, InMemoryPublisher
 from tests.jobs import GONE, claimed, job_record, new_job
 
 MAX = 3
-OLD = Policy(resend_after=GONE, max_attempts=MAX, batch=10)  # every unconfirmed job is old enough
+OLD = Policy(resend_after=GONE, max_attempts=MAX, batch=10, abort_after=GONE)  # every unconfirmed job is old enough
 
 
 class Inbox:
@@ -103,7 +103,7 @@ def test_an_old_unconfirmed_job_is_sent_as_a_new_generation_and_confirmed(world:
 
 def test_a_young_unconfirmed_job_is_left_to_its_submit(world: World) -> None:
     job = world.stored_job()
-    report = world.run(Policy(resend_after=timedelta(hours=1), max_attempts=MAX, batch=10))
+    report = world.run(Policy(resend_after=timedelta(hours=1), max_attempts=MAX, batch=10, abort_after=GONE))
     assert world.job(job) == job
     assert world.publisher.sent == []
     assert report.changed == 0
@@ -123,6 +123,13 @@ def test_a_never_attempted_job_without_its_image_is_aborted(world: World) -> Non
     assert (now.status, now.error_code) == (JobStatus.FAILED, "enqueue_failed")
     assert world.publisher.sent == []
     assert (report.aborted, report.resent) == (1, 0)
+
+
+def test_a_submit_that_may_still_be_uploading_is_not_aborted(world: World) -> None:
+    job = new_job(world.jobs)  # no image yet: the submit is still uploading it
+    report = world.run(Policy(resend_after=GONE, max_attempts=MAX, batch=10, abort_after=timedelta(minutes=10)))
+    assert world.job(job) == job
+    assert (report.aborted, report.resent, world.publisher.sent) == (0, 0, [])
 
 
 def test_a_released_job_whose_retry_was_never_sent_is_resent_even_without_checking_its_image(world: World) -> None:
@@ -173,7 +180,7 @@ def test_a_queued_job_no_claim_can_take_is_exhausted(world: World) -> None:
     released = world.jobs.release(running.job_id, running.attempts)
     assert released is not None
     confirmed(world, released)  # its retry is on the bus, but JOB_MAX_ATTEMPTS was lowered to 1 meanwhile
-    report = world.run(Policy(resend_after=GONE, max_attempts=1, batch=10))
+    report = world.run(Policy(resend_after=GONE, max_attempts=1, batch=10, abort_after=GONE))
     now = world.job(running)
     assert (now.status, now.error_code) == (JobStatus.FAILED, "retries_exhausted")
     assert world.publisher.sent == []
@@ -184,7 +191,7 @@ def test_a_stranded_job_whose_send_is_unconfirmed_is_exhausted_without_a_wasted_
     running = claimed(world.jobs, world.stored_job())
     released = world.jobs.release(running.job_id, running.attempts)
     assert released is not None  # the worker died before sending the retry; the limit is now 1
-    report = world.run(Policy(resend_after=GONE, max_attempts=1, batch=10))
+    report = world.run(Policy(resend_after=GONE, max_attempts=1, batch=10, abort_after=GONE))
     assert world.job(running).status is JobStatus.FAILED
     assert world.publisher.sent == []
     assert (report.resent, report.exhausted) == (0, 1)
@@ -297,10 +304,10 @@ def test_a_redelivered_letter_is_completed_again_and_recorded_once(world: World)
 
 def test_a_batch_bounds_each_step(world: World) -> None:
     jobs = [world.stored_job() for _ in range(3)]
-    report = world.run(Policy(resend_after=GONE, max_attempts=MAX, batch=2))
+    report = world.run(Policy(resend_after=GONE, max_attempts=MAX, batch=2, abort_after=GONE))
     assert report.resent == 2
     assert sum(world.job(j).generation == 2 for j in jobs) == 2
-    assert world.run(Policy(resend_after=GONE, max_attempts=MAX, batch=2)).resent == 1
+    assert world.run(Policy(resend_after=GONE, max_attempts=MAX, batch=2, abort_after=GONE)).resent == 1
 
 
 # Failures and idempotency
@@ -315,7 +322,7 @@ def test_a_bus_failure_stops_its_step_and_the_others_still_run(world: World, cap
     expiring = confirmed(world, world.stored_job())
     world.letter(expiring, "TTLExpiredException")
     world.publisher.failure = BusUnavailable("namespace unreachable")
-    policy = Policy(resend_after=GONE, max_attempts=1, batch=10)
+    policy = Policy(resend_after=GONE, max_attempts=1, batch=10, abort_after=GONE)
     report = world.run(policy)
     assert report.errors == ["unconfirmed: bus_unavailable"]
     assert "reconcile_failed" in [getattr(r, "action", None) for r in caplog.records]

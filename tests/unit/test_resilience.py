@@ -104,7 +104,11 @@ def test_one_step_hitting_an_untranslated_database_error_does_not_stop_the_other
     jobs = InMemoryJobStore()
     inbox = Inbox()
     reconciler = Reconciler(
-        jobs, InMemoryBlobStore(), InMemoryPublisher(), inbox, Policy(resend_after=GONE, max_attempts=MAX, batch=10)
+        jobs,
+        InMemoryBlobStore(),
+        InMemoryPublisher(),
+        inbox,
+        Policy(resend_after=GONE, max_attempts=MAX, batch=10, abort_after=GONE),
     )
     jobs.failure = read_only()  # the fake raises it raw: as an error nobody translated would
     report = reconciler.run()
