@@ -156,6 +156,7 @@ class Launcher:
         log = self.logs / "functions.log"
         argv = [sys.executable, "-m", "local.functions_host", "--app", "function_app:app"]
         argv += ["--host", LOOPBACK, "--port", str(port), "--host-json", str(self.repo / "host.json")]
+        argv += ["--state-dir", str(self.root / "functions-host")]  # the timers' schedule monitor keeps its state here
         proc, offset = spawn(argv, log, env, self.repo)
         try:
             wait_ready("functions host", proc, log, timeout=60, ready_line=FUNCTIONS_READY, offset=offset)

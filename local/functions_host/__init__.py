@@ -10,16 +10,21 @@ the route prefix from ``host.json`` (``extensions.http.routePrefix``, default ``
 It also runs the functions with a ``timerTrigger`` binding on their schedules, as the host's timer extension does:
 NCRONTAB (``{second} {minute} {hour} {day} {month} {day-of-week}``, in UTC) or TimeSpan schedules, ``%NAME%`` app
 setting references, ``run_on_startup``, one invocation at a time per function, and
-``AzureWebJobs.<function>.Disabled=true`` to keep one from running. There is no schedule monitor (``use_monitor``):
-``past_due`` is always False and occurrences missed while the host was stopped are not replayed.
+``AzureWebJobs.<function>.Disabled=true`` to keep one from running. Given a state directory (``--state-dir`` or
+``FUNCTIONS_HOST_STATE_DIR``), it runs the schedule monitor (``use_monitor``) as the host does: each timer's status is
+kept in a file, and an occurrence missed while the host was stopped is run once at startup with ``past_due`` True.
+Without one, ``past_due`` is always False and missed occurrences are not replayed.
 
 Modules: ``routes`` (the route table), ``invoke`` (HttpRequest in, HttpResponse out), ``server`` (the HTTP server),
-``ncrontab`` (schedule expressions), ``timers`` (the timer functions of an app), ``scheduler`` (running them).
+``ncrontab`` (schedule expressions), ``timers`` (the timer functions of an app), ``scheduler`` (running them),
+``monitor`` (the schedule monitor's decisions), ``status_files`` (where it keeps each timer's status).
 """
 
+from local.functions_host.monitor import ScheduleStatus
 from local.functions_host.routes import Route, RouteTable, load_route_prefix
 from local.functions_host.scheduler import TimerScheduler
 from local.functions_host.server import FunctionsHost, HostConfig
+from local.functions_host.status_files import StatusFiles
 from local.functions_host.timers import TimerFunction, timers_of
 
 __all__ = [
@@ -27,6 +32,8 @@ __all__ = [
     "HostConfig",
     "Route",
     "RouteTable",
+    "ScheduleStatus",
+    "StatusFiles",
     "TimerFunction",
     "TimerScheduler",
     "load_route_prefix",

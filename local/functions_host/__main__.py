@@ -1,4 +1,10 @@
-"""``python -m local.functions_host --app function_app:app [--host 127.0.0.1] [--port 7071] [--host-json host.json]``.
+"""``python -m local.functions_host --app function_app:app [--host 127.0.0.1] [--port 7071] [--host-json host.json]
+[--state-dir DIR]``.
+
+``--state-dir`` (else ``FUNCTIONS_HOST_STATE_DIR``) is where the host keeps its state: the schedule monitor's status
+of each timer function, ``DIR/timers/<function>.json``. There is no default (a test or a second checkout must not
+share one by accident): without either, the schedule monitor is off, ``past_due`` is always False and
+``schedule_status`` empty. The local stack passes ``<stack root>/functions-host``.
 
 Logs each HTTP route and each timer function (``name: timer "schedule"``), starts the timers, then logs
 ``Functions host ready: http://HOST:PORT/api`` (with the real port when ``--port 0``) once it accepts requests.
@@ -22,6 +28,7 @@ from typing import Any
 from local.functions_host.routes import RouteTable, load_route_prefix, routes_of
 from local.functions_host.scheduler import TimerScheduler
 from local.functions_host.server import DEFAULT_BODY_LIMIT, FunctionsHost, HostConfig
+from local.functions_host.status_files import StatusFiles
 from local.functions_host.timers import TimerFunction, timers_of
 
 logger = logging.getLogger("local.functions_host")
@@ -54,6 +61,12 @@ def config_from(args: argparse.Namespace, environ: dict[str, str]) -> HostConfig
     )
 
 
+def state_dir_from(args: argparse.Namespace, environ: dict[str, str]) -> Path | None:
+    """``--state-dir``, else ``FUNCTIONS_HOST_STATE_DIR``, else None (no schedule monitor)."""
+    chosen = args.state_dir or environ.get("FUNCTIONS_HOST_STATE_DIR") or None
+    return Path(chosen).resolve() if chosen else None
+
+
 def log_timers(timers: list[TimerFunction], environ: dict[str, str]) -> None:
     for timer in timers:
         resolved = timer.schedule.expression
@@ -69,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7071)
     parser.add_argument("--host-json", type=Path, default=Path("host.json"))
+    parser.add_argument("--state-dir", help="the host's state (timer statuses); default $FUNCTIONS_HOST_STATE_DIR")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("azure").setLevel(logging.WARNING)  # the SDKs log every HTTP request and AMQP frame at INFO
@@ -82,7 +96,12 @@ def main(argv: list[str] | None = None) -> None:
     timers = timers_of(app, environ)
     log_timers(timers, environ)
     host = FunctionsHost(config_from(args, environ), table)
-    scheduler = TimerScheduler(timers, host.loop)
+    state_dir = state_dir_from(args, environ)
+    if state_dir is None and any(timer.use_monitor and not timer.disabled for timer in timers):
+        logger.info("no --state-dir or FUNCTIONS_HOST_STATE_DIR: the timers' schedule monitor is off")
+    elif state_dir is not None:
+        logger.info("timer statuses in %s", state_dir / "timers")
+    scheduler = TimerScheduler(timers, host.loop, statuses=StatusFiles(state_dir) if state_dir else None)
 
     def stop(signum: int, frame: FrameType | None) -> None:
         threading.Thread(target=host.shutdown, daemon=True).start()

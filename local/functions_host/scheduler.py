@@ -6,11 +6,13 @@ invocation that starts at once, then the schedule resumes. ``run_on_startup`` in
 scheduler starts. An exception is logged and the schedule goes on. Coroutine functions run on the event loop given
 (the HTTP server's), so clients they cache are the ones HTTP functions use.
 
-``past_due`` is always False here. The host sets ``IsPastDue`` only for the one invocation it makes at startup when
-its schedule monitor (``useMonitor``, state kept in the storage account) shows an occurrence was missed while the app
-was down; a late or catch-up invocation in a running host is not past due. This host keeps no such state, so it
-neither reports past-due invocations nor replays occurrences missed while it was stopped, and ``schedule_status`` is
-empty (as on the host without a monitor).
+The schedule monitor (``monitor``) runs for timers whose ``use_monitor`` holds when the scheduler is given
+``statuses`` (the host's ``--state-dir``): ``start`` reads and checks each one's status before it returns, a timer
+whose recorded ``Next`` passed while the host was down is invoked at once with ``past_due`` True (instead of its
+``run_on_startup`` invocation, not as well), each invocation gets ``schedule_status`` and its new status is written
+after it. Without ``statuses`` there is no monitor: ``past_due`` is always False, occurrences missed while the host
+was stopped are not replayed, and ``schedule_status`` is empty (as on the host without a monitor). A late or
+catch-up invocation in a running host is never past due.
 """
 
 from __future__ import annotations
@@ -25,6 +27,15 @@ from datetime import UTC, datetime
 from azure.functions.timer import TimerRequest  # the worker's concrete func.TimerRequest
 
 from local.functions_host.invoke import EventLoopThread, run_function
+from local.functions_host.monitor import (
+    ScheduleStatus,
+    Startup,
+    after_invocation,
+    check_past_due,
+    isoformat,
+    unmonitored,
+)
+from local.functions_host.status_files import StatusFiles
 from local.functions_host.timers import TimerFunction
 
 logger = logging.getLogger(__name__)
@@ -41,17 +52,25 @@ class TimerScheduler:
     """Run each enabled timer function in ``timers`` on its schedule, from ``start`` until ``stop``."""
 
     def __init__(
-        self, timers: Iterable[TimerFunction], loop: EventLoopThread, clock: Callable[[], datetime] = utcnow
+        self,
+        timers: Iterable[TimerFunction],
+        loop: EventLoopThread,
+        clock: Callable[[], datetime] = utcnow,
+        statuses: StatusFiles | None = None,
     ) -> None:
         self.timers = [timer for timer in timers if not timer.disabled]
         self._loop = loop
         self._clock = clock
+        self._statuses = statuses
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
         for timer in self.timers:
-            thread = threading.Thread(target=self._run, args=(timer,), name=f"timer-{timer.function_name}", daemon=True)
+            startup = self._startup(timer)
+            thread = threading.Thread(
+                target=self._run, args=(timer, startup), name=f"timer-{timer.function_name}", daemon=True
+            )
             thread.start()
             self._threads.append(thread)
 
@@ -71,17 +90,36 @@ class TimerScheduler:
             )
         return not running
 
-    def _run(self, timer: TimerFunction) -> None:
-        due = timer.schedule.next_after(self._clock())
-        if timer.run_on_startup and not self._stopping.is_set():
-            started = self._clock()
-            self._invoke(timer, "RunOnStartup")
-            due = timer.schedule.next_after(started)
-        while due is not None and self._sleep_until(due):
-            started = self._clock()
-            self._invoke(timer, f"Timer fired at {started.isoformat()}")
-            due = timer.schedule.next_after(started)  # an overrun makes this past already: the catch-up runs at once
-        if due is None:
+    def _monitor(self, timer: TimerFunction) -> StatusFiles | None:
+        return self._statuses if timer.use_monitor else None
+
+    def _startup(self, timer: TimerFunction) -> Startup:
+        """``TimerListener.StartAsync``: the status to start from, past due or not, recorded when monitored."""
+        now, monitor = self._clock(), self._monitor(timer)
+        if monitor is None:
+            return unmonitored(timer.schedule, now)
+        startup = check_past_due(monitor.read(timer.function_name), timer.schedule, now)
+        if startup.record is not None:
+            monitor.write(timer.function_name, startup.record)
+        status = startup.status.as_json()
+        logger.debug(
+            "Function '%s' initial status: Last='%s', Next='%s', LastUpdated='%s'",
+            timer.function_name,
+            status["Last"],
+            status["Next"],
+            status["LastUpdated"],
+            extra={"action": "timer_status", "function": timer.function_name, "past_due": startup.past_due},
+        )
+        return startup
+
+    def _run(self, timer: TimerFunction, startup: Startup) -> None:
+        status = startup.status
+        first = "IsPastDue" if startup.past_due else "RunOnStartup" if timer.run_on_startup else None
+        if first is not None and not self._stopping.is_set():
+            status = self._invoke(timer, status, first)
+        while status.next is not None and self._sleep_until(status.next):
+            status = self._invoke(timer, status, None)  # an overrun makes Next past already: the catch-up runs at once
+        if status.next is None:
             logger.warning(
                 "timer %s: schedule %r has no further occurrence",
                 timer.function_name,
@@ -96,13 +134,31 @@ class TimerScheduler:
                 return False
         return not self._stopping.is_set()
 
-    def _invoke(self, timer: TimerFunction, reason: str) -> None:
+    def _invoke(self, timer: TimerFunction, status: ScheduleStatus, unscheduled: str | None) -> ScheduleStatus:
+        """Invoke ``timer`` (``unscheduled``: "IsPastDue", "RunOnStartup" or None); the status after it."""
+        fired, monitor = self._clock(), self._monitor(timer)
+        request = TimerRequest(
+            past_due=unscheduled == "IsPastDue",
+            schedule_status=status.as_json() if monitor is not None else {},
+            schedule={"AdjustForDST": timer.schedule.adjust_for_dst},
+        )
+        if unscheduled == "IsPastDue" and status.next is not None:
+            logger.info(
+                "Function '%s' is past due on startup (OriginalSchedule=%s). Executing now.",
+                timer.function_name,
+                isoformat(status.next),
+                extra={"action": "timer_past_due", "function": timer.function_name},
+            )
+        self._call(timer, request, unscheduled or f"Timer fired at {fired.isoformat()}")
+        status = after_invocation(status, timer.schedule, fired, scheduled=unscheduled is None)
+        if monitor is not None:
+            monitor.write(timer.function_name, status)
+        return status
+
+    def _call(self, timer: TimerFunction, request: TimerRequest, reason: str) -> None:
         name = timer.function_name
         invocation_id = str(uuid.uuid4())
         fields = {"function": name, "invocation_id": invocation_id}
-        request = TimerRequest(
-            past_due=False, schedule_status={}, schedule={"AdjustForDST": timer.schedule.adjust_for_dst}
-        )
         logger.info(
             "Executing 'Functions.%s' (Reason='%s', Id=%s)",
             name,

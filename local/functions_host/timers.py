@@ -2,7 +2,8 @@
 
 ``@app.timer_trigger(schedule=..., arg_name=..., run_on_startup=..., use_monitor=...)`` writes
 ``{"type": "timerTrigger", "name": arg_name, "schedule": ..., "runOnStartup": ..., "useMonitor": ...}``, the last two
-only when given (the host's defaults: false and true). As on the host, ``%NAME%`` references in the schedule are
+only when given (the host's defaults: false and true). As on the host, ``use_monitor`` is turned off for schedules
+that fire more than once a minute (``monitor.too_frequent_to_monitor``), ``%NAME%`` references in the schedule are
 replaced by app settings (here: the environment), and ``AzureWebJobs.<function>.Disabled`` (or the Linux spelling
 ``AzureWebJobs_<function>_Disabled``) set to ``true`` or ``1`` disables a function. App setting names are matched
 case-insensitively, as .NET configuration matches them. A function whose schedule is invalid or names a missing
@@ -16,8 +17,10 @@ import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
+from local.functions_host.monitor import too_frequent_to_monitor
 from local.functions_host.ncrontab import Schedule, ScheduleError, parse_schedule
 
 logger = logging.getLogger(__name__)
@@ -32,7 +35,7 @@ class TimerFunction:
     schedule: Schedule
     binding_name: str
     run_on_startup: bool
-    use_monitor: bool
+    use_monitor: bool  # after the host's frequency rule
     disabled: bool
     user_function: Callable[..., Any]
 
@@ -73,8 +76,9 @@ def _timer_trigger(function: Any) -> dict[str, Any] | None:
     return None
 
 
-def timers_of(app: Any, environ: Mapping[str, str]) -> list[TimerFunction]:
+def timers_of(app: Any, environ: Mapping[str, str], now: datetime | None = None) -> list[TimerFunction]:
     """The timer-triggered functions of a v2 ``FunctionApp`` (other triggers are ignored)."""
+    now = now or datetime.now(UTC)
     timers = []
     for function in app.get_functions():
         trigger = _timer_trigger(function)
@@ -88,6 +92,10 @@ def timers_of(app: Any, environ: Mapping[str, str]) -> list[TimerFunction]:
             fields = {"action": "timer_invalid", "function": name}
             logger.error("The '%s' function is in error: %s", name, e, extra=fields)
             continue
+        use_monitor = bool(trigger.get("useMonitor", True))
+        if use_monitor and too_frequent_to_monitor(schedule, now):
+            logger.debug("timer %s: UseMonitor changed to false based on schedule frequency", name)
+            use_monitor = False
         timers.append(
             TimerFunction(
                 function_name=name,
@@ -95,7 +103,7 @@ def timers_of(app: Any, environ: Mapping[str, str]) -> list[TimerFunction]:
                 schedule=schedule,
                 binding_name=trigger.get("name", "timer"),
                 run_on_startup=bool(trigger.get("runOnStartup", False)),
-                use_monitor=bool(trigger.get("useMonitor", True)),
+                use_monitor=use_monitor,
                 disabled=is_disabled(name, environ),
                 user_function=function.get_user_function(),
             )

@@ -1,7 +1,9 @@
-"""The local Functions host as a subprocess runs an app's timer functions, honours Disabled, and stops on SIGTERM."""
+"""The local Functions host as a subprocess runs an app's timer functions, honours Disabled, stops on SIGTERM, and
+with a state directory replays an occurrence missed while it was stopped, at once and past due."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,6 +11,9 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -19,6 +24,7 @@ pytestmark = pytest.mark.integration
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 TINY_APP = """
+import json
 import os
 from pathlib import Path
 
@@ -38,65 +44,141 @@ def muted(timer: func.TimerRequest) -> None:
     Path(os.environ["MUTED_FILE"]).write_text("ran")
 
 
+@app.timer_trigger(schedule="0 0 0 1 1 *", arg_name="timer", run_on_startup=True)
+def yearly(timer: func.TimerRequest) -> None:
+    seen = {"past_due": timer.past_due, "schedule_status": timer.schedule_status}
+    with open(os.environ["YEARLY_FILE"], "a") as out:
+        out.write(json.dumps(seen) + "\\n")
+
+
 @app.route(route="hello", methods=["GET"])
 def hello(req: func.HttpRequest) -> func.HttpResponse:
     return func.HttpResponse("hello")
 """
+NEVER = "0001-01-01T00:00:00+00:00"
 
 
-def test_cli_runs_timer_functions_and_stops_on_sigterm(tmp_path: Path) -> None:
+class Host:
+    """``python -m local.functions_host`` in ``cwd``, its log collected line by line."""
+
+    def __init__(self, cwd: Path, env: dict[str, str], *args: str) -> None:
+        argv = [sys.executable, "-m", "local.functions_host", "--app", "tiny_timer_app:app", "--port", "0", *args]
+        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        self.reader = threading.Thread(target=self._read_log, daemon=True)
+        self.reader.start()
+
+    def _read_log(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if "Functions host ready: " in line:
+                self.ready.set()
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(10)
+        self.reader.join(5)
+        return code
+
+
+@contextmanager
+def running(cwd: Path, env: dict[str, str], *args: str) -> Iterator[Host]:
+    host = Host(cwd, env, *args)
+    try:
+        assert host.ready.wait(20), host.log
+        yield host
+    finally:
+        if host.proc.poll() is None:
+            host.proc.kill()
+            host.proc.wait()
+        if host.proc.stderr is not None:
+            host.proc.stderr.close()
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _app_env(tmp_path: Path) -> dict[str, str]:
     (tmp_path / "tiny_timer_app.py").write_text(textwrap.dedent(TINY_APP))
-    ticks, muted = tmp_path / "ticks.txt", tmp_path / "muted.txt"
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO_ROOT),
         "TICK_SCHEDULE": "* * * * * *",
-        "TICK_FILE": str(ticks),
-        "MUTED_FILE": str(muted),
+        "TICK_FILE": str(tmp_path / "ticks.txt"),
+        "MUTED_FILE": str(tmp_path / "muted.txt"),
+        "YEARLY_FILE": str(tmp_path / "yearly.txt"),
         "AzureWebJobs.muted.Disabled": "true",
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "local.functions_host", "--app", "tiny_timer_app:app", "--port", "0"],
-        cwd=tmp_path,
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    lines: list[str] = []
-    ready = threading.Event()
+    env.pop("FUNCTIONS_HOST_STATE_DIR", None)
+    return env
 
-    def read_log() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append(line)
-            if "Functions host ready: " in line:
-                ready.set()
 
-    reader = threading.Thread(target=read_log, daemon=True)
-    reader.start()
-    try:
-        assert ready.wait(20), "".join(lines)
-        log = "".join(lines)
-        assert 'tick: timer "%TICK_SCHEDULE%" = "* * * * * *"' in log
-        assert 'muted: timer "* * * * * *" (disabled)' in log
-        url = next(line for line in lines if "ready: " in line).split("ready: ", 1)[1].strip()
+def test_cli_runs_timer_functions_and_stops_on_sigterm(tmp_path: Path) -> None:
+    env = _app_env(tmp_path)
+    ticks, muted, yearly = tmp_path / "ticks.txt", tmp_path / "muted.txt", tmp_path / "yearly.txt"
+    with running(tmp_path, env) as host:
+        assert 'tick: timer "%TICK_SCHEDULE%" = "* * * * * *"' in host.log
+        assert 'muted: timer "* * * * * *" (disabled)' in host.log
+        assert "the timers' schedule monitor is off" in host.log
+        url = next(line for line in host.lines if "ready: " in line).split("ready: ", 1)[1].strip()
         assert httpx.get(f"{url}/hello", timeout=10).text == "hello"
 
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and len(ticks.read_text().splitlines() if ticks.exists() else []) < 2:
-            time.sleep(0.05)
-        assert ticks.read_text().splitlines()[:2] == ["past_due=False", "past_due=False"]
+        assert _wait_for(lambda: len(_lines(ticks)) >= 2 and bool(_lines(yearly)), timeout=5)
+        assert _lines(ticks)[:2] == ["past_due=False", "past_due=False"]
+        assert [json.loads(line) for line in _lines(yearly)] == [{"past_due": False, "schedule_status": {}}]
         assert not muted.exists()
 
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(10) == 0
-        reader.join(5)
-        log = "".join(lines)
-        assert "Executed 'Functions.tick' (Succeeded" in log
-        assert "Functions host stopped" in log
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+        assert host.stop() == 0
+        assert "Executed 'Functions.tick' (Succeeded" in host.log
+        assert "Functions host stopped" in host.log
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("__")) == [
+        "ticks.txt",
+        "tiny_timer_app.py",
+        "yearly.txt",
+    ]  # no state kept without a state directory
+
+
+def test_cli_runs_an_occurrence_missed_while_stopped_at_once_as_past_due(tmp_path: Path) -> None:
+    env = _app_env(tmp_path)
+    yearly, state = tmp_path / "yearly.txt", tmp_path / "state"
+    status_file = state / "timers" / "yearly.json"
+
+    def status() -> dict[str, str]:
+        return dict(json.loads(status_file.read_text())) if status_file.exists() else {}
+
+    with running(tmp_path, env, "--state-dir", str(state)) as host:
+        assert _wait_for(lambda: status().get("Last", NEVER) != NEVER, timeout=5), host.log  # after run-on-startup
+        [first] = [json.loads(line) for line in _lines(yearly)]
+        assert first["past_due"] is False
+        assert first["schedule_status"]["Last"] == NEVER
+        assert host.stop() == 0
+    assert sorted(p.name for p in status_file.parent.iterdir()) == ["yearly.json"]  # tick: use_monitor=False
+
+    missed = {"Last": "2020-01-01T00:00:00+00:00", "Next": "2021-01-01T00:00:00+00:00"}
+    missed["LastUpdated"] = missed["Last"]  # as if the host had been down since 2020
+    status_file.write_text(json.dumps(missed))
+    with running(tmp_path, {**env, "FUNCTIONS_HOST_STATE_DIR": str(state)}) as host:
+        assert _wait_for(lambda: len(_lines(yearly)) >= 2, timeout=5), host.log
+        assert json.loads(_lines(yearly)[1]) == {"past_due": True, "schedule_status": missed}
+        assert "Function 'yearly' is past due on startup" in host.log
+        next_year = f"{datetime.now(UTC).year + 1}-01-01T00:00:00+00:00"
+        assert _wait_for(lambda: status().get("Next") == next_year, timeout=5), status()
+        time.sleep(0.3)
+        assert len(_lines(yearly)) == 2  # past due instead of run on startup, not as well
+        assert host.stop() == 0

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import azure.functions as func
 import pytest
@@ -14,9 +16,18 @@ from azure.functions.timer import TimerRequest as WorkerTimerRequest
 
 from local.functions_host.__main__ import IndexedApp
 from local.functions_host.invoke import EventLoopThread
+from local.functions_host.monitor import (
+    NEVER,
+    ScheduleStatus,
+    after_invocation,
+    check_past_due,
+    isoformat,
+    too_frequent_to_monitor,
+)
 from local.functions_host.ncrontab import ConstantSchedule, CronSchedule, ScheduleError, parse_schedule
 from local.functions_host.routes import routes_of
 from local.functions_host.scheduler import TimerScheduler
+from local.functions_host.status_files import StatusFiles
 from local.functions_host.timers import TimerFunction, is_disabled, resolve_settings, timers_of
 
 EVERY_SECOND = "* * * * * *"
@@ -265,6 +276,154 @@ def test_routes_and_timers_share_one_indexing_of_the_app() -> None:
     assert {t.function_name for t in timers_of(app, {"TICK_SCHEDULE": EVERY_SECOND})} == {"tick", "reconcile"}
 
 
+@pytest.mark.parametrize(
+    ("schedule", "use_monitor", "monitored"),
+    [
+        ("0 */5 * * * *", None, True),  # the host's default
+        ("0 */5 * * * *", False, False),
+        ("*/10 * * * * *", True, False),  # more than once a minute: off, even when asked for (the host cannot tell)
+        ("0 * * * * *", True, True),
+        ("00:00:30", True, False),
+        ("00:01:00", None, True),
+    ],
+)
+def test_use_monitor_follows_the_binding_and_the_hosts_frequency_rule(
+    schedule: str, use_monitor: bool | None, monitored: bool
+) -> None:
+    app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
+
+    @app.timer_trigger(schedule=schedule, arg_name="timer", use_monitor=use_monitor)
+    def tick(timer: func.TimerRequest) -> None:
+        pass
+
+    [timer] = timers_of(app, {})
+    assert timer.use_monitor is monitored
+
+
+# --- the schedule monitor's decisions --------------------------------------------------------------------------------
+
+NOW = _at(2024, 5, 1, 12, 0, 0, 250_000)
+
+
+@pytest.mark.parametrize(
+    ("expression", "too_frequent"),
+    [
+        (EVERY_SECOND, True),
+        ("*/30 * * * * *", True),
+        ("0,1 * * * * *", True),
+        ("0-59 * * * * *", True),  # a full range is "*" to NCrontab
+        ("0 * * * * *", False),  # exactly once a minute
+        ("* * * * *", False),  # five fields: second 0
+        ("* 0 * * * *", False),  # every second of minute 0: the host only counts when minute and above are "*"
+        ("*/10 * * * 1 *", False),
+        ("00:00:59", True),
+        ("00:01:00", False),
+    ],
+)
+def test_too_frequent_to_monitor(expression: str, too_frequent: bool) -> None:
+    assert too_frequent_to_monitor(parse_schedule(expression), NOW) is too_frequent
+
+
+def test_a_first_start_records_the_next_occurrence_and_is_not_past_due() -> None:
+    startup = check_past_due(None, _cron(YEARLY), NOW)
+    assert startup.past_due is False
+    assert startup.record == ScheduleStatus(NEVER, _at(2025, 1, 1), NOW)
+    assert startup.status == ScheduleStatus(NEVER, _at(2025, 1, 1), NEVER)  # what the host's listener holds
+
+
+@pytest.mark.parametrize(
+    ("recorded", "past_due"),
+    [
+        (ScheduleStatus(_at(2024, 1, 1), _at(2025, 1, 1), _at(2024, 1, 1)), False),
+        (ScheduleStatus(_at(2023, 1, 1), _at(2024, 1, 1), _at(2023, 1, 1)), True),  # down over 2024-01-01
+        (ScheduleStatus(NEVER, _at(2024, 1, 1), _at(2023, 6, 1)), True),  # never fired: Next came from LastUpdated
+        (ScheduleStatus(NEVER, _at(2025, 1, 1), _at(2024, 4, 1)), False),
+    ],
+)
+def test_past_due_when_the_recorded_next_has_passed(recorded: ScheduleStatus, past_due: bool) -> None:
+    startup = check_past_due(recorded, _cron(YEARLY), NOW)
+    assert (startup.past_due, startup.status, startup.record) == (past_due, recorded, None)
+
+
+def test_a_changed_schedule_recomputes_next_and_is_past_due_only_once_that_passes() -> None:
+    half_past = _cron("0 30 * * * *")  # was yearly: Next no longer follows from Last
+    recorded = ScheduleStatus(_at(2024, 5, 1, 11, 45), _at(2025, 1, 1), _at(2024, 5, 1, 11, 45))
+    startup = check_past_due(recorded, half_past, NOW)
+    expected = ScheduleStatus(NEVER, _at(2024, 5, 1, 12, 30), _at(2024, 5, 1, 11, 45))
+    assert (startup.past_due, startup.status, startup.record) == (False, expected, expected)
+    later = check_past_due(expected, half_past, _at(2024, 5, 1, 13))  # down over 12:30
+    assert (later.past_due, later.status, later.record) == (True, expected, None)
+
+
+def test_a_changed_schedule_whose_next_has_passed_starts_from_now() -> None:
+    recorded = ScheduleStatus(_at(2024, 1, 1), _at(2025, 1, 1), _at(2024, 1, 1))
+    startup = check_past_due(recorded, _cron("0 0 12 * * *"), NOW)  # from Last: 2024-01-01 12:00, long past
+    expected = ScheduleStatus(NEVER, _at(2024, 5, 2, 12), NOW)
+    assert (startup.past_due, startup.status, startup.record) == (False, expected, expected)
+
+
+def test_a_status_without_times_starts_from_now() -> None:
+    startup = check_past_due(ScheduleStatus(NEVER, _at(2020, 1, 1), NEVER), _cron(YEARLY), NOW)
+    assert (startup.past_due, startup.record) == (False, ScheduleStatus(NEVER, _at(2025, 1, 1), NOW))
+
+
+@pytest.mark.parametrize(
+    ("fired", "scheduled", "last"),
+    [
+        (_at(2024, 5, 1, 12, 0, 1), True, _at(2024, 5, 1, 12, 0, 1)),
+        (_at(2024, 5, 1, 11, 59, 59, 900_000), True, _at(2024, 5, 1, 12)),  # early: as if on time
+        (_at(2024, 5, 1, 11, 59, 59, 900_000), False, _at(2024, 5, 1, 11, 59, 59, 900_000)),  # past due, on startup
+    ],
+)
+def test_the_status_after_an_invocation(fired: datetime, scheduled: bool, last: datetime) -> None:
+    status = ScheduleStatus(_at(2024, 5, 1, 11), _at(2024, 5, 1, 12), _at(2024, 5, 1, 11))
+    hourly = _cron("0 0 * * * *")
+    assert after_invocation(status, hourly, fired, scheduled) == ScheduleStatus(last, hourly.next_after(last), last)
+
+
+def test_status_json_is_the_hosts() -> None:
+    status = ScheduleStatus(NEVER, _at(2024, 5, 1, 12), NOW)
+    as_json = {"Last": "0001-01-01T00:00:00+00:00", "Next": "2024-05-01T12:00:00+00:00"}
+    assert status.as_json() == {**as_json, "LastUpdated": "2024-05-01T12:00:00.25+00:00"}
+    assert ScheduleStatus.from_json(status.as_json()) == status
+    written_by_dotnet = {**as_json, "Next": "2024-05-01T14:00:00+02:00", "LastUpdated": "2024-05-01T12:00:00.2500000Z"}
+    assert ScheduleStatus.from_json(written_by_dotnet) == status
+    assert isoformat(_at(2024, 5, 1, 12, 0, 0, 120)) == "2024-05-01T12:00:00.00012+00:00"
+
+
+@pytest.mark.parametrize(
+    "data", [[], {}, {"Last": "x", "Next": None, "LastUpdated": "y"}, {"Last": 1, "LastUpdated": "2024-01-01"}]
+)
+def test_malformed_status_json_is_refused(data: object) -> None:
+    with pytest.raises(ValueError, match=r"not an object|isoformat"):
+        ScheduleStatus.from_json(data)
+
+
+def test_status_files_round_trip_and_leave_no_temporary_files(tmp_path: Path) -> None:
+    files = StatusFiles(tmp_path)
+    assert files.read("tick") is None
+    status = ScheduleStatus(_at(2024, 1, 1), _at(2025, 1, 1), NOW)
+    files.write("tick", status)
+    files.write("tick", status)
+    assert files.read("tick") == status
+    assert json.loads((tmp_path / "timers" / "tick.json").read_text()) == status.as_json()
+    assert [p.name for p in (tmp_path / "timers").iterdir()] == ["tick.json"]
+
+
+def test_an_unreadable_status_is_logged_and_taken_as_none(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    files = StatusFiles(tmp_path)
+    files.directory.mkdir()
+    files.path("tick").write_text('{"Last": ')
+    assert files.read("tick") is None
+    assert [getattr(r, "function", None) for r in _logged(caplog, "timer_status_unreadable")] == ["tick"]
+
+
+def test_a_failed_status_write_is_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "state").write_text("a file where the state directory should be")
+    StatusFiles(tmp_path / "state").write("tick", ScheduleStatus(NEVER, None, NOW))
+    assert len(_logged(caplog, "timer_status_write_failed")) == 1
+
+
 # --- the scheduler, on the real clock -------------------------------------------------------------------------------
 
 
@@ -299,7 +458,11 @@ class Calls:
 
 
 def _timer(
-    function: Callable[..., object], schedule: str = EVERY_SECOND, run_on_startup: bool = False, name: str = "tick"
+    function: Callable[..., object],
+    schedule: str = EVERY_SECOND,
+    run_on_startup: bool = False,
+    name: str = "tick",
+    use_monitor: bool = False,
 ) -> TimerFunction:
     return TimerFunction(
         function_name=name,
@@ -307,7 +470,7 @@ def _timer(
         schedule=parse_schedule(schedule),
         binding_name="mytimer",
         run_on_startup=run_on_startup,
-        use_monitor=False,
+        use_monitor=use_monitor,
         disabled=False,
         user_function=function,
     )
@@ -324,8 +487,8 @@ def loop() -> Iterator[EventLoopThread]:
 def run_scheduler(loop: EventLoopThread) -> Iterator[Callable[..., TimerScheduler]]:
     started: list[TimerScheduler] = []
 
-    def run(*timers: TimerFunction) -> TimerScheduler:
-        scheduler = TimerScheduler(timers, loop)
+    def run(*timers: TimerFunction, statuses: StatusFiles | None = None) -> TimerScheduler:
+        scheduler = TimerScheduler(timers, loop, statuses=statuses)
         scheduler.start()
         started.append(scheduler)
         return scheduler
@@ -479,3 +642,112 @@ def test_stop_gives_up_after_its_timeout(
     assert len(_logged(caplog, "timer_stop_timeout")) == 1
     release.set()
     assert scheduler.stop(3) is True
+
+
+# --- the schedule monitor, on the real clock -------------------------------------------------------------------------
+
+
+def _status_of(request: func.TimerRequest) -> dict[str, str | None]:
+    assert isinstance(request, WorkerTimerRequest)
+    return request.schedule_status
+
+
+def _record(
+    files: StatusFiles, name: str, last: datetime, next_: datetime | None, updated: datetime
+) -> dict[str, str | None]:
+    status = ScheduleStatus(last, next_, updated)
+    files.write(name, status)
+    return status.as_json()
+
+
+def test_past_due_at_startup_runs_at_once_and_instead_of_run_on_startup(
+    tmp_path: Path, run_scheduler: Callable[..., TimerScheduler], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="local.functions_host")
+    calls = Calls()
+
+    def tick(mytimer: func.TimerRequest) -> None:
+        calls.enter(mytimer)
+        calls.leave()
+
+    files = StatusFiles(tmp_path)
+    recorded = _record(files, "tick", _at(2020, 1, 1), _at(2021, 1, 1), _at(2020, 1, 1))  # down since
+    started = datetime.now(UTC)
+    run_scheduler(_timer(tick, YEARLY, run_on_startup=True, use_monitor=True), statuses=files)
+    assert _wait_for(calls.count(1), timeout=2)
+    assert (calls.started[0] - started).total_seconds() < 0.5
+    request = calls.requests[0]
+    assert (request.past_due, _status_of(request)) == (True, recorded)  # the status it missed
+    time.sleep(0.3)
+    assert len(calls.started) == 1  # past due, not run on startup as well
+    after = files.read("tick")
+    assert after is not None
+    assert abs((after.last - calls.started[0]).total_seconds()) < 0.1
+    assert (after.next, after.last_updated) == (_cron(YEARLY).next_after(after.last), after.last)
+    assert [getattr(r, "function", None) for r in _logged(caplog, "timer_past_due")] == ["tick"]
+
+
+def test_not_past_due_when_the_recorded_next_is_ahead(
+    tmp_path: Path, run_scheduler: Callable[..., TimerScheduler]
+) -> None:
+    calls = Calls()
+
+    def tick(mytimer: func.TimerRequest) -> None:
+        calls.enter(mytimer)
+        calls.leave()
+
+    files = StatusFiles(tmp_path)
+    now = datetime.now(UTC)
+    this_year, next_year = _at(now.year, 1, 1), _at(now.year + 1, 1, 1)
+    recorded = _record(files, "tick", this_year, next_year, this_year)
+    run_scheduler(_timer(tick, YEARLY, use_monitor=True), statuses=files)
+    time.sleep(0.5)
+    assert calls.started == []
+    assert json.loads(files.path("tick").read_text()) == recorded
+
+
+def test_a_monitored_timer_records_its_status_after_each_run(
+    tmp_path: Path, run_scheduler: Callable[..., TimerScheduler]
+) -> None:
+    calls = Calls()
+
+    def tick(mytimer: func.TimerRequest) -> None:
+        calls.enter(mytimer)
+        calls.leave()
+
+    files = StatusFiles(tmp_path)
+    before = datetime.now(UTC)
+    scheduler = run_scheduler(_timer(tick, use_monitor=True), statuses=files)
+    first = files.read("tick")  # recorded by start(), before any invocation
+    assert first is not None
+    assert first.last == NEVER
+    assert 0 <= (first.last_updated - before).total_seconds() < 0.5
+    assert _wait_for(calls.count(2), timeout=3.5)
+    assert scheduler.stop(2)
+    never = "0001-01-01T00:00:00+00:00"
+    status_seen = [_status_of(r) for r in calls.requests]
+    assert (status_seen[0]["Last"], status_seen[0]["LastUpdated"]) == (never, never)  # as the host's listener holds
+    assert status_seen[0]["Next"] == first.as_json()["Next"]
+    seen_second = ScheduleStatus.from_json(status_seen[1])  # written after the first run
+    assert abs((seen_second.last - calls.started[0]).total_seconds()) < 0.1
+    assert seen_second.next == _cron(EVERY_SECOND).next_after(seen_second.last)
+    last = files.read("tick")
+    assert last is not None
+    assert abs((last.last - calls.started[-1]).total_seconds()) < 0.1
+    assert [r.past_due for r in calls.requests] == [False] * len(calls.requests)
+
+
+def test_without_a_state_directory_there_is_no_monitor(
+    tmp_path: Path, run_scheduler: Callable[..., TimerScheduler], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    calls = Calls()
+
+    def tick(mytimer: func.TimerRequest) -> None:
+        calls.enter(mytimer)
+        calls.leave()
+
+    run_scheduler(_timer(tick, YEARLY, run_on_startup=True, use_monitor=True))
+    assert _wait_for(calls.count(1), timeout=2)
+    assert (calls.requests[0].past_due, _status_of(calls.requests[0])) == (False, {})
+    assert list(tmp_path.iterdir()) == []
