@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import gc
+import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from azure.servicebus import ServiceBusClient, ServiceBusReceivedMessage
@@ -62,7 +63,7 @@ def test_the_message_carries_id_type_subject_body_and_trace(
     with trace.get_tracer(__name__).start_as_current_span("submit") as span:
         publisher.send(job)
     [received] = receive_all(servicebus_emulator)
-    assert received.message_id == str(job.job_id)
+    assert received.message_id == f"{job.job_id}:1"
     assert received.content_type == CONTENT_TYPE
     assert received.subject == SUBJECT
     assert decode(b"".join(received.body)) == job
@@ -70,14 +71,46 @@ def test_the_message_carries_id_type_subject_body_and_trace(
     assert trace.get_current_span(context).get_span_context().trace_id == span.get_span_context().trace_id
 
 
-def test_a_resent_job_is_delivered_once(servicebus_emulator: EmulatorHandle, publisher: JobPublisher) -> None:
+def test_a_retried_send_is_delivered_once_and_a_new_generation_always(
+    servicebus_emulator: EmulatorHandle, publisher: JobPublisher
+) -> None:
     job = a_job()
     publisher.send(job)
-    publisher.send(job)  # an Idempotency-Key replay, or a retry after a lost acknowledgement
+    publisher.send(job)  # an Idempotency-Key replay, or a retry after a lost acknowledgement: the same send
+    publisher.send(job.model_copy(update={"generation": 2}))  # a deliberate re-send: never swallowed
     publisher.send(a_job())
     ids = [m.message_id for m in receive_all(servicebus_emulator)]
-    assert ids.count(str(job.job_id)) == 1
-    assert len(ids) == 2
+    assert sorted(str(i) for i in ids if str(i).startswith(str(job.job_id))) == [f"{job.job_id}:1", f"{job.job_id}:2"]
+    assert len(ids) == 3
+
+
+def test_a_scheduled_send_arrives_when_due(servicebus_emulator: EmulatorHandle, publisher: JobPublisher) -> None:
+    job = a_job()
+    due = datetime.now(UTC) + timedelta(seconds=2)
+    publisher.send(job, at=due)
+    assert receive_all(servicebus_emulator, wait=0.5) == []
+    [received] = receive_all(servicebus_emulator, wait=5)
+    assert received.message_id == job.message_id
+    assert received.enqueued_time_utc is not None
+    assert received.enqueued_time_utc >= due - timedelta(milliseconds=50)
+
+
+@pytest.mark.filterwarnings("ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning")
+def test_after_a_failed_send_the_cooldown_fails_fast(servicebus_emulator: EmulatorHandle) -> None:
+    client = ServiceBusClient.from_connection_string(servicebus_emulator.connection_string, retry_total=0)
+    publisher = JobPublisher(client, servicebus_emulator.queue_name, timeout=5, cooldown=30)
+    try:
+        servicebus_emulator.stop()
+        with pytest.raises(BusUnavailable):
+            publisher.send(a_job())
+        gc.collect()
+        servicebus_emulator.start()
+        started = time.monotonic()
+        with pytest.raises(BusUnavailable, match="not trying again yet"):
+            publisher.send(a_job())  # the bus is back, but the cooldown is not over: no wait, no try
+        assert time.monotonic() - started < 0.1
+    finally:
+        publisher.close()
 
 
 # azure-servicebus 7.15's sync pyamqp transport drops a sender whose connection broke without closing its socket
@@ -100,4 +133,4 @@ def test_a_broker_that_is_down_is_transient_and_the_publisher_recovers(servicebu
     finally:
         publisher.close()
     ids = [m.message_id for m in receive_all(servicebus_emulator)]
-    assert str(job.job_id) in ids
+    assert job.message_id in ids
