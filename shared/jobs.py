@@ -69,7 +69,7 @@ class DeadLetter(BaseModel):
     description: str | None
     delivery_count: int | None
     enqueued_at: datetime | None
-    action: str  # redrive | failed | none
+    action: str = "none"  # what the reconciler did with the job: redrive | failed | none
 
 
 class IdempotencyConflict(Exception):

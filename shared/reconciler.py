@@ -29,7 +29,8 @@ import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
-from uuid import UUID
+
+from pydantic import Field
 
 from shared.errors import CropAIError, InputMissing, InvalidImage, InvalidMessage, UnknownAnalysis
 from shared.jobs import DeadLetter, Job, JobStore
@@ -53,19 +54,10 @@ class InputChecker(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class Letter:
-    """A received dead letter, as the reconciler needs it (the SDK message stays with the inbox)."""
+class Letter(DeadLetter):
+    """A received dead letter, not reconciled yet, with the inbox's handle for completing it (the SDK message)."""
 
-    message_id: str
-    sequence_number: int
-    job_id: UUID | None
-    generation: int | None
-    reason: str | None
-    description: str | None
-    delivery_count: int | None
-    enqueued_at: datetime | None
-    token: object  # the inbox's handle for completing it
+    token: object = Field(exclude=True)
 
 
 class DeadLetterInbox(Protocol):
@@ -164,19 +156,7 @@ class Reconciler:
             report.dead_letters += 1
             report.redriven += action == "redrive"
             report.dead_lettered_failed += action == "failed"
-            self._jobs.record_dead_letter(
-                DeadLetter(
-                    message_id=letter.message_id,
-                    sequence_number=letter.sequence_number,
-                    job_id=letter.job_id,
-                    generation=letter.generation,
-                    reason=letter.reason,
-                    description=letter.description,
-                    delivery_count=letter.delivery_count,
-                    enqueued_at=letter.enqueued_at,
-                    action=action,
-                )
-            )
+            self._jobs.record_dead_letter(DeadLetter(**{**letter.model_dump(), "action": action}))
             self._inbox.complete(letter)
 
     def _reconcile_letter(self, letter: Letter) -> str:
