@@ -1,10 +1,15 @@
 """A circuit breaker on the worker's backends: while PostgreSQL or Blob Storage is down, stop receiving.
 
-Pulling messages only to abandon them spends their deliveries and the worker's time. When an attempt (or a claim)
-fails because the database or storage is unavailable, the breaker *opens*; before the next receive the consumer
-calls :meth:`Breaker.wait_until_closed`, which probes every backend (``SELECT 1``, the images container's
-properties) with exponential backoff (1 s doubling to ``max_interval``) until all answer, and only then receives
-again. The messages wait in the queue meanwhile, costing time, not deliveries. A shutdown ends the wait.
+Pulling messages only to abandon them spends their deliveries and the worker's time. The breaker starts *open* (a
+worker started during an outage must not take a job it cannot run), and opens again when an attempt (or a claim)
+fails because the database or storage is unavailable; before each receive the consumer calls
+:meth:`Breaker.wait_until_closed`, which probes every backend (``SELECT 1``, the images container's properties) with
+exponential backoff (1 s doubling to ``max_interval``) until all answer, and only then receives again. The messages
+wait in the queue meanwhile, costing time, not deliveries. A shutdown ends the wait.
+
+:meth:`Breaker.confirms_outage` tells an outage from a failure of one job's own: a backend error that a probe
+confirms (the backend does not answer at all) is an outage, and the attempt it cut short is not charged against
+``JOB_MAX_ATTEMPTS``; one the probes do not confirm (one blob unreadable, the others fine) is charged.
 """
 
 from __future__ import annotations
@@ -21,11 +26,18 @@ TRIPPING = (DatabaseUnavailable, StorageUnavailable)
 
 
 class Breaker:
-    def __init__(self, probes: Mapping[str, Callable[[], None]], *, max_interval: float, first_interval: float = 1.0):
+    def __init__(
+        self,
+        probes: Mapping[str, Callable[[], None]],
+        *,
+        max_interval: float,
+        first_interval: float = 1.0,
+        open_because: str | None = "startup",  # open at start: probe before the first receive
+    ):
         self._probes = probes
         self._max_interval = max_interval
         self._first_interval = first_interval
-        self.open_because: str | None = None
+        self.open_because = open_because
 
     def record(self, error: BaseException | None) -> None:
         """After an attempt or a claim: open when ``error`` says a backend is down."""
@@ -33,6 +45,13 @@ class Breaker:
             self.open_because = error.code
             logger.warning("backend unavailable (%s): receiving stops until it answers", error.code,
                            extra={"action": "breaker_open", "reason": error.code})  # fmt: skip
+
+    def confirms_outage(self, error: BaseException | None) -> bool:
+        """Whether ``error`` is a backend outage the probes confirm now (then the breaker is open)."""
+        if not isinstance(error, TRIPPING):
+            return False
+        self.record(error)
+        return self._failing_probe() is not None
 
     def wait_until_closed(self, stop: threading.Event, tick: Callable[[], object] = lambda: None) -> bool:
         """Probe until every backend answers (``True``), or until ``stop`` is set (``False``); ``tick`` after each
@@ -42,7 +61,8 @@ class Breaker:
             tick()
             failing = self._failing_probe()
             if failing is None:
-                logger.warning("backends answer again: receiving", extra={"action": "breaker_closed"})
+                level = logging.INFO if self.open_because == "startup" else logging.WARNING
+                logger.log(level, "backends answer: receiving", extra={"action": "breaker_closed"})
                 self.open_because = None
                 break
             if stop.wait(interval):

@@ -1,7 +1,11 @@
 """Receive -> claim -> run -> settle, one message at a time.
 
-Before each receive the circuit breaker (:mod:`gpu_worker.breaker`) makes sure PostgreSQL and Blob Storage answer;
-while one is down the worker does not receive. A received message is decoded (a bad envelope is poison:
+Before each receive (the first one included) the circuit breaker (:mod:`gpu_worker.breaker`) makes sure PostgreSQL
+and Blob Storage answer; while one is down the worker does not receive. A message already in hand when the database
+goes away (at its claim, or at its release) waits for it, locked, instead of being abandoned: outages cost time, not
+deliveries; and an attempt cut short by an outage the probes confirm is not charged against ``JOB_MAX_ATTEMPTS``.
+
+A received message is decoded (a bad envelope is poison:
 dead-lettered at once), then its job is *claimed* (:meth:`shared.jobs.JobStore.claim`): a job that is finished, or
 running under another worker's live lease, is not run again, and the message is completed. A claimed attempt runs
 inside an :class:`~gpu_worker.attempt.AttemptGuard` (lease renewal, time limit). Whatever happened is settled in
@@ -15,9 +19,10 @@ runs for minutes, and a drain would have to abandon it (spending a delivery it n
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 from azure.servicebus import ServiceBusReceivedMessage, ServiceBusReceiver
@@ -31,7 +36,7 @@ from gpu_worker.heartbeat import Heartbeat
 from gpu_worker.locks import LostLocks
 from gpu_worker.settlement import Action, Decision, Interrupted, RetryPolicy, decide
 from gpu_worker.shutdown import Shutdown
-from shared.errors import InvalidMessage
+from shared.errors import DatabaseUnavailable, InvalidMessage
 from shared.jobs import Job, JobStore
 from shared.messages import JobMessage, decode, parse_message_id
 from shared.submission import Publisher
@@ -39,6 +44,7 @@ from shared.telemetry import context_from_properties
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -134,7 +140,8 @@ class Consumer:
                 error = e
             finally:
                 self._breaker.record(error)
-                decision = decide(error, job.charged if job is not None else None, self._retry)
+                outage = job is not None and self._breaker.confirms_outage(error)
+                decision = decide(error, job.charged if job is not None else None, self._retry, outage=outage)
                 span.set_attribute("crop_ai.settlement", decision.action.value)
                 if error is not None:
                     span.set_status(trace.StatusCode.ERROR, type(error).__name__)
@@ -143,9 +150,25 @@ class Consumer:
         if error is not None and not isinstance(error, Exception | Interrupted):
             raise error  # KeyboardInterrupt, SystemExit: settled above, now let them through
 
+    def _when_the_database_answers(self, call: Callable[[], T]) -> T:
+        """``call()``; if the database is down, wait for it (the breaker's probes, the message still locked and its
+        lock renewed) and call once more, instead of abandoning the message and spending one of its deliveries."""
+        try:
+            return call()
+        except DatabaseUnavailable as e:
+            self._breaker.record(e)
+            if not self._breaker.wait_until_closed(self._shutdown.requested, tick=self._heartbeat.beat):
+                raise
+            return call()
+
     def _claim(self, envelope: JobMessage, fields: dict[str, Any]) -> Job | None:
-        job = self._jobs.claim(
-            envelope.job_id, worker_id=self._worker_id, lease=self._limits.lease, max_attempts=self._retry.max_attempts
+        job = self._when_the_database_answers(
+            lambda: self._jobs.claim(
+                envelope.job_id,
+                worker_id=self._worker_id,
+                lease=self._limits.lease,
+                max_attempts=self._retry.max_attempts,
+            )
         )
         if job is not None:
             logger.info("job %s: attempt %d claimed", job.job_id, job.attempts, extra={**fields, "action": "claim"})
@@ -240,7 +263,9 @@ class Consumer:
         outbox order: if the release fails, abandon (the lease runs out, the reconciler re-queues); if the send
         fails, abandon (the redelivery claims the released job); an unconfirmed send is the reconciler's."""
         try:
-            released = self._jobs.release(job.job_id, job.attempts, drain=decision.drain)
+            released = self._when_the_database_answers(
+                lambda: self._jobs.release(job.job_id, job.attempts, drain=decision.drain)
+            )
         except Exception as e:  # DatabaseUnavailable, or a bug: the message must still be settled
             logger.warning("could not release job %s: %s", job.job_id, e, extra={**fields, "action": "release_failed"})
             return Decision(Action.ABANDON, decision.reason, decision.description, unexpected=decision.unexpected)

@@ -13,6 +13,7 @@ PermanentError (InvalidImage, ...)      yes         dead-letter, reason = class 
 PermanentError (InvalidMessage)         no          dead-letter, reason = class                  (the reconciler)
 transient or unexpected                 attempt<max retry: release, schedule a new generation   release
                                                     after the backoff, complete this one
+backend outage the probes confirm       any         retry as above                               release, uncharged
 transient or unexpected                 attempt=max dead-letter ``RetriesExhausted``              fail
 transient or unexpected                 no          abandon (the breaker stops receiving)       (unchanged)
 shutdown (:class:`Interrupted`)        yes         retry with no delay                          release, uncharged
@@ -100,9 +101,10 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, ServiceBusError)
 
 
-def decide(error: BaseException | None, attempt: int | None, policy: RetryPolicy) -> Decision:
+def decide(error: BaseException | None, attempt: int | None, policy: RetryPolicy, *, outage: bool = False) -> Decision:
     """Turn an outcome into a :class:`Decision`; ``attempt`` is how many attempts the claimed job has been charged
-    (this one included; :attr:`shared.jobs.Job.charged`), ``None`` if unclaimed."""
+    (this one included; :attr:`shared.jobs.Job.charged`), ``None`` if unclaimed. ``outage``: the error is a backend
+    outage the breaker's probes confirm: the attempt is released uncharged, like a drain (it never exhausts)."""
     if error is None or isinstance(error, AttemptLost):
         return Decision(Action.COMPLETE, type(error).__name__ if error else None)
     if isinstance(error, TimedOut):
@@ -117,6 +119,8 @@ def decide(error: BaseException | None, attempt: int | None, policy: RetryPolicy
     unexpected = not is_transient(error)
     if attempt is None:
         return Decision(Action.ABANDON, type(error).__name__, describe(error), unexpected=unexpected)
+    if outage:
+        return Decision(Action.RETRY, type(error).__name__, describe(error), delay=policy.delay(attempt), drain=True)
     if attempt >= policy.max_attempts:
         description = f"failed on all {policy.max_attempts} attempts; last error: {describe(error)}"
         return Decision(

@@ -24,7 +24,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from gpu_worker.__main__ import healthcheck
 from gpu_worker.analysis import AnalysisOutput, AnalysisRequest
 from gpu_worker.app import run
-from local.ports import free_port
 from shared.errors import StorageUnavailable
 from shared.jobs import JobStatus
 from shared.telemetry import configure_telemetry
@@ -185,26 +184,6 @@ def test_a_failing_attempt_is_retried_with_backoff_without_spending_deliveries(
     )  # fmt: skip
     assert job.error_message is not None
     assert str(error) in job.error_message
-
-
-def test_a_database_that_is_down_at_the_claim_abandons_and_a_later_delivery_succeeds(
-    stack: WorkerStack, caplog: pytest.LogCaptureFixture
-) -> None:
-    job_id = stack.submit(FIELDS.read_bytes())
-    closed = f"postgresql://nobody@127.0.0.1:{free_port()}/nothing?connect_timeout=1"
-    with caplog.at_level(logging.INFO):
-        run(stack.settings(DATABASE_URL=closed, DB_POOL_TIMEOUT="1"), analyzer=SlowAnalyzer(0), max_jobs=1)
-    assert ("abandon", "DatabaseUnavailable") in _actions(caplog)
-    assert any(getattr(r, "action", None) == "breaker_open" for r in caplog.records)
-    [message] = stack.queued()
-    assert message.delivery_count == 1
-    assert stack.job(job_id).status is JobStatus.QUEUED
-
-    run(stack.settings(), analyzer=SlowAnalyzer(0), max_jobs=1)
-    job = stack.job(job_id)
-    assert (job.status, job.attempts) == (JobStatus.SUCCEEDED, 1)
-    assert stack.queued() == []
-    assert stack.dead_letters() == []
 
 
 def test_a_redelivered_message_for_a_succeeded_job_is_completed_without_running_again(

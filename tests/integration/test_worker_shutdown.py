@@ -14,6 +14,7 @@ from uuid import UUID
 
 import pytest
 
+from local.ports import free_port
 from shared.jobs import JobStatus
 from tests.integration.worker_helpers import FIELDS, StackFactory, WorkerStack
 from tests.integration.worker_helpers import stack_factory as stack_factory
@@ -171,3 +172,24 @@ def test_a_job_that_ignores_its_interruption_makes_the_worker_exit_for_a_restart
     assert worker.wait() == 75, worker.output()
     job = stack.job(job_id)
     assert (job.status, job.error_code) == (JobStatus.FAILED, "timed_out"), worker.output()
+
+
+def test_a_worker_started_while_the_database_is_down_receives_nothing_until_it_answers(
+    stack: WorkerStack, start_worker: Callable[..., Worker]
+) -> None:
+    """The breaker starts open: no message is taken (nor a delivery spent) for a job that cannot be claimed."""
+    job_id = stack.submit(FIELDS.read_bytes())
+    closed = f"postgresql://nobody@127.0.0.1:{free_port()}/nothing?connect_timeout=1"
+    worker = start_worker(seconds=0, grace=30, DATABASE_URL=closed, DB_POOL_TIMEOUT="1", DB_POOL_MIN_SIZE="0")
+    worker.wait_for_output("probe postgres failed")
+    time.sleep(3)
+    [message] = stack.queued()
+    assert (message.message_id, message.delivery_count) == (f"{job_id}:1", 0), worker.output()
+    assert "claim" not in worker.output()
+    worker.signal()
+    assert worker.wait() == 0, worker.output()  # a shutdown ends the wait
+
+    healthy = start_worker(seconds=0, grace=30, args=("--max-jobs", "1"))
+    assert healthy.wait() == 0, healthy.output()
+    job = stack.job(job_id)
+    assert (job.status, job.attempts) == (JobStatus.SUCCEEDED, 1)

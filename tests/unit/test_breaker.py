@@ -61,10 +61,22 @@ class Ticks:
         self.count += 1
 
 
-def test_closed_by_default_it_returns_at_once_without_probing() -> None:
-    database, ticks, stop = Probe(), Ticks(), Stop()
+def state(breaker: Breaker) -> str | None:
+    return breaker.open_because
+
+
+def test_open_at_start_it_probes_before_the_first_receive() -> None:
+    """A worker started during an outage must not take a job it cannot run."""
+    database, ticks, stop = Probe(failures=2), Ticks(), Stop()
     breaker = Breaker({"database": database}, max_interval=30)
-    assert breaker.open_because is None
+    assert state(breaker) == "startup"
+    assert breaker.wait_until_closed(stop, tick=ticks)
+    assert (database.calls, state(breaker)) == (3, None)
+
+
+def test_closed_it_returns_at_once_without_probing() -> None:
+    database, ticks, stop = Probe(), Ticks(), Stop()
+    breaker = Breaker({"database": database}, max_interval=30, open_because=None)
     assert breaker.wait_until_closed(stop, tick=ticks)
     assert (database.calls, ticks.count, stop.waits) == (0, 0, [])
 
@@ -77,7 +89,7 @@ def test_closed_by_default_it_returns_at_once_without_probing() -> None:
     ],
 )
 def test_a_database_or_storage_outage_opens_it(error: CropAIError, code: str) -> None:
-    breaker = Breaker({}, max_interval=30)
+    breaker = Breaker({}, max_interval=30, open_because=None)
     breaker.record(error)
     assert breaker.open_because == code
 
@@ -89,13 +101,13 @@ def test_a_database_or_storage_outage_opens_it(error: CropAIError, code: str) ->
     ids=lambda e: type(e).__name__,
 )  # fmt: skip
 def test_other_outcomes_leave_it_closed(error: BaseException | None) -> None:
-    breaker = Breaker({}, max_interval=30)
+    breaker = Breaker({}, max_interval=30, open_because=None)
     breaker.record(error)
     assert breaker.open_because is None
 
 
 def test_the_first_outage_is_the_reason_given(caplog: pytest.LogCaptureFixture) -> None:
-    breaker = Breaker({}, max_interval=30)
+    breaker = Breaker({}, max_interval=30, open_because=None)
     breaker.record(StorageUnavailable("x"))
     breaker.record(DatabaseUnavailable("y"))
     assert breaker.open_because == "storage_unavailable"
@@ -131,7 +143,7 @@ def test_every_probe_must_pass() -> None:
 
 def test_a_stop_ends_the_wait_and_the_breaker_stays_open() -> None:
     database, stop = Probe(failures=1000), Stop(set_after=3)
-    breaker = Breaker({"database": database}, max_interval=30)
+    breaker = Breaker({"database": database}, max_interval=30, open_because=None)
     breaker.record(DatabaseUnavailable("db down"))
     assert not breaker.wait_until_closed(stop)
     assert (database.calls, len(stop.waits)) == (3, 3)
@@ -141,7 +153,7 @@ def test_a_stop_ends_the_wait_and_the_breaker_stays_open() -> None:
 def test_a_stop_already_set_returns_false_even_when_closed() -> None:
     stop = Stop()
     stop.set()
-    assert not Breaker({}, max_interval=30).wait_until_closed(stop)
+    assert not Breaker({}, max_interval=30, open_because=None).wait_until_closed(stop)
 
 
 def test_a_real_stop_event_wakes_the_wait() -> None:

@@ -21,7 +21,7 @@ from gpu_worker.heartbeat import Heartbeat
 from gpu_worker.locks import LostLocks
 from gpu_worker.settlement import Action, AttemptLost, Interrupted, RetryPolicy
 from gpu_worker.shutdown import Shutdown
-from shared.errors import BusUnavailable, DatabaseUnavailable, InvalidImage, StorageUnavailable
+from shared.errors import BusUnavailable, CropAIError, DatabaseUnavailable, InvalidImage, StorageUnavailable
 from shared.jobs import Job, JobStatus
 from shared.messages import JobMessage
 from tests.fakes import InMemoryJobStore, InMemoryPublisher
@@ -87,7 +87,7 @@ class World:
         self.publisher = InMemoryPublisher()
         self.receiver = Receiver()
         self.handler = Handler(self.jobs)
-        self.breaker = Breaker({}, max_interval=1)
+        self.breaker = Breaker({}, max_interval=1, open_because=None)
         self.consumer = Consumer(
             cast(ServiceBusReceiver, self.receiver),
             self.jobs,
@@ -270,3 +270,54 @@ def test_a_lost_lock_settles_nothing_but_the_job_still_fails(world: World) -> No
     world.deliver(job, lock_lost=True)
     assert world.receiver.settled == []
     assert world.job(job).error_code == "invalid_image"
+
+
+class Flaky:
+    """A probe that fails while ``down``; the store's ``failure`` follows it when ``store`` is given."""
+
+    def __init__(self, error: CropAIError, store: InMemoryJobStore | None = None) -> None:
+        self.error = error
+        self.store = store
+        self.down = True
+        self.calls = 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.calls >= 3:  # the backend comes back after two probes
+            self.down = False
+            if self.store is not None:
+                self.store.failure = None
+        if self.down:
+            raise self.error
+
+
+def test_an_outage_the_probes_confirm_releases_the_attempt_uncharged(world: World) -> None:
+    probe = Flaky(StorageUnavailable("connection refused"))
+    world.breaker._probes = {"storage": probe}
+    job = new_job(world.jobs)
+    world.handler.error = StorageUnavailable("connection refused")
+    world.deliver(job)
+    now = world.job(job)
+    assert (now.status, now.attempts, now.drains, now.charged) == (JobStatus.QUEUED, 1, 1, 0)
+    assert world.breaker.open_because == "storage_unavailable"
+    assert world.receiver.settled == [("complete", f"{job.job_id}:1", None)]
+    assert [m.generation for m, _ in world.publisher.sent] == [2]
+
+
+def test_a_storage_error_the_probes_do_not_confirm_is_charged(world: World) -> None:
+    world.breaker._probes = {"storage": lambda: None}  # the container answers: this job's blob is the problem
+    job = new_job(world.jobs)
+    world.handler.error = StorageUnavailable("one blob unreadable")
+    world.deliver(job)
+    now = world.job(job)
+    assert (now.status, now.drains, now.charged) == (JobStatus.QUEUED, 0, 1)
+
+
+def test_a_database_outage_at_the_claim_waits_for_the_database_instead_of_abandoning(world: World) -> None:
+    world.breaker._probes = {"postgres": Flaky(DatabaseUnavailable("down"), world.jobs)}
+    world.breaker._first_interval = 0.01
+    job = new_job(world.jobs)
+    world.jobs.failure = DatabaseUnavailable("connection refused")
+    world.deliver(job)
+    assert world.receiver.settled == [("complete", f"{job.job_id}:1", None)]  # no delivery spent
+    assert (world.job(job).status, world.job(job).attempts) == (JobStatus.SUCCEEDED, 1)

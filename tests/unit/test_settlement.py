@@ -183,3 +183,10 @@ def test_descriptions_are_truncated(error: BaseException, attempt: int) -> None:
     description = decide(error, attempt, POLICY).description
     assert description is not None
     assert len(description) == DESCRIPTION_LIMIT
+
+
+@pytest.mark.parametrize("attempt", [1, 5, 50])
+def test_an_outage_the_probes_confirm_is_retried_uncharged_even_on_the_last_attempt(attempt: int) -> None:
+    decision = decide(StorageUnavailable("connection refused"), attempt, POLICY, outage=True)
+    assert (decision.action, decision.drain, decision.fail_code) == (Action.RETRY, True, None)
+    assert decision.delay == POLICY.delay(attempt)
