@@ -8,7 +8,7 @@ NODE_STAMP := node_modules/.installed
 CHECKOV_VENV := .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
-.PHONY: help install demo test lint up down bench clean
+.PHONY: help install demo test lint up down bench chaos clean
 
 help:
 	@echo "make demo   - start the local stack, analyse a real Sentinel-2 scene end to end, stop the stack"
@@ -17,6 +17,8 @@ help:
 	@echo "make down   - stop what 'make up' started"
 	@echo "make lint   - ruff + mypy strict"
 	@echo "make bench  - benchmarks (JSON on stdout): emulator throughput, submit latency p50/p95 and jobs/s"
+	@echo "make chaos  - chaos run on the local stack (~16 min; JSON on stdout): kills and outages lose no job"
+	@echo "              (python -m local.chaos --short: the same in a few minutes)"
 
 # Python virtual environment: torch 2.13.0 CPU first (a GPU image brings its own), then everything else.
 $(STAMP): requirements.txt requirements-worker.txt requirements-dev.txt
@@ -61,6 +63,9 @@ bench: install
 	$(BIN)/python -m bench.servicebus_emulator
 	$(BIN)/python -m bench.submit_latency
 	$(BIN)/python -m bench.analysis
+
+chaos: install
+	$(BIN)/python -m local.chaos
 
 clean: down
 	rm -rf .local

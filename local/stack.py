@@ -52,6 +52,7 @@ class StackConfig:
     workers: int = 1
     env: dict[str, str] = field(default_factory=dict)  # extra settings for the host and the workers
     models_dir: Path | None = None  # MODELS_DIR for the workers (model:<name> analyses)
+    repo: Path = REPO_ROOT  # the code the services run (local.chaos runs a copy, immune to edits made meanwhile)
 
     def service_settings(self) -> dict[str, str]:
         """``env``, plus ``MODELS_DIR`` when ``models_dir`` is given."""
@@ -92,7 +93,7 @@ def up(config: StackConfig, environ: Mapping[str, str] | None = None) -> dict[st
     if previous is not None and running(previous):
         down(root)  # a half-dead stack from an earlier run: start clean
     state: dict[str, Any] = {"root": str(root), "services": []}
-    launcher = services.Launcher(root, REPO_ROOT, environ)
+    launcher = services.Launcher(root, config.repo, environ)
 
     def record(service: Service | None) -> None:
         if service is not None:
