@@ -249,10 +249,13 @@ class Consumer:
         self.settled[decision.action] += 1
 
     def _fail(self, job: Job, decision: Decision, fields: dict[str, Any]) -> Decision:
-        """Fail the attempt before its message leaves the queue; if the database is down, abandon instead (the
-        redelivery, or the reconciler once the lease runs out, comes back to it)."""
+        """Fail the attempt before its message leaves the queue (waiting for the database if it is down); if that
+        still fails (a shutdown ended the wait, a bug), abandon: the redelivery, or the reconciler once the lease
+        runs out, comes back to it."""
         try:
-            self._jobs.fail(job.job_id, job.attempts, decision.fail_code or "", decision.description or "")
+            self._when_the_database_answers(
+                lambda: self._jobs.fail(job.job_id, job.attempts, decision.fail_code or "", decision.description or "")
+            )
         except Exception as e:  # DatabaseUnavailable, or a bug: the message must still be settled
             logger.warning("could not fail job %s: %s", job.job_id, e, extra={**fields, "action": "fail_job_failed"})
             return Decision(Action.ABANDON, type(e).__name__, str(e)[:1000])
@@ -260,8 +263,9 @@ class Consumer:
 
     def _reschedule(self, job: Job, decision: Decision, fields: dict[str, Any]) -> Decision:
         """Release the attempt, schedule the next generation after the backoff, then complete this message. The
-        outbox order: if the release fails, abandon (the lease runs out, the reconciler re-queues); if the send
-        fails, abandon (the redelivery claims the released job); an unconfirmed send is the reconciler's."""
+        outbox order: the release waits for the database if it is down, and if it still fails, abandon (the lease
+        runs out, the reconciler re-queues); if the send fails, abandon (the redelivery claims the released job);
+        an unconfirmed send is the reconciler's."""
         try:
             released = self._when_the_database_answers(
                 lambda: self._jobs.release(job.job_id, job.attempts, drain=decision.drain)

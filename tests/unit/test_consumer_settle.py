@@ -321,3 +321,29 @@ def test_a_database_outage_at_the_claim_waits_for_the_database_instead_of_abando
     world.deliver(job)
     assert world.receiver.settled == [("complete", f"{job.job_id}:1", None)]  # no delivery spent
     assert (world.job(job).status, world.job(job).attempts) == (JobStatus.SUCCEEDED, 1)
+
+
+class FailWriteDownOnce(InMemoryJobStore):
+    """The database is down at the first ``fail`` (the attempt's permanent failure), back for the second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_calls = 0
+
+    def fail(self, job_id: Any, attempt: int, code: str, message: str) -> Job | None:
+        self.fail_calls += 1
+        if self.fail_calls == 1:
+            raise DatabaseUnavailable("connection refused")
+        return super().fail(job_id, attempt, code, message)
+
+
+def test_a_database_outage_at_the_failure_write_waits_for_the_database_then_dead_letters(world: World) -> None:
+    jobs = FailWriteDownOnce()
+    world.jobs = world.consumer._jobs = world.handler._jobs_store = jobs
+    world.breaker._probes = {"postgres": lambda: None}  # back by the first probe
+    job = new_job(jobs)
+    world.handler.error = InvalidImage("not a GeoTIFF")
+    world.deliver(job)
+    assert jobs.fail_calls == 2
+    assert (world.job(job).status, world.job(job).error_code) == (JobStatus.FAILED, "invalid_image")
+    assert world.receiver.settled == [("dead_letter", f"{job.job_id}:1", "InvalidImage")]  # no delivery spent
