@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+from local.functions_host.bindings import trigger_binding
+
 DEFAULT_ROUTE_PREFIX = "api"
 ALL_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE"})
 
@@ -74,19 +76,11 @@ def compile_template(template: str) -> re.Pattern[str]:
     return re.compile("".join(parts).removeprefix("/") if parts else "", re.IGNORECASE)
 
 
-def _http_trigger(function: Any) -> dict[str, Any] | None:
-    for raw in function.get_raw_bindings():
-        binding = json.loads(raw)
-        if binding.get("type") == "httpTrigger":
-            return dict(binding)
-    return None
-
-
 def routes_of(app: Any) -> list[Route]:
     """The HTTP-triggered functions of a v2 ``FunctionApp`` (other triggers are ignored)."""
     routes = []
     for function in app.get_functions():
-        trigger = _http_trigger(function)
+        trigger = trigger_binding(function, "httpTrigger")
         if trigger is None:
             continue
         name = function.get_function_name()

@@ -12,7 +12,6 @@ setting is logged as in error and left out; the others still run, as on the host
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Callable, Mapping
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from local.functions_host.bindings import trigger_binding
 from local.functions_host.monitor import too_frequent_to_monitor
 from local.functions_host.ncrontab import Schedule, ScheduleError, parse_schedule
 
@@ -68,20 +68,12 @@ def is_disabled(function_name: str, environ: Mapping[str, str]) -> bool:
     return False
 
 
-def _timer_trigger(function: Any) -> dict[str, Any] | None:
-    for raw in function.get_raw_bindings():
-        binding = json.loads(raw)
-        if binding.get("type") == "timerTrigger":
-            return dict(binding)
-    return None
-
-
 def timers_of(app: Any, environ: Mapping[str, str], now: datetime | None = None) -> list[TimerFunction]:
     """The timer-triggered functions of a v2 ``FunctionApp`` (other triggers are ignored)."""
     now = now or datetime.now(UTC)
     timers = []
     for function in app.get_functions():
-        trigger = _timer_trigger(function)
+        trigger = trigger_binding(function, "timerTrigger")
         if trigger is None:
             continue
         name = function.get_function_name()

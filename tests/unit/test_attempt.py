@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -179,15 +178,6 @@ def test_an_attempt_that_finishes_on_time_neither_fails_nor_exits(jobs: InMemory
     assert (interrupt.calls, exit_process.calls) == ([], [])
     assert not g.timed_out.is_set()
     assert current(jobs, running).status is JobStatus.RUNNING
-
-
-@pytest.fixture
-def shutdown() -> Iterator[Shutdown]:
-    drain = Shutdown(grace=300)
-    restore = drain.install()
-    yield drain
-    drain.finished()
-    restore()
 
 
 def test_with_the_real_shutdown_the_time_limit_interrupts_the_main_thread(

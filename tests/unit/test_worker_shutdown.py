@@ -6,7 +6,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -21,15 +21,6 @@ def _work(drain: Shutdown, start: Callable[[], object]) -> None:
     with drain.interruptible():
         start()
         time.sleep(30)  # the signal handler raises long before this returns
-
-
-@pytest.fixture
-def shutdown() -> Iterator[Shutdown]:
-    drain = Shutdown(grace=300)
-    restore = drain.install()
-    yield drain
-    drain.finished()
-    restore()
 
 
 def test_first_signal_requests_a_drain_and_nothing_is_interrupted(shutdown: Shutdown) -> None:
