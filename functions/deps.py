@@ -84,14 +84,14 @@ def build(settings: Settings) -> Deps:
         client = servicebus_client(settings, credential)
         # A send that fails makes the next ones fail at once for a few seconds: submit stays fast while the bus is
         # down, and the reconciler hands over what was accepted meanwhile.
-        publisher = JobPublisher(client, settings.jobs_queue, timeout=settings.bus_send_timeout, cooldown=10.0)
+        publisher = JobPublisher(client, settings.priority_queues, timeout=settings.bus_send_timeout, cooldown=10.0)
         opened.pop_all()  # built: from here on they live as long as the process
     return Deps(
         settings=settings,
         jobs=PostgresJobStore(pool),
         blobs=blobs,
         publisher=publisher,
-        dead_letters=lambda: DeadLetterInbox(client, settings.jobs_queue),
+        dead_letters=lambda: DeadLetterInbox(client, settings.job_queues),
     )
 
 

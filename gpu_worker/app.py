@@ -79,7 +79,7 @@ def run(settings: Settings, *, analyzer: Analyzer | None = None, max_jobs: int |
                 jobs,
                 JobHandler(jobs, store, analyzer),
                 # Its sender is closed with the client (JobPublisher.close would close the shared client).
-                JobPublisher(client, settings.jobs_queue, timeout=settings.bus_send_timeout),
+                JobPublisher(client, settings.priority_queues, timeout=settings.bus_send_timeout),
                 shutdown,
                 Heartbeat(Path(settings.worker_heartbeat_file)),
                 locks,

@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from datetime import datetime
+from typing import cast
 from uuid import UUID
 
 from azure.core.credentials import TokenCredential
@@ -54,7 +56,8 @@ def job_message(message: JobMessage) -> ServiceBusMessage:
 
 
 class JobPublisher:
-    """Sends job messages on one long-lived sender (opened on first use, reopened after a failure); thread-safe.
+    """Sends job messages, each to the queue of its priority (``queues``: priority -> queue name), on long-lived
+    senders (opened on first use, reopened after a failure); thread-safe.
 
     ``timeout`` bounds one send, retries included. After a failed send, further sends fail at once for ``cooldown``
     seconds (:class:`BusUnavailable`) instead of each waiting out the timeout: the API answers quickly while the
@@ -62,94 +65,101 @@ class JobPublisher:
     """
 
     def __init__(
-        self, client: ServiceBusClient, queue_name: str, *, timeout: float = 30.0, cooldown: float = 0.0
+        self, client: ServiceBusClient, queues: Mapping[str, str], *, timeout: float = 30.0, cooldown: float = 0.0
     ) -> None:
         self._client = client
-        self._queue_name = queue_name
+        self._queues = dict(queues)
         self._timeout = timeout
         self._cooldown = cooldown
-        self._sender: ServiceBusSender | None = None
+        self._senders: dict[str, ServiceBusSender] = {}
         self._lock = threading.Lock()
         self._failed_at = -float("inf")
 
     def send(self, message: JobMessage, *, at: datetime | None = None) -> None:
-        """Send ``message`` now, or schedule it for ``at`` (an aware datetime)."""
-        extra = {"job_id": str(message.job_id), "message_id": message.message_id, "action": "send"}
+        """Send ``message`` now, or schedule it for ``at`` (an aware datetime), to its priority's queue."""
+        queue = self._queues[message.priority]
+        extra = {"job_id": str(message.job_id), "message_id": message.message_id, "action": "send", "queue": queue}
         with self._lock:
             if time.monotonic() - self._failed_at < self._cooldown:
-                raise BusUnavailable(f"queue {self._queue_name!r} failed a moment ago; not trying again yet")
+                raise BusUnavailable("the bus failed a send a moment ago; not trying again yet")
             try:
-                if self._sender is None:
-                    self._sender = self._client.get_queue_sender(self._queue_name)
+                sender = self._senders.get(queue)
+                if sender is None:
+                    sender = self._senders[queue] = self._client.get_queue_sender(queue)
                 if at is None:
-                    self._sender.send_messages(job_message(message), timeout=self._timeout)
+                    sender.send_messages(job_message(message), timeout=self._timeout)
                 else:
-                    self._sender.schedule_messages(job_message(message), at, timeout=self._timeout)
+                    sender.schedule_messages(job_message(message), at, timeout=self._timeout)
             except ServiceBusError as e:
                 self._failed_at = time.monotonic()
-                self._close_sender()
-                raise BusUnavailable(f"could not send to queue {self._queue_name!r}: {e}"[:1000]) from e
+                self._close_senders()
+                raise BusUnavailable(f"could not send to queue {queue!r}: {e}"[:1000]) from e
         if at is None:
             log.info("sent job %s (generation %d)", message.job_id, message.generation, extra=extra)
         else:
             log.info("scheduled job %s (generation %d) for %s", message.job_id, message.generation, at, extra=extra)
 
-    def _close_sender(self) -> None:
-        if self._sender is not None:
+    def _close_senders(self) -> None:
+        for sender in self._senders.values():
             try:
-                self._sender.close()
+                sender.close()
             except ServiceBusError:
                 log.debug("closing a failed sender failed too", exc_info=True)
-            self._sender = None
+        self._senders.clear()
 
     def close(self) -> None:
         with self._lock:
-            self._close_sender()
+            self._close_senders()
         self._client.close()
 
 
 class DeadLetterInbox:
-    """The jobs queue's dead-letter sub-queue, received in peek-lock for :class:`shared.reconciler.Reconciler`:
+    """The job queues' dead-letter sub-queues, received in peek-lock for :class:`shared.reconciler.Reconciler`:
     each letter is completed once it has been reconciled and recorded, so every run reads only new letters. A
-    receiver per run (``with DeadLetterInbox(...) as inbox``)."""
+    receiver per queue and run (``with DeadLetterInbox(...) as inbox``)."""
 
-    def __init__(self, client: ServiceBusClient, queue_name: str, *, max_wait_time: float = 1.0) -> None:
+    def __init__(self, client: ServiceBusClient, queue_names: Sequence[str], *, max_wait_time: float = 1.0) -> None:
         self._client = client
-        self._queue_name = queue_name
+        self._queue_names = list(queue_names)
         self._max_wait_time = max_wait_time
-        self._receiver: ServiceBusReceiver | None = None
+        self._receivers: dict[str, ServiceBusReceiver] = {}
 
     def __enter__(self) -> DeadLetterInbox:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._receiver is not None:
+        for receiver in self._receivers.values():
             try:
-                self._receiver.close()
+                receiver.close()
             except ServiceBusError:
-                log.debug("closing the dead-letter receiver failed", exc_info=True)
-            self._receiver = None
+                log.debug("closing a dead-letter receiver failed", exc_info=True)
+        self._receivers.clear()
 
     def receive(self, max_count: int) -> list[Letter]:
-        try:
-            if self._receiver is None:
-                self._receiver = self._client.get_queue_receiver(
-                    self._queue_name, sub_queue=ServiceBusSubQueue.DEAD_LETTER
-                )
-            received = self._receiver.receive_messages(max_message_count=max_count, max_wait_time=self._max_wait_time)
-        except ServiceBusError as e:
-            raise BusUnavailable(f"could not receive dead letters of {self._queue_name!r}: {e}"[:1000]) from e
-        return [_letter(m) for m in received]
+        """Up to ``max_count`` letters, from the first queue that has some (high priority first)."""
+        for queue in self._queue_names:
+            try:
+                receiver = self._receivers.get(queue)
+                if receiver is None:
+                    receiver = self._receivers[queue] = self._client.get_queue_receiver(
+                        queue, sub_queue=ServiceBusSubQueue.DEAD_LETTER
+                    )
+                received = receiver.receive_messages(max_message_count=max_count, max_wait_time=self._max_wait_time)
+            except ServiceBusError as e:
+                raise BusUnavailable(f"could not receive dead letters of {queue!r}: {e}"[:1000]) from e
+            if received:
+                return [_letter(m, receiver) for m in received]
+        return []
 
     def complete(self, letter: Letter) -> None:
-        assert self._receiver is not None, "a letter comes from receive()"
+        message, receiver = cast(tuple[ServiceBusReceivedMessage, ServiceBusReceiver], letter.token)  # from _letter
         try:
-            self._receiver.complete_message(letter.token)  # type: ignore[arg-type]  # the SDK message we received
+            receiver.complete_message(message)
         except ServiceBusError as e:  # the lock ran out: the letter comes again and is reconciled as a no-op
             raise BusUnavailable(f"could not complete dead letter {letter.message_id}: {e}"[:1000]) from e
 
 
-def _letter(message: ServiceBusReceivedMessage) -> Letter:
+def _letter(message: ServiceBusReceivedMessage, receiver: ServiceBusReceiver) -> Letter:
     job: tuple[UUID, int] | None
     try:
         envelope = decode(b"".join(message.body))
@@ -165,5 +175,5 @@ def _letter(message: ServiceBusReceivedMessage) -> Letter:
         description=message.dead_letter_error_description,
         delivery_count=message.delivery_count,
         enqueued_at=message.enqueued_time_utc,
-        token=message,
+        token=(message, receiver),
     )

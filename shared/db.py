@@ -22,7 +22,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 
 from shared.errors import DatabaseUnavailable
-from shared.jobs import DeadLetter, IdempotencyConflict, Job
+from shared.jobs import Callback, DeadLetter, IdempotencyConflict, Job, JobFilter, NewJob, Priority
 from shared.lifecycle import Event, statement
 from shared.settings import Settings
 
@@ -53,9 +53,15 @@ R = TypeVar("R")
 _JOB = """
     SELECT j.job_id, j.status, j.idempotency_key, j.input_blob, j.input_sha256, j.params, j.generation, j.sent_at,
            j.attempts, j.drains, j.worker_id, j.lease_until, j.started_at, j.finished_at, j.error_code, j.error_message,
-           j.created_at, j.updated_at, r.result
+           j.created_at, j.updated_at, j.priority, j.batch_id, j.cancel_requested_at, j.progress, j.retries,
+           j.forgiven, j.first_started_at, j.callback_url, j.callback_events, r.result
     FROM jobs j LEFT JOIN results r USING (job_id)
 """
+_INSERT = (
+    "INSERT INTO jobs (job_id, input_blob, input_sha256, params, idempotency_key, priority, batch_id, callback_url,"
+    " callback_events, webhook_secret) VALUES (%(job_id)s, %(input_blob)s, %(input_sha256)s, %(params)s,"
+    " %(idempotency_key)s, %(priority)s, %(batch_id)s, %(callback_url)s, %(callback_events)s, %(webhook_secret)s)"
+)
 
 
 def open_pool(settings: Settings, credential: TokenCredential | None = None) -> ConnectionPool:
@@ -110,12 +116,21 @@ class PostgresJobStore:
         input_sha256: str,
         params: dict[str, Any],
         idempotency_key: str | None,
+        priority: Priority = "normal",
+        callback: Callback | None = None,
     ) -> tuple[Job, bool]:
+        new = NewJob(
+            job_id=job_id,
+            input_blob=input_blob,
+            input_sha256=input_sha256,
+            params=params,
+            priority=priority,
+            callback=callback,
+        )
         with self._conn() as conn:
             inserted = conn.execute(
-                "INSERT INTO jobs (job_id, input_blob, input_sha256, params, idempotency_key)"
-                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (idempotency_key) DO NOTHING RETURNING job_id",
-                (job_id, input_blob, input_sha256, Jsonb(params), idempotency_key),
+                _INSERT + " ON CONFLICT (idempotency_key) DO NOTHING RETURNING job_id",
+                _row(new, idempotency_key=idempotency_key),
             ).fetchone()
             if inserted is not None:
                 return _get(conn, job_id), True
@@ -135,6 +150,63 @@ class PostgresJobStore:
         return Job.model_validate(row) if row else None
 
     @_translated
+    def create_batch(self, batch_id: UUID, jobs: list[NewJob], idempotency_key: str | None) -> tuple[list[Job], bool]:
+        with self._pool.connection() as conn, conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+            inserted = cur.execute(
+                "INSERT INTO batches (batch_id, idempotency_key, size) VALUES (%s, %s, %s)"
+                " ON CONFLICT (idempotency_key) DO NOTHING RETURNING batch_id",
+                (batch_id, idempotency_key, len(jobs)),
+            ).fetchone()
+            if inserted is None:  # the key exists: that batch, as it is
+                row = cur.execute("SELECT batch_id FROM batches WHERE idempotency_key = %s", (idempotency_key,))
+                existing = row.fetchone()
+                if existing is None:
+                    raise DatabaseUnavailable(f"batch with idempotency key {idempotency_key!r} vanished; retry")
+                return _batch_jobs(cur, existing["batch_id"]), False
+            cur.executemany(_INSERT, [_row(job, batch_id=batch_id) for job in jobs])
+            stored = {job.job_id: job for job in _batch_jobs(cur, batch_id)}
+            return [stored[job.job_id] for job in jobs], True  # in the order given
+
+    @_translated
+    def batch_jobs(self, batch_id: UUID) -> list[Job] | None:
+        with self._conn() as conn:
+            if conn.execute("SELECT 1 FROM batches WHERE batch_id = %s", (batch_id,)).fetchone() is None:
+                return None
+            return _batch_jobs(conn, batch_id)
+
+    @_translated
+    def webhook_secret(self, job_id: UUID) -> str | None:
+        with self._conn() as conn:
+            row = conn.execute("SELECT webhook_secret FROM jobs WHERE job_id = %s", (job_id,)).fetchone()
+        return row["webhook_secret"] if row else None
+
+    @_translated
+    def find(self, where: JobFilter, limit: int) -> list[Job]:
+        conditions, params = ["TRUE"], []
+        for sql, value in (
+            ("j.status = %s", where.status.value if where.status else None),
+            ("j.params->>'analysis' = %s", where.analysis),
+            ("j.created_at > %s", where.created_after),
+            ("j.created_at < %s", where.created_before),
+            ("j.batch_id = %s", where.batch_id),
+        ):
+            if value is not None:
+                conditions.append(sql)
+                params.append(value)
+        if where.after is not None:
+            conditions.append("(j.created_at, j.job_id) < (%s, %s)")
+            params.extend(where.after)
+        return self._select(
+            " AND ".join(conditions) + " ORDER BY j.created_at DESC, j.job_id DESC LIMIT %s", (*params, limit)
+        )
+
+    @_translated
+    def backlog(self) -> int:
+        with self._conn() as conn:
+            row = conn.execute("SELECT count(*) AS n FROM jobs WHERE status = 'queued'").fetchone()
+        return int(row["n"]) if row else 0
+
+    @_translated
     def ping(self) -> None:
         with self._conn() as conn:
             conn.execute("SELECT 1")
@@ -144,18 +216,7 @@ class PostgresJobStore:
     @_translated
     def _move(self, event: Event, job_id: UUID, **params: Any) -> Job | None:
         with self._conn() as conn:
-            if event is Event.SUCCEED:
-                # One statement: the job turns succeeded and its result row (naming the attempt) appears together.
-                moved = conn.execute(
-                    f"WITH moved AS ({statement(event)})"
-                    " INSERT INTO results (job_id, attempt, result) SELECT job_id, attempts, %(result)s FROM moved"
-                    # A row already there can only predate this attempt's move (the job was not succeeded): replace it.
-                    " ON CONFLICT (job_id) DO UPDATE SET attempt = EXCLUDED.attempt, result = EXCLUDED.result,"
-                    " created_at = now() RETURNING job_id",
-                    {"job_id": job_id, **params},
-                ).fetchone()
-            else:
-                moved = conn.execute(statement(event), {"job_id": job_id, **params}).fetchone()
+            moved = conn.execute(statement(event), {"job_id": job_id, **params}).fetchone()
             return _get(conn, job_id) if moved is not None else None
 
     def confirm_sent(self, job_id: UUID, generation: int) -> Job | None:
@@ -182,8 +243,20 @@ class PostgresJobStore:
     def release(self, job_id: UUID, attempt: int, *, drain: bool = False) -> Job | None:
         return self._move(Event.RELEASE, job_id, attempt=attempt, drain=int(drain))
 
+    def progress(self, job_id: UUID, attempt: int, progress: dict[str, Any], *, notify: bool = False) -> Job | None:
+        return self._move(Event.PROGRESS, job_id, attempt=attempt, progress=Jsonb(progress), notify=notify)
+
+    def stop(self, job_id: UUID, attempt: int) -> Job | None:
+        return self._move(Event.STOP, job_id, attempt=attempt)
+
     def cancel(self, job_id: UUID) -> Job | None:
         return self._move(Event.CANCEL, job_id)
+
+    def request_cancel(self, job_id: UUID) -> Job | None:
+        return self._move(Event.REQUEST_CANCEL, job_id)
+
+    def retry(self, job_id: UUID) -> Job | None:
+        return self._move(Event.RETRY, job_id)
 
     def resend(self, job_id: UUID, generation: int, older_than: timedelta) -> Job | None:
         return self._move(Event.RESEND, job_id, generation=generation, older_than=older_than)
@@ -199,6 +272,9 @@ class PostgresJobStore:
 
     def dead_lettered(self, job_id: UUID, generation: int, code: str, message: str) -> Job | None:
         return self._move(Event.DEAD_LETTERED, job_id, generation=generation, code=code, message=message)
+
+    def cancel_expired(self, job_id: UUID) -> Job | None:
+        return self._move(Event.CANCEL_EXPIRED, job_id)
 
     # Reconciler queries
 
@@ -216,7 +292,8 @@ class PostgresJobStore:
     @_translated
     def stranded(self, max_attempts: int, limit: int) -> list[Job]:
         return self._select(
-            "j.status = 'queued' AND j.attempts - j.drains >= %s ORDER BY j.created_at LIMIT %s", (max_attempts, limit)
+            "j.status = 'queued' AND j.attempts - j.drains - j.forgiven >= %s ORDER BY j.created_at LIMIT %s",
+            (max_attempts, limit),
         )
 
     @_translated
@@ -236,6 +313,27 @@ class PostgresJobStore:
         with self._conn() as conn:
             rows = conn.execute(_JOB + " WHERE " + where, params).fetchall()
         return [Job.model_validate(row) for row in rows]
+
+
+def _row(job: NewJob, *, idempotency_key: str | None = None, batch_id: UUID | None = None) -> dict[str, Any]:
+    callback = job.callback
+    return {
+        "job_id": job.job_id,
+        "input_blob": job.input_blob,
+        "input_sha256": job.input_sha256,
+        "params": Jsonb(job.params),
+        "idempotency_key": idempotency_key,
+        "priority": job.priority,
+        "batch_id": batch_id,
+        "callback_url": callback.url if callback else None,
+        "callback_events": callback.events if callback else None,
+        "webhook_secret": callback.secret if callback else None,
+    }
+
+
+def _batch_jobs(conn: psycopg.Cursor[dict[str, Any]], batch_id: UUID) -> list[Job]:
+    rows = conn.execute(_JOB + " WHERE j.batch_id = %s ORDER BY j.created_at, j.job_id", (batch_id,)).fetchall()
+    return [Job.model_validate(row) for row in rows]
 
 
 def _get(conn: psycopg.Cursor[dict[str, Any]], job_id: UUID) -> Job:

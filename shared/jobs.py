@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict
+
+Priority = Literal["high", "normal"]
+PRIORITIES: tuple[Priority, ...] = ("high", "normal")
 
 
 class JobStatus(enum.StrEnum):
@@ -50,10 +53,55 @@ class Job(BaseModel):
     result: dict[str, Any] | None = None
     error_code: str | None = None
     error_message: str | None = None
+    priority: Priority = "normal"  # which queue carries its messages
+    batch_id: UUID | None = None
+    cancel_requested_at: datetime | None = None  # a running job's cancellation was requested
+    progress: dict[str, Any] | None = None  # {stage, fraction, updated_at} of the running (or last) attempt
+    retries: int = 0  # manual retries (POST /api/jobs/{id}/retry)
+    forgiven: int = 0  # attempts a manual retry forgave: not charged either
+    first_started_at: datetime | None = None  # the first attempt's start (queue wait = first_started_at - created_at)
+    callback_url: str | None = None
+    callback_events: list[str] | None = None  # webhook event groups (None: completed only)
 
     @property
     def charged(self) -> int:
-        return self.attempts - self.drains
+        return self.attempts - self.drains - self.forgiven
+
+
+class Callback(BaseModel):
+    """Where a job's webhooks go, which event groups, and the secret they are signed with."""
+
+    model_config = ConfigDict(frozen=True)
+
+    url: str
+    events: list[str] | None = None  # None: completed only
+    secret: str
+
+
+class NewJob(BaseModel):
+    """A job to insert (one of a batch)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: UUID
+    input_blob: str
+    input_sha256: str
+    params: dict[str, Any]
+    priority: Priority = "normal"
+    callback: Callback | None = None
+
+
+class JobFilter(BaseModel):
+    """``GET /api/jobs`` filters; ``after``: the keyset cursor (the last row of the previous page)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    status: JobStatus | None = None
+    analysis: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    batch_id: UUID | None = None
+    after: tuple[datetime, UUID] | None = None
 
 
 class DeadLetter(BaseModel):
@@ -93,9 +141,32 @@ class JobStore(Protocol):
         input_sha256: str,
         params: dict[str, Any],
         idempotency_key: str | None,
+        priority: Priority = "normal",
+        callback: Callback | None = None,
     ) -> tuple[Job, bool]:
         """Insert a queued job (generation 1, send not confirmed); return ``(job, created)``. An existing key with the
         same sha256 returns the existing job and ``False``; with another sha256 raises :class:`IdempotencyConflict`."""
+        ...
+
+    def create_batch(self, batch_id: UUID, jobs: list[NewJob], idempotency_key: str | None) -> tuple[list[Job], bool]:
+        """Insert all of ``jobs`` (queued, in ``batch_id``) or none; return ``(jobs, created)``. An existing key
+        returns that batch's jobs and ``False`` (whatever ``jobs`` holds)."""
+        ...
+
+    def batch_jobs(self, batch_id: UUID) -> list[Job] | None:
+        """The jobs of a batch (oldest first), or ``None`` if there is no such batch."""
+        ...
+
+    def webhook_secret(self, job_id: UUID) -> str | None:
+        """The secret a job's webhooks are signed with (never part of :class:`Job`)."""
+        ...
+
+    def find(self, where: JobFilter, limit: int) -> list[Job]:
+        """Jobs matching ``where``, newest first (``created_at``, then ``job_id``, descending), at most ``limit``."""
+        ...
+
+    def backlog(self) -> int:
+        """The number of queued jobs (admission control)."""
         ...
 
     def get(self, job_id: UUID) -> Job | None: ...
@@ -116,8 +187,13 @@ class JobStore(Protocol):
     def fail(self, job_id: UUID, attempt: int, code: str, message: str) -> Job | None: ...
     def release(self, job_id: UUID, attempt: int, *, drain: bool = False) -> Job | None: ...
 
-    # Control
+    def progress(self, job_id: UUID, attempt: int, progress: dict[str, Any], *, notify: bool = False) -> Job | None: ...
+    def stop(self, job_id: UUID, attempt: int) -> Job | None: ...
+
+    # Control (the API)
     def cancel(self, job_id: UUID) -> Job | None: ...
+    def request_cancel(self, job_id: UUID) -> Job | None: ...
+    def retry(self, job_id: UUID) -> Job | None: ...
 
     # Reconciler
     def resend(self, job_id: UUID, generation: int, older_than: timedelta) -> Job | None: ...
@@ -125,6 +201,7 @@ class JobStore(Protocol):
     def exhaust(self, job_id: UUID, max_attempts: int, message: str) -> Job | None: ...
     def redrive(self, job_id: UUID, generation: int) -> Job | None: ...
     def dead_lettered(self, job_id: UUID, generation: int, code: str, message: str) -> Job | None: ...
+    def cancel_expired(self, job_id: UUID) -> Job | None: ...
 
     # Reconciler queries (read only; each candidate is then moved by its conditional event)
     def unsent(self, older_than: timedelta, limit: int) -> list[Job]:
@@ -132,7 +209,7 @@ class JobStore(Protocol):
         ...
 
     def expired(self, limit: int) -> list[Job]:
-        """``running`` jobs whose lease has run out, oldest lease first."""
+        """``running`` jobs whose lease has run out (cancelling ones included), oldest lease first."""
         ...
 
     def stranded(self, max_attempts: int, limit: int) -> list[Job]:

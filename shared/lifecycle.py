@@ -22,12 +22,18 @@ Two numbers fence the actors:
 
         create ──► queued ◄──────────────────────────────┐ resend, redrive (new generation)
                     │  │ ▲                                │ confirm_sent (same state)
-        claim ──────┘  │ └── release, expire ── running ◄─┘ claim (lease expired), renew_lease
-                       │     (new generation)     │
+        claim ──────┘  │ └── release, expire ── running ◄─┘ claim (lease expired), renew_lease, progress,
+                       │     (new generation)     │          request_cancel (same state)
                        ├── abort_submit, dead_lettered, exhaust ──► failed ◄── fail, exhaust
-                       ├── cancel ──► cancelled ◄── cancel        │
+                       ├── cancel ──► cancelled ◄── stop, cancel_expired (a running job being cancelled)
                        └────────────────────── succeeded ◄── succeed
         failed (enqueue_failed) ── resubmit ──► queued
+        failed (other codes), cancelled ── retry (new generation, past attempts forgiven) ──► queued
+
+Cancelling a running job is two steps: ``request_cancel`` marks it (``cancel_requested_at``); from then on it can
+neither succeed, be released, nor be claimed again, and its attempt ``stop``-s at its next checkpoint (or the
+reconciler's ``cancel_expired`` ends it once its lease runs out). The events that notify (``Transition.notifies``)
+write the webhook outbox row in the same statement (:func:`statement`).
 """
 
 from __future__ import annotations
@@ -55,6 +61,19 @@ class Event(enum.StrEnum):
     EXHAUST = "exhaust"
     REDRIVE = "redrive"
     DEAD_LETTERED = "dead_lettered"
+    REQUEST_CANCEL = "request_cancel"
+    STOP = "stop"
+    CANCEL_EXPIRED = "cancel_expired"
+    RETRY = "retry"
+    PROGRESS = "progress"
+
+
+class Notice(enum.StrEnum):
+    """The groups of webhook events a job's ``callback_events`` selects (default: ``completed`` only)."""
+
+    STARTED = "started"
+    PROGRESS = "progress"
+    COMPLETED = "completed"
 
 
 @dataclass(frozen=True)
@@ -65,10 +84,13 @@ class Transition:
     guard: str  # SQL, beyond the source states
     assign: str  # SQL SET list, beyond status and updated_at
     meaning: str
+    notifies: tuple[str, Notice] | None = None  # the webhook event type (and its group) the event emits
 
 
 _ATTEMPT = "attempts = %(attempt)s"
-_CHARGED = "attempts - drains"  # attempts that count against JOB_MAX_ATTEMPTS: a drain is not the job's fault
+# Attempts that count against JOB_MAX_ATTEMPTS: a drain is not the job's fault; a manual retry forgives the past.
+_CHARGED = "attempts - drains - forgiven"
+_NOT_CANCELLING = "cancel_requested_at IS NULL"
 _NEW_GENERATION = "generation = generation + 1, sent_at = NULL"
 _FINISHED = "lease_until = NULL, finished_at = now()"
 _ERROR = "error_code = %(code)s, error_message = %(message)s"
@@ -92,30 +114,61 @@ TRANSITIONS: dict[Event, Transition] = {
     ),
     Event.CLAIM: Transition(
         frozenset({Q, R}), R, "worker (a delivered message)",
-        f"(status = 'queued' OR lease_until < now()) AND {_CHARGED} < %(max_attempts)s",
+        f"(status = 'queued' OR lease_until < now()) AND {_CHARGED} < %(max_attempts)s AND {_NOT_CANCELLING}",
         "attempts = attempts + 1, worker_id = %(worker_id)s, lease_until = now() + %(lease)s, started_at = now(),"
-        " sent_at = coalesce(sent_at, now())",
+        " first_started_at = coalesce(first_started_at, now()), sent_at = coalesce(sent_at, now()), progress = NULL",
         "a worker starts a new attempt: the job is queued, or the running attempt's lease ran out",
+        ("job.started", Notice.STARTED),
     ),
     Event.RENEW_LEASE: Transition(
         frozenset({R}), R, "worker", _ATTEMPT, "lease_until = now() + %(lease)s",
         "the attempt is still running",
     ),
     Event.SUCCEED: Transition(
-        frozenset({R}), S, "worker", _ATTEMPT, _FINISHED,
-        "the attempt stored its result (in the same statement)",
+        frozenset({R}), S, "worker", f"{_ATTEMPT} AND {_NOT_CANCELLING}", _FINISHED,
+        "the attempt stored its result (in the same statement); refused once a cancellation was requested",
+        ("job.succeeded", Notice.COMPLETED),
     ),
     Event.FAIL: Transition(
         frozenset({R}), F, "worker", _ATTEMPT, f"{_FINISHED}, {_ERROR}",
         "the attempt failed for good: bad input, time limit, the last attempt's transient error",
+        ("job.failed", Notice.COMPLETED),
     ),
     Event.RELEASE: Transition(
-        frozenset({R}), Q, "worker", _ATTEMPT, f"{_NEW_GENERATION}, lease_until = NULL, drains = drains + %(drain)s",
+        frozenset({R}), Q, "worker", f"{_ATTEMPT} AND {_NOT_CANCELLING}",
+        f"{_NEW_GENERATION}, lease_until = NULL, drains = drains + %(drain)s",
         "the attempt gives the job back (transient error; a drain, which is not charged) for a later attempt",
     ),
+    Event.PROGRESS: Transition(
+        frozenset({R}), R, "worker", _ATTEMPT, "progress = %(progress)s",
+        "the attempt reports its stage and fraction (and learns whether a cancellation was requested)",
+        ("job.progress", Notice.PROGRESS),  # only when %(notify)s: a new stage, not every fraction
+    ),
     Event.CANCEL: Transition(
-        frozenset({Q, R}), C, "API", "TRUE", _FINISHED,
-        "a client cancels; a running attempt's later writes are refused",
+        frozenset({Q}), C, "API", "TRUE", _FINISHED,
+        "a client cancels a job no attempt runs: its message finds it cancelled and is completed",
+        ("job.cancelled", Notice.COMPLETED),
+    ),
+    Event.REQUEST_CANCEL: Transition(
+        frozenset({R}), R, "API", _NOT_CANCELLING, "cancel_requested_at = now()",
+        "a client cancels a running job: the attempt stops at its next checkpoint; no result of it is stored",
+    ),
+    Event.STOP: Transition(
+        frozenset({R}), C, "worker", f"{_ATTEMPT} AND cancel_requested_at IS NOT NULL", _FINISHED,
+        "the attempt saw the cancellation at a checkpoint and stopped",
+        ("job.cancelled", Notice.COMPLETED),
+    ),
+    Event.CANCEL_EXPIRED: Transition(
+        frozenset({R}), C, "reconciler", "cancel_requested_at IS NOT NULL AND lease_until < now()", _FINISHED,
+        "the attempt of a job being cancelled vanished (its lease ran out) before it stopped",
+        ("job.cancelled", Notice.COMPLETED),
+    ),
+    Event.RETRY: Transition(
+        frozenset({F, C}), Q, "API (an operator, a client)", "error_code IS DISTINCT FROM 'enqueue_failed'",
+        f"{_NEW_GENERATION}, forgiven = attempts - drains, retries = retries + 1, error_code = NULL,"
+        " error_message = NULL, finished_at = NULL, cancel_requested_at = NULL, progress = NULL",
+        "run a failed or cancelled job again: a new generation, its past attempts forgiven (an enqueue_failed job"
+        " has no stored image: it is submitted again instead)",
     ),
     Event.RESEND: Transition(
         frozenset({Q}), Q, "reconciler",
@@ -124,14 +177,16 @@ TRANSITIONS: dict[Event, Transition] = {
     ),
     Event.EXPIRE: Transition(
         frozenset({R}), Q, "reconciler",
-        f"lease_until < now() AND {_CHARGED} < %(max_attempts)s", f"{_NEW_GENERATION}, lease_until = NULL",
+        f"lease_until < now() AND {_CHARGED} < %(max_attempts)s AND {_NOT_CANCELLING}",
+        f"{_NEW_GENERATION}, lease_until = NULL",
         "the attempt's worker vanished (its lease ran out): queue the job again",
     ),
     Event.EXHAUST: Transition(
         frozenset({Q, R}), F, "reconciler",
-        f"{_CHARGED} >= %(max_attempts)s AND (status = 'queued' OR lease_until < now())",
+        f"{_CHARGED} >= %(max_attempts)s AND (status = 'queued' OR (lease_until < now() AND {_NOT_CANCELLING}))",
         f"{_FINISHED}, error_code = 'retries_exhausted', error_message = %(message)s",
         "no attempt is left and none is running",
+        ("job.failed", Notice.COMPLETED),
     ),
     Event.REDRIVE: Transition(
         frozenset({Q}), Q, "reconciler", "generation = %(generation)s", _NEW_GENERATION,
@@ -140,6 +195,7 @@ TRANSITIONS: dict[Event, Transition] = {
     Event.DEAD_LETTERED: Transition(
         frozenset({Q}), F, "reconciler", "generation = %(generation)s", f"{_ERROR}, finished_at = now()",
         "the current message was dead-lettered before any claim and cannot run (expired, undecodable)",
+        ("job.failed", Notice.COMPLETED),
     ),
 }  # fmt: skip
 
@@ -151,12 +207,34 @@ def target(status: JobStatus, event: Event) -> JobStatus | None:
 
 
 def statement(event: Event) -> str:
-    """The conditional UPDATE of ``event`` (named parameters; ``job_id`` always), returning the moved job's id and
-    attempt number."""
+    """The one statement of ``event`` (named parameters; ``job_id`` always), returning the moved job's id and
+    attempt number, or no row when the job was not in a state (attempt, generation) that allows the event.
+
+    Its effects happen together or not at all: the conditional UPDATE; for ``succeed``, the result row (naming the
+    attempt); for an event that notifies, the webhook outbox row (``job_events``) when the job has a callback whose
+    ``callback_events`` select the event's group (``progress`` only when ``%(notify)s``: a new stage)."""
     transition = TRANSITIONS[event]
     sources = ", ".join(f"'{s.value}'" for s in sorted(transition.sources))
-    return (
-        f"UPDATE jobs SET status = '{transition.target.value}', {transition.assign}, updated_at = now()"
+    parts = [
+        f"moved AS (UPDATE jobs SET status = '{transition.target.value}', {transition.assign}, updated_at = now()"
         f" WHERE job_id = %(job_id)s AND status IN ({sources}) AND ({transition.guard})"
-        " RETURNING job_id, attempts"
-    )
+        " RETURNING job_id, attempts, status, callback_url, callback_events, error_code, error_message, progress)"
+    ]
+    if event is Event.SUCCEED:
+        # A row already there can only predate this attempt's move (the job was not succeeded): replace it.
+        parts.append(
+            "stored AS (INSERT INTO results (job_id, attempt, result) SELECT job_id, attempts, %(result)s FROM moved"
+            " ON CONFLICT (job_id) DO UPDATE SET attempt = EXCLUDED.attempt, result = EXCLUDED.result,"
+            " created_at = now())"
+        )
+    if transition.notifies is not None:
+        kind, group = transition.notifies
+        when = " AND %(notify)s" if event is Event.PROGRESS else ""
+        parts.append(
+            "notified AS (INSERT INTO job_events (job_id, type, payload)"
+            f" SELECT job_id, '{kind}', jsonb_build_object('job_id', job_id, 'status', status, 'attempt', attempts,"
+            " 'error_code', error_code, 'error_message', error_message, 'progress', progress) FROM moved"
+            f" WHERE callback_url IS NOT NULL AND '{group.value}' = ANY(coalesce(callback_events, '{{completed}}'))"
+            f"{when})"
+        )
+    return "WITH " + ", ".join(parts) + " SELECT job_id, attempts FROM moved"

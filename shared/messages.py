@@ -18,7 +18,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.errors import InvalidMessage
-from shared.jobs import Job
+from shared.jobs import Job, Priority
 
 CONTENT_TYPE = "application/json"
 SUBJECT = "crop-ai.job"
@@ -36,6 +36,8 @@ class JobMessage(BaseModel):
     scale: float = Field(gt=0, description="reflectance = DN / scale")
     analysis: str = "crop-health"
     submitted_at: datetime
+    # Which queue carries it (jobs-high or jobs): the publisher's choice, never part of the body.
+    priority: Priority = Field("normal", exclude=True)
 
     @classmethod
     def for_job(cls, job: Job) -> JobMessage:
@@ -49,6 +51,7 @@ class JobMessage(BaseModel):
             scale=job.params["scale"],
             analysis=job.params["analysis"],
             submitted_at=job.created_at,
+            priority=job.priority,
         )
 
     @property

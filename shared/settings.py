@@ -23,7 +23,9 @@ class Settings(BaseModel):
     # Service Bus
     servicebus_connection_string: str | None = Field(None, alias="ServiceBusConnection")
     servicebus_namespace: str | None = Field(None, alias="ServiceBusConnection__fullyQualifiedNamespace")
-    jobs_queue: str = Field("jobs", alias="JOBS_QUEUE_NAME")
+    jobs_queue: str = Field("jobs", alias="JOBS_QUEUE_NAME")  # normal priority
+    jobs_high_queue: str = Field("jobs-high", alias="JOBS_HIGH_QUEUE_NAME")  # high priority (Priority Queue pattern)
+    job_events_queue: str = Field("job-events", alias="JOB_EVENTS_QUEUE_NAME")  # webhook deliveries
 
     # Blob Storage
     storage_connection_string: str | None = Field(None, alias="AzureWebJobsStorage")
@@ -48,6 +50,15 @@ class Settings(BaseModel):
     max_pixels: int = Field(130_000_000, alias="MAX_PIXELS")  # a full 10980 x 10980 Sentinel-2 tile fits
     max_bands: int = Field(32, alias="MAX_BANDS")
     retry_after_seconds: int = Field(5, alias="RETRY_AFTER_SECONDS")
+    max_backlog: int = Field(10_000, alias="MAX_BACKLOG", ge=1)  # queued jobs above which submit answers 429
+    max_batch_size: int = Field(100, alias="MAX_BATCH_SIZE", ge=1)
+
+    # Webhooks (Standard Webhooks, delivered by the job-events queue's Service Bus-triggered function)
+    webhook_allow_private: bool = Field(False, alias="WEBHOOK_ALLOW_PRIVATE")  # local only: http, loopback targets
+    webhook_timeout: float = Field(10.0, alias="WEBHOOK_TIMEOUT")  # seconds per delivery attempt
+    webhook_max_attempts: int = Field(8, alias="WEBHOOK_MAX_ATTEMPTS", ge=1)
+    webhook_backoff: timedelta = Field(timedelta(seconds=5), alias="WEBHOOK_BACKOFF")  # doubled per attempt
+    webhook_backoff_max: timedelta = Field(timedelta(minutes=10), alias="WEBHOOK_BACKOFF_MAX")
 
     # The job lifecycle (shared.lifecycle): attempts, leases, time limit, retries, reconciliation
     job_max_attempts: int = Field(5, alias="JOB_MAX_ATTEMPTS", ge=1)
@@ -71,6 +82,9 @@ class Settings(BaseModel):
     worker_heartbeat_file: str = Field("/tmp/crop-ai-worker.heartbeat", alias="WORKER_HEARTBEAT_FILE")
     worker_heartbeat_max_age: float = Field(120.0, alias="WORKER_HEARTBEAT_MAX_AGE")  # seconds, for --healthcheck
     worker_probe_max_interval: float = Field(30.0, alias="WORKER_PROBE_MAX_INTERVAL")  # circuit breaker backoff cap
+    # After this many high-priority jobs in a row, a worker takes one normal job if one waits (no starvation).
+    worker_high_priority_burst: int = Field(4, alias="WORKER_HIGH_PRIORITY_BURST", ge=1)
+    worker_registry_interval: float = Field(15.0, alias="WORKER_REGISTRY_INTERVAL")  # heartbeat row in Postgres
     worker_preemption_watch: bool = Field(False, alias="WORKER_PREEMPTION_WATCH")  # Azure Scheduled Events (Spot VMs)
     models_dir: str | None = Field(None, alias="MODELS_DIR")
 
@@ -90,6 +104,20 @@ class Settings(BaseModel):
         if self.job_timeout <= self.job_lease:
             raise ValueError("JOB_TIMEOUT must be longer than JOB_LEASE")
         return self
+
+    def queue(self, priority: str) -> str:
+        """The queue that carries jobs of ``priority``."""
+        return self.jobs_high_queue if priority == "high" else self.jobs_queue
+
+    @property
+    def priority_queues(self) -> dict[str, str]:
+        """Priority -> the queue that carries it."""
+        return {"high": self.jobs_high_queue, "normal": self.jobs_queue}
+
+    @property
+    def job_queues(self) -> tuple[str, str]:
+        """Both job queues, high priority first."""
+        return (self.jobs_high_queue, self.jobs_queue)
 
     @property
     def lock_renewal_limit(self) -> timedelta:

@@ -15,7 +15,7 @@ from typing import Any
 from uuid import UUID
 
 from shared.errors import InputMissing
-from shared.jobs import DeadLetter, IdempotencyConflict, Job, JobStatus
+from shared.jobs import Callback, DeadLetter, IdempotencyConflict, Job, JobFilter, JobStatus, NewJob, Priority
 from shared.lifecycle import Event, target
 from shared.messages import JobMessage
 
@@ -28,9 +28,20 @@ class InMemoryJobStore:
         self._lock = threading.Lock()
         self.dead_letters: dict[tuple[str, int], DeadLetter] = {}
         self.failure: Exception | None = None
+        self._secrets: dict[UUID, str | None] = {}
+        self._batches: dict[UUID, list[UUID]] = {}
+        self._batch_keys: dict[UUID, str | None] = {}
 
     def create(
-        self, *, job_id: UUID, input_blob: str, input_sha256: str, params: dict[str, Any], idempotency_key: str | None
+        self,
+        *,
+        job_id: UUID,
+        input_blob: str,
+        input_sha256: str,
+        params: dict[str, Any],
+        idempotency_key: str | None,
+        priority: Priority = "normal",
+        callback: Callback | None = None,
     ) -> tuple[Job, bool]:
         self._fail_if_broken()
         with self._lock:
@@ -56,9 +67,67 @@ class InMemoryJobStore:
                 input_sha256=input_sha256,
                 params=params,
                 idempotency_key=idempotency_key,
+                priority=priority,
+                callback_url=callback.url if callback else None,
+                callback_events=callback.events if callback else None,
             )
             self._jobs[job_id] = job
+            self._secrets[job_id] = callback.secret if callback else None
             return job, True
+
+    def create_batch(self, batch_id: UUID, jobs: list[NewJob], idempotency_key: str | None) -> tuple[list[Job], bool]:
+        self._fail_if_broken()
+        with self._lock:
+            existing = next((b for b, k in self._batch_keys.items() if k is not None and k == idempotency_key), None)
+            if existing is not None:
+                return [self._jobs[i] for i in self._batches[existing]], False
+            now = datetime.now(UTC)
+            for new in jobs:
+                callback = new.callback
+                self._jobs[new.job_id] = Job(
+                    job_id=new.job_id,
+                    status=Q,
+                    created_at=now,
+                    updated_at=now,
+                    input_blob=new.input_blob,
+                    input_sha256=new.input_sha256,
+                    params=new.params,
+                    priority=new.priority,
+                    batch_id=batch_id,
+                    callback_url=callback.url if callback else None,
+                    callback_events=callback.events if callback else None,
+                )
+                self._secrets[new.job_id] = callback.secret if callback else None
+            self._batches[batch_id] = [new.job_id for new in jobs]
+            self._batch_keys[batch_id] = idempotency_key
+            return [self._jobs[new.job_id] for new in jobs], True
+
+    def batch_jobs(self, batch_id: UUID) -> list[Job] | None:
+        self._fail_if_broken()
+        ids = self._batches.get(batch_id)
+        return None if ids is None else [self._jobs[i] for i in ids]
+
+    def webhook_secret(self, job_id: UUID) -> str | None:
+        self._fail_if_broken()
+        return self._secrets.get(job_id)
+
+    def find(self, where: JobFilter, limit: int) -> list[Job]:
+        self._fail_if_broken()
+        found = [
+            j
+            for j in self._jobs.values()
+            if (where.status is None or j.status is where.status)
+            and (where.analysis is None or j.params.get("analysis") == where.analysis)
+            and (where.created_after is None or j.created_at > where.created_after)
+            and (where.created_before is None or j.created_at < where.created_before)
+            and (where.batch_id is None or j.batch_id == where.batch_id)
+            and (where.after is None or (j.created_at, j.job_id) < where.after)
+        ]
+        return sorted(found, key=lambda j: (j.created_at, j.job_id), reverse=True)[:limit]
+
+    def backlog(self) -> int:
+        self._fail_if_broken()
+        return sum(j.status is Q for j in self._jobs.values())
 
     def get(self, job_id: UUID) -> Job | None:
         self._fail_if_broken()
@@ -106,9 +175,10 @@ class InMemoryJobStore:
     def claim(self, job_id: UUID, *, worker_id: str, lease: timedelta, max_attempts: int) -> Job | None:
         return self._move(
             Event.CLAIM, job_id,
-            lambda j, now: (j.status is Q or _expired(j, now)) and j.charged < max_attempts,
+            lambda j, now: (j.status is Q or _expired(j, now)) and j.charged < max_attempts and _not_cancelling(j),
             attempts=lambda j, _: j.attempts + 1, worker_id=worker_id, lease_until=lambda _, now: now + lease,
-            started_at=lambda _, now: now, sent_at=lambda j, now: j.sent_at or now,
+            started_at=lambda _, now: now, sent_at=lambda j, now: j.sent_at or now, progress=None,
+            first_started_at=lambda j, now: j.first_started_at or now,
         )  # fmt: skip
 
     def renew_lease(self, job_id: UUID, attempt: int, lease: timedelta) -> Job | None:
@@ -118,7 +188,7 @@ class InMemoryJobStore:
 
     def succeed(self, job_id: UUID, attempt: int, result: dict[str, Any]) -> Job | None:
         return self._move(
-            Event.SUCCEED, job_id, lambda j, _: j.attempts == attempt,
+            Event.SUCCEED, job_id, lambda j, _: j.attempts == attempt and _not_cancelling(j),
             result=result, lease_until=None, finished_at=lambda _, now: now,
         )  # fmt: skip
 
@@ -130,13 +200,41 @@ class InMemoryJobStore:
 
     def release(self, job_id: UUID, attempt: int, *, drain: bool = False) -> Job | None:
         return self._move(
-            Event.RELEASE, job_id, lambda j, _: j.attempts == attempt,
+            Event.RELEASE, job_id, lambda j, _: j.attempts == attempt and _not_cancelling(j),
             generation=lambda j, _: j.generation + 1, sent_at=None, lease_until=None,
             drains=lambda j, _: j.drains + int(drain),
         )  # fmt: skip
 
+    def progress(self, job_id: UUID, attempt: int, progress: dict[str, Any], *, notify: bool = False) -> Job | None:
+        return self._move(Event.PROGRESS, job_id, lambda j, _: j.attempts == attempt, progress=progress)
+
+    def stop(self, job_id: UUID, attempt: int) -> Job | None:
+        return self._move(
+            Event.STOP, job_id, lambda j, _: j.attempts == attempt and not _not_cancelling(j),
+            lease_until=None, finished_at=lambda _, now: now,
+        )  # fmt: skip
+
     def cancel(self, job_id: UUID) -> Job | None:
         return self._move(Event.CANCEL, job_id, lambda j, _: True, lease_until=None, finished_at=lambda _, now: now)
+
+    def request_cancel(self, job_id: UUID) -> Job | None:
+        return self._move(
+            Event.REQUEST_CANCEL, job_id, lambda j, _: _not_cancelling(j), cancel_requested_at=lambda _, now: now
+        )
+
+    def retry(self, job_id: UUID) -> Job | None:
+        return self._move(
+            Event.RETRY, job_id, lambda j, _: j.error_code != "enqueue_failed",
+            generation=lambda j, _: j.generation + 1, sent_at=None, forgiven=lambda j, _: j.attempts - j.drains,
+            retries=lambda j, _: j.retries + 1, error_code=None, error_message=None, finished_at=None,
+            cancel_requested_at=None, progress=None,
+        )  # fmt: skip
+
+    def cancel_expired(self, job_id: UUID) -> Job | None:
+        return self._move(
+            Event.CANCEL_EXPIRED, job_id, lambda j, now: not _not_cancelling(j) and _expired(j, now),
+            lease_until=None, finished_at=lambda _, now: now,
+        )  # fmt: skip
 
     def resend(self, job_id: UUID, generation: int, older_than: timedelta) -> Job | None:
         return self._move(
@@ -147,14 +245,14 @@ class InMemoryJobStore:
 
     def expire(self, job_id: UUID, max_attempts: int) -> Job | None:
         return self._move(
-            Event.EXPIRE, job_id, lambda j, now: _expired(j, now) and j.charged < max_attempts,
+            Event.EXPIRE, job_id, lambda j, now: _expired(j, now) and j.charged < max_attempts and _not_cancelling(j),
             generation=lambda j, _: j.generation + 1, sent_at=None, lease_until=None,
         )  # fmt: skip
 
     def exhaust(self, job_id: UUID, max_attempts: int, message: str) -> Job | None:
         return self._move(
             Event.EXHAUST, job_id,
-            lambda j, now: j.charged >= max_attempts and (j.status is Q or _expired(j, now)),
+            lambda j, now: j.charged >= max_attempts and (j.status is Q or (_expired(j, now) and _not_cancelling(j))),
             error_code="retries_exhausted", error_message=message, lease_until=None, finished_at=lambda _, now: now,
         )  # fmt: skip
 
@@ -198,6 +296,10 @@ class InMemoryJobStore:
     def _now(self) -> datetime:
         self._fail_if_broken()
         return datetime.now(UTC)
+
+
+def _not_cancelling(job: Job) -> bool:
+    return job.cancel_requested_at is None
 
 
 def _expired(job: Job, now: datetime) -> bool:

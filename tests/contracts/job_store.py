@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from shared.jobs import IdempotencyConflict, Job, JobStatus, JobStore
+from shared.jobs import Callback, IdempotencyConflict, Job, JobFilter, JobStatus, JobStore, NewJob
 from shared.lifecycle import Event, target
 
 SHA_A = "a" * 64
@@ -31,6 +31,11 @@ def create(store: JobStore, *, key: str | None = None, sha256: str = SHA_A) -> t
     return store.create(
         job_id=job_id, input_blob=f"{job_id}/input.tif", input_sha256=sha256, params=PARAMS, idempotency_key=key
     )
+
+
+def _new_job() -> NewJob:
+    job_id = uuid.uuid4()
+    return NewJob(job_id=job_id, input_blob=f"{job_id}/input.tif", input_sha256=SHA_A, params=PARAMS)
 
 
 def claimed(store: JobStore, job: Job, *, lease: timedelta = LEASE, worker: str = "w1") -> Job:
@@ -81,8 +86,22 @@ def _failed_enqueue(store: JobStore) -> Job:
 
 
 def _cancelled(store: JobStore) -> Job:
-    job = _running(store)
+    job = _queued_sent(store)
     moved = store.cancel(job.job_id)
+    assert moved is not None
+    return moved
+
+
+def _cancelling(store: JobStore) -> Job:
+    job = _running(store)
+    moved = store.request_cancel(job.job_id)
+    assert moved is not None
+    return moved
+
+
+def _cancelling_expired(store: JobStore) -> Job:
+    job = _running_expired(store)
+    moved = store.request_cancel(job.job_id)
     assert moved is not None
     return moved
 
@@ -96,6 +115,8 @@ STATES: dict[str, Callable[[JobStore], Job]] = {
     "failed": _failed,
     "failed_enqueue": _failed_enqueue,
     "cancelled": _cancelled,
+    "cancelling": _cancelling,
+    "cancelling_expired": _cancelling_expired,
 }
 
 # Each event with the arguments of an actor whose view of the job is current (its generation, its attempt).
@@ -114,6 +135,11 @@ CALLS: dict[Event, Callable[[JobStore, Job], Job | None]] = {
     Event.EXHAUST: lambda s, j: s.exhaust(j.job_id, 1, "no attempt left"),
     Event.REDRIVE: lambda s, j: s.redrive(j.job_id, j.generation),
     Event.DEAD_LETTERED: lambda s, j: s.dead_lettered(j.job_id, j.generation, "message_expired", "expired"),
+    Event.REQUEST_CANCEL: lambda s, j: s.request_cancel(j.job_id),
+    Event.STOP: lambda s, j: s.stop(j.job_id, j.attempts),
+    Event.CANCEL_EXPIRED: lambda s, j: s.cancel_expired(j.job_id),
+    Event.RETRY: lambda s, j: s.retry(j.job_id),
+    Event.PROGRESS: lambda s, j: s.progress(j.job_id, j.attempts, {"stage": "indices", "fraction": 0.5}),
 }
 
 # Where each event moves a job, from the fixture states it is allowed in (absent: it changes nothing).
@@ -122,16 +148,23 @@ EXPECTED: dict[Event, dict[str, JobStatus]] = {
     Event.ABORT_SUBMIT: {"queued": JobStatus.FAILED},
     Event.RESUBMIT: {"failed_enqueue": JobStatus.QUEUED},
     Event.CLAIM: {"queued": JobStatus.RUNNING, "queued_sent": JobStatus.RUNNING, "running_expired": JobStatus.RUNNING},
-    Event.RENEW_LEASE: {"running": JobStatus.RUNNING, "running_expired": JobStatus.RUNNING},
+    Event.RENEW_LEASE: {
+        s: JobStatus.RUNNING for s in ("running", "running_expired", "cancelling", "cancelling_expired")
+    },
     Event.SUCCEED: {"running": JobStatus.SUCCEEDED, "running_expired": JobStatus.SUCCEEDED},
-    Event.FAIL: {"running": JobStatus.FAILED, "running_expired": JobStatus.FAILED},
+    Event.FAIL: {s: JobStatus.FAILED for s in ("running", "running_expired", "cancelling", "cancelling_expired")},
     Event.RELEASE: {"running": JobStatus.QUEUED, "running_expired": JobStatus.QUEUED},
-    Event.CANCEL: {s: JobStatus.CANCELLED for s in ("queued", "queued_sent", "running", "running_expired")},
+    Event.CANCEL: {"queued": JobStatus.CANCELLED, "queued_sent": JobStatus.CANCELLED},
     Event.RESEND: {"queued": JobStatus.QUEUED},
     Event.EXPIRE: {"running_expired": JobStatus.QUEUED},
     Event.EXHAUST: {"running_expired": JobStatus.FAILED},
     Event.REDRIVE: {"queued": JobStatus.QUEUED, "queued_sent": JobStatus.QUEUED},
     Event.DEAD_LETTERED: {"queued": JobStatus.FAILED, "queued_sent": JobStatus.FAILED},
+    Event.REQUEST_CANCEL: {"running": JobStatus.RUNNING, "running_expired": JobStatus.RUNNING},
+    Event.STOP: {"cancelling": JobStatus.CANCELLED, "cancelling_expired": JobStatus.CANCELLED},
+    Event.CANCEL_EXPIRED: {"cancelling_expired": JobStatus.CANCELLED},
+    Event.RETRY: {"failed": JobStatus.QUEUED, "cancelled": JobStatus.QUEUED},
+    Event.PROGRESS: {s: JobStatus.RUNNING for s in ("running", "running_expired", "cancelling", "cancelling_expired")},
 }
 
 
@@ -200,7 +233,9 @@ class JobStoreContract:
 
     # Guards: a stale view moves nothing
 
-    @pytest.mark.parametrize("event", [Event.RENEW_LEASE, Event.SUCCEED, Event.FAIL, Event.RELEASE], ids=str)
+    @pytest.mark.parametrize(
+        "event", [Event.RENEW_LEASE, Event.SUCCEED, Event.FAIL, Event.RELEASE, Event.PROGRESS], ids=str
+    )
     def test_a_stale_attempt_is_fenced_off(self, store: JobStore, event: Event) -> None:
         first = _running_expired(store)
         second = claimed(store, first, worker="w2")  # the lease ran out: another worker took over
@@ -310,6 +345,111 @@ class JobStoreContract:
         job = _failed(store)
         assert store.resubmit(job.job_id) is None
 
+    # Cancel, retry, progress
+
+    def test_a_cancelled_attempt_stores_no_result_and_cannot_be_released(self, store: JobStore) -> None:
+        job = _cancelling(store)
+        assert job.cancel_requested_at is not None
+        assert store.request_cancel(job.job_id) is None  # requested once
+        assert store.succeed(job.job_id, job.attempts, {"x": 1}) is None
+        assert store.release(job.job_id, job.attempts) is None
+        stopped = store.stop(job.job_id, job.attempts)
+        assert stopped is not None
+        assert (stopped.status, stopped.result, stopped.lease_until) == (JobStatus.CANCELLED, None, None)
+
+    def test_a_vanished_cancelling_attempt_is_cancelled_not_requeued(self, store: JobStore) -> None:
+        job = _cancelling_expired(store)
+        assert store.claim(job.job_id, worker_id="w2", lease=LEASE, max_attempts=MAX) is None
+        assert store.expire(job.job_id, MAX) is None
+        assert store.exhaust(job.job_id, 1, "x") is None
+        assert [j.job_id for j in store.expired(10)] == [job.job_id]
+        cancelled = store.cancel_expired(job.job_id)
+        assert cancelled is not None
+        assert cancelled.status is JobStatus.CANCELLED
+
+    def test_retry_forgives_past_attempts_and_hands_over_a_new_generation(self, store: JobStore) -> None:
+        job = _queued(store)
+        for _ in range(2):
+            assert store.claim(job.job_id, worker_id="w", lease=GONE, max_attempts=2) is not None
+        exhausted = store.exhaust(job.job_id, 2, "2 attempts")
+        assert exhausted is not None
+        again = store.retry(job.job_id)
+        assert again is not None
+        assert (again.status, again.generation, again.sent_at, again.error_code, again.finished_at) == (
+            JobStatus.QUEUED, exhausted.generation + 1, None, None, None,
+        )  # fmt: skip
+        assert (again.attempts, again.charged, again.retries) == (2, 0, 1)
+        assert store.retry(job.job_id) is None  # queued: nothing to retry
+        running = store.claim(job.job_id, worker_id="w", lease=LEASE, max_attempts=2)
+        assert running is not None
+        assert running.attempts == 3  # attempt numbers never repeat
+
+    def test_retry_of_an_enqueue_failed_job_is_refused(self, store: JobStore) -> None:
+        assert store.retry(_failed_enqueue(store).job_id) is None
+
+    def test_progress_is_stored_and_cleared_by_the_next_claim(self, store: JobStore) -> None:
+        job = _running_expired(store)
+        moved = store.progress(job.job_id, job.attempts, {"stage": "decode", "fraction": 0.25}, notify=True)
+        assert moved is not None
+        assert moved.progress == {"stage": "decode", "fraction": 0.25}
+        again = claimed(store, moved, worker="w2")
+        assert again.progress is None
+        assert again.first_started_at == job.first_started_at is not None
+
+    # Batches, listing, backlog
+
+    def test_a_batch_is_created_whole_in_order(self, store: JobStore) -> None:
+        batch_id = uuid.uuid4()
+        new = [_new_job() for _ in range(3)]
+        jobs, created = store.create_batch(batch_id, new, "batch-key")
+        assert created
+        assert [j.job_id for j in jobs] == [n.job_id for n in new]
+        assert {(j.status, j.batch_id) for j in jobs} == {(JobStatus.QUEUED, batch_id)}
+        again, created_again = store.create_batch(uuid.uuid4(), [_new_job()], "batch-key")
+        assert not created_again
+        assert {j.job_id for j in again} == {n.job_id for n in new}
+        found = store.batch_jobs(batch_id)
+        assert found is not None
+        assert {j.job_id for j in found} == {n.job_id for n in new}
+        assert store.batch_jobs(uuid.uuid4()) is None
+
+    def test_callback_and_priority_are_kept_and_the_secret_is_not_in_the_job(self, store: JobStore) -> None:
+        job_id = uuid.uuid4()
+        callback = Callback(url="https://example.com/hook", events=["completed", "progress"], secret="whsec_abc")
+        job, _ = store.create(
+            job_id=job_id, input_blob="x", input_sha256=SHA_A, params=PARAMS, idempotency_key=None,
+            priority="high", callback=callback,
+        )  # fmt: skip
+        assert (job.priority, job.callback_url, job.callback_events) == ("high", callback.url, callback.events)
+        assert "whsec_abc" not in job.model_dump_json()
+        assert store.webhook_secret(job_id) == "whsec_abc"
+        assert store.webhook_secret(uuid.uuid4()) is None
+
+    def test_find_pages_newest_first_with_filters(self, store: JobStore) -> None:
+        batch_id = uuid.uuid4()
+        jobs, _ = store.create_batch(batch_id, [_new_job() for _ in range(5)], None)
+        page1 = store.find(JobFilter(batch_id=batch_id), 2)
+        assert len(page1) == 2
+        last = page1[-1]
+        page2 = store.find(JobFilter(batch_id=batch_id, after=(last.created_at, last.job_id)), 10)
+        assert len(page2) == 3
+        seen = [j.job_id for j in page1 + page2]
+        assert sorted(seen) == sorted(j.job_id for j in jobs)
+        keys = [(j.created_at, j.job_id) for j in page1 + page2]
+        assert keys == sorted(keys, reverse=True)
+        failed = _failed(store)
+        assert [j.job_id for j in store.find(JobFilter(status=JobStatus.FAILED), 1000)].count(failed.job_id) == 1
+        assert store.find(JobFilter(batch_id=batch_id, status=JobStatus.FAILED), 10) == []
+        assert store.find(JobFilter(batch_id=batch_id, analysis="model:other"), 10) == []
+        later = store.find(JobFilter(batch_id=batch_id, created_after=jobs[0].created_at), 10)
+        assert later == []  # one transaction: one created_at
+
+    def test_backlog_counts_queued_jobs(self, store: JobStore) -> None:
+        before = store.backlog()
+        _queued(store)
+        _running(store)
+        assert store.backlog() == before + 1
+
     # Reconciler queries
 
     def test_expired_and_stranded_queries(self, store: JobStore) -> None:
@@ -377,4 +517,6 @@ STATES_STATUS: dict[str, JobStatus] = {
     "failed": JobStatus.FAILED,
     "failed_enqueue": JobStatus.FAILED,
     "cancelled": JobStatus.CANCELLED,
+    "cancelling": JobStatus.RUNNING,
+    "cancelling_expired": JobStatus.RUNNING,
 }

@@ -50,7 +50,7 @@ def receive_all(emulator: EmulatorHandle, wait: float = 2.0) -> list[ServiceBusR
 @pytest.fixture
 def publisher(servicebus_emulator: EmulatorHandle) -> Iterator[JobPublisher]:
     settings = settings_for(servicebus_emulator)
-    publisher = JobPublisher(servicebus_client(settings), settings.jobs_queue)
+    publisher = JobPublisher(servicebus_client(settings), settings.priority_queues)
     yield publisher
     publisher.close()
 
@@ -98,7 +98,7 @@ def test_a_scheduled_send_arrives_when_due(servicebus_emulator: EmulatorHandle, 
 @pytest.mark.filterwarnings("ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning")
 def test_after_a_failed_send_the_cooldown_fails_fast(servicebus_emulator: EmulatorHandle) -> None:
     client = ServiceBusClient.from_connection_string(servicebus_emulator.connection_string, retry_total=0)
-    publisher = JobPublisher(client, servicebus_emulator.queue_name, timeout=5, cooldown=30)
+    publisher = JobPublisher(client, {"normal": servicebus_emulator.queue_name}, timeout=5, cooldown=30)
     try:
         servicebus_emulator.stop()
         with pytest.raises(BusUnavailable):
@@ -118,7 +118,7 @@ def test_after_a_failed_send_the_cooldown_fails_fast(servicebus_emulator: Emulat
 @pytest.mark.filterwarnings("ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning")
 def test_a_broker_that_is_down_is_transient_and_the_publisher_recovers(servicebus_emulator: EmulatorHandle) -> None:
     client = ServiceBusClient.from_connection_string(servicebus_emulator.connection_string, retry_total=0)
-    publisher = JobPublisher(client, servicebus_emulator.queue_name, timeout=10)
+    publisher = JobPublisher(client, {"normal": servicebus_emulator.queue_name}, timeout=10)
     try:
         publisher.send(a_job())  # the sender is open and linked
         servicebus_emulator.stop()

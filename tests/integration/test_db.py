@@ -58,7 +58,7 @@ def test_migrate_applies_once(database_url: str) -> None:
     assert migrate(database_url) == []
     with psycopg.connect(database_url) as conn:
         tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
-    assert tables == {"jobs", "results", "dead_letters", "schema_migrations"}
+    assert tables == {"jobs", "results", "dead_letters", "job_events", "batches", "workers", "schema_migrations"}
 
 
 def test_concurrent_migrations_apply_each_version_once(database_url: str) -> None:

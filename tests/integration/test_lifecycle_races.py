@@ -72,7 +72,7 @@ def _consumer(
         receiver,
         stack.jobs,
         JobHandler(stack.jobs, stack.store, analyzer),  # type: ignore[arg-type]
-        JobPublisher(stack.client, stack.queue_name),
+        JobPublisher(stack.client, stack.queues),
         Shutdown(30),
         Heartbeat(tmp / f"{name}.heartbeat"),
         locks,
@@ -97,7 +97,7 @@ def test_h1_an_ambiguous_send_leaves_the_job_claimable_and_a_same_key_retry_send
 ) -> None:
     """H1: the send reached the broker but reported failure. The job stays queued (never failed), the worker runs
     it, and the client's same-key retry finds it succeeded; nothing is left for the reconciler."""
-    ambiguous = AmbiguousPublisher(JobPublisher(stack.client, stack.queue_name))
+    ambiguous = AmbiguousPublisher(JobPublisher(stack.client, stack.queues))
     status, created, job_id = _submit(stack, ambiguous)
     assert (status, created) == (JobStatus.QUEUED, True)  # 202: accepted; the send is the reconciler's if need be
     job = stack.job(job_id)  # type: ignore[arg-type]
@@ -115,9 +115,9 @@ def test_h1_an_ambiguous_send_leaves_the_job_claimable_and_a_same_key_retry_send
 
 
 def test_an_ambiguous_send_then_a_same_key_retry_before_any_worker_runs_the_job_once(stack: WorkerStack) -> None:
-    ambiguous = AmbiguousPublisher(JobPublisher(stack.client, stack.queue_name))
+    ambiguous = AmbiguousPublisher(JobPublisher(stack.client, stack.queues))
     _, _, job_id = _submit(stack, ambiguous)
-    status, created, again = _submit(stack, JobPublisher(stack.client, stack.queue_name))
+    status, created, again = _submit(stack, JobPublisher(stack.client, stack.queues))
     assert (status, created, again) == (JobStatus.QUEUED, False, job_id)
     [message] = stack.queued()  # the retry of the same send was dropped by duplicate detection
     assert message.message_id == f"{job_id}:1"

@@ -74,6 +74,11 @@ class WorkerStack:
     def jobs(self) -> PostgresJobStore:
         return PostgresJobStore(self.pool)
 
+    @property
+    def queues(self) -> dict[str, str]:
+        """Priority -> queue, as the stack's settings name them."""
+        return self.settings().priority_queues
+
     def settings(self, **overrides: str) -> Settings:
         return Settings.from_env({**self.env, **overrides})
 
@@ -119,8 +124,8 @@ class WorkerStack:
             settings.reconcile_batch,
             settings.reconcile_abort_after,
         )
-        with DeadLetterInbox(self.client, self.queue_name) as inbox:
-            publisher = JobPublisher(self.client, self.queue_name)
+        with DeadLetterInbox(self.client, [self.queue_name]) as inbox:
+            publisher = JobPublisher(self.client, self.queues)
             return Reconciler(self.jobs, self.store, publisher, inbox, policy).run()
 
     def results(self, job_id: UUID) -> set[str]:
