@@ -1,8 +1,9 @@
 // Crop AI on Azure: the whole asynchronous inference pipeline, keyless.
 //
 //   HTTP client -> Function App (Flex Consumption, Python 3.11) -> Blob Storage (images) + PostgreSQL (job row)
-//               -> Service Bus queue -> GPU VM Scale Set (Spot, autoscaled on the queue backlog)
-//               -> PostgreSQL (result) ; Application Insights sees every hop.
+//               -> Service Bus queue jobs or jobs-high -> GPU VM Scale Set (Spot, autoscaled on both backlogs)
+//               -> PostgreSQL (result) -> queue job-events -> Function App (webhook delivery) ;
+//               Application Insights sees every hop.
 //
 // Deploy (docs/deploy.md):  az deployment sub create --location <region> --parameters infra/bicep/main.bicepparam
 // Every resource authenticates with Microsoft Entra ID through two user-assigned identities; shared keys, SAS,
@@ -27,6 +28,9 @@ param tags object = {}
 // ---------------------------------------------------------------------------------------------------- queue
 // Defaults must equal local/servicebus.config.json (tests/infra/test_settings_alignment.py holds the expected values).
 // The app reads none of them: attempts are bounded by jobMaxAttempts (JOB_MAX_ATTEMPTS), not by the delivery count.
+// The queue* properties apply to both jobs queues, jobs and jobs-high; the job-events queue has its own defaults in
+// modules/servicebus.bicep (queue names other than jobs are not parameters: JOBS_HIGH_QUEUE_NAME and
+// JOB_EVENTS_QUEUE_NAME follow the module's outputs).
 @description('Service Bus tier: Standard or Premium.')
 @allowed([
   'Standard'
@@ -37,10 +41,10 @@ param serviceBusSku string = 'Standard'
 @description('Premium messaging units (1, 2, 4, 8, 16); ignored for Standard.')
 param serviceBusPremiumCapacity int = 1
 
-@description('Name of the jobs queue (JOBS_QUEUE_NAME).')
+@description('Name of the normal-priority jobs queue (JOBS_QUEUE_NAME).')
 param queueName string = 'jobs'
 
-@description('Peek-lock duration of the jobs queue (ISO 8601).')
+@description('Peek-lock duration of the jobs queues (ISO 8601).')
 param queueLockDuration string = 'PT1M'
 
 @description('Deliveries before a message is dead-lettered (MaxDeliveryCountExceeded; the reconciler re-drives a queued job).')
@@ -56,7 +60,7 @@ param queueRequiresDuplicateDetection bool = true
 @description('Duplicate detection history window (ISO 8601).')
 param queueDuplicateDetectionHistoryTimeWindow string = 'PT10M'
 
-@description('Message time to live in the queue (ISO 8601).')
+@description('Message time to live in the jobs queues (ISO 8601).')
 param queueDefaultMessageTimeToLive string = 'P1D'
 
 // ---------------------------------------------------------------------------------------------------- storage
@@ -118,6 +122,26 @@ param functionMaximumInstanceCount int = 40
 @description('Memory per API instance in MB (512, 2048, 4096).')
 param functionInstanceMemoryMB int = 2048
 
+// Defaults equal shared/settings.py's (tests/infra checks it). WEBHOOK_ALLOW_PRIVATE is deliberately no parameter:
+// it is false in Azure (modules/functionapp.bicep), true only on the local stack.
+@description('Queued jobs above which submit answers 429 (MAX_BACKLOG).')
+@minValue(1)
+param maxBacklog int = 10000
+
+@description('Seconds one webhook delivery may take (WEBHOOK_TIMEOUT).')
+@minValue(1)
+param webhookTimeoutSeconds int = 10
+
+@description('Delivery attempts of one webhook event (WEBHOOK_MAX_ATTEMPTS).')
+@minValue(1)
+param webhookMaxAttempts int = 8
+
+@description('Delay before the second webhook attempt, doubled per attempt (WEBHOOK_BACKOFF, ISO 8601).')
+param webhookBackoff string = 'PT5S'
+
+@description('Longest delay between two webhook attempts (WEBHOOK_BACKOFF_MAX, ISO 8601).')
+param webhookBackoffMax string = 'PT10M'
+
 // ---------------------------------------------------------------------------------------------------- workers
 @description('Container registry SKU.')
 param registrySku string = 'Standard'
@@ -156,11 +180,21 @@ param workerMinInstances int = 0
 @description('Most worker VMs.')
 param workerMaxInstances int = 4
 
-@description('Scale out while the queue\'s average active message count is above this.')
+@description('High-priority jobs a worker takes in a row before it takes one normal job if one waits (WORKER_HIGH_PRIORITY_BURST).')
+@minValue(1)
+param workerHighPriorityBurst int = 4
+
+@description('Scale out while the normal-priority queue\'s average active message count is above this.')
 param scaleOutThreshold int = 0
 
-@description('Scale in while the queue\'s average active message count is at most this.')
+@description('Scale in while the normal-priority queue\'s average active message count is at most this (and the high-priority queue\'s at most its own).')
 param scaleInThreshold int = 0
+
+@description('Scale out while the high-priority queue\'s average active message count is above this.')
+param highPriorityScaleOutThreshold int = 0
+
+@description('Scale in while the high-priority queue\'s average active message count is at most this (and the normal-priority queue\'s at most its own).')
+param highPriorityScaleInThreshold int = 0
 
 @description('Cool-down after a scale-out (ISO 8601).')
 param scaleOutCooldown string = 'PT10M'
@@ -204,7 +238,7 @@ param actionGroupId string = ''
 @description('E-mail address for a new action group when actionGroupId is empty; empty for none.')
 param alertEmail string = ''
 
-@description('Active messages above which the backlog alert fires.')
+@description('Active messages in either jobs queue above which the backlog alert fires.')
 param backlogAlertThreshold int = 100
 
 @description('Worker exceptions per 15 minutes above which the worker-errors alert fires.')
@@ -374,12 +408,19 @@ module functionApp 'modules/functionapp.bicep' = {
     resultsContainerName: storage.outputs.resultsContainerName
     serviceBusNamespaceFqdn: serviceBus.outputs.fullyQualifiedNamespace
     queueName: serviceBus.outputs.queueName
+    highPriorityQueueName: serviceBus.outputs.highPriorityQueueName
+    eventsQueueName: serviceBus.outputs.eventsQueueName
     postgresHost: postgres.outputs.fqdn
     postgresDatabase: postgres.outputs.databaseName
     appInsightsConnectionString: monitoring.outputs.connectionString
     serviceName: otelServiceName
     maximumInstanceCount: functionMaximumInstanceCount
     instanceMemoryMB: functionInstanceMemoryMB
+    maxBacklog: maxBacklog
+    webhookTimeoutSeconds: webhookTimeoutSeconds
+    webhookMaxAttempts: webhookMaxAttempts
+    webhookBackoff: webhookBackoff
+    webhookBackoffMax: webhookBackoffMax
     jobMaxAttempts: jobMaxAttempts
     reconcileSchedule: reconcileSchedule
     reconcileResendAfter: reconcileResendAfter
@@ -414,11 +455,14 @@ module gpuWorkers 'modules/gpu-vmss.bicep' = {
     resultsContainerName: storage.outputs.resultsContainerName
     serviceBusNamespaceFqdn: serviceBus.outputs.fullyQualifiedNamespace
     queueName: serviceBus.outputs.queueName
+    highPriorityQueueName: serviceBus.outputs.highPriorityQueueName
+    eventsQueueName: serviceBus.outputs.eventsQueueName
     postgresHost: postgres.outputs.fqdn
     postgresDatabase: postgres.outputs.databaseName
     appInsightsConnectionString: monitoring.outputs.connectionString
     serviceName: otelServiceName
     shutdownGraceSeconds: workerShutdownGraceSeconds
+    highPriorityBurst: workerHighPriorityBurst
     jobMaxAttempts: jobMaxAttempts
     jobLease: jobLease
     jobTimeout: jobTimeout
@@ -440,11 +484,14 @@ module autoscale 'modules/autoscale.bicep' = {
     vmssName: gpuWorkers.outputs.vmssName
     serviceBusNamespaceId: serviceBus.outputs.namespaceId
     queueName: serviceBus.outputs.queueName
+    highPriorityQueueName: serviceBus.outputs.highPriorityQueueName
     minInstances: workerMinInstances
     maxInstances: workerMaxInstances
     defaultInstances: workerMinInstances
     scaleOutThreshold: scaleOutThreshold
     scaleInThreshold: scaleInThreshold
+    highPriorityScaleOutThreshold: highPriorityScaleOutThreshold
+    highPriorityScaleInThreshold: highPriorityScaleInThreshold
     scaleOutCooldown: scaleOutCooldown
     scaleInCooldown: scaleInCooldown
   }
@@ -458,6 +505,8 @@ module roles 'modules/roles.bicep' = {
     workerPrincipalId: identities.outputs.workerPrincipalId
     serviceBusNamespaceName: serviceBus.outputs.namespaceName
     queueName: serviceBus.outputs.queueName
+    highPriorityQueueName: serviceBus.outputs.highPriorityQueueName
+    eventsQueueName: serviceBus.outputs.eventsQueueName
     storageAccountName: storage.outputs.accountName
     imagesContainerName: storage.outputs.imagesContainerName
     resultsContainerName: storage.outputs.resultsContainerName
@@ -474,6 +523,8 @@ module alerts 'modules/alerts.bicep' = {
     namePrefix: names.alerts
     serviceBusNamespaceId: serviceBus.outputs.namespaceId
     queueName: serviceBus.outputs.queueName
+    highPriorityQueueName: serviceBus.outputs.highPriorityQueueName
+    eventsQueueName: serviceBus.outputs.eventsQueueName
     appInsightsId: monitoring.outputs.appInsightsId
     workerRoleName: workerRoleName
     actionGroupId: actionGroupId
@@ -491,6 +542,8 @@ output FUNCTION_APP_NAME string = functionApp.outputs.functionAppName
 output STORAGE_ACCOUNT_NAME string = storage.outputs.accountName
 output SERVICEBUS_NAMESPACE string = serviceBus.outputs.fullyQualifiedNamespace
 output SERVICEBUS_QUEUE_NAME string = serviceBus.outputs.queueName
+output SERVICEBUS_HIGH_PRIORITY_QUEUE_NAME string = serviceBus.outputs.highPriorityQueueName
+output SERVICEBUS_EVENTS_QUEUE_NAME string = serviceBus.outputs.eventsQueueName
 output POSTGRES_HOST string = postgres.outputs.fqdn
 output POSTGRES_DATABASE string = postgres.outputs.databaseName
 output AZURE_CONTAINER_REGISTRY_NAME string = registry.outputs.registryName

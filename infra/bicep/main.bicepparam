@@ -8,7 +8,8 @@ param location = readEnvironmentVariable('AZURE_LOCATION', 'westeurope')
 param gpuSshPublicKey = readEnvironmentVariable('GPU_SSH_PUBLIC_KEY')
 param alertEmail = readEnvironmentVariable('ALERT_EMAIL', '')
 
-// The jobs queue: the same values as local/servicebus.config.json (tests/infra/test_settings_alignment.py checks it).
+// The jobs queues (jobs and jobs-high share these): the same values as local/servicebus.config.json
+// (tests/infra/test_settings_alignment.py checks it).
 param queueName = 'jobs'
 param queueLockDuration = 'PT1M'
 param queueMaxDeliveryCount = 5

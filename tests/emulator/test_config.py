@@ -43,7 +43,7 @@ def test_parse_duration_rejects(text: str) -> None:
 
 
 def test_repository_config_declares_the_deployed_jobs_queue() -> None:
-    (queue,) = load_config(REPO_CONFIG).queues
+    queue = {q.name: q for q in load_config(REPO_CONFIG).queues}["jobs"]
     assert asdict(queue) == JOBS_QUEUE
 
 

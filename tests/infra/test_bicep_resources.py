@@ -215,36 +215,73 @@ def test_the_health_endpoint_answers_in_rich_health_states() -> None:
     assert "self.send_response(200)" in text
 
 
-def test_autoscale_follows_the_queue_backlog() -> None:
+def test_autoscale_follows_the_backlog_of_both_jobs_queues() -> None:
+    """One profile, a scale-out and a scale-in rule per jobs queue. Azure Monitor autoscale scales out when any
+    scale-out rule is met and in only when all scale-in rules are (autoscale-understanding-settings): so out when either
+    queue's backlog is above its threshold, in only when both are at or below theirs."""
+    module = bt.module("autoscale")
     autoscale = one("autoscale", "Microsoft.Insights/autoscalesettings")["properties"]
     assert autoscale["targetResourceUri"] == Expr("vmssId")
-    profile = autoscale["profiles"][0]
+    (profile,) = autoscale["profiles"]
     assert profile["capacity"] == {
         "minimum": Expr("string(minInstances)"),
         "maximum": Expr("string(maxInstances)"),
         "default": Expr("string(defaultInstances)"),
     }
-    rules = {r["scaleAction"]["direction"]: r for r in profile["rules"]}
-    assert set(rules) == {"Increase", "Decrease"}
-    for rule in rules.values():
-        trigger = rule["metricTrigger"]
+    rules = {(r["scaleAction"]["direction"], r["metricTrigger"]["dimensions"].text): r for r in profile["rules"]}
+    assert len(rules) == len(profile["rules"]) == 4
+    expected = {  # (direction, queue filter) -> (operator, threshold, window, cooldown)
+        ("Increase", "queueFilter"): ("GreaterThan", "scaleOutThreshold", "scaleOutWindow", "scaleOutCooldown"),
+        ("Increase", "highPriorityQueueFilter"): (
+            "GreaterThan",
+            "highPriorityScaleOutThreshold",
+            "scaleOutWindow",
+            "scaleOutCooldown",
+        ),
+        ("Decrease", "queueFilter"): ("LessThanOrEqual", "scaleInThreshold", "scaleInWindow", "scaleInCooldown"),
+        ("Decrease", "highPriorityQueueFilter"): (
+            "LessThanOrEqual",
+            "highPriorityScaleInThreshold",
+            "scaleInWindow",
+            "scaleInCooldown",
+        ),
+    }
+    assert set(rules) == set(expected)
+    for key, (operator, threshold, window, cooldown) in expected.items():
+        trigger, action = rules[key]["metricTrigger"], rules[key]["scaleAction"]
         assert trigger["metricName"] == "ActiveMessages"
         assert trigger["metricNamespace"] == "Microsoft.ServiceBus/namespaces"
         assert trigger["metricResourceUri"] == Expr("serviceBusNamespaceId")
-        assert trigger["dimensions"] == Expr("queueFilter")
-    assert rules["Increase"]["metricTrigger"]["operator"] == "GreaterThan"
-    assert rules["Decrease"]["metricTrigger"]["operator"] == "LessThanOrEqual"
-    assert rules["Increase"]["scaleAction"]["cooldown"] == Expr("scaleOutCooldown")
-    assert rules["Decrease"]["scaleAction"]["cooldown"] == Expr("scaleInCooldown")
-    assert bt.module("autoscale").variables["queueFilter"].value == [
-        {"DimensionName": "EntityName", "Operator": "Equals", "Values": [Expr("queueName")]}
-    ]
-    assert bt.module("autoscale").params["minInstances"].value == 0
+        assert (trigger["statistic"], trigger["timeAggregation"]) == ("Average", "Average")
+        assert (trigger["operator"], trigger["threshold"], trigger["timeWindow"]) == (
+            operator,
+            Expr(threshold),
+            Expr(window),
+        )
+        assert (action["type"], action["cooldown"]) == ("ChangeCount", Expr(cooldown))
+    for variable, queue in (("queueFilter", "queueName"), ("highPriorityQueueFilter", "highPriorityQueueName")):
+        assert module.variables[variable].value == [
+            {"DimensionName": "EntityName", "Operator": "Equals", "Values": [Expr(queue)]}
+        ]
+
+
+def test_the_pool_still_scales_to_zero() -> None:
+    module = bt.module("autoscale")
+    assert module.params["minInstances"].value == 0
+    assert module.params["defaultInstances"].value == 0
+    passed = bt.main().modules["autoscale"].value["params"]
+    assert passed["minInstances"] == passed["defaultInstances"] == Expr("workerMinInstances")
+    assert bt.main().params["workerMinInstances"].value == 0
+    for threshold in ("scaleInThreshold", "highPriorityScaleInThreshold"):
+        assert module.params[threshold].decorators["minValue"] == [0]
+        assert passed[threshold] == Expr(threshold)
+        assert bt.main().params[threshold].value == 0
 
 
 ROLE_NAMES = {  # built-in role definition ids, the same in every tenant
     "69a216fc-b8fb-44d8-bc22-1f3c2cd27a39": "Azure Service Bus Data Sender",
     "4f6d3b9b-027b-4f4c-9142-0e5a2a2247e0": "Azure Service Bus Data Receiver",
+    "090c5cfd-751d-490a-894a-3ce6f1109419": "Azure Service Bus Data Owner",
     "ba92f5b4-2d11-453d-a403-e96b0029c9fe": "Storage Blob Data Contributor",
     "2a2b9908-6ea1-4ae2-8e65-a410df84e7d1": "Storage Blob Data Reader",
     "7f951dda-4ed3-4680-a7ca-43fe172d538d": "AcrPull",
@@ -261,7 +298,8 @@ def test_role_ids_are_named_constants() -> None:
         assert any(guid in line and line.rstrip().endswith(f"// {role}") for line in lines), role
 
 
-def test_least_privilege_role_assignments() -> None:
+def granted_roles() -> set[tuple[str, str, str]]:
+    """(principal, role name, scope symbol) of every role assignment in roles.bicep."""
     roles = bt.module("roles")
     constants = roles.variables["roles"].value
     granted = set()
@@ -270,15 +308,28 @@ def test_least_privilege_role_assignments() -> None:
         role_key = re.fullmatch(r".*, roles\.(\w+)\)", props["roleDefinitionId"].text)
         assert role_key, props["roleDefinitionId"]
         who = props["principalId"].text.removesuffix("PrincipalId")
-        granted.add((who, ROLE_NAMES[constants[role_key.group(1)]], assignment.value["scope"].text))
+        scope = assignment.value["scope"].text
+        granted.add((who, ROLE_NAMES[constants[role_key.group(1)]], scope))
         assert props["principalType"] == "ServicePrincipal"
-    assert granted == {
-        ("api", "Azure Service Bus Data Sender", "queue"),  # submit, and the reconciler's re-sends
-        ("api", "Azure Service Bus Data Receiver", "queue"),  # the reconciler drains the dead-letter sub-queue
+        assert assignment.value["name"] == Expr(f"guid({scope}.id, {who}PrincipalId, roles.{role_key.group(1)})")
+    return granted
+
+
+def test_least_privilege_role_assignments() -> None:
+    assert granted_roles() == {
+        # GET /api/stats reads runtime properties (the queue description: the Manage claim, only in Data Owner), which
+        # includes send (submit, the reconciler's re-sends) and receive (the reconciler drains the dead letters).
+        ("api", "Azure Service Bus Data Owner", "queue"),
+        ("api", "Azure Service Bus Data Owner", "highPriorityQueue"),
+        # The API sends webhook retries; its trigger receives and target-scales on the runtime properties.
+        ("api", "Azure Service Bus Data Owner", "eventsQueue"),
         ("api", "Storage Blob Data Contributor", "storage"),
         ("api", "Monitoring Metrics Publisher", "appInsights"),
         ("worker", "Azure Service Bus Data Receiver", "queue"),
         ("worker", "Azure Service Bus Data Sender", "queue"),  # retries: the next generation, scheduled
+        ("worker", "Azure Service Bus Data Receiver", "highPriorityQueue"),
+        ("worker", "Azure Service Bus Data Sender", "highPriorityQueue"),
+        ("worker", "Azure Service Bus Data Sender", "eventsQueue"),  # webhook events of the jobs it finishes
         ("worker", "Storage Blob Data Reader", "imagesContainer"),
         ("worker", "Storage Blob Data Contributor", "resultsContainer"),
         ("worker", "AcrPull", "registry"),
@@ -286,41 +337,95 @@ def test_least_privilege_role_assignments() -> None:
     }
 
 
+def test_service_bus_roles_are_scoped_per_queue() -> None:
+    """No Service Bus role on the namespace: each queue's roles name that queue, whose name comes from main.bicep."""
+    roles = bt.module("roles")
+    queues = {r.name: r.value for r in roles.resources.values() if r.resource_type.endswith("/queues")}
+    assert {symbol: body["name"] for symbol, body in queues.items()} == {
+        "queue": Expr("queueName"),
+        "highPriorityQueue": Expr("highPriorityQueueName"),
+        "eventsQueue": Expr("eventsQueueName"),
+    }
+    assert all(body["parent"] == Expr("namespace") for body in queues.values())
+    service_bus = {(who, scope) for who, role, scope in granted_roles() if role.startswith("Azure Service Bus")}
+    assert {scope for _, scope in service_bus} == set(queues), "every Service Bus role names one queue"
+
+
+def metric_alerts() -> dict[str, dict[str, Any]]:
+    """Resource symbol -> properties of every metric alert in alerts.bicep."""
+    return {
+        a.name: a.value["properties"] for a in bt.module("alerts").resources_of_type("Microsoft.Insights/metricAlerts")
+    }
+
+
 def test_alerts() -> None:
     alerts = bt.module("alerts")
     criteria = {}
-    for alert in alerts.resources_of_type("Microsoft.Insights/metricAlerts"):
-        props = alert.value["properties"]
+    for symbol, props in metric_alerts().items():
         assert props["actions"] == Expr("actions")
         (criterion,) = props["criteria"]["allOf"]
-        criteria[criterion["metricName"]] = criterion
-    assert set(criteria) == {"DeadletteredMessages", "ActiveMessages", "exceptions/count"}
-    assert criteria["ActiveMessages"]["threshold"] == Expr("backlogThreshold")
-    assert criteria["exceptions/count"]["dimensions"][0]["values"] == [Expr("workerRoleName")]
+        criteria[symbol] = criterion
+    assert {symbol: c["metricName"] for symbol, c in criteria.items()} == {
+        "deadLettersNotDrained": "DeadletteredMessages",
+        "eventsDeadLettered": "DeadletteredMessages",
+        "backlog": "ActiveMessages",
+        "workerErrors": "exceptions/count",
+    }
+    assert criteria["backlog"]["threshold"] == Expr("backlogThreshold")
+    assert criteria["backlog"]["dimensions"] == [
+        {"name": "EntityName", "operator": "Include", "values": [Expr("queueName"), Expr("highPriorityQueueName")]}
+    ]
+    assert criteria["workerErrors"]["dimensions"][0]["values"] == [Expr("workerRoleName")]
     assert "actionGroupId" in alerts.params
     assert bt.main().modules["alerts"].value["params"]["actionGroupId"] == Expr("actionGroupId")
 
 
-def test_the_dead_letter_alert_fires_only_on_a_queue_the_reconciler_does_not_drain() -> None:
-    """The reconciler empties the dead-letter queue every minute, so a letter is routine; a queue that is never
-    empty (its minimum above 0) for 15 minutes is not."""
-    (alert,) = [
-        a.value["properties"]
-        for a in bt.module("alerts").resources_of_type("Microsoft.Insights/metricAlerts")
-        if a.value["properties"]["criteria"]["allOf"][0]["metricName"] == "DeadletteredMessages"
+def test_every_queue_s_dead_letters_are_watched() -> None:
+    watched = [
+        value
+        for props in metric_alerts().values()
+        for criterion in props["criteria"]["allOf"]
+        if criterion["metricName"] == "DeadletteredMessages"
+        for dimension in criterion["dimensions"]
+        if dimension["name"] == "EntityName"
+        for value in dimension["values"]
     ]
+    assert sorted(v.text for v in watched) == sorted(["queueName", "highPriorityQueueName", "eventsQueueName"])
+
+
+def test_the_dead_letter_alert_fires_only_on_a_queue_the_reconciler_does_not_drain() -> None:
+    """The reconciler empties the dead-letter queues of both jobs queues every minute, so a letter is routine; a queue
+    that is never empty (its minimum above 0) for 15 minutes is not. Each queue is its own time series."""
+    alert = metric_alerts()["deadLettersNotDrained"]
     (criterion,) = alert["criteria"]["allOf"]
     assert (criterion["timeAggregation"], criterion["operator"], criterion["threshold"]) == (
         "Minimum",
         "GreaterThan",
         0,
     )
-    assert criterion["dimensions"] == [{"name": "EntityName", "operator": "Include", "values": [Expr("queueName")]}]
+    assert criterion["dimensions"] == [
+        {"name": "EntityName", "operator": "Include", "values": [Expr("queueName"), Expr("highPriorityQueueName")]}
+    ]
     reconcile_every = timedelta(minutes=1)  # RECONCILE_SCHEDULE's default, "0 */1 * * * *"
     assert bt.main().params["reconcileSchedule"].value == "0 */1 * * * *"
     window = TypeAdapter(timedelta).validate_python(alert["windowSize"])
     assert window >= 10 * reconcile_every
     assert TypeAdapter(timedelta).validate_python(alert["evaluationFrequency"]) <= window
+
+
+def test_a_dead_lettered_webhook_event_fires_at_once() -> None:
+    """Nothing drains job-events' dead-letter queue: any letter there is a webhook nobody received."""
+    alert = metric_alerts()["eventsDeadLettered"]
+    (criterion,) = alert["criteria"]["allOf"]
+    assert (criterion["timeAggregation"], criterion["operator"], criterion["threshold"]) == (
+        "Maximum",
+        "GreaterThan",
+        0,
+    )
+    assert criterion["dimensions"] == [
+        {"name": "EntityName", "operator": "Include", "values": [Expr("eventsQueueName")]}
+    ]
+    assert alert["severity"] == 2
 
 
 def test_outputs_give_the_api_base_url_and_resource_names() -> None:
@@ -332,6 +437,9 @@ def test_outputs_give_the_api_base_url_and_resource_names() -> None:
         "FUNCTION_APP_NAME",
         "STORAGE_ACCOUNT_NAME",
         "SERVICEBUS_NAMESPACE",
+        "SERVICEBUS_QUEUE_NAME",
+        "SERVICEBUS_HIGH_PRIORITY_QUEUE_NAME",
+        "SERVICEBUS_EVENTS_QUEUE_NAME",
         "POSTGRES_HOST",
         "AZURE_CONTAINER_REGISTRY_NAME",
         "GPU_VMSS_NAME",

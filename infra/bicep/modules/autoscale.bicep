@@ -1,6 +1,9 @@
-// Autoscale of the GPU scale set on the jobs queue's backlog: Service Bus ActiveMessages (filtered to the queue
-// with the EntityName dimension). Out when the backlog stays above a threshold, in when it stays at or below
-// another; minimum 0 lets the pool scale to zero when idle. Cool-downs cover a GPU VM's boot (driver, image pull).
+// Autoscale of the GPU scale set on the backlog of both jobs queues: Service Bus ActiveMessages, one rule per queue
+// (filtered to it with the EntityName dimension) and direction. Autoscale scales out when *any* scale-out rule is
+// met and scales in only when *all* scale-in rules are met (Azure Monitor autoscale evaluation,
+// learn.microsoft.com/azure/azure-monitor/autoscale/autoscale-understanding-settings): so one more VM while either
+// queue's backlog stays above its threshold, one fewer only while both stay at or below theirs. Minimum 0 lets the
+// pool scale to zero when both are idle. Cool-downs cover a GPU VM's boot (driver, image pull).
 
 @description('Azure region of the autoscale setting.')
 param location string
@@ -17,10 +20,13 @@ param vmssName string
 @description('Resource id of the Service Bus namespace.')
 param serviceBusNamespaceId string
 
-@description('Name of the jobs queue.')
+@description('Name of the normal-priority jobs queue.')
 param queueName string
 
-@description('Fewest worker VMs (0 scales to zero when the queue is empty).')
+@description('Name of the high-priority jobs queue.')
+param highPriorityQueueName string
+
+@description('Fewest worker VMs (0 scales to zero when both queues are empty).')
 @minValue(0)
 param minInstances int = 0
 
@@ -32,13 +38,21 @@ param maxInstances int = 4
 @minValue(0)
 param defaultInstances int = 0
 
-@description('Scale out when the average active message count over the window is greater than this.')
+@description('Scale out when the normal-priority queue\'s average active message count over the window is greater than this.')
 @minValue(0)
 param scaleOutThreshold int = 0
 
-@description('Scale in when the average active message count over the window is at most this.')
+@description('Scale in (if the high-priority queue agrees) when the normal-priority queue\'s average active message count over the window is at most this.')
 @minValue(0)
 param scaleInThreshold int = 0
+
+@description('Scale out when the high-priority queue\'s average active message count over the window is greater than this.')
+@minValue(0)
+param highPriorityScaleOutThreshold int = 0
+
+@description('Scale in (if the normal-priority queue agrees) when the high-priority queue\'s average active message count over the window is at most this.')
+@minValue(0)
+param highPriorityScaleInThreshold int = 0
 
 @description('VMs added per scale-out step.')
 @minValue(1)
@@ -66,6 +80,16 @@ var queueFilter = [
   }
 ]
 
+var highPriorityQueueFilter = [
+  {
+    DimensionName: 'EntityName'
+    Operator: 'Equals'
+    Values: [
+      highPriorityQueueName
+    ]
+  }
+]
+
 resource autoscale 'Microsoft.Insights/autoscalesettings@2022-10-01' = {
   name: 'autoscale-${vmssName}'
   location: location
@@ -83,6 +107,7 @@ resource autoscale 'Microsoft.Insights/autoscalesettings@2022-10-01' = {
           default: string(defaultInstances)
         }
         rules: [
+          // Out: either queue's backlog is enough.
           {
             metricTrigger: {
               metricName: 'ActiveMessages'
@@ -108,6 +133,27 @@ resource autoscale 'Microsoft.Insights/autoscalesettings@2022-10-01' = {
               metricName: 'ActiveMessages'
               metricNamespace: 'Microsoft.ServiceBus/namespaces'
               metricResourceUri: serviceBusNamespaceId
+              dimensions: highPriorityQueueFilter
+              timeGrain: 'PT1M'
+              statistic: 'Average'
+              timeWindow: scaleOutWindow
+              timeAggregation: 'Average'
+              operator: 'GreaterThan'
+              threshold: highPriorityScaleOutThreshold
+            }
+            scaleAction: {
+              direction: 'Increase'
+              type: 'ChangeCount'
+              value: string(scaleOutStep)
+              cooldown: scaleOutCooldown
+            }
+          }
+          // In: only when both queues are low (autoscale requires every scale-in rule).
+          {
+            metricTrigger: {
+              metricName: 'ActiveMessages'
+              metricNamespace: 'Microsoft.ServiceBus/namespaces'
+              metricResourceUri: serviceBusNamespaceId
               dimensions: queueFilter
               timeGrain: 'PT1M'
               statistic: 'Average'
@@ -115,6 +161,26 @@ resource autoscale 'Microsoft.Insights/autoscalesettings@2022-10-01' = {
               timeAggregation: 'Average'
               operator: 'LessThanOrEqual'
               threshold: scaleInThreshold
+            }
+            scaleAction: {
+              direction: 'Decrease'
+              type: 'ChangeCount'
+              value: '1'
+              cooldown: scaleInCooldown
+            }
+          }
+          {
+            metricTrigger: {
+              metricName: 'ActiveMessages'
+              metricNamespace: 'Microsoft.ServiceBus/namespaces'
+              metricResourceUri: serviceBusNamespaceId
+              dimensions: highPriorityQueueFilter
+              timeGrain: 'PT1M'
+              statistic: 'Average'
+              timeWindow: scaleInWindow
+              timeAggregation: 'Average'
+              operator: 'LessThanOrEqual'
+              threshold: highPriorityScaleInThreshold
             }
             scaleAction: {
               direction: 'Decrease'

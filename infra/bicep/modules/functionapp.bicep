@@ -1,8 +1,10 @@
-// The HTTP API and the reconciler: a Function App on the Flex Consumption plan, Python 3.11, running as a
-// user-assigned identity. Besides the HTTP functions it runs reconcile_jobs, a timer trigger whose schedule is
-// '%RECONCILE_SCHEDULE%': the host resolves it from the app setting of that name and cannot index the function
-// without it. Every connection is identity-based (no connection string, no key): the app-setting names are the
-// aliases of shared/settings.py Settings (tests/infra checks it), plus the platform's own identity settings.
+// The HTTP API, the reconciler and the webhook deliverer: a Function App on the Flex Consumption plan, Python 3.11,
+// running as a user-assigned identity. Besides the HTTP functions it runs reconcile_jobs, a timer trigger whose
+// schedule is '%RECONCILE_SCHEDULE%' (the host resolves it from the app setting of that name and cannot index the
+// function without it), and a Service Bus trigger on the job-events queue (connection "ServiceBusConnection", the
+// identity-based ServiceBusConnection__* settings below) that delivers webhooks. Every connection is identity-based (no
+// connection string, no key): the app-setting names are the aliases of shared/settings.py Settings (tests/infra checks
+// it), plus the platform's own identity settings.
 
 @description('Azure region of the Function App.')
 param location string
@@ -40,8 +42,14 @@ param resultsContainerName string
 @description('Fully qualified Service Bus namespace, <name>.servicebus.windows.net.')
 param serviceBusNamespaceFqdn string
 
-@description('Name of the jobs queue (JOBS_QUEUE_NAME).')
+@description('Name of the normal-priority jobs queue (JOBS_QUEUE_NAME).')
 param queueName string
+
+@description('Name of the high-priority jobs queue (JOBS_HIGH_QUEUE_NAME).')
+param highPriorityQueueName string
+
+@description('Name of the webhook delivery events queue (JOB_EVENTS_QUEUE_NAME), which the Service Bus trigger reads.')
+param eventsQueueName string
 
 @description('Host name of the PostgreSQL server (POSTGRES_HOST).')
 param postgresHost string
@@ -70,6 +78,28 @@ param instanceMemoryMB int = 2048
 
 @description('Largest accepted upload in bytes (MAX_UPLOAD_BYTES); the Functions HTTP limit is 100 MB.')
 param maxUploadBytes int = 104857600
+
+@description('Most jobs in one batch submit (MAX_BATCH_SIZE).')
+@minValue(1)
+param maxBatchSize int = 100
+
+@description('Queued jobs above which submit answers 429 (MAX_BACKLOG).')
+@minValue(1)
+param maxBacklog int
+
+@description('Seconds one webhook delivery may take (WEBHOOK_TIMEOUT).')
+@minValue(1)
+param webhookTimeoutSeconds int
+
+@description('Delivery attempts of one webhook event before it is given up (WEBHOOK_MAX_ATTEMPTS).')
+@minValue(1)
+param webhookMaxAttempts int
+
+@description('Delay before the second webhook attempt, doubled per attempt (WEBHOOK_BACKOFF, ISO 8601).')
+param webhookBackoff string
+
+@description('Longest delay between two webhook attempts (WEBHOOK_BACKOFF_MAX, ISO 8601).')
+param webhookBackoffMax string
 
 @description('Attempts a job gets (JOB_MAX_ATTEMPTS): the reconciler fails a job retries_exhausted past it; main.bicep passes the workers the same parameter.')
 @minValue(1)
@@ -177,6 +207,14 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
           value: queueName
         }
         {
+          name: 'JOBS_HIGH_QUEUE_NAME'
+          value: highPriorityQueueName
+        }
+        {
+          name: 'JOB_EVENTS_QUEUE_NAME'
+          value: eventsQueueName
+        }
+        {
           name: 'IMAGES_CONTAINER'
           value: imagesContainerName
         }
@@ -200,6 +238,36 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
         {
           name: 'MAX_UPLOAD_BYTES'
           value: string(maxUploadBytes)
+        }
+        {
+          name: 'MAX_BATCH_SIZE'
+          value: string(maxBatchSize)
+        }
+        {
+          name: 'MAX_BACKLOG'
+          value: string(maxBacklog)
+        }
+        // Webhooks (the job-events trigger). Never to http:// or loopback/private addresses in Azure: that is only
+        // for the local stack, so it is no parameter (tests/infra checks the literal).
+        {
+          name: 'WEBHOOK_ALLOW_PRIVATE'
+          value: 'false'
+        }
+        {
+          name: 'WEBHOOK_TIMEOUT'
+          value: string(webhookTimeoutSeconds)
+        }
+        {
+          name: 'WEBHOOK_MAX_ATTEMPTS'
+          value: string(webhookMaxAttempts)
+        }
+        {
+          name: 'WEBHOOK_BACKOFF'
+          value: webhookBackoff
+        }
+        {
+          name: 'WEBHOOK_BACKOFF_MAX'
+          value: webhookBackoffMax
         }
         // The reconciler (functions/reconciler.py): its timer's schedule and the lifecycle settings it reads
         {

@@ -1,8 +1,8 @@
-// GPU workers: a VM Scale Set of NC-series VMs (Spot by default) that runs the Dockerfile.gpu image with the
-// NVIDIA container runtime (cloud-init in gpu-worker.cloud-init.yaml). It starts with no instances; autoscale
-// (modules/autoscale.bicep) follows the queue's active message count. Scale-in and Spot evictions are announced
-// through Scheduled Events (Terminate notification enabled here, Preempt always), which the worker turns into its
-// graceful drain (gpu_worker/preemption.py).
+// GPU workers: a VM Scale Set of NC-series VMs (Spot by default) that runs the Dockerfile.gpu image with the NVIDIA
+// container runtime (cloud-init in gpu-worker.cloud-init.yaml). It starts with no instances; autoscale
+// (modules/autoscale.bicep) follows the active message counts of the two jobs queues. Scale-in and Spot evictions are
+// announced through Scheduled Events (Terminate notification enabled here, Preempt always), which the worker turns into
+// its graceful drain (gpu_worker/preemption.py).
 
 @description('Azure region of the scale set (must offer the GPU SKU).')
 param location string
@@ -97,8 +97,14 @@ param resultsContainerName string
 @description('Fully qualified Service Bus namespace.')
 param serviceBusNamespaceFqdn string
 
-@description('Name of the jobs queue.')
+@description('Name of the normal-priority jobs queue (JOBS_QUEUE_NAME).')
 param queueName string
+
+@description('Name of the high-priority jobs queue (JOBS_HIGH_QUEUE_NAME).')
+param highPriorityQueueName string
+
+@description('Name of the webhook delivery events queue the worker sends to (JOB_EVENTS_QUEUE_NAME).')
+param eventsQueueName string
 
 @description('Host name of the PostgreSQL server.')
 param postgresHost string
@@ -128,6 +134,14 @@ param retryBackoff string
 @description('Longest backoff between two attempts (RETRY_BACKOFF_MAX, ISO 8601).')
 param retryBackoffMax string
 
+@description('High-priority jobs a worker takes in a row before it takes one normal job if one waits (WORKER_HIGH_PRIORITY_BURST).')
+@minValue(1)
+param highPriorityBurst int
+
+@description('Seconds between two heartbeat rows a worker writes to PostgreSQL (WORKER_REGISTRY_INTERVAL).')
+@minValue(1)
+param registryIntervalSeconds int = 15
+
 @description('Seconds the worker gets to finish in-flight work after SIGTERM or a Preempt notice; keep under 30 for Spot.')
 @minValue(1)
 param shutdownGraceSeconds int = 25
@@ -139,10 +153,13 @@ var image = '${registryLoginServer}/${workerImage}'
 var stopTimeoutSeconds = shutdownGraceSeconds + 30
 
 // The worker container's environment: names are shared/settings.py Settings aliases (tests/infra checks it). The
-// worker receives one message at a time (gpu_worker/consumer.py): there is no batch size to set.
+// worker receives one message at a time (gpu_worker/consumer.py), from jobs-high first (at most
+// WORKER_HIGH_PRIORITY_BURST in a row while normal jobs wait): there is no batch size to set.
 var workerEnvironment = {
   ServiceBusConnection__fullyQualifiedNamespace: serviceBusNamespaceFqdn
   JOBS_QUEUE_NAME: queueName
+  JOBS_HIGH_QUEUE_NAME: highPriorityQueueName
+  JOB_EVENTS_QUEUE_NAME: eventsQueueName
   AzureWebJobsStorage__blobServiceUri: blobEndpoint
   IMAGES_CONTAINER: imagesContainerName
   RESULTS_CONTAINER: resultsContainerName
@@ -156,6 +173,8 @@ var workerEnvironment = {
   WORKER_DEVICE: 'cuda'
   WORKER_SHUTDOWN_GRACE: string(shutdownGraceSeconds)
   WORKER_PREEMPTION_WATCH: 'true'
+  WORKER_HIGH_PRIORITY_BURST: string(highPriorityBurst)
+  WORKER_REGISTRY_INTERVAL: string(registryIntervalSeconds)
   JOB_MAX_ATTEMPTS: string(jobMaxAttempts)
   JOB_LEASE: jobLease
   JOB_TIMEOUT: jobTimeout

@@ -1,11 +1,21 @@
-// Role assignments by role definition id, least privilege, each at the narrowest scope that works:
-//   API (Function App): on the queue, Service Bus Data Sender (submit sends a job's message; the reconciler sends
-//     it again: resend, expire, redrive) and Data Receiver (the reconciler receives from the queue's dead-letter
-//     sub-queue, <queue>/$deadletterqueue, and completes each letter; a queue-scoped role covers its sub-queue);
+// Role assignments by role definition id, least privilege, each at the narrowest scope that works. Every Service
+// Bus role is scoped to one queue (a queue-scoped role covers its dead-letter sub-queue), none to the namespace.
+//   API (Function App): Azure Service Bus Data Owner on each of its three queues, and nothing more on Service Bus.
+//     GET /api/stats reads queue runtime properties (ServiceBusAdministrationClient.get_queue_runtime_properties:
+//     the ATOM "get the queue description" operation), which needs the Manage claim; with Entra ID only Data Owner
+//     carries it (Data Sender = Send, Data Receiver = Listen), and a queue-scoped Data Owner is enough for that
+//     queue's description (docs/deploy.md cites the pages). Data Owner includes send and receive, so the API holds
+//     no separate Sender/Receiver assignment on these queues:
+//       jobs, jobs-high: submit and the reconciler send (resend, expire, redrive); the reconciler receives from the
+//         dead-letter sub-queues; stats reads their runtime properties;
+//       job-events: the API sends (webhook retries are scheduled messages); the Service Bus trigger that delivers
+//         webhooks receives; the trigger's target-based scaler reads the queue's runtime properties too (without
+//         Manage it logs "does not have 'Manage Claim'" and reports target-based scaling as unsupported).
 //     Blob Data Contributor on the account (it writes images, reads results, and the Functions host keeps its own
 //     state there: keys, the timer's schedule monitor and singleton lock, the deployment package).
-//   Workers: Service Bus Data Receiver on the queue (one message at a time), and Sender on the queue too (a
-//     transient error or a drain releases the attempt and schedules the job's next message after its backoff);
+//   Workers: Service Bus Data Receiver and Data Sender on jobs and on jobs-high (they receive one message at a time
+//     from either; a transient error or a drain releases the attempt and schedules the job's next message, in the
+//     queue it came from, after its backoff); Data Sender on job-events (webhook events of the jobs they finish);
 //     Blob Data Reader on images; Blob Data Contributor on results; AcrPull on the registry.
 //   Both: Monitoring Metrics Publisher on Application Insights (telemetry with Entra auth; local auth is off).
 // PostgreSQL access is not an Azure role: both identities are Entra principals of the server (modules/postgres.bicep).
@@ -19,8 +29,14 @@ param workerPrincipalId string
 @description('Name of the Service Bus namespace.')
 param serviceBusNamespaceName string
 
-@description('Name of the jobs queue.')
+@description('Name of the normal-priority jobs queue.')
 param queueName string
+
+@description('Name of the high-priority jobs queue.')
+param highPriorityQueueName string
+
+@description('Name of the webhook delivery events queue.')
+param eventsQueueName string
 
 @description('Name of the storage account.')
 param storageAccountName string
@@ -41,6 +57,7 @@ param appInsightsName string
 var roles = {
   serviceBusDataSender: '69a216fc-b8fb-44d8-bc22-1f3c2cd27a39' // Azure Service Bus Data Sender
   serviceBusDataReceiver: '4f6d3b9b-027b-4f4c-9142-0e5a2a2247e0' // Azure Service Bus Data Receiver
+  serviceBusDataOwner: '090c5cfd-751d-490a-894a-3ce6f1109419' // Azure Service Bus Data Owner
   blobDataContributor: 'ba92f5b4-2d11-453d-a403-e96b0029c9fe' // Storage Blob Data Contributor
   blobDataReader: '2a2b9908-6ea1-4ae2-8e65-a410df84e7d1' // Storage Blob Data Reader
   acrPull: '7f951dda-4ed3-4680-a7ca-43fe172d538d' // AcrPull
@@ -54,6 +71,16 @@ resource namespace 'Microsoft.ServiceBus/namespaces@2024-01-01' existing = {
 resource queue 'Microsoft.ServiceBus/namespaces/queues@2024-01-01' existing = {
   parent: namespace
   name: queueName
+}
+
+resource highPriorityQueue 'Microsoft.ServiceBus/namespaces/queues@2024-01-01' existing = {
+  parent: namespace
+  name: highPriorityQueueName
+}
+
+resource eventsQueue 'Microsoft.ServiceBus/namespaces/queues@2024-01-01' existing = {
+  parent: namespace
+  name: eventsQueueName
 }
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
@@ -83,21 +110,31 @@ resource appInsights 'Microsoft.Insights/components@2020-02-02' existing = {
   name: appInsightsName
 }
 
-resource apiSender 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(queue.id, apiPrincipalId, roles.serviceBusDataSender)
+resource apiJobsOwner 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(queue.id, apiPrincipalId, roles.serviceBusDataOwner)
   scope: queue
   properties: {
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.serviceBusDataSender)
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.serviceBusDataOwner)
     principalId: apiPrincipalId
     principalType: 'ServicePrincipal'
   }
 }
 
-resource apiReceiver 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(queue.id, apiPrincipalId, roles.serviceBusDataReceiver)
-  scope: queue
+resource apiHighPriorityOwner 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(highPriorityQueue.id, apiPrincipalId, roles.serviceBusDataOwner)
+  scope: highPriorityQueue
   properties: {
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.serviceBusDataReceiver)
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.serviceBusDataOwner)
+    principalId: apiPrincipalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+resource apiEventsOwner 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(eventsQueue.id, apiPrincipalId, roles.serviceBusDataOwner)
+  scope: eventsQueue
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.serviceBusDataOwner)
     principalId: apiPrincipalId
     principalType: 'ServicePrincipal'
   }
@@ -138,6 +175,36 @@ resource workerReceiver 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   scope: queue
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.serviceBusDataReceiver)
+    principalId: workerPrincipalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+resource workerHighPrioritySender 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(highPriorityQueue.id, workerPrincipalId, roles.serviceBusDataSender)
+  scope: highPriorityQueue
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.serviceBusDataSender)
+    principalId: workerPrincipalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+resource workerHighPriorityReceiver 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(highPriorityQueue.id, workerPrincipalId, roles.serviceBusDataReceiver)
+  scope: highPriorityQueue
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.serviceBusDataReceiver)
+    principalId: workerPrincipalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+resource workerEventsSender 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(eventsQueue.id, workerPrincipalId, roles.serviceBusDataSender)
+  scope: eventsQueue
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.serviceBusDataSender)
     principalId: workerPrincipalId
     principalType: 'ServicePrincipal'
   }
