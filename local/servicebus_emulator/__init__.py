@@ -1,4 +1,5 @@
-"""An embedded Azure Service Bus emulator that the unmodified azure-servicebus SDK talks to over AMQP 1.0.
+"""An embedded Azure Service Bus emulator that the unmodified azure-servicebus SDK talks to over AMQP 1.0, with the
+read side of the management (ATOM) API on the same port.
 
 See README.md in this directory. Entry points: ``python -m local.servicebus_emulator`` and
 :func:`start_emulator` (start it as a subprocess and wait for it to be ready).

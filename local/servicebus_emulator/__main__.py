@@ -1,4 +1,4 @@
-"""``python -m local.servicebus_emulator --config FILE --host 127.0.0.1 --port N --data-dir DIR``."""
+"""``python -m local.servicebus_emulator --config FILE --host 127.0.0.1 --port N [--http-port M] --data-dir DIR``."""
 
 from __future__ import annotations
 
@@ -17,6 +17,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=Path("local/servicebus.config.json"))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5672, help="0 binds a free port (printed in the ready line)")
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="an extra port for the management API, which --port also serves (0 binds a free port)",
+    )
     parser.add_argument("--data-dir", type=Path, default=Path(".local/servicebus"))
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
@@ -30,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         args.data_dir.mkdir(parents=True, exist_ok=True)
-        asyncio.run(serve(config, args.host, args.port, args.data_dir))
+        asyncio.run(serve(config, args.host, args.port, args.data_dir, args.http_port))
     except OSError as exc:
         print(
             f"servicebus emulator: cannot listen on {args.host}:{args.port} or use {args.data_dir}: {exc}",

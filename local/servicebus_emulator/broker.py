@@ -108,6 +108,7 @@ class Broker:
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
     def start(self) -> None:
+        self.store.record_definitions(now_ms())
         self.store.recover()
         self._sweeper = asyncio.get_running_loop().call_later(_SWEEP_SECONDS, self._sweep)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from .codec import MessageParts, add_application_properties, build_message
 from .config import QueueConfig
 
-__all__ = ["DLQ_SUFFIX", "Outcome", "State", "Store", "StoredMessage"]
+__all__ = ["DLQ_SUFFIX", "Outcome", "QueueRuntime", "State", "Store", "StoredMessage"]
 
 DLQ_SUFFIX = "/$DeadLetterQueue"
 _SCHEDULED_AT = b"x-opt-scheduled-enqueue-time"
@@ -73,6 +73,27 @@ class StoredMessage:
         )
 
 
+@dataclass(frozen=True)
+class QueueRuntime:
+    """A queue's runtime properties as the management API reports them (times in ms since the epoch, 0 = never).
+
+    ``active`` counts the messages of the queue itself that are not scheduled: available, locked and deferred
+    alike, as the service does; ``dead_letter`` those of its dead-letter queue; ``size_in_bytes`` all of them.
+    """
+
+    active: int = 0
+    scheduled: int = 0
+    dead_letter: int = 0
+    size_in_bytes: int = 0
+    created_at: int = 0
+    updated_at: int = 0
+    accessed_at: int = 0
+
+    @property
+    def message_count(self) -> int:
+        return self.active + self.scheduled + self.dead_letter
+
+
 _COLUMNS = "seq, state, enqueued_at, delivery_count, lock_token, locked_until, ttl_ms, ann, ann_count, bare"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -97,6 +118,9 @@ CREATE INDEX IF NOT EXISTS messages_lock ON messages (lock_token) WHERE lock_tok
 CREATE INDEX IF NOT EXISTS messages_locked ON messages (locked_until) WHERE locked_until IS NOT NULL;
 CREATE INDEX IF NOT EXISTS messages_scheduled ON messages (visible_at) WHERE visible_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS messages_expiry ON messages (expires_at);
+CREATE TABLE IF NOT EXISTS queues (
+    name TEXT PRIMARY KEY, definition TEXT NOT NULL, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS duplicates (
     queue TEXT NOT NULL, message_id BLOB NOT NULL, expires_at INTEGER NOT NULL, PRIMARY KEY (queue, message_id)
 ) WITHOUT ROWID;
@@ -129,6 +153,7 @@ class Store:
         self._db.executescript(_SCHEMA)
         self.queues = {q.name: q for q in queues}
         self._in_tx = False
+        self._accessed: dict[str, int] = {}  # queue -> last send or receive request, in memory only
 
     # -- transactions -------------------------------------------------------------------------------------------
     def _write(self) -> sqlite3.Connection:
@@ -156,6 +181,7 @@ class Store:
     def enqueue(self, queue: QueueConfig, parts: MessageParts, now: int) -> int | None:
         """Store a sent message; returns its sequence number, or None when it is a detected duplicate."""
         db = self._write()
+        self._accessed[queue.name] = now
         if queue.requires_duplicate_detection and parts.message_id is not None:
             key = repr(parts.message_id).encode()
             window = int(queue.duplicate_detection_history_time_window.total_seconds() * 1000)
@@ -196,6 +222,7 @@ class Store:
     def lock_next(self, entity: str, count: int, lock_ms: int, now: int) -> list[StoredMessage]:
         """Peek-lock up to ``count`` available, unexpired messages in sequence order."""
         db = self._write()
+        self._touch(entity, now)
         rows = db.execute(
             f"SELECT {_COLUMNS} FROM messages WHERE queue = ? AND state = 0 AND +expires_at > ? ORDER BY seq LIMIT ?",
             (entity, now, count),
@@ -205,6 +232,7 @@ class Store:
     def take_next(self, entity: str, count: int, now: int) -> list[StoredMessage]:
         """Receive-and-delete up to ``count`` available, unexpired messages."""
         db = self._write()
+        self._touch(entity, now)
         rows = db.execute(
             f"SELECT {_COLUMNS} FROM messages WHERE queue = ? AND state = 0 AND +expires_at > ? ORDER BY seq LIMIT ?",
             (entity, now, count),
@@ -229,6 +257,7 @@ class Store:
     ) -> list[StoredMessage]:
         """Receive deferred messages by sequence number (peek-lock, or delete for receive-and-delete)."""
         db = self._write()
+        self._touch(entity, now)
         marks = ",".join("?" * len(seqs))
         rows = db.execute(
             f"SELECT {_COLUMNS} FROM messages WHERE queue = ? AND state = 2 AND seq IN ({marks}) ORDER BY seq",
@@ -398,6 +427,42 @@ class Store:
             back = State.DEFERRED if state == State.DEFERRED_LOCKED else State.AVAILABLE
             self._fail_delivery(db, queue, seq, back, count)
         self.commit()
+
+    # -- runtime properties ---------------------------------------------------------------------------------------
+    def record_definitions(self, now: int) -> None:
+        """At start-up: remember when each configured queue was first seen (CreatedAt) and when its definition
+        last changed (UpdatedAt)."""
+        db = self._write()
+        for queue in self.queues.values():
+            definition = repr(queue)
+            db.execute(
+                "INSERT INTO queues VALUES (?, ?, ?, ?) ON CONFLICT (name) DO UPDATE"
+                " SET definition = excluded.definition, updated_at = excluded.updated_at"
+                " WHERE queues.definition <> excluded.definition",
+                (queue.name, definition, now, now),
+            )
+        self.commit()
+
+    def _touch(self, entity: str, now: int) -> None:
+        self._accessed[entity.removesuffix(DLQ_SUFFIX)] = now
+
+    def runtime(self, queue: str) -> QueueRuntime:
+        """Message counts, size and times of a configured queue (read-only: no transaction needed)."""
+        counts = {"active": 0, "scheduled": 0, "dead_letter": 0, "size_in_bytes": 0}
+        for entity, state, count, size in self._db.execute(
+            "SELECT queue, state, count(*), sum(length(bare)) FROM messages WHERE queue IN (?, ?) GROUP BY 1, 2",
+            (queue, queue + DLQ_SUFFIX),
+        ):
+            if entity != queue:
+                counts["dead_letter"] += count
+            elif state == State.SCHEDULED:
+                counts["scheduled"] += count
+            else:
+                counts["active"] += count
+            counts["size_in_bytes"] += size
+        times = self._db.execute("SELECT created_at, updated_at FROM queues WHERE name = ?", (queue,)).fetchone()
+        created, updated = times or (0, 0)
+        return QueueRuntime(**counts, created_at=created, updated_at=updated, accessed_at=self._accessed.get(queue, 0))
 
     def count(self, entity: str) -> int:
         return int(self._db.execute("SELECT count(*) FROM messages WHERE queue = ?", (entity,)).fetchone()[0])

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from azure.servicebus import ServiceBusMessage
@@ -12,7 +13,7 @@ from azure.servicebus._transport._pyamqp_transport import PyamqpTransport
 
 from local.servicebus_emulator.codec import MessageParts, split_message
 from local.servicebus_emulator.config import QueueConfig
-from local.servicebus_emulator.store import DLQ_SUFFIX, Outcome, State, Store, StoredMessage
+from local.servicebus_emulator.store import DLQ_SUFFIX, Outcome, QueueRuntime, State, Store, StoredMessage
 
 QUEUE = QueueConfig(
     name="jobs",
@@ -199,3 +200,30 @@ def test_renewing_several_locks_is_all_or_nothing(store: Store) -> None:
     (peeked,) = store.peek("jobs", 0, 10)
     assert peeked.locked_until == live.locked_until == LOCK  # not renewed
     assert store.renew_all("jobs", [_token(live), _token(live)], LOCK, now=5_000) == 5_000 + LOCK
+
+
+def test_runtime_counts_every_state(store: Store) -> None:
+    for now in range(5):
+        store.enqueue(QUEUE, _parts(f"body-{now}"), now=now)
+    store.enqueue(QUEUE, _parts(scheduled_enqueue_time_utc=datetime.fromtimestamp(3600, UTC)), now=5)
+    first, second, third = store.lock_next("jobs", 3, LOCK, now=10)
+    store.settle("jobs", _token(first), Outcome.DEFER, now=11)  # deferred and locked messages are still active
+    store.settle("jobs", _token(second), Outcome.DEAD_LETTER, now=11, reason="bad")
+    store.settle("jobs", _token(third), Outcome.COMPLETE, now=11)
+
+    runtime = store.runtime("jobs")
+
+    assert (runtime.active, runtime.scheduled, runtime.dead_letter, runtime.message_count) == (3, 1, 1, 5)
+    assert runtime.size_in_bytes > 5 * len("body-0")
+    assert runtime.accessed_at == 10  # the last send or receive
+    assert Store(":memory:", [QUEUE]).runtime("jobs") == QueueRuntime()  # nothing yet, never accessed
+
+
+def test_definitions_record_creation_and_change_times() -> None:
+    store = Store(":memory:", [QUEUE])
+    store.record_definitions(now=1_000)
+    store.record_definitions(now=2_000)  # a restart with the same definition
+    assert (store.runtime("jobs").created_at, store.runtime("jobs").updated_at) == (1_000, 1_000)
+    store.queues["jobs"] = replace(QUEUE, max_delivery_count=9)
+    store.record_definitions(now=3_000)  # a restart with a changed definition
+    assert (store.runtime("jobs").created_at, store.runtime("jobs").updated_at) == (1_000, 3_000)
