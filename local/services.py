@@ -63,6 +63,8 @@ def service_env(
     )
     # The reconciler's timer resolves %RECONCILE_SCHEDULE% from the app settings, as in Azure (Bicep sets it there).
     env.setdefault("RECONCILE_SCHEDULE", str(Settings.model_fields["reconcile_schedule"].default))
+    # So does the webhook deliverer's Service Bus trigger with %JOB_EVENTS_QUEUE_NAME%.
+    env.setdefault("JOB_EVENTS_QUEUE_NAME", str(Settings.model_fields["job_events_queue"].default))
     # Webhook receivers in local development and tests listen on loopback over http (refused in Azure).
     env.setdefault("WEBHOOK_ALLOW_PRIVATE", "true")
     env.update(extra)

@@ -6,10 +6,13 @@ of each timer function, ``DIR/timers/<function>.json``. There is no default (a t
 share one by accident): without either, the schedule monitor is off, ``past_due`` is always False and
 ``schedule_status`` empty. The local stack passes ``<stack root>/functions-host``.
 
-Logs each HTTP route and each timer function (``name: timer "schedule"``), starts the timers, then logs
-``Functions host ready: http://HOST:PORT/api`` (with the real port when ``--port 0``) once it accepts requests.
-SIGTERM or SIGINT stops it: no new request or timer invocation, a running timer invocation gets a few seconds.
-``AzureWebJobs.<function>.Disabled=true`` keeps a timer function from running.
+Logs each HTTP route, each timer function (``name: timer "schedule"``) and each Service Bus queue-triggered function
+(``name: serviceBusTrigger queue "queue"``), starts the timers and the Service Bus listeners (options from
+``host.json``'s ``extensions.serviceBus``), then logs ``Functions host ready: http://HOST:PORT/api`` (with the real
+port when ``--port 0``) once it accepts requests. SIGTERM or SIGINT stops it: no new request, timer invocation or
+message; running invocations get a few seconds (a message whose invocation is still running then is abandoned).
+``AzureWebJobs.<function>.Disabled=true`` keeps a timer or Service Bus function from running. An invalid
+``extensions.serviceBus`` option stops the host at startup (exit status 1), as it stops the real one.
 """
 
 from __future__ import annotations
@@ -21,13 +24,18 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from local.functions_host.invoke import EventLoopThread
 from local.functions_host.routes import RouteTable, load_route_prefix, routes_of
-from local.functions_host.scheduler import TimerScheduler
+from local.functions_host.scheduler import DEFAULT_STOP_TIMEOUT, TimerScheduler
 from local.functions_host.server import DEFAULT_BODY_LIMIT, FunctionsHost, HostConfig
+from local.functions_host.servicebus import servicebus_functions_of
+from local.functions_host.servicebus_listener import ServiceBusListener
+from local.functions_host.servicebus_options import HostJsonError, load_servicebus_options
 from local.functions_host.status_files import StatusFiles
 from local.functions_host.timers import TimerFunction, timers_of
 
@@ -76,6 +84,37 @@ def log_timers(timers: list[TimerFunction], environ: dict[str, str]) -> None:
         logger.warning("timer schedules run in UTC here: WEBSITE_TIME_ZONE=%s is ignored", environ["WEBSITE_TIME_ZONE"])
 
 
+def servicebus_listeners(
+    app: IndexedApp, environ: dict[str, str], host_json: Path, loop: EventLoopThread
+) -> list[ServiceBusListener]:
+    """A listener for each enabled Service Bus queue-triggered function; logs each function and the options."""
+    functions = servicebus_functions_of(app, environ)
+    for function in functions:
+        declared, queue = function.declared_queue, function.queue_name
+        shown = f'"{queue}"' if queue == declared else f'"{declared}" = "{queue}"'
+        source = f" (connection {function.connection.setting})" if function.connection else " (disabled)"
+        logger.info("%s: serviceBusTrigger queue %s%s", function.function_name, shown, source)
+    enabled = [function for function in functions if not function.disabled]
+    if not enabled:
+        return []
+    options = load_servicebus_options(host_json)
+    logger.info(
+        "Service Bus options: maxConcurrentCalls=%d, autoCompleteMessages=%s, maxAutoLockRenewalDuration=%s%s",
+        options.max_concurrent_calls,
+        str(options.auto_complete_messages).lower(),
+        options.max_auto_lock_renewal_duration,
+        f" (prefetchCount={options.prefetch_count} not used)" if options.prefetch_count else "",
+    )
+    return [ServiceBusListener(function, options, loop) for function in enabled]
+
+
+def stop_listeners(listeners: list[ServiceBusListener], deadline: float) -> None:
+    """Wait for the listeners asked to stop, until ``deadline`` (monotonic) and a second to close their clients."""
+    for listener in listeners:
+        if not listener.join(max(0.0, deadline + 1.0 - time.monotonic())):
+            logger.warning("Service Bus listener of %s did not close in time", listener.function.function_name)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m local.functions_host", description=__doc__)
     parser.add_argument("--app", default="function_app:app", help="module:attribute of the FunctionApp")
@@ -102,6 +141,12 @@ def main(argv: list[str] | None = None) -> None:
     elif state_dir is not None:
         logger.info("timer statuses in %s", state_dir / "timers")
     scheduler = TimerScheduler(timers, host.loop, statuses=StatusFiles(state_dir) if state_dir else None)
+    try:
+        listeners = servicebus_listeners(app, environ, args.host_json, host.loop)
+    except HostJsonError as e:
+        logger.error("A host error has occurred during startup: %s", e, extra={"action": "host_error"})
+        host.close()
+        raise SystemExit(1) from e
 
     def stop(signum: int, frame: FrameType | None) -> None:
         threading.Thread(target=host.shutdown, daemon=True).start()
@@ -109,11 +154,17 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     scheduler.start()
+    for listener in listeners:
+        listener.start()
     logger.info("Functions host ready: %s", host.base_url, extra={"action": "host_ready"})
     try:
         host.serve_forever()
     finally:
+        deadline = time.monotonic() + DEFAULT_STOP_TIMEOUT
+        for listener in listeners:
+            listener.request_stop(DEFAULT_STOP_TIMEOUT)
         scheduler.stop()
+        stop_listeners(listeners, deadline)
         host.close()
         logger.info("Functions host stopped", extra={"action": "host_stopped"})
 
