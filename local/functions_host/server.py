@@ -38,6 +38,9 @@ class HostConfig:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # TCP_NODELAY: the headers and the body go out as separate writes; with Nagle's algorithm the body waits for the
+    # client's delayed ACK (~40 ms per response, measured: status p50 48 ms -> 1.1 ms).
+    disable_nagle_algorithm = True
     server_version = "crop-ai-functions-host"
     server: _Server
 
