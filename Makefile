@@ -21,11 +21,13 @@ help:
 	@echo "              (python -m local.chaos --short: the same in a few minutes)"
 
 # Python virtual environment: torch 2.13.0 CPU first (a GPU image brings its own), then everything else.
-$(STAMP): requirements.txt requirements-worker.txt requirements-dev.txt
+# The project itself last, editable and without dependencies: the `crop-ai` console script (cli/).
+$(STAMP): requirements.txt requirements-worker.txt requirements-cli.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -r requirements-dev.txt
+	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
 # Azurite (Blob Storage emulator) from npm, pinned in package-lock.json.
@@ -61,6 +63,7 @@ demo: install
 
 bench: install
 	$(BIN)/python -m bench.servicebus_emulator
+	$(BIN)/python -m bench.queue_stats
 	$(BIN)/python -m bench.submit_latency
 	$(BIN)/python -m bench.analysis
 

@@ -8,11 +8,11 @@ their own with :func:`use`.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
 
 from azure.core.credentials import TokenCredential
@@ -22,6 +22,11 @@ from shared.reconciler import DeadLetterInbox
 from shared.settings import Settings
 from shared.submission import Publisher
 
+if TYPE_CHECKING:
+    from shared.delivery import Deliverer
+    from shared.events import Outbox
+    from shared.stats import QueueCounter, StatsSource
+
 DEFAULT_RETRY_AFTER = 5
 
 
@@ -29,6 +34,7 @@ class BlobStoreLike(Protocol):
     def put_input(self, job_id: UUID, data: bytes, sha256: str) -> str: ...
     def input_sha256(self, blob_name: str) -> str | None: ...
     def read_url(self, blob_url: str, ttl: timedelta) -> str: ...
+    def ping(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,31 @@ class Deps:
     blobs: BlobStoreLike
     publisher: Publisher
     dead_letters: Callable[[], AbstractContextManager[DeadLetterInbox]]  # a receiver for one reconciler run
+    # Webhooks: flush after a notifying transition (and the reconciler's sweep); the status view's summary; the
+    # deliver_webhook function's deliverer. The defaults (nothing sent, no summary) serve tests of other parts.
+    notifier: Outbox = field(default_factory=lambda: _NoOutbox())
+    webhook_summary: Callable[[UUID], dict[str, Any] | None] = lambda _job_id: None
+    deliverer: Deliverer | None = None
+    # GET /api/stats and /api/health: the database's aggregates and the queues' depths (Service Bus management API).
+    # The default refuses (a 500, a failed check): only tests of other parts go without them.
+    stats: StatsSource = field(default_factory=lambda: _Unconfigured())
+    queue_stats: QueueCounter = field(default_factory=lambda: _Unconfigured())
+
+
+class _NoOutbox:
+    def flush(self, job_id: UUID) -> None:
+        return None
+
+    def sweep(self, older_than: timedelta, limit: int) -> int:
+        return 0
+
+
+class _Unconfigured:
+    def job_stats(self, alive_within: timedelta) -> Any:
+        raise RuntimeError("no statistics source configured")
+
+    def counts(self, queue_names: Sequence[str]) -> Any:
+        raise RuntimeError("no queue statistics configured")
 
 
 _lock = threading.Lock()
@@ -69,6 +100,10 @@ def build(settings: Settings) -> Deps:
     # Imported here: only a request needs the SDKs, and a cold start that serves no request should not pay for them.
     from shared.bus import DeadLetterInbox, JobPublisher, servicebus_client
     from shared.db import PostgresJobStore, open_pool
+    from shared.delivery import Deliverer, WebhookPolicy
+    from shared.events import BusEventSender, EventStore, OutboxNotifier
+    from shared.queue_stats import QueueStats
+    from shared.stats import PostgresStats
     from shared.storage import BlobStore
     from shared.telemetry import configure_telemetry
 
@@ -85,13 +120,22 @@ def build(settings: Settings) -> Deps:
         # A send that fails makes the next ones fail at once for a few seconds: submit stays fast while the bus is
         # down, and the reconciler hands over what was accepted meanwhile.
         publisher = JobPublisher(client, settings.priority_queues, timeout=settings.bus_send_timeout, cooldown=10.0)
+        event_sender = BusEventSender(client, settings.job_events_queue, timeout=settings.bus_send_timeout)
+        queue_stats = QueueStats.from_settings(settings, credential)
+        opened.callback(queue_stats.close)
         opened.pop_all()  # built: from here on they live as long as the process
+    events = EventStore(pool)
     return Deps(
         settings=settings,
         jobs=PostgresJobStore(pool),
         blobs=blobs,
         publisher=publisher,
         dead_letters=lambda: DeadLetterInbox(client, settings.job_queues),
+        notifier=OutboxNotifier(events, event_sender),
+        webhook_summary=events.summary,
+        deliverer=Deliverer(events, event_sender, WebhookPolicy.from_settings(settings), signer=blobs),
+        stats=PostgresStats(pool),
+        queue_stats=queue_stats,
     )
 
 

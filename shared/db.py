@@ -22,7 +22,17 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 
 from shared.errors import DatabaseUnavailable
-from shared.jobs import Callback, DeadLetter, IdempotencyConflict, Job, JobFilter, NewJob, Priority
+from shared.jobs import (
+    Callback,
+    DeadLetter,
+    DeadLetterFilter,
+    IdempotencyConflict,
+    Job,
+    JobFilter,
+    NewJob,
+    Priority,
+    RecordedDeadLetter,
+)
 from shared.lifecycle import Event, statement
 from shared.settings import Settings
 
@@ -205,6 +215,37 @@ class PostgresJobStore:
         with self._conn() as conn:
             row = conn.execute("SELECT count(*) AS n FROM jobs WHERE status = 'queued'").fetchone()
         return int(row["n"]) if row else 0
+
+    @_translated
+    def find_by_key(self, idempotency_key: str) -> Job | None:
+        found = self._select("j.idempotency_key = %s", (idempotency_key,))
+        return found[0] if found else None
+
+    @_translated
+    def batch_by_key(self, idempotency_key: str) -> UUID | None:
+        with self._conn() as conn:
+            row = conn.execute("SELECT batch_id FROM batches WHERE idempotency_key = %s", (idempotency_key,)).fetchone()
+        return row["batch_id"] if row else None
+
+    @_translated
+    def dead_letter_log(self, where: DeadLetterFilter, limit: int) -> list[RecordedDeadLetter]:
+        conditions, params = ["TRUE"], []
+        for sql, value in (
+            ("d.reason = %s", where.reason),
+            ("d.action = %s", where.action),
+            ("j.status = %s", where.job_status.value if where.job_status else None),
+        ):
+            if value is not None:
+                conditions.append(sql)
+                params.append(value)
+        with self._conn() as conn:
+            rows = conn.execute(
+                "SELECT d.*, j.status AS job_status FROM dead_letters d LEFT JOIN jobs j ON j.job_id = d.job_id"
+                f" WHERE {' AND '.join(conditions)}"
+                " ORDER BY d.received_at DESC, d.message_id, d.sequence_number DESC LIMIT %s",
+                (*params, limit),
+            ).fetchall()
+        return [RecordedDeadLetter.model_validate(row) for row in rows]
 
     @_translated
     def ping(self) -> None:

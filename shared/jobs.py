@@ -120,6 +120,23 @@ class DeadLetter(BaseModel):
     action: str = "none"  # what the reconciler did with the job: redrive | failed | none
 
 
+class RecordedDeadLetter(DeadLetter):
+    """A dead letter as the ``dead_letters`` table keeps it, with its job's status now (``None``: no such job)."""
+
+    received_at: datetime
+    job_status: JobStatus | None = None
+
+
+class DeadLetterFilter(BaseModel):
+    """Which recorded dead letters to read (``GET /api/dead-letters``, the replay)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    reason: str | None = None
+    action: str | None = None
+    job_status: JobStatus | None = None
+
+
 class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before with different content."""
 
@@ -167,6 +184,18 @@ class JobStore(Protocol):
 
     def backlog(self) -> int:
         """The number of queued jobs (admission control)."""
+        ...
+
+    def find_by_key(self, idempotency_key: str) -> Job | None:
+        """The job created with ``idempotency_key``, if any (admission control lets its replays through)."""
+        ...
+
+    def batch_by_key(self, idempotency_key: str) -> UUID | None:
+        """The batch created with ``idempotency_key``, if any."""
+        ...
+
+    def dead_letter_log(self, where: DeadLetterFilter, limit: int) -> list[RecordedDeadLetter]:
+        """Recorded dead letters matching ``where``, newest first, at most ``limit``."""
         ...
 
     def get(self, job_id: UUID) -> Job | None: ...

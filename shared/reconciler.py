@@ -1,14 +1,15 @@
 """The reconciler: what heals jobs that no message, no worker or no broker will move on their own.
 
 It runs as a timer-triggered Function (``functions/reconciler.py``), so it works with zero workers. Each run does
-four bounded, idempotent steps, every job change being a conditional event of :mod:`shared.lifecycle`:
+five bounded, idempotent steps, every job change being a conditional event of :mod:`shared.lifecycle`:
 
 1. **Unconfirmed sends.** A ``queued`` job whose send was never confirmed for ``resend_after`` (the submit died
    between insert and send, or the send was ambiguous) gets a new generation and its message is sent. A job never
    attempted whose image is missing (the submit died before the upload) is failed ``enqueue_failed`` instead, once
    it is older than any submit can run (``abort_after``).
 2. **Expired leases.** A ``running`` job whose lease ran out (its worker died or hung) is queued again with a new
-   generation and sent, or failed ``retries_exhausted`` when its attempts are used up.
+   generation and sent, or failed ``retries_exhausted`` when its attempts are used up. One whose cancellation was
+   requested is cancelled (``cancel_expired``): its attempt will never reach the checkpoint that would stop it.
 3. **Stranded jobs.** A ``queued`` job no claim can take (attempts used up, e.g. after ``JOB_MAX_ATTEMPTS`` was
    lowered) is failed ``retries_exhausted``.
 4. **Dead letters.** Messages in the queue's dead-letter sub-queue are *received* (incrementally: each once), their
@@ -17,6 +18,11 @@ four bounded, idempotent steps, every job change being a conditional event of :m
    crashes and outages, never on a claim) re-drives it with a new generation; ``TTLExpiredException`` fails it
    ``message_expired``; a poison message (``InvalidMessage``) fails it ``invalid_message``. A letter of an older
    generation, or of a job that is running or finished, changes nothing (a later copy may be mid-run).
+5. **Webhook events.** ``job_events`` rows left unsent for ``events_after`` (the notifier of the transition crashed
+   or could not reach the bus) are handed to the job-events queue (:meth:`shared.events.Outbox.sweep`).
+
+A job the reconciler fails or cancels (``exhaust``, ``dead_lettered``, ``cancel_expired``: events that notify) has its
+webhook events flushed at once; a flush that fails is left to step 5.
 
 Sends follow the outbox order: the event commits (new generation, send unconfirmed), then the message is sent, then
 the send is confirmed. A run that dies in between leaves the job to step 1 of a later run. A backend error ends the
@@ -28,7 +34,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pydantic import Field
 
@@ -36,6 +42,9 @@ from shared.errors import CropAIError, InputMissing, InvalidImage, InvalidMessag
 from shared.jobs import DeadLetter, Job, JobStore
 from shared.messages import JobMessage
 from shared.submission import EnqueueFailed, Publisher
+
+if TYPE_CHECKING:
+    from shared.events import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +83,14 @@ class Report:
     redriven: int = 0
     dead_letters: int = 0
     dead_lettered_failed: int = 0
+    cancelled: int = 0
+    events_sent: int = 0  # webhook events the sweep handed over
     errors: list[str] = field(default_factory=list)
 
     @property
     def changed(self) -> int:
-        return self.resent + self.aborted + self.requeued + self.exhausted + self.redriven + self.dead_lettered_failed
+        moved = self.resent + self.aborted + self.requeued + self.exhausted + self.redriven + self.dead_lettered_failed
+        return moved + self.cancelled + self.events_sent
 
 
 @dataclass(frozen=True)
@@ -89,21 +101,30 @@ class Policy:
     # A never-attempted job whose image is missing is failed only this long after its submit: longer than a submit
     # may run (host.json's functionTimeout, 5 min), so an upload still in flight is never taken for a dead submit.
     abort_after: timedelta
+    # A webhook event unsent this long is the sweep's: its notifier crashed or failed (it flushes within a second).
+    events_after: timedelta = timedelta(seconds=30)
 
 
 class Reconciler:
     def __init__(
-        self, jobs: JobStore, store: InputChecker, publisher: Publisher, inbox: DeadLetterInbox, policy: Policy
+        self,
+        jobs: JobStore,
+        store: InputChecker,
+        publisher: Publisher,
+        inbox: DeadLetterInbox,
+        policy: Policy,
+        outbox: Outbox | None = None,
     ) -> None:
         self._jobs = jobs
         self._store = store
         self._publisher = publisher
         self._inbox = inbox
         self._policy = policy
+        self._outbox = outbox  # None: webhook events are neither flushed nor swept (step 5 skipped)
 
     def run(self) -> Report:
         report = Report()
-        for step in (self._unconfirmed, self._expired, self._stranded, self._dead_letters):
+        for step in (self._unconfirmed, self._expired, self._stranded, self._dead_letters, self._events):
             try:
                 step(report)
             except Exception as e:  # a backend is down (or a bug): the other steps still run; the next run retries
@@ -138,6 +159,10 @@ class Reconciler:
 
     def _expired(self, report: Report) -> None:
         for job in self._jobs.expired(self._policy.batch):
+            if job.cancel_requested_at is not None:  # expire and exhaust refuse a job being cancelled
+                if self._notified(self._jobs.cancel_expired(job.job_id)):
+                    report.cancelled += 1
+                continue
             moved = self._jobs.expire(job.job_id, self._policy.max_attempts)
             if moved is not None:
                 self._send(moved, "expire")
@@ -173,10 +198,20 @@ class Reconciler:
             return "none"
         text = f"message dead-lettered ({letter.reason}): {letter.description or 'no description'}"[:1000]
         failed = self._jobs.dead_lettered(letter.job_id, letter.generation, code, text)
-        return "failed" if failed is not None else "none"
+        return "failed" if self._notified(failed) else "none"
+
+    def _events(self, report: Report) -> None:
+        if self._outbox is not None:
+            report.events_sent += self._outbox.sweep(self._policy.events_after, self._policy.batch)
 
     def _exhaust(self, job: Job, why: str) -> bool:
-        return self._jobs.exhaust(job.job_id, self._policy.max_attempts, why) is not None
+        return self._notified(self._jobs.exhaust(job.job_id, self._policy.max_attempts, why))
+
+    def _notified(self, moved: Job | None) -> bool:
+        """Whether an event that notifies moved the job; if it did, its webhook events are flushed (never raises)."""
+        if moved is not None and self._outbox is not None:
+            self._outbox.flush(moved.job_id)
+        return moved is not None
 
     def _image_stored(self, job: Job) -> bool:
         try:

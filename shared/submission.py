@@ -25,6 +25,15 @@ The job's row is the outbox: once it is inserted the job exists, and either this
 * any other state: the job as it is, nothing is sent.
 
 Same key + other bytes raises :class:`~shared.jobs.IdempotencyConflict`.
+
+Options: ``priority`` (``high`` | ``normal``) picks the queue; ``callback_url`` / ``callback_events`` register a
+webhook (:func:`shared.webhooks.validate_callback`), signed with a fresh secret that only the submit's answer (and a
+replay's) returns. Admission control (:func:`admit`): with ``max_backlog`` queued jobs or more, a new submit is
+refused (``backlog_full``, 429) before anything is stored; a replay of an existing ``Idempotency-Key`` is not. The
+bound is soft: concurrent submits may each see room for one more.
+
+:func:`hand_over` (send, then confirm) is the outbox hand-over every new generation goes through: a submit, a
+batch, a manual retry (:mod:`shared.control`).
 """
 
 from __future__ import annotations
@@ -34,19 +43,22 @@ import logging
 import math
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 from uuid import UUID
 
 from opentelemetry import trace
+from pydantic import BaseModel, Field
 
 from shared.bands import BandError, parse_names, resolve
 from shared.errors import BusUnavailable, DatabaseUnavailable, StorageUnavailable, TransientError
 from shared.geotiff import ImageHeader, Limits, inspect
-from shared.jobs import Job, JobStatus, JobStore
+from shared.jobs import PRIORITIES, Callback, Job, JobStatus, JobStore, Priority
 from shared.messages import JobMessage
 from shared.rejection import Rejected
+from shared.webhooks import new_secret, validate_callback
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -81,27 +93,78 @@ class Upload:
     scale: str | None = None
     analysis: str | None = None
     idempotency_key: str | None = None
+    priority: str | None = None
+    callback_url: str | None = None
+    callback_events: str | None = None
+
+
+@dataclass(frozen=True)
+class Policy:
+    """``max_backlog``: queued jobs at which new submits are refused (``None``: no bound); whether callbacks may
+    target private addresses and plain http (local development only)."""
+
+    max_backlog: int | None = None
+    allow_private_callbacks: bool = False
 
 
 @dataclass(frozen=True)
 class Submitted:
     job: Job
     created: bool  # False: an Idempotency-Key replay of an existing job
+    webhook_secret: str | None = None  # the job's signing secret, when it has a callback
+
+
+@dataclass(frozen=True)
+class Image:
+    """An image that passed validation: its bytes, their SHA-256, and the job's parameters."""
+
+    data: bytes
+    sha256: str
+    params: dict[str, Any]
+
+
+class Accepted(BaseModel):
+    """The body of ``POST /api/jobs``: 202 for a new job, 200 for an ``Idempotency-Key`` replay."""
+
+    job_id: UUID
+    status: JobStatus
+    status_url: str = Field(description="GET it for the job's status (also the Location header)")
+    priority: Priority
+    webhook_secret: str | None = Field(
+        None, description="signs the job's webhooks (Standard Webhooks); only with a callback_url, never in a GET"
+    )
 
 
 def input_blob_name(job_id: UUID) -> str:
     return f"{job_id}/input.tif"
 
 
-def submit(upload: Upload, *, limits: Limits, jobs: JobStore, store: InputStore, publisher: Publisher) -> Submitted:
-    key = _idempotency_key(upload.idempotency_key)
-    header = inspect(upload.data, limits)
-    params = job_params(header, upload.bands, upload.scale, upload.analysis)
-    sha256 = hashlib.sha256(upload.data).hexdigest()
+def submit(
+    upload: Upload,
+    *,
+    limits: Limits,
+    jobs: JobStore,
+    store: InputStore,
+    publisher: Publisher,
+    policy: Policy | None = None,
+) -> Submitted:
+    policy = policy or Policy()
+    key = idempotency_key(upload.idempotency_key)
+    image = validate_image(upload.data, limits, upload.bands, upload.scale, upload.analysis)
+    chosen = priority(upload.priority)
+    target = callback_target(upload.callback_url, upload.callback_events, policy.allow_private_callbacks)
+    admit(jobs, 1, policy.max_backlog, lambda: key is not None and jobs.find_by_key(key) is not None)
+    callback = new_callback(target)
     with tracer.start_as_current_span("crop-ai.submit") as span:
         job_id = uuid.uuid4()
         job, created = jobs.create(
-            job_id=job_id, input_blob=input_blob_name(job_id), input_sha256=sha256, params=params, idempotency_key=key
+            job_id=job_id,
+            input_blob=input_blob_name(job_id),
+            input_sha256=image.sha256,
+            params=image.params,
+            idempotency_key=key,
+            priority=chosen,
+            callback=callback,
         )
         span.set_attribute("crop_ai.job_id", str(job.job_id))
         span.set_attribute("crop_ai.idempotent_replay", not created)
@@ -113,10 +176,60 @@ def submit(upload: Upload, *, limits: Limits, jobs: JobStore, store: InputStore,
             job = resubmitted or jobs.get(job.job_id) or job  # lost the race: the job as the winner left it
             action = "resubmit" if owned else "replay"
         if owned or (job.status is JobStatus.QUEUED and job.sent_at is None):
-            job = _hand_over(job, upload.data, jobs, store, publisher, owned=owned)
+            store_input(job, image.data, jobs, store, owned=owned)
+            job = hand_over(job, jobs, publisher)
         extra = {"job_id": str(job.job_id), "action": action}
         log.info("job %s accepted (%s, %s)", job.job_id, job.status.value, action, extra=extra)
-        return Submitted(job=job, created=created)
+        secret = callback.secret if created and callback else stored_secret(jobs, job)
+        return Submitted(job=job, created=created, webhook_secret=secret)
+
+
+def validate_image(data: bytes, limits: Limits, bands: str | None, scale: str | None, analysis: str | None) -> Image:
+    """The image checked (header, bands, scale, analysis) with the job's parameters, or :class:`Rejected`."""
+    header = inspect(data, limits)
+    return Image(data, hashlib.sha256(data).hexdigest(), job_params(header, bands, scale, analysis))
+
+
+def priority(text: str | None) -> Priority:
+    value = "normal" if text is None else text.strip().lower()
+    for known in PRIORITIES:
+        if value == known:
+            return known
+    raise Rejected("invalid_priority", f"priority must be one of {', '.join(PRIORITIES)}, got {text!r}")
+
+
+def callback_target(url: str | None, events: str | None, allow_private: bool) -> tuple[str, list[str] | None] | None:
+    """The validated ``(callback_url, callback_events)``, or ``None`` without a callback."""
+    if url is None:
+        if events is not None:
+            raise Rejected("invalid_callback_events", "callback_events needs a callback_url")
+        return None
+    return validate_callback(url, events, allow_private=allow_private)
+
+
+def new_callback(target: tuple[str, list[str] | None] | None) -> Callback | None:
+    """The callback to store, with a fresh signing secret."""
+    return None if target is None else Callback(url=target[0], events=target[1], secret=new_secret())
+
+
+def stored_secret(jobs: JobStore, job: Job) -> str | None:
+    """A replay answers with the secret the job was created with."""
+    return jobs.webhook_secret(job.job_id) if job.callback_url is not None else None
+
+
+def admit(jobs: JobStore, count: int, max_backlog: int | None, is_replay: Callable[[], bool]) -> None:
+    """Admission control: refuse ``count`` new jobs (``backlog_full``) when they would take the queued jobs past
+    ``max_backlog``, unless the request replays an earlier one (``is_replay``, asked only then)."""
+    if max_backlog is None:
+        return
+    backlog = jobs.backlog()
+    if backlog + count <= max_backlog or is_replay():
+        return
+    extra = {"action": "backlog_full", "backlog": backlog, "count": count}
+    log.warning("submit of %d job(s) refused: %d jobs queued (max %d)", count, backlog, max_backlog, extra=extra)
+    raise Rejected(
+        "backlog_full", f"{backlog} jobs are queued and the limit is {max_backlog}; submit again after Retry-After"
+    )
 
 
 def job_params(header: ImageHeader, bands: str | None, scale: str | None, analysis: str | None) -> dict[str, Any]:
@@ -128,10 +241,10 @@ def job_params(header: ImageHeader, bands: str | None, scale: str | None, analys
     }
 
 
-def _hand_over(job: Job, data: bytes, jobs: JobStore, store: InputStore, publisher: Publisher, *, owned: bool) -> Job:
-    """Upload the image, send the current generation's message, confirm the send; return the job as it now is."""
-    message = JobMessage.for_job(job)
-    extra = {"job_id": str(job.job_id), "message_id": message.message_id, "action": "enqueue"}
+def store_input(job: Job, data: bytes, jobs: JobStore, store: InputStore, *, owned: bool) -> None:
+    """Upload the job's image. If that fails, an ``owned`` job (this request created or resubmitted it) is failed
+    ``enqueue_failed``; :class:`EnqueueFailed` either way."""
+    extra = {"job_id": str(job.job_id), "action": "enqueue"}
     try:
         store.put_input(job.job_id, data, job.input_sha256)
     except StorageUnavailable as e:
@@ -139,6 +252,14 @@ def _hand_over(job: Job, data: bytes, jobs: JobStore, store: InputStore, publish
         if owned:
             jobs.abort_submit(job.job_id, job.generation, EnqueueFailed.code, f"could not store the image: {e.message}")
         raise EnqueueFailed(job.job_id, "the image could not be stored; submit it again") from e
+
+
+def hand_over(job: Job, jobs: JobStore, publisher: Publisher) -> Job:
+    """Send the message of the job's current generation, then confirm the send on its row (its image is stored);
+    return the job as it now is. A failed send is ambiguous: the job stays queued and unconfirmed, for a worker or
+    the reconciler. A failed confirm leaves it to them too. Neither raises."""
+    message = JobMessage.for_job(job)
+    extra = {"job_id": str(job.job_id), "message_id": message.message_id, "action": "enqueue"}
     try:
         publisher.send(message)
     except BusUnavailable as e:  # ambiguous: it may have arrived. The job stays claimable; the reconciler heals it.
@@ -151,7 +272,7 @@ def _hand_over(job: Job, data: bytes, jobs: JobStore, store: InputStore, publish
         return job
 
 
-def _idempotency_key(value: str | None) -> str | None:
+def idempotency_key(value: str | None) -> str | None:
     if value is None:
         return None
     if not _IDEMPOTENCY_KEY.match(value):

@@ -9,15 +9,28 @@ so failure paths can be tested without a broken backend.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 from shared.errors import InputMissing
-from shared.jobs import Callback, DeadLetter, IdempotencyConflict, Job, JobFilter, JobStatus, NewJob, Priority
+from shared.jobs import (
+    Callback,
+    DeadLetter,
+    DeadLetterFilter,
+    IdempotencyConflict,
+    Job,
+    JobFilter,
+    JobStatus,
+    NewJob,
+    Priority,
+    RecordedDeadLetter,
+)
 from shared.lifecycle import Event, target
 from shared.messages import JobMessage
+from shared.queue_stats import QueueCounts
 
 Q, R = JobStatus.QUEUED, JobStatus.RUNNING
 
@@ -27,6 +40,7 @@ class InMemoryJobStore:
         self._jobs: dict[UUID, Job] = {}
         self._lock = threading.Lock()
         self.dead_letters: dict[tuple[str, int], DeadLetter] = {}
+        self._received: dict[tuple[str, int], datetime] = {}
         self.failure: Exception | None = None
         self._secrets: dict[UUID, str | None] = {}
         self._batches: dict[UUID, list[UUID]] = {}
@@ -128,6 +142,32 @@ class InMemoryJobStore:
     def backlog(self) -> int:
         self._fail_if_broken()
         return sum(j.status is Q for j in self._jobs.values())
+
+    def find_by_key(self, idempotency_key: str) -> Job | None:
+        self._fail_if_broken()
+        return next((j for j in self._jobs.values() if j.idempotency_key == idempotency_key), None)
+
+    def batch_by_key(self, idempotency_key: str) -> UUID | None:
+        self._fail_if_broken()
+        return next((b for b, k in self._batch_keys.items() if k == idempotency_key), None)
+
+    def dead_letter_log(self, where: DeadLetterFilter, limit: int) -> list[RecordedDeadLetter]:
+        self._fail_if_broken()
+        found = []
+        for key, letter in self.dead_letters.items():
+            job = self._jobs.get(letter.job_id) if letter.job_id else None
+            recorded = RecordedDeadLetter(
+                **letter.model_dump(), received_at=self._received[key], job_status=job.status if job else None
+            )
+            if (
+                (where.reason is None or recorded.reason == where.reason)
+                and (where.action is None or recorded.action == where.action)
+                and (where.job_status is None or recorded.job_status is where.job_status)
+            ):
+                found.append(recorded)
+        found.sort(key=lambda d: (d.message_id, -d.sequence_number))
+        found.sort(key=lambda d: d.received_at, reverse=True)
+        return found[:limit]
 
     def get(self, job_id: UUID) -> Job | None:
         self._fail_if_broken()
@@ -291,6 +331,8 @@ class InMemoryJobStore:
         if key in self.dead_letters:
             return False
         self.dead_letters[key] = letter
+        latest = max(self._received.values(), default=datetime.min.replace(tzinfo=UTC))
+        self._received[key] = max(datetime.now(UTC), latest + timedelta(microseconds=1))  # in recording order
         return True
 
     def _now(self) -> datetime:
@@ -335,6 +377,10 @@ class InMemoryBlobStore:
             raise self.failure
         return f"{blob_url}?se={int(ttl.total_seconds())}"
 
+    def ping(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
 
 class InMemoryPublisher:
     def __init__(self) -> None:
@@ -349,3 +395,29 @@ class InMemoryPublisher:
         if self.failure is not None:
             raise self.failure
         self.sent.append((message, at))
+
+
+class InMemoryQueueStats:
+    """``shared.queue_stats.QueueStats``: the counts of known queues (zeros by default), ``failure`` to break it,
+    ``delay`` seconds to make it slow."""
+
+    def __init__(self, counts: dict[str, tuple[int, int, int]] | None = None) -> None:
+        self.counts_by_queue = counts or {}
+        self.failure: Exception | None = None
+        self.delay = 0.0
+        self.calls: list[list[str]] = []
+
+    def counts(self, queue_names: Sequence[str]) -> list[QueueCounts]:
+        self.calls.append(list(queue_names))
+        if self.delay:
+            time.sleep(self.delay)
+        if self.failure is not None:
+            raise self.failure
+        found = []
+        for name in queue_names:
+            active, scheduled, dead_letter = self.counts_by_queue.get(name, (0, 0, 0))
+            total = active + scheduled + dead_letter
+            found.append(
+                QueueCounts(name=name, active=active, scheduled=scheduled, dead_letter=dead_letter, total=total)
+            )
+        return found

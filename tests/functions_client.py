@@ -14,9 +14,14 @@ BASE = "http://127.0.0.1:7071/api"
 
 
 @functools.cache
-def _functions() -> dict[str, Any]:
+def indexed() -> dict[str, Any]:
+    """The app's ``Function`` objects by name (their bindings, their user function)."""
     # get_functions() may run only once per app: it refuses to index the same names twice.
-    return {str(f.get_function_name()): f.get_user_function() for f in app.get_functions()}
+    return {str(f.get_function_name()): f for f in app.get_functions()}
+
+
+def _functions() -> dict[str, Any]:
+    return {name: f.get_user_function() for name, f in indexed().items()}
 
 
 def function(name: str) -> Any:

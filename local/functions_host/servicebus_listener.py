@@ -160,7 +160,9 @@ class ServiceBusListener:
             if free == 0 or self._stopping.is_set():
                 continue
             wait = BUSY_WAIT if self._running else IDLE_WAIT
-            messages = receiver.receive_messages(max_message_count=free, max_wait_time=wait)
+            # One at a time, as the host's processor pulls per free slot: asking the SDK for more makes it wait
+            # another 0.2 s for them after the first one arrives (measured: +200 ms per webhook delivery).
+            messages = receiver.receive_messages(max_message_count=1, max_wait_time=wait)
             self._received = True
             for message in messages:
                 self._start(_Invocation(message, receiver))

@@ -111,7 +111,10 @@ def test_importing_the_app_reads_no_setting_and_opens_no_socket() -> None:
         [sys.executable, "-c", code], cwd=ROOT, env={}, capture_output=True, text=True, timeout=120, check=False
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "['job_status', 'reconcile_jobs', 'submit_job']"
+    assert done.stdout.strip() == (
+        "['batch_status', 'cancel_job', 'dead_letters', 'deliver_webhook', 'health', 'job_status', 'list_jobs',"
+        " 'openapi', 'reconcile_jobs', 'replay_dead_letters', 'retry_job', 'stats', 'submit_batch', 'submit_job']"
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""The reconciler on the in-memory job store, blob store and publisher, with a recording dead-letter inbox."""
+"""The reconciler on the in-memory job store, blob store and publisher, with a recording dead-letter inbox and a
+recording webhook outbox."""
 
 from __future__ import annotations
 
@@ -35,16 +36,37 @@ class Inbox:
         self.completed.append(letter)
 
 
+class RecordingOutbox:
+    """The webhook outbox: flushes are recorded; ``unsent`` events are what a sweep hands over (and then clears)."""
+
+    def __init__(self) -> None:
+        self.flushed: list[uuid.UUID] = []
+        self.sweeps: list[tuple[timedelta, int]] = []
+        self.unsent = 0
+        self.failure: Exception | None = None
+
+    def flush(self, job_id: uuid.UUID) -> None:
+        self.flushed.append(job_id)
+
+    def sweep(self, older_than: timedelta, limit: int) -> int:
+        self.sweeps.append((older_than, limit))
+        if self.failure is not None:
+            raise self.failure
+        swept, self.unsent = min(self.unsent, limit), max(0, self.unsent - limit)
+        return swept
+
+
 class World:
     def __init__(self) -> None:
         self.jobs = InMemoryJobStore()
         self.store = InMemoryBlobStore()
         self.publisher = InMemoryPublisher()
         self.inbox = Inbox()
+        self.outbox = RecordingOutbox()
         self._sequence = 0
 
     def run(self, policy: Policy = OLD) -> Report:
-        return Reconciler(self.jobs, self.store, self.publisher, self.inbox, policy).run()
+        return Reconciler(self.jobs, self.store, self.publisher, self.inbox, policy, outbox=self.outbox).run()
 
     def job(self, job: Job) -> Job:
         now = self.jobs.get(job.job_id)
@@ -376,7 +398,7 @@ def test_a_database_outage_stops_every_step(world: World) -> None:
         "expired: database_unavailable",
         "stranded: database_unavailable",
         "dead_letters: database_unavailable",
-    ]
+    ]  # the recording outbox has no database: its sweep ran and found nothing
     assert world.inbox.completed == []
     assert world.publisher.sent == []
     world.jobs.failure = None
@@ -415,3 +437,99 @@ def test_a_letter_for_an_unknown_job_changes_nothing(world: World) -> None:
     report = world.run()
     assert (report.changed, report.dead_letters, report.errors) == (0, 1, [])
     assert world.inbox.completed == [letter]
+
+
+# Cancellation, webhook events
+
+
+def cancelling(world: World, *, lease: timedelta = GONE) -> Job:
+    """A running job whose cancellation was requested (its attempt has not stopped)."""
+    job = claimed(world.jobs, world.stored_job(), lease=lease)
+    moved = world.jobs.request_cancel(job.job_id)
+    assert moved is not None
+    return moved
+
+
+def test_a_job_being_cancelled_whose_lease_ran_out_is_cancelled_and_notified(world: World) -> None:
+    job = cancelling(world)
+    report = world.run()
+    now = world.job(job)
+    assert (now.status, now.lease_until) == (JobStatus.CANCELLED, None)
+    assert now.finished_at is not None
+    assert world.publisher.sent == []  # neither requeued nor exhausted
+    assert (report.cancelled, report.requeued, report.exhausted, report.errors) == (1, 0, 0, [])
+    assert world.outbox.flushed == [job.job_id]
+
+
+def test_a_job_being_cancelled_on_its_last_attempt_is_cancelled_not_exhausted(world: World) -> None:
+    job = world.stored_job()
+    for _ in range(MAX):
+        job = claimed(world.jobs, job, lease=GONE, max_attempts=MAX)
+    assert world.jobs.request_cancel(job.job_id) is not None
+    report = world.run()
+    assert (world.job(job).status, world.job(job).error_code) == (JobStatus.CANCELLED, None)
+    assert (report.cancelled, report.exhausted) == (1, 0)
+
+
+def test_a_job_being_cancelled_with_a_live_lease_is_left_to_its_attempt(world: World) -> None:
+    job = cancelling(world, lease=timedelta(minutes=5))
+    report = world.run()
+    assert world.job(job) == job
+    assert (report.changed, world.outbox.flushed) == (0, [])
+
+
+def test_jobs_the_reconciler_fails_are_notified_and_those_it_requeues_are_not(world: World) -> None:
+    requeued = claimed(world.jobs, world.stored_job(), lease=GONE)
+    exhausted = world.stored_job()
+    for _ in range(MAX):
+        exhausted = claimed(world.jobs, exhausted, lease=GONE, max_attempts=MAX)
+    expired_message = confirmed(world, world.stored_job())
+    world.letter(expired_message, "TTLExpiredException")
+    redriven = confirmed(world, world.stored_job())
+    world.letter(redriven, "MaxDeliveryCountExceeded")
+    report = world.run()
+    assert (report.requeued, report.exhausted, report.dead_lettered_failed, report.redriven) == (1, 1, 1, 1)
+    assert world.outbox.flushed == [exhausted.job_id, expired_message.job_id]
+    assert requeued.job_id not in world.outbox.flushed
+
+
+def test_a_stranded_job_is_notified(world: World) -> None:
+    running = claimed(world.jobs, world.stored_job())
+    released = world.jobs.release(running.job_id, running.attempts)
+    assert released is not None
+    confirmed(world, released)
+    world.run(Policy(resend_after=GONE, max_attempts=1, batch=10, abort_after=GONE))
+    assert world.outbox.flushed == [running.job_id]
+
+
+def test_events_left_unsent_are_swept_in_batches(world: World) -> None:
+    world.outbox.unsent = 3
+    policy = Policy(resend_after=GONE, max_attempts=MAX, batch=2, abort_after=GONE, events_after=timedelta(seconds=7))
+    first = world.run(policy)
+    assert (first.events_sent, first.changed) == (2, 2)
+    assert world.outbox.sweeps == [(timedelta(seconds=7), 2)]
+    assert world.run(policy).events_sent == 1
+    assert world.run(policy) == Report()
+
+
+def test_the_default_sweep_waits_30_seconds_for_the_notifier(world: World) -> None:
+    world.run()
+    assert world.outbox.sweeps == [(timedelta(seconds=30), OLD.batch)]
+
+
+def test_a_failed_sweep_is_reported_and_the_other_steps_still_run(world: World) -> None:
+    job = world.stored_job()
+    world.outbox.failure = BusUnavailable("down")
+    report = world.run()
+    assert report.errors == ["events: bus_unavailable"]
+    assert report.resent == 1
+    assert world.job(job).sent_at is not None
+
+
+def test_without_an_outbox_nothing_is_flushed_or_swept() -> None:
+    world = World()
+    cancelled = cancelling(world)
+    report = Reconciler(world.jobs, world.store, world.publisher, world.inbox, OLD).run()
+    assert (report.cancelled, report.errors) == (1, [])
+    assert world.job(cancelled).status is JobStatus.CANCELLED
+    assert (world.outbox.flushed, world.outbox.sweeps) == ([], [])

@@ -16,7 +16,7 @@ from shared.geotiff import Limits
 from shared.jobs import IdempotencyConflict, Job, JobStatus
 from shared.messages import JobMessage
 from shared.rejection import Rejected
-from shared.submission import EnqueueFailed, Submitted, Upload, submit
+from shared.submission import EnqueueFailed, Policy, Submitted, Upload, submit
 from tests import geotiffs
 from tests.fakes import InMemoryBlobStore, InMemoryJobStore, InMemoryPublisher
 from tests.jobs import GONE, claimed
@@ -380,3 +380,84 @@ def test_without_a_key_the_same_bytes_are_a_new_job(world: World) -> None:
     assert b.created
     assert a.job.job_id != b.job.job_id
     assert world.message_ids() == [f"{a.job.job_id}:1", f"{b.job.job_id}:1"]
+
+
+# Priority, callback, admission control
+
+
+def test_priority_is_stored_and_picks_the_messages_queue(world: World) -> None:
+    outcome = world.submit(Upload(geotiffs.crafted(), priority=" HIGH "))
+    assert outcome.job.priority == "high"
+    assert [m.priority for m in world.publisher.messages] == ["high"]
+    assert world.submit(Upload(geotiffs.crafted())).job.priority == "normal"
+
+
+@pytest.mark.parametrize(
+    ("upload", "code"),
+    [
+        (Upload(geotiffs.crafted(), priority="urgent"), "invalid_priority"),
+        (Upload(geotiffs.crafted(), priority=""), "invalid_priority"),
+        (Upload(geotiffs.crafted(), callback_url="http://example.com/hook"), "invalid_callback_url"),
+        (Upload(geotiffs.crafted(), callback_url="https://10.0.0.4/hook"), "invalid_callback_url"),
+        (
+            Upload(geotiffs.crafted(), callback_url="https://example.com/h", callback_events="x"),
+            "invalid_callback_events",
+        ),
+        (Upload(geotiffs.crafted(), callback_events="completed"), "invalid_callback_events"),
+    ],
+)
+def test_bad_options_store_nothing(world: World, upload: Upload, code: str) -> None:
+    with pytest.raises(Rejected) as info:
+        world.submit(upload)
+    assert info.value.code == code
+    assert (world.jobs._jobs, world.store.blobs, world.publisher.sent) == ({}, {}, [])
+
+
+def test_a_callback_is_stored_with_a_fresh_secret_that_a_replay_returns(world: World) -> None:
+    upload = Upload(
+        geotiffs.crafted(), idempotency_key="hook-1", callback_url="https://example.com/hook",
+        callback_events="progress,started",
+    )  # fmt: skip
+    first = world.submit(upload)
+    assert first.webhook_secret is not None
+    assert first.webhook_secret.startswith("whsec_")
+    assert (first.job.callback_url, first.job.callback_events) == ("https://example.com/hook", ["started", "progress"])
+    assert world.jobs.webhook_secret(first.job.job_id) == first.webhook_secret
+    assert world.submit(upload).webhook_secret == first.webhook_secret
+    other = world.submit(Upload(geotiffs.crafted(), callback_url="https://example.com/hook"))
+    assert other.webhook_secret not in (None, first.webhook_secret)
+    assert world.submit(Upload(geotiffs.crafted())).webhook_secret is None
+
+
+def test_a_private_callback_is_allowed_only_by_the_policy() -> None:
+    world = World()
+    upload = Upload(geotiffs.crafted(), callback_url="http://127.0.0.1:8080/hook")
+    policy = Policy(allow_private_callbacks=True)
+    outcome = submit(
+        upload, limits=LIMITS, jobs=world.jobs, store=world.store, publisher=world.publisher, policy=policy
+    )
+    assert outcome.job.callback_url == "http://127.0.0.1:8080/hook"
+
+
+def test_admission_control_refuses_new_jobs_at_the_bound_but_not_replays(world: World) -> None:
+    policy = Policy(max_backlog=2)
+
+    def submit_with(upload: Upload) -> Submitted:
+        return submit(
+            upload, limits=LIMITS, jobs=world.jobs, store=world.store, publisher=world.publisher, policy=policy
+        )
+
+    first = submit_with(Upload(geotiffs.crafted(width=40), idempotency_key="a"))
+    submit_with(Upload(geotiffs.crafted(width=41)))
+    with pytest.raises(Rejected) as info:
+        submit_with(Upload(geotiffs.crafted(width=42)))
+    assert info.value.code == "backlog_full"
+    with pytest.raises(Rejected):
+        submit_with(Upload(geotiffs.crafted(width=42), idempotency_key="new key"))
+    assert len(world.jobs._jobs) == 2
+    replay = submit_with(Upload(geotiffs.crafted(width=40), idempotency_key="a"))
+    assert (replay.created, replay.job.job_id) == (False, first.job.job_id)
+
+    running = claimed(world.jobs, first.job)  # only queued jobs count
+    assert submit_with(Upload(geotiffs.crafted(width=42))).created
+    assert running.status is JobStatus.RUNNING
