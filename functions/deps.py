@@ -8,9 +8,9 @@ their own with :func:`use`.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
@@ -23,9 +23,9 @@ from shared.settings import Settings
 from shared.submission import Publisher
 
 if TYPE_CHECKING:
-    from shared.delivery import Deliverer
-    from shared.events import Outbox
+    from shared.events import EventMessage, Outbox
     from shared.stats import QueueCounter, StatsSource
+    from shared.webhooks import Verdict
 
 DEFAULT_RETRY_AFTER = 5
 
@@ -45,30 +45,19 @@ class Deps:
     publisher: Publisher
     dead_letters: Callable[[], AbstractContextManager[DeadLetterInbox]]  # a receiver for one reconciler run
     # Webhooks: flush after a notifying transition (and the reconciler's sweep); the status view's summary; the
-    # deliver_webhook function's deliverer. The defaults (nothing sent, no summary) serve tests of other parts.
-    notifier: Outbox = field(default_factory=lambda: _NoOutbox())
-    webhook_summary: Callable[[UUID], dict[str, Any] | None] = lambda _job_id: None
-    deliverer: Deliverer | None = None
+    # deliver_webhook function's deliverer.
+    notifier: Outbox
+    webhook_summary: Callable[[UUID], dict[str, Any] | None]
+    deliverer: WebhookDeliverer
     # GET /api/stats and /api/health: the database's aggregates and the queues' depths (Service Bus management API).
-    # The default refuses (a 500, a failed check): only tests of other parts go without them.
-    stats: StatsSource = field(default_factory=lambda: _Unconfigured())
-    queue_stats: QueueCounter = field(default_factory=lambda: _Unconfigured())
+    stats: StatsSource
+    queue_stats: QueueCounter
 
 
-class _NoOutbox:
-    def flush(self, job_id: UUID) -> None:
-        return None
+class WebhookDeliverer(Protocol):
+    """:class:`shared.delivery.Deliverer`, as ``deliver_webhook`` uses it."""
 
-    def sweep(self, older_than: timedelta, limit: int) -> int:
-        return 0
-
-
-class _Unconfigured:
-    def job_stats(self, alive_within: timedelta) -> Any:
-        raise RuntimeError("no statistics source configured")
-
-    def counts(self, queue_names: Sequence[str]) -> Any:
-        raise RuntimeError("no queue statistics configured")
+    def handle(self, message: EventMessage, *, delivery_count: int = 1) -> Verdict | None: ...
 
 
 _lock = threading.Lock()

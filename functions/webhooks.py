@@ -36,8 +36,6 @@ def deliver_webhook(msg: func.ServiceBusMessage) -> None:
         log.exception("job-events message %s is not an event message", msg.message_id, extra=extra)
         raise
     deliverer = deps.get().deliverer
-    if deliverer is None:
-        raise RuntimeError("the Function App's dependencies have no webhook deliverer")
     context = context_from_properties(msg.application_properties)
     with tracer.start_as_current_span("deliver_webhook", context=context, kind=trace.SpanKind.CONSUMER):
         deliverer.handle(message, delivery_count=msg.delivery_count or 1)

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+from functions.deps import Deps
 from shared.errors import InputMissing
 from shared.jobs import (
     Callback,
@@ -31,6 +32,7 @@ from shared.jobs import (
 from shared.lifecycle import Event, target
 from shared.messages import JobMessage
 from shared.queue_stats import QueueCounts
+from shared.settings import Settings
 
 Q, R = JobStatus.QUEUED, JobStatus.RUNNING
 
@@ -421,3 +423,43 @@ class InMemoryQueueStats:
                 QueueCounts(name=name, active=active, scheduled=scheduled, dead_letter=dead_letter, total=total)
             )
         return found
+
+
+class RecordingOutbox:
+    """:class:`shared.events.Outbox` that records the jobs flushed (the outbox itself is tested on PostgreSQL)."""
+
+    def __init__(self) -> None:
+        self.flushed: list[UUID] = []
+
+    def flush(self, job_id: UUID) -> None:
+        self.flushed.append(job_id)
+
+    def sweep(self, older_than: timedelta, limit: int) -> int:
+        return 0
+
+
+class Refusing:
+    """A dependency a unit test does not expect to be used: every call fails the test."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attribute: str) -> Any:
+        raise AssertionError(f"{self._name}.{attribute} was not expected in this test")
+
+
+def unit_deps(settings: Settings, **parts: Any) -> Deps:
+    """The Function App's dependencies for a unit test: in-memory stores, a recording outbox, and whatever is not
+    given refuses to be used."""
+    defaults: dict[str, Any] = {
+        "jobs": InMemoryJobStore(),
+        "blobs": InMemoryBlobStore(),
+        "publisher": InMemoryPublisher(),
+        "dead_letters": Refusing("dead_letters"),
+        "notifier": RecordingOutbox(),
+        "webhook_summary": lambda _job_id: None,
+        "deliverer": Refusing("deliverer"),
+        "stats": Refusing("stats"),
+        "queue_stats": Refusing("queue_stats"),
+    }
+    return Deps(settings=settings, **{**defaults, **parts})

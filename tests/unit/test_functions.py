@@ -19,7 +19,7 @@ from shared.jobs import Job, JobStatus
 from shared.reconciler import Letter
 from shared.settings import Settings
 from tests import geotiffs
-from tests.fakes import InMemoryBlobStore, InMemoryJobStore, InMemoryPublisher
+from tests.fakes import InMemoryBlobStore, InMemoryJobStore, InMemoryPublisher, unit_deps
 from tests.functions_client import body, function, get_job, multipart, post_job
 from tests.jobs import claimed, new_job
 
@@ -63,10 +63,9 @@ class World:
         self.inbox = Inbox()
 
     def deps(self) -> Deps:
-        return Deps(
-            settings=self.settings, jobs=self.jobs, blobs=self.blobs, publisher=self.publisher,
-            dead_letters=lambda: self.inbox,
-        )  # fmt: skip
+        return unit_deps(
+            self.settings, jobs=self.jobs, blobs=self.blobs, publisher=self.publisher, dead_letters=lambda: self.inbox
+        )
 
     def job(self, job_id: object) -> Job:
         job = self.jobs.get(uuid.UUID(str(job_id)))

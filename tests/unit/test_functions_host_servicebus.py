@@ -509,7 +509,7 @@ def test_leaves_a_message_to_its_lock_when_auto_complete_is_off(loop: EventLoopT
     assert (broker.completed, broker.abandoned) == ([], [])
 
 
-def test_asks_for_one_message_per_free_slot_only(loop: EventLoopThread) -> None:
+def test_asks_for_one_message_at_a_time_and_only_with_a_free_slot(loop: EventLoopThread) -> None:
     release = threading.Event()
     running: list[str] = []
     broker = MemoryQueue(*(f"m{n}" for n in range(5)))
@@ -527,8 +527,7 @@ def test_asks_for_one_message_per_free_slot_only(loop: EventLoopThread) -> None:
     release.set()
     assert _wait_for(lambda: len(broker.completed) == 5)
     _stop(listener)
-    assert max(broker.asked) == 2
-    assert 0 not in broker.asked  # never a receive without a free slot
+    assert set(broker.asked) == {1}  # one per receive (the SDK would wait 0.2 s more for a second one)
 
 
 def test_reconnects_after_a_failure_and_does_not_settle_what_the_old_connection_held(

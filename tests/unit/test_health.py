@@ -16,7 +16,7 @@ from local.functions_host.bindings import trigger_binding
 from shared.errors import BusUnavailable, DatabaseUnavailable, StorageUnavailable
 from shared.health import check_health
 from shared.settings import Settings
-from tests.fakes import InMemoryBlobStore, InMemoryJobStore, InMemoryPublisher, InMemoryQueueStats
+from tests.fakes import InMemoryBlobStore, InMemoryJobStore, InMemoryQueueStats, unit_deps
 from tests.functions_client import BASE, body, function, indexed
 
 SECRET = "psycopg.OperationalError: connection to server at 10.0.0.4 (pg-prod.internal), port 5432 failed"
@@ -86,10 +86,7 @@ def world() -> Iterator[World]:
         {"ServiceBusConnection": "x", "AzureWebJobsStorage": "x", "DATABASE_URL": "x", "RETRY_AFTER_SECONDS": "4"}
     )
     deps.use(
-        deps.Deps(
-            settings=settings, jobs=w.jobs, blobs=w.blobs, publisher=InMemoryPublisher(),
-            dead_letters=lambda: pytest.fail("no reconciler here"), queue_stats=w.queues,
-        )
+        unit_deps(settings, jobs=w.jobs, blobs=w.blobs, queue_stats=w.queues)
     )  # fmt: skip
     yield w
     deps.use(None)

@@ -18,7 +18,7 @@ from shared.jobs import Job, JobFilter, JobStatus
 from shared.listing import DEFAULT_LIMIT, ListQuery, decode_cursor, encode_cursor, list_jobs, parse_query
 from shared.rejection import Rejected
 from shared.settings import Settings
-from tests.fakes import InMemoryBlobStore, InMemoryJobStore, InMemoryPublisher
+from tests.fakes import InMemoryJobStore, unit_deps
 from tests.functions_client import BASE, body, function
 from tests.jobs import claimed, job_record, new_job
 
@@ -178,10 +178,7 @@ def store() -> Iterator[InMemoryJobStore]:
     jobs = InMemoryJobStore()
     settings = Settings.from_env({"ServiceBusConnection": "x", "AzureWebJobsStorage": "x", "DATABASE_URL": "x"})
     deps.use(
-        deps.Deps(
-            settings=settings, jobs=jobs, blobs=InMemoryBlobStore(), publisher=InMemoryPublisher(),
-            dead_letters=lambda: pytest.fail("no reconciler here"),
-        )
+        unit_deps(settings, jobs=jobs)
     )  # fmt: skip
     yield jobs
     deps.use(None)

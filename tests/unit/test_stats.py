@@ -15,7 +15,7 @@ from functions import deps
 from shared.errors import BusUnavailable, DatabaseUnavailable
 from shared.settings import Settings
 from shared.stats import JobCounts, JobStats, Percentiles, Stats, Window, Worker, read_stats
-from tests.fakes import InMemoryBlobStore, InMemoryJobStore, InMemoryPublisher, InMemoryQueueStats
+from tests.fakes import InMemoryQueueStats, unit_deps
 from tests.functions_client import BASE, body, function
 
 QUEUES = ("jobs-high", "jobs", "job-events")
@@ -112,10 +112,7 @@ def world() -> Iterator[tuple[CannedStats, InMemoryQueueStats]]:
          "RETRY_AFTER_SECONDS": "4"}
     )  # fmt: skip
     deps.use(
-        deps.Deps(
-            settings=settings, jobs=InMemoryJobStore(), blobs=InMemoryBlobStore(), publisher=InMemoryPublisher(),
-            dead_letters=lambda: pytest.fail("no reconciler here"), stats=source, queue_stats=queues,
-        )
+        unit_deps(settings, stats=source, queue_stats=queues)
     )  # fmt: skip
     yield source, queues
     deps.use(None)
