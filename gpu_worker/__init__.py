@@ -1,11 +1,16 @@
-"""The GPU worker: ``python -m gpu_worker`` consumes the jobs queue with peek-lock and writes results.
+"""The GPU worker: ``python -m gpu_worker`` consumes the job queues with peek-lock and writes results.
 
 One concept per module:
 
-* ``consumer``    receive in batches -> dispatch -> settle (in one place, in a ``finally``)
-* ``settlement``  the pure retry/settlement decision (complete / abandon / dead-letter)
+* ``consumer``    receive one message -> claim -> run -> settle (in one place, in a ``finally``)
+* ``inbox``       which queue the next message comes from (``jobs-high`` first, ``jobs`` never starved)
+* ``settlement``  the pure retry/settlement decision (complete / abandon / dead-letter, stop a cancelled attempt)
+* ``attempt``     a claimed attempt's lease, time limit, loss and cancellation
+* ``progress``    the attempt's stage and fraction, throttled; every report is a checkpoint
 * ``handler``     one job: download the input, analyse, upload the outputs, store the result
-* ``deadletters`` marks failed the jobs whose messages the broker dead-lettered by itself
+* ``registry``    this worker's row in ``workers`` (host, device, job in hand)
+* ``breaker``     stops receiving while PostgreSQL or Blob Storage is down
+* ``locks``       which messages lost their lock
 * ``shutdown``    the SIGTERM/SIGINT drain with a grace period
 * ``heartbeat``   liveness file for the container's HEALTHCHECK (``python -m gpu_worker --healthcheck``)
 * ``analysis``    the analysis itself (torch; never touches Azure)

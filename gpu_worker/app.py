@@ -19,24 +19,33 @@ from gpu_worker.breaker import Breaker
 from gpu_worker.consumer import AttemptLimits, Consumer
 from gpu_worker.handler import Analyzer, JobHandler
 from gpu_worker.heartbeat import Heartbeat
+from gpu_worker.inbox import PriorityInbox
 from gpu_worker.locks import LostLocks
+from gpu_worker.registry import Presence
 from gpu_worker.settlement import RetryPolicy
 from gpu_worker.shutdown import Shutdown
 from shared.bus import JobPublisher, servicebus_client
 from shared.db import PostgresJobStore, open_pool
+from shared.events import open_notifier
 from shared.settings import Settings
 from shared.storage import BlobStore
 from shared.telemetry import configure_telemetry
+from shared.workers import WorkerRegistry
 
 logger = logging.getLogger("gpu_worker")
 
 
-def _load_analyzer(settings: Settings) -> Analyzer:
+def _load_analyzer(settings: Settings) -> tuple[Analyzer, str]:
+    """The torch analyzer, and its device as the ``workers`` row shows it (``cuda:0 (NVIDIA H100 ...)``, ``cpu``)."""
+    import torch
+
     from gpu_worker.analysis import Analyzer as TorchAnalyzer  # torch: only in the consumer, not the healthcheck
     from gpu_worker.analysis import select_device
 
     models_dir = Path(settings.models_dir) if settings.models_dir else None
-    return TorchAnalyzer(select_device(settings.worker_device), models_dir)
+    device = select_device(settings.worker_device)
+    name = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+    return TorchAnalyzer(device, models_dir), name
 
 
 def start_preemption_watch(shutdown: Shutdown, stop: threading.Event, **watcher: Any) -> threading.Thread:
@@ -54,7 +63,7 @@ def worker_id() -> str:
 def run(settings: Settings, *, analyzer: Analyzer | None = None, max_jobs: int | None = None) -> int:
     """Consume until drained; ``analyzer`` replaces the torch one (tests inject a slow or failing one)."""
     configure_telemetry(settings, role="gpu-worker")
-    analyzer = analyzer or _load_analyzer(settings)
+    analyzer, device = (analyzer, settings.worker_device) if analyzer else _load_analyzer(settings)
     shutdown = Shutdown(settings.worker_shutdown_grace)
     restore_signals = shutdown.install()
     stop_watchers = threading.Event()
@@ -72,10 +81,17 @@ def run(settings: Settings, *, analyzer: Analyzer | None = None, max_jobs: int |
         with (
             servicebus_client(settings) as client,
             renewer,
-            client.get_queue_receiver(settings.jobs_queue, auto_lock_renewer=renewer) as receiver,
+            client.get_queue_receiver(settings.jobs_high_queue, auto_lock_renewer=renewer) as high,
+            client.get_queue_receiver(settings.jobs_queue, auto_lock_renewer=renewer) as normal,
         ):
+            me = worker_id()
+            presence = Presence(
+                WorkerRegistry(pool), me, socket.gethostname(), device, interval=settings.worker_registry_interval
+            ).start()
             consumer = Consumer(
-                receiver,
+                PriorityInbox(
+                    normal, high, burst=settings.worker_high_priority_burst, wait=settings.worker_max_wait_time
+                ),
                 jobs,
                 JobHandler(jobs, store, analyzer),
                 # Its sender is closed with the client (JobPublisher.close would close the shared client).
@@ -86,14 +102,19 @@ def run(settings: Settings, *, analyzer: Analyzer | None = None, max_jobs: int |
                 Breaker(
                     {"postgres": jobs.ping, "storage": store.ping}, max_interval=settings.worker_probe_max_interval
                 ),
-                worker_id=worker_id(),
+                worker_id=me,
                 retry=RetryPolicy(settings.job_max_attempts, settings.retry_backoff, settings.retry_backoff_max),
                 limits=AttemptLimits(settings.job_lease, settings.job_timeout, settings.worker_shutdown_grace),
                 max_wait_time=settings.worker_max_wait_time,
+                notifier=open_notifier(pool, client, settings.job_events_queue, timeout=settings.bus_send_timeout),
+                presence=presence,
             )
-            logger.info("worker ready on queue %s", settings.jobs_queue, extra={"action": "ready"})
-            handled = consumer.run(max_jobs=max_jobs)
-            renewer.close(wait=False)  # before the receiver closes: no renewal may race the link's detach
+            logger.info("worker ready on queues %s", ", ".join(settings.job_queues), extra={"action": "ready"})
+            try:
+                handled = consumer.run(max_jobs=max_jobs)
+            finally:
+                presence.close()
+            renewer.close(wait=False)  # before the receivers close: no renewal may race the links' detach
         logger.info(
             "worker stopped after %d messages: %s",
             handled,

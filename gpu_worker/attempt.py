@@ -3,10 +3,13 @@
 :class:`AttemptGuard` is a context manager around the analysis. Its thread wakes every third of ``JOB_LEASE``:
 
 * it renews the lease (``renew_lease``, fenced by the attempt number). A renewal that moves nothing means another
-  claim took the job over (after this worker stalled past its lease) or it was cancelled: :meth:`check`, called by
-  the handler between stages, then raises :class:`~gpu_worker.settlement.AttemptLost`. A renewal that fails (the
-  database is down) is retried at the next tick; if the lease runs out meanwhile, another delivery may take over,
-  and this attempt's writes are refused from then on.
+  claim took the job over (after this worker stalled past its lease) or the job ended (the reconciler cancelled it):
+  :meth:`check`, called at every checkpoint (between stages, and at each progress report,
+  :mod:`gpu_worker.progress`), then raises :class:`~gpu_worker.settlement.AttemptLost`. A renewed job whose
+  cancellation was requested (``cancel_requested_at``) makes :meth:`check` raise
+  :class:`~gpu_worker.settlement.Cancelled`; a progress write tells the same (:meth:`observe`), more often. A renewal
+  that fails (the database is down) is retried at the next tick; if the lease runs out meanwhile, another delivery
+  may take over, and this attempt's writes are refused from then on.
 * past ``JOB_TIMEOUT`` it fails the attempt ``timed_out`` and interrupts the main thread with
   :class:`~gpu_worker.settlement.TimedOut` (:meth:`gpu_worker.shutdown.Shutdown.interrupt`, delivered between two
   bytecodes). A call that never returns to Python (a hung read, a GPU kernel) cannot be interrupted that way: if the
@@ -25,7 +28,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from types import TracebackType
 
-from gpu_worker.settlement import TIMED_OUT_CODE, AttemptLost, TimedOut
+from gpu_worker.settlement import TIMED_OUT_CODE, AttemptLost, Cancelled, TimedOut
 from shared.errors import CropAIError
 from shared.jobs import Job, JobStore
 
@@ -56,9 +59,11 @@ class AttemptGuard:
         self._exit_process = exit_process
         self._done = threading.Event()
         self.lost = threading.Event()
+        self.cancel_requested = threading.Event()
         self.timed_out = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"attempt-{job.job_id}", daemon=True)
         self._extra = {"job_id": str(job.job_id), "attempt": self.attempt}
+        self._timed_out_message = f"attempt {self.attempt} ran past the time limit of {self._timeout:g} s"
 
     def __enter__(self) -> AttemptGuard:
         self._started = time.monotonic()
@@ -70,9 +75,27 @@ class AttemptGuard:
         self._thread.join()
 
     def check(self) -> None:
-        """Between stages: stop if the attempt no longer holds the job."""
+        """At a checkpoint: stop if the time limit passed (the interruption may not have arrived yet), if a
+        cancellation was requested, or if the attempt no longer holds the job."""
+        if self.timed_out.is_set():
+            raise TimedOut(self._timed_out_message)
+        if self.cancel_requested.is_set():
+            raise Cancelled(f"attempt {self.attempt} of job {self.job_id} stopped: cancellation requested")
         if self.lost.is_set():
             raise AttemptLost(f"attempt {self.attempt} of job {self.job_id} no longer holds the job")
+
+    def observe(self, job: Job | None) -> None:
+        """What a fenced write of this attempt returned (a renewal, a progress report): ``None``, the attempt no
+        longer holds the job; a job whose cancellation was requested, the attempt is to stop."""
+        if job is None:
+            if not self.lost.is_set():
+                self.lost.set()
+                logger.warning("job %s: attempt %d no longer holds the job", self.job_id, self.attempt,
+                               extra={**self._extra, "action": "attempt_lost"})  # fmt: skip
+        elif job.cancel_requested_at is not None and not self.cancel_requested.is_set():
+            self.cancel_requested.set()
+            logger.info("job %s: cancellation requested; attempt %d stops at its next checkpoint", self.job_id,
+                        self.attempt, extra={**self._extra, "action": "cancel_seen"})  # fmt: skip
 
     def _run(self) -> None:
         tick = max(self._lease.total_seconds() / 3, 0.05)
@@ -92,17 +115,12 @@ class AttemptGuard:
             logger.warning("lease renewal failed: %s", e, exc_info=not isinstance(e, CropAIError),
                            extra={**self._extra, "action": "lease_renew_failed"})  # fmt: skip
             return False
-        if renewed is None and not self.lost.is_set():
-            self.lost.set()
-            logger.warning(
-                "job %s: attempt %d no longer holds the job", self.job_id, self.attempt,
-                extra={**self._extra, "action": "attempt_lost"},
-            )  # fmt: skip
+        self.observe(renewed)
         return True
 
     def _time_out(self) -> None:
+        message = self._timed_out_message
         self.timed_out.set()
-        message = f"attempt {self.attempt} ran past the time limit of {self._timeout:g} s"
         logger.error("job %s: %s; stopping it", self.job_id, message, extra={**self._extra, "action": "timed_out"})
         try:
             self._jobs.fail(self.job_id, self.attempt, TIMED_OUT_CODE, message)

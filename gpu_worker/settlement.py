@@ -8,6 +8,8 @@ outcome                                 claimed     message                     
 ======================================  ==========  ===========================================  ===================
 returned (succeeded, or nothing to do)  any         complete                                     (as left)
 :class:`AttemptLost` (taken over)       yes         complete                                     (another owns it)
+:class:`Cancelled` (cancel requested)   yes         complete                                     stop ``cancelled``
+any error, once a cancel was seen       yes         complete                                     stop ``cancelled``
 :class:`TimedOut` (time limit)          yes         dead-letter ``TimedOut``                     fail ``timed_out``
 PermanentError (InvalidImage, ...)      yes         dead-letter, reason = class                  fail ``error.code``
 PermanentError (InvalidMessage)         no          dead-letter, reason = class                  (the reconciler)
@@ -20,6 +22,11 @@ shutdown (:class:`Interrupted`)        yes         retry with no delay          
 shutdown                                no          abandon                                      (unchanged)
 SystemExit, KeyboardInterrupt (a bug)   any         as an unexpected error (charged), then re-raised
 ======================================  ==========  ===========================================  ===================
+
+A cancellation requested while the attempt runs (``request_cancel``) is seen at the attempt's next checkpoint, which
+raises :class:`Cancelled`; an attempt that fails or is interrupted after the request was seen is stopped too
+(``cancelling``): the client asked for the job to end, so it is neither retried nor failed. A time limit still fails
+the job.
 
 A retry never waits on the delivery count: the message is completed and a copy of the next generation is scheduled
 (``complete plus a scheduled copy``), so backoff costs time, not deliveries, and the attempt count
@@ -41,6 +48,7 @@ RETRIES_EXHAUSTED = "RetriesExhausted"
 RETRIES_EXHAUSTED_CODE = "retries_exhausted"
 TIMED_OUT = "TimedOut"
 TIMED_OUT_CODE = "timed_out"
+CANCELLED = "Cancelled"
 DESCRIPTION_LIMIT = 1024  # Service Bus keeps the description as a message property; stay well inside its limits
 
 
@@ -55,6 +63,10 @@ class TimedOut(Interrupted):
 
 class AttemptLost(Exception):  # a state, not an error of ours: another claim or a cancel took the job
     """The attempt no longer holds the job (its lease was taken over, or the job was cancelled)."""
+
+
+class Cancelled(Exception):  # a state too: the client asked for the job to end
+    """A cancellation of the running job was requested; the attempt stopped at a checkpoint."""
 
 
 class Action(enum.StrEnum):
@@ -72,6 +84,7 @@ class Decision:
     fail_code: str | None = None  # fail the claimed attempt with this code (and ``description``) before settling
     delay: timedelta | None = None  # RETRY: when the next generation is due
     drain: bool = False  # RETRY after a shutdown: the attempt is not charged against JOB_MAX_ATTEMPTS
+    stop: bool = False  # stop the claimed attempt of a job being cancelled (``cancelled``) before settling
     unexpected: bool = False  # not one of our errors: log with the stack
 
 
@@ -101,14 +114,24 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, ServiceBusError)
 
 
-def decide(error: BaseException | None, attempt: int | None, policy: RetryPolicy, *, outage: bool = False) -> Decision:
+def decide(
+    error: BaseException | None,
+    attempt: int | None,
+    policy: RetryPolicy,
+    *,
+    outage: bool = False,
+    cancelling: bool = False,
+) -> Decision:
     """Turn an outcome into a :class:`Decision`; ``attempt`` is how many attempts the claimed job has been charged
     (this one included; :attr:`shared.jobs.Job.charged`), ``None`` if unclaimed. ``outage``: the error is a backend
-    outage the breaker's probes confirm: the attempt is released uncharged, like a drain (it never exhausts)."""
+    outage the breaker's probes confirm: the attempt is released uncharged, like a drain (it never exhausts).
+    ``cancelling``: the attempt saw that a cancellation of its job was requested."""
     if error is None or isinstance(error, AttemptLost):
         return Decision(Action.COMPLETE, type(error).__name__ if error else None)
     if isinstance(error, TimedOut):
         return Decision(Action.DEAD_LETTER, TIMED_OUT, describe(error), fail_code=TIMED_OUT_CODE)
+    if attempt is not None and (cancelling or isinstance(error, Cancelled)):
+        return Decision(Action.COMPLETE, CANCELLED, describe(error), stop=True)
     if isinstance(error, Interrupted):  # a drain: not the job's fault, so not charged
         if attempt is None:
             return Decision(Action.ABANDON, "Shutdown", describe(error))

@@ -148,6 +148,17 @@ class BlobStore:
         return str(blob.url)
 
     @_translated
+    def delete_results(self, job_id: UUID, attempt: int) -> int:
+        """Delete the files of one attempt (``results/{job_id}/{attempt}/``: a cancelled run's); return how many."""
+        container = self._service.get_container_client(self.results_container)
+        deleted = 0
+        for blob in container.list_blobs(name_starts_with=f"{job_id}/{attempt}/"):
+            with contextlib.suppress(ResourceNotFoundError):  # deleted meanwhile: gone either way
+                container.delete_blob(blob.name)
+                deleted += 1
+        return deleted
+
+    @_translated
     def read_url(self, blob_url: str, ttl: timedelta) -> str:
         blob = BlobClient.from_blob_url(blob_url)
         if blob.account_name != self._service.account_name or not blob.account_name:

@@ -22,6 +22,7 @@ from gpu_worker.analysis.cloudmask import (
     upsample,
 )
 from gpu_worker.analysis.raster import SceneReader
+from gpu_worker.analysis.request import Progress, no_progress
 from shared.bands import SENTINEL2
 
 COARSE_WINDOW = 1024
@@ -38,14 +39,17 @@ class S2CloudMask:
 
     method = "s2cloudless"
 
-    def __init__(self, scene: SceneReader, detector: CloudDetector) -> None:
+    def __init__(self, scene: SceneReader, detector: CloudDetector, progress: Progress = no_progress) -> None:
         self.factor = coarse_factor(scene.pixel_size_m() or 10.0)
         grid = CoarseGrid(scene.height, scene.width, self.factor, scene.device)
         indices = scene.bands.native_names(SENTINEL2, MODEL_BANDS)
         size = self.factor * max(1, COARSE_WINDOW // self.factor)
-        for window in scene.windows(size):
+        windows = list(scene.windows(size))
+        for i, window in enumerate(windows):
+            progress("cloud_mask", i / (len(windows) + 1))  # the detector's run is the last part
             block = scene.read(window, indices)
             grid.add(int(window.row_off), int(window.col_off), block.values, block.valid)
+        progress("cloud_mask", len(windows) / (len(windows) + 1))
         reflectance, ok = grid.reflectance()
         self.probability, self.mask = detector.cloud_mask(reflectance, ok)
         self.resolution_m = (scene.pixel_size_m() or 10.0) * self.factor
@@ -90,14 +94,16 @@ class LandsatQaCloudMask:
 
     method = "landsat-qa"
 
-    def __init__(self, scene: SceneReader) -> None:
+    def __init__(self, scene: SceneReader, progress: Progress = no_progress) -> None:
         self.scene = scene
         if scene.bands.has("qa_pixel"):
             self.index, self.layout, self._rule = scene.bands.index("qa_pixel"), "collection-2 QA_PIXEL", _qa_pixel
         else:
             self.index = scene.bands.index("qa_bqa")
             seen = 0
-            for window in scene.windows(COARSE_WINDOW):
+            windows = list(scene.windows(COARSE_WINDOW))
+            for i, window in enumerate(windows):
+                progress("cloud_mask", i / len(windows))
                 seen |= int(np.bitwise_or.reduce(scene.read_raw(window, self.index), axis=None))
             pre = bool(seen & 0xE000)
             self.layout = "pre-collection BQA" if pre else "collection-1 BQA"
@@ -111,10 +117,11 @@ class LandsatQaCloudMask:
         return {"method": self.method, "layout": self.layout, "resolution_m": self.scene.pixel_size_m()}
 
 
-def cloud_source(scene: SceneReader, detector: CloudDetector) -> CloudSource | None:
-    """The best cloud mask the scene's bands allow, or None."""
+def cloud_source(scene: SceneReader, detector: CloudDetector, progress: Progress = no_progress) -> CloudSource | None:
+    """The best cloud mask the scene's bands allow, or None; ``progress`` hears of the ``cloud_mask`` stage when the
+    mask takes a pass over the scene."""
     if s2_cloud_bands_present(scene):
-        return S2CloudMask(scene, detector)
+        return S2CloudMask(scene, detector, progress)
     if scene.bands.sensor == "landsat-oli" and (scene.bands.has("qa_pixel") or scene.bands.has("qa_bqa")):
-        return LandsatQaCloudMask(scene)
+        return LandsatQaCloudMask(scene, progress)
     return None

@@ -3,7 +3,9 @@ outputs, window by window.
 
 Pass 1 (only when the bands allow a cloud mask) builds the coarse s2cloudless mask (:mod:`cloud_sources`). Pass 2
 reads ``window`` x ``window`` pixels of the bands in use, computes everything per pixel on the device, adds it to
-the :class:`SceneSummary` and writes the output rasters. Memory is bounded by the window size, not the scene: a
+the :class:`SceneSummary` and writes the output rasters. Progress (``AnalysisRequest.progress``): ``decode`` (the
+file opened, bands resolved), ``cloud_mask`` per pass-1 window, ``indices`` and ``cover`` per pass-2 window (both in
+the same window loop), ``outputs`` per COG and for the quicklook. Memory is bounded by the window size, not the scene: a
 full 10980 x 10980 Sentinel-2 tile streams through the same code (bench/analysis.py --full-tile measures it).
 Result keys are defined in :mod:`gpu_worker.analysis.summary`.
 """
@@ -24,7 +26,7 @@ from gpu_worker.analysis.cover import CAVEAT, FRACTIONS, FractionalCover, band_i
 from gpu_worker.analysis.indices import INDICES, compute
 from gpu_worker.analysis.outputs import COG_CONTENT_TYPE, PNG_CONTENT_TYPE, RasterSink
 from gpu_worker.analysis.raster import SceneReader, gdal_errors_as_invalid_image
-from gpu_worker.analysis.request import AnalysisOutput, AnalysisRequest
+from gpu_worker.analysis.request import AnalysisOutput, AnalysisRequest, Progress
 from gpu_worker.analysis.summary import SceneSummary
 
 log = logging.getLogger(__name__)
@@ -46,14 +48,17 @@ class CropHealth:
         self.model_version = f"{VERSION}; {cloudmask.VERSION}; {FractionalCover.VERSION}"
 
     def run(self, image_path: Path, request: AnalysisRequest, workdir: Path) -> AnalysisOutput:
+        progress = request.progress
+        progress("decode", 0.0)
         with SceneReader(image_path, request.bands, request.scale, self.device) as scene:
-            clouds = cloud_source(scene, self.detector)
-            result, files = self._pass(scene, clouds, workdir)
+            clouds = cloud_source(scene, self.detector, progress)
+            result, files = self._pass(scene, clouds, workdir, progress)
             result = {"analysis": "crop-health", "scene": scene.describe(), **result}
         result["cloud_mask"] = clouds.describe() if clouds else None
         result["cover_note"] = CAVEAT if result["cover"] is not None else None
         result["model_version"] = self.model_version
         cloud_cog = files["cloud_mask_cog"][0] if "cloud_mask_cog" in files else None
+        progress("outputs", len(files) / (len(files) + 1))
         with gdal_errors_as_invalid_image("cannot render the quicklook"):
             png = quicklook.render(files["ndvi_cog"][0], workdir / "quicklook.png", cloud_cog)
         files["quicklook_png"] = (png, PNG_CONTENT_TYPE)
@@ -61,7 +66,7 @@ class CropHealth:
         return AnalysisOutput(result=result, files=files)
 
     def _pass(
-        self, scene: SceneReader, clouds: CloudSource | None, workdir: Path
+        self, scene: SceneReader, clouds: CloudSource | None, workdir: Path, progress: Progress
     ) -> tuple[dict[str, Any], dict[str, tuple[Path, str]]]:
         specs = [s for s in INDICES if scene.bands.has(*s.roles)]
         cover_indices = band_indices(scene.bands)
@@ -70,8 +75,11 @@ class CropHealth:
         position = {file_index: j for j, file_index in enumerate(read)}
         summary = SceneSummary(specs, clouds is not None, self.device)
         sinks = self._sinks(scene, workdir, clouds is not None, cover_indices is not None)
+        windows = list(scene.windows(self.window))
+        files: dict[str, tuple[Path, str]] = {}
         try:
-            for window in scene.windows(self.window):
+            for i, window in enumerate(windows):
+                progress("indices", i / len(windows))
                 block = scene.read(window, read)
                 bands = {r: block.values[position[scene.bands.index(r)]] for r in roles}
                 valid = {r: block.valid[position[scene.bands.index(r)]] for r in roles}
@@ -85,13 +93,17 @@ class CropHealth:
                     mask = torch.where(base, cloud.to(torch.uint8), MASK_NODATA).to(torch.uint8)
                     sinks["cloud_mask_cog"].write(window, mask.cpu().numpy())
                 if cover_indices is not None:
-                    self._cover(window, block.values, block.valid, [position[i] for i in cover_indices], land,
+                    progress("cover", i / len(windows))
+                    self._cover(window, block.values, block.valid, [position[c] for c in cover_indices], land,
                                 summary, sinks["cover_cog"])  # fmt: skip
+            for k, (key, sink) in enumerate(sinks.items()):  # the COG copies: GDAL work, seconds on a full tile
+                progress("outputs", k / (len(sinks) + 1))
+                files[key] = (sink.finish(), COG_CONTENT_TYPE)
         except BaseException:
-            for sink in sinks.values():
-                sink.discard()
+            for key, sink in sinks.items():
+                if key not in files:
+                    sink.discard()
             raise
-        files = {key: (sink.finish(), COG_CONTENT_TYPE) for key, sink in sinks.items()}
         pixels = scene.width * scene.height
         return summary.result(pixels, scene.bands.has("green"), cover_indices is not None), files
 

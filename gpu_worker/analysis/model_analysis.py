@@ -2,7 +2,8 @@
 
 Classes (per pixel or per patch) give a ``class_histogram`` (fraction of valid pixels per class) and a
 ``class_map_cog`` (uint8 class ids, 255 = no data); a regression gives ``means`` and a ``model_output_cog``
-(float32, one band per output, NaN = no data). Both COGs are on the input's grid.
+(float32, one band per output, NaN = no data). Both COGs are on the input's grid. Progress: ``decode``, then the
+model's tiles as ``cover`` (what a model maps is a cover of the scene, classes or values), then ``outputs``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class ModelAnalysis:
         model = self.registry.get(name)  # UnknownAnalysis before the image is even opened
         m = model.manifest
         classes = m.output_kind != "regression"
+        progress = request.progress
+        progress("decode", 0.0)
         with SceneReader(image_path, request.bands, request.scale, self.registry.device, required=()) as scene:
             indices = model.band_indices(scene.bands)
 
@@ -47,9 +50,13 @@ class ModelAnalysis:
             )
             with sink:
                 run = model.tiled(read_window, scene.width, scene.height)
+                done, pixels = 0, scene.width * scene.height
                 for window, values in run:
+                    progress("cover", done / pixels)  # a model's map is a cover of the scene
                     sink.write(window, values)
-            path = sink.finish()
+                    done += window.width * window.height
+                progress("outputs", 0.0)
+                path = sink.finish()
             result: dict[str, Any] = {
                 "analysis": request.analysis,
                 "scene": scene.describe(),

@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+Progress = Callable[[str, float], None]
+
+
+def no_progress(stage: str, fraction: float) -> None:
+    """The default :attr:`AnalysisRequest.progress`: nobody tracks this run."""
 
 
 @dataclass(frozen=True)
 class AnalysisRequest:
     """``analysis`` is ``"crop-health"`` or ``"model:<name>"``; ``bands`` are the file's band names in order
-    (empty: use the file's band descriptions); reflectance = DN / ``scale``."""
+    (empty: use the file's band descriptions); reflectance = DN / ``scale``.
+
+    ``progress(stage, fraction)`` is called as the run goes: each stage as it starts (``decode``, ``cloud_mask``,
+    ``indices``, ``cover``, ``outputs``; a stage the scene does not need is skipped) and per window within the long
+    ones. It is the worker's checkpoint (:mod:`gpu_worker.progress`): it may raise to stop the run (a cancellation),
+    and the analysis lets that through, cleaning up after itself."""
 
     analysis: str
     bands: list[str]
     scale: float
+    progress: Progress = field(default=no_progress, compare=False, repr=False)
 
 
 @dataclass

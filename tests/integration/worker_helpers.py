@@ -26,7 +26,7 @@ from psycopg_pool import ConnectionPool
 from gpu_worker.analysis import AnalysisOutput, AnalysisRequest
 from shared.bus import DeadLetterInbox, JobPublisher, job_message
 from shared.db import PostgresJobStore, open_pool
-from shared.jobs import Job
+from shared.jobs import Callback, Job, Priority
 from shared.messages import JobMessage
 from shared.migrate import migrate
 from shared.reconciler import Policy, Reconciler
@@ -40,23 +40,32 @@ RGBN = ["B02", "B03", "B04", "B08"]
 
 
 class SlowAnalyzer:
-    """Sleeps (the GIL is free meanwhile, as in torch's kernels), then returns a small result. ``stubborn``: a call
-    that swallows every interruption (as a call that never returns to Python would)."""
+    """Sleeps (the GIL is free meanwhile, as in torch's kernels), then returns a small result, reporting its progress
+    as the real analysis does per window: ``decode``, then ``indices`` every ``tick`` seconds (each report is a
+    checkpoint: a cancellation stops it there). ``stubborn``: a call that swallows every interruption and reports
+    nothing while it runs (as a call that never returns to Python would)."""
 
-    def __init__(self, seconds: float, *, stubborn: bool = False) -> None:
+    def __init__(self, seconds: float, *, stubborn: bool = False, tick: float = 0.05) -> None:
         self.seconds = seconds
         self.stubborn = stubborn
+        self.tick = tick
         self.calls = 0
+        self.finished = 0
 
     def analyse(self, image_path: Path, request: AnalysisRequest, workdir: Path) -> AnalysisOutput:
         self.calls += 1
-        deadline = time.monotonic() + self.seconds
-        while time.monotonic() < deadline:
+        request.progress("decode", 0.0)
+        started = time.monotonic()
+        deadline = started + self.seconds
+        while (now := time.monotonic()) < deadline:
+            if not self.stubborn:
+                request.progress("indices", (now - started) / self.seconds)
             try:
-                time.sleep(max(deadline - time.monotonic(), 0))
+                time.sleep(min(self.tick, max(deadline - time.monotonic(), 0)))
             except BaseException:
                 if not self.stubborn:
                     raise
+        self.finished += 1
         return AnalysisOutput(result={"analysis": request.analysis, "slept": self.seconds})
 
 
@@ -82,7 +91,14 @@ class WorkerStack:
     def settings(self, **overrides: str) -> Settings:
         return Settings.from_env({**self.env, **overrides})
 
-    def create_job(self, data: bytes | None = None, *, bands: list[str] | None = None) -> JobMessage:
+    def create_job(
+        self,
+        data: bytes | None = None,
+        *,
+        bands: list[str] | None = None,
+        priority: Priority = "normal",
+        callback: Callback | None = None,
+    ) -> JobMessage:
         """A queued job whose input blob holds ``data`` (no blob when ``None``); the message is not sent."""
         job_id = uuid4()
         payload = data if data is not None else FIELDS.read_bytes()
@@ -92,15 +108,17 @@ class WorkerStack:
             blob = self.store.put_input(job_id, data, sha256)
         params = {"bands": bands or RGBN, "scale": 10000.0, "analysis": "crop-health"}
         job, _ = self.jobs.create(
-            job_id=job_id, input_blob=blob, input_sha256=sha256, params=params, idempotency_key=None
-        )
+            job_id=job_id, input_blob=blob, input_sha256=sha256, params=params, idempotency_key=None,
+            priority=priority, callback=callback,
+        )  # fmt: skip
         return JobMessage.for_job(job)
 
     def send(self, message: JobMessage | ServiceBusMessage, *, ttl: timedelta | None = None) -> None:
         sb_message = job_message(message) if isinstance(message, JobMessage) else message
         if ttl is not None:
             sb_message.time_to_live = ttl
-        with self.client.get_queue_sender(self.queue_name) as sender:
+        queue = self.queues[message.priority] if isinstance(message, JobMessage) else self.queue_name
+        with self.client.get_queue_sender(queue) as sender:
             sender.send_messages(sb_message)
 
     def submit(self, data: bytes | None = None, **kwargs: Any) -> UUID:

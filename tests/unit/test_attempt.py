@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -9,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from gpu_worker.attempt import EXIT_TIMED_OUT, AttemptGuard
-from gpu_worker.settlement import AttemptLost, TimedOut
+from gpu_worker.settlement import AttemptLost, Cancelled, TimedOut
 from gpu_worker.shutdown import Shutdown
 from shared.errors import DatabaseUnavailable
 from shared.jobs import Job, JobStatus
@@ -96,12 +97,43 @@ def test_a_take_over_is_noticed_and_check_raises(jobs: InMemoryJobStore, caplog:
     assert [getattr(r, "action", None) for r in caplog.records].count("attempt_lost") == 1
 
 
-def test_a_cancelled_job_is_lost_too(jobs: InMemoryJobStore, running: Job) -> None:
+def test_a_cancellation_request_is_seen_by_the_renewal_and_check_raises_cancelled(
+    jobs: InMemoryJobStore, running: Job, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Cancelling a running job is a request (``request_cancel``): the attempt still holds the job and renews its
+    lease, and learns from the renewed row that it is to stop at its next checkpoint."""
+    caplog.set_level(logging.INFO)
     with guard(jobs, running) as g:
-        assert jobs.cancel(running.job_id) is not None
+        g.check()
+        assert jobs.request_cancel(running.job_id) is not None
+        assert g.cancel_requested.wait(WAIT)
+        with pytest.raises(Cancelled, match="cancellation requested"):
+            g.check()
+        assert not g.lost.is_set()
+    assert current(jobs, running).status is JobStatus.RUNNING  # stopping is the settlement's (``stop``)
+    assert [getattr(r, "action", None) for r in caplog.records].count("cancel_seen") == 1
+
+
+def test_a_job_the_reconciler_cancelled_is_lost(jobs: InMemoryJobStore) -> None:
+    """A job being cancelled whose attempt let its lease run out is ended by the reconciler (``cancel_expired``):
+    the attempt's renewals are refused from then on, so it no longer holds the job."""
+    stalled = claimed(jobs, new_job(jobs), lease=GONE)
+    assert jobs.request_cancel(stalled.job_id) is not None
+    assert jobs.cancel_expired(stalled.job_id) is not None
+    with guard(jobs, stalled) as g:
         assert g.lost.wait(WAIT)
         with pytest.raises(AttemptLost):
             g.check()
+    assert current(jobs, stalled).status is JobStatus.CANCELLED
+
+
+def test_observe_takes_what_a_fenced_write_returned(jobs: InMemoryJobStore, running: Job) -> None:
+    g = guard(jobs, running)
+    g.observe(running)
+    g.check()
+    g.observe(None)
+    with pytest.raises(AttemptLost):
+        g.check()
 
 
 def test_a_failed_renewal_is_tolerated_and_retried(
@@ -129,6 +161,8 @@ def test_the_time_limit_fails_the_job_and_interrupts_it(jobs: InMemoryJobStore, 
     assert isinstance(error, TimedOut)
     assert "time limit" in str(error)
     assert g.timed_out.is_set()
+    with pytest.raises(TimedOut):  # a checkpoint reached before the interruption arrives stops it the same way
+        g.check()
     failed = current(jobs, running)
     assert (failed.status, failed.error_code, failed.attempts) == (JobStatus.FAILED, "timed_out", 1)
     assert exit_process.calls == []

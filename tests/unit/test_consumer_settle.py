@@ -7,19 +7,21 @@ the integration tier's (tests/integration).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
+from uuid import UUID
 
 import pytest
 from azure.servicebus import ServiceBusReceivedMessage, ServiceBusReceiver
 
 from gpu_worker.breaker import Breaker
 from gpu_worker.consumer import AttemptLimits, Consumer
-from gpu_worker.handler import Checkpoint, JobHandler, Outcome
+from gpu_worker.handler import Checkpoint, JobHandler, Outcome, Reporter
 from gpu_worker.heartbeat import Heartbeat
 from gpu_worker.locks import LostLocks
-from gpu_worker.settlement import Action, AttemptLost, Interrupted, RetryPolicy
+from gpu_worker.settlement import Action, AttemptLost, Cancelled, Interrupted, RetryPolicy
 from gpu_worker.shutdown import Shutdown
 from shared.errors import BusUnavailable, CropAIError, DatabaseUnavailable, InvalidImage, StorageUnavailable
 from shared.jobs import Job, JobStatus
@@ -71,14 +73,31 @@ class Handler(JobHandler):
         self._jobs_store = jobs
         self.error = error
         self.runs: list[int] = []
+        self.before: Callable[[Job, Reporter | None], object] | None = None  # inside the attempt, before its outcome
 
-    def run(self, job: Job, checkpoint: Checkpoint) -> Outcome:
+    def run(self, job: Job, checkpoint: Checkpoint, progress: Reporter | None = None) -> Outcome:
         self.runs.append(job.attempts)
         checkpoint.check()
+        if progress is not None:
+            progress.report("download")
+        if self.before is not None:
+            self.before(job, progress)
         if self.error is not None:
             raise self.error
         assert self._jobs_store.succeed(job.job_id, job.attempts, {"attempt": job.attempts}) is not None
         return Outcome.SUCCEEDED
+
+
+class Notifier:
+    """Records the jobs whose events the consumer handed on, with the job's status at that moment."""
+
+    def __init__(self, jobs: InMemoryJobStore) -> None:
+        self.jobs = jobs
+        self.flushed: list[tuple[UUID, str]] = []
+
+    def flush(self, job_id: UUID) -> None:
+        job = self.jobs.get(job_id)
+        self.flushed.append((job_id, job.status.value if job else "?"))
 
 
 class World:
@@ -87,6 +106,7 @@ class World:
         self.publisher = InMemoryPublisher()
         self.receiver = Receiver()
         self.handler = Handler(self.jobs)
+        self.notifier = Notifier(self.jobs)
         self.breaker = Breaker({}, max_interval=1, open_because=None)
         self.consumer = Consumer(
             cast(ServiceBusReceiver, self.receiver),
@@ -101,10 +121,11 @@ class World:
             retry=RETRY,
             limits=AttemptLimits(lease=timedelta(minutes=5), timeout=timedelta(minutes=10), hard_exit_after=5),
             max_wait_time=0.1,
+            notifier=self.notifier,
         )
 
     def process(self, message: Message) -> None:
-        self.consumer._process(cast(ServiceBusReceivedMessage, message))
+        self.consumer._process(cast(ServiceBusReceivedMessage, message), cast(ServiceBusReceiver, self.receiver))
 
     def deliver(self, job: Job, **kwargs: Any) -> Message:
         message = JobMessage.for_job(job)
@@ -347,3 +368,115 @@ def test_a_database_outage_at_the_failure_write_waits_for_the_database_then_dead
     assert jobs.fail_calls == 2
     assert (world.job(job).status, world.job(job).error_code) == (JobStatus.FAILED, "invalid_image")
     assert world.receiver.settled == [("dead_letter", f"{job.job_id}:1", "InvalidImage")]  # no delivery spent
+
+
+def test_the_claim_and_the_settlement_hand_the_job_events_on(world: World) -> None:
+    job = new_job(world.jobs)
+    world.deliver(job)
+    # the claim (job.started), the first report of a stage (job.progress), the succeed (job.succeeded)
+    assert world.notifier.flushed == [(job.job_id, "running")] * 2 + [(job.job_id, "succeeded")]
+
+
+def _cancel(world: World, *, seen: bool) -> Callable[[Job, Reporter | None], object]:
+    """A cancellation requested through the API while the attempt runs; ``seen``: a progress report saw it."""
+
+    def cancel(job: Job, progress: Reporter | None) -> None:
+        assert world.jobs.request_cancel(job.job_id) is not None
+        if seen and progress is not None:
+            cast(Any, progress)._interval = 0  # the next report is written, and returns the cancelled row
+            progress.report("decode")
+
+    return cancel
+
+
+def test_a_cancelled_attempt_is_stopped_and_its_message_completed(world: World) -> None:
+    job = new_job(world.jobs)
+    world.handler.before = _cancel(world, seen=True)
+    world.handler.error = AssertionError("not reached: the report raised Cancelled")
+    world.deliver(job)
+    now = world.job(job)
+    assert (now.status, now.attempts, now.result, now.error_code) == (JobStatus.CANCELLED, 1, None, None)
+    assert now.finished_at is not None
+    assert world.receiver.settled == [("complete", f"{job.job_id}:1", None)]
+    assert world.publisher.sent == []
+    assert world.notifier.flushed[-1] == (job.job_id, "cancelled")
+    assert world.consumer.settled[Action.COMPLETE] == 1
+
+
+@pytest.mark.parametrize(
+    "error",
+    [StorageUnavailable("throttled"), InvalidImage("band 4 is empty"), Interrupted("grace over")],
+    ids=["transient", "permanent", "shutdown"],
+)
+@pytest.mark.parametrize("seen", [True, False], ids=["cancel-seen", "cancel-unseen"])
+def test_an_attempt_that_fails_while_its_job_is_being_cancelled_is_stopped(
+    world: World, error: BaseException, seen: bool
+) -> None:
+    """Seen: the decision stops it. Unseen, a retry's release is refused for a job being cancelled, and the job re-read
+    says so; a permanent error unseen still fails the job (``fail`` is not refused)."""
+    job = new_job(world.jobs)
+    if seen:
+        world.handler.before = _cancel_then_raise(world, error)
+    else:
+        world.handler.before = _cancel(world, seen=False)
+        world.handler.error = error
+    world.deliver(job)
+    now = world.job(job)
+    expected = JobStatus.FAILED if isinstance(error, InvalidImage) and not seen else JobStatus.CANCELLED
+    assert now.status is expected
+    assert world.publisher.sent == []  # never retried
+    assert [action for action, _, _ in world.receiver.settled] == (
+        ["dead_letter"] if expected is JobStatus.FAILED else ["complete"]
+    )
+
+
+def _cancel_then_raise(world: World, error: BaseException) -> Callable[[Job, Reporter | None], object]:
+    """The guard sees the cancellation (a renewal or a report did), then the attempt fails before a checkpoint."""
+
+    def run(job: Job, progress: Reporter | None) -> None:
+        assert world.jobs.request_cancel(job.job_id) is not None
+        guard = cast(Any, progress)._guard
+        guard.observe(world.jobs.get(job.job_id))
+        raise error
+
+    return run
+
+
+class StopDownOnce(InMemoryJobStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stop_calls = 0
+
+    def stop(self, job_id: UUID, attempt: int) -> Job | None:
+        self.stop_calls += 1
+        if self.stop_calls == 1:
+            raise DatabaseUnavailable("connection refused")
+        return super().stop(job_id, attempt)
+
+
+def test_a_database_outage_at_the_stop_waits_for_the_database_then_completes(world: World) -> None:
+    jobs = StopDownOnce()
+    world.jobs = world.consumer._jobs = world.handler._jobs_store = world.notifier.jobs = jobs
+    world.breaker._probes = {"postgres": lambda: None}
+    job = new_job(jobs)
+    world.handler.before = _cancel(world, seen=True)
+    world.deliver(job)
+    assert jobs.stop_calls == 2
+    assert world.job(job).status is JobStatus.CANCELLED
+    assert world.receiver.settled == [("complete", f"{job.job_id}:1", None)]
+
+
+def test_a_cancelled_attempt_whose_job_the_reconciler_ended_completes(world: World) -> None:
+    job = new_job(world.jobs)
+
+    def stalled_past_its_lease(job: Job, progress: Reporter | None) -> None:
+        assert world.jobs.request_cancel(job.job_id) is not None
+        expired = world.job(job).model_copy(update={"lease_until": datetime.now(UTC) - timedelta(seconds=1)})
+        world.jobs._jobs[job.job_id] = expired
+        assert world.jobs.cancel_expired(job.job_id) is not None  # the reconciler
+        raise Cancelled("seen at a checkpoint")
+
+    world.handler.before = stalled_past_its_lease
+    world.deliver(job)
+    assert world.job(job).status is JobStatus.CANCELLED  # by the reconciler; the stop was refused
+    assert world.receiver.settled == [("complete", f"{job.job_id}:1", None)]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from uuid import UUID
 
@@ -10,12 +12,14 @@ import pytest
 import torch
 
 from gpu_worker.analysis import AnalysisOutput, AnalysisRequest, Analyzer
+from gpu_worker.attempt import AttemptGuard
 from gpu_worker.handler import JobHandler, Outcome
-from gpu_worker.settlement import AttemptLost
+from gpu_worker.progress import STAGES, Progress
+from gpu_worker.settlement import AttemptLost, Cancelled
 from shared.errors import CropAIError, InputMissing, InvalidImage, StorageUnavailable
 from shared.jobs import Job, JobStatus
 from tests.fakes import InMemoryJobStore
-from tests.jobs import GONE, PARAMS, claimed, new_job
+from tests.jobs import GONE, LEASE, PARAMS, claimed, new_job
 
 DATA = Path(__file__).parents[1] / "data"
 FIELDS = DATA / "s2_rgbn_fields_128.tif"
@@ -28,7 +32,9 @@ class MemoryStore:
         self.inputs: dict[str, bytes] = {}
         self.results: dict[str, tuple[bytes, str]] = {}
         self.put_calls: list[tuple[UUID, int, str]] = []
+        self.deleted: list[tuple[UUID, int]] = []
         self.failure: CropAIError | None = None
+        self.after_put: Callable[[int], object] | None = None  # called with the number of files put so far
 
     def download_input(self, blob_name: str, path: Path) -> None:
         if self.failure is not None:
@@ -41,27 +47,46 @@ class MemoryStore:
         self.put_calls.append((job_id, attempt, name))
         url = f"memory://account/results/{job_id}/{attempt}/{name}"
         self.results[url] = (path.read_bytes(), content_type)
+        if self.after_put is not None:
+            self.after_put(len(self.put_calls))
         return url
+
+    def delete_results(self, job_id: UUID, attempt: int) -> int:
+        self.deleted.append((job_id, attempt))
+        prefix = f"memory://account/results/{job_id}/{attempt}/"
+        gone = [url for url in self.results if url.startswith(prefix)]
+        for url in gone:
+            del self.results[url]
+        return len(gone)
 
 
 class StandInAnalyzer:
-    """Same interface as :class:`gpu_worker.analysis.Analyzer`; writes one output file and counts its calls."""
+    """Same interface as :class:`gpu_worker.analysis.Analyzer`; writes ``files`` output files (one by default),
+    counts its calls, and runs ``at_end`` (if any) as its last step, after its last progress report."""
 
-    def __init__(self) -> None:
+    def __init__(self, files: int = 1) -> None:
         self.calls = 0
+        self.files = files
+        self.at_end: Callable[[], object] | None = None
 
     def analyse(self, image_path: Path, request: AnalysisRequest, workdir: Path) -> AnalysisOutput:
         self.calls += 1
+        request.progress("decode", 0.0)
         quicklook = workdir / "quicklook.png"
         quicklook.write_bytes(b"\x89PNG stand-in")
-        return AnalysisOutput(
-            result={"analysis": request.analysis, "bytes": image_path.stat().st_size},
-            files={"quicklook_png": (quicklook, "image/png")},
-        )
+        files = {"quicklook_png": (quicklook, "image/png")}
+        for i in range(1, self.files):
+            extra = workdir / f"extra{i}.tif"
+            extra.write_bytes(b"II*\x00 stand-in")
+            files[f"extra{i}"] = (extra, "image/tiff")
+        if self.at_end is not None:
+            self.at_end()
+        return AnalysisOutput(result={"analysis": request.analysis, "bytes": image_path.stat().st_size}, files=files)
 
 
 class Checkpoint:
-    """Counts the handler's checks; raises :class:`AttemptLost` at the ``lose_at``-th."""
+    """Counts the handler's checks (a report without a reporter is one too); raises :class:`AttemptLost` at the
+    ``lose_at``-th."""
 
     def __init__(self, lose_at: int | None = None) -> None:
         self.checks = 0
@@ -128,10 +153,14 @@ def test_outputs_are_uploaded_under_the_attempt_and_the_result_names_it(
         "attempt": 2,
         "outputs": {"quicklook_png": url},
     }
-    assert checkpoint.checks == 2  # before the analysis and before the upload
+    assert checkpoint.checks == 5  # the download, before the analysis, its decode, the upload, before the upload
 
 
-@pytest.mark.parametrize(("lose_at", "analysed"), [(1, 0), (2, 1)], ids=["before-the-analysis", "before-the-upload"])
+@pytest.mark.parametrize(
+    ("lose_at", "analysed"),
+    [(1, 0), (2, 0), (4, 1)],
+    ids=["before-the-download", "before-the-analysis", "before-the-upload"],
+)
 def test_a_lost_attempt_stops_before_uploading_anything(
     jobs: InMemoryJobStore, store: MemoryStore, lose_at: int, analysed: int
 ) -> None:
@@ -233,3 +262,95 @@ def test_the_work_directory_is_removed_after_success_and_failure(
     with pytest.raises(AttemptLost):
         handler.run(running_job(jobs, store, FIELDS.read_bytes()), Checkpoint(lose_at=2))
     assert list(tmp_path.iterdir()) == []
+
+
+class Stages:
+    """A reporter that records each report (and checks like the real one)."""
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.checkpoint = checkpoint
+        self.reports: list[tuple[str, float]] = []
+
+    def report(self, stage: str, fraction: float = 0.0) -> None:
+        self.reports.append((stage, fraction))
+        self.checkpoint.check()
+
+    def first_seen(self) -> list[str]:
+        return list(dict.fromkeys(stage for stage, _ in self.reports))
+
+
+def test_a_real_analysis_reports_every_stage_in_order_and_fractions_within(
+    jobs: InMemoryJobStore, store: MemoryStore
+) -> None:
+    """The 13-band Sentinel-2 crop needs every stage: its cloud mask (s2cloudless) and fractional cover (SWIR)."""
+    data = (DATA / "s2_l1c_fields_256.tif").read_bytes()
+    job = new_job(jobs, data, params={**PARAMS, "bands": []})
+    store.inputs[job.input_blob] = data
+    job = claimed(jobs, job)
+    reporter = Stages(Checkpoint())
+    analyzer = Analyzer(torch.device("cpu"))
+    analyzer._crop_health.window = 128  # four windows: fractions within the windowed stages
+    assert JobHandler(jobs, store, analyzer).run(job, Checkpoint(), reporter) is Outcome.SUCCEEDED
+    assert reporter.first_seen() == list(STAGES)
+    assert ("indices", 0.75) in reporter.reports
+    assert ("cover", 0.75) in reporter.reports
+    assert all(0.0 <= fraction < 1.0 for _, fraction in reporter.reports)
+    assert len(reporter.reports) < 40  # per window and per file, not per pixel
+
+
+def attempt(jobs: InMemoryJobStore, job: Job, *, interval: float = 1.0) -> tuple[AttemptGuard, Progress]:
+    """The consumer's pair for a claimed ``job``: its guard (not started: no lease thread) and its reporter."""
+    guard = AttemptGuard(
+        jobs, job, lease=LEASE, timeout=timedelta(minutes=5), interrupt=lambda e: None, hard_exit_after=1
+    )
+    return guard, Progress(jobs, guard, None, interval=interval)
+
+
+def test_a_cancel_requested_before_the_upload_publishes_nothing(jobs: InMemoryJobStore, store: MemoryStore) -> None:
+    """The cancel lands after the analysis' last checkpoint: the upload stage's first report is written at once and
+    sees it, so not a file is uploaded."""
+    job = running_job(jobs, store, FIELDS.read_bytes())
+    analyzer = StandInAnalyzer(files=3)
+    analyzer.at_end = lambda: jobs.request_cancel(job.job_id)
+    guard, progress = attempt(jobs, job)
+    with pytest.raises(Cancelled):
+        JobHandler(jobs, store, analyzer).run(job, guard, progress)
+    assert (store.put_calls, store.deleted) == ([], [])
+    now = jobs.get(job.job_id)
+    assert now is not None
+    assert (now.status, now.result, now.progress and now.progress["stage"]) == (JobStatus.RUNNING, None, "upload")
+
+
+@pytest.mark.parametrize(
+    ("interval", "uploaded"),
+    [(0.0, 1), (1.0, 3)],
+    ids=["seen-at-the-next-file", "after-the-last-checkpoint-succeed-refused"],
+)
+def test_a_cancel_during_the_upload_deletes_what_was_uploaded_and_stores_no_result(
+    jobs: InMemoryJobStore, store: MemoryStore, interval: float, uploaded: int
+) -> None:
+    """With writes due at every report the next file's report sees the cancel; throttled, none does, and the
+    cancel races the success: ``succeed`` is refused, the job re-read says cancelled, so the run is Cancelled."""
+    job = running_job(jobs, store, FIELDS.read_bytes())
+    store.after_put = lambda n: n == 1 and jobs.request_cancel(job.job_id)
+    guard, progress = attempt(jobs, job, interval=interval)
+    with pytest.raises(Cancelled):
+        JobHandler(jobs, store, StandInAnalyzer(files=3)).run(job, guard, progress)
+    assert len(store.put_calls) == uploaded
+    assert store.deleted == [(job.job_id, 1)]
+    assert store.results == {}
+    now = jobs.get(job.job_id)
+    assert now is not None
+    assert (now.status, now.result) == (JobStatus.RUNNING, None)  # stopping it is the consumer's
+
+
+def test_a_refused_succeed_of_a_taken_over_attempt_is_not_a_cancel(jobs: InMemoryJobStore, store: MemoryStore) -> None:
+    data = FIELDS.read_bytes()
+    job = new_job(jobs, data)
+    store.inputs[job.input_blob] = data
+    loser = claimed(jobs, job, lease=GONE)
+    winner = claimed(jobs, loser, worker="w2")
+    assert jobs.request_cancel(winner.job_id) is not None  # the winner's to stop, not the loser's
+    with pytest.raises(AttemptLost):
+        JobHandler(jobs, store, StandInAnalyzer()).run(loser, Checkpoint())
+    assert store.deleted == []  # a loser's files stay under its own prefix, as ever

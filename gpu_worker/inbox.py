@@ -1,0 +1,114 @@
+"""Where the next message comes from: the high-priority queue first, without starving the normal one.
+
+Service Bus has no per-message priority, so priorities are two queues (the Priority Queue pattern): ``jobs-high``
+and ``jobs``, one receiver each on the worker's one client, both under its ``AutoLockRenewer``. Each
+:meth:`PriorityInbox.receive` returns at most one message (see :mod:`gpu_worker.consumer`), with the receiver that
+must settle it:
+
+* ``jobs-high`` is asked first, then ``jobs``. While there is work, each ask waits only ``QUICK`` (a queue that holds
+  a message answers within a round trip); once a round found both empty, each waits ``wait`` (at most
+  ``IDLE_WAIT``, 0.5 s) in turn, so an idle worker picks up a high-priority job within about that long and asks the
+  broker about twice a second.
+* After ``burst`` high-priority messages in a row (``WORKER_HIGH_PRIORITY_BURST``), ``jobs`` is asked once
+  (``QUICK``) before ``jobs-high`` again: under a steady high-priority stream a waiting normal job still runs every
+  ``burst + 1`` jobs.
+
+A receive that times out leaves its link's credit with the broker (the SDK grants one message of credit per receive
+and keeps what was not used; Azure/azure-sdk-for-python#35591). The broker would then lock the next message of that
+queue into this worker's buffer while it runs a job from the other queue, where no other worker can take it until
+its lock runs out. So after an empty receive the credit is taken back (:func:`_revoke_credit`). A message that
+arrives anyway, and whose lock ran out while it waited in the buffer, is skipped: the broker has redelivered it.
+After a failed receive (a connection lost), the next round waits ``wait`` on each queue: reopening a link takes
+longer than ``QUICK``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from azure.servicebus import ServiceBusReceivedMessage, ServiceBusReceiver
+from azure.servicebus.exceptions import ServiceBusError
+
+logger = logging.getLogger(__name__)
+
+QUICK = 0.2  # seconds: enough for a queue that holds a message to hand it over
+IDLE_WAIT = 0.5  # seconds per queue while both are empty: the pick-up latency of an idle worker
+
+
+@dataclass(frozen=True)
+class Received:
+    message: ServiceBusReceivedMessage
+    receiver: ServiceBusReceiver  # the one that settles it
+    priority: str
+
+
+class PriorityInbox:
+    def __init__(
+        self,
+        normal: ServiceBusReceiver,
+        high: ServiceBusReceiver | None = None,
+        *,
+        burst: int = 4,
+        wait: float = IDLE_WAIT,
+    ) -> None:
+        """``high`` None: one queue, each receive waiting ``wait`` (no priorities)."""
+        self._normal = normal
+        self._high = high
+        self._burst = burst
+        self._wait = wait if high is None else min(wait, IDLE_WAIT)
+        self._streak = 0  # high-priority messages in a row
+        self._idle = True  # the last round found both queues empty, or failed: wait longer
+
+    def receive(self) -> Received | None:
+        """At most one message; ``None`` when the queues asked had none. ``ServiceBusError`` passes through."""
+        if self._high is None:
+            return self._take(self._normal, "normal", self._wait)
+        wait = self._wait if self._idle else QUICK
+        self._idle = True  # unless a message comes (an error leaves it set)
+        if self._streak >= self._burst:
+            self._streak = 0
+            received = self._take(self._normal, "normal", QUICK)
+            if received is not None:
+                self._idle = False
+                return received
+        received = self._take(self._high, "high", wait)
+        if received is not None:
+            self._streak += 1
+        else:
+            self._streak = 0
+            received = self._take(self._normal, "normal", wait)
+        self._idle = received is None
+        return received
+
+    def _take(self, receiver: ServiceBusReceiver, priority: str, wait: float) -> Received | None:
+        try:
+            batch = receiver.receive_messages(max_message_count=1, max_wait_time=wait)
+        except ServiceBusError:
+            self._streak = 0
+            raise
+        if not batch:
+            _revoke_credit(receiver)
+            return None
+        [message] = batch
+        locked_until = message.locked_until_utc
+        if locked_until is not None and locked_until <= datetime.now(UTC):
+            extra = {"message_id": message.message_id, "action": "skip_expired_lock"}
+            logger.warning("message %s: its lock ran out in the buffer; the broker redelivers it", message.message_id,
+                           extra=extra)  # fmt: skip
+            return None
+        return Received(message, receiver, priority)
+
+
+def _revoke_credit(receiver: ServiceBusReceiver) -> None:
+    """Take back the credit an empty receive left on the link (a flow with link-credit 0, which AMQP allows a
+    receiver at any time). The SDK has no public call for it: this reaches its AMQP link, and does nothing (but log)
+    where the SDK's internals differ."""
+    link: Any = getattr(getattr(receiver, "_handler", None), "_link", None)
+    try:
+        if link is not None and link.current_link_credit > 0:
+            link.flow(link_credit=0)
+    except Exception:  # an SDK change, a closed link: the credit stays, as without this call
+        logger.debug("could not take back the link credit", exc_info=True)

@@ -1,0 +1,329 @@
+"""The worker's side of the job API on real backends (PostgreSQL, Azurite, the Service Bus emulator through the real
+SDK): progress, cancellation of a running job, priorities, and the worker's row in ``workers``.
+
+The worker runs in this (main) thread (``gpu_worker.app.run``, the wiring of ``python -m gpu_worker``: its signal
+handlers need the main thread); what a client does meanwhile (poll the job, cancel it, submit more) runs in a
+background thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+
+from gpu_worker import app
+from gpu_worker.analysis import AnalysisOutput, AnalysisRequest
+from gpu_worker.app import run
+from shared.bus import JobPublisher
+from shared.jobs import Callback, Job, JobStatus, Priority
+from shared.storage import BlobStore
+from tests.integration.worker_helpers import FIELDS, SlowAnalyzer, StackFactory, WorkerStack
+from tests.integration.worker_helpers import stack_factory as stack_factory
+
+pytestmark = pytest.mark.integration
+
+WAIT = 30.0  # seconds: a bound on a hang, never a speed claim
+CANCEL_BOUND = 3.0  # seconds from the request to the stopped job: the progress interval (1 s) plus a checkpoint
+
+
+@pytest.fixture
+def stack(stack_factory: StackFactory) -> WorkerStack:
+    return stack_factory()
+
+
+@contextmanager
+def meanwhile(client: Callable[[], object]) -> Iterator[None]:
+    """Run ``client`` in a thread while the block runs; re-raise what it raised."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            client()
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=target, name="client", daemon=True)
+    thread.start()
+    yield
+    thread.join(WAIT)
+    assert not thread.is_alive(), "the client thread hung"
+    if errors:
+        raise errors[0]
+
+
+def until(stack: WorkerStack, job_id: UUID, ready: Callable[[Job], bool]) -> Job:
+    deadline = time.monotonic() + WAIT
+    while not ready(job := stack.job(job_id)):
+        assert time.monotonic() < deadline, f"job {job_id} never got there: {job}"
+        time.sleep(0.02)
+    return job
+
+
+class Client:
+    """Submits jobs as the API does (the row, the send, its confirmation) on long-lived senders (opening a sender
+    costs the emulator about a second). While a worker runs, it may claim a job before its send is confirmed: the
+    claim marks it sent, and the confirmation then moves nothing, which is fine."""
+
+    def __init__(self, stack: WorkerStack) -> None:
+        self.stack = stack
+        self.publisher = JobPublisher(stack.client, stack.queues)  # its senders close with the stack's client
+
+    def submit(self, priority: Priority = "normal", callback: Callback | None = None) -> UUID:
+        message = self.stack.create_job(FIELDS.read_bytes(), priority=priority, callback=callback)
+        self.publisher.send(message)
+        self.stack.jobs.confirm_sent(message.job_id, message.generation)
+        return message.job_id
+
+
+def _actions(caplog: pytest.LogCaptureFixture) -> list[tuple[str | None, str | None]]:
+    return [
+        (getattr(r, "action", None), getattr(r, "reason", None))
+        for r in caplog.records
+        if r.name == "gpu_worker.consumer" and hasattr(r, "reason")
+    ]
+
+
+def _events(stack: WorkerStack, job_id: UUID) -> list[tuple[str, str | None]]:
+    """The job's webhook outbox rows: (type, progress stage)."""
+    with stack.pool.connection() as conn:
+        rows = conn.execute(
+            "SELECT type, payload->'progress'->>'stage' FROM job_events WHERE job_id = %s ORDER BY created_at",
+            (job_id,),
+        ).fetchall()
+    return [(kind, stage) for kind, stage in rows]
+
+
+def test_progress_is_visible_while_a_slow_job_runs_and_its_writes_are_throttled(
+    stack: WorkerStack, caplog: pytest.LogCaptureFixture
+) -> None:
+    callback = Callback(url="https://example.com/hook", events=["progress", "completed"], secret="s" * 32)
+    message = stack.create_job(FIELDS.read_bytes(), callback=callback)
+    stack.send(message)
+    seen: list[dict[str, Any]] = []
+
+    def poll() -> None:  # a client polling GET /api/jobs/{id}
+        job = until(stack, message.job_id, lambda j: j.status is not JobStatus.QUEUED)
+        while not job.status.terminal:
+            if job.progress is not None and job.progress not in seen:
+                seen.append(job.progress)
+            time.sleep(0.05)
+            job = stack.job(message.job_id)
+
+    with meanwhile(poll), caplog.at_level(logging.DEBUG, logger="gpu_worker.progress"):
+        run(stack.settings(), analyzer=SlowAnalyzer(3.0), max_jobs=1)
+
+    assert stack.job(message.job_id).status is JobStatus.SUCCEEDED
+    writes = [r for r in caplog.records if getattr(r, "action", None) == "progress"]
+    new_stages = [getattr(r, "stage", None) for r in writes if getattr(r, "notify", False)]
+    assert new_stages == ["download", "decode", "indices", "upload"]
+    within = [r.created for r in writes if not getattr(r, "notify", False)]
+    assert 2 <= len(within) <= 3  # 3 s of "indices" reported every 50 ms (60 reports): about one write a second
+    assert all(later - earlier >= 0.99 for earlier, later in itertools.pairwise(within))
+    assert len(writes) <= 7
+    indices = [p for p in seen if p["stage"] == "indices"]
+    assert len(indices) >= 2  # the client saw it move
+    assert [p["fraction"] for p in indices] == sorted(p["fraction"] for p in indices)
+    assert all(datetime.fromisoformat(p["updated_at"]).utcoffset() is not None for p in seen)
+    # Only a stage's first write notifies: one job.progress event per stage, in the outbox with the transitions.
+    assert _events(stack, message.job_id) == [
+        ("job.progress", "download"), ("job.progress", "decode"), ("job.progress", "indices"),
+        ("job.progress", "upload"), ("job.succeeded", "upload"),
+    ]  # fmt: skip
+
+
+def test_cancel_of_a_running_job_on_a_slow_analysis_stops_within_the_bound(
+    stack: WorkerStack, caplog: pytest.LogCaptureFixture
+) -> None:
+    job_id = stack.submit(FIELDS.read_bytes())
+    analyzer = SlowAnalyzer(60)
+    requested: list[float] = []
+
+    def cancel() -> None:  # DELETE /api/jobs/{id} while the analysis runs
+        until(stack, job_id, lambda j: j.progress is not None and j.progress["stage"] == "indices")
+        assert stack.jobs.request_cancel(job_id) is not None
+        requested.append(time.monotonic())
+
+    with meanwhile(cancel), caplog.at_level(logging.INFO):
+        run(stack.settings(), analyzer=analyzer, max_jobs=1)
+    returned_after = time.monotonic() - requested[0]
+
+    job = stack.job(job_id)
+    assert (job.status, job.result, job.error_code, analyzer.finished) == (JobStatus.CANCELLED, None, None, 0)
+    assert job.finished_at is not None
+    assert job.cancel_requested_at is not None
+    stopped_after = (job.finished_at - job.cancel_requested_at).total_seconds()
+    assert stopped_after < CANCEL_BOUND, f"stopped {stopped_after:.2f} s after the request"
+    assert returned_after < CANCEL_BOUND + 2  # ... and the worker moved on (settled, closed) soon after
+    assert stack.results(job_id) == set()  # nothing published
+    assert (stack.queued(), stack.dead_letters()) == ([], [])  # the message was completed
+    assert ("complete", "Cancelled") in _actions(caplog)
+    logging.getLogger(__name__).info("cancel-to-stop latency %.3f s", stopped_after)
+
+
+class Files:
+    """Two small output files, like a real analysis' COG and quicklook."""
+
+    def analyse(self, image_path: Path, request: AnalysisRequest, workdir: Path) -> AnalysisOutput:
+        request.progress("decode", 0.0)
+        files = {}
+        for name in ("ndvi.tif", "quicklook.png"):
+            (workdir / name).write_bytes(b"output " + name.encode())
+            files[name.split(".")[0]] = (workdir / name, "application/octet-stream")
+        return AnalysisOutput(result={"analysis": request.analysis}, files=files)
+
+
+def test_a_cancel_racing_the_success_stores_no_result_and_deletes_the_uploaded_outputs(
+    stack: WorkerStack, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cancel lands while the last file uploads, after the last checkpoint: ``succeed`` is refused, the worker
+    re-reads the job, sees the cancellation, deletes the attempt's files and stops it."""
+    job_id = stack.submit(FIELDS.read_bytes())
+
+    class CancelDuringTheLastUpload(BlobStore):
+        def put_result(self, job_id: UUID, attempt: int, name: str, path: Path, content_type: str) -> str:
+            url = super().put_result(job_id, attempt, name, path, content_type)
+            if name == "quicklook.png":
+                assert stack.jobs.request_cancel(job_id) is not None
+            return url
+
+    monkeypatch.setattr(app, "BlobStore", CancelDuringTheLastUpload)  # the real store, instrumented
+    with caplog.at_level(logging.INFO):
+        run(stack.settings(), analyzer=Files(), max_jobs=1)
+    job = stack.job(job_id)
+    assert (job.status, job.result) == (JobStatus.CANCELLED, None)
+    assert stack.results(job_id) == set()  # uploaded, then deleted
+    assert any(getattr(r, "action", None) == "discard_outputs" for r in caplog.records)
+    assert (stack.queued(), stack.dead_letters()) == ([], [])
+    assert ("complete", "Cancelled") in _actions(caplog)
+
+
+def _started_order(stack: WorkerStack, ids: list[UUID]) -> list[UUID]:
+    jobs = [stack.job(i) for i in ids]
+    assert all(j.status is JobStatus.SUCCEEDED and j.started_at is not None for j in jobs)
+    return [j.job_id for j in sorted(jobs, key=lambda j: j.started_at or datetime.min.replace(tzinfo=UTC))]
+
+
+class FirstSlow(SlowAnalyzer):
+    """The first job takes ``first`` seconds (time for the client to submit more meanwhile), the others ``seconds``."""
+
+    def __init__(self, first: float, seconds: float) -> None:
+        super().__init__(seconds)
+        self.first = first
+
+    def analyse(self, image_path: Path, request: AnalysisRequest, workdir: Path) -> AnalysisOutput:
+        self.seconds, before = (self.first if self.calls == 0 else self.seconds), self.seconds
+        try:
+            return super().analyse(image_path, request, workdir)
+        finally:
+            self.seconds = before
+
+
+def test_high_priority_overtakes_a_normal_backlog(stack: WorkerStack) -> None:
+    client = Client(stack)
+    normal = [client.submit() for _ in range(6)]
+    high: list[UUID] = []
+
+    def submit_high() -> None:  # while the first normal job runs
+        until(stack, normal[0], lambda j: j.status is JobStatus.RUNNING)
+        high.extend(client.submit("high") for _ in range(2))
+
+    with meanwhile(submit_high):
+        run(stack.settings(), analyzer=FirstSlow(1.5, 0.1), max_jobs=8)
+    order = _started_order(stack, normal + high)
+    assert order[0] == normal[0]
+    assert set(order[1:3]) == set(high)  # before the 5 normal jobs that were waiting longer
+    assert order[3:] == normal[1:]  # and those in their order
+
+
+def test_a_steady_high_priority_stream_does_not_starve_normal_jobs(stack: WorkerStack) -> None:
+    client = Client(stack)
+    normal = [client.submit() for _ in range(2)]
+    high = [client.submit("high") for _ in range(6)]
+    run(stack.settings(WORKER_HIGH_PRIORITY_BURST="2"), analyzer=SlowAnalyzer(0), max_jobs=8)
+    order = _started_order(stack, normal + high)
+    kinds = ["high" if i in high else "normal" for i in order]
+    assert kinds == ["high", "high", "normal"] * 2 + ["high", "high"]  # a normal job every burst + 1 jobs
+
+
+def _rows(stack: WorkerStack) -> list[dict[str, Any]]:
+    with stack.pool.connection() as conn, conn.cursor() as cur:
+        cur.execute("SELECT worker_id, host, device, current_job, started_at, last_beat FROM workers")
+        names = [c.name for c in cur.description or ()]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+def _row_where(stack: WorkerStack, match: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    deadline = time.monotonic() + WAIT
+    while not (rows := [r for r in _rows(stack) if match(r)]):
+        assert time.monotonic() < deadline, f"no such row in workers: {_rows(stack)}"
+        time.sleep(0.02)
+    [row] = rows
+    return row
+
+
+def test_the_worker_row_names_the_job_in_hand_and_goes_on_exit_and_an_idle_worker_takes_high_priority_at_once(
+    stack: WorkerStack,
+) -> None:
+    seen: dict[str, Any] = {}
+    client = Client(stack)
+    first = client.submit("high")  # a first job, which also opens the client's sender to jobs-high
+
+    def watch() -> None:
+        busy_first = _row_where(stack, lambda r: r["current_job"] == first)
+        until(stack, first, lambda j: j.status.terminal)
+        seen["idle"] = _row_where(stack, lambda r: r["current_job"] is None)
+        time.sleep(1.0)  # the worker idles, polling both queues
+        sent = datetime.now(UTC)
+        job_id = client.submit("high")
+        job = until(stack, job_id, lambda j: j.started_at is not None)
+        assert job.started_at is not None
+        seen["pickup"] = (job.started_at - sent).total_seconds()
+        seen["busy"] = _row_where(stack, lambda r: r["current_job"] == job_id)
+        seen["ids"] = (busy_first["worker_id"], job_id)
+
+    with meanwhile(watch):
+        run(stack.settings(WORKER_REGISTRY_INTERVAL="0.5"), analyzer=SlowAnalyzer(0.5), max_jobs=2)
+    idle, busy, (worker_id, job_id) = seen["idle"], seen["busy"], seen["ids"]
+    assert (idle["worker_id"], idle["device"], busy["worker_id"], busy["current_job"]) == (
+        worker_id, "cpu", worker_id, job_id,
+    )  # fmt: skip
+    assert worker_id.startswith(idle["host"] + ":")
+    assert busy["last_beat"] > idle["last_beat"]
+    assert _rows(stack) == []  # a clean exit deletes the row
+    assert seen["pickup"] < 1.0, f"an idle worker took {seen['pickup']:.2f} s to start a high-priority job"
+    logging.getLogger(__name__).info("idle high-priority pick-up latency %.3f s", seen["pickup"])
+
+
+def test_a_busy_worker_holds_no_message_of_the_other_queue(stack: WorkerStack) -> None:
+    """While the worker runs a normal job, a high-priority message that arrives stays available to other workers:
+    the credit the worker's empty receive on jobs-high left with the broker was taken back, so the broker does not
+    lock the message into this worker's buffer (where nobody could take it until its lock ran out)."""
+    client = Client(stack)
+    normal = client.submit()
+    taken: list[float] = []
+
+    def another_worker() -> None:
+        until(stack, normal, lambda j: j.status is JobStatus.RUNNING)
+        client.submit("high")
+        started = time.monotonic()
+        with stack.client.get_queue_receiver(stack.queues["high"]) as receiver:
+            messages = receiver.receive_messages(max_message_count=1, max_wait_time=5)
+            taken.append(time.monotonic() - started)
+            for message in messages:
+                receiver.abandon_message(message)  # left for the queue; this test's worker has exited by then
+        assert messages, "the high-priority message was locked away in the busy worker's buffer"
+
+    with meanwhile(another_worker):
+        run(stack.settings(), analyzer=SlowAnalyzer(3.0), max_jobs=1)
+    assert taken[0] < 2.0
+    assert stack.job(normal).status is JobStatus.SUCCEEDED

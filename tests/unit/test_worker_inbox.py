@@ -1,0 +1,157 @@
+"""Which queue the next message comes from, and how long each receive waits, with scripted receivers.
+
+The real SDK against the emulator (and the order jobs actually run in) is tests/integration/test_worker_api.py's.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+import pytest
+from azure.servicebus import ServiceBusReceiver
+from azure.servicebus.exceptions import ServiceBusConnectionError
+
+from gpu_worker.inbox import IDLE_WAIT, QUICK, PriorityInbox, Received
+
+
+class Message:
+    def __init__(self, name: str, *, expired: bool = False) -> None:
+        self.message_id = name
+        self.locked_until_utc = datetime.now(UTC) + timedelta(seconds=-1 if expired else 60)
+
+
+class Link:
+    """What :func:`gpu_worker.inbox._revoke_credit` reaches: the SDK's AMQP link."""
+
+    def __init__(self) -> None:
+        self.current_link_credit = 0
+        self.flows: list[int] = []
+
+    def flow(self, *, link_credit: int) -> None:
+        self.flows.append(link_credit)
+        self.current_link_credit = link_credit
+
+
+class Handler:
+    def __init__(self) -> None:
+        self._link = Link()
+
+
+class Receiver:
+    """A queue of scripted messages; records each receive's wait. An empty receive leaves a credit, as the SDK's."""
+
+    def __init__(self, name: str, log: list[tuple[str, float]], *messages: Message) -> None:
+        self.name = name
+        self.log = log
+        self.messages = deque(messages)
+        self._handler = Handler()
+        self.error: Exception | None = None
+
+    def receive_messages(self, max_message_count: int, max_wait_time: float) -> list[Message]:
+        assert max_message_count == 1
+        self.log.append((self.name, max_wait_time))
+        if self.error is not None:
+            raise self.error
+        if self.messages:
+            return [self.messages.popleft()]
+        self._handler._link.current_link_credit = 1
+        return []
+
+
+def names(count: int, prefix: str) -> list[Message]:
+    return [Message(f"{prefix}{i}") for i in range(1, count + 1)]
+
+
+class World:
+    def __init__(self, high: int = 0, normal: int = 0, burst: int = 2) -> None:
+        self.log: list[tuple[str, float]] = []
+        self.high = Receiver("high", self.log, *names(high, "h"))
+        self.normal = Receiver("normal", self.log, *names(normal, "n"))
+        self.inbox = PriorityInbox(
+            cast(ServiceBusReceiver, self.normal), cast(ServiceBusReceiver, self.high), burst=burst, wait=5.0
+        )
+
+    def drain(self, rounds: int = 50) -> list[str]:
+        order = []
+        for _ in range(rounds):
+            received = self.inbox.receive()
+            if received is not None:
+                order.append(cast(Any, received.message).message_id)
+        return order
+
+
+def test_high_priority_first() -> None:
+    world = World(high=2, normal=3)
+    assert world.drain() == ["h1", "h2", "n1", "n2", "n3"]
+
+
+def test_a_steady_high_stream_lets_a_normal_job_through_every_burst_plus_one() -> None:
+    world = World(high=7, normal=3, burst=2)
+    assert world.drain() == ["h1", "h2", "n1", "h3", "h4", "n2", "h5", "h6", "n3", "h7"]
+
+
+def test_after_a_burst_an_empty_normal_queue_costs_one_quick_look() -> None:
+    world = World(high=5, normal=0, burst=2)
+    assert world.drain(5) == ["h1", "h2", "h3", "h4", "h5"]
+    assert world.log[:4] == [("high", IDLE_WAIT), ("high", QUICK), ("normal", QUICK), ("high", QUICK)]
+
+
+def test_each_message_names_the_receiver_that_settles_it() -> None:
+    world = World(high=1, normal=1)
+    first, second = world.inbox.receive(), world.inbox.receive()
+    assert isinstance(first, Received)
+    assert isinstance(second, Received)
+    assert (cast(Any, first.receiver), first.priority) == (world.high, "high")
+    assert (cast(Any, second.receiver), second.priority) == (world.normal, "normal")
+
+
+def test_while_busy_each_queue_is_asked_quickly_and_once_idle_each_waits_in_turn() -> None:
+    world = World(normal=1)
+    world.drain(3)
+    assert world.log == [
+        ("high", IDLE_WAIT),  # a fresh inbox waits: nothing is known to be waiting
+        ("normal", IDLE_WAIT),  # n1
+        ("high", QUICK),  # right after a job: more may be waiting
+        ("normal", QUICK),
+        ("high", IDLE_WAIT),  # both were empty: an idle worker waits on each in turn
+        ("normal", IDLE_WAIT),
+    ]
+    assert IDLE_WAIT <= 0.5  # an idle worker picks a high-priority job up within about this
+
+
+def test_an_empty_receive_takes_its_credit_back() -> None:
+    world = World(normal=1)
+    world.drain(1)
+    assert world.high._handler._link.flows == [0]  # empty: the credit is revoked
+    assert world.normal._handler._link.flows == []  # the credit was used by the message
+    assert world.high._handler._link.current_link_credit == 0
+
+
+def test_a_message_whose_lock_ran_out_in_the_buffer_is_skipped() -> None:
+    world = World()
+    world.high.messages.append(Message("stale", expired=True))
+    world.normal.messages.append(Message("n1"))
+    assert world.drain(1) == ["n1"]
+
+
+def test_a_failed_receive_passes_through_and_the_next_round_waits_long_enough_to_reopen_a_link() -> None:
+    world = World(high=2)
+    world.drain(1)
+    world.high.error = ServiceBusConnectionError(message="connection lost")
+    with pytest.raises(ServiceBusConnectionError):
+        world.inbox.receive()
+    world.high.error = None
+    world.log.clear()
+    assert world.drain(1) == ["h2"]
+    assert world.log == [("high", IDLE_WAIT)]
+
+
+def test_one_queue_only_waits_the_whole_wait() -> None:
+    log: list[tuple[str, float]] = []
+    normal = Receiver("normal", log, Message("n1"))
+    inbox = PriorityInbox(cast(ServiceBusReceiver, normal), wait=5.0)
+    assert inbox.receive() is not None
+    assert inbox.receive() is None
+    assert log == [("normal", 5.0), ("normal", 5.0)]
