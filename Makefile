@@ -66,6 +66,8 @@ bench: install
 	$(BIN)/python -m bench.queue_stats
 	$(BIN)/python -m bench.submit_latency
 	$(BIN)/python -m bench.analysis
+	$(BIN)/python -m bench.api_latency
+	$(BIN)/python -m bench.webhook_latency
 
 chaos: install
 	$(BIN)/python -m local.chaos
