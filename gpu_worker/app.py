@@ -105,7 +105,6 @@ def run(settings: Settings, *, analyzer: Analyzer | None = None, max_jobs: int |
                 worker_id=me,
                 retry=RetryPolicy(settings.job_max_attempts, settings.retry_backoff, settings.retry_backoff_max),
                 limits=AttemptLimits(settings.job_lease, settings.job_timeout, settings.worker_shutdown_grace),
-                max_wait_time=settings.worker_max_wait_time,
                 notifier=open_notifier(pool, client, settings.job_events_queue, timeout=settings.bus_send_timeout),
                 presence=presence,
             )

@@ -10,6 +10,10 @@ wait in the queue meanwhile, costing time, not deliveries. A shutdown ends the w
 :meth:`Breaker.confirms_outage` tells an outage from a failure of one job's own: a backend error that a probe
 confirms (the backend does not answer at all) is an outage, and the attempt it cut short is not charged against
 ``JOB_MAX_ATTEMPTS``; one the probes do not confirm (one blob unreadable, the others fine) is charged.
+
+:class:`DatabaseWait` is for a message already in hand when the database goes away (at its claim, or at its
+settlement): the call waits for the breaker to close, the message still locked, instead of the message being
+abandoned and one of its deliveries spent.
 """
 
 from __future__ import annotations
@@ -17,12 +21,15 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
 
 from shared.errors import DatabaseUnavailable, StorageUnavailable, TransientError
 
 logger = logging.getLogger(__name__)
 
 TRIPPING = (DatabaseUnavailable, StorageUnavailable)
+T = TypeVar("T")
 
 
 class Breaker:
@@ -78,3 +85,23 @@ class Breaker:
                 logger.info("probe %s failed: %s", name, e.code, extra={"action": "breaker_probe", "reason": e.code})
                 return name
         return None
+
+
+@dataclass(frozen=True)
+class DatabaseWait:
+    """``wait(call)``: ``call()``; if the database is down, record it, wait until the breaker closes (its probes;
+    ``tick`` after each, the message's lock renewed meanwhile) and call once more. Re-raises the
+    :class:`~shared.errors.DatabaseUnavailable` when ``stop`` (a shutdown) ends the wait."""
+
+    breaker: Breaker
+    stop: threading.Event
+    tick: Callable[[], object]
+
+    def __call__(self, call: Callable[[], T]) -> T:
+        try:
+            return call()
+        except DatabaseUnavailable as e:
+            self.breaker.record(e)
+            if not self.breaker.wait_until_closed(self.stop, tick=self.tick):
+                raise
+            return call()

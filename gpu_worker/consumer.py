@@ -11,9 +11,10 @@ bad envelope is poison: dead-lettered at once), then its job is *claimed* (:meth
 job that is finished, cancelled, or running under another worker's live lease, is not run again, and the message is
 completed. A claimed attempt runs inside an :class:`~gpu_worker.attempt.AttemptGuard` (lease renewal, time limit,
 cancellation) and reports its progress (:class:`~gpu_worker.progress.Progress`). Whatever happened is settled in
-exactly one place, :meth:`Consumer._process`'s ``finally``, from :func:`gpu_worker.settlement.decide`; only the
-attempt is interruptible by a forced shutdown or its time limit, never the settlement. A cancelled attempt is
-stopped (``stop``: the job ends ``cancelled``) and its message completed.
+exactly one place, :meth:`Consumer._process`'s ``finally``: decided by :func:`gpu_worker.settlement.decide`, carried
+out by :class:`~gpu_worker.settle.Settler` (the job's side, then the message's); only the attempt is interruptible
+by a forced shutdown or its time limit, never the settlement. A cancelled attempt is stopped (``stop``: the job ends
+``cancelled``) and its message completed.
 
 After each transition that notifies (the claim; the settlement's succeed, fail or stop; a progress report that
 starts a stage) the job's webhook events are handed on (:meth:`shared.events.Notifier.flush`); the worker's row in
@@ -26,27 +27,26 @@ runs for minutes, and a drain would have to abandon it (spending a delivery it n
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
-from uuid import UUID
+from datetime import timedelta
+from typing import Any
 
 from azure.servicebus import ServiceBusReceivedMessage, ServiceBusReceiver
-from azure.servicebus.exceptions import MessageAlreadySettled, ServiceBusError
+from azure.servicebus.exceptions import ServiceBusError
 from opentelemetry import trace
 
 from gpu_worker.attempt import AttemptGuard
-from gpu_worker.breaker import Breaker
+from gpu_worker.breaker import Breaker, DatabaseWait
 from gpu_worker.handler import JobHandler, Outcome
 from gpu_worker.heartbeat import Heartbeat
 from gpu_worker.inbox import PriorityInbox
 from gpu_worker.locks import LostLocks
 from gpu_worker.progress import Progress
 from gpu_worker.registry import Presence
-from gpu_worker.settlement import CANCELLED, Action, Decision, Interrupted, RetryPolicy, decide
+from gpu_worker.settle import Settler
+from gpu_worker.settlement import Action, Interrupted, RetryPolicy, decide
 from gpu_worker.shutdown import Shutdown
-from shared.errors import DatabaseUnavailable, InvalidMessage
+from shared.errors import InvalidMessage
 from shared.events import Notifier
 from shared.jobs import Job, JobStore
 from shared.messages import JobMessage, decode, parse_message_id
@@ -55,7 +55,6 @@ from shared.telemetry import context_from_properties
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -74,12 +73,9 @@ def _body(message: ServiceBusReceivedMessage) -> bytes:
 
 
 class Consumer:
-    """``receiver``: both queues' :class:`PriorityInbox`, or one queue's receiver. ``notifier`` ``None``: webhook
-    events are left to the reconciler's sweep; ``presence`` ``None``: no row in ``workers``."""
-
     def __init__(
         self,
-        receiver: ServiceBusReceiver | PriorityInbox,
+        inbox: PriorityInbox,
         jobs: JobStore,
         handler: JobHandler,
         publisher: Publisher,
@@ -91,18 +87,15 @@ class Consumer:
         worker_id: str,
         retry: RetryPolicy,
         limits: AttemptLimits,
-        max_wait_time: float,
-        notifier: Notifier | None = None,
-        presence: Presence | None = None,
+        notifier: Notifier,
+        presence: Presence,
         progress_interval: float = 1.0,
     ) -> None:
-        self._inbox = receiver if isinstance(receiver, PriorityInbox) else PriorityInbox(receiver, wait=max_wait_time)
+        self._inbox = inbox
         self._jobs = jobs
         self._handler = handler
-        self._publisher = publisher
         self._shutdown = shutdown
         self._heartbeat = heartbeat
-        self._locks = locks
         self._breaker = breaker
         self._worker_id = worker_id
         self._retry = retry
@@ -110,7 +103,13 @@ class Consumer:
         self._notifier = notifier
         self._presence = presence
         self._progress_interval = progress_interval
-        self.settled: dict[Action, int] = dict.fromkeys(Action, 0)
+        self._when_the_database_answers = DatabaseWait(breaker, shutdown.requested, heartbeat.beat)
+        self._settler = Settler(jobs, publisher, locks, notifier, self._when_the_database_answers)
+
+    @property
+    def settled(self) -> dict[Action, int]:
+        """Messages settled so far, by what the broker was told."""
+        return self._settler.settled
 
     def run(self, *, max_jobs: int | None = None) -> int:
         """Consume until shutdown (or ``max_jobs`` messages); return the number of messages handled."""
@@ -168,23 +167,11 @@ class Consumer:
                 span.set_attribute("crop_ai.settlement", decision.action.value)
                 if error is not None:
                     span.set_status(trace.StatusCode.ERROR, type(error).__name__)
-                self._settle(message, receiver, decision, job, job_id, error)
+                self._settler.settle(message, receiver, decision, job, job_id, error)
                 self._heartbeat.idle()
-                if self._presence is not None:
-                    self._presence.working_on(None)
+                self._presence.working_on(None)
         if error is not None and not isinstance(error, Exception | Interrupted):
             raise error  # KeyboardInterrupt, SystemExit: settled above, now let them through
-
-    def _when_the_database_answers(self, call: Callable[[], T]) -> T:
-        """``call()``; if the database is down, wait for it (the breaker's probes, the message still locked and its
-        lock renewed) and call once more, instead of abandoning the message and spending one of its deliveries."""
-        try:
-            return call()
-        except DatabaseUnavailable as e:
-            self._breaker.record(e)
-            if not self._breaker.wait_until_closed(self._shutdown.requested, tick=self._heartbeat.beat):
-                raise
-            return call()
 
     def _claim(self, envelope: JobMessage, fields: dict[str, Any]) -> Job | None:
         job = self._when_the_database_answers(
@@ -197,9 +184,8 @@ class Consumer:
         )
         if job is not None:
             logger.info("job %s: attempt %d claimed", job.job_id, job.attempts, extra={**fields, "action": "claim"})
-            if self._presence is not None:
-                self._presence.working_on(job.job_id)
-            self._notify(job.job_id)
+            self._presence.working_on(job.job_id)
+            self._notifier.flush(job.job_id)  # never raises: what it cannot hand on, the reconciler sweeps
             return job
         current = self._jobs.get(envelope.job_id)
         if current is None:
@@ -228,142 +214,3 @@ class Consumer:
         progress = Progress(self._jobs, guard, self._notifier, interval=self._progress_interval)
         with guard, self._shutdown.interruptible():
             return self._handler.run(job, guard, progress)
-
-    def _notify(self, job_id: UUID) -> None:
-        if self._notifier is not None:
-            self._notifier.flush(job_id)  # never raises: what it cannot hand on, the reconciler sweeps
-
-    def _settle(
-        self,
-        message: ServiceBusReceivedMessage,
-        receiver: ServiceBusReceiver,
-        decision: Decision,
-        job: Job | None,
-        job_id: UUID | None,
-        error: BaseException | None,
-    ) -> None:
-        fields: dict[str, Any] = {
-            "job_id": str(job_id) if job_id else None,
-            "message_id": message.message_id,
-            "delivery_count": message.delivery_count,
-            "attempt": job.attempts if job else None,
-        }
-        if decision.fail_code is not None and job is not None:
-            decision = self._fail(job, decision, fields)
-        if decision.stop and job is not None:
-            decision = self._stop(job, decision, fields)
-        if decision.action is Action.RETRY:
-            assert job is not None, "only a claimed attempt is retried"
-            decision = self._reschedule(job, decision, fields)
-        if job is not None:
-            self._notify(job.job_id)  # the succeed, fail or stop of this attempt
-        self._broker_settle(message, receiver, decision, fields, error)
-
-    def _broker_settle(
-        self,
-        message: ServiceBusReceivedMessage,
-        receiver: ServiceBusReceiver,
-        decision: Decision,
-        fields: dict[str, Any],
-        error: BaseException | None,
-    ) -> None:
-        fields.update(action=decision.action.value, reason=decision.reason)
-        level = logging.INFO if decision.action is Action.COMPLETE else logging.WARNING
-        logger.log(
-            logging.ERROR if decision.unexpected else level,
-            "message %s: %s%s",
-            message.message_id,
-            decision.action.value,
-            f" ({decision.reason}: {decision.description})" if decision.description else "",
-            exc_info=error if decision.unexpected else None,
-            extra=fields,
-        )
-        if self._locks.lost(message):  # settling needs the lock; the redelivery finds the job moved on
-            logger.warning("message %s: lock lost; left to the broker", message.message_id,
-                           extra={**fields, "action": "leave_lock_lost"})  # fmt: skip
-            self._locks.forget(message)
-            return
-        try:
-            if decision.action is Action.COMPLETE:
-                receiver.complete_message(message)
-            elif decision.action is Action.ABANDON:
-                receiver.abandon_message(message)
-            elif decision.action is Action.DEAD_LETTER:
-                receiver.dead_letter_message(message, reason=decision.reason, error_description=decision.description)
-        except (ServiceBusError, MessageAlreadySettled) as e:  # lock lost, connection gone: the broker redelivers
-            logger.warning("could not %s message %s: %r", decision.action.value, message.message_id, e,
-                           extra={**fields, "action": "settle_failed"})  # fmt: skip
-            return
-        self.settled[decision.action] += 1
-
-    def _fail(self, job: Job, decision: Decision, fields: dict[str, Any]) -> Decision:
-        """Fail the attempt before its message leaves the queue (waiting for the database if it is down); if that
-        still fails (a shutdown ended the wait, a bug), abandon: the redelivery, or the reconciler once the lease
-        runs out, comes back to it."""
-        try:
-            self._when_the_database_answers(
-                lambda: self._jobs.fail(job.job_id, job.attempts, decision.fail_code or "", decision.description or "")
-            )
-        except Exception as e:  # DatabaseUnavailable, or a bug: the message must still be settled
-            logger.warning("could not fail job %s: %s", job.job_id, e, extra={**fields, "action": "fail_job_failed"})
-            return Decision(Action.ABANDON, type(e).__name__, str(e)[:1000])
-        return decision
-
-    def _stop(self, job: Job, decision: Decision, fields: dict[str, Any]) -> Decision:
-        """End the cancelled attempt (``stop``: the job is ``cancelled``) before its message is completed, waiting for
-        the database if it is down; if that still fails, abandon: the redelivery finds the job being cancelled and
-        its attempt's lease running out, which the reconciler's ``cancel_expired`` ends."""
-        try:
-            stopped = self._when_the_database_answers(lambda: self._jobs.stop(job.job_id, job.attempts))
-        except Exception as e:  # DatabaseUnavailable, or a bug: the message must still be settled
-            logger.warning("could not stop job %s: %s", job.job_id, e, extra={**fields, "action": "stop_failed"})
-            return Decision(Action.ABANDON, type(e).__name__, str(e)[:1000])
-        if stopped is not None:
-            logger.info("job %s: attempt %d stopped, cancelled", job.job_id, job.attempts,
-                        extra={**fields, "action": "cancelled"})  # fmt: skip
-        return Decision(Action.COMPLETE, CANCELLED, decision.description)
-
-    def _cancel_requested(self, job: Job) -> bool:
-        """Whether a write of the attempt was refused because a cancellation of the job was requested."""
-        try:
-            current = self._jobs.get(job.job_id)
-        except DatabaseUnavailable:
-            return False  # the lease runs out; the reconciler ends the job
-        return current is not None and current.attempts == job.attempts and current.cancel_requested_at is not None
-
-    def _reschedule(self, job: Job, decision: Decision, fields: dict[str, Any]) -> Decision:
-        """Release the attempt, schedule the next generation after the backoff, then complete this message. The
-        outbox order: the release waits for the database if it is down, and if it still fails, abandon (the lease
-        runs out, the reconciler re-queues); if the send fails, abandon (the redelivery claims the released job);
-        an unconfirmed send is the reconciler's."""
-        try:
-            released = self._when_the_database_answers(
-                lambda: self._jobs.release(job.job_id, job.attempts, drain=decision.drain)
-            )
-        except Exception as e:  # DatabaseUnavailable, or a bug: the message must still be settled
-            logger.warning("could not release job %s: %s", job.job_id, e, extra={**fields, "action": "release_failed"})
-            return Decision(Action.ABANDON, decision.reason, decision.description, unexpected=decision.unexpected)
-        if released is None:  # cancelled or taken over meanwhile: nothing of ours to retry
-            if self._cancel_requested(job):
-                return self._stop(job, decision, fields)
-            return Decision(Action.COMPLETE, decision.reason, decision.description)
-        delay = decision.delay or timedelta(0)
-        due = datetime.now(UTC) + delay if delay > timedelta(0) else None
-        try:
-            self._publisher.send(JobMessage.for_job(released), at=due)
-        except Exception as e:  # BusUnavailable, or a bug: the redelivery of this message claims the released job
-            logger.warning("could not schedule job %s: %s", job.job_id, e, extra={**fields, "action": "retry_failed"})
-            return Decision(Action.ABANDON, decision.reason, decision.description, unexpected=decision.unexpected)
-        try:
-            self._jobs.confirm_sent(released.job_id, released.generation)
-        except Exception:  # the reconciler may send it once more: harmless
-            logger.warning("job %s: retry scheduled but not confirmed", job.job_id, extra=fields)
-        logger.warning(
-            "job %s: attempt %d released; generation %d due in %g s",
-            job.job_id,
-            job.attempts,
-            released.generation,
-            delay.total_seconds(),
-            extra={**fields, "action": "retry_scheduled", "generation": released.generation},
-        )
-        return Decision(Action.COMPLETE, decision.reason, decision.description, unexpected=decision.unexpected)

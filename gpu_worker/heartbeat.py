@@ -1,10 +1,11 @@
 """Liveness for the container's HEALTHCHECK: the consumer loop writes a small file; ``--healthcheck`` reads it.
 
-The loop beats at every iteration (at least every ``WORKER_MAX_WAIT_TIME`` seconds while idle) and at the start and
-end of each job. A GPU job can run for a long time without the loop turning, so the file also says since when the
-worker has been busy: the worker is healthy while the last beat is younger than ``max_age``, or while the job in
-hand is younger than ``busy_limit`` (the attempt's time limit, ``JOB_TIMEOUT``: a job past it overruns, and the
-worker is unhealthy until it has stopped it, see :mod:`gpu_worker.attempt`).
+The loop beats at every iteration (while idle, about every second: a round waits ``WORKER_MAX_WAIT_TIME``, at most
+0.5 s, on each of the two job queues) and at the start and end of each job. A GPU job can run for a long time
+without the loop turning, so the file also says since when the worker has been busy: the worker is healthy while the
+last beat is younger than ``max_age``, or while the job in hand is younger than ``busy_limit`` (the attempt's time
+limit, ``JOB_TIMEOUT``: a job past it overruns, and the worker is unhealthy until it has stopped it, see
+:mod:`gpu_worker.attempt`).
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ and ``jobs``, one receiver each on the worker's one client, both under its ``Aut
 must settle it:
 
 * ``jobs-high`` is asked first, then ``jobs``. While there is work, each ask waits only ``QUICK`` (a queue that holds
-  a message answers within a round trip); once a round found both empty, each waits ``wait`` (at most
-  ``IDLE_WAIT``, 0.5 s) in turn, so an idle worker picks up a high-priority job within about that long and asks the
-  broker about twice a second.
+  a message answers within a round trip); once a round found both empty, each waits ``wait`` in turn
+  (``WORKER_MAX_WAIT_TIME``, capped at ``IDLE_WAIT``, 0.5 s), so an idle worker picks up a high-priority job within
+  about that long and, at the cap, asks the broker about twice a second.
 * After ``burst`` high-priority messages in a row (``WORKER_HIGH_PRIORITY_BURST``), ``jobs`` is asked once
   (``QUICK``) before ``jobs-high`` again: under a steady high-priority stream a waiting normal job still runs every
   ``burst + 1`` jobs.
@@ -46,26 +46,17 @@ class Received:
 
 
 class PriorityInbox:
-    def __init__(
-        self,
-        normal: ServiceBusReceiver,
-        high: ServiceBusReceiver | None = None,
-        *,
-        burst: int = 4,
-        wait: float = IDLE_WAIT,
-    ) -> None:
-        """``high`` None: one queue, each receive waiting ``wait`` (no priorities)."""
+    def __init__(self, normal: ServiceBusReceiver, high: ServiceBusReceiver, *, burst: int, wait: float) -> None:
+        """``burst``: ``WORKER_HIGH_PRIORITY_BURST``; ``wait``: ``WORKER_MAX_WAIT_TIME``, capped at ``IDLE_WAIT``."""
         self._normal = normal
         self._high = high
         self._burst = burst
-        self._wait = wait if high is None else min(wait, IDLE_WAIT)
+        self._wait = min(wait, IDLE_WAIT)
         self._streak = 0  # high-priority messages in a row
         self._idle = True  # the last round found both queues empty, or failed: wait longer
 
     def receive(self) -> Received | None:
         """At most one message; ``None`` when the queues asked had none. ``ServiceBusError`` passes through."""
-        if self._high is None:
-            return self._take(self._normal, "normal", self._wait)
         wait = self._wait if self._idle else QUICK
         self._idle = True  # unless a message comes (an error leaves it set)
         if self._streak >= self._burst:

@@ -50,7 +50,7 @@ class Progress:
         self,
         jobs: JobStore,
         guard: Guard,
-        notifier: Notifier | None,
+        notifier: Notifier,
         *,
         interval: float = 1.0,
         backoff: float = 10.0,
@@ -100,5 +100,5 @@ class Progress:
         logger.debug("job %s: %s %.0f%%", job_id, stage, 100 * fraction,
                      extra={**self._extra, "action": "progress", "stage": stage, "notify": notify})  # fmt: skip
         self._guard.observe(job)
-        if notify and job is not None and self._notifier is not None:
+        if notify and job is not None:
             self._notifier.flush(job.job_id)

@@ -94,7 +94,11 @@ def open_pool(settings: Settings, credential: TokenCredential | None = None) -> 
     return ConnectionPool("", kwargs=lambda: {**entra_conninfo_kwargs(settings, password), **_CONNECTION}, **common)
 
 
-def _translated(method: Callable[P, R]) -> Callable[P, R]:
+def translated(method: Callable[P, R]) -> Callable[P, R]:
+    """``method`` with the driver and pool errors that mean "the database is not there" (down, unreachable, out of
+    connections, read-only) raised as :class:`~shared.errors.DatabaseUnavailable` (transient), the original chained.
+    For every method that talks to PostgreSQL, here and in the other stores on the pool."""
+
     @functools.wraps(method)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
@@ -117,7 +121,7 @@ class PostgresJobStore:
         with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             yield cur
 
-    @_translated
+    @translated
     def create(
         self,
         *,
@@ -153,13 +157,13 @@ class PostgresJobStore:
             raise IdempotencyConflict(existing)
         return existing, False
 
-    @_translated
+    @translated
     def get(self, job_id: UUID) -> Job | None:
         with self._conn() as conn:
             row = conn.execute(_JOB + " WHERE j.job_id = %s", (job_id,)).fetchone()
         return Job.model_validate(row) if row else None
 
-    @_translated
+    @translated
     def create_batch(self, batch_id: UUID, jobs: list[NewJob], idempotency_key: str | None) -> tuple[list[Job], bool]:
         with self._pool.connection() as conn, conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
             inserted = cur.execute(
@@ -177,20 +181,20 @@ class PostgresJobStore:
             stored = {job.job_id: job for job in _batch_jobs(cur, batch_id)}
             return [stored[job.job_id] for job in jobs], True  # in the order given
 
-    @_translated
+    @translated
     def batch_jobs(self, batch_id: UUID) -> list[Job] | None:
         with self._conn() as conn:
             if conn.execute("SELECT 1 FROM batches WHERE batch_id = %s", (batch_id,)).fetchone() is None:
                 return None
             return _batch_jobs(conn, batch_id)
 
-    @_translated
+    @translated
     def webhook_secret(self, job_id: UUID) -> str | None:
         with self._conn() as conn:
             row = conn.execute("SELECT webhook_secret FROM jobs WHERE job_id = %s", (job_id,)).fetchone()
         return row["webhook_secret"] if row else None
 
-    @_translated
+    @translated
     def find(self, where: JobFilter, limit: int) -> list[Job]:
         conditions, params = ["TRUE"], []
         for sql, value in (
@@ -210,24 +214,24 @@ class PostgresJobStore:
             " AND ".join(conditions) + " ORDER BY j.created_at DESC, j.job_id DESC LIMIT %s", (*params, limit)
         )
 
-    @_translated
+    @translated
     def backlog(self) -> int:
         with self._conn() as conn:
             row = conn.execute("SELECT count(*) AS n FROM jobs WHERE status = 'queued'").fetchone()
         return int(row["n"]) if row else 0
 
-    @_translated
+    @translated
     def find_by_key(self, idempotency_key: str) -> Job | None:
         found = self._select("j.idempotency_key = %s", (idempotency_key,))
         return found[0] if found else None
 
-    @_translated
+    @translated
     def batch_by_key(self, idempotency_key: str) -> UUID | None:
         with self._conn() as conn:
             row = conn.execute("SELECT batch_id FROM batches WHERE idempotency_key = %s", (idempotency_key,)).fetchone()
         return row["batch_id"] if row else None
 
-    @_translated
+    @translated
     def dead_letter_log(self, where: DeadLetterFilter, limit: int) -> list[RecordedDeadLetter]:
         conditions, params = ["TRUE"], []
         for sql, value in (
@@ -247,14 +251,14 @@ class PostgresJobStore:
             ).fetchall()
         return [RecordedDeadLetter.model_validate(row) for row in rows]
 
-    @_translated
+    @translated
     def ping(self) -> None:
         with self._conn() as conn:
             conn.execute("SELECT 1")
 
     # Events: each one conditional UPDATE from shared.lifecycle
 
-    @_translated
+    @translated
     def _move(self, event: Event, job_id: UUID, **params: Any) -> Job | None:
         with self._conn() as conn:
             moved = conn.execute(statement(event), {"job_id": job_id, **params}).fetchone()
@@ -319,25 +323,25 @@ class PostgresJobStore:
 
     # Reconciler queries
 
-    @_translated
+    @translated
     def unsent(self, older_than: timedelta, limit: int) -> list[Job]:
         return self._select(
             "j.status = 'queued' AND j.sent_at IS NULL AND j.updated_at < now() - %s ORDER BY j.updated_at LIMIT %s",
             (older_than, limit),
         )
 
-    @_translated
+    @translated
     def expired(self, limit: int) -> list[Job]:
         return self._select("j.status = 'running' AND j.lease_until < now() ORDER BY j.lease_until LIMIT %s", (limit,))
 
-    @_translated
+    @translated
     def stranded(self, max_attempts: int, limit: int) -> list[Job]:
         return self._select(
             "j.status = 'queued' AND j.attempts - j.drains - j.forgiven >= %s ORDER BY j.created_at LIMIT %s",
             (max_attempts, limit),
         )
 
-    @_translated
+    @translated
     def record_dead_letter(self, letter: DeadLetter) -> bool:
         """Keep a dead letter the reconciler drained; ``False`` if it was recorded before (a redelivery)."""
         with self._conn() as conn:

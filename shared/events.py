@@ -27,7 +27,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from shared.db import _translated
+from shared.db import translated
 from shared.errors import BusUnavailable, CropAIError, InvalidMessage
 from shared.telemetry import trace_properties
 
@@ -126,7 +126,7 @@ class EventStore:
         with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             return cur.execute(sql, params).fetchall()
 
-    @_translated
+    @translated
     def unsent(self, job_id: UUID | None, older_than: timedelta, limit: int) -> list[Event]:
         """Events not handed over yet (of ``job_id``, or of any job), created at least ``older_than`` ago, oldest
         first. An event the deliverer has seen counts as handed over (its first attempt marks it)."""
@@ -137,19 +137,19 @@ class EventStore:
         )
         return [Event.model_validate(row) for row in rows]
 
-    @_translated
+    @translated
     def mark_sent(self, event_id: UUID) -> None:
         self._rows(
             "UPDATE job_events SET sent_at = coalesce(sent_at, now()) WHERE event_id = %s RETURNING event_id",
             (event_id,),
         )
 
-    @_translated
+    @translated
     def delivery(self, event_id: UUID) -> Delivery | None:
         rows = self._rows(_DELIVERY, (event_id,))
         return Delivery.model_validate(rows[0]) if rows else None
 
-    @_translated
+    @translated
     def record_attempt(
         self, event_id: UUID, *, status: int | None, error: str | None, delivered: bool, gave_up: bool
     ) -> None:
@@ -170,7 +170,7 @@ class EventStore:
             },
         )
 
-    @_translated
+    @translated
     def summary(self, job_id: UUID) -> dict[str, Any] | None:
         """The webhook part of the job's status view, or ``None`` when the job has no callback."""
         rows = self._rows(_SUMMARY, (job_id,))

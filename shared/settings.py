@@ -76,7 +76,9 @@ class Settings(BaseModel):
     storage_retry_total: int = Field(1, alias="STORAGE_RETRY_TOTAL")
 
     # Worker
-    worker_max_wait_time: float = Field(5.0, alias="WORKER_MAX_WAIT_TIME")
+    # Seconds an idle worker waits on each job queue per receive (jobs-high, then jobs), capped at 0.5
+    # (gpu_worker.inbox.IDLE_WAIT): about the longest an idle worker takes to pick up a job.
+    worker_max_wait_time: float = Field(0.5, alias="WORKER_MAX_WAIT_TIME")
     worker_shutdown_grace: float = Field(30.0, alias="WORKER_SHUTDOWN_GRACE")
     worker_device: str = Field("auto", alias="WORKER_DEVICE")  # auto | cpu | cuda | cuda:N
     worker_heartbeat_file: str = Field("/tmp/crop-ai-worker.heartbeat", alias="WORKER_HEARTBEAT_FILE")

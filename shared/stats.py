@@ -28,7 +28,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, ConfigDict
 
-from shared.db import _translated
+from shared.db import translated
 from shared.errors import TransientError
 from shared.status import Timestamp
 
@@ -201,7 +201,7 @@ class PostgresStats:
     def __init__(self, pool: ConnectionPool) -> None:
         self._pool = pool
 
-    @_translated
+    @translated
     def job_stats(self, alive_within: timedelta) -> JobStats:
         with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             row = cur.execute(_SUMMARY).fetchone()

@@ -11,7 +11,7 @@ from uuid import UUID
 
 from psycopg_pool import ConnectionPool
 
-from shared.db import _translated
+from shared.db import translated
 
 _BEAT = (
     "INSERT INTO workers (worker_id, host, device, current_job) VALUES (%s, %s, %s, %s)"
@@ -24,13 +24,13 @@ class WorkerRegistry:
     def __init__(self, pool: ConnectionPool) -> None:
         self._pool = pool
 
-    @_translated
+    @translated
     def beat(self, worker_id: str, host: str, device: str, current_job: UUID | None) -> None:
         """Insert or refresh the worker's row (``last_beat = now()``; ``started_at`` is kept from the first beat)."""
         with self._pool.connection() as conn:
             conn.execute(_BEAT, (worker_id, host, device, current_job))
 
-    @_translated
+    @translated
     def gone(self, worker_id: str) -> None:
         """Delete the worker's row (a clean exit)."""
         with self._pool.connection() as conn:

@@ -1,4 +1,4 @@
-"""In-memory job store, input store and publisher, for unit tests of pure logic.
+"""In-memory job store, input store, publisher and worker registry, for unit tests of pure logic.
 
 :class:`InMemoryJobStore` is held to the same contract as :class:`shared.db.PostgresJobStore`
 (``tests/contracts/job_store.py`` runs against both): each event checks the source states with
@@ -436,6 +436,35 @@ class RecordingOutbox:
 
     def sweep(self, older_than: timedelta, limit: int) -> int:
         return 0
+
+
+class InMemoryWorkerRegistry:
+    """:class:`shared.workers.WorkerRegistry` in memory: worker id -> (host, device, current job), plus every beat
+    (``wait_for(count)`` until that many); ``failure`` makes it raise."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, tuple[str, str, UUID | None]] = {}
+        self.beats: list[UUID | None] = []
+        self.failure: Exception | None = None
+        self.beaten = threading.Condition()
+
+    def beat(self, worker_id: str, host: str, device: str, current_job: UUID | None) -> None:
+        with self.beaten:
+            self.beats.append(current_job)
+            self.beaten.notify_all()
+        if self.failure is not None:
+            raise self.failure
+        self.rows[worker_id] = (host, device, current_job)
+
+    def gone(self, worker_id: str) -> None:
+        if self.failure is not None:
+            raise self.failure
+        self.rows.pop(worker_id, None)
+
+    def wait_for(self, count: int, timeout: float = 2.0) -> None:
+        """Until ``count`` beats happened; ``timeout`` bounds a hang, it is never a speed claim."""
+        with self.beaten:
+            assert self.beaten.wait_for(lambda: len(self.beats) >= count, timeout)
 
 
 class Refusing:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -23,15 +23,19 @@ from gpu_worker.breaker import Breaker
 from gpu_worker.consumer import AttemptLimits, Consumer
 from gpu_worker.handler import JobHandler
 from gpu_worker.heartbeat import Heartbeat
+from gpu_worker.inbox import PriorityInbox
 from gpu_worker.locks import LostLocks
+from gpu_worker.registry import Presence
 from gpu_worker.settlement import AttemptLost, RetryPolicy
 from gpu_worker.shutdown import Shutdown
 from shared.bus import JobPublisher
 from shared.errors import BusUnavailable
+from shared.events import open_notifier
 from shared.geotiff import Limits
 from shared.jobs import JobStatus
 from shared.messages import JobMessage
 from shared.submission import Upload, submit
+from shared.workers import WorkerRegistry
 from tests.integration.worker_helpers import FIELDS, RGBN, SlowAnalyzer, StackFactory, WorkerStack
 from tests.integration.worker_helpers import stack_factory as stack_factory
 
@@ -64,31 +68,49 @@ def _submit(stack: WorkerStack, publisher: object, key: str = "k-1") -> tuple[Jo
     return outcome.job.status, outcome.created, outcome.job.job_id
 
 
-def _consumer(
-    stack: WorkerStack, receiver: ServiceBusReceiver, analyzer: object, locks: LostLocks, tmp: Path, name: str
-) -> Consumer:
-    settings = stack.settings()
-    return Consumer(
-        receiver,
-        stack.jobs,
-        JobHandler(stack.jobs, stack.store, analyzer),  # type: ignore[arg-type]
-        JobPublisher(stack.client, stack.queues),
-        Shutdown(30),
-        Heartbeat(tmp / f"{name}.heartbeat"),
-        locks,
-        Breaker({"postgres": stack.jobs.ping}, max_interval=1),
-        worker_id=name,
-        retry=RetryPolicy(settings.job_max_attempts, settings.retry_backoff, settings.retry_backoff_max),
-        limits=AttemptLimits(settings.job_lease, settings.job_timeout, 5),
-        max_wait_time=1,
-    )
+WorkerFactory = Callable[..., Consumer]
 
 
 @pytest.fixture
-def receivers(stack: WorkerStack) -> Iterator[list[ServiceBusReceiver]]:
-    opened: list[ServiceBusReceiver] = []
-    yield opened
-    for receiver in opened:
+def worker(stack_factory: StackFactory, tmp_path: Path) -> Iterator[WorkerFactory]:
+    """``worker(stack, name, analyzer, locks, renewer=None)``: a consumer wired as :func:`gpu_worker.app.run` wires
+    it (both job queues, the outbox notifier, a row in ``workers``), on receivers of its own (under ``renewer``)."""
+    receivers: list[ServiceBusReceiver] = []
+    presences: list[Presence] = []
+
+    def make(
+        stack: WorkerStack, name: str, analyzer: object, locks: LostLocks, renewer: AutoLockRenewer | None = None
+    ) -> Consumer:
+        settings = stack.settings()
+        normal, high = (
+            stack.client.get_queue_receiver(queue, auto_lock_renewer=renewer)
+            for queue in (settings.jobs_queue, settings.jobs_high_queue)
+        )
+        receivers.extend((normal, high))
+        presence = Presence(
+            WorkerRegistry(stack.pool), name, "test-host", "cpu", interval=settings.worker_registry_interval
+        ).start()
+        presences.append(presence)
+        return Consumer(
+            PriorityInbox(normal, high, burst=settings.worker_high_priority_burst, wait=settings.worker_max_wait_time),
+            stack.jobs,
+            JobHandler(stack.jobs, stack.store, analyzer),  # type: ignore[arg-type]
+            JobPublisher(stack.client, stack.queues),
+            Shutdown(30),
+            Heartbeat(tmp_path / f"{name}.heartbeat"),
+            locks,
+            Breaker({"postgres": stack.jobs.ping}, max_interval=1),
+            worker_id=name,
+            retry=RetryPolicy(settings.job_max_attempts, settings.retry_backoff, settings.retry_backoff_max),
+            limits=AttemptLimits(settings.job_lease, settings.job_timeout, 5),
+            notifier=open_notifier(stack.pool, stack.client, settings.job_events_queue),
+            presence=presence,
+        )
+
+    yield make
+    for presence in presences:
+        presence.close()
+    for receiver in receivers:
         receiver.close()
 
 
@@ -148,7 +170,7 @@ def test_the_reconciler_racing_a_late_send_runs_the_job_once(
 
 
 def test_two_deliveries_at_once_run_the_job_once(
-    stack: WorkerStack, receivers: list[ServiceBusReceiver], tmp_path: Path, caplog: pytest.LogCaptureFixture
+    stack: WorkerStack, worker: WorkerFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Two workers receive two copies of one job at the same moment: one claims and runs it, the other's claim is
     refused by the live lease and its message completed."""
@@ -158,10 +180,7 @@ def test_two_deliveries_at_once_run_the_job_once(
     assert moved is not None
     stack.send(JobMessage.for_job(moved))
     analyzer = SlowAnalyzer(2)
-    consumers = []
-    for name in ("w1", "w2"):
-        receivers.append(stack.client.get_queue_receiver(stack.queue_name))
-        consumers.append(_consumer(stack, receivers[-1], analyzer, LostLocks(), tmp_path, name))
+    consumers = [worker(stack, name, analyzer, LostLocks()) for name in ("w1", "w2")]
     with caplog.at_level(logging.INFO):
         threads = [threading.Thread(target=c.run, kwargs={"max_jobs": 1}) for c in consumers]
         for t in threads:
@@ -234,7 +253,7 @@ def test_a_crash_between_the_result_write_and_the_settlement_does_not_run_the_jo
 
 
 def test_a_lock_lost_mid_job_lets_the_redelivery_see_the_live_lease(
-    stack_factory: StackFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    stack_factory: StackFactory, worker: WorkerFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Worker A's message lock lapses mid-job (its renewer gives up); the broker redelivers to worker B, whose claim
     is refused because A's lease is alive. A finishes and stores the result; its settlement finds the lock gone."""
@@ -243,13 +262,9 @@ def test_a_lock_lost_mid_job_lets_the_redelivery_see_the_live_lease(
     locks_a = LostLocks()
     renewer = AutoLockRenewer(max_lock_renewal_duration=1, on_lock_renew_failure=locks_a.on_renew_failure)
     analyzer = SlowAnalyzer(6)
-    with (
-        renewer,
-        stack.client.get_queue_receiver(stack.queue_name, auto_lock_renewer=renewer) as receiver_a,
-        stack.client.get_queue_receiver(stack.queue_name) as receiver_b,
-    ):
-        a = _consumer(stack, receiver_a, analyzer, locks_a, tmp_path, "a")
-        b = _consumer(stack, receiver_b, analyzer, LostLocks(), tmp_path, "b")
+    with renewer:
+        a = worker(stack, "a", analyzer, locks_a, renewer)
+        b = worker(stack, "b", analyzer, LostLocks())
         with caplog.at_level(logging.INFO):
             worker_a = threading.Thread(target=a.run, kwargs={"max_jobs": 1})
             worker_a.start()

@@ -43,7 +43,7 @@ def _actions(caplog: pytest.LogCaptureFixture) -> list[tuple[str | None, str | N
     return [
         (getattr(r, "action", None), getattr(r, "reason", None))
         for r in caplog.records
-        if r.name == "gpu_worker.consumer" and hasattr(r, "reason")
+        if r.name == "gpu_worker.settle" and hasattr(r, "reason")
     ]
 
 
@@ -174,7 +174,7 @@ def test_a_failing_attempt_is_retried_with_backoff_without_spending_deliveries(
     assert len(claims) == 3
     assert claims[1] - claims[0] >= 0.9  # RETRY_BACKOFF=PT1S
     assert claims[2] - claims[1] >= 1.9  # doubled
-    with_stack = [r for r in caplog.records if r.name == "gpu_worker.consumer" and r.exc_info]
+    with_stack = [r for r in caplog.records if r.name == "gpu_worker.settle" and r.exc_info]
     assert bool(with_stack) is unexpected  # a bug is logged with its stack trace
     [dead] = stack.dead_letters()
     assert (dead.message_id, dead.dead_letter_reason, dead.delivery_count) == (f"{job_id}:3", "RetriesExhausted", 0)

@@ -89,7 +89,7 @@ def _actions(caplog: pytest.LogCaptureFixture) -> list[tuple[str | None, str | N
     return [
         (getattr(r, "action", None), getattr(r, "reason", None))
         for r in caplog.records
-        if r.name == "gpu_worker.consumer" and hasattr(r, "reason")
+        if r.name == "gpu_worker.settle" and hasattr(r, "reason")
     ]
 
 

@@ -7,7 +7,7 @@ the integration tier's (tests/integration).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -20,13 +20,15 @@ from gpu_worker.breaker import Breaker
 from gpu_worker.consumer import AttemptLimits, Consumer
 from gpu_worker.handler import Checkpoint, JobHandler, Outcome, Reporter
 from gpu_worker.heartbeat import Heartbeat
+from gpu_worker.inbox import PriorityInbox
 from gpu_worker.locks import LostLocks
+from gpu_worker.registry import Presence
 from gpu_worker.settlement import Action, AttemptLost, Cancelled, Interrupted, RetryPolicy
 from gpu_worker.shutdown import Shutdown
 from shared.errors import BusUnavailable, CropAIError, DatabaseUnavailable, InvalidImage, StorageUnavailable
 from shared.jobs import Job, JobStatus
 from shared.messages import JobMessage
-from tests.fakes import InMemoryJobStore, InMemoryPublisher
+from tests.fakes import InMemoryJobStore, InMemoryPublisher, InMemoryWorkerRegistry
 from tests.jobs import claimed, new_job
 
 MAX = 3
@@ -101,15 +103,19 @@ class Notifier:
 
 
 class World:
-    def __init__(self, tmp_path: Path) -> None:
-        self.jobs = InMemoryJobStore()
+    def __init__(self, tmp_path: Path, jobs: InMemoryJobStore) -> None:
+        self.jobs = jobs
         self.publisher = InMemoryPublisher()
-        self.receiver = Receiver()
+        self.receiver = Receiver()  # the messages are handed to the consumer here, not received
         self.handler = Handler(self.jobs)
         self.notifier = Notifier(self.jobs)
+        self.registry = InMemoryWorkerRegistry()
+        self.presence = Presence(self.registry, "w1", "host", "cpu", interval=60).start()
         self.breaker = Breaker({}, max_interval=1, open_because=None)
         self.consumer = Consumer(
-            cast(ServiceBusReceiver, self.receiver),
+            PriorityInbox(
+                cast(ServiceBusReceiver, self.receiver), cast(ServiceBusReceiver, Receiver()), burst=4, wait=0.1
+            ),
             self.jobs,
             self.handler,
             self.publisher,
@@ -120,8 +126,8 @@ class World:
             worker_id="w1",
             retry=RETRY,
             limits=AttemptLimits(lease=timedelta(minutes=5), timeout=timedelta(minutes=10), hard_exit_after=5),
-            max_wait_time=0.1,
             notifier=self.notifier,
+            presence=self.presence,
         )
 
     def process(self, message: Message) -> None:
@@ -140,8 +146,22 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> World:
-    return World(tmp_path)
+def make_world(tmp_path: Path) -> Iterator[Callable[..., World]]:
+    """``make_world(jobs)``: a world on that job store (a subclass that fails where a test needs it)."""
+    worlds: list[World] = []
+
+    def make(jobs: InMemoryJobStore | None = None) -> World:
+        worlds.append(World(tmp_path, jobs if jobs is not None else InMemoryJobStore()))
+        return worlds[-1]
+
+    yield make
+    for world in worlds:
+        world.presence.close()
+
+
+@pytest.fixture
+def world(make_world: Callable[..., World]) -> World:
+    return make_world()
 
 
 def test_a_succeeded_attempt_completes_the_message(world: World) -> None:
@@ -264,10 +284,8 @@ class FailingFail(InMemoryJobStore):
         raise DatabaseUnavailable("connection reset")
 
 
-def test_a_database_outage_while_failing_the_job_abandons_the_message(tmp_path: Path) -> None:
-    world = World(tmp_path)
-    world.jobs = FailingFail()
-    world.consumer._jobs = world.jobs
+def test_a_database_outage_while_failing_the_job_abandons_the_message(make_world: Callable[..., World]) -> None:
+    world = make_world(FailingFail())
     world.handler.error = InvalidImage("bad")
     job = new_job(world.jobs)
     world.deliver(job)
@@ -358,9 +376,11 @@ class FailWriteDownOnce(InMemoryJobStore):
         return super().fail(job_id, attempt, code, message)
 
 
-def test_a_database_outage_at_the_failure_write_waits_for_the_database_then_dead_letters(world: World) -> None:
+def test_a_database_outage_at_the_failure_write_waits_for_the_database_then_dead_letters(
+    make_world: Callable[..., World],
+) -> None:
     jobs = FailWriteDownOnce()
-    world.jobs = world.consumer._jobs = world.handler._jobs_store = jobs
+    world = make_world(jobs)
     world.breaker._probes = {"postgres": lambda: None}  # back by the first probe
     job = new_job(jobs)
     world.handler.error = InvalidImage("not a GeoTIFF")
@@ -375,6 +395,20 @@ def test_the_claim_and_the_settlement_hand_the_job_events_on(world: World) -> No
     world.deliver(job)
     # the claim (job.started), the first report of a stage (job.progress), the succeed (job.succeeded)
     assert world.notifier.flushed == [(job.job_id, "running")] * 2 + [(job.job_id, "succeeded")]
+
+
+def test_the_workers_row_names_the_job_in_hand_until_it_is_settled(world: World) -> None:
+    registry = world.registry
+
+    def beaten(predicate: Callable[[list[UUID | None]], bool]) -> None:
+        with registry.beaten:
+            assert registry.beaten.wait_for(lambda: predicate(registry.beats), 2.0)  # a bound on a hang
+
+    job = new_job(world.jobs)
+    world.handler.before = lambda job, _: beaten(lambda beats: job.job_id in beats)  # while the attempt runs
+    world.deliver(job)
+    beaten(lambda beats: beats[-1] is None)  # idle again once settled
+    assert registry.rows["w1"] == ("host", "cpu", None)
 
 
 def _cancel(world: World, *, seen: bool) -> Callable[[Job, Reporter | None], object]:
@@ -454,9 +488,9 @@ class StopDownOnce(InMemoryJobStore):
         return super().stop(job_id, attempt)
 
 
-def test_a_database_outage_at_the_stop_waits_for_the_database_then_completes(world: World) -> None:
+def test_a_database_outage_at_the_stop_waits_for_the_database_then_completes(make_world: Callable[..., World]) -> None:
     jobs = StopDownOnce()
-    world.jobs = world.consumer._jobs = world.handler._jobs_store = world.notifier.jobs = jobs
+    world = make_world(jobs)
     world.breaker._probes = {"postgres": lambda: None}
     job = new_job(jobs)
     world.handler.before = _cancel(world, seen=True)

@@ -18,7 +18,7 @@ from gpu_worker.progress import STAGES, Progress
 from gpu_worker.settlement import AttemptLost, Cancelled
 from shared.errors import CropAIError, InputMissing, InvalidImage, StorageUnavailable
 from shared.jobs import Job, JobStatus
-from tests.fakes import InMemoryJobStore
+from tests.fakes import InMemoryJobStore, RecordingOutbox
 from tests.jobs import GONE, LEASE, PARAMS, claimed, new_job
 
 DATA = Path(__file__).parents[1] / "data"
@@ -303,7 +303,7 @@ def attempt(jobs: InMemoryJobStore, job: Job, *, interval: float = 1.0) -> tuple
     guard = AttemptGuard(
         jobs, job, lease=LEASE, timeout=timedelta(minutes=5), interrupt=lambda e: None, hard_exit_after=1
     )
-    return guard, Progress(jobs, guard, None, interval=interval)
+    return guard, Progress(jobs, guard, RecordingOutbox(), interval=interval)
 
 
 def test_a_cancel_requested_before_the_upload_publishes_nothing(jobs: InMemoryJobStore, store: MemoryStore) -> None:

@@ -10,8 +10,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import psycopg.errors
@@ -19,13 +19,15 @@ import pytest
 
 from gpu_worker.attempt import AttemptGuard
 from gpu_worker.settlement import TimedOut
-from shared.db import _translated
+from shared.db import translated
 from shared.errors import DatabaseUnavailable, StorageUnavailable
 from shared.jobs import Job, JobStatus
 from shared.reconciler import Policy, Reconciler
 from tests.fakes import InMemoryBlobStore, InMemoryJobStore, InMemoryPublisher
 from tests.jobs import GONE, claimed, new_job
 from tests.unit.test_consumer_settle import MAX, World
+from tests.unit.test_consumer_settle import make_world as make_world
+from tests.unit.test_consumer_settle import world as world
 from tests.unit.test_reconciler import Inbox
 
 pytestmark = pytest.mark.timeout(20)
@@ -36,7 +38,7 @@ def read_only() -> psycopg.errors.ReadOnlySqlTransaction:
 
 
 def test_a_read_only_database_is_translated_to_database_unavailable() -> None:
-    @_translated
+    @translated
     def update() -> None:
         raise read_only()
 
@@ -55,12 +57,11 @@ class FailsFromRelease(InMemoryJobStore):
         return super().release(job_id, attempt, drain=drain)
 
 
-def test_a_read_only_database_during_the_settlement_still_settles_the_message(tmp_path: Path) -> None:
-    world = World(tmp_path)
+def test_a_read_only_database_during_the_settlement_still_settles_the_message(
+    make_world: Callable[..., World],
+) -> None:
     jobs = FailsFromRelease()
-    world.jobs = jobs
-    world.consumer._jobs = jobs
-    world.handler._jobs_store = jobs
+    world = make_world(jobs)
     job = new_job(jobs)
     world.handler.error = StorageUnavailable("throttled")
     jobs.release_error = read_only()
@@ -116,8 +117,7 @@ def test_one_step_hitting_an_untranslated_database_error_does_not_stop_the_other
     assert inbox.asked == [10]  # the dead-letter step still ran
 
 
-def test_a_job_that_raises_system_exit_is_not_retried_for_ever(tmp_path: Path) -> None:
-    world = World(tmp_path)
+def test_a_job_that_raises_system_exit_is_not_retried_for_ever(world: World) -> None:
     job = new_job(world.jobs)
     world.handler.error = SystemExit(1)  # e.g. a library calling sys.exit() on this input
     for _ in range(4 * MAX):

@@ -148,10 +148,12 @@ def test_a_failed_receive_passes_through_and_the_next_round_waits_long_enough_to
     assert world.log == [("high", IDLE_WAIT)]
 
 
-def test_one_queue_only_waits_the_whole_wait() -> None:
+def test_a_wait_below_the_cap_is_what_an_idle_round_waits_on_each_queue() -> None:
+    """``WORKER_MAX_WAIT_TIME`` under ``IDLE_WAIT`` (above it, the cap: the other tests' 5 s waits 0.5 s)."""
     log: list[tuple[str, float]] = []
-    normal = Receiver("normal", log, Message("n1"))
-    inbox = PriorityInbox(cast(ServiceBusReceiver, normal), wait=5.0)
+    high, normal = Receiver("high", log), Receiver("normal", log, Message("n1"))
+    inbox = PriorityInbox(cast(ServiceBusReceiver, normal), cast(ServiceBusReceiver, high), burst=2, wait=0.1)
     assert inbox.receive() is not None
-    assert inbox.receive() is None
-    assert log == [("normal", 5.0), ("normal", 5.0)]
+    assert inbox.receive() is None  # busy: a quick look at each
+    assert inbox.receive() is None  # idle
+    assert log == [("high", 0.1), ("normal", 0.1), ("high", QUICK), ("normal", QUICK), ("high", 0.1), ("normal", 0.1)]

@@ -3,48 +3,20 @@ worker; a clean exit deletes the row. (On PostgreSQL: tests/integration/test_wor
 
 from __future__ import annotations
 
-import threading
 import time
-from uuid import UUID, uuid4
+from uuid import uuid4
 
 import pytest
 
 from gpu_worker.registry import Presence
 from shared.errors import DatabaseUnavailable
+from tests.fakes import InMemoryWorkerRegistry
 
 pytestmark = pytest.mark.timeout(10)
-WAIT = 2.0  # a bound on a hang, never a speed claim
-
-
-class Registry:
-    """The workers table in memory: worker id -> (host, device, current job), plus every beat."""
-
-    def __init__(self) -> None:
-        self.rows: dict[str, tuple[str, str, UUID | None]] = {}
-        self.beats: list[UUID | None] = []
-        self.failure: Exception | None = None
-        self.beaten = threading.Condition()
-
-    def beat(self, worker_id: str, host: str, device: str, current_job: UUID | None) -> None:
-        with self.beaten:
-            self.beats.append(current_job)
-            self.beaten.notify_all()
-        if self.failure is not None:
-            raise self.failure
-        self.rows[worker_id] = (host, device, current_job)
-
-    def gone(self, worker_id: str) -> None:
-        if self.failure is not None:
-            raise self.failure
-        self.rows.pop(worker_id, None)
-
-    def wait_for(self, count: int) -> None:
-        with self.beaten:
-            assert self.beaten.wait_for(lambda: len(self.beats) >= count, WAIT)
 
 
 def test_the_row_appears_at_start_names_the_job_in_hand_at_once_and_goes_on_close() -> None:
-    registry = Registry()
+    registry = InMemoryWorkerRegistry()
     presence = Presence(registry, "host-1:42", "host-1", "cuda:0 (NVIDIA H100)", interval=60).start()
     registry.wait_for(1)
     assert registry.rows == {"host-1:42": ("host-1", "cuda:0 (NVIDIA H100)", None)}
@@ -60,7 +32,7 @@ def test_the_row_appears_at_start_names_the_job_in_hand_at_once_and_goes_on_clos
 
 
 def test_it_beats_every_interval() -> None:
-    registry = Registry()
+    registry = InMemoryWorkerRegistry()
     presence = Presence(registry, "w", "h", "cpu", interval=0.05).start()
     started = time.monotonic()
     registry.wait_for(4)
@@ -69,7 +41,7 @@ def test_it_beats_every_interval() -> None:
 
 
 def test_database_errors_are_logged_once_and_never_stop_the_beats(caplog: pytest.LogCaptureFixture) -> None:
-    registry = Registry()
+    registry = InMemoryWorkerRegistry()
     registry.failure = DatabaseUnavailable("connection refused")
     presence = Presence(registry, "w", "h", "cpu", interval=0.02).start()
     registry.wait_for(5)
