@@ -2,7 +2,8 @@
 
 ``GET``: ``?limit=`` (1 to 1000, default 100), ``reason=``, ``action=`` (redrive | failed | none); newest first.
 ``POST .../replay``: a JSON body ``{"reason"?: str, "limit"?: int}`` (or the same in the query) → 200
-``{"replayed": [job ids], "skipped": n}``. A bad parameter is 400 ``invalid_filter`` naming it.
+``{"replayed": [job ids], "skipped": n}``. A bad parameter is 400 ``invalid_filter`` naming it; so is a body that is
+not a JSON object, nests too deep, or is over 4 KiB.
 """
 
 from __future__ import annotations

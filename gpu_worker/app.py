@@ -90,7 +90,11 @@ def run(settings: Settings, *, analyzer: Analyzer | None = None, max_jobs: int |
             ).start()
             consumer = Consumer(
                 PriorityInbox(
-                    normal, high, burst=settings.worker_high_priority_burst, wait=settings.worker_max_wait_time
+                    normal,
+                    high,
+                    burst=settings.worker_high_priority_burst,
+                    wait=settings.worker_max_wait_time,
+                    locks=locks,
                 ),
                 jobs,
                 JobHandler(jobs, store, analyzer),

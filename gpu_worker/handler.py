@@ -71,16 +71,6 @@ class Reporter(Protocol):
         ...
 
 
-class _Unreported:
-    """No progress is recorded: each report is only a checkpoint."""
-
-    def __init__(self, checkpoint: Checkpoint) -> None:
-        self._checkpoint = checkpoint
-
-    def report(self, stage: str, fraction: float = 0.0) -> None:
-        self._checkpoint.check()
-
-
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -96,14 +86,13 @@ class JobHandler:
         self._analyzer = analyzer
         self._tmp_dir = tmp_dir
 
-    def run(self, job: Job, checkpoint: Checkpoint, progress: Reporter | None = None) -> Outcome:
-        """Run the attempt; ``progress`` records its stages (``None``: only the checkpoints are checked)."""
-        reporter = progress or _Unreported(checkpoint)
+    def run(self, job: Job, checkpoint: Checkpoint, progress: Reporter) -> Outcome:
+        """Run the attempt; ``progress`` records its stages (each report is a checkpoint too)."""
         job_id, attempt = job.job_id, job.attempts
         with tempfile.TemporaryDirectory(prefix=f"crop-ai-{job_id}-{attempt}-", dir=self._tmp_dir) as tmp:
             workdir = Path(tmp)
             image = workdir / "input.tif"
-            reporter.report("download")
+            progress.report("download")
             self._store.download_input(job.input_blob, image)
             actual = sha256_of(image)
             if actual != job.input_sha256:
@@ -113,13 +102,13 @@ class JobHandler:
             checkpoint.check()
             params = job.params
             bands, scale = list(params["bands"]), params["scale"]
-            request = AnalysisRequest(params["analysis"], bands, scale, progress=reporter.report)
+            request = AnalysisRequest(params["analysis"], bands, scale, progress=progress.report)
             outdir = workdir / "out"
             outdir.mkdir()
             output = self._analyzer.analyse(image, request, outdir)
-            reporter.report("upload")  # written at once: a cancellation requested by now uploads nothing
+            progress.report("upload")  # written at once: a cancellation requested by now uploads nothing
             checkpoint.check()
-            outputs = self._upload(job, output, reporter)
+            outputs = self._upload(job, output, progress)
             result = {**output.result, "attempt": attempt, "outputs": outputs}
         if self._jobs.succeed(job_id, attempt, result) is None:
             current = self._jobs.get(job_id)

@@ -16,8 +16,13 @@ must settle it:
 A receive that times out leaves its link's credit with the broker (the SDK grants one message of credit per receive
 and keeps what was not used; Azure/azure-sdk-for-python#35591). The broker would then lock the next message of that
 queue into this worker's buffer while it runs a job from the other queue, where no other worker can take it until
-its lock runs out. So after an empty receive the credit is taken back (:func:`_revoke_credit`). A message that
-arrives anyway, and whose lock ran out while it waited in the buffer, is skipped: the broker has redelivered it.
+its lock runs out. So after an empty receive the credit is taken back (:meth:`PriorityInbox._revoke_credit`). The
+SDK has no public call for it, so this reaches into its internals (``receiver._handler._link``); if a new SDK
+version moves them, the credit stays (as without this call) and a warning says so once per inbox
+(``action=credit_revoke_unavailable``); ``tests/integration/test_worker_api.py`` checks the path on the installed SDK.
+A message that arrives anyway, and whose lock ran out while it waited in the buffer, is skipped: the broker has
+redelivered it. The receiver registered it with the ``AutoLockRenewer`` all the same, so it is forgotten in
+:class:`~gpu_worker.locks.LostLocks`, where its failed renewal may have recorded it.
 After a failed receive (a connection lost), the next round waits ``wait`` on each queue: reopening a link takes
 longer than ``QUICK``.
 """
@@ -31,6 +36,8 @@ from typing import Any
 
 from azure.servicebus import ServiceBusReceivedMessage, ServiceBusReceiver
 from azure.servicebus.exceptions import ServiceBusError
+
+from gpu_worker.locks import LostLocks
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +53,16 @@ class Received:
 
 
 class PriorityInbox:
-    def __init__(self, normal: ServiceBusReceiver, high: ServiceBusReceiver, *, burst: int, wait: float) -> None:
-        """``burst``: ``WORKER_HIGH_PRIORITY_BURST``; ``wait``: ``WORKER_MAX_WAIT_TIME``, capped at ``IDLE_WAIT``."""
+    def __init__(
+        self, normal: ServiceBusReceiver, high: ServiceBusReceiver, *, burst: int, wait: float, locks: LostLocks
+    ) -> None:
+        """``burst``: ``WORKER_HIGH_PRIORITY_BURST``; ``wait``: ``WORKER_MAX_WAIT_TIME``, capped at ``IDLE_WAIT``;
+        ``locks``: the renewer's record of lost locks, where a skipped message is forgotten."""
         self._normal = normal
         self._high = high
         self._burst = burst
+        self._locks = locks
+        self._credit_warned = False  # the SDK's internals were not where _revoke_credit looks (logged once)
         self._wait = min(wait, IDLE_WAIT)
         self._streak = 0  # high-priority messages in a row
         self._idle = True  # the last round found both queues empty, or failed: wait longer
@@ -81,25 +93,40 @@ class PriorityInbox:
             self._streak = 0
             raise
         if not batch:
-            _revoke_credit(receiver)
+            self._revoke_credit(receiver)
             return None
         [message] = batch
         locked_until = message.locked_until_utc
         if locked_until is not None and locked_until <= datetime.now(UTC):
+            self._locks.forget(message)
             extra = {"message_id": message.message_id, "action": "skip_expired_lock"}
             logger.warning("message %s: its lock ran out in the buffer; the broker redelivers it", message.message_id,
                            extra=extra)  # fmt: skip
             return None
         return Received(message, receiver, priority)
 
+    def _revoke_credit(self, receiver: ServiceBusReceiver) -> None:
+        """Take back the credit an empty receive left on the link (a flow with link-credit 0, which AMQP allows a
+        receiver at any time), through the SDK's AMQP link (:func:`link_of`)."""
+        link = link_of(receiver)
+        if link is None:
+            if not self._credit_warned:
+                self._credit_warned = True
+                logger.warning("the Service Bus SDK's receiver has no _handler._link with current_link_credit and "
+                               "flow: link credit is not taken back after an empty receive (a new SDK version?)",
+                               extra={"action": "credit_revoke_unavailable"})  # fmt: skip
+            return
+        try:
+            if link.current_link_credit > 0:
+                link.flow(link_credit=0)
+        except Exception:  # a link closed meanwhile: the credit stays, as without this call
+            logger.debug("could not take back the link credit", exc_info=True)
 
-def _revoke_credit(receiver: ServiceBusReceiver) -> None:
-    """Take back the credit an empty receive left on the link (a flow with link-credit 0, which AMQP allows a
-    receiver at any time). The SDK has no public call for it: this reaches its AMQP link, and does nothing (but log)
-    where the SDK's internals differ."""
-    link: Any = getattr(getattr(receiver, "_handler", None), "_link", None)
-    try:
-        if link is not None and link.current_link_credit > 0:
-            link.flow(link_credit=0)
-    except Exception:  # an SDK change, a closed link: the credit stays, as without this call
-        logger.debug("could not take back the link credit", exc_info=True)
+
+def link_of(receiver: ServiceBusReceiver) -> Any | None:
+    """The AMQP link of an open receiver (``azure-servicebus`` 7.15's pyamqp ``ReceiverLink``), or ``None`` where the
+    SDK's internals differ: a ``_handler`` with a ``_link`` that has ``current_link_credit`` and ``flow``."""
+    link = getattr(getattr(receiver, "_handler", None), "_link", None)
+    if not hasattr(link, "current_link_credit") or not callable(getattr(link, "flow", None)):
+        return None
+    return link

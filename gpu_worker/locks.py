@@ -6,6 +6,12 @@ a lock outlives any attempt that is allowed to run. If a renewal fails anyway (t
 is settled by nobody here: the broker redelivers it, and the job's row (its lease, its attempt) decides what the
 redelivery does. :meth:`LostLocks.on_renew_failure` is the renewer's ``on_lock_renew_failure`` (called from its
 threads).
+
+A lock token is remembered only while its lock has not run out by its own time (after that :meth:`LostLocks.lost`
+says so without it), and forgotten once the message is left to the broker: settled (:mod:`gpu_worker.settle`) or
+skipped because its lock ran out in the receive buffer (:mod:`gpu_worker.inbox`). So the set holds at most the
+messages in hand: a failure reported after a message was forgotten (the renewer finds a skipped message's lock run
+out after the inbox has skipped it) adds nothing.
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ class LostLocks:
         self, renewable: ServiceBusReceivedMessage | ServiceBusSession, error: Exception | None
     ) -> None:
         message_id = getattr(renewable, "message_id", None)
-        with self._lock:
-            self._lost.add(str(getattr(renewable, "lock_token", "")))
+        if not _ran_out(renewable):
+            with self._lock:
+                self._lost.add(str(getattr(renewable, "lock_token", "")))
         logger.warning(
             "lock renewal failed for message %s: %s",
             message_id,
@@ -42,9 +49,14 @@ class LostLocks:
         with self._lock:
             if str(message.lock_token) in self._lost:
                 return True
-        locked_until = message.locked_until_utc
-        return locked_until is not None and locked_until <= datetime.now(UTC)
+        return _ran_out(message)
 
     def forget(self, message: ServiceBusReceivedMessage) -> None:
+        """The message is left to the broker: its token is no longer needed."""
         with self._lock:
             self._lost.discard(str(message.lock_token))
+
+
+def _ran_out(renewable: ServiceBusReceivedMessage | ServiceBusSession) -> bool:
+    locked_until = renewable.locked_until_utc
+    return locked_until is not None and locked_until <= datetime.now(UTC)

@@ -67,7 +67,6 @@ class Progress:
         self._last_write = -float("inf")
         self._paused_until = -float("inf")
         self._logged: set[str] = set()  # stages whose write failure was logged
-        self.writes = 0
         self._extra = {"job_id": str(guard.job_id), "attempt": guard.attempt}
 
     def report(self, stage: str, fraction: float = 0.0) -> None:
@@ -96,7 +95,6 @@ class Progress:
             return
         self._last_write = now
         self._written = max(self._written, _ORDER[stage])
-        self.writes += 1
         logger.debug("job %s: %s %.0f%%", job_id, stage, 100 * fraction,
                      extra={**self._extra, "action": "progress", "stage": stage, "notify": notify})  # fmt: skip
         self._guard.observe(job)

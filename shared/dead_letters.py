@@ -25,6 +25,7 @@ from shared.submission import Publisher
 log = logging.getLogger(__name__)
 
 MAX_LIMIT = 1000
+MAX_BODY_BYTES = 4096  # a replay's body is {"reason", "limit"}: far less
 
 
 class DeadLetterQuery(BaseModel):
@@ -66,13 +67,18 @@ def query(params: Mapping[str, str]) -> DeadLetterQuery:
 
 
 def replay_request(params: Mapping[str, str], body: bytes) -> ReplayRequest:
-    """A replay's parameters: the JSON body's members over the query's, or ``invalid_filter``."""
+    """A replay's parameters: the JSON body's members over the query's, or ``invalid_filter`` (a body that is not
+    JSON, nests too deep to parse, or is over :data:`MAX_BODY_BYTES`)."""
     values: dict[str, object] = _known(ReplayRequest, params)
+    if len(body) > MAX_BODY_BYTES:
+        raise Rejected("invalid_filter", f"the body is over {MAX_BODY_BYTES} bytes")
     if body.strip():
         try:
             members = json.loads(body)
         except ValueError as e:
             raise Rejected("invalid_filter", f"the body is not JSON: {e}") from e
+        except RecursionError as e:  # nested deeper than the parser's recursion limit
+            raise Rejected("invalid_filter", "the body nests too deep") from e
         if not isinstance(members, dict):
             raise Rejected("invalid_filter", 'the body must be a JSON object such as {"reason": "...", "limit": 100}')
         values.update(members)

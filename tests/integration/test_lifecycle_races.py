@@ -92,7 +92,9 @@ def worker(stack_factory: StackFactory, tmp_path: Path) -> Iterator[WorkerFactor
         ).start()
         presences.append(presence)
         return Consumer(
-            PriorityInbox(normal, high, burst=settings.worker_high_priority_burst, wait=settings.worker_max_wait_time),
+            PriorityInbox(
+                normal, high, burst=settings.worker_high_priority_burst, wait=settings.worker_max_wait_time, locks=locks
+            ),
             stack.jobs,
             JobHandler(stack.jobs, stack.store, analyzer),  # type: ignore[arg-type]
             JobPublisher(stack.client, stack.queues),
@@ -214,13 +216,18 @@ def test_h3_a_taken_over_attempt_can_neither_store_its_result_nor_overwrite_the_
             return AnalysisOutput(result={"ran": True}, files={"ndvi": (out, "image/tiff")})
 
     class Never:
+        """Neither checks nor reports: attempt 1 stalled, it never looked."""
+
         def check(self) -> None:
-            pass  # attempt 1 stalled: it never looked
+            pass
+
+        def report(self, stage: str, fraction: float = 0.0) -> None:
+            pass
 
     handler = JobHandler(stack.jobs, stack.store, Files())  # type: ignore[arg-type]
-    handler.run(second, Never())
+    handler.run(second, Never(), Never())
     with pytest.raises(AttemptLost):
-        handler.run(first, Never())
+        handler.run(first, Never(), Never())
     job = stack.job(message.job_id)
     assert job.status is JobStatus.SUCCEEDED
     assert job.result is not None

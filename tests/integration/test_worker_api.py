@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -24,6 +25,8 @@ import pytest
 from gpu_worker import app
 from gpu_worker.analysis import AnalysisOutput, AnalysisRequest
 from gpu_worker.app import run
+from gpu_worker.inbox import PriorityInbox, link_of
+from gpu_worker.locks import LostLocks
 from shared.bus import JobPublisher
 from shared.jobs import Callback, Job, JobStatus, Priority
 from shared.storage import BlobStore
@@ -33,7 +36,6 @@ from tests.integration.worker_helpers import stack_factory as stack_factory
 pytestmark = pytest.mark.integration
 
 WAIT = 30.0  # seconds: a bound on a hang, never a speed claim
-CANCEL_BOUND = 3.0  # seconds from the request to the stopped job: the progress interval (1 s) plus a checkpoint
 
 
 @pytest.fixture
@@ -126,12 +128,12 @@ def test_progress_is_visible_while_a_slow_job_runs_and_its_writes_are_throttled(
     writes = [r for r in caplog.records if getattr(r, "action", None) == "progress"]
     new_stages = [getattr(r, "stage", None) for r in writes if getattr(r, "notify", False)]
     assert new_stages == ["download", "decode", "indices", "upload"]
-    within = [r.created for r in writes if not getattr(r, "notify", False)]
-    assert 2 <= len(within) <= 3  # 3 s of "indices" reported every 50 ms (60 reports): about one write a second
-    assert all(later - earlier >= 0.99 for earlier, later in itertools.pairwise(within))
-    assert len(writes) <= 7
     indices = [p for p in seen if p["stage"] == "indices"]
     assert len(indices) >= 2  # the client saw it move
+    # Reported every 50 ms, written at most once a second: the rows the client read are an interval apart (a slower
+    # machine only widens the gaps; the margin covers the throttle's clock read to the row's updated_at).
+    written = [datetime.fromisoformat(p["updated_at"]) for p in indices]
+    assert all((later - earlier).total_seconds() >= 0.9 for earlier, later in itertools.pairwise(written))
     assert [p["fraction"] for p in indices] == sorted(p["fraction"] for p in indices)
     assert all(datetime.fromisoformat(p["updated_at"]).utcoffset() is not None for p in seen)
     # Only a stage's first write notifies: one job.progress event per stage, in the outbox with the transitions.
@@ -141,33 +143,38 @@ def test_progress_is_visible_while_a_slow_job_runs_and_its_writes_are_throttled(
     ]  # fmt: skip
 
 
-def test_cancel_of_a_running_job_on_a_slow_analysis_stops_within_the_bound(
+def test_cancel_of_a_running_job_on_a_slow_analysis_stops_at_its_next_checkpoint(
     stack: WorkerStack, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """(The cancel-to-stop latency is bench/worker_latency.py's.)"""
     job_id = stack.submit(FIELDS.read_bytes())
     analyzer = SlowAnalyzer(60)
-    requested: list[float] = []
+    requested: list[float] = []  # time.time(), the clock of the log records
 
     def cancel() -> None:  # DELETE /api/jobs/{id} while the analysis runs
         until(stack, job_id, lambda j: j.progress is not None and j.progress["stage"] == "indices")
         assert stack.jobs.request_cancel(job_id) is not None
-        requested.append(time.monotonic())
+        requested.append(time.time())
 
-    with meanwhile(cancel), caplog.at_level(logging.INFO):
+    with (
+        meanwhile(cancel),
+        caplog.at_level(logging.INFO),
+        caplog.at_level(logging.DEBUG, logger="gpu_worker.progress"),
+    ):
         run(stack.settings(), analyzer=analyzer, max_jobs=1)
-    returned_after = time.monotonic() - requested[0]
 
     job = stack.job(job_id)
     assert (job.status, job.result, job.error_code, analyzer.finished) == (JobStatus.CANCELLED, None, None, 0)
     assert job.finished_at is not None
     assert job.cancel_requested_at is not None
-    stopped_after = (job.finished_at - job.cancel_requested_at).total_seconds()
-    assert stopped_after < CANCEL_BOUND, f"stopped {stopped_after:.2f} s after the request"
-    assert returned_after < CANCEL_BOUND + 2  # ... and the worker moved on (settled, closed) soon after
+    # Stopped at a checkpoint: of the progress writes (one a second) after the request, at most the one in flight as
+    # it came and the next, which saw it (unless a lease renewal saw it first).
+    actions = [(getattr(r, "action", None), r.created) for r in caplog.records]
+    assert len([at for action, at in actions if action == "progress" and at >= requested[0]]) <= 2
+    assert [action for action, _ in actions].count("cancel_seen") == 1
     assert stack.results(job_id) == set()  # nothing published
-    assert (stack.queued(), stack.dead_letters()) == ([], [])  # the message was completed
+    assert (stack.queued(), stack.dead_letters()) == ([], [])  # the message was completed: the worker moved on
     assert ("complete", "Cancelled") in _actions(caplog)
-    logging.getLogger(__name__).info("cancel-to-stop latency %.3f s", stopped_after)
 
 
 class Files:
@@ -255,6 +262,23 @@ def test_a_steady_high_priority_stream_does_not_starve_normal_jobs(stack: Worker
     assert kinds == ["high", "high", "normal"] * 2 + ["high", "high"]  # a normal job every burst + 1 jobs
 
 
+class UntilReleased:
+    """Runs until ``release`` is set (at most ``WAIT``), reporting progress meanwhile (each report a checkpoint);
+    ``released``: whether the release, not the limit, ended it."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.released = False
+
+    def analyse(self, image_path: Path, request: AnalysisRequest, workdir: Path) -> AnalysisOutput:
+        request.progress("decode", 0.0)
+        deadline = time.monotonic() + WAIT
+        while not (released := self.release.wait(0.05)) and time.monotonic() < deadline:
+            request.progress("indices", 0.5)
+        self.released = released
+        return AnalysisOutput(result={"analysis": request.analysis})
+
+
 def _rows(stack: WorkerStack) -> list[dict[str, Any]]:
     with stack.pool.connection() as conn, conn.cursor() as cur:
         cur.execute("SELECT worker_id, host, device, current_job, started_at, last_beat FROM workers")
@@ -271,9 +295,11 @@ def _row_where(stack: WorkerStack, match: Callable[[dict[str, Any]], bool]) -> d
     return row
 
 
-def test_the_worker_row_names_the_job_in_hand_and_goes_on_exit_and_an_idle_worker_takes_high_priority_at_once(
+def test_the_worker_row_names_the_job_in_hand_and_goes_on_exit_and_an_idle_worker_takes_high_priority(
     stack: WorkerStack,
 ) -> None:
+    """(How soon an idle worker picks a job up: bench/worker_latency.py; the idle waits it is bounded by:
+    tests/unit/test_worker_inbox.py.)"""
     seen: dict[str, Any] = {}
     client = Client(stack)
     first = client.submit("high")  # a first job, which also opens the client's sender to jobs-high
@@ -283,11 +309,8 @@ def test_the_worker_row_names_the_job_in_hand_and_goes_on_exit_and_an_idle_worke
         until(stack, first, lambda j: j.status.terminal)
         seen["idle"] = _row_where(stack, lambda r: r["current_job"] is None)
         time.sleep(1.0)  # the worker idles, polling both queues
-        sent = datetime.now(UTC)
         job_id = client.submit("high")
-        job = until(stack, job_id, lambda j: j.started_at is not None)
-        assert job.started_at is not None
-        seen["pickup"] = (job.started_at - sent).total_seconds()
+        until(stack, job_id, lambda j: j.started_at is not None)
         seen["busy"] = _row_where(stack, lambda r: r["current_job"] == job_id)
         seen["ids"] = (busy_first["worker_id"], job_id)
 
@@ -300,8 +323,6 @@ def test_the_worker_row_names_the_job_in_hand_and_goes_on_exit_and_an_idle_worke
     assert worker_id.startswith(idle["host"] + ":")
     assert busy["last_beat"] > idle["last_beat"]
     assert _rows(stack) == []  # a clean exit deletes the row
-    assert seen["pickup"] < 1.0, f"an idle worker took {seen['pickup']:.2f} s to start a high-priority job"
-    logging.getLogger(__name__).info("idle high-priority pick-up latency %.3f s", seen["pickup"])
 
 
 def test_a_busy_worker_holds_no_message_of_the_other_queue(stack: WorkerStack) -> None:
@@ -310,20 +331,35 @@ def test_a_busy_worker_holds_no_message_of_the_other_queue(stack: WorkerStack) -
     lock the message into this worker's buffer (where nobody could take it until its lock ran out)."""
     client = Client(stack)
     normal = client.submit()
-    taken: list[float] = []
+    analyzer = UntilReleased()
 
     def another_worker() -> None:
-        until(stack, normal, lambda j: j.status is JobStatus.RUNNING)
-        client.submit("high")
-        started = time.monotonic()
-        with stack.client.get_queue_receiver(stack.queues["high"]) as receiver:
-            messages = receiver.receive_messages(max_message_count=1, max_wait_time=5)
-            taken.append(time.monotonic() - started)
-            for message in messages:
-                receiver.abandon_message(message)  # left for the queue; this test's worker has exited by then
-        assert messages, "the high-priority message was locked away in the busy worker's buffer"
+        try:
+            until(stack, normal, lambda j: j.status is JobStatus.RUNNING)
+            client.submit("high")
+            with stack.client.get_queue_receiver(stack.queues["high"]) as receiver:
+                messages = receiver.receive_messages(max_message_count=1, max_wait_time=5)
+                for message in messages:
+                    receiver.abandon_message(message)  # left for the queue; this test's worker has exited by then
+            assert messages, "the high-priority message was locked away in the busy worker's buffer"
+        finally:
+            analyzer.release.set()  # only now may the busy worker's job end (and its links close)
 
     with meanwhile(another_worker):
-        run(stack.settings(), analyzer=SlowAnalyzer(3.0), max_jobs=1)
-    assert taken[0] < 2.0
-    assert stack.job(normal).status is JobStatus.SUCCEEDED
+        run(stack.settings(), analyzer=analyzer, max_jobs=1)
+    assert (stack.job(normal).status, analyzer.released) == (JobStatus.SUCCEEDED, True)
+
+
+def test_the_installed_sdk_has_the_link_whose_credit_the_inbox_takes_back(stack: WorkerStack) -> None:
+    """The SDK has no public call to take back link credit: the inbox reaches ``receiver._handler._link``. On the
+    installed azure-servicebus an open receiver has that link, an empty receive leaves credit on it, and the inbox
+    takes the credit back. A new SDK version that moves these internals fails here."""
+    with stack.client.get_queue_receiver(stack.queues["high"]) as receiver:
+        inbox = PriorityInbox(receiver, receiver, burst=1, wait=0.1, locks=LostLocks())
+        assert receiver.receive_messages(max_message_count=1, max_wait_time=0.1) == []
+        link = link_of(receiver)
+        assert link is not None, f"azure-servicebus {version('azure-servicebus')} has no receiver._handler._link"
+        assert link.current_link_credit > 0  # what the empty receive left with the broker
+        assert inbox.receive() is None
+        assert link_of(receiver) is link
+        assert link.current_link_credit == 0  # type: ignore[union-attr]

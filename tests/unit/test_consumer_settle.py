@@ -75,13 +75,12 @@ class Handler(JobHandler):
         self._jobs_store = jobs
         self.error = error
         self.runs: list[int] = []
-        self.before: Callable[[Job, Reporter | None], object] | None = None  # inside the attempt, before its outcome
+        self.before: Callable[[Job, Reporter], object] | None = None  # inside the attempt, before its outcome
 
-    def run(self, job: Job, checkpoint: Checkpoint, progress: Reporter | None = None) -> Outcome:
+    def run(self, job: Job, checkpoint: Checkpoint, progress: Reporter) -> Outcome:
         self.runs.append(job.attempts)
         checkpoint.check()
-        if progress is not None:
-            progress.report("download")
+        progress.report("download")
         if self.before is not None:
             self.before(job, progress)
         if self.error is not None:
@@ -112,16 +111,21 @@ class World:
         self.registry = InMemoryWorkerRegistry()
         self.presence = Presence(self.registry, "w1", "host", "cpu", interval=60).start()
         self.breaker = Breaker({}, max_interval=1, open_because=None)
+        locks = LostLocks()
         self.consumer = Consumer(
             PriorityInbox(
-                cast(ServiceBusReceiver, self.receiver), cast(ServiceBusReceiver, Receiver()), burst=4, wait=0.1
+                cast(ServiceBusReceiver, self.receiver),
+                cast(ServiceBusReceiver, Receiver()),
+                burst=4,
+                wait=0.1,
+                locks=locks,
             ),
             self.jobs,
             self.handler,
             self.publisher,
             Shutdown(grace=300),
             Heartbeat(tmp_path / "hb"),
-            LostLocks(),
+            locks,
             self.breaker,
             worker_id="w1",
             retry=RETRY,
@@ -411,12 +415,12 @@ def test_the_workers_row_names_the_job_in_hand_until_it_is_settled(world: World)
     assert registry.rows["w1"] == ("host", "cpu", None)
 
 
-def _cancel(world: World, *, seen: bool) -> Callable[[Job, Reporter | None], object]:
+def _cancel(world: World, *, seen: bool) -> Callable[[Job, Reporter], object]:
     """A cancellation requested through the API while the attempt runs; ``seen``: a progress report saw it."""
 
-    def cancel(job: Job, progress: Reporter | None) -> None:
+    def cancel(job: Job, progress: Reporter) -> None:
         assert world.jobs.request_cancel(job.job_id) is not None
-        if seen and progress is not None:
+        if seen:
             cast(Any, progress)._interval = 0  # the next report is written, and returns the cancelled row
             progress.report("decode")
 
@@ -464,10 +468,10 @@ def test_an_attempt_that_fails_while_its_job_is_being_cancelled_is_stopped(
     )
 
 
-def _cancel_then_raise(world: World, error: BaseException) -> Callable[[Job, Reporter | None], object]:
+def _cancel_then_raise(world: World, error: BaseException) -> Callable[[Job, Reporter], object]:
     """The guard sees the cancellation (a renewal or a report did), then the attempt fails before a checkpoint."""
 
-    def run(job: Job, progress: Reporter | None) -> None:
+    def run(job: Job, progress: Reporter) -> None:
         assert world.jobs.request_cancel(job.job_id) is not None
         guard = cast(Any, progress)._guard
         guard.observe(world.jobs.get(job.job_id))
@@ -503,7 +507,7 @@ def test_a_database_outage_at_the_stop_waits_for_the_database_then_completes(mak
 def test_a_cancelled_attempt_whose_job_the_reconciler_ended_completes(world: World) -> None:
     job = new_job(world.jobs)
 
-    def stalled_past_its_lease(job: Job, progress: Reporter | None) -> None:
+    def stalled_past_its_lease(job: Job, progress: Reporter) -> None:
         assert world.jobs.request_cancel(job.job_id) is not None
         expired = world.job(job).model_copy(update={"lease_until": datetime.now(UTC) - timedelta(seconds=1)})
         world.jobs._jobs[job.job_id] = expired

@@ -6,32 +6,20 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import timedelta
 
 import pytest
 
 from functions import deps
 from shared.control import ROUNDS, cancel
 from shared.errors import BusUnavailable, DatabaseUnavailable
-from shared.jobs import Job, JobStatus, Priority
+from shared.jobs import Callback, Job, JobStatus, Priority
 from shared.submission import input_blob_name
 from tests.contracts.api_store import JobApiStoreContract
-from tests.fakes import InMemoryJobStore
+from tests.fakes import InMemoryJobStore, RecordingOutbox
 from tests.functions_client import body
 from tests.job_api_client import cancel_job, retry_job
 from tests.jobs import PARAMS, claimed, new_job
 from tests.unit.test_functions import World, assert_problem
-
-
-class RecordingOutbox:
-    def __init__(self) -> None:
-        self.flushed: list[uuid.UUID] = []
-
-    def flush(self, job_id: uuid.UUID) -> None:
-        self.flushed.append(job_id)
-
-    def sweep(self, older_than: timedelta, limit: int) -> int:
-        return 0
 
 
 class Api(World):
@@ -43,11 +31,11 @@ class Api(World):
     def install(self) -> None:
         deps.use(replace(self.deps(), notifier=self.outbox))
 
-    def queued(self, priority: Priority = "normal") -> Job:
+    def queued(self, priority: Priority = "normal", callback: Callback | None = None) -> Job:
         job_id = uuid.uuid4()
         job, _ = self.jobs.create(
             job_id=job_id, input_blob=input_blob_name(job_id), input_sha256="0" * 64, params=PARAMS,
-            idempotency_key=None, priority=priority,
+            idempotency_key=None, priority=priority, callback=callback,
         )  # fmt: skip
         self.blobs.put_input(job_id, b"image", job.input_sha256)
         return self.jobs.confirm_sent(job.job_id, job.generation) or job
@@ -280,6 +268,25 @@ def test_a_job_whose_image_is_gone_is_retried_all_the_same(api: Api) -> None:
     job = api.failed("input_missing")
     api.blobs.blobs.clear()
     assert retry_job(job.job_id).status_code == 202  # the worker fails it input_missing again
+
+
+def _summary_unreadable(job_id: uuid.UUID) -> dict[str, object] | None:
+    raise DatabaseUnavailable("connection refused at 10.0.0.4")
+
+
+@pytest.mark.parametrize("action", ["cancel", "retry"])
+def test_a_committed_change_is_answered_without_the_webhook_summary_it_could_not_read(api: Api, action: str) -> None:
+    """The read after the commit fails: the answer leaves ``webhook`` out instead of a 503 whose repeat would find
+    the job moved (a retry's repeat is a 409)."""
+    job = api.queued(callback=Callback(url="https://example.com/hook", secret="s"))
+    if action == "retry":
+        api.jobs.cancel(job.job_id)
+    deps.use(replace(deps.get(), webhook_summary=_summary_unreadable))
+    response = (retry_job if action == "retry" else cancel_job)(job.job_id)
+    assert response.status_code == (202 if action == "retry" else 200)
+    view = body(response)
+    assert (view["status"], "webhook" in view) == ("queued" if action == "retry" else "cancelled", False)
+    assert api.job(job.job_id).status is (JobStatus.QUEUED if action == "retry" else JobStatus.CANCELLED)
 
 
 def test_database_down_is_a_503(api: Api) -> None:

@@ -92,9 +92,11 @@ def test_replay_limit_counts_dead_letters_newest_first(world: World) -> None:
 
 @pytest.mark.parametrize(
     "payload",
-    [b"{not json", b"[1, 2]", {"limit": 0}, {"limit": 5000}, {"reason": 3}, {"unknown": 1}],
-    ids=["not-json", "not-an-object", "limit-0", "limit-too-big", "reason-not-a-string", "unknown-member"],
-)
+    [b"{not json", b"[1, 2]", {"limit": 0}, {"limit": 5000}, {"reason": 3}, {"unknown": 1}, b"[" * 4000,
+     b'{"reason": "' + b"x" * 5000 + b'"}', b"[" * 100_000],
+    ids=["not-json", "not-an-object", "limit-0", "limit-too-big", "reason-not-a-string", "unknown-member",
+         "nested-too-deep", "too-long", "huge-and-nested"],
+)  # fmt: skip
 def test_a_bad_replay_request_is_invalid_filter(world: World, payload: object) -> None:
     expired(world, 1)
     assert_problem(replay_dead_letters(payload), 400, "invalid_filter")

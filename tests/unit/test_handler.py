@@ -85,7 +85,7 @@ class StandInAnalyzer:
 
 
 class Checkpoint:
-    """Counts the handler's checks (a report without a reporter is one too); raises :class:`AttemptLost` at the
+    """Counts the handler's checks (each report to :class:`Stages` is one too); raises :class:`AttemptLost` at the
     ``lose_at``-th."""
 
     def __init__(self, lose_at: int | None = None) -> None:
@@ -96,6 +96,27 @@ class Checkpoint:
         self.checks += 1
         if self.checks == self.lose_at:
             raise AttemptLost("taken over")
+
+
+class Stages:
+    """A reporter that records each report (and checks like the real one)."""
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.checkpoint = checkpoint
+        self.reports: list[tuple[str, float]] = []
+
+    def report(self, stage: str, fraction: float = 0.0) -> None:
+        self.reports.append((stage, fraction))
+        self.checkpoint.check()
+
+    def first_seen(self) -> list[str]:
+        return list(dict.fromkeys(stage for stage, _ in self.reports))
+
+
+def run_attempt(handler: JobHandler, job: Job, checkpoint: Checkpoint | None = None) -> Outcome:
+    """``handler.run`` with ``checkpoint`` (a fresh one by default) and a :class:`Stages` reporter checking it."""
+    checkpoint = checkpoint or Checkpoint()
+    return handler.run(job, checkpoint, Stages(checkpoint))
 
 
 def running_job(jobs: InMemoryJobStore, store: MemoryStore, data: bytes, *, bands: list[str] | None = None) -> Job:
@@ -118,7 +139,7 @@ def store() -> MemoryStore:
 def test_real_analysis_of_a_real_geotiff_is_stored(jobs: InMemoryJobStore, store: MemoryStore) -> None:
     job = running_job(jobs, store, FIELDS.read_bytes())
     handler = JobHandler(jobs, store, Analyzer(torch.device("cpu")))
-    assert handler.run(job, Checkpoint()) is Outcome.SUCCEEDED
+    assert run_attempt(handler, job) is Outcome.SUCCEEDED
     done = jobs.get(job.job_id)
     assert done is not None
     assert (done.status, done.attempts) == (JobStatus.SUCCEEDED, 1)
@@ -140,7 +161,7 @@ def test_outputs_are_uploaded_under_the_attempt_and_the_result_names_it(
     job = claimed(jobs, released)
     assert job.attempts == 2
     checkpoint = Checkpoint()
-    assert JobHandler(jobs, store, StandInAnalyzer()).run(job, checkpoint) is Outcome.SUCCEEDED
+    assert run_attempt(JobHandler(jobs, store, StandInAnalyzer()), job, checkpoint) is Outcome.SUCCEEDED
     assert store.put_calls == [(job.job_id, 2, "quicklook.png")]
     url = f"memory://account/results/{job.job_id}/2/quicklook.png"
     assert store.results == {url: (b"\x89PNG stand-in", "image/png")}
@@ -167,7 +188,7 @@ def test_a_lost_attempt_stops_before_uploading_anything(
     job = running_job(jobs, store, FIELDS.read_bytes())
     analyzer = StandInAnalyzer()
     with pytest.raises(AttemptLost):
-        JobHandler(jobs, store, analyzer).run(job, Checkpoint(lose_at=lose_at))
+        run_attempt(JobHandler(jobs, store, analyzer), job, Checkpoint(lose_at=lose_at))
     assert analyzer.calls == analysed
     assert store.put_calls == []
     assert jobs.get(job.job_id) == job  # untouched: settling is the consumer's
@@ -183,11 +204,11 @@ def test_a_succeed_refused_after_a_take_over_is_attempt_lost_and_the_winner_stan
     winner = claimed(jobs, loser, worker="w2")  # ...and another delivery took the job over
     assert (loser.attempts, winner.attempts) == (1, 2)
     handler = JobHandler(jobs, store, StandInAnalyzer())
-    assert handler.run(winner, Checkpoint()) is Outcome.SUCCEEDED
+    assert run_attempt(handler, winner) is Outcome.SUCCEEDED
     won = jobs.get(job.job_id)
     assert won is not None
     with pytest.raises(AttemptLost, match="attempt 1"):
-        handler.run(loser, Checkpoint())
+        run_attempt(handler, loser)
     assert jobs.get(job.job_id) == won
     assert won.result is not None
     assert won.result["attempt"] == 2
@@ -203,7 +224,7 @@ def test_a_succeed_refused_while_the_winner_runs_leaves_it_running(jobs: InMemor
     loser = claimed(jobs, job, lease=GONE)
     winner = claimed(jobs, loser, worker="w2")
     with pytest.raises(AttemptLost):
-        JobHandler(jobs, store, StandInAnalyzer()).run(loser, Checkpoint())
+        run_attempt(JobHandler(jobs, store, StandInAnalyzer()), loser)
     assert jobs.get(job.job_id) == winner
 
 
@@ -235,7 +256,7 @@ def test_failures_raise_the_typed_error_and_leave_the_job_to_the_consumer(
     elif case == "sha256 mismatch":
         store.inputs[job.input_blob] = data[:-1] + bytes([data[-1] ^ 0xFF])
     with pytest.raises(error):
-        JobHandler(jobs, store, Analyzer(torch.device("cpu"))).run(job, Checkpoint())
+        run_attempt(JobHandler(jobs, store, Analyzer(torch.device("cpu"))), job)
     assert jobs.get(job.job_id) == job
     assert store.put_calls == []
 
@@ -245,7 +266,7 @@ def test_a_sha256_mismatch_names_both_digests(jobs: InMemoryJobStore, store: Mem
     store.inputs[job.input_blob] = b"tampered"
     analyzer = StandInAnalyzer()
     with pytest.raises(InvalidImage, match=hashlib.sha256(b"tampered").hexdigest()) as info:
-        JobHandler(jobs, store, analyzer).run(job, Checkpoint())
+        run_attempt(JobHandler(jobs, store, analyzer), job)
     assert job.input_sha256 in info.value.message
     assert analyzer.calls == 0
 
@@ -254,29 +275,14 @@ def test_the_work_directory_is_removed_after_success_and_failure(
     jobs: InMemoryJobStore, store: MemoryStore, tmp_path: Path
 ) -> None:
     handler = JobHandler(jobs, store, StandInAnalyzer(), tmp_dir=tmp_path)
-    assert handler.run(running_job(jobs, store, FIELDS.read_bytes()), Checkpoint()) is Outcome.SUCCEEDED
+    assert run_attempt(handler, running_job(jobs, store, FIELDS.read_bytes())) is Outcome.SUCCEEDED
     broken = running_job(jobs, store, FIELDS.read_bytes())
     store.inputs[broken.input_blob] = b"tampered"
     with pytest.raises(InvalidImage, match="sha256"):
-        handler.run(broken, Checkpoint())
+        run_attempt(handler, broken)
     with pytest.raises(AttemptLost):
-        handler.run(running_job(jobs, store, FIELDS.read_bytes()), Checkpoint(lose_at=2))
+        run_attempt(handler, running_job(jobs, store, FIELDS.read_bytes()), Checkpoint(lose_at=2))
     assert list(tmp_path.iterdir()) == []
-
-
-class Stages:
-    """A reporter that records each report (and checks like the real one)."""
-
-    def __init__(self, checkpoint: Checkpoint) -> None:
-        self.checkpoint = checkpoint
-        self.reports: list[tuple[str, float]] = []
-
-    def report(self, stage: str, fraction: float = 0.0) -> None:
-        self.reports.append((stage, fraction))
-        self.checkpoint.check()
-
-    def first_seen(self) -> list[str]:
-        return list(dict.fromkeys(stage for stage, _ in self.reports))
 
 
 def test_a_real_analysis_reports_every_stage_in_order_and_fractions_within(
@@ -352,5 +358,5 @@ def test_a_refused_succeed_of_a_taken_over_attempt_is_not_a_cancel(jobs: InMemor
     winner = claimed(jobs, loser, worker="w2")
     assert jobs.request_cancel(winner.job_id) is not None  # the winner's to stop, not the loser's
     with pytest.raises(AttemptLost):
-        JobHandler(jobs, store, StandInAnalyzer()).run(loser, Checkpoint())
+        run_attempt(JobHandler(jobs, store, StandInAnalyzer()), loser)
     assert store.deleted == []  # a loser's files stay under its own prefix, as ever

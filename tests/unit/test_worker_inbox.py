@@ -5,8 +5,11 @@ The real SDK against the emulator (and the order jobs actually run in) is tests/
 
 from __future__ import annotations
 
+import logging
+import uuid
 from collections import deque
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -14,16 +17,18 @@ from azure.servicebus import ServiceBusReceiver
 from azure.servicebus.exceptions import ServiceBusConnectionError
 
 from gpu_worker.inbox import IDLE_WAIT, QUICK, PriorityInbox, Received
+from gpu_worker.locks import LostLocks
 
 
 class Message:
     def __init__(self, name: str, *, expired: bool = False) -> None:
         self.message_id = name
+        self.lock_token = uuid.uuid4()
         self.locked_until_utc = datetime.now(UTC) + timedelta(seconds=-1 if expired else 60)
 
 
 class Link:
-    """What :func:`gpu_worker.inbox._revoke_credit` reaches: the SDK's AMQP link."""
+    """What :func:`gpu_worker.inbox.link_of` finds: the SDK's AMQP link."""
 
     def __init__(self) -> None:
         self.current_link_credit = 0
@@ -69,9 +74,11 @@ class World:
         self.log: list[tuple[str, float]] = []
         self.high = Receiver("high", self.log, *names(high, "h"))
         self.normal = Receiver("normal", self.log, *names(normal, "n"))
+        self.locks = LostLocks()
         self.inbox = PriorityInbox(
-            cast(ServiceBusReceiver, self.normal), cast(ServiceBusReceiver, self.high), burst=burst, wait=5.0
-        )
+            cast(ServiceBusReceiver, self.normal), cast(ServiceBusReceiver, self.high), burst=burst, wait=5.0,
+            locks=self.locks,
+        )  # fmt: skip
 
     def drain(self, rounds: int = 50) -> list[str]:
         order = []
@@ -136,6 +143,38 @@ def test_a_message_whose_lock_ran_out_in_the_buffer_is_skipped() -> None:
     assert world.drain(1) == ["n1"]
 
 
+def test_a_skipped_message_whose_renewal_failed_first_is_forgotten() -> None:
+    """The renewer reported the failure while the message waited; the inbox then skips it: no token stays behind."""
+    world = World()
+    stale = Message("stale")
+    world.locks.on_renew_failure(cast(Any, stale), ConnectionError("link detached"))
+    assert world.locks.lost(cast(Any, stale))
+    stale.locked_until_utc = datetime.now(UTC) - timedelta(seconds=1)
+    world.high.messages.append(stale)
+    assert world.drain(1) == []
+    assert world.locks._lost == set()
+
+
+def test_a_renewal_failure_reported_after_the_skip_records_nothing() -> None:
+    """The renewer finds the skipped message's lock run out and reports it: the lock is lost by its time alone."""
+    world = World()
+    stale = Message("stale", expired=True)
+    world.high.messages.append(stale)
+    assert world.drain(1) == []
+    world.locks.on_renew_failure(cast(Any, stale), None)
+    assert world.locks._lost == set()
+    assert world.locks.lost(cast(Any, stale))
+
+
+def test_an_sdk_without_the_link_where_credit_is_revoked_is_warned_about_once(caplog: pytest.LogCaptureFixture) -> None:
+    world = World()
+    world.high._handler = cast(Any, SimpleNamespace(_link=SimpleNamespace(current_link_credit=0)))  # no flow()
+    world.drain(3)
+    warned = [r for r in caplog.records if getattr(r, "action", None) == "credit_revoke_unavailable"]
+    assert [r.levelno for r in warned] == [logging.WARNING]
+    assert world.normal._handler._link.flows == [0, 0, 0]  # the other receiver's credit is still taken back
+
+
 def test_a_failed_receive_passes_through_and_the_next_round_waits_long_enough_to_reopen_a_link() -> None:
     world = World(high=2)
     world.drain(1)
@@ -152,7 +191,9 @@ def test_a_wait_below_the_cap_is_what_an_idle_round_waits_on_each_queue() -> Non
     """``WORKER_MAX_WAIT_TIME`` under ``IDLE_WAIT`` (above it, the cap: the other tests' 5 s waits 0.5 s)."""
     log: list[tuple[str, float]] = []
     high, normal = Receiver("high", log), Receiver("normal", log, Message("n1"))
-    inbox = PriorityInbox(cast(ServiceBusReceiver, normal), cast(ServiceBusReceiver, high), burst=2, wait=0.1)
+    inbox = PriorityInbox(
+        cast(ServiceBusReceiver, normal), cast(ServiceBusReceiver, high), burst=2, wait=0.1, locks=LostLocks()
+    )
     assert inbox.receive() is not None
     assert inbox.receive() is None  # busy: a quick look at each
     assert inbox.receive() is None  # idle
