@@ -109,7 +109,12 @@ def build(settings: Settings) -> Deps:
         # A send that fails makes the next ones fail at once for a few seconds: submit stays fast while the bus is
         # down, and the reconciler hands over what was accepted meanwhile.
         publisher = JobPublisher(client, settings.priority_queues, timeout=settings.bus_send_timeout, cooldown=10.0)
+        # The deliverer schedules next attempts on its own sender: the API's flushes (after a cancel) fail fast for a
+        # while after a failed send, which must not turn the deliverer's redeliveries into instant failures.
         event_sender = BusEventSender(client, settings.job_events_queue, timeout=settings.bus_send_timeout)
+        notice_sender = BusEventSender(
+            client, settings.job_events_queue, timeout=settings.bus_send_timeout, cooldown=10.0
+        )
         queue_stats = QueueStats.from_settings(settings, credential)
         opened.callback(queue_stats.close)
         opened.pop_all()  # built: from here on they live as long as the process
@@ -120,7 +125,7 @@ def build(settings: Settings) -> Deps:
         blobs=blobs,
         publisher=publisher,
         dead_letters=lambda: DeadLetterInbox(client, settings.job_queues),
-        notifier=OutboxNotifier(events, event_sender),
+        notifier=OutboxNotifier(events, notice_sender),
         webhook_summary=events.summary,
         deliverer=Deliverer(events, event_sender, WebhookPolicy.from_settings(settings), signer=blobs),
         stats=PostgresStats(pool),

@@ -5,8 +5,10 @@ The host receives in peek-lock, completes the message when the function returns 
 an attempt that got through, that was given up (410 Gone, a refused target), or whose next attempt is scheduled as a
 new message returns; the failure of the last attempt raises :class:`~shared.delivery.GaveUp` (the broker
 dead-letters the message after the queue's ``MaxDeliveryCount``, each redelivery POSTing once more); a body that is
-not a job-events message raises :class:`~shared.errors.InvalidMessage` (dead-lettered the same way, no POST); a
-database or bus outage raises, and the redelivery tries again.
+not a job-events message raises :class:`~shared.errors.InvalidMessage` (dead-lettered the same way, no POST). A
+database outage puts the attempt off (a new scheduled message) and returns. A bus that cannot take the next
+attempt's message raises: the redelivery finds the attempt recorded and only sends that message again (no second
+POST); if the message is dead-lettered all the same, the reconciler sends the overdue attempt again.
 """
 
 from __future__ import annotations

@@ -3,10 +3,12 @@
 :meth:`Deliverer.handle` takes the message ``{event_id, attempt}`` (the Service Bus-triggered function
 ``deliver_webhook`` calls it) and:
 
-1. loads the event with its job's callback; an event already delivered, a job without a callback, or a message older
-   than the attempts already made (a stale copy) ends there: the message is completed, nothing is sent;
+1. loads the event with its job's callback; an event already delivered, a job without a callback, or a message of
+   an attempt older than the last one recorded (a stale copy) ends there: the message is completed, nothing is sent;
+   a redelivery of the last attempt recorded (its next attempt's message may not have been sent) POSTs nothing and
+   sends that message again (the queue drops it if the first send went through: the same message id);
 2. resolves and checks the target (:func:`shared.webhooks.resolve_target`), builds the body and signs it, POSTs;
-3. records the attempt (status, error) and follows :func:`shared.webhooks.decide`:
+3. records the attempt (status, error, and the next attempt's due time) and follows :func:`shared.webhooks.decide`:
 
    * a 2xx: delivered;
    * 410 Gone, or a target the SSRF guard refuses: given up, the message completed (no attempt can help);
@@ -19,9 +21,12 @@
 While the database is down, the attempt is put off: the same attempt as a new message ``{event_id}:{attempt}:p{n}``
 scheduled after the backoff (doubled per postponement), so an outage costs time, not the message's deliveries.
 
-A crash between the POST and the record, or between the record and the scheduled send, redelivers the message and
-POSTs again (so does a database that fails between the two): delivery is at least once, and receivers deduplicate
-on ``webhook-id`` (the event id).
+A crash between the POST and its record redelivers the message and POSTs again (so does a database that fails
+between the two): delivery is at least once, and receivers deduplicate on ``webhook-id`` (the event id). A bus that
+fails the next attempt's send after the record makes :meth:`Deliverer.handle` raise: the host abandons the message
+and its redelivery sends the next attempt's message again, without a POST. A message that is lost all the same
+(dead-lettered after ``MaxDeliveryCount`` such failures) leaves the event pending with its ``next_attempt_at`` past:
+the reconciler sends it again (:meth:`shared.events.OutboxNotifier.resume`).
 """
 
 from __future__ import annotations
@@ -65,7 +70,15 @@ class GaveUp(Exception):
 class DeliveryStore(Protocol):
     def delivery(self, event_id: UUID) -> Delivery | None: ...
     def record_attempt(
-        self, event_id: UUID, *, status: int | None, error: str | None, delivered: bool, gave_up: bool
+        self,
+        event_id: UUID,
+        attempt: int,
+        *,
+        status: int | None,
+        error: str | None,
+        delivered: bool,
+        gave_up: bool,
+        next_at: datetime | None = None,
     ) -> None: ...
 
 
@@ -131,25 +144,40 @@ class Deliverer:
             log.info("webhook %s not sent: %s", message.message_id, skip, extra={**extra, "action": "webhook_skipped"})
             return None
         extra["job_id"] = str(delivery.job_id)
+        if _recorded(delivery, message, self._policy.max_attempts):
+            due = delivery.next_attempt_at
+            self._send_next(message, due if due is not None and due > datetime.now(UTC) else None)
+            extra["action"] = "webhook_next_resent"
+            log.warning("webhook %s: attempt %d was made; its next attempt's message sent again", message.message_id,
+                        message.attempt, extra=extra)  # fmt: skip
+            return None
         outcome = self._attempt(delivery)
         verdict = decide(outcome, message.attempt, self._policy.max_attempts)
+        next_at = None
+        if verdict is Verdict.RETRY:
+            next_at = datetime.now(UTC) + backoff(message.attempt, self._policy.backoff, self._policy.backoff_max)
         self._events.record_attempt(
             message.event_id,
+            message.attempt,
             status=outcome.status,
             error=outcome.error,
             delivered=verdict is Verdict.DELIVERED,
             gave_up=verdict in (Verdict.GIVE_UP, Verdict.ABANDON),
+            next_at=next_at,
         )
         extra |= {"action": f"webhook_{verdict.value}", "status": outcome.status}
         level = logging.INFO if verdict is Verdict.DELIVERED else logging.WARNING
         log.log(level, "webhook %s (%s) attempt %d: %s (%s)", message.message_id, delivery.type, message.attempt,
                 verdict.value, outcome.error or outcome.status, extra=extra)  # fmt: skip
-        if verdict is Verdict.RETRY:
-            at = datetime.now(UTC) + backoff(message.attempt, self._policy.backoff, self._policy.backoff_max)
-            self._sender.send(EventMessage(event_id=message.event_id, attempt=message.attempt + 1), at=at)
+        if next_at is not None:
+            self._send_next(message, next_at)
         elif verdict is Verdict.ABANDON:
             raise GaveUp(f"webhook {message.message_id}: the last attempt failed ({outcome.error})")
         return verdict
+
+    def _send_next(self, message: EventMessage, at: datetime | None) -> None:
+        """The next attempt's message, due ``at`` (``None``: now); raises :class:`~shared.errors.BusUnavailable`."""
+        self._sender.send(EventMessage(event_id=message.event_id, attempt=message.attempt + 1), at=at)
 
     def _attempt(self, delivery: Delivery) -> Outcome:
         assert delivery.callback_url is not None, "by _skip_reason"
@@ -184,8 +212,8 @@ class Deliverer:
 
 
 def _skip_reason(delivery: Delivery | None, message: EventMessage, max_attempts: int) -> str | None:
-    """Why ``message`` needs no POST, or ``None``. The last attempt's message is never stale: each redelivery of it
-    (after :class:`GaveUp`) tries once more."""
+    """Why ``message`` needs nothing done, or ``None``. The last attempt's message is never stale: each redelivery of
+    it (after :class:`GaveUp`) tries once more."""
     if delivery is None:
         return "no such event"
     if delivery.callback_url is None or delivery.webhook_secret is None:
@@ -195,6 +223,12 @@ def _skip_reason(delivery: Delivery | None, message: EventMessage, max_attempts:
     last = message.attempt >= max_attempts
     if delivery.gave_up_at is not None and not last:
         return "given up"
-    if message.attempt < delivery.attempts and not last:
-        return f"stale: attempt {message.attempt} after {delivery.attempts} POSTs"
+    if message.attempt < delivery.next_attempt - 1 and not last:
+        return f"stale: attempt {delivery.next_attempt - 1} was made"
     return None
+
+
+def _recorded(delivery: Delivery, message: EventMessage, max_attempts: int) -> bool:
+    """Whether ``message``'s attempt is the last one recorded, with a next attempt to come: a redelivery after the
+    next attempt's send failed (or a copy), which sends that message again instead of POSTing."""
+    return message.attempt == delivery.next_attempt - 1 and message.attempt < max_attempts

@@ -9,13 +9,16 @@ queue by whoever made the transition (:class:`Notifier`), and swept by the recon
   ``{event_id}:{attempt}:p{n}``), trace context in the application properties;
 * :class:`OutboxNotifier`: :meth:`~OutboxNotifier.flush` sends a job's unsent events as attempt 1 and marks them
   sent, never raising (a failure is logged and left to the reconciler's :meth:`~OutboxNotifier.sweep`). Two racing
-  flushes send the same message id twice: the queue keeps one.
+  flushes send the same message id twice: the queue keeps one. :meth:`~OutboxNotifier.resume` (the reconciler's
+  too) sends again the next attempt's message of a pending event whose message never came (``next_attempt_at`` long
+  past: its message was dead-lettered, or its send failed on every delivery), as ``{event_id}:{attempt}:r{n}``.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -48,6 +51,11 @@ class Outbox(Notifier, Protocol):
         """Hand over events of any job left unsent for ``older_than``; how many. Raises when a backend is down."""
         ...
 
+    def resume(self, older_than: timedelta, limit: int) -> int:
+        """Send again the next attempt's message of pending events whose message was due ``older_than`` ago and
+        never came (stalled deliveries); how many. Raises when a backend is down."""
+        ...
+
 
 class Event(BaseModel):
     """A ``job_events`` row, as far as handing it over needs."""
@@ -65,11 +73,20 @@ class Delivery(Event):
 
     payload: dict[str, Any]
     attempts: int  # POSTs made so far
+    next_attempt: int = 1  # the attempt whose message is expected next (the one after the last recorded)
+    next_attempt_at: datetime | None = None  # when that message is due; None: none is expected
     delivered_at: datetime | None = None
     gave_up_at: datetime | None = None
     callback_url: str | None = None
     webhook_secret: str | None = None
     result: dict[str, Any] | None = None  # the job's stored result (a succeeded job)
+
+
+class Stalled(Event):
+    """A pending event whose next attempt's message never came: which attempt, and how often it was sent again."""
+
+    next_attempt: int
+    resends: int
 
 
 class EventMessage(BaseModel):
@@ -80,11 +97,13 @@ class EventMessage(BaseModel):
     event_id: UUID
     attempt: int = Field(ge=1)
     postponed: int = Field(0, ge=0)  # times this attempt was put off because the database was down
+    resent: int = Field(0, ge=0)  # the reconciler's n-th sending of a stalled event's next attempt (0: not one)
 
     @property
     def message_id(self) -> str:
-        attempt = f"{self.event_id}:{self.attempt}"
-        return attempt if not self.postponed else f"{attempt}:p{self.postponed}"
+        resent = f":r{self.resent}" if self.resent else ""
+        postponed = f":p{self.postponed}" if self.postponed else ""
+        return f"{self.event_id}:{self.attempt}{resent}{postponed}"
 
     @classmethod
     def decode(cls, body: bytes) -> EventMessage:
@@ -95,10 +114,21 @@ class EventMessage(BaseModel):
 
 
 _DELIVERY = """
-    SELECT e.event_id, e.job_id, e.type, e.created_at, e.payload, e.attempts, e.delivered_at, e.gave_up_at,
-           j.callback_url, j.webhook_secret, r.result
+    SELECT e.event_id, e.job_id, e.type, e.created_at, e.payload, e.attempts, e.next_attempt, e.next_attempt_at,
+           e.delivered_at, e.gave_up_at, j.callback_url, j.webhook_secret, r.result
     FROM job_events e JOIN jobs j USING (job_id) LEFT JOIN results r USING (job_id)
     WHERE e.event_id = %s
+"""
+_RECORD = """
+    UPDATE job_events SET attempts = attempts + 1, last_status = %(status)s, last_error = %(error)s,
+        last_attempt_at = now(), sent_at = coalesce(sent_at, now()),
+        next_attempt = greatest(next_attempt, %(attempt)s + 1),
+        next_attempt_at = CASE WHEN %(next_at)s::timestamptz IS NULL THEN NULL
+                               WHEN %(attempt)s + 1 >= next_attempt THEN %(next_at)s ELSE next_attempt_at END,
+        delivered_at = CASE WHEN %(delivered)s THEN coalesce(delivered_at, now()) ELSE delivered_at END,
+        gave_up_at = CASE WHEN %(delivered)s THEN NULL WHEN %(gave_up)s THEN coalesce(gave_up_at, now())
+                          ELSE gave_up_at END
+    WHERE event_id = %(event_id)s RETURNING event_id
 """
 _SUMMARY = """
     SELECT j.callback_url AS url, j.callback_events AS events, count(e.event_id) AS deliveries,
@@ -139,9 +169,32 @@ class EventStore:
 
     @translated
     def mark_sent(self, event_id: UUID) -> None:
+        """The event's first attempt was handed over: its message is due now (unless an attempt was recorded)."""
         self._rows(
-            "UPDATE job_events SET sent_at = coalesce(sent_at, now()) WHERE event_id = %s RETURNING event_id",
+            "UPDATE job_events SET sent_at = coalesce(sent_at, now()), next_attempt_at = CASE WHEN attempts = 0"
+            " THEN coalesce(next_attempt_at, now()) ELSE next_attempt_at END WHERE event_id = %s RETURNING event_id",
             (event_id,),
+        )
+
+    @translated
+    def stalled(self, older_than: timedelta, limit: int) -> list[Stalled]:
+        """Pending events (neither delivered nor given up) whose next attempt's message was due at least
+        ``older_than`` ago, longest overdue first."""
+        rows = self._rows(
+            "SELECT event_id, job_id, type, created_at, next_attempt, resends FROM job_events"
+            " WHERE delivered_at IS NULL AND gave_up_at IS NULL AND next_attempt_at <= now() - %s"
+            " ORDER BY next_attempt_at LIMIT %s",
+            (older_than, limit),
+        )
+        return [Stalled.model_validate(row) for row in rows]
+
+    @translated
+    def mark_resent(self, event_id: UUID, attempt: int) -> None:
+        """The message of ``attempt`` was sent again: due now (unless that attempt was made meanwhile)."""
+        self._rows(
+            "UPDATE job_events SET next_attempt_at = now(), resends = resends + 1 WHERE event_id = %s"
+            " AND next_attempt = %s AND delivered_at IS NULL AND gave_up_at IS NULL RETURNING event_id",
+            (event_id, attempt),
         )
 
     @translated
@@ -151,24 +204,23 @@ class EventStore:
 
     @translated
     def record_attempt(
-        self, event_id: UUID, *, status: int | None, error: str | None, delivered: bool, gave_up: bool
+        self,
+        event_id: UUID,
+        attempt: int,
+        *,
+        status: int | None,
+        error: str | None,
+        delivered: bool,
+        gave_up: bool,
+        next_at: datetime | None = None,
     ) -> None:
-        """One POST (its HTTP status, or the error when there was no response); ``delivered``: a 2xx;
-        ``gave_up``: no attempt follows. A delivery clears an earlier give-up (a redelivery that got through)."""
-        self._rows(
-            "UPDATE job_events SET attempts = attempts + 1, last_status = %(status)s, last_error = %(error)s,"
-            " last_attempt_at = now(), sent_at = coalesce(sent_at, now()),"
-            " delivered_at = CASE WHEN %(delivered)s THEN coalesce(delivered_at, now()) ELSE delivered_at END,"
-            " gave_up_at = CASE WHEN %(delivered)s THEN NULL WHEN %(gave_up)s THEN coalesce(gave_up_at, now())"
-            " ELSE gave_up_at END WHERE event_id = %(event_id)s RETURNING event_id",
-            {
-                "event_id": event_id,
-                "status": status,
-                "error": error and error[:1000],
-                "delivered": delivered,
-                "gave_up": gave_up,
-            },
-        )
+        """One POST of attempt ``attempt`` (its HTTP status, or the error when there was no response);
+        ``delivered``: a 2xx; ``gave_up``: no attempt follows; ``next_at``: when the next attempt's message is due
+        (``None``: none follows). A delivery clears an earlier give-up (a redelivery that got through). The next
+        attempt expected becomes ``attempt + 1`` (never goes back: a late copy of an older attempt changes neither)."""
+        params = {"event_id": event_id, "attempt": attempt, "status": status, "error": error and error[:1000],
+                  "delivered": delivered, "gave_up": gave_up, "next_at": next_at}  # fmt: skip
+        self._rows(_RECORD, params)
 
     @translated
     def summary(self, job_id: UUID) -> dict[str, Any] | None:
@@ -187,9 +239,10 @@ class EventStore:
 
 
 def redacted(url: str) -> str:
-    """``url`` without its query (which may carry the receiver's token)."""
+    """``url`` as the status view shows it: ``scheme://host[:port]`` only. Its path and query may carry the
+    receiver's token, and its user info is never stored (submit refuses it) but would not be shown either."""
     parts = urlsplit(url)
-    return urlunsplit(parts._replace(query="redacted" if parts.query else "", fragment=""))
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], "", "", ""))
 
 
 class EventSender(Protocol):
@@ -199,14 +252,22 @@ class EventSender(Protocol):
 
 
 class BusEventSender:
-    """Messages on the job-events queue, on one long-lived sender (reopened after a failure); thread-safe."""
+    """Messages on the job-events queue, on one long-lived sender (reopened after a failure); thread-safe.
 
-    def __init__(self, client: ServiceBusClient, queue: str, *, timeout: float = 10.0) -> None:
+    ``timeout`` bounds one send, retries included. After a failed send, further sends fail at once for ``cooldown``
+    seconds (:class:`~shared.errors.BusUnavailable`) instead of each waiting out the timeout, as
+    :class:`shared.bus.JobPublisher` does: a worker's flushes (after a claim, a stage change, a settlement) cost
+    nothing while the bus is down, and the reconciler sweeps the events they leave unsent.
+    """
+
+    def __init__(self, client: ServiceBusClient, queue: str, *, timeout: float = 10.0, cooldown: float = 0.0) -> None:
         self._client = client
         self._queue = queue
         self._timeout = timeout
+        self._cooldown = cooldown
         self._sender: ServiceBusSender | None = None
         self._lock = threading.Lock()
+        self._failed_at = -float("inf")
 
     def send(self, message: EventMessage, *, at: datetime | None = None) -> None:
         sb_message = ServiceBusMessage(
@@ -217,6 +278,8 @@ class BusEventSender:
             application_properties=trace_properties(),  # type: ignore[arg-type]  # dict[str, str] is accepted
         )
         with self._lock:
+            if time.monotonic() - self._failed_at < self._cooldown:
+                raise BusUnavailable(f"a send to queue {self._queue!r} failed a moment ago; not trying again yet")
             try:
                 if self._sender is None:
                     self._sender = self._client.get_queue_sender(self._queue)
@@ -225,6 +288,7 @@ class BusEventSender:
                 else:
                     self._sender.schedule_messages(sb_message, at, timeout=self._timeout)
             except ServiceBusError as e:
+                self._failed_at = time.monotonic()
                 self._close_sender()
                 raise BusUnavailable(f"could not send to queue {self._queue!r}: {e}"[:1000]) from e
 
@@ -260,6 +324,17 @@ class OutboxNotifier:
     def sweep(self, older_than: timedelta, limit: int) -> int:
         return self._hand_over(self._events.unsent(None, older_than, limit), "sweep")
 
+    def resume(self, older_than: timedelta, limit: int) -> int:
+        stalled = self._events.stalled(older_than, limit)
+        for event in stalled:
+            message = EventMessage(event_id=event.event_id, attempt=event.next_attempt, resent=event.resends + 1)
+            self._sender.send(message)
+            self._events.mark_resent(event.event_id, event.next_attempt)
+            extra = {"job_id": str(event.job_id), "message_id": message.message_id, "action": "webhook_resumed"}
+            log.warning("job %s: %s attempt %d never came; sent again", event.job_id, event.type, event.next_attempt,
+                        extra=extra)  # fmt: skip
+        return len(stalled)
+
     def _hand_over(self, events: list[Event], action: str) -> int:
         for event in events:
             message = EventMessage(event_id=event.event_id, attempt=1)
@@ -271,7 +346,8 @@ class OutboxNotifier:
 
 
 def open_notifier(
-    pool: ConnectionPool, client: ServiceBusClient, queue: str, *, timeout: float = 10.0
+    pool: ConnectionPool, client: ServiceBusClient, queue: str, *, timeout: float = 10.0, cooldown: float = 10.0
 ) -> OutboxNotifier:
-    """The notifier a process uses: the event store on ``pool``, the job-events ``queue`` through ``client``."""
-    return OutboxNotifier(EventStore(pool), BusEventSender(client, queue, timeout=timeout))
+    """The notifier a worker uses: the event store on ``pool``, the job-events ``queue`` through ``client``; after a
+    failed send, its flushes fail at once for ``cooldown`` seconds (the reconciler sweeps what they leave)."""
+    return OutboxNotifier(EventStore(pool), BusEventSender(client, queue, timeout=timeout, cooldown=cooldown))

@@ -6,7 +6,9 @@ five bounded, idempotent steps, every job change being a conditional event of :m
 1. **Unconfirmed sends.** A ``queued`` job whose send was never confirmed for ``resend_after`` (the submit died
    between insert and send, or the send was ambiguous) gets a new generation and its message is sent. A job never
    attempted whose image is missing (the submit died before the upload) is failed ``enqueue_failed`` instead, once
-   it is older than any submit can run (``abort_after``).
+   it is older than any submit can run (``abort_after``). Nothing of an unsealed batch is sent (its submit has not
+   stored every image: :mod:`shared.batches`); once none of its queued jobs changed for ``abort_after``, its submit
+   died, and the whole batch is aborted: every queued job failed ``enqueue_failed``, whatever its image.
 2. **Expired leases.** A ``running`` job whose lease ran out (its worker died or hung) is queued again with a new
    generation and sent, or failed ``retries_exhausted`` when its attempts are used up. One whose cancellation was
    requested is cancelled (``cancel_expired``): its attempt will never reach the checkpoint that would stop it.
@@ -19,7 +21,9 @@ five bounded, idempotent steps, every job change being a conditional event of :m
    ``message_expired``; a poison message (``InvalidMessage``) fails it ``invalid_message``. A letter of an older
    generation, or of a job that is running or finished, changes nothing (a later copy may be mid-run).
 5. **Webhook events.** ``job_events`` rows left unsent for ``events_after`` (the notifier of the transition crashed
-   or could not reach the bus) are handed to the job-events queue (:meth:`shared.events.Outbox.sweep`).
+   or could not reach the bus) are handed to the job-events queue (:meth:`shared.events.Outbox.sweep`); a pending
+   event whose next delivery attempt was due ``events_stalled_after`` ago and never came (its message was
+   dead-lettered, or never sent) has that attempt's message sent again (:meth:`shared.events.Outbox.resume`).
 
 A job the reconciler fails or cancels (``exhaust``, ``dead_lettered``, ``cancel_expired``: events that notify) has its
 webhook events flushed at once; a flush that fails is left to step 5.
@@ -49,6 +53,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RETRIES_EXHAUSTED = "retries_exhausted"
+STALL_MARGIN = timedelta(minutes=5)  # past the longest wait a webhook's next message may have (see Policy)
 REDRIVE_REASONS = frozenset({"MaxDeliveryCountExceeded"})
 # Dead-letter reason -> the code a still-queued job of that generation fails with.
 FAIL_CODES = {
@@ -85,12 +90,13 @@ class Report:
     dead_lettered_failed: int = 0
     cancelled: int = 0
     events_sent: int = 0  # webhook events the sweep handed over
+    events_resumed: int = 0  # stalled webhook deliveries whose next attempt was sent again
     errors: list[str] = field(default_factory=list)
 
     @property
     def changed(self) -> int:
         moved = self.resent + self.aborted + self.requeued + self.exhausted + self.redriven + self.dead_lettered_failed
-        return moved + self.cancelled + self.events_sent
+        return moved + self.cancelled + self.events_sent + self.events_resumed
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,9 @@ class Policy:
     abort_after: timedelta
     # A webhook event unsent this long is the sweep's: its notifier crashed or failed (it flushes within a second).
     events_after: timedelta = timedelta(seconds=30)
+    # A pending webhook event whose next attempt was due this long ago lost its message: longer than a message put
+    # off by a database outage may wait (WEBHOOK_BACKOFF_MAX), plus STALL_MARGIN.
+    events_stalled_after: timedelta = timedelta(minutes=10) + STALL_MARGIN
 
 
 class Reconciler:
@@ -113,14 +122,14 @@ class Reconciler:
         publisher: Publisher,
         inbox: DeadLetterInbox,
         policy: Policy,
-        outbox: Outbox | None = None,
+        outbox: Outbox,
     ) -> None:
         self._jobs = jobs
         self._store = store
         self._publisher = publisher
         self._inbox = inbox
         self._policy = policy
-        self._outbox = outbox  # None: webhook events are neither flushed nor swept (step 5 skipped)
+        self._outbox = outbox
 
     def run(self) -> Report:
         report = Report()
@@ -141,6 +150,7 @@ class Reconciler:
         return report
 
     def _unconfirmed(self, report: Report) -> None:
+        self._unsealed(report)
         for job in self._jobs.unsent(self._policy.resend_after, self._policy.batch):
             if job.charged >= self._policy.max_attempts:  # stranded: step 3 fails it, sending it would be waste
                 continue
@@ -156,6 +166,16 @@ class Reconciler:
             if moved is not None:
                 self._send(moved, "resend")
                 report.resent += 1
+
+    def _unsealed(self, report: Report) -> None:
+        """Abort the unsealed batches whose submit died (their jobs are never in ``unsent``)."""
+        for batch_id in self._jobs.unsealed(self._policy.abort_after, self._policy.batch):
+            why = "the batch was never stored whole; submit it again"
+            aborted = self._jobs.abort_batch(batch_id, why, older_than=self._policy.abort_after)
+            if aborted:
+                extra = {"batch_id": str(batch_id), "action": "batch_aborted", "count": len(aborted)}
+                log.warning("batch %s aborted: %d jobs failed", batch_id, len(aborted), extra=extra)
+            report.aborted += len(aborted)
 
     def _expired(self, report: Report) -> None:
         for job in self._jobs.expired(self._policy.batch):
@@ -201,15 +221,15 @@ class Reconciler:
         return "failed" if self._notified(failed) else "none"
 
     def _events(self, report: Report) -> None:
-        if self._outbox is not None:
-            report.events_sent += self._outbox.sweep(self._policy.events_after, self._policy.batch)
+        report.events_sent += self._outbox.sweep(self._policy.events_after, self._policy.batch)
+        report.events_resumed += self._outbox.resume(self._policy.events_stalled_after, self._policy.batch)
 
     def _exhaust(self, job: Job, why: str) -> bool:
         return self._notified(self._jobs.exhaust(job.job_id, self._policy.max_attempts, why))
 
     def _notified(self, moved: Job | None) -> bool:
         """Whether an event that notifies moved the job; if it did, its webhook events are flushed (never raises)."""
-        if moved is not None and self._outbox is not None:
+        if moved is not None:
             self._outbox.flush(moved.job_id)
         return moved is not None
 

@@ -66,7 +66,7 @@ class JobError(BaseModel):
 class WebhookSummary(BaseModel):
     """A job's webhook deliveries (``shared.events.EventStore.summary``): ``deliveries`` events, ``attempts`` POSTs in
     all, the last response's status (``null``: no response), and how many events were ``delivered``, are ``pending``
-    or were given up (``gave_up``). ``url`` is the callback without its query."""
+    or were given up (``gave_up``). ``url`` is the callback's ``scheme://host[:port]`` only."""
 
     model_config = ConfigDict(frozen=True)
 

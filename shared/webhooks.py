@@ -4,13 +4,14 @@ signature, one delivery attempt and the backoff between attempts.
 * :func:`validate_callback` checks ``callback_url``/``callback_events`` at submit (no DNS look-up: the address is
   checked again, resolved, at every delivery by :func:`resolve_target`);
 * :func:`new_secret`: a job's signing secret, ``whsec_`` + base64 of 24 random bytes;
-* :func:`resolve_target` (the SSRF guard) resolves the host and refuses private, loopback, link-local, multicast,
-  reserved and unspecified addresses, and plain http, unless ``allow_private`` (``WEBHOOK_ALLOW_PRIVATE``, local
-  development only). :func:`post` then connects to *the address that was checked* (the request's URL names the IP,
-  the ``Host`` header and TLS SNI name the host), so a DNS answer that changes between the check and the connection
-  (DNS rebinding) cannot point the request elsewhere;
-* :func:`payload` / :func:`signed_request` / :func:`post`: the body, the ``webhook-*`` headers, and one POST
-  (``WEBHOOK_TIMEOUT``, redirects never followed);
+* :func:`resolve_target` (the SSRF guard) resolves the host and refuses every address :func:`is_public` refuses
+  (private, loopback, link-local, shared, multicast, reserved, unspecified, documentation ranges, cloud platform
+  endpoints such as Azure's 168.63.129.16, and IPv6 forms of those), and plain http, unless ``allow_private``
+  (``WEBHOOK_ALLOW_PRIVATE``, local development only). :func:`post` then connects to *the address that was checked*
+  (the request's URL names the IP, the ``Host`` header and TLS SNI name the host), so a DNS answer that changes
+  between the check and the connection (DNS rebinding) cannot point the request elsewhere;
+* :func:`payload` / :func:`signed_headers` / :func:`post`: the body, the ``webhook-*`` headers, and one POST
+  (``WEBHOOK_TIMEOUT`` for the whole of it, redirects never followed, the response body never read);
 * :func:`backoff`: ``WEBHOOK_BACKOFF`` doubled per attempt, at most ``WEBHOOK_BACKOFF_MAX``.
 """
 
@@ -23,12 +24,14 @@ import ipaddress
 import secrets
 import socket
 import ssl
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
+import httpcore
 import httpx
 from standardwebhooks import Webhook
 
@@ -119,22 +122,69 @@ def _literal_address(host: str) -> IPAddress | None:
         return None
 
 
+# Never a webhook target, whatever the standard library's address properties say (they differ between Python
+# versions and miss some): special-purpose ranges (RFC 6890 and the IANA registries), and cloud endpoints on
+# addresses that look public or that a version may not flag.
+_DENIED_NETWORKS = tuple(
+    ipaddress.ip_network(network)
+    for network in (
+        "0.0.0.0/8",  # "this network"; 0.0.0.0 reaches the local host
+        "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",  # RFC 1918
+        "100.64.0.0/10",  # shared address space (CGNAT; 100.100.100.200 is Alibaba Cloud's metadata service)
+        "127.0.0.0/8",  # loopback
+        "169.254.0.0/16",  # link-local: 169.254.169.254 is the metadata service of Azure, AWS, GCP and others
+        "168.63.129.16/32",  # Azure WireServer / platform DNS: a public-looking address every Azure VM reaches
+        "192.0.0.0/24",  # IETF protocol assignments (192.0.0.192: Oracle Cloud's metadata service)
+        "192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24",  # documentation
+        "192.88.99.0/24",  # 6to4 relay anycast (deprecated)
+        "198.18.0.0/15",  # benchmarking
+        "224.0.0.0/4",  # multicast
+        "240.0.0.0/4",  # reserved, and 255.255.255.255 (broadcast)
+        "::/96",  # unspecified, loopback and the deprecated IPv4-compatible addresses (::a.b.c.d)
+        "::ffff:0:0:0/96",  # IPv4-translated (SIIT)
+        "64:ff9b:1::/48",  # local-use NAT64 (RFC 8215): what it reaches is the operator's choice
+        "100::/64",  # discard-only
+        "2001:db8::/32", "3fff::/20",  # documentation
+        "5f00::/16",  # SRv6 SIDs
+        "fc00::/7",  # unique local (fd00:ec2::254: AWS's IPv6 metadata service)
+        "fec0::/10",  # site-local (deprecated, still routed inside some networks)
+        "fe80::/10",  # link-local
+        "ff00::/8",  # multicast
+    )
+)  # fmt: skip
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # the well-known NAT64 prefix: the last 32 bits are the IPv4 target
+
+
 def is_public(address: IPAddress) -> bool:
-    """Whether a webhook may go to ``address`` in production: a global unicast address. An IPv4-mapped or 6to4 /
-    Teredo IPv6 address is judged by the IPv4 address it carries."""
+    """Whether a webhook may go to ``address`` in production: a global unicast address, none of
+    ``_DENIED_NETWORKS``. An IPv6 address that carries an IPv4 address (IPv4-mapped ``::ffff:a.b.c.d``, NAT64
+    ``64:ff9b::a.b.c.d``, 6to4 ``2002::/16``, Teredo: both its server and its client) is judged by the IPv4
+    addresses it carries."""
     if isinstance(address, ipaddress.IPv6Address):
-        embedded = address.ipv4_mapped or address.sixtofour or (address.teredo[1] if address.teredo else None)
-        if embedded is not None:
-            return is_public(embedded)
-    return not (
+        carried = _carried_ipv4(address)
+        if carried:
+            return all(is_public(embedded) for embedded in carried)
+    if any(address in network for network in _DENIED_NETWORKS):
+        return False
+    return address.is_global and not (
         address.is_private
         or address.is_loopback
         or address.is_link_local
         or address.is_multicast
         or address.is_reserved
         or address.is_unspecified
-        or not address.is_global
+        or (isinstance(address, ipaddress.IPv6Address) and address.is_site_local)
     )
+
+
+def _carried_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    if address.ipv4_mapped is not None:
+        return [address.ipv4_mapped]
+    if address in _NAT64:
+        return [ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)]
+    if address.sixtofour is not None:
+        return [address.sixtofour]
+    return list(address.teredo) if address.teredo is not None else []
 
 
 # Delivery: the SSRF guard, the payload, the signature, one POST, the backoff
@@ -239,23 +289,91 @@ class Outcome:
 
 
 def post(target: Target, body: bytes, headers: dict[str, str], timeout: float) -> Outcome:
-    """One POST to ``target`` over a connection to its checked address; redirects are not followed (a 3xx is a
-    failed attempt), proxies from the environment are ignored, the response body is never read."""
-    extensions = {"sni_hostname": target.host} if target.url.lower().startswith("https") else {}
-    with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False, verify=_tls()) as client:
-        request = client.build_request(
-            "POST", target.pinned_url, content=body, headers={**headers, "host": target.host_header},
-            extensions=extensions,
-        )  # fmt: skip
+    """One POST to ``target`` over a connection to its checked address. ``timeout`` bounds the whole of it (connect,
+    TLS handshake, sending, the response's status line and headers), not each read or write: a receiver that
+    answers a byte at a time is cut off at the deadline. Redirects are not followed (a 3xx is a failed attempt), no
+    proxy is used, the response body is never read (the connection is closed after the headers, which h11 caps at
+    100 KiB)."""
+    https = target.url.lower().startswith("https")
+    extensions: dict[str, Any] = {"timeout": dict.fromkeys(("connect", "read", "write", "pool"), timeout)}
+    if https:
+        extensions["sni_hostname"] = target.host
+    backend = _DeadlineBackend(time.monotonic() + timeout)
+    request_headers = [*headers.items(), ("host", target.host_header)]
+    with httpcore.ConnectionPool(ssl_context=_tls() if https else None, network_backend=backend) as pool:
         try:
-            response = client.send(request, stream=True)
-        except httpx.HTTPError as e:
+            with pool.stream("POST", target.pinned_url, headers=request_headers, content=body,
+                             extensions=extensions) as response:  # fmt: skip
+                status = response.status  # leaving the block closes the connection, the body unread
+        except _HTTP_ERRORS as e:
             return Outcome(None, f"{type(e).__name__}: {e}"[:500])
-        response.close()
-    status = response.status_code
     if 200 <= status < 300:
         return Outcome(status)
     return Outcome(status, f"HTTP {status}", final=status == 410)
+
+
+_HTTP_ERRORS = (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol)
+_WRITE_CHUNK = 4096  # bytes per send, so that each waits at most what is left of the deadline
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    """httpcore's sockets, with every connect, TLS handshake, read and write waiting at most until ``deadline``
+    (``time.monotonic()``): httpcore's timeouts apply to each operation, this bounds their sum."""
+
+    def __init__(self, deadline: float) -> None:
+        self._deadline = deadline
+        self._backend = httpcore.SyncBackend()
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        wait = _left(self._deadline, timeout, httpcore.ConnectTimeout)
+        stream = self._backend.connect_tcp(host, port, wait, local_address, socket_options)
+        return _DeadlineStream(stream, self._deadline)
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.NetworkStream:
+        raise httpcore.UnsupportedProtocol("a webhook never goes to a unix socket")
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    def __init__(self, stream: httpcore.NetworkStream, deadline: float) -> None:
+        self._stream = stream
+        self._deadline = deadline
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, _left(self._deadline, timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        for start in range(0, len(buffer), _WRITE_CHUNK):
+            chunk = buffer[start : start + _WRITE_CHUNK]
+            self._stream.write(chunk, _left(self._deadline, timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.NetworkStream:
+        wait = _left(self._deadline, timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(self._stream.start_tls(ssl_context, server_hostname, wait), self._deadline)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+def _left(deadline: float, timeout: float | None, late: type[httpcore.TimeoutException]) -> float:
+    """What an operation may wait: its own ``timeout``, at most until ``deadline``; ``late`` raised once it passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise late("the attempt's deadline (WEBHOOK_TIMEOUT) passed")
+    return left if timeout is None else min(timeout, left)
 
 
 @functools.cache

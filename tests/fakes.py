@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -40,13 +40,14 @@ Q, R = JobStatus.QUEUED, JobStatus.RUNNING
 class InMemoryJobStore:
     def __init__(self) -> None:
         self._jobs: dict[UUID, Job] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self.dead_letters: dict[tuple[str, int], DeadLetter] = {}
         self._received: dict[tuple[str, int], datetime] = {}
         self.failure: Exception | None = None
         self._secrets: dict[UUID, str | None] = {}
         self._batches: dict[UUID, list[UUID]] = {}
         self._batch_keys: dict[UUID, str | None] = {}
+        self._sealed: set[UUID] = set()
 
     def create(
         self,
@@ -122,6 +123,28 @@ class InMemoryJobStore:
         self._fail_if_broken()
         ids = self._batches.get(batch_id)
         return None if ids is None else [self._jobs[i] for i in ids]
+
+    def seal_batch(self, batch_id: UUID, stored: Collection[UUID]) -> bool:
+        self._fail_if_broken()
+        with self._lock:
+            if batch_id not in self._batches or batch_id in self._sealed:
+                return batch_id in self._sealed
+            for job in (self._jobs[i] for i in self._batches[batch_id]):
+                if job.error_code == "enqueue_failed" or (job.status is Q and job.job_id not in stored):
+                    return False
+            self._sealed.add(batch_id)
+            return True
+
+    def abort_batch(self, batch_id: UUID, message: str, older_than: timedelta | None = None) -> list[Job]:
+        self._fail_if_broken()
+        with self._lock:  # reentrant: abort_submit takes it too
+            if batch_id not in self._batches or batch_id in self._sealed:
+                return []
+            queued = [j for j in (self._jobs[i] for i in self._batches[batch_id]) if j.status is Q]
+            if older_than is not None and any(j.updated_at >= datetime.now(UTC) - older_than for j in queued):
+                return []
+            moved = (self.abort_submit(j.job_id, j.generation, "enqueue_failed", message) for j in queued)
+            return [j for j in moved if j is not None]
 
     def webhook_secret(self, job_id: UUID) -> str | None:
         self._fail_if_broken()
@@ -313,9 +336,21 @@ class InMemoryJobStore:
     def unsent(self, older_than: timedelta, limit: int) -> list[Job]:
         now = self._now()
         found = [
-            j for j in self._jobs.values() if j.status is Q and j.sent_at is None and j.updated_at < now - older_than
-        ]
+            j
+            for j in self._jobs.values()
+            if j.status is Q and j.sent_at is None and j.updated_at < now - older_than
+            and (j.batch_id is None or j.batch_id in self._sealed)
+        ]  # fmt: skip
         return sorted(found, key=lambda j: j.updated_at)[:limit]
+
+    def unsealed(self, older_than: timedelta, limit: int) -> list[UUID]:
+        now = self._now()
+        latest = {}
+        for batch_id in self._batches.keys() - self._sealed:
+            queued = [self._jobs[i].updated_at for i in self._batches[batch_id] if self._jobs[i].status is Q]
+            if queued and max(queued) < now - older_than:
+                latest[batch_id] = max(queued)
+        return sorted(latest, key=latest.__getitem__)[:limit]
 
     def expired(self, limit: int) -> list[Job]:
         now = self._now()
@@ -426,15 +461,21 @@ class InMemoryQueueStats:
 
 
 class RecordingOutbox:
-    """:class:`shared.events.Outbox` that records the jobs flushed (the outbox itself is tested on PostgreSQL)."""
+    """:class:`shared.events.Outbox` that records the jobs flushed and the stalled deliveries asked for (the outbox
+    itself is tested on PostgreSQL)."""
 
     def __init__(self) -> None:
         self.flushed: list[UUID] = []
+        self.resumes: list[tuple[timedelta, int]] = []
 
     def flush(self, job_id: UUID) -> None:
         self.flushed.append(job_id)
 
     def sweep(self, older_than: timedelta, limit: int) -> int:
+        return 0
+
+    def resume(self, older_than: timedelta, limit: int) -> int:
+        self.resumes.append((older_than, limit))
         return 0
 
 

@@ -110,38 +110,39 @@ def stack(database: str) -> Iterator[Stack]:
         **WEBHOOK_SETTINGS,
     }
     argv = [sys.executable, "-m", "local.functions_host", "--port", "0"]
-    host = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        assert host.stderr is not None
-        for line in host.stderr:
-            lines.append(line)
-            if "Functions host ready: " in line:
-                ready.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
     settings = Settings.from_env({"DATABASE_URL": database, "ServiceBusConnection": bus_connection,
                                   "AzureWebJobsStorage": "unused"})  # fmt: skip
+    lines: list[str] = []
+    ready = threading.Event()
     try:
-        assert ready.wait(60), "".join(lines)
-        api = next(line.split("Functions host ready: ")[1].strip() for line in lines if "host ready" in line)
-        with open_pool(settings) as pool, ServiceBusClient.from_connection_string(bus_connection) as bus:
-            events = EventStore(pool)
-            notifier = OutboxNotifier(events, BusEventSender(bus, QUEUE))
-            yield Stack(PostgresJobStore(pool), events, notifier, bus, lambda: "".join(lines), api)
+        # The context closes the host's stderr pipe however this ends (Popen.__exit__), after the host was stopped.
+        with subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True) as host:
+
+            def read() -> None:
+                assert host.stderr is not None
+                for line in host.stderr:
+                    lines.append(line)
+                    if "Functions host ready: " in line:
+                        ready.set()
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            try:
+                assert ready.wait(60), "".join(lines)
+                api = next(line.split("Functions host ready: ")[1].strip() for line in lines if "host ready" in line)
+                with open_pool(settings) as pool, ServiceBusClient.from_connection_string(bus_connection) as bus:
+                    events = EventStore(pool)
+                    notifier = OutboxNotifier(events, BusEventSender(bus, QUEUE))
+                    yield Stack(PostgresJobStore(pool), events, notifier, bus, lambda: "".join(lines), api)
+            finally:
+                host.send_signal(signal.SIGTERM)
+                try:
+                    host.wait(15)
+                except subprocess.TimeoutExpired:
+                    host.kill()
+                    host.wait()
+                reader.join(5)  # the pipe's end: the reader is done before the pipe is closed
     finally:
-        host.send_signal(signal.SIGTERM)
-        try:
-            host.wait(15)
-        except subprocess.TimeoutExpired:
-            host.kill()
-            host.wait()
-        reader.join(5)
-        if host.stderr is not None:
-            host.stderr.close()
         emulator.send_signal(signal.SIGTERM)
         emulator.wait(15)
         shutil.rmtree(root, ignore_errors=True)

@@ -6,9 +6,10 @@ loopback receiver or is refused by the SSRF guard."""
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -18,7 +19,8 @@ from psycopg_pool import ConnectionPool
 
 from shared.db import PostgresJobStore, open_pool
 from shared.delivery import Deliverer, WebhookPolicy
-from shared.events import BusEventSender, Event, EventMessage, EventStore, OutboxNotifier
+from shared.errors import BusUnavailable
+from shared.events import BusEventSender, Event, EventMessage, EventStore, OutboxNotifier, open_notifier
 from shared.jobs import Callback, Job, JobStatus
 from shared.migrate import migrate
 from shared.reconciler import Letter, Policy, Reconciler
@@ -169,16 +171,16 @@ def test_the_summary_counts_deliveries_and_attempts(jobs: PostgresJobStore, even
                            idempotency_key=None)  # fmt: skip
     assert events.summary(plain.job_id) is None  # no callback, no webhook section
     job = succeeded(
-        jobs, job_with_callback(jobs, "https://hooks.example.com/in?token=s3cret", ["started", "completed"])
+        jobs, job_with_callback(jobs, "https://hooks.example.com/in/t0ken?token=s3cret", ["started", "completed"])
     )
     started, done = events.unsent(job.job_id, timedelta(0), 10)
     assert events.summary(job.job_id) == {
-        "url": "https://hooks.example.com/in?redacted", "events": ["started", "completed"], "deliveries": 2,
+        "url": "https://hooks.example.com", "events": ["started", "completed"], "deliveries": 2,
         "attempts": 0, "last_status": None, "last_attempt_at": None, "delivered": 0, "pending": 2, "gave_up": 0,
     }  # fmt: skip
-    events.record_attempt(started.event_id, status=None, error="ConnectError", delivered=False, gave_up=False)
-    events.record_attempt(started.event_id, status=200, error=None, delivered=True, gave_up=False)
-    events.record_attempt(done.event_id, status=410, error="HTTP 410", delivered=False, gave_up=True)
+    events.record_attempt(started.event_id, 1, status=None, error="ConnectError", delivered=False, gave_up=False)
+    events.record_attempt(started.event_id, 2, status=200, error=None, delivered=True, gave_up=False)
+    events.record_attempt(done.event_id, 1, status=410, error="HTTP 410", delivered=False, gave_up=True)
     summary = events.summary(job.job_id)
     assert summary is not None
     assert {k: summary[k] for k in ("attempts", "last_status", "delivered", "pending", "gave_up")} == {
@@ -266,3 +268,103 @@ def test_the_reconciler_cancels_an_abandoned_cancellation_and_hands_its_event_ov
     assert delivery is not None
     assert (delivery.type, delivery.payload["status"]) == ("job.cancelled", "cancelled")
     assert events.unsent(None, timedelta(0), 10) == []
+
+
+# A retry chain cannot be lost
+
+
+class RecordingSender:
+    def __init__(self) -> None:
+        self.sent: list[tuple[EventMessage, datetime | None]] = []
+
+    def send(self, message: EventMessage, *, at: datetime | None = None) -> None:
+        self.sent.append((message, at))
+
+
+class FailingSender:
+    """The job-events queue while the bus is down: every send fails, and is counted."""
+
+    def __init__(self) -> None:
+        self.tried: list[str] = []
+
+    def send(self, message: EventMessage, *, at: datetime | None = None) -> None:
+        self.tried.append(message.message_id)
+        raise BusUnavailable("the bus is down")
+
+
+def test_a_next_attempt_that_cannot_be_sent_is_resent_by_redeliveries_then_by_the_reconciler(
+    jobs: PostgresJobStore, events: EventStore, database_url: str
+) -> None:
+    """Attempt 1 fails and is recorded, then the send of attempt 2's message fails on each of the message's
+    deliveries (MaxDeliveryCount 3): no delivery POSTs again or takes attempt 1 for stale and drops the chain, and once
+    attempt 2 is long overdue the reconciler sends it; its delivery POSTs attempt 2."""
+    secret = new_secret()
+    with WebhookReceiver() as receiver:
+        job = succeeded(jobs, job_with_callback(jobs, receiver.url("/down", secret=secret, always=503), secret=secret))
+        [event] = events.unsent(job.job_id, timedelta(0), 10)
+        down = FailingSender()
+        first = EventMessage(event_id=event.event_id, attempt=1)
+        for _ in range(3):  # the delivery and the host's two redeliveries after each abandon
+            with pytest.raises(BusUnavailable):
+                Deliverer(events, down, policy(True)).handle(first)
+        assert len(receiver.at("/down")) == 1  # one POST: the redeliveries only tried to send attempt 2 again
+        assert down.tried == [f"{event.event_id}:2"] * 3  # the same id: a send that did go through is deduplicated
+        stalled = events.delivery(event.event_id)
+        assert stalled is not None
+        assert (stalled.attempts, stalled.next_attempt, stalled.delivered_at, stalled.gave_up_at) == (1, 2, None, None)
+
+        queue = RecordingSender()
+        outbox = OutboxNotifier(events, queue)  # the reconciler's
+        assert outbox.resume(timedelta(minutes=15), 10) == 0  # attempt 2 is due in a second: not stalled
+        with psycopg.connect(database_url) as conn:  # an hour later
+            conn.execute("UPDATE job_events SET next_attempt_at = next_attempt_at - interval '1 hour'")
+        assert outbox.resume(timedelta(minutes=15), 10) == 1
+        assert outbox.resume(timedelta(minutes=15), 10) == 0  # due again from now on
+        [(resent, at)] = queue.sent
+        assert (resent.message_id, at) == (f"{event.event_id}:2:r1", None)
+        sent = RecordingSender()
+        assert Deliverer(events, sent, policy(True)).handle(resent) is Verdict.RETRY
+        assert len(receiver.at("/down")) == 2
+    assert [m.message_id for m, _ in sent.sent] == [f"{event.event_id}:3"]
+    after = events.delivery(event.event_id)
+    assert after is not None
+    assert (after.attempts, after.next_attempt) == (2, 3)
+
+
+def test_the_next_attempt_only_moves_forward(jobs: PostgresJobStore, events: EventStore) -> None:
+    job = succeeded(jobs, job_with_callback(jobs, "https://hooks.example.com/a"))
+    [event] = events.unsent(job.job_id, timedelta(0), 10)
+    events.mark_sent(event.event_id)
+    handed = events.delivery(event.event_id)
+    assert handed is not None
+    assert (handed.next_attempt, handed.next_attempt_at is not None) == (1, True)  # attempt 1 is due now
+    due = datetime.now(UTC) + timedelta(seconds=20)
+    events.record_attempt(event.event_id, 2, status=500, error="HTTP 500", delivered=False, gave_up=False, next_at=due)
+    late = datetime.now(UTC) + timedelta(seconds=5)  # a late copy of attempt 1 records its POST after attempt 2's
+    events.record_attempt(event.event_id, 1, status=500, error="HTTP 500", delivered=False, gave_up=False, next_at=late)
+    now = events.delivery(event.event_id)
+    assert now is not None
+    assert (now.attempts, now.next_attempt, now.next_attempt_at) == (2, 3, due)
+    events.record_attempt(event.event_id, 3, status=200, error=None, delivered=True, gave_up=False)
+    done = events.delivery(event.event_id)
+    assert done is not None
+    assert (done.next_attempt, done.next_attempt_at, done.delivered_at is not None) == (4, None, True)
+
+
+def test_after_a_failed_send_a_workers_flushes_fail_fast(
+    jobs: PostgresJobStore, events: EventStore, pool: ConnectionPool, servicebus_emulator: EmulatorHandle,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    first = succeeded(jobs, job_with_callback(jobs, "https://hooks.example.com/a"))
+    second = succeeded(jobs, job_with_callback(jobs, "https://hooks.example.com/b"))
+    with ServiceBusClient.from_connection_string(servicebus_emulator.connection_string) as broken:
+        notifier = open_notifier(pool, broken, "no-such-queue", timeout=2)  # the worker's notifier
+        notifier.flush(first.job_id)
+        started = time.monotonic()
+        notifier.flush(second.job_id)
+        elapsed = time.monotonic() - started
+    failures = [r.getMessage() for r in caplog.records if getattr(r, "action", None) == "flush_failed"]
+    assert len(failures) == 2
+    assert "not trying again yet" in failures[1]  # no send was tried: the flush did not wait on the bus
+    assert elapsed < 0.5, elapsed
+    assert {e.job_id for e in events.unsent(None, timedelta(0), 10)} == {first.job_id, second.job_id}  # the sweep's

@@ -4,9 +4,12 @@ and TLS (SNI and certificate verification) use the callback's host name; redirec
 from __future__ import annotations
 
 import datetime as dt
+import socket
 import ssl
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -118,3 +121,52 @@ def test_a_redirect_is_not_followed(tls_server: TlsServer) -> None:
     outcome = post(target, b"{}", {}, 5.0)
     assert (outcome.status, outcome.delivered, outcome.error) == (302, False, "HTTP 302")
     assert [s["path"] for s in tls_server.seen] == ["/moved"]
+
+
+@contextmanager
+def raw_http_server(answer: Callable[[socket.socket], None]) -> Iterator[int]:
+    """A loopback TCP server that reads a request's first bytes, then lets ``answer`` write to the connection (an
+    error writing, e.g. the client gave up, ends it)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def serve() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(65536)
+                with suppress(OSError):
+                    answer(connection)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        yield int(listener.getsockname()[1])
+        thread.join(10)
+
+
+def test_the_whole_attempt_is_bounded_by_the_timeout_not_each_read() -> None:
+    def drip(connection: socket.socket) -> None:  # each byte well within the timeout, all of them far past it
+        for byte in b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nx-padding: " + b"a" * 40 + b"\r\n\r\n":
+            connection.sendall(bytes([byte]))
+            time.sleep(0.05)
+
+    with raw_http_server(drip) as port:
+        target = resolve_target(f"http://{HOST}:{port}/slow", allow_private=True, resolver=loopback)
+        started = time.monotonic()
+        outcome = post(target, b"{}", {}, 0.5)
+        elapsed = time.monotonic() - started
+    assert (outcome.status, outcome.delivered) == (None, False)
+    assert outcome.error is not None
+    assert outcome.error.startswith("ReadTimeout")
+    assert elapsed < 1.5, elapsed  # the drip takes ~3.5 s; each of its reads alone is within 0.5 s
+
+
+def test_the_response_body_is_never_read() -> None:
+    def endless(connection: socket.socket) -> None:
+        connection.sendall(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        chunk = b"10000\r\n" + b"x" * 0x10000 + b"\r\n"
+        while True:
+            connection.sendall(chunk)
+
+    with raw_http_server(endless) as port:
+        target = resolve_target(f"http://{HOST}:{port}/big", allow_private=True, resolver=loopback)
+        outcome = post(target, b"{}", {}, 5.0)
+    assert (outcome.status, outcome.delivered) == (200, True)

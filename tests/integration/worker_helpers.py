@@ -32,6 +32,7 @@ from shared.migrate import migrate
 from shared.reconciler import Policy, Reconciler
 from shared.settings import Settings
 from shared.storage import BlobStore
+from tests.fakes import RecordingOutbox
 from tests.fixtures.servicebus import EmulatorHandle
 
 DATA = Path(__file__).parents[1] / "data"
@@ -144,7 +145,7 @@ class WorkerStack:
         )
         with DeadLetterInbox(self.client, [self.queue_name]) as inbox:
             publisher = JobPublisher(self.client, self.queues)
-            return Reconciler(self.jobs, self.store, publisher, inbox, policy).run()
+            return Reconciler(self.jobs, self.store, publisher, inbox, policy, outbox=RecordingOutbox()).run()
 
     def results(self, job_id: UUID) -> set[str]:
         """The names of the job's result blobs."""

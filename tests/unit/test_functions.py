@@ -5,6 +5,8 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -16,10 +18,10 @@ from functions import deps
 from functions.deps import Deps
 from shared.errors import BusUnavailable, DatabaseUnavailable, StorageUnavailable
 from shared.jobs import Job, JobStatus
-from shared.reconciler import Letter
+from shared.reconciler import STALL_MARGIN, Letter
 from shared.settings import Settings
 from tests import geotiffs
-from tests.fakes import InMemoryBlobStore, InMemoryJobStore, InMemoryPublisher, unit_deps
+from tests.fakes import InMemoryBlobStore, InMemoryJobStore, InMemoryPublisher, RecordingOutbox, unit_deps
 from tests.functions_client import body, function, get_job, multipart, post_job
 from tests.jobs import claimed, new_job
 
@@ -346,6 +348,17 @@ def test_a_past_due_run_is_logged_and_reconciles_the_same(old_enough: World, cap
     function("reconcile_jobs")(TimerRequest(past_due=True))
     assert "reconcile_past_due" in [getattr(r, "action", None) for r in caplog.records]
     assert old_enough.job(unsent.job_id).generation == 2
+
+
+def test_reconcile_jobs_resumes_webhook_deliveries_stalled_past_the_longest_backoff() -> None:
+    world = World(WEBHOOK_BACKOFF_MAX="PT2M", RECONCILE_BATCH="7")
+    outbox = RecordingOutbox()
+    deps.use(replace(world.deps(), notifier=outbox))
+    try:
+        function("reconcile_jobs")(TimerRequest(past_due=False))
+    finally:
+        deps.use(None)
+    assert outbox.resumes == [(timedelta(minutes=2) + STALL_MARGIN, 7)]
 
 
 def test_status_unknown_job_is_404(world: World) -> None:

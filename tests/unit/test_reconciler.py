@@ -37,12 +37,15 @@ class Inbox:
 
 
 class RecordingOutbox:
-    """The webhook outbox: flushes are recorded; ``unsent`` events are what a sweep hands over (and then clears)."""
+    """The webhook outbox: flushes are recorded; ``unsent`` events are what a sweep hands over (and then clears),
+    ``stalled`` deliveries what a resume sends again."""
 
     def __init__(self) -> None:
         self.flushed: list[uuid.UUID] = []
         self.sweeps: list[tuple[timedelta, int]] = []
+        self.resumes: list[tuple[timedelta, int]] = []
         self.unsent = 0
+        self.stalled = 0
         self.failure: Exception | None = None
 
     def flush(self, job_id: uuid.UUID) -> None:
@@ -54,6 +57,11 @@ class RecordingOutbox:
             raise self.failure
         swept, self.unsent = min(self.unsent, limit), max(0, self.unsent - limit)
         return swept
+
+    def resume(self, older_than: timedelta, limit: int) -> int:
+        self.resumes.append((older_than, limit))
+        resumed, self.stalled = min(self.stalled, limit), max(0, self.stalled - limit)
+        return resumed
 
 
 class World:
@@ -517,6 +525,22 @@ def test_the_default_sweep_waits_30_seconds_for_the_notifier(world: World) -> No
     assert world.outbox.sweeps == [(timedelta(seconds=30), OLD.batch)]
 
 
+def test_stalled_webhook_deliveries_are_resumed_in_batches(world: World) -> None:
+    world.outbox.stalled = 3
+    policy = Policy(resend_after=GONE, max_attempts=MAX, batch=2, abort_after=GONE,
+                    events_stalled_after=timedelta(minutes=3))  # fmt: skip
+    first = world.run(policy)
+    assert (first.events_resumed, first.changed) == (2, 2)
+    assert world.outbox.resumes == [(timedelta(minutes=3), 2)]
+    assert world.run(policy).events_resumed == 1
+    assert world.run(policy) == Report()
+
+
+def test_a_delivery_is_stalled_past_the_default_longest_backoff_and_a_margin(world: World) -> None:
+    world.run()
+    assert world.outbox.resumes == [(timedelta(minutes=15), OLD.batch)]
+
+
 def test_a_failed_sweep_is_reported_and_the_other_steps_still_run(world: World) -> None:
     job = world.stored_job()
     world.outbox.failure = BusUnavailable("down")
@@ -524,12 +548,3 @@ def test_a_failed_sweep_is_reported_and_the_other_steps_still_run(world: World) 
     assert report.errors == ["events: bus_unavailable"]
     assert report.resent == 1
     assert world.job(job).sent_at is not None
-
-
-def test_without_an_outbox_nothing_is_flushed_or_swept() -> None:
-    world = World()
-    cancelled = cancelling(world)
-    report = Reconciler(world.jobs, world.store, world.publisher, world.inbox, OLD).run()
-    assert (report.cancelled, report.errors) == (1, [])
-    assert world.job(cancelled).status is JobStatus.CANCELLED
-    assert (world.outbox.flushed, world.outbox.sweeps) == ([], [])

@@ -23,7 +23,7 @@ from shared.db import translated
 from shared.errors import DatabaseUnavailable, StorageUnavailable
 from shared.jobs import Job, JobStatus
 from shared.reconciler import Policy, Reconciler
-from tests.fakes import InMemoryBlobStore, InMemoryJobStore, InMemoryPublisher
+from tests.fakes import InMemoryBlobStore, InMemoryJobStore, InMemoryPublisher, RecordingOutbox
 from tests.jobs import GONE, claimed, new_job
 from tests.unit.test_consumer_settle import MAX, World
 from tests.unit.test_consumer_settle import make_world as make_world
@@ -110,6 +110,7 @@ def test_one_step_hitting_an_untranslated_database_error_does_not_stop_the_other
         InMemoryPublisher(),
         inbox,
         Policy(resend_after=GONE, max_attempts=MAX, batch=10, abort_after=GONE),
+        RecordingOutbox(),
     )
     jobs.failure = read_only()  # the fake raises it raw: as an error nobody translated would
     report = reconciler.run()

@@ -13,9 +13,9 @@ import pytest
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from shared.delivery import Deliverer, WebhookPolicy, _skip_reason
+from shared.delivery import Deliverer, WebhookPolicy, _recorded, _skip_reason
 from shared.errors import DatabaseUnavailable, InvalidMessage
-from shared.events import Delivery, EventMessage
+from shared.events import Delivery, EventMessage, redacted
 from shared.jobs import JobStatus
 from shared.status import GENERIC_MESSAGE, job_view
 from shared.webhooks import (
@@ -51,11 +51,23 @@ def resolver(*addresses: str) -> Any:
     "address",
     ["10.0.0.4", "172.31.255.255", "192.168.0.1", "127.0.0.1", "169.254.169.254", "100.64.1.1", "0.0.0.0",
      "224.0.0.251", "255.255.255.255", "240.0.0.1", "198.18.0.1", "::1", "::", "fe80::1%eth0", "fd00::1",
-     "ff02::1", "::ffff:10.0.0.1", "::ffff:127.0.0.1", "64:ff9b::a00:1", "2002:a00:1::1"],
+     "ff02::1", "::ffff:10.0.0.1", "::ffff:127.0.0.1", "64:ff9b::a00:1", "2002:a00:1::1",
+     # Addresses the standard library's properties let through (Python 3.11) or that look public:
+     "168.63.129.16", "fec0::1", "192.0.0.192", "192.88.99.1", "3fff::1", "0.1.2.3", "100.100.100.200",
+     "fd00:ec2::254", "::ffff:168.63.129.16", "2002:a83f:8110::1", "64:ff9b::a83f:8110", "64:ff9b:1::808:808",
+     "::808:808", "2001:0:4136:e378:8000:63bf:3fff:fdd2"],
 )  # fmt: skip
 def test_a_name_resolving_to_a_non_public_address_is_refused(address: str) -> None:
     with pytest.raises(Refused, match="non-public"):
         resolve_target("https://hooks.example.com/x", allow_private=False, resolver=resolver(address))
+
+
+@pytest.mark.parametrize(
+    "address", ["8.8.8.8", "93.184.215.14", "2606:4700::1", "::ffff:8.8.8.8", "64:ff9b::808:808", "2002:808:808::1"]
+)
+def test_a_public_address_and_its_ipv6_forms_are_allowed(address: str) -> None:
+    target = resolve_target("https://hooks.example.com/", allow_private=False, resolver=resolver(address))
+    assert target.address == ipaddress.ip_address(address)
 
 
 def test_one_non_public_address_among_public_ones_is_enough_to_refuse() -> None:
@@ -184,21 +196,38 @@ NOW = datetime.now(UTC)
 
 @pytest.mark.parametrize(
     ("fields", "attempt", "reason"),
-    [({}, 1, None), ({"attempts": 1}, 1, None), ({"attempts": 3}, 3, None), ({"attempts": 3}, 2, "stale"),
+    [({}, 1, None), ({"next_attempt": 2}, 1, None), ({"next_attempt": 4}, 3, None), ({"next_attempt": 4}, 2, "stale"),
+     ({"next_attempt": 3, "attempts": 7}, 2, None), ({"next_attempt": 2}, 3, None),
      ({"delivered_at": NOW}, 1, "already delivered"), ({"delivered_at": NOW}, 5, "already delivered"),
-     ({"callback_url": None}, 1, "no callback"), ({"gave_up_at": NOW, "attempts": 2}, 2, "given up"),
-     ({"gave_up_at": NOW, "attempts": 9}, 5, None), ({"attempts": 12}, 5, None)],
+     ({"callback_url": None}, 1, "no callback"), ({"gave_up_at": NOW, "next_attempt": 3}, 2, "given up"),
+     ({"gave_up_at": NOW, "next_attempt": 6}, 5, None), ({"next_attempt": 13}, 5, None)],
 )  # fmt: skip
-def test_which_messages_need_no_post(fields: dict[str, Any], attempt: int, reason: str | None) -> None:
+def test_which_messages_need_nothing_done(fields: dict[str, Any], attempt: int, reason: str | None) -> None:
     found = _skip_reason(delivery(**fields), EventMessage(event_id=EVENT_ID, attempt=attempt), max_attempts=5)
     assert (found is None) == (reason is None)
     if reason is not None:
         assert reason in str(found)
 
 
+@pytest.mark.parametrize(
+    ("next_attempt", "attempt", "recorded"),
+    [(1, 1, False), (2, 1, True), (3, 2, True), (3, 3, False), (6, 5, False), (9, 5, False)],
+)
+def test_a_redelivered_attempt_already_recorded_sends_its_next_message_instead_of_posting(
+    next_attempt: int, attempt: int, recorded: bool
+) -> None:
+    """Attempt ``next_attempt - 1`` was made and recorded: its redelivery (the send of the next attempt's message
+    failed) must not be stale, or the chain ends there; the last attempt (5) always POSTs again."""
+    message = EventMessage(event_id=EVENT_ID, attempt=attempt)
+    assert _recorded(delivery(next_attempt=next_attempt), message, max_attempts=5) is recorded
+
+
 def test_an_event_message_round_trips_and_garbage_is_invalid() -> None:
     message = EventMessage.decode(json.dumps({"event_id": str(EVENT_ID), "attempt": 3}).encode())
     assert message.message_id == f"{EVENT_ID}:3"
+    resent = EventMessage.decode(json.dumps({"event_id": str(EVENT_ID), "attempt": 3, "resent": 2}).encode())
+    assert resent.message_id == f"{EVENT_ID}:3:r2"
+    assert resent.model_copy(update={"postponed": 1}).message_id == f"{EVENT_ID}:3:r2:p1"
     for body in (
         b"",
         b"{}",
@@ -210,6 +239,17 @@ def test_an_event_message_round_trips_and_garbage_is_invalid() -> None:
 
 
 # The status view
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [("https://hooks.example.com/in?token=s3cret", "https://hooks.example.com"),
+     ("https://hooks.example.com:8443/t/0123456789abcdef/in", "https://hooks.example.com:8443"),
+     ("https://[2606:4700::1]:8443/t0ken", "https://[2606:4700::1]:8443"), ("http://127.0.0.1:8080", "http://127.0.0.1:8080"),
+     ("https://user:pw@hooks.example.com/x#f", "https://hooks.example.com")],
+)  # fmt: skip
+def test_the_status_view_shows_only_the_callbacks_scheme_host_and_port(url: str, shown: str) -> None:
+    assert redacted(url) == shown
 
 
 def test_the_status_view_shows_the_webhook_summary_only_when_given() -> None:
@@ -228,9 +268,7 @@ class DownStore:
     def delivery(self, event_id: uuid.UUID) -> Delivery | None:
         raise DatabaseUnavailable("connection refused")
 
-    def record_attempt(
-        self, event_id: uuid.UUID, *, status: int | None, error: str | None, delivered: bool, gave_up: bool
-    ) -> None:
+    def record_attempt(self, event_id: uuid.UUID, attempt: int, **outcome: Any) -> None:
         raise AssertionError("nothing to record")
 
 

@@ -35,6 +35,7 @@ def test_public_https_urls_are_accepted(url: str) -> None:
      "https://10.1.2.3/hook", "https://172.16.0.1/", "https://192.168.1.1/", "https://169.254.169.254/latest",
      "https://100.64.0.1/", "https://0.0.0.0/", "https://224.0.0.1/", "https://240.0.0.1/", "https://[::1]/",
      "https://[fe80::1]/", "https://[fc00::1]/", "https://[::ffff:10.0.0.1]/", "https://[::]/",
+     "https://168.63.129.16/", "https://[fec0::1]/", "https://192.0.0.192/", "https://[::ffff:168.63.129.16]/",
      "https://user:pw@example.com/hook", "https://example.com/hook#frag", "https://example.com:99999/",
      "https://example.com:0/", "https://exa mple.com/", "https://example.com/\nx",
      "https://example.com/" + "a" * MAX_URL_LENGTH],
