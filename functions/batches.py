@@ -4,7 +4,8 @@ does the work.
 ``POST``: ``multipart/form-data`` with one file per ``image`` field (1 to ``MAX_BATCH_SIZE``); the query of ``POST
 /api/jobs`` applies to every image, the ``Idempotency-Key`` header to the batch. 202 with every job's status URL
 (200 and ``Idempotent-Replayed: true`` for a replay); a refused image answers its problem with its ``index``; a
-failed upload fails every job of the batch (503 ``enqueue_failed``, ``batch_id``).
+failed upload fails every job of the batch (503 ``enqueue_failed``, ``batch_id``): nothing of a batch is sent before
+every image is stored. ``GET``: the batch's status and its jobs in the request's order.
 """
 
 from __future__ import annotations

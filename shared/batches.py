@@ -6,15 +6,21 @@
    :class:`ImageRejected` (with the image's ``index``) and nothing is stored.
 2. Admission control counts the whole batch (``backlog + n > max_backlog``: ``backlog_full``); a replay of the
    batch's ``Idempotency-Key`` is not refused.
-3. ``create_batch`` inserts every job, in one transaction, or, for a known key, returns that batch's jobs. A replay
-   must carry the same images (matched by SHA-256, in any order), else :class:`BatchConflict`.
-4. Every image is uploaded (a few at a time). If any upload fails, every job this request created (or resubmitted)
-   is failed ``enqueue_failed`` and :class:`BatchEnqueueFailed` (503) is raised: the batch is all or none, and a
-   same-key replay resubmits all of it.
-5. Each job's message is handed over (:func:`shared.submission.hand_over`: an ambiguous send is the reconciler's).
+3. ``create_batch`` inserts every job (with its place in the request), in one transaction, the batch *unsealed*, or,
+   for a known key, returns that batch's jobs. A replay must carry the same images (matched by SHA-256, in any
+   order), else :class:`BatchConflict`.
+4. Every image is uploaded (a few at a time). If any upload fails, the whole batch is aborted (``abort_batch``: every
+   queued job failed ``enqueue_failed``) and :class:`BatchEnqueueFailed` (503) is raised.
+5. The batch is *sealed* (``seal_batch``): only now may its jobs be sent. The seal is refused if a job of the batch
+   was aborted meanwhile, or is queued with an image this request did not store (a concurrent replay's); then the
+   batch is aborted and :class:`BatchEnqueueFailed` raised.
+6. Each job's message is handed over (:func:`shared.submission.hand_over`: an ambiguous send is the reconciler's).
 
-A replay hands over again what a submit would: jobs failed ``enqueue_failed`` are resubmitted, and queued jobs
-whose send was never confirmed are sent again (the same message id). Every job of a batch shares one webhook secret.
+All or none: nothing of an unsealed batch is ever sent (the reconciler skips its jobs, and aborts the whole batch if
+its submit died: :mod:`shared.reconciler`), so either every job is sent, once every image is stored, or every job
+ends ``enqueue_failed``, and a same-key replay resubmits all of them. A replay hands over again what a submit would:
+jobs failed ``enqueue_failed`` are resubmitted, and queued jobs whose send was never confirmed are stored and sent
+again (the same message id). Every job of a batch shares one webhook secret.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import uuid
 from collections import defaultdict
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NoReturn
 from uuid import UUID
 
 from pydantic import BaseModel, Field
@@ -72,7 +78,8 @@ class BatchConflict(Exception):
 
 
 class BatchEnqueueFailed(TransientError):
-    """An image of the batch could not be stored; the batch's jobs were failed and the batch may be submitted again."""
+    """An image of the batch could not be stored, or the batch was aborted meanwhile; its jobs were failed (unless a
+    concurrent same-key request sealed the batch first) and the batch may be submitted again."""
 
     code = EnqueueFailed.code
 
@@ -195,12 +202,13 @@ def submit_batch(
     batch_id = stored[0].batch_id
     assert batch_id is not None, "a batch's jobs name it"
     if created:
-        ordered, owned = stored, {job.job_id for job in stored}
-        pending = owned
+        ordered, pending = stored, {job.job_id for job in stored}
     else:
-        ordered, owned, pending = _healed(_matched(batch_id, stored, images), jobs)
+        ordered, pending = _healed(_matched(batch_id, stored, images), jobs)
     uploads = [(job, image) for job, image in zip(ordered, images, strict=True) if job.job_id in pending]
-    _store_all(batch_id, uploads, jobs, store, owned)
+    _store_all(batch_id, uploads, jobs, store)
+    if not jobs.seal_batch(batch_id, pending):
+        _abort(jobs, batch_id, "the batch was aborted while it was submitted")
     final = [hand_over(job, jobs, publisher) if job.job_id in pending else job for job in ordered]
     action = "submit" if created else "replay"
     extra = {"batch_id": str(batch_id), "action": f"batch_{action}", "count": len(final)}
@@ -226,27 +234,22 @@ def _matched(batch_id: UUID, stored: list[Job], images: list[Image]) -> list[Job
     return [by_sha[image.sha256].pop() for image in images]
 
 
-def _healed(replayed: list[Job], jobs: JobStore) -> tuple[list[Job], set[UUID], set[UUID]]:
-    """A replay, as a submit's replay treats each job: ``(jobs, owned, pending)``. Jobs failed ``enqueue_failed``
-    are resubmitted (owned: a failed upload fails them again); ``pending``: the owned jobs and the queued ones whose
-    send is unconfirmed, whose image and message go out again."""
-    ordered, owned, pending = [], set(), set()
+def _healed(replayed: list[Job], jobs: JobStore) -> tuple[list[Job], set[UUID]]:
+    """A replay, as a submit's replay treats each job: ``(jobs, pending)``. Jobs failed ``enqueue_failed`` are
+    resubmitted; ``pending``: the queued jobs whose send is unconfirmed (the resubmitted ones too), whose image and
+    message go out again. Of an unsealed batch that is every queued job: nothing of it was sent."""
+    ordered, pending = [], set()
     for job in replayed:
         if job.status is JobStatus.FAILED and job.error_code == EnqueueFailed.code:
-            resubmitted = jobs.resubmit(job.job_id)
-            if resubmitted is not None:
-                owned.add(job.job_id)
-            job = resubmitted or jobs.get(job.job_id) or job  # lost a race: the job as the winner left it
-        if job.job_id in owned or (job.status is JobStatus.QUEUED and job.sent_at is None):
+            job = jobs.resubmit(job.job_id) or jobs.get(job.job_id) or job  # lost a race: as the winner left it
+        if job.status is JobStatus.QUEUED and job.sent_at is None:
             pending.add(job.job_id)
         ordered.append(job)
-    return ordered, owned, pending
+    return ordered, pending
 
 
-def _store_all(
-    batch_id: UUID, pairs: list[tuple[Job, Image]], jobs: JobStore, store: InputStore, owned: set[UUID]
-) -> None:
-    """Upload every image; if one fails, fail every owned job (``enqueue_failed``) and raise."""
+def _store_all(batch_id: UUID, pairs: list[tuple[Job, Image]], jobs: JobStore, store: InputStore) -> None:
+    """Upload every image; if one fails, abort the batch (every queued job ``enqueue_failed``) and raise."""
     if not pairs:
         return
     with ThreadPoolExecutor(max_workers=min(UPLOADS, len(pairs)), thread_name_prefix="batch-upload") as pool:
@@ -260,10 +263,12 @@ def _store_all(
         raise next(e for e in errors if not isinstance(e, StorageUnavailable))
     if not unavailable:
         return
-    extra = {"batch_id": str(batch_id), "action": "batch_enqueue_failed"}
-    log.error("batch %s: could not store an image: %s", batch_id, unavailable[0].message, extra=extra)
-    text = f"could not store an image of the batch: {unavailable[0].message}"
-    for job, _ in pairs:
-        if job.job_id in owned:
-            jobs.abort_submit(job.job_id, job.generation, EnqueueFailed.code, text)
-    raise BatchEnqueueFailed(batch_id, "an image of the batch could not be stored; submit the batch again")
+    _abort(jobs, batch_id, f"could not store an image of the batch: {unavailable[0].message}")
+
+
+def _abort(jobs: JobStore, batch_id: UUID, why: str) -> NoReturn:
+    """Abort the batch (nothing happens once it is sealed: then it goes ahead as it is) and raise."""
+    aborted = jobs.abort_batch(batch_id, why)
+    extra = {"batch_id": str(batch_id), "action": "batch_enqueue_failed", "count": len(aborted)}
+    log.error("batch %s: %s (%d jobs failed)", batch_id, why, len(aborted), extra=extra)
+    raise BatchEnqueueFailed(batch_id, "the batch could not be stored whole; submit the batch again")

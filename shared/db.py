@@ -9,7 +9,7 @@ not there right now" (down, unreachable, read-only) become :class:`~shared.error
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, ParamSpec, TypeVar
@@ -68,9 +68,10 @@ _JOB = """
     FROM jobs j LEFT JOIN results r USING (job_id)
 """
 _INSERT = (
-    "INSERT INTO jobs (job_id, input_blob, input_sha256, params, idempotency_key, priority, batch_id, callback_url,"
-    " callback_events, webhook_secret) VALUES (%(job_id)s, %(input_blob)s, %(input_sha256)s, %(params)s,"
-    " %(idempotency_key)s, %(priority)s, %(batch_id)s, %(callback_url)s, %(callback_events)s, %(webhook_secret)s)"
+    "INSERT INTO jobs (job_id, input_blob, input_sha256, params, idempotency_key, priority, batch_id, batch_index,"
+    " callback_url, callback_events, webhook_secret) VALUES (%(job_id)s, %(input_blob)s, %(input_sha256)s,"
+    " %(params)s, %(idempotency_key)s, %(priority)s, %(batch_id)s, %(batch_index)s, %(callback_url)s,"
+    " %(callback_events)s, %(webhook_secret)s)"
 )
 
 
@@ -177,9 +178,47 @@ class PostgresJobStore:
                 if existing is None:
                     raise DatabaseUnavailable(f"batch with idempotency key {idempotency_key!r} vanished; retry")
                 return _batch_jobs(cur, existing["batch_id"]), False
-            cur.executemany(_INSERT, [_row(job, batch_id=batch_id) for job in jobs])
-            stored = {job.job_id: job for job in _batch_jobs(cur, batch_id)}
-            return [stored[job.job_id] for job in jobs], True  # in the order given
+            cur.executemany(_INSERT, [_row(job, batch_id=batch_id, batch_index=i) for i, job in enumerate(jobs)])
+            return _batch_jobs(cur, batch_id), True  # in the order given
+
+    @translated
+    def seal_batch(self, batch_id: UUID, stored: Collection[UUID]) -> bool:
+        with self._pool.connection() as conn, conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+            # The batch's row lock serialises the seal with abort_batch; each statement after it has a new snapshot
+            # (READ COMMITTED), so the jobs an abort that held the lock failed are seen.
+            batch = cur.execute("SELECT sealed_at FROM batches WHERE batch_id = %s FOR UPDATE", (batch_id,)).fetchone()
+            if batch is None or batch["sealed_at"] is not None:
+                return batch is not None
+            blocked = cur.execute(
+                "SELECT 1 FROM jobs WHERE batch_id = %s AND ((status = 'failed' AND error_code = 'enqueue_failed')"
+                " OR (status = 'queued' AND job_id <> ALL(%s))) LIMIT 1",
+                (batch_id, list(stored)),
+            ).fetchone()
+            if blocked is not None:
+                return False
+            cur.execute("UPDATE batches SET sealed_at = now() WHERE batch_id = %s", (batch_id,))
+            return True
+
+    @translated
+    def abort_batch(self, batch_id: UUID, message: str, older_than: timedelta | None = None) -> list[Job]:
+        with self._pool.connection() as conn, conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+            unsealed = "SELECT 1 FROM batches WHERE batch_id = %s AND sealed_at IS NULL FOR UPDATE"
+            if cur.execute(unsealed, (batch_id,)).fetchone() is None:  # sealed (now or before): it goes ahead
+                return []
+            queued = cur.execute(
+                "SELECT job_id, generation, updated_at >= now() - %s AS recent FROM jobs"
+                " WHERE batch_id = %s AND status = 'queued' ORDER BY batch_index",
+                (older_than or timedelta(0), batch_id),
+            ).fetchall()
+            if older_than is not None and any(row["recent"] for row in queued):
+                return []
+            params = {"code": "enqueue_failed", "message": message}
+            aborted = [
+                row["job_id"]
+                for row in queued
+                if cur.execute(statement(Event.ABORT_SUBMIT), {**params, **row}).fetchone() is not None
+            ]
+            return [_get(cur, job_id) for job_id in aborted]
 
     @translated
     def batch_jobs(self, batch_id: UUID) -> list[Job] | None:
@@ -326,9 +365,22 @@ class PostgresJobStore:
     @translated
     def unsent(self, older_than: timedelta, limit: int) -> list[Job]:
         return self._select(
-            "j.status = 'queued' AND j.sent_at IS NULL AND j.updated_at < now() - %s ORDER BY j.updated_at LIMIT %s",
+            "j.status = 'queued' AND j.sent_at IS NULL AND j.updated_at < now() - %s AND (j.batch_id IS NULL OR"
+            " EXISTS (SELECT 1 FROM batches b WHERE b.batch_id = j.batch_id AND b.sealed_at IS NOT NULL))"
+            " ORDER BY j.updated_at LIMIT %s",
             (older_than, limit),
         )
+
+    @translated
+    def unsealed(self, older_than: timedelta, limit: int) -> list[UUID]:
+        with self._conn() as conn:
+            rows = conn.execute(
+                "SELECT b.batch_id FROM batches b JOIN jobs j ON j.batch_id = b.batch_id AND j.status = 'queued'"
+                " WHERE b.sealed_at IS NULL GROUP BY b.batch_id HAVING max(j.updated_at) < now() - %s"
+                " ORDER BY max(j.updated_at) LIMIT %s",
+                (older_than, limit),
+            ).fetchall()
+        return [row["batch_id"] for row in rows]
 
     @translated
     def expired(self, limit: int) -> list[Job]:
@@ -360,7 +412,9 @@ class PostgresJobStore:
         return [Job.model_validate(row) for row in rows]
 
 
-def _row(job: NewJob, *, idempotency_key: str | None = None, batch_id: UUID | None = None) -> dict[str, Any]:
+def _row(
+    job: NewJob, *, idempotency_key: str | None = None, batch_id: UUID | None = None, batch_index: int | None = None
+) -> dict[str, Any]:
     callback = job.callback
     return {
         "job_id": job.job_id,
@@ -370,6 +424,7 @@ def _row(job: NewJob, *, idempotency_key: str | None = None, batch_id: UUID | No
         "idempotency_key": idempotency_key,
         "priority": job.priority,
         "batch_id": batch_id,
+        "batch_index": batch_index,
         "callback_url": callback.url if callback else None,
         "callback_events": callback.events if callback else None,
         "webhook_secret": callback.secret if callback else None,
@@ -377,7 +432,7 @@ def _row(job: NewJob, *, idempotency_key: str | None = None, batch_id: UUID | No
 
 
 def _batch_jobs(conn: psycopg.Cursor[dict[str, Any]], batch_id: UUID) -> list[Job]:
-    rows = conn.execute(_JOB + " WHERE j.batch_id = %s ORDER BY j.created_at, j.job_id", (batch_id,)).fetchall()
+    rows = conn.execute(_JOB + " WHERE j.batch_id = %s ORDER BY j.batch_index, j.job_id", (batch_id,)).fetchall()
     return [Job.model_validate(row) for row in rows]
 
 

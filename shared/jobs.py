@@ -7,6 +7,7 @@ The job's lifecycle (its states, the events that move it, and the conditional UP
 from __future__ import annotations
 
 import enum
+from collections.abc import Collection
 from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 from uuid import UUID
@@ -166,12 +167,24 @@ class JobStore(Protocol):
         ...
 
     def create_batch(self, batch_id: UUID, jobs: list[NewJob], idempotency_key: str | None) -> tuple[list[Job], bool]:
-        """Insert all of ``jobs`` (queued, in ``batch_id``) or none; return ``(jobs, created)``. An existing key
-        returns that batch's jobs and ``False`` (whatever ``jobs`` holds)."""
+        """Insert all of ``jobs`` (queued, in ``batch_id``, in this order) or none, the batch unsealed; return
+        ``(jobs, created)``. An existing key returns that batch's jobs and ``False`` (whatever ``jobs`` holds)."""
         ...
 
     def batch_jobs(self, batch_id: UUID) -> list[Job] | None:
-        """The jobs of a batch (oldest first), or ``None`` if there is no such batch."""
+        """The jobs of a batch in the order ``create_batch`` was given them, or ``None`` if there is no such batch."""
+        ...
+
+    def seal_batch(self, batch_id: UUID, stored: Collection[UUID]) -> bool:
+        """Seal the batch (its jobs may be sent from now on), if every queued job of it is in ``stored`` (the caller
+        stored their images) and none was aborted (``enqueue_failed``); serialised with :meth:`abort_batch`. Whether
+        the batch is sealed (now or before)."""
+        ...
+
+    def abort_batch(self, batch_id: UUID, message: str, older_than: timedelta | None = None) -> list[Job]:
+        """``abort_submit`` every queued job of an unsealed batch (its current generation, ``enqueue_failed``), in one
+        transaction serialised with :meth:`seal_batch`; with ``older_than``, only if none of them changed for that
+        long. The jobs it failed (none when the batch is sealed or too recent)."""
         ...
 
     def webhook_secret(self, job_id: UUID) -> str | None:
@@ -234,7 +247,12 @@ class JobStore(Protocol):
 
     # Reconciler queries (read only; each candidate is then moved by its conditional event)
     def unsent(self, older_than: timedelta, limit: int) -> list[Job]:
-        """``queued`` jobs whose current send is not confirmed and that have not changed for ``older_than``."""
+        """``queued`` jobs whose current send is not confirmed and that have not changed for ``older_than``; none of
+        an unsealed batch (nothing of it may be sent)."""
+        ...
+
+    def unsealed(self, older_than: timedelta, limit: int) -> list[UUID]:
+        """Unsealed batches with queued jobs, none of which changed for ``older_than`` (their submit died)."""
         ...
 
     def expired(self, limit: int) -> list[Job]:

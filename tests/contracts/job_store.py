@@ -7,6 +7,7 @@ in-memory fake in tests/unit). The expected outcomes are written out here, indep
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,17 @@ def create(store: JobStore, *, key: str | None = None, sha256: str = SHA_A) -> t
 def _new_job() -> NewJob:
     job_id = uuid.uuid4()
     return NewJob(job_id=job_id, input_blob=f"{job_id}/input.tif", input_sha256=SHA_A, params=PARAMS)
+
+
+def _batch(store: JobStore, size: int = 3) -> tuple[list[Job], uuid.UUID]:
+    batch_id = uuid.uuid4()
+    return store.create_batch(batch_id, [_new_job() for _ in range(size)], None)[0], batch_id
+
+
+def _now(store: JobStore, job_id: uuid.UUID) -> Job:
+    job = store.get(job_id)
+    assert job is not None
+    return job
 
 
 def claimed(store: JobStore, job: Job, *, lease: timedelta = LEASE, worker: str = "w1") -> Job:
@@ -141,6 +153,19 @@ CALLS: dict[Event, Callable[[JobStore, Job], Job | None]] = {
     Event.RETRY: lambda s, j: s.retry(j.job_id),
     Event.PROGRESS: lambda s, j: s.progress(j.job_id, j.attempts, {"stage": "indices", "fraction": 0.5}),
 }
+
+
+def race(store: JobStore, job: Job, events: list[Event]) -> list[Job | None]:
+    """Each event in its own thread, all released at once; the outcomes in the order of ``events``."""
+    start = threading.Barrier(len(events))
+
+    def call(event: Event) -> Job | None:
+        start.wait(timeout=10)
+        return CALLS[event](store, job)
+
+    with ThreadPoolExecutor(len(events)) as pool:
+        return list(pool.map(call, events))
+
 
 # Where each event moves a job, from the fixture states it is allowed in (absent: it changes nothing).
 EXPECTED: dict[Event, dict[str, JobStatus]] = {
@@ -398,20 +423,72 @@ class JobStoreContract:
 
     # Batches, listing, backlog
 
-    def test_a_batch_is_created_whole_in_order(self, store: JobStore) -> None:
+    def test_a_batch_is_created_whole_in_the_requests_order(self, store: JobStore) -> None:
         batch_id = uuid.uuid4()
-        new = [_new_job() for _ in range(3)]
+        new = [_new_job() for _ in range(8)]  # one transaction, one created_at: only a stored index keeps the order
+        order = [n.job_id for n in new]
         jobs, created = store.create_batch(batch_id, new, "batch-key")
         assert created
-        assert [j.job_id for j in jobs] == [n.job_id for n in new]
+        assert [j.job_id for j in jobs] == order
         assert {(j.status, j.batch_id) for j in jobs} == {(JobStatus.QUEUED, batch_id)}
         again, created_again = store.create_batch(uuid.uuid4(), [_new_job()], "batch-key")
         assert not created_again
-        assert {j.job_id for j in again} == {n.job_id for n in new}
+        assert [j.job_id for j in again] == order
         found = store.batch_jobs(batch_id)
         assert found is not None
-        assert {j.job_id for j in found} == {n.job_id for n in new}
+        assert [j.job_id for j in found] == order
         assert store.batch_jobs(uuid.uuid4()) is None
+
+    def test_nothing_of_a_batch_is_unsent_before_it_is_sealed(self, store: JobStore) -> None:
+        jobs, batch_id = _batch(store)
+        ids = [j.job_id for j in jobs]
+        single = create(store)[0]
+        assert [j.job_id for j in store.unsent(GONE, 100)] == [single.job_id]
+        assert store.unsealed(GONE, 10) == [batch_id]
+        assert store.unsealed(timedelta(hours=1), 10) == []  # its submit may still be uploading
+        assert not store.seal_batch(batch_id, ids[:2])  # a queued job whose image the caller did not store
+        assert store.seal_batch(batch_id, ids)
+        assert store.seal_batch(batch_id, [])  # sealed before
+        assert sorted(j.job_id for j in store.unsent(GONE, 100)) == sorted([single.job_id, *ids])
+        assert store.unsealed(GONE, 10) == []
+        assert store.abort_batch(batch_id, "too late") == []  # a sealed batch goes ahead
+        assert {_now(store, i).status for i in ids} == {JobStatus.QUEUED}
+        assert not store.seal_batch(uuid.uuid4(), [])  # no such batch
+
+    def test_an_unsealed_batch_is_aborted_whole_and_sealed_again_only_once_every_job_is_resubmitted(
+        self, store: JobStore
+    ) -> None:
+        jobs, batch_id = _batch(store)
+        ids = [j.job_id for j in jobs]
+        assert store.abort_batch(batch_id, "dead?", older_than=timedelta(hours=1)) == []  # too recent
+        aborted = store.abort_batch(batch_id, "the submit died", older_than=GONE)
+        assert [j.job_id for j in aborted] == ids
+        assert {(j.status, j.error_code, j.error_message) for j in aborted} == {
+            (JobStatus.FAILED, "enqueue_failed", "the submit died")
+        }
+        assert store.unsealed(GONE, 10) == []  # nothing queued is left
+        assert not store.seal_batch(batch_id, ids)
+        assert store.resubmit(ids[0]) is not None  # a replay resubmits one job, then dies
+        assert not store.seal_batch(batch_id, ids)  # the others are still aborted
+        assert [(j.job_id, j.generation) for j in store.abort_batch(batch_id, "the replay died")] == [(ids[0], 2)]
+        for job_id in ids:
+            assert store.resubmit(job_id) is not None
+        assert store.seal_batch(batch_id, ids)
+        assert [(_now(store, i).status, _now(store, i).generation) for i in ids] == [
+            (JobStatus.QUEUED, 3), (JobStatus.QUEUED, 2), (JobStatus.QUEUED, 2),
+        ]  # fmt: skip
+
+    def test_of_a_seal_and_an_abort_one_wins(self, store: JobStore) -> None:
+        for _ in range(5):
+            jobs, batch_id = _batch(store)
+            ids = [j.job_id for j in jobs]
+            with ThreadPoolExecutor(2) as pool:
+                seal = pool.submit(store.seal_batch, batch_id, ids)
+                abort = pool.submit(store.abort_batch, batch_id, "raced")
+                sealed, aborted = seal.result(), abort.result()
+            assert sealed != bool(aborted)
+            assert len(aborted) in (0, len(ids))
+            assert {_now(store, i).status for i in ids} == {JobStatus.QUEUED if sealed else JobStatus.FAILED}
 
     def test_callback_and_priority_are_kept_and_the_secret_is_not_in_the_job(self, store: JobStore) -> None:
         job_id = uuid.uuid4()
@@ -467,15 +544,83 @@ class JobStoreContract:
     @pytest.mark.parametrize(
         ("state", "event"),
         [("queued", Event.CLAIM), ("running_expired", Event.CLAIM), ("failed_enqueue", Event.RESUBMIT),
-         ("queued", Event.RESEND), ("running_expired", Event.EXPIRE), ("queued", Event.REDRIVE)],
+         ("queued", Event.RESEND), ("running_expired", Event.EXPIRE), ("queued", Event.REDRIVE),
+         ("queued_sent", Event.CANCEL), ("running", Event.REQUEST_CANCEL), ("running_expired", Event.REQUEST_CANCEL),
+         ("failed", Event.RETRY), ("cancelled", Event.RETRY), ("cancelling", Event.STOP),
+         ("cancelling_expired", Event.CANCEL_EXPIRED)],
         ids=str,
     )  # fmt: skip
     def test_one_winner(self, store: JobStore, state: str, event: Event) -> None:
         for _ in range(5):
             job = STATES[state](store)
-            with ThreadPoolExecutor(8) as pool:
-                outcomes = list(pool.map(CALLS[event], [store] * 8, [job] * 8))
-            assert sum(o is not None for o in outcomes) == 1
+            outcomes = race(store, job, [event] * 8)
+            won = [o for o in outcomes if o is not None]
+            assert len(won) == 1
+            assert won[0].status is EXPECTED[event][state]
+            assert store.get(job.job_id) == won[0]
+
+    @pytest.mark.parametrize(
+        ("state", "first", "second"),
+        [("cancelling_expired", Event.STOP, Event.CANCEL_EXPIRED), ("queued", Event.CANCEL, Event.CLAIM),
+         ("queued_sent", Event.CANCEL, Event.CLAIM), ("running", Event.REQUEST_CANCEL, Event.RELEASE),
+         ("cancelling", Event.STOP, Event.FAIL)],
+        ids=str,
+    )  # fmt: skip
+    def test_one_of_two_events_wins(self, store: JobStore, state: str, first: Event, second: Event) -> None:
+        """Each event alone would move the job, and either one leaves a state the other is refused in."""
+        for _ in range(5):
+            job = STATES[state](store)
+            outcomes = race(store, job, [first, second])
+            won = [(e, o) for e, o in zip((first, second), outcomes, strict=True) if o is not None]
+            assert len(won) == 1
+            event, moved = won[0]
+            assert moved.status is EXPECTED[event][state]
+            assert store.get(job.job_id) == moved
+
+    def test_succeed_racing_request_cancel(self, store: JobStore) -> None:
+        """A requested cancel and the attempt's result: one wins; a cancelled attempt stores no result."""
+        for _ in range(5):
+            job = _running(store)
+            done, cancel = race(store, job, [Event.SUCCEED, Event.REQUEST_CANCEL])
+            assert (done is None) != (cancel is None)
+            final = store.get(job.job_id)
+            assert final is not None
+            if cancel is not None:
+                assert final == cancel
+                assert (final.status, final.result) == (JobStatus.RUNNING, None)
+                assert final.cancel_requested_at is not None
+                assert CALLS[Event.SUCCEED](store, job) is None  # the attempt's result is refused from now on
+                stopped = CALLS[Event.STOP](store, job)
+                assert stopped is not None
+                assert (stopped.status, stopped.result) == (JobStatus.CANCELLED, None)
+            else:
+                assert done is not None
+                assert final == done
+                assert (final.status, final.result, final.cancel_requested_at) == (JobStatus.SUCCEEDED, {"y": 2}, None)
+                assert CALLS[Event.REQUEST_CANCEL](store, job) is None
+
+    @pytest.mark.parametrize("state", ["failed", "cancelled"])
+    def test_retry_racing_claims_of_an_old_message(self, store: JobStore, state: str) -> None:
+        """A redelivered message of the old generation claims while the job is retried. A claim never moves a
+        failed or cancelled job, so one that wins ran after the retry: it took the retried job's new generation."""
+        for _ in range(5):
+            job = STATES[state](store)
+            outcomes = race(store, job, [Event.RETRY, Event.RETRY, Event.CLAIM, Event.CLAIM])
+            retried = [o for o in outcomes[:2] if o is not None]
+            claims = [o for o in outcomes[2:] if o is not None]
+            assert len(retried) == 1  # its status is not asserted: PostgresJobStore reads the moved row back after
+            # the commit, so a claim that followed may already show in it
+            assert (retried[0].generation, retried[0].retries) == (job.generation + 1, 1)
+            assert len(claims) <= 1
+            final = store.get(job.job_id)
+            assert final is not None
+            if claims:
+                assert final == claims[0]
+                assert (final.status, final.attempts) == (JobStatus.RUNNING, job.attempts + 1)
+                assert (final.generation, final.retries, final.charged) == (job.generation + 1, 1, 1)
+            else:
+                assert final == retried[0]
+                assert (final.status, final.attempts, final.charged) == (JobStatus.QUEUED, job.attempts, 0)
 
     def test_claims_racing_expire_start_one_attempt(self, store: JobStore) -> None:
         """The reconciler re-queues an expired attempt while two redeliveries claim: one new attempt, never two."""
@@ -494,18 +639,6 @@ class JobStoreContract:
             else:
                 assert expired is not None
                 assert (final.status, final.attempts) == (JobStatus.QUEUED, job.attempts)
-
-    def test_succeed_racing_cancel(self, store: JobStore) -> None:
-        for _ in range(5):
-            job = _running(store)
-            with ThreadPoolExecutor(2) as pool:
-                done = pool.submit(CALLS[Event.SUCCEED], store, job)
-                cancel = pool.submit(CALLS[Event.CANCEL], store, job)
-                outcomes = [done.result(), cancel.result()]
-            assert sum(o is not None for o in outcomes) == 1
-            final = store.get(job.job_id)
-            assert final is not None
-            assert (final.result is not None) == (final.status is JobStatus.SUCCEEDED)
 
 
 STATES_STATUS: dict[str, JobStatus] = {

@@ -1,22 +1,27 @@
-"""``POST /api/batches`` and ``GET /api/batches/{id}`` on the in-memory backends: all or none, the first refused
-image by index, a failed upload that fails the whole batch, replays, admission control, the batch's status."""
+"""``POST /api/batches`` and ``GET /api/batches/{id}`` on the in-memory backends: all or none (nothing of a batch
+is sent before every image is stored, by the submit or by the reconciler), the first refused image by index, a
+failed upload that fails the whole batch, replays, admission control, the batch's status in the request's order."""
 
 from __future__ import annotations
 
 import hashlib
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
 
 from functions import deps
+from shared import batches
 from shared.batches import batch_view
 from shared.errors import BusUnavailable, StorageUnavailable
-from shared.jobs import JobStatus
+from shared.jobs import JobStatus, NewJob
+from shared.reconciler import Policy, Reconciler, Report
 from tests import geotiffs
+from tests.fakes import RecordingOutbox
 from tests.functions_client import body
 from tests.job_api_client import call, get_batch, post_batch
-from tests.jobs import claimed, job_record, new_job
+from tests.jobs import GONE, claimed, job_record, new_job
 from tests.unit.test_functions import World, assert_problem
 
 IMAGES = [geotiffs.crafted(width=32 + i) for i in range(3)]
@@ -36,6 +41,26 @@ class FlakyStore:
         if self.calls == self.fail_at:
             raise StorageUnavailable("azurite down at 10.0.0.4")
         return self.inner.put_input(job_id, data, sha256)
+
+
+def reconcile(world: World, abort_after: timedelta) -> Report:
+    """One reconciler run that resends every unconfirmed job; ``abort_after``: when a submit counts as dead."""
+    policy = Policy(resend_after=GONE, max_attempts=3, batch=100, abort_after=abort_after)
+    return Reconciler(world.jobs, world.blobs, world.publisher, world.inbox, policy, outbox=RecordingOutbox()).run()
+
+
+class ReconciledMidway(FlakyStore):
+    """Slow uploads: the reconciler runs before the ``at``-th upload (1-based), which then fails if ``fail``."""
+
+    def __init__(self, world: World, at: int, abort_after: timedelta, *, fail: bool) -> None:
+        super().__init__(world, fail_at=at if fail else 0)
+        self.world, self.at, self.abort_after = world, at, abort_after
+        self.report: Report | None = None
+
+    def put_input(self, job_id: uuid.UUID, data: bytes, sha256: str) -> str:
+        if self.calls + 1 == self.at:
+            self.report = reconcile(self.world, self.abort_after)
+        return super().put_input(job_id, data, sha256)
 
 
 @pytest.fixture
@@ -70,7 +95,7 @@ def test_a_batch_is_recorded_stored_and_sent_in_the_requests_order(world: World)
     view = body(get_batch(batch_id))
     assert (view["batch_id"], view["size"], view["status"]) == (batch_id, 3, "queued")
     assert view["counts"] == {"queued": 3, "running": 0, "succeeded": 0, "failed": 0, "cancelled": 0}
-    assert sorted(j["job_id"] for j in view["jobs"]) == sorted(map(str, job_ids))
+    assert [j["job_id"] for j in view["jobs"]] == list(map(str, job_ids))
 
 
 def test_the_batch_status_follows_its_jobs(world: World) -> None:
@@ -231,3 +256,56 @@ def test_a_callback_gives_the_batch_one_secret_for_every_job(world: World) -> No
 def test_batch_status_of_an_unknown_or_malformed_id(world: World) -> None:
     assert_problem(get_batch(uuid.uuid4()), 404, "batch_not_found")
     assert_problem(get_batch("nope"), 400, "invalid_batch_id")
+
+
+def test_a_batch_whose_submit_died_mid_upload_sends_nothing_and_is_aborted_whole(world: World) -> None:
+    """The submit's process died after create_batch, with two of three images stored: the reconciler sends none of
+    the batch, and once the submit counts as dead it fails every job, whatever its image; a replay resubmits all."""
+    params = {"bands": ["B04", "B08"], "scale": 1.0, "analysis": "crop-health"}
+    new = [NewJob(job_id=(i := uuid.uuid4()), input_blob=f"{i}/input.tif", input_sha256=hashlib.sha256(d).hexdigest(),
+                  params=params) for d in IMAGES]  # fmt: skip
+    batch_id = uuid.uuid4()
+    jobs, _ = world.jobs.create_batch(batch_id, new, "died")
+    for job, data in zip(jobs[:2], IMAGES[:2], strict=True):
+        world.blobs.put_input(job.job_id, data, job.input_sha256)
+
+    alive = reconcile(world, abort_after=timedelta(hours=1))
+    assert (alive.resent, alive.aborted, world.publisher.sent) == (0, 0, [])
+    dead = reconcile(world, abort_after=GONE)
+    assert (dead.resent, dead.aborted, world.publisher.sent) == (0, 3, [])
+    assert [(j.status, j.error_code) for j in world.jobs.batch_jobs(batch_id) or []] == [
+        (JobStatus.FAILED, "enqueue_failed")
+    ] * 3
+    assert reconcile(world, abort_after=GONE).changed == 0
+
+    replay = post_batch(IMAGES, headers={"Idempotency-Key": "died"})
+    assert (replay.status_code, body(replay)["batch_id"]) == (200, str(batch_id))
+    assert [m.message_id for m in world.publisher.messages] == [f"{j.job_id}:2" for j in jobs]
+    assert all(f"images/{j.job_id}/input.tif" in world.blobs.blobs for j in jobs)
+
+
+@pytest.mark.parametrize(
+    ("abort_after", "fail", "status"),
+    [(timedelta(hours=1), False, 202), (timedelta(hours=1), True, 503), (GONE, False, 503)],
+    ids=["uploads-succeed", "last-upload-fails", "aborted-meanwhile"],
+)
+def test_a_reconcile_during_slow_uploads_sends_nothing(
+    world: World, monkeypatch: pytest.MonkeyPatch, abort_after: timedelta, fail: bool, status: int
+) -> None:
+    """Uploads slower than RECONCILE_RESEND_AFTER: the reconciler runs with two images stored and resends none of
+    them. The batch then goes out whole (generation 1), or, if the last upload fails or the reconciler took the
+    submit for dead (aborted-meanwhile), is failed whole with nothing sent."""
+    monkeypatch.setattr(batches, "UPLOADS", 1)  # one upload at a time: two are stored when the reconciler runs
+    store = ReconciledMidway(world, at=3, abort_after=abort_after, fail=fail)
+    world.blobs = store  # type: ignore[assignment]
+    deps.use(world.deps())
+    response = post_batch(IMAGES)
+    assert response.status_code == status, body(response)
+    assert store.report is not None
+    assert store.report.resent == 0
+    jobs = list(world.jobs._jobs.values())
+    if status == 202:
+        assert [m.message_id for m in world.publisher.messages] == [f"{j['job_id']}:1" for j in body(response)["jobs"]]
+    else:
+        assert world.publisher.sent == []
+        assert {(j.status, j.error_code) for j in jobs} == {(JobStatus.FAILED, "enqueue_failed")}
