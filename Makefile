@@ -68,6 +68,7 @@ bench: install
 	$(BIN)/python -m bench.analysis
 	$(BIN)/python -m bench.api_latency
 	$(BIN)/python -m bench.webhook_latency
+	$(BIN)/python -m bench.worker_latency
 
 chaos: install
 	$(BIN)/python -m local.chaos

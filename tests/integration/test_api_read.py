@@ -6,7 +6,6 @@ then each one down)."""
 from __future__ import annotations
 
 import math
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -228,9 +227,7 @@ def test_the_numbers_match_the_rows(app_deps: Deps) -> None:
         " ('w-late', 'vm-1', 'cpu', NULL, now() - interval '40 seconds'),"  # past 3 x 10 s
         " ('w-gone', 'vm-2', 'cpu', NULL, now() - interval '3 days')",  # not listed
     )
-    began = time.monotonic()
     response = call("stats", "stats")
-    elapsed = time.monotonic() - began
     assert response.status_code == 200, body(response)
     stats = body(response)
 
@@ -248,7 +245,6 @@ def test_the_numbers_match_the_rows(app_deps: Deps) -> None:
         {"name": name, "active": 0, "scheduled": 0, "dead_letter": 0} for name in ("jobs-high", "jobs", "job-events")
     ]
     assert stats["queues_error"] is None
-    assert elapsed < 5
 
 
 def test_an_empty_database_has_no_percentiles(app_deps: Deps) -> None:
@@ -273,15 +269,18 @@ def test_queue_depths_come_from_the_emulator(app_deps: Deps, servicebus_emulator
 
 
 @pytest.mark.filterwarnings("ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning")
-def test_the_bus_down_still_answers_the_rest(app_deps: Deps, servicebus_emulator: EmulatorHandle) -> None:
+def test_the_bus_down_still_answers_the_rest(
+    app_deps: Deps, servicebus_emulator: EmulatorHandle, caplog: pytest.LogCaptureFixture
+) -> None:
+    """(The bound on a bus that does not answer in time: tests/unit/test_stats.py.)"""
     new_job(app_deps.jobs)
     servicebus_emulator.stop()
-    started = time.monotonic()
     response = call("stats", "stats")
-    assert time.monotonic() - started < 4
     assert response.status_code == 200
     stats = body(response)
     assert (stats["queues"], stats["queues_error"], stats["jobs"]["queued"]) == ([], "unavailable", 1)
+    actions = {getattr(r, "action", None) for r in caplog.records}
+    assert actions & {"queue_stats_unavailable", "queue_stats_timeout"}, "the bus's failure went unreported"
 
 
 def test_the_database_down_is_503(environment: Callable[..., Deps]) -> None:
@@ -299,14 +298,19 @@ def test_health_with_everything_up(app_deps: Deps) -> None:
     checks = body(response)["checks"]
     assert {name: check["ok"] for name, check in checks.items()} == {"database": True, "storage": True,
                                                                       "servicebus": True}  # fmt: skip
-    assert all(check["latency_ms"] < 2000 for check in checks.values())
+    assert all(check["latency_ms"] >= 0 for check in checks.values())
 
 
 @pytest.mark.filterwarnings("ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("down", ["database", "storage", "servicebus"])
 def test_health_with_one_backend_down(
-    environment: Callable[..., Deps], blob_connection_string: str, servicebus_emulator: EmulatorHandle, down: str
+    environment: Callable[..., Deps],
+    blob_connection_string: str,
+    servicebus_emulator: EmulatorHandle,
+    down: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """(Each probe's bound, and the probes running at once: tests/unit/test_health.py.)"""
     closed = str(free_port())
     overrides = {
         "database": {"DATABASE_URL": f"postgresql://nobody@127.0.0.1:{closed}/nothing", "DB_POOL_MIN_SIZE": "0"},
@@ -315,9 +319,7 @@ def test_health_with_one_backend_down(
             f":{servicebus_emulator.port};", f":{closed};")},
     }[down]  # fmt: skip
     environment(**overrides)
-    started = time.monotonic()
     response = call("health", "health")
-    assert time.monotonic() - started < 3.5  # each check bounded by 2 s, all at once
     assert (response.status_code, response.headers["Retry-After"]) == (503, "2")
     answer = body(response)
     assert answer["status"] == "unavailable"
@@ -327,6 +329,9 @@ def test_health_with_one_backend_down(
     text = response.get_body().decode()
     for leak in ("127.0.0.1", closed, "psycopg", "Error", "azure", "nobody"):
         assert leak not in text
+    reported = {(getattr(r, "check", None), getattr(r, "outcome", None)) for r in caplog.records
+                if getattr(r, "action", None) == "health_check"}  # fmt: skip
+    assert reported in ({(down, "down")}, {(down, "timeout")})  # the reason went to the log, for that check only
 
 
 def _blob_port(connection_string: str) -> str:

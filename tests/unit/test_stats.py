@@ -3,9 +3,9 @@ optional (a bus that cannot say empties ``queues``; a database that cannot is a 
 
 from __future__ import annotations
 
-import time
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 
 import azure.functions as func
@@ -13,6 +13,7 @@ import pytest
 
 from functions import deps
 from shared.errors import BusUnavailable, DatabaseUnavailable
+from shared.queue_stats import QueueCounts
 from shared.settings import Settings
 from shared.stats import JobCounts, JobStats, Percentiles, Stats, Window, Worker, read_stats
 from tests.fakes import InMemoryQueueStats, unit_deps
@@ -20,6 +21,7 @@ from tests.functions_client import BASE, body, function
 
 QUEUES = ("jobs-high", "jobs", "job-events")
 BEAT = datetime(2025, 1, 31, 12, 0, tzinfo=UTC)
+WAIT = 5.0  # seconds: a bound on a hang, never a speed claim
 
 
 class CannedStats:
@@ -71,30 +73,46 @@ def test_a_bus_that_cannot_say_empties_the_queues_only(caplog: pytest.LogCapture
     assert [getattr(r, "action", None) for r in caplog.records] == ["queue_stats_unavailable"]
 
 
+class GatedQueueStats(InMemoryQueueStats):
+    """Each request waits at ``gate`` (its ``wait``, then the counts); ``answered`` counts the requests that ended."""
+
+    def __init__(self, gate: Callable[[], object]) -> None:
+        super().__init__()
+        self.gate = gate
+        self.answered = 0
+
+    def counts(self, queue_names: Sequence[str]) -> list[QueueCounts]:
+        self.gate()
+        found = super().counts(queue_names)
+        self.answered += 1
+        return found
+
+
 def test_a_slow_bus_is_not_waited_for(caplog: pytest.LogCaptureFixture) -> None:
-    queues = InMemoryQueueStats()
-    queues.delay = 2.0
-    started = time.monotonic()
-    stats = read_stats(CannedStats(), queues, QUEUES, alive_within=timedelta(seconds=45), queue_timeout=0.2)
-    assert time.monotonic() - started < 1.0
+    release = threading.Event()
+    queues = GatedQueueStats(lambda: release.wait(WAIT))
+    try:
+        stats = read_stats(CannedStats(), queues, QUEUES, alive_within=timedelta(seconds=45), queue_timeout=0.2)
+        assert queues.answered == 0  # it answered while every request was still held
+    finally:
+        release.set()
     assert (stats.queues, stats.queues_error) == ([], "unavailable")
     assert [getattr(r, "action", None) for r in caplog.records] == ["queue_stats_timeout"]
 
 
 def test_the_queues_are_read_while_the_database_answers() -> None:
-    source, queues = CannedStats(), InMemoryQueueStats()
-    queues.delay = 0.3
+    """The database and every queue meet at a barrier: read one after the other, they would break it."""
+    meet = threading.Barrier(len(QUEUES) + 1, timeout=WAIT)
+    source, queues = CannedStats(), GatedQueueStats(meet.wait)
     slow = source.job_stats
 
     def job_stats(alive_within: timedelta) -> JobStats:
-        time.sleep(0.3)
+        meet.wait()
         return slow(alive_within)
 
     source.job_stats = job_stats  # type: ignore[method-assign]
-    started = time.monotonic()
-    stats = read_stats(source, queues, QUEUES, alive_within=timedelta(seconds=45), queue_timeout=1.0)
-    assert time.monotonic() - started < 0.55  # not 0.6: the two ran at the same time
-    assert stats.queues_error is None
+    stats = read_stats(source, queues, QUEUES, alive_within=timedelta(seconds=45), queue_timeout=2 * WAIT)
+    assert (stats.queues_error, queues.answered) == (None, len(QUEUES))
 
 
 def test_a_database_that_cannot_say_is_an_error() -> None:
