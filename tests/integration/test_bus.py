@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -105,10 +104,8 @@ def test_after_a_failed_send_the_cooldown_fails_fast(servicebus_emulator: Emulat
             publisher.send(a_job())
         gc.collect()
         servicebus_emulator.start()
-        started = time.monotonic()
         with pytest.raises(BusUnavailable, match="not trying again yet"):
             publisher.send(a_job())  # the bus is back, but the cooldown is not over: no wait, no try
-        assert time.monotonic() - started < 0.1
     finally:
         publisher.close()
 

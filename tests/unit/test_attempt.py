@@ -204,11 +204,9 @@ def test_an_attempt_that_stops_in_time_after_the_interrupt_does_not_exit(jobs: I
 
 def test_an_attempt_that_finishes_on_time_neither_fails_nor_exits(jobs: InMemoryJobStore, running: Job) -> None:
     interrupt, exit_process = Recorder(), Recorder()
-    started = time.monotonic()
     with guard(jobs, running, timeout=timedelta(milliseconds=300), interrupt=interrupt, exit_process=exit_process) as g:
         time.sleep(0.05)
-    assert time.monotonic() - started < 0.25  # leaving the block stops the guard's thread at once
-    time.sleep(0.4)  # past the time limit
+    time.sleep(0.4)  # past the time limit: a guard still running would time the attempt out now
     assert (interrupt.calls, exit_process.calls) == ([], [])
     assert not g.timed_out.is_set()
     assert current(jobs, running).status is JobStatus.RUNNING
