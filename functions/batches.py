@@ -15,7 +15,7 @@ import json
 import azure.functions as func
 
 from functions import deps
-from functions.http import form_files, resource_url
+from functions.http import form_files, resource_url, submit_options
 from functions.problems import guarded, problem
 from functions.submit import policy
 from shared.batches import (
@@ -41,16 +41,7 @@ bp = func.Blueprint()  # type: ignore[no-untyped-call]
 def submit_batch_job(req: func.HttpRequest) -> func.HttpResponse:
     d = deps.get()
     limits = Limits(d.settings.max_upload_bytes, d.settings.max_pixels, d.settings.max_bands)
-    upload = BatchUpload(
-        images=_images(req, limits.max_bytes * d.settings.max_batch_size),
-        bands=req.params.get("bands"),
-        scale=req.params.get("scale"),
-        analysis=req.params.get("analysis"),
-        idempotency_key=req.headers.get("Idempotency-Key"),
-        priority=req.params.get("priority"),
-        callback_url=req.params.get("callback_url"),
-        callback_events=req.params.get("callback_events"),
-    )
+    upload = BatchUpload(images=_images(req, limits.max_bytes * d.settings.max_batch_size), **submit_options(req))
     try:
         outcome = submit_batch(
             upload,

@@ -10,6 +10,19 @@ import azure.functions as func
 from shared.rejection import Rejected
 
 
+def submit_options(req: func.HttpRequest) -> dict[str, str | None]:
+    """What a submit (of one image or of a batch) takes from the query and the headers, as received."""
+    return {
+        "bands": req.params.get("bands"),
+        "scale": req.params.get("scale"),
+        "analysis": req.params.get("analysis"),
+        "idempotency_key": req.headers.get("Idempotency-Key"),
+        "priority": req.params.get("priority"),
+        "callback_url": req.params.get("callback_url"),
+        "callback_events": req.params.get("callback_events"),
+    }
+
+
 def form_files(req: func.HttpRequest, field: str) -> list[bytes]:
     """The contents of every file in form field ``field``, in the form's order."""
     try:

@@ -15,7 +15,7 @@ import json
 import azure.functions as func
 
 from functions import deps
-from functions.http import form_files, resource_url
+from functions.http import form_files, resource_url, submit_options
 from functions.problems import guarded
 from shared.geotiff import Limits
 from shared.rejection import Rejected
@@ -33,16 +33,7 @@ RAW_TYPES = frozenset({"", "image/tiff", "image/tif", "image/geotiff", "applicat
 def submit_job(req: func.HttpRequest) -> func.HttpResponse:
     d = deps.get()
     limits = Limits(d.settings.max_upload_bytes, d.settings.max_pixels, d.settings.max_bands)
-    upload = Upload(
-        data=_image_bytes(req, limits.max_bytes),
-        bands=req.params.get("bands"),
-        scale=req.params.get("scale"),
-        analysis=req.params.get("analysis"),
-        idempotency_key=req.headers.get("Idempotency-Key"),
-        priority=req.params.get("priority"),
-        callback_url=req.params.get("callback_url"),
-        callback_events=req.params.get("callback_events"),
-    )
+    upload = Upload(data=_image_bytes(req, limits.max_bytes), **submit_options(req))
     outcome = submit(
         upload, limits=limits, jobs=d.jobs, store=d.blobs, publisher=d.publisher, policy=policy(d.settings)
     )
