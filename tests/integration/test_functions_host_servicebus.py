@@ -11,10 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +30,7 @@ from azure.servicebus import (
 from local.servicebus_emulator import EmulatorStartError, start_emulator
 from local.servicebus_emulator.process import connection_string
 from tests.fixtures.backends import unavailable
+from tests.fixtures.functions_host import HostProcess
 from tests.fixtures.servicebus import EmulatorHandle
 
 pytestmark = pytest.mark.integration
@@ -72,40 +69,11 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorHandl
     handle.stop()
 
 
-class Host:
-    """``python -m local.functions_host`` serving the test app in ``cwd``; its log collected line by line."""
+class Host(HostProcess):
+    """The local Functions host serving the Service Bus test app in ``cwd``."""
 
     def __init__(self, cwd: Path, env: dict[str, str]) -> None:
-        argv = [sys.executable, "-m", "local.functions_host", "--app", "sb_function_app:app", "--port", "0"]
-        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        self.reader = threading.Thread(target=self._read_log, daemon=True)
-        self.reader.start()
-
-    def _read_log(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            if "Functions host ready: " in line:
-                self.ready.set()
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(15)
-        self.reader.join(5)
-        return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
+        super().__init__(cwd, env, "sb_function_app:app")
 
 
 def _start(emulator: EmulatorHandle, root: Path) -> Host:

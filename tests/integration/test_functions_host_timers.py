@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import textwrap
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,6 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.fixtures.functions_host import HostProcess
 
 pytestmark = pytest.mark.integration
 
@@ -58,33 +56,11 @@ def hello(req: func.HttpRequest) -> func.HttpResponse:
 NEVER = "0001-01-01T00:00:00+00:00"
 
 
-class Host:
-    """``python -m local.functions_host`` in ``cwd``, its log collected line by line."""
+class Host(HostProcess):
+    """The local Functions host serving the timer test app in ``cwd``."""
 
     def __init__(self, cwd: Path, env: dict[str, str], *args: str) -> None:
-        argv = [sys.executable, "-m", "local.functions_host", "--app", "tiny_timer_app:app", "--port", "0", *args]
-        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        self.reader = threading.Thread(target=self._read_log, daemon=True)
-        self.reader.start()
-
-    def _read_log(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            if "Functions host ready: " in line:
-                self.ready.set()
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(10)
-        self.reader.join(5)
-        return code
+        super().__init__(cwd, env, "tiny_timer_app:app", *args)
 
 
 @contextmanager
