@@ -164,11 +164,13 @@ TRANSITIONS: dict[Event, Transition] = {
         ("job.cancelled", Notice.COMPLETED),
     ),
     Event.RETRY: Transition(
-        frozenset({F, C}), Q, "API (an operator, a client)", "error_code IS DISTINCT FROM 'enqueue_failed'",
+        frozenset({F, C}), Q, "API (an operator, a client)",
+        "error_code IS DISTINCT FROM 'enqueue_failed' AND (batch_id IS NULL"
+        " OR EXISTS (SELECT 1 FROM batches b WHERE b.batch_id = jobs.batch_id AND b.sealed_at IS NOT NULL))",
         f"{_NEW_GENERATION}, forgiven = attempts - drains, retries = retries + 1, error_code = NULL,"
         " error_message = NULL, finished_at = NULL, cancel_requested_at = NULL, progress = NULL",
         "run a failed or cancelled job again: a new generation, its past attempts forgiven (an enqueue_failed job"
-        " has no stored image: it is submitted again instead)",
+        " has no stored image: it is submitted again instead; nothing of a batch still uploading is sent)",
     ),
     Event.RESEND: Transition(
         frozenset({Q}), Q, "reconciler",

@@ -289,7 +289,8 @@ class InMemoryJobStore:
 
     def retry(self, job_id: UUID) -> Job | None:
         return self._move(
-            Event.RETRY, job_id, lambda j, _: j.error_code != "enqueue_failed",
+            Event.RETRY, job_id,
+            lambda j, _: j.error_code != "enqueue_failed" and (j.batch_id is None or j.batch_id in self._sealed),
             generation=lambda j, _: j.generation + 1, sent_at=None, forgiven=lambda j, _: j.attempts - j.drains,
             retries=lambda j, _: j.retries + 1, error_code=None, error_message=None, finished_at=None,
             cancel_requested_at=None, progress=None,

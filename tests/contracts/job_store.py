@@ -439,6 +439,17 @@ class JobStoreContract:
         assert [j.job_id for j in found] == order
         assert store.batch_jobs(uuid.uuid4()) is None
 
+    def test_a_job_of_a_batch_still_uploading_is_not_retried_until_the_batch_is_sealed(self, store: JobStore) -> None:
+        jobs, batch_id = _batch(store)
+        ids = [j.job_id for j in jobs]
+        cancelled = store.cancel(ids[0])  # cancelled while its batch's submit is still uploading
+        assert cancelled is not None
+        assert store.retry(ids[0]) is None  # a retry would hand it to the bus before the seal
+        assert store.seal_batch(batch_id, ids[1:])
+        again = store.retry(ids[0])
+        assert again is not None
+        assert again.status is JobStatus.QUEUED
+
     def test_nothing_of_a_batch_is_unsent_before_it_is_sealed(self, store: JobStore) -> None:
         jobs, batch_id = _batch(store)
         ids = [j.job_id for j in jobs]
