@@ -21,20 +21,23 @@ A function in error or left out does not stop the others, as on the host.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from azure.servicebus import ServiceBusClient
 
-from local.functions_host.bindings import trigger_binding
-from local.functions_host.timers import app_setting, is_disabled
+from local.functions_host.bindings import (
+    UnresolvedSetting,
+    app_setting,
+    is_disabled,
+    resolve_app_settings,
+    trigger_binding,
+)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONNECTION = "ServiceBus"  # the extension's name for an empty ``connection``
-_SETTING = re.compile(r"%([^%]*)%")
 
 
 class BindingError(ValueError):
@@ -71,16 +74,12 @@ class ServiceBusFunction:
 
 def resolve_names(expression: str, environ: Mapping[str, str]) -> str:
     """``expression`` with each ``%NAME%`` replaced by the app setting ``NAME``, as the host's name resolver does."""
-    if expression.count("%") % 2:
-        raise BindingError(f"{expression!r} has a '%' without its closing '%'")
-
-    def setting(found: re.Match[str]) -> str:
-        value = app_setting(environ, found[1])
-        if value is None:
-            raise BindingError(f"'{found[0]}' does not resolve to a value (app setting {found[1]!r} is not set)")
-        return value
-
-    return _SETTING.sub(setting, expression)
+    try:
+        return resolve_app_settings(expression, environ)
+    except UnresolvedSetting as e:
+        if e.name is None:
+            raise BindingError(f"{expression!r} has a '%' without its closing '%'") from None
+        raise BindingError(f"'%{e.name}%' does not resolve to a value (app setting {e.name!r} is not set)") from None
 
 
 def resolve_connection(name: str, environ: Mapping[str, str]) -> Connection:

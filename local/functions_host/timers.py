@@ -13,19 +13,21 @@ setting is logged as in error and left out; the others still run, as on the host
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from local.functions_host.bindings import trigger_binding
+from local.functions_host.bindings import (
+    UnresolvedSetting,
+    is_disabled,
+    resolve_app_settings,
+    trigger_binding,
+)
 from local.functions_host.monitor import too_frequent_to_monitor
 from local.functions_host.ncrontab import Schedule, ScheduleError, parse_schedule
 
 logger = logging.getLogger(__name__)
-
-_SETTING = re.compile(r"%([^%]*)%")
 
 
 @dataclass(frozen=True)
@@ -40,32 +42,14 @@ class TimerFunction:
     user_function: Callable[..., Any]
 
 
-def app_setting(environ: Mapping[str, str], name: str) -> str | None:
-    """The setting ``name``, matched exactly first, then ignoring case."""
-    if name in environ:
-        return environ[name]
-    return next((value for key, value in environ.items() if key.lower() == name.lower()), None)
-
-
 def resolve_settings(expression: str, environ: Mapping[str, str]) -> str:
     """``expression`` with each ``%NAME%`` replaced by the app setting ``NAME``."""
-    if expression.count("%") % 2:
-        raise ScheduleError(f"schedule {expression!r} has a '%' without its closing '%'")
-
-    def setting(found: re.Match[str]) -> str:
-        value = app_setting(environ, found[1])
-        if value is None:
-            raise ScheduleError(f"schedule {expression!r} names app setting {found[1]!r}, which is not set")
-        return value
-
-    return _SETTING.sub(setting, expression)
-
-
-def is_disabled(function_name: str, environ: Mapping[str, str]) -> bool:
-    for name in (f"AzureWebJobs.{function_name}.Disabled", f"AzureWebJobs_{function_name}_Disabled"):
-        if (app_setting(environ, name) or "").lower() in ("1", "true"):
-            return True
-    return False
+    try:
+        return resolve_app_settings(expression, environ)
+    except UnresolvedSetting as e:
+        if e.name is None:
+            raise ScheduleError(f"schedule {expression!r} has a '%' without its closing '%'") from None
+        raise ScheduleError(f"schedule {expression!r} names app setting {e.name!r}, which is not set") from None
 
 
 def timers_of(app: Any, environ: Mapping[str, str], now: datetime | None = None) -> list[TimerFunction]:

@@ -15,6 +15,7 @@ import pytest
 from azure.functions.timer import TimerRequest as WorkerTimerRequest
 
 from local.functions_host.__main__ import IndexedApp
+from local.functions_host.bindings import is_disabled
 from local.functions_host.invoke import EventLoopThread
 from local.functions_host.monitor import (
     NEVER,
@@ -28,7 +29,7 @@ from local.functions_host.ncrontab import ConstantSchedule, CronSchedule, Schedu
 from local.functions_host.routes import routes_of
 from local.functions_host.scheduler import TimerScheduler
 from local.functions_host.status_files import StatusFiles
-from local.functions_host.timers import TimerFunction, is_disabled, resolve_settings, timers_of
+from local.functions_host.timers import TimerFunction, resolve_settings, timers_of
 
 EVERY_SECOND = "* * * * * *"
 YEARLY = "0 0 0 1 1 *"
