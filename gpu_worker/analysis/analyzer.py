@@ -14,7 +14,8 @@ from gpu_worker.analysis.request import AnalysisOutput, AnalysisRequest
 from shared.errors import UnknownAnalysis
 
 # GDAL's block cache defaults to 5 % of RAM; a fixed size keeps the worker's memory independent of the machine.
-GDAL_CACHE_MB = 256
+# rasterio.Env hands an int to GDALSetCacheMax64, which takes *bytes* (256 alone would be a 256-byte cache).
+GDAL_CACHE_BYTES = 256 * 1024 * 1024
 
 
 class Analyzer:
@@ -29,7 +30,7 @@ class Analyzer:
         self._models = ModelAnalysis(ModelRegistry(models_dir, device))
 
     def analyse(self, image_path: Path, request: AnalysisRequest, workdir: Path) -> AnalysisOutput:
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
             return self._dispatch(image_path, request, workdir)
 
     def _dispatch(self, image_path: Path, request: AnalysisRequest, workdir: Path) -> AnalysisOutput:
