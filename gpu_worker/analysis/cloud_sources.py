@@ -41,14 +41,14 @@ class S2CloudMask:
 
     def __init__(self, scene: SceneReader, detector: CloudDetector, progress: Progress = no_progress) -> None:
         self.factor = coarse_factor(scene.pixel_size_m() or 10.0)
-        grid = CoarseGrid(scene.height, scene.width, self.factor, scene.device)
+        grid = CoarseGrid(scene.height, scene.width, self.factor, scene.device, scene.scale)
         indices = scene.bands.native_names(SENTINEL2, MODEL_BANDS)
         size = self.factor * max(1, COARSE_WINDOW // self.factor)
         windows = list(scene.windows(size))
         for i, window in enumerate(windows):
             progress("cloud_mask", i / (len(windows) + 1))  # the detector's run is the last part
             block = scene.read(window, indices)
-            grid.add(int(window.row_off), int(window.col_off), block.values, block.valid)
+            grid.add(int(window.row_off), int(window.col_off), block.dn, block.valid)
         progress("cloud_mask", len(windows) / (len(windows) + 1))
         reflectance, ok = grid.reflectance()
         self.probability, self.mask = detector.cloud_mask(reflectance, ok)

@@ -26,7 +26,10 @@ N_USED = 5
 _PAIRS = torch.triu_indices(N_USED, N_USED, 1)  # the 10 normalised differences between used bands
 N_FEATURES = 2 * N_USED + _PAIRS.shape[1]
 _FLOOR = 1e-4  # reflectance floor before logs and ratios (dark water, negative L2A offsets)
-_CHUNK = 1 << 18  # pixels per MLP call: bounds the hidden activations to ~64 MB
+# Pixels per MLP call at inference. The hidden activations (64 floats per pixel, 4 MB at 2**14) then stay in the
+# CPU's cache: 2**14-pixel chunks ran 4.9x faster than 2**18 on this project's 2-core CI CPU (854 -> 175 ms/Mpx,
+# together with the channel-first layout and the folded normalisation of :meth:`FractionalCover.fractions`).
+CHUNK = 1 << 14
 
 CAVEAT = (
     "Fractional cover comes from a model fitted to Landsat surface reflectance over Australian rangelands and "
@@ -37,9 +40,14 @@ CAVEAT = (
 
 def features(reflectance: torch.Tensor) -> torch.Tensor:
     """[P, 5] used-band reflectance -> [P, 20]: the bands, their logs and their pairwise normalised differences."""
+    return _features_first(reflectance.t()).t()
+
+
+def _features_first(reflectance: torch.Tensor) -> torch.Tensor:
+    """:func:`features` channel-first: [5, P] -> [20, P], each feature a contiguous row."""
     x = reflectance.clamp_min(_FLOOR)
     i, j = _PAIRS.to(x.device)
-    return torch.cat([x, x.log(), (x[:, i] - x[:, j]) / (x[:, i] + x[:, j])], dim=1)
+    return torch.cat([x, x.log(), (x[i] - x[j]) / (x[i] + x[j])], dim=0)
 
 
 class FractionalCover(nn.Module):
@@ -73,21 +81,48 @@ class FractionalCover(nn.Module):
         return model.eval().requires_grad_(False).to(device)
 
     def predict_pixels(self, reflectance: torch.Tensor) -> torch.Tensor:
-        """[P, 5] used-band reflectance (finite) -> [P, 3] fractions. Used by training and by :meth:`forward`."""
+        """[P, 5] used-band reflectance (finite) -> [P, 3] fractions, through the modules (dropout and all): the
+        training path. Inference goes through :meth:`fractions`, which agrees with it within 2e-6."""
         z = (features(reflectance) - self.feature_mean) / self.feature_std
         out: torch.Tensor = self.mlp(z).softmax(dim=1)
         return out
+
+    def fractions(self, reflectance: torch.Tensor) -> torch.Tensor:
+        """[5, P] used-band reflectance (finite), channel-first -> [3, P] fractions, in :data:`CHUNK`-pixel chunks.
+
+        The inference path: features as contiguous rows, the feature normalisation folded into the first layer's
+        weights, each layer one ``addmm`` whose output is rectified in place. Call under ``torch.inference_mode``."""
+        layers = self._folded()
+        parts = [self._chunk(chunk, layers) for chunk in torch.split(reflectance.float(), CHUNK, dim=1)]
+        return torch.cat(parts, dim=1) if parts else reflectance.new_zeros((len(FRACTIONS), 0), dtype=torch.float32)
+
+    @staticmethod
+    def _chunk(x: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        h = _features_first(x)
+        for k, (weight, bias) in enumerate(layers):
+            h = torch.addmm(bias, weight, h)
+            if k < len(layers) - 1:
+                h = h.relu_()
+        return h.softmax(dim=0)
+
+    def _folded(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(weight [out, in], bias [out, 1]) per linear layer; the first absorbs ``(f - mean) / std``."""
+        linears = [m for m in self.mlp if isinstance(m, nn.Linear)]
+        first = linears[0]
+        weight = first.weight / self.feature_std[None, :]
+        bias = first.bias - (first.weight * (self.feature_mean / self.feature_std)[None, :]).sum(dim=1)
+        layers = [(weight, bias)] + [(m.weight, m.bias) for m in linears[1:]]
+        return [(w.detach(), b.detach()[:, None]) for w, b in layers]
 
     def forward(self, reflectance: torch.Tensor) -> torch.Tensor:
         if reflectance.ndim != 4 or reflectance.shape[1] != len(self.BANDS):
             raise ValueError(f"expected [N, {len(self.BANDS)}, H, W] reflectance, got {list(reflectance.shape)}")
         n, _, h, w = reflectance.shape
-        pixels = reflectance.permute(0, 2, 3, 1).reshape(-1, len(self.BANDS)).float()
-        valid = pixels.isfinite().all(dim=1)
-        used = torch.where(valid[:, None], pixels[:, USED], 0.1)
-        out = torch.cat([self.predict_pixels(chunk) for chunk in torch.split(used, _CHUNK)])
-        out = out.masked_fill(~valid[:, None], float("nan"))
-        return out.reshape(n, h, w, len(FRACTIONS)).permute(0, 3, 1, 2)
+        pixels = reflectance.permute(1, 0, 2, 3).reshape(len(self.BANDS), -1).float()
+        valid = pixels.isfinite().all(dim=0)
+        out = self.fractions(torch.where(valid[None, :], pixels[USED], 0.1))
+        out = out.masked_fill(~valid[None, :], float("nan"))
+        return out.reshape(len(FRACTIONS), n, h, w).permute(1, 0, 2, 3)
 
 
 def band_indices(bands: BandSet) -> list[int] | None:

@@ -22,7 +22,7 @@ from rasterio.windows import Window
 
 from gpu_worker.analysis import cloudmask, quicklook
 from gpu_worker.analysis.cloud_sources import CloudSource, cloud_source
-from gpu_worker.analysis.cover import CAVEAT, FRACTIONS, FractionalCover, band_indices
+from gpu_worker.analysis.cover import CAVEAT, FRACTIONS, USED, FractionalCover, band_indices
 from gpu_worker.analysis.indices import INDICES, compute
 from gpu_worker.analysis.outputs import COG_CONTENT_TYPE, PNG_CONTENT_TYPE, RasterSink
 from gpu_worker.analysis.raster import SceneReader, gdal_errors_as_invalid_image
@@ -35,7 +35,6 @@ VERSION = "crop-health/2"
 DEFAULT_WINDOW = 1024
 INDEX_ROLES = ("blue", "green", "red", "nir")
 MASK_NODATA = 255
-COVER_CHUNK = 1 << 18
 
 
 class CropHealth:
@@ -71,6 +70,7 @@ class CropHealth:
         specs = [s for s in INDICES if scene.bands.has(*s.roles)]
         cover_indices = band_indices(scene.bands)
         roles = [r for r in INDEX_ROLES if scene.bands.has(r)]
+        wide_roles = sorted({r for s in specs if s.float64 for r in s.roles})  # float64 indices' bands
         read = sorted({scene.bands.index(r) for r in roles} | set(cover_indices or []))
         position = {file_index: j for j, file_index in enumerate(read)}
         summary = SceneSummary(specs, clouds is not None, self.device)
@@ -81,11 +81,13 @@ class CropHealth:
             for i, window in enumerate(windows):
                 progress("indices", i / len(windows))
                 block = scene.read(window, read)
-                bands = {r: block.values[position[scene.bands.index(r)]] for r in roles}
-                valid = {r: block.valid[position[scene.bands.index(r)]] for r in roles}
+                at = {r: position[scene.bands.index(r)] for r in roles}
+                bands = {r: block.values[at[r]] for r in roles}
+                exact = {r: block.exact(at[r]) for r in wide_roles}
+                valid = {r: block.valid[at[r]] for r in roles}
                 base = valid["red"] & valid["nir"]
                 cloud = clouds.window(window) if clouds else torch.zeros_like(base)
-                index_values = {s.name: compute(s, bands, valid) for s in specs}
+                index_values = {s.name: compute(s, exact if s.float64 else bands, valid) for s in specs}
                 land = summary.add(base, cloud, index_values)
                 ndvi, ndvi_ok = index_values["ndvi"]
                 sinks["ndvi_cog"].write(window, torch.where(ndvi_ok, ndvi, float("nan")).float().cpu().numpy())
@@ -118,11 +120,9 @@ class CropHealth:
         sink: RasterSink,
     ) -> None:
         counted = land & valid[channels].all(dim=0)
-        pixels = values[channels][:, counted].float()  # only clear land pixels go through the MLP
-        with torch.inference_mode():  # in chunks: the MLP's hidden activations are 64 floats per pixel
-            chunks = torch.split(pixels, COVER_CHUNK, dim=1) if pixels.shape[1] else ()
-            parts = [self.cover(chunk[None, :, :, None])[0, :, :, 0] for chunk in chunks]
-        fractions = torch.cat(parts, dim=1) if parts else pixels.new_zeros((len(FRACTIONS), 0))
+        pixels = values[channels[USED]][:, counted]  # only clear land pixels go through the MLP, channel-first
+        with torch.inference_mode():
+            fractions = self.cover.fractions(pixels)
         summary.add_cover(fractions, counted.sum())
         percent = torch.full((len(FRACTIONS), *counted.shape), MASK_NODATA, dtype=torch.uint8, device=counted.device)
         percent[:, counted] = (fractions * 100).round().to(torch.uint8)

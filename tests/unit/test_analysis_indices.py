@@ -69,8 +69,9 @@ def assert_matches(result: dict[str, Any], reference: dict[str, Any]) -> None:
             assert got is None, name
             continue
         assert got["count"] == ref["count"], name
-        assert got["mean"] == pytest.approx(ref["mean"], rel=1e-9, abs=1e-9), name
-        assert got["std"] == pytest.approx(ref["std"], rel=1e-9, abs=1e-9), name
+        # The analysis works in float32 (raster.Block), the reference in float64: 1e-6 is the documented bound.
+        assert got["mean"] == pytest.approx(ref["mean"], rel=1e-6, abs=1e-7), name
+        assert got["std"] == pytest.approx(ref["std"], rel=1e-6, abs=1e-7), name
         for key in ("p10", "p50", "p90"):  # histogram percentiles: within one bin (stats.py)
             assert got[key] == pytest.approx(ref[key], rel=2**-7, abs=2e-5), (name, key)
 
