@@ -9,8 +9,9 @@ import torch
 from gpu_worker.analysis.stats import FINE_BINS, StreamingStats, float_keys, key_values
 
 
-def feed(values: np.ndarray, lo: float, hi: float, chunks: int = 7) -> StreamingStats:
-    stats = StreamingStats(lo, hi, torch.device("cpu"))
+def feed(values: np.ndarray, lo: float, hi: float, chunks: int = 7, exact_limit: int = 0) -> StreamingStats:
+    """``exact_limit`` 0: every value goes through the histograms (the path of a large scene)."""
+    stats = StreamingStats(lo, hi, torch.device("cpu"), exact_limit=exact_limit)
     for part in np.array_split(values, chunks):
         x = torch.from_numpy(part)
         stats.update(x, torch.isfinite(x))
@@ -40,6 +41,25 @@ def test_against_numpy(name: str, lo: float, hi: float) -> None:
         exact = float(np.percentile(ref, q))
         bound = bin_width if lo <= exact <= hi else abs(exact) * 2**-7
         assert abs(got - exact) <= bound, (q, got, exact)
+
+
+@pytest.mark.parametrize("split", [0, 3, 7])
+def test_small_accumulators_give_numpys_exact_percentiles_and_merge_past_the_limit(split: int) -> None:
+    rng = np.random.default_rng(7)
+    values = rng.normal(0.4, 0.3, 5000).astype(np.float32)
+    small = feed(values, -1.0, 1.0, exact_limit=len(values)).summary()
+    assert small is not None
+    exact = np.percentile(values.astype(np.float64), [10, 50, 90])
+    assert [small.p10, small.p50, small.p90] == pytest.approx(exact, rel=1e-12, abs=1e-12)
+    # Two halves that fit their limit separately but not together: the merge goes through the histograms.
+    a = feed(values[: split * 500], -1.0, 1.0, chunks=2, exact_limit=len(values) - 1)
+    b = feed(values[split * 500 :], -1.0, 1.0, chunks=2, exact_limit=len(values) - 1)
+    merged = a.merge(b).summary()
+    assert merged is not None
+    assert merged.count == len(values)
+    assert merged.mean == pytest.approx(float(values.astype(np.float64).mean()), rel=1e-12)
+    for got, ref in zip((merged.p10, merged.p50, merged.p90), exact, strict=True):
+        assert abs(got - ref) <= 2 / FINE_BINS
 
 
 def test_masked_values_and_nans_are_ignored() -> None:
