@@ -45,7 +45,7 @@ def _load_analyzer(settings: Settings) -> tuple[Analyzer, str]:
     models_dir = Path(settings.models_dir) if settings.models_dir else None
     device = select_device(settings.worker_device)
     name = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
-    return TorchAnalyzer(device, models_dir), name
+    return TorchAnalyzer(device, models_dir, threads=settings.analysis_threads), name
 
 
 def start_preemption_watch(shutdown: Shutdown, stop: threading.Event, **watcher: Any) -> threading.Thread:

@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -69,6 +70,17 @@ def service_env(
     env.setdefault("WEBHOOK_ALLOW_PRIVATE", "true")
     env.update(extra)
     return env
+
+
+def worker_env(env: Mapping[str, str], workers: int) -> dict[str, str]:
+    """``env`` for each of ``workers`` worker processes on this machine: ``WORKER_PROCESSES`` tells each to take its
+    share of the CPUs (``Settings.analysis_threads``), and ``OMP_NUM_THREADS`` sizes the OpenMP pool to it before
+    torch starts. Without them, two workers on two cores ran 2 x 2 threads and were slower than one worker."""
+    out = dict(env)
+    out.setdefault("WORKER_PROCESSES", str(max(1, workers)))
+    threads = max(1, len(os.sched_getaffinity(0)) // int(out["WORKER_PROCESSES"]))
+    out.setdefault("OMP_NUM_THREADS", str(int(out.get("WORKER_THREADS") or 0) or threads))
+    return out
 
 
 class Launcher:

@@ -118,8 +118,9 @@ def up(config: StackConfig, environ: Mapping[str, str] | None = None) -> dict[st
         api_url, host = launcher.functions_host(config.api_port, env)
         state["api_url"] = api_url
         record(host)
+        worker_env = services.worker_env(env, config.workers)
         for index in range(config.workers):
-            record(launcher.worker(index, env))
+            record(launcher.worker(index, worker_env))
     except BaseException as e:  # also Ctrl-C half-way: stop what was started
         down(root)
         if isinstance(e, ServiceFailed | PortBusy | services.SetupFailed):

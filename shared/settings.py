@@ -81,6 +81,10 @@ class Settings(BaseModel):
     worker_max_wait_time: float = Field(0.5, alias="WORKER_MAX_WAIT_TIME")
     worker_shutdown_grace: float = Field(30.0, alias="WORKER_SHUTDOWN_GRACE")
     worker_device: str = Field("auto", alias="WORKER_DEVICE")  # auto | cpu | cuda | cuda:N
+    # CPU threads one worker process gives torch, LightGBM and GDAL's decoding. 0: the CPUs this process may run on
+    # divided by WORKER_PROCESSES (the worker processes sharing the machine), so that they do not fight over cores.
+    worker_threads: int = Field(0, alias="WORKER_THREADS", ge=0)
+    worker_processes: int = Field(1, alias="WORKER_PROCESSES", ge=1)
     worker_heartbeat_file: str = Field("/tmp/crop-ai-worker.heartbeat", alias="WORKER_HEARTBEAT_FILE")
     worker_heartbeat_max_age: float = Field(120.0, alias="WORKER_HEARTBEAT_MAX_AGE")  # seconds, for --healthcheck
     worker_probe_max_interval: float = Field(30.0, alias="WORKER_PROBE_MAX_INTERVAL")  # circuit breaker backoff cap
@@ -115,6 +119,13 @@ class Settings(BaseModel):
     def priority_queues(self) -> dict[str, str]:
         """Priority -> the queue that carries it."""
         return {"high": self.jobs_high_queue, "normal": self.jobs_queue}
+
+    @property
+    def analysis_threads(self) -> int:
+        """``WORKER_THREADS``, or (0) this process's CPUs divided among ``WORKER_PROCESSES``, at least 1."""
+        if self.worker_threads:
+            return self.worker_threads
+        return max(1, len(os.sched_getaffinity(0)) // self.worker_processes)
 
     @property
     def job_queues(self) -> tuple[str, str]:

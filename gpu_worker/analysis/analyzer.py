@@ -23,14 +23,20 @@ class Analyzer:
     an invalid manifest raises :class:`gpu_worker.analysis.models.ManifestError` here, at worker start).
     ``analyse`` raises InvalidImage / UnknownAnalysis (permanent errors) and never touches Azure."""
 
-    def __init__(self, device: torch.device, models_dir: Path | None = None) -> None:
+    def __init__(self, device: torch.device, models_dir: Path | None = None, *, threads: int | None = None) -> None:
+        """``threads``: CPU threads for torch, LightGBM and GDAL's block decoding (``Settings.analysis_threads``);
+        None leaves each library's default (all cores), which is right for one process alone on a machine."""
         self.device = device
         self.models_dir = models_dir
-        self._crop_health = CropHealth(device)
+        self.threads = threads
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self._crop_health = CropHealth(device, threads=threads)
         self._models = ModelAnalysis(ModelRegistry(models_dir, device))
 
     def analyse(self, image_path: Path, request: AnalysisRequest, workdir: Path) -> AnalysisOutput:
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
+        gdal_threads = self.threads if self.threads is not None else "ALL_CPUS"
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES, GDAL_NUM_THREADS=gdal_threads):
             return self._dispatch(image_path, request, workdir)
 
     def _dispatch(self, image_path: Path, request: AnalysisRequest, workdir: Path) -> AnalysisOutput:

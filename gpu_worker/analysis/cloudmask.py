@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import lightgbm
 import numpy as np
@@ -72,14 +73,17 @@ def postprocess(
 class CloudDetector:
     """The s2cloudless booster, loaded once. LightGBM predicts on the CPU (see bench/analysis.py)."""
 
-    def __init__(self, model_file: Path = MODEL_FILE) -> None:
+    def __init__(self, model_file: Path = MODEL_FILE, *, threads: int | None = None) -> None:
+        """``threads``: OpenMP threads per prediction (None: LightGBM's default, all cores)."""
         self.booster = lightgbm.Booster(model_file=str(model_file))
+        self._options: dict[str, Any] = {} if threads is None else {"num_threads": threads}
 
     def probability(self, reflectance: np.ndarray) -> np.ndarray:
         """[P, 10] reflectance in :data:`MODEL_BANDS` order -> [P] cloud probability (float32)."""
         if reflectance.shape[0] == 0:
             return np.zeros(0, dtype=np.float32)
-        return np.asarray(self.booster.predict(reflectance.astype(np.float32)), dtype=np.float32)
+        predicted = self.booster.predict(reflectance.astype(np.float32), **self._options)
+        return np.asarray(predicted, dtype=np.float32)
 
     def cloud_mask(self, reflectance: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[10, H, W] reflectance and [H, W] validity -> (probability [H, W] float32, mask [H, W] bool).

@@ -40,9 +40,9 @@ MASK_NODATA = 255
 class CropHealth:
     """Holds the loaded models (cloud detector, fractional cover); ``run`` is one scene."""
 
-    def __init__(self, device: torch.device, window: int = DEFAULT_WINDOW) -> None:
+    def __init__(self, device: torch.device, window: int = DEFAULT_WINDOW, *, threads: int | None = None) -> None:
         self.device, self.window = device, window
-        self.detector = cloudmask.CloudDetector()
+        self.detector = cloudmask.CloudDetector(threads=threads)
         self.cover = FractionalCover.load(device)
         self.model_version = f"{VERSION}; {cloudmask.VERSION}; {FractionalCover.VERSION}"
 

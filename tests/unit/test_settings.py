@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 import pytest
 from pydantic import ValidationError
 
+from local.services import worker_env
 from shared.settings import Settings
 
 LOCAL = {
@@ -122,3 +124,15 @@ def test_removed_settings_are_gone_and_ignored() -> None:
     assert aliases.isdisjoint(REMOVED)
     settings = Settings.from_env({**LOCAL, **dict.fromkeys(REMOVED, "9")})
     assert settings == Settings.from_env(LOCAL)
+
+
+def test_analysis_threads_share_the_cpus_among_the_worker_processes() -> None:
+    cpus = len(os.sched_getaffinity(0))
+    assert Settings.from_env(LOCAL).analysis_threads == cpus
+    assert Settings.from_env({**LOCAL, "WORKER_PROCESSES": str(cpus * 4)}).analysis_threads == 1
+    assert Settings.from_env({**LOCAL, "WORKER_THREADS": "3", "WORKER_PROCESSES": "8"}).analysis_threads == 3
+    # The local stack runner tells each of its workers how many share the machine, and sizes OpenMP to match.
+    env = worker_env(LOCAL, 2)
+    assert env["WORKER_PROCESSES"] == "2"
+    assert env["OMP_NUM_THREADS"] == str(Settings.from_env(env).analysis_threads)
+    assert worker_env({**LOCAL, "WORKER_THREADS": "5"}, 2)["OMP_NUM_THREADS"] == "5"
