@@ -45,9 +45,8 @@ class S2CloudMask:
         indices = scene.bands.native_names(SENTINEL2, MODEL_BANDS)
         size = self.factor * max(1, COARSE_WINDOW // self.factor)
         windows = list(scene.windows(size))
-        for i, window in enumerate(windows):
+        for i, (window, block) in enumerate(zip(windows, scene.blocks(windows, indices), strict=True)):
             progress("cloud_mask", i / (len(windows) + 1))  # the detector's run is the last part
-            block = scene.read(window, indices)
             grid.add(int(window.row_off), int(window.col_off), block.dn, block.valid)
         progress("cloud_mask", len(windows) / (len(windows) + 1))
         reflectance, ok = grid.reflectance()

@@ -78,9 +78,8 @@ class CropHealth:
         windows = list(scene.windows(self.window))
         files: dict[str, tuple[Path, str]] = {}
         try:
-            for i, window in enumerate(windows):
+            for i, (window, block) in enumerate(zip(windows, scene.blocks(windows, read), strict=True)):
                 progress("indices", i / len(windows))
-                block = scene.read(window, read)
                 at = {r: position[scene.bands.index(r)] for r in roles}
                 bands = {r: block.values[at[r]] for r in roles}
                 exact = {r: block.exact(at[r]) for r in wide_roles}

@@ -2,13 +2,20 @@
 
 Every rasterio / GDAL failure (not a raster, truncated, corrupt block) becomes :class:`shared.errors.InvalidImage`
 at this edge, so nothing above it catches GDAL exceptions.
+
+:meth:`SceneReader.blocks` decodes the next window in a background thread while the caller computes on the current
+one (GDAL releases the GIL while it decompresses); a lock keeps the dataset to one reader at a time, since a GDAL
+dataset handle is not thread-safe. On CUDA the decoded values go through pinned memory, so that the copy to the GPU
+is asynchronous.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +77,7 @@ class SceneReader:
         required: tuple[str, ...] = ("red", "nir"),
     ) -> None:
         self.path, self.scale, self.device = path, scale, device
+        self._lock = threading.Lock()  # one GDAL call on the dataset at a time (blocks() reads in a thread)
         with gdal_errors_as_invalid_image("not a readable GeoTIFF"), warnings.catch_warnings():
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
             self.dataset: Any = rasterio.open(path)
@@ -139,13 +147,27 @@ class SceneReader:
 
     def read_raw(self, window: Window, band_index: int) -> np.ndarray:
         """One band of ``window`` as stored (a quality bit mask, say): no scaling, no nodata handling."""
-        with gdal_errors_as_invalid_image(f"cannot read window {window!r}"):
+        with self._lock, gdal_errors_as_invalid_image(f"cannot read window {window!r}"):
             data: np.ndarray = self.dataset.read(band_index + 1, window=window)
         return data
 
+    def blocks(self, windows: Sequence[Window], band_indices: list[int]) -> Generator[Block, None, None]:
+        """:meth:`read` of each window in turn, the next one decoded in a background thread meanwhile: at most two
+        blocks are held at a time. Stopping the iteration early waits for the read in progress."""
+        if len(windows) < 2:
+            yield from (self.read(window, band_indices) for window in windows)
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="decode") as pool:
+            pending = pool.submit(self.read, windows[0], band_indices)
+            for window in windows[1:]:
+                block = pending.result()
+                pending = pool.submit(self.read, window, band_indices)
+                yield block
+            yield pending.result()
+
     def read(self, window: Window, band_indices: list[int]) -> Block:
         """Read the given 0-based bands of ``window``; reflectance = DN / scale."""
-        with gdal_errors_as_invalid_image(f"cannot read window {window!r}"):
+        with self._lock, gdal_errors_as_invalid_image(f"cannot read window {window!r}"):
             data = self.dataset.read([i + 1 for i in band_indices], window=window)
         valid = np.ones(data.shape, dtype=bool)
         for j, i in enumerate(band_indices):
@@ -154,7 +176,13 @@ class SceneReader:
                 valid[j] &= data[j] != nodata
         if self._float:
             valid &= np.isfinite(data)
-        dn = torch.from_numpy(data).to(self.device, non_blocking=True)
+        host = torch.from_numpy(data)
+        if self.device.type == "cuda":
+            host = host.pin_memory()  # an asynchronous copy needs page-locked memory
+        dn = host.to(self.device, non_blocking=True)
         values = dn.to(torch.float32) / self.scale
-        valid_t = torch.from_numpy(valid).to(self.device, non_blocking=True)
+        valid_host = torch.from_numpy(valid)
+        valid_t = (valid_host.pin_memory() if self.device.type == "cuda" else valid_host).to(
+            self.device, non_blocking=True
+        )
         return Block(window=window, values=values, valid=valid_t, dn=dn, scale=self.scale)
