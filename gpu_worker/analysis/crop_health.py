@@ -8,11 +8,19 @@ file opened, bands resolved), ``cloud_mask`` per pass-1 window, ``indices`` and 
 the same window loop), ``outputs`` per COG and for the quicklook. Memory is bounded by the window size, not the scene: a
 full 10980 x 10980 Sentinel-2 tile streams through the same code (bench/analysis.py --full-tile measures it).
 Result keys are defined in :mod:`gpu_worker.analysis.summary`.
+
+The next window is decoded while the current one is computed (:meth:`SceneReader.blocks`). The cover MLP of a window
+is written one window later: on CUDA its clear land pixels go to a :class:`~gpu_worker.analysis.batcher.
+DynamicBatcher` shared by every analysis of the process, so the GPU runs the MLP while the next window's indices are
+computed, and windows (of one scene, or of scenes analysed at the same time) share batches. Elsewhere the MLP runs at
+once, unless ``cover_batching`` asks for the batcher (the tests do, on the CPU: the results are the same).
 """
 
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +29,7 @@ import torch
 from rasterio.windows import Window
 
 from gpu_worker.analysis import cloudmask, quicklook
+from gpu_worker.analysis.batcher import DynamicBatcher, default_max_rows
 from gpu_worker.analysis.cloud_sources import CloudSource, cloud_source
 from gpu_worker.analysis.cover import CAVEAT, FRACTIONS, USED, FractionalCover, band_indices
 from gpu_worker.analysis.indices import INDICES, compute
@@ -35,16 +44,51 @@ VERSION = "crop-health/2"
 DEFAULT_WINDOW = 1024
 INDEX_ROLES = ("blue", "green", "red", "nir")
 MASK_NODATA = 255
+COVER_MAX_WAIT = 0.005  # seconds a cover batch waits for more rows (the next window, another scene) before it runs
+
+
+@dataclass(frozen=True)
+class _CoverWork:
+    """One window's cover: its pixels handed to the MLP, the fractions ([P, 3]) still to come."""
+
+    window: Window
+    counted: torch.Tensor
+    fractions: Future[torch.Tensor]
 
 
 class CropHealth:
     """Holds the loaded models (cloud detector, fractional cover); ``run`` is one scene."""
 
-    def __init__(self, device: torch.device, window: int = DEFAULT_WINDOW, *, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        window: int = DEFAULT_WINDOW,
+        *,
+        threads: int | None = None,
+        cover_batching: bool | None = None,
+    ) -> None:
+        """``cover_batching``: run the cover MLP through a :class:`DynamicBatcher` (default: on CUDA only)."""
         self.device, self.window = device, window
         self.detector = cloudmask.CloudDetector(threads=threads)
         self.cover = FractionalCover.load(device)
         self.model_version = f"{VERSION}; {cloudmask.VERSION}; {FractionalCover.VERSION}"
+        batching = device.type == "cuda" if cover_batching is None else cover_batching
+        self._batcher = (
+            DynamicBatcher(
+                self._cover_rows,
+                max_rows=default_max_rows(device),
+                max_wait=COVER_MAX_WAIT,
+                device=device,
+                name="cover",
+                out_features=len(FRACTIONS),
+            )
+            if batching
+            else None
+        )
+
+    def _cover_rows(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[P, 5] -> [P, 3]: the batcher's rows through :meth:`FractionalCover.fractions` (channel-first)."""
+        return self.cover.fractions(pixels.t()).t()
 
     def run(self, image_path: Path, request: AnalysisRequest, workdir: Path) -> AnalysisOutput:
         progress = request.progress
@@ -77,6 +121,7 @@ class CropHealth:
         sinks = self._sinks(scene, workdir, clouds is not None, cover_indices is not None)
         windows = list(scene.windows(self.window))
         files: dict[str, tuple[Path, str]] = {}
+        pending: _CoverWork | None = None  # the previous window's cover, written after this window's indices
         try:
             for i, (window, block) in enumerate(zip(windows, scene.blocks(windows, read), strict=True)):
                 progress("indices", i / len(windows))
@@ -95,8 +140,13 @@ class CropHealth:
                     sinks["cloud_mask_cog"].write(window, mask.cpu().numpy())
                 if cover_indices is not None:
                     progress("cover", i / len(windows))
-                    self._cover(window, block.values, block.valid, [position[c] for c in cover_indices], land,
-                                summary, sinks["cover_cog"])  # fmt: skip
+                    work = self._submit_cover(window, block.values, block.valid,
+                                              [position[c] for c in cover_indices], land)  # fmt: skip
+                    if pending is not None:
+                        self._write_cover(pending, summary, sinks["cover_cog"])
+                    pending = work
+            if pending is not None:
+                self._write_cover(pending, summary, sinks["cover_cog"])
             for k, (key, sink) in enumerate(sinks.items()):  # the COG copies: GDAL work, seconds on a full tile
                 progress("outputs", k / (len(sinks) + 1))
                 files[key] = (sink.finish(), COG_CONTENT_TYPE)
@@ -108,24 +158,27 @@ class CropHealth:
         pixels = scene.width * scene.height
         return summary.result(pixels, scene.bands.has("green"), cover_indices is not None), files
 
-    def _cover(
-        self,
-        window: Window,
-        values: torch.Tensor,
-        valid: torch.Tensor,
-        channels: list[int],
-        land: torch.Tensor,
-        summary: SceneSummary,
-        sink: RasterSink,
-    ) -> None:
+    def _submit_cover(
+        self, window: Window, values: torch.Tensor, valid: torch.Tensor, channels: list[int], land: torch.Tensor
+    ) -> _CoverWork:
         counted = land & valid[channels].all(dim=0)
         pixels = values[channels[USED]][:, counted]  # only clear land pixels go through the MLP, channel-first
+        if self._batcher is not None:
+            return _CoverWork(window, counted, self._batcher.submit(pixels.t()))
+        done: Future[torch.Tensor] = Future()
         with torch.inference_mode():
-            fractions = self.cover.fractions(pixels)
-        summary.add_cover(fractions, counted.sum())
-        percent = torch.full((len(FRACTIONS), *counted.shape), MASK_NODATA, dtype=torch.uint8, device=counted.device)
-        percent[:, counted] = (fractions * 100).round().to(torch.uint8)
-        sink.write(window, percent.cpu().numpy())
+            done.set_result(self.cover.fractions(pixels).t())
+        return _CoverWork(window, counted, done)
+
+    @staticmethod
+    def _write_cover(work: _CoverWork, summary: SceneSummary, sink: RasterSink) -> None:
+        fractions = work.fractions.result().t()  # [3, P]
+        summary.add_cover(fractions, work.counted.sum())
+        percent = torch.full(
+            (len(FRACTIONS), *work.counted.shape), MASK_NODATA, dtype=torch.uint8, device=work.counted.device
+        )
+        percent[:, work.counted] = (fractions * 100).round().to(torch.uint8)
+        sink.write(work.window, percent.cpu().numpy())
 
     @staticmethod
     def _sinks(scene: SceneReader, workdir: Path, has_clouds: bool, has_cover: bool) -> dict[str, RasterSink]:
