@@ -8,7 +8,7 @@ NODE_STAMP := node_modules/.installed
 CHECKOV_VENV := .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
-.PHONY: help install demo test lint up down bench chaos clean
+.PHONY: help install demo test lint up down bench bench-gpu chaos clean
 
 help:
 	@echo "make demo   - start the local stack, analyse a real Sentinel-2 scene end to end, stop the stack"
@@ -16,7 +16,10 @@ help:
 	@echo "make up     - start PostgreSQL, Azurite, the Service Bus emulator, the Functions host and a worker"
 	@echo "make down   - stop what 'make up' started"
 	@echo "make lint   - ruff + mypy strict"
-	@echo "make bench  - benchmarks (JSON on stdout): emulator throughput, submit latency p50/p95 and jobs/s"
+	@echo "make bench  - benchmarks (JSON on stdout, ~5 min): emulator, submit/status latency and their ratios to raw I/O,"
+	@echo "              analysis Mpx/s per stage and / decode, worker jobs/s vs a naive consumer (docs/performance.md)"
+	@echo "make bench-gpu - the GPU run (python -m bench.gpu, JSON): full tile on CUDA, GPU memory, decode vs compute,"
+	@echo "              batching; needs only the worker's dependencies; prints a note and exits 0 without CUDA"
 	@echo "make chaos  - chaos run on the local stack (~16 min; JSON on stdout): kills and outages lose no job"
 	@echo "              (python -m local.chaos --short: the same in a few minutes)"
 
@@ -69,6 +72,14 @@ bench: install
 	$(BIN)/python -m bench.api_latency
 	$(BIN)/python -m bench.webhook_latency
 	$(BIN)/python -m bench.worker_latency
+	$(BIN)/python -m bench.submit_overhead
+	$(BIN)/python -m bench.worker_throughput
+
+# One prepared script for a GPU machine: the project's .venv when there is one, else the system Python (torch from
+# the CUDA image, plus `pip install -r requirements-worker.txt`). It installs nothing: the GPU image brings its torch.
+BENCH_GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
+bench-gpu:
+	$(BENCH_GPU_PY) -m bench.gpu
 
 chaos: install
 	$(BIN)/python -m local.chaos

@@ -9,7 +9,7 @@ requests each, on one keep-alive connection, after a warm-up:
 
 * ``status_ms``: ``GET /api/jobs/{id}`` of that job; ``raw_select_ms``: the same row read by ``psycopg`` directly
   (the status query's ``SELECT``, one connection, no HTTP), so ``status - raw_select`` is the cost of the host, the
-  function, the pool and the view;
+  function, the pool and the view; ``status_p50_ms``, and ``status_over_raw_select`` = status p50 / raw select p50;
 * ``stats_ms``: ``GET /api/stats`` (the database aggregates, and the three queues' counts from the management API);
 * ``list_ms``: ``GET /api/jobs?limit=100``; ``health_ms``: ``GET /api/health``.
 """
@@ -108,6 +108,8 @@ def measure(state: dict[str, Any], n: int, timeout: float) -> dict[str, Any]:
         result["health_ms"] = timed(lambda: ok(client.get(f"{url}/health")), n)
         stats = client.get(f"{url}/stats").json()
     result["status_overhead_p50_ms"] = round(result["status_ms"]["p50"] - result["raw_select_ms"]["p50"], 3)
+    result["status_p50_ms"] = result["status_ms"]["p50"]
+    result["status_over_raw_select"] = round(result["status_ms"]["p50"] / result["raw_select_ms"]["p50"], 2)
     result["jobs_in_database"] = sum(stats["jobs"].values())
     result["queues_error"] = stats["queues_error"]
     return result
