@@ -1,4 +1,5 @@
-"""The quicklook: NDVI with a colour ramp, clouds in white, a labelled colour bar; at most 1024 px either way.
+"""The quicklook: NDVI with a colour ramp, clouds in white, a labelled colour bar; at most 1024 px either way. A
+palette PNG (:data:`PALETTE`): a 1024 px quicklook encodes in a third of the time of an RGB one, and is smaller.
 
 It is read back from the NDVI COG at reduced resolution (GDAL uses the COG's overviews, averaging valid pixels), so
 memory does not depend on the scene size.
@@ -28,10 +29,35 @@ TICKS = (-0.5, 0.0, 0.2, 0.4, 0.6, 0.9)
 
 
 def colourise(ndvi: np.ndarray) -> np.ndarray:
-    """[h, w] NDVI (NaN = no data) -> [h, w, 3] uint8."""
+    """[...] NDVI (NaN = no data) -> [..., 3] uint8."""
     rgb = np.stack([np.interp(ndvi, STOPS, COLOURS[:, c]) for c in range(3)], axis=-1)
     rgb[~np.isfinite(ndvi)] = NO_DATA
     return rgb.round().astype(np.uint8)
+
+
+# The image is a palette PNG (1 byte per pixel, 3x less to compress than RGB): RAMP_STEPS colours of the ramp over
+# [STOPS[0], STOPS[-1]] (0.0056 NDVI apart), then no data, cloud, and the legend's white and black.
+RAMP_STEPS = 252
+NO_DATA_INDEX, CLOUD_INDEX, WHITE_INDEX, BLACK_INDEX = range(RAMP_STEPS, RAMP_STEPS + 4)
+PALETTE = [
+    int(v)
+    for colour in (*colourise(np.linspace(STOPS[0], STOPS[-1], RAMP_STEPS)), NO_DATA, CLOUD, (255, 255, 255), (0, 0, 0))
+    for v in colour
+]
+
+
+def ramp_index(ndvi: np.ndarray) -> np.ndarray:
+    """[h, w] NDVI (NaN = no data) -> [h, w] uint8 palette indices (values beyond the ramp take its end colours)."""
+    lo, hi = STOPS[0], STOPS[-1]
+    with np.errstate(invalid="ignore"):
+        index = np.clip(np.rint((ndvi - lo) / (hi - lo) * (RAMP_STEPS - 1)), 0, RAMP_STEPS - 1)
+    return np.where(np.isfinite(ndvi), index, NO_DATA_INDEX).astype(np.uint8)
+
+
+def _paletted(index: np.ndarray) -> Image.Image:
+    image = Image.fromarray(index, "P")
+    image.putpalette(PALETTE)
+    return image
 
 
 def render(ndvi_cog: Path, out: Path, cloud_cog: Path | None = None, title: str = "NDVI") -> Path:
@@ -39,16 +65,16 @@ def render(ndvi_cog: Path, out: Path, cloud_cog: Path | None = None, title: str 
         scale = max(src.width / MAX_SIDE, src.height / (MAX_SIDE - LEGEND_HEIGHT), 1.0)
         shape = (max(1, round(src.height / scale)), max(1, round(src.width / scale)))
         ndvi = src.read(1, out_shape=shape, resampling=Resampling.average)
-    rgb = colourise(ndvi)
+    index = ramp_index(ndvi)
     if cloud_cog is not None:
         with rasterio.open(cloud_cog) as src:
-            rgb[src.read(1, out_shape=shape, resampling=Resampling.nearest) == 1] = CLOUD
-    image = Image.fromarray(rgb, "RGB")
+            index[src.read(1, out_shape=shape, resampling=Resampling.nearest) == 1] = CLOUD_INDEX
+    image = _paletted(index)
     enlarge = max(1, MIN_SIDE // max(image.size))
     if enlarge > 1:
         image = image.resize((image.width * enlarge, image.height * enlarge), Image.Resampling.NEAREST)
     width = max(image.width, 360)
-    canvas = Image.new("RGB", (width, image.height + LEGEND_HEIGHT), (255, 255, 255))
+    canvas = _paletted(np.full((image.height + LEGEND_HEIGHT, width), WHITE_INDEX, dtype=np.uint8))
     canvas.paste(image, ((width - image.width) // 2, 0))
     _legend(canvas, image.height, title, cloud_cog is not None)
     canvas.save(out, format="PNG", compress_level=PNG_LEVEL)
@@ -61,19 +87,19 @@ def _legend(canvas: Image.Image, top: int, title: str, clouds: bool) -> None:
     margin = 24
     bar_w = canvas.width - 2 * margin
     lo, hi = STOPS[0], STOPS[-1]
-    ramp = colourise(np.linspace(lo, hi, bar_w)[None, :].repeat(14, axis=0))
+    ramp = ramp_index(np.linspace(lo, hi, bar_w)[None, :].repeat(14, axis=0))
     bar_top = top + 24
-    canvas.paste(Image.fromarray(ramp, "RGB"), (margin, bar_top))
-    draw.rectangle((margin - 1, bar_top - 1, margin + bar_w, bar_top + 14), outline=(0, 0, 0))
-    draw.text((margin, top + 4), title, fill=(0, 0, 0), font=font)
+    canvas.paste(_paletted(ramp), (margin, bar_top))
+    draw.rectangle((margin - 1, bar_top - 1, margin + bar_w, bar_top + 14), outline=BLACK_INDEX)
+    draw.text((margin, top + 4), title, fill=BLACK_INDEX, font=font)
     x = canvas.width - margin
-    for label, colour in (("no data", NO_DATA), *((("cloud", CLOUD),) if clouds else ())):
+    for label, colour in (("no data", NO_DATA_INDEX), *((("cloud", CLOUD_INDEX),) if clouds else ())):
         x -= int(draw.textlength(label, font=font))
-        draw.text((x, top + 4), label, fill=(0, 0, 0), font=font)
+        draw.text((x, top + 4), label, fill=BLACK_INDEX, font=font)
         x -= 18
-        draw.rectangle((x, top + 6, x + 12, top + 18), fill=colour, outline=(0, 0, 0))
+        draw.rectangle((x, top + 6, x + 12, top + 18), fill=colour, outline=BLACK_INDEX)
         x -= 14
     for tick in TICKS:
         x = margin + (tick - lo) / (hi - lo) * (bar_w - 1)
-        draw.line((x, bar_top + 14, x, bar_top + 19), fill=(0, 0, 0))
-        draw.text((x, bar_top + 20), f"{tick:g}", fill=(0, 0, 0), font=font, anchor="ma")
+        draw.line((x, bar_top + 14, x, bar_top + 19), fill=BLACK_INDEX)
+        draw.text((x, bar_top + 20), f"{tick:g}", fill=BLACK_INDEX, font=font, anchor="ma")
