@@ -2,13 +2,16 @@
 
 One concept per module:
 
-* ``consumer``    receive one message -> claim -> run -> settle (in one place, in a ``finally``)
+* ``consumer``    each message: receive -> claim -> download -> analyse -> upload -> settle (in one place)
+* ``pipeline``    the threads: the next job's I/O and the last one's overlap the analysis; bounded in flight
 * ``inbox``       which queue the next message comes from (``jobs-high`` first, ``jobs`` never starved)
+* ``receiver``    a Service Bus receiver shared by threads: one call at a time
 * ``settlement``  the pure retry/settlement decision (complete / abandon / dead-letter, stop a cancelled attempt)
 * ``attempt``     a claimed attempt's lease, time limit, loss and cancellation
 * ``progress``    the attempt's stage and fraction, throttled; every report is a checkpoint
-* ``handler``     one job: download the input, analyse, upload the outputs, store the result
-* ``registry``    this worker's row in ``workers`` (host, device, job in hand)
+* ``handler``     one job's stages: download the input; analyse; upload the outputs, store the result
+* ``settle``      carrying out a settlement: the job's side, then the message's
+* ``registry``    this worker's row in ``workers`` (host, device, the job being analysed)
 * ``breaker``     stops receiving while PostgreSQL or Blob Storage is down
 * ``locks``       which messages lost their lock
 * ``shutdown``    the SIGTERM/SIGINT drain with a grace period

@@ -1,5 +1,8 @@
 """The worker process, wired: settings in, clients opened with ``with``, the consumer run until drained.
 
+The consumer returns once every message in hand is settled; only then is the shutdown ``drained`` (a preemption
+notice is acknowledged then).
+
 Kept apart from ``__main__`` so that ``python -m gpu_worker --healthcheck`` does not import torch or the SDKs.
 """
 
@@ -81,8 +84,9 @@ def run(settings: Settings, *, analyzer: Analyzer | None = None, max_jobs: int |
         with (
             servicebus_client(settings) as client,
             renewer,
-            client.get_queue_receiver(settings.jobs_high_queue, auto_lock_renewer=renewer) as high,
-            client.get_queue_receiver(settings.jobs_queue, auto_lock_renewer=renewer) as normal,
+            # No auto_lock_renewer of their own: the inbox registers each message through its SerialReceiver.
+            client.get_queue_receiver(settings.jobs_high_queue) as high,
+            client.get_queue_receiver(settings.jobs_queue) as normal,
         ):
             me = worker_id()
             presence = Presence(
@@ -95,6 +99,7 @@ def run(settings: Settings, *, analyzer: Analyzer | None = None, max_jobs: int |
                     burst=settings.worker_high_priority_burst,
                     wait=settings.worker_max_wait_time,
                     locks=locks,
+                    renewer=renewer,
                 ),
                 jobs,
                 JobHandler(jobs, store, analyzer),
@@ -111,6 +116,7 @@ def run(settings: Settings, *, analyzer: Analyzer | None = None, max_jobs: int |
                 limits=AttemptLimits(settings.job_lease, settings.job_timeout, settings.worker_shutdown_grace),
                 notifier=open_notifier(pool, client, settings.job_events_queue, timeout=settings.bus_send_timeout),
                 presence=presence,
+                in_flight=settings.worker_jobs_in_flight,
             )
             logger.info("worker ready on queues %s", ", ".join(settings.job_queues), extra={"action": "ready"})
             try:

@@ -10,12 +10,20 @@
   :class:`~gpu_worker.settlement.Cancelled`; a progress write tells the same (:meth:`observe`), more often. A renewal
   that fails (the database is down) is retried at the next tick; if the lease runs out meanwhile, another delivery
   may take over, and this attempt's writes are refused from then on.
-* past ``JOB_TIMEOUT`` it fails the attempt ``timed_out`` and interrupts the main thread with
-  :class:`~gpu_worker.settlement.TimedOut` (:meth:`gpu_worker.shutdown.Shutdown.interrupt`, delivered between two
-  bytecodes). A call that never returns to Python (a hung read, a GPU kernel) cannot be interrupted that way: if the
-  attempt is still running ``hard_exit_after`` seconds later, the process exits with :data:`EXIT_TIMED_OUT` and its
-  supervisor (Docker's restart policy, the scale set's health extension) starts a fresh one. Meanwhile the
-  heartbeat file shows the overrun, so ``--healthcheck`` reports unhealthy.
+* past ``JOB_TIMEOUT`` it fails the attempt ``timed_out`` and interrupts it with
+  :class:`~gpu_worker.settlement.TimedOut` (``interrupt``: the consumer raises it in the main thread when the attempt
+  is the one analysing there, :meth:`gpu_worker.shutdown.Shutdown.interrupt`, delivered between two bytecodes;
+  otherwise the attempt's next checkpoint raises it). A call that never returns to Python (a hung read, a GPU
+  kernel) cannot be interrupted that way: if the attempt is still running ``hard_exit_after`` seconds later, the
+  process exits with :data:`EXIT_TIMED_OUT` and its supervisor (Docker's restart policy, the scale set's health
+  extension) starts a fresh one. Meanwhile the heartbeat file shows the overrun, so ``--healthcheck`` reports
+  unhealthy.
+
+The guard runs from the claim to the settlement. The time limit counts the attempt's own work (downloading,
+analysing, uploading), not its waits in the pipeline (:mod:`gpu_worker.pipeline`) for the main thread or the
+finishing thread: :meth:`AttemptGuard.pause` stops the clock, :meth:`AttemptGuard.resume` starts it again; the lease
+is renewed all along. A timed-out attempt that is paused has stopped: it waits for its settlement, and the process
+does not exit for it.
 """
 
 from __future__ import annotations
@@ -58,6 +66,10 @@ class AttemptGuard:
         self._hard_exit_after = hard_exit_after
         self._exit_process = exit_process
         self._done = threading.Event()
+        self._idle = threading.Event()  # no code of the attempt runs: paused, or done
+        self._clock = threading.Lock()  # the deadline and the pause, read by the guard's thread
+        self._deadline = float("inf")
+        self._paused_at: float | None = None
         self.lost = threading.Event()
         self.cancel_requested = threading.Event()
         self.timed_out = threading.Event()
@@ -66,13 +78,34 @@ class AttemptGuard:
         self._timed_out_message = f"attempt {self.attempt} ran past the time limit of {self._timeout:g} s"
 
     def __enter__(self) -> AttemptGuard:
-        self._started = time.monotonic()
+        self._deadline = time.monotonic() + self._timeout
         self._thread.start()
         return self
 
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         self._done.set()
+        self._idle.set()
         self._thread.join()
+
+    def pause(self) -> None:
+        """The attempt waits for its turn (none of its code runs): its time limit stops counting until
+        :meth:`resume`, and once it has timed out, it has stopped (no hard exit)."""
+        with self._clock:
+            if self._paused_at is None:
+                self._paused_at = time.monotonic()
+            self._idle.set()
+
+    def resume(self) -> None:
+        with self._clock:
+            if self._paused_at is not None:
+                self._deadline += time.monotonic() - self._paused_at
+                self._paused_at = None
+            self._idle.clear()
+
+    def _remaining(self) -> float:
+        """Seconds left before the time limit (infinite while paused)."""
+        with self._clock:
+            return float("inf") if self._paused_at is not None else self._deadline - time.monotonic()
 
     def check(self) -> None:
         """At a checkpoint: stop if the time limit passed (the interruption may not have arrived yet), if a
@@ -99,10 +132,9 @@ class AttemptGuard:
 
     def _run(self) -> None:
         tick = max(self._lease.total_seconds() / 3, 0.05)
-        deadline = self._started + self._timeout
         wait = tick
-        while not self._done.wait(min(wait, max(deadline - time.monotonic(), 0.0))):
-            if time.monotonic() >= deadline:
+        while not self._done.wait(min(wait, max(self._remaining(), 0.0))):
+            if self._remaining() <= 0:
                 self._time_out()
                 return
             wait = tick if self._renew() else tick / 4  # a failed renewal is retried soon: the lease is running out
@@ -129,7 +161,7 @@ class AttemptGuard:
                 "could not fail the timed-out attempt: %s", e, extra={**self._extra, "action": "fail_job_failed"}
             )
         self._interrupt(TimedOut(message))
-        if not self._done.wait(self._hard_exit_after):
+        if not self._idle.wait(self._hard_exit_after):  # stopped (paused for its settlement), or settled
             logger.critical(
                 "job %s: the attempt did not stop %g s after its time limit; exiting for a restart",
                 self.job_id, self._hard_exit_after, extra={**self._extra, "action": "exit_timed_out"},

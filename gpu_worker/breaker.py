@@ -14,6 +14,11 @@ confirms (the backend does not answer at all) is an outage, and the attempt it c
 :class:`DatabaseWait` is for a message already in hand when the database goes away (at its claim, or at its
 settlement): the call waits for the breaker to close, the message still locked, instead of the message being
 abandoned and one of its deliveries spent.
+
+Thread-safe: the pipeline's threads (:mod:`gpu_worker.pipeline`) record errors and wait on the same breaker (the
+receiving thread before each receive and at a claim, the finishing thread at a settlement). Its state changes under a
+lock, and a round of probes closes it only if no error was recorded while they ran (an outage seen meanwhile is
+probed again, not forgotten).
 """
 
 from __future__ import annotations
@@ -45,13 +50,20 @@ class Breaker:
         self._max_interval = max_interval
         self._first_interval = first_interval
         self.open_because = open_because
+        self._lock = threading.Lock()
+        self._trips = 0  # errors recorded so far
 
     def record(self, error: BaseException | None) -> None:
         """After an attempt or a claim: open when ``error`` says a backend is down."""
-        if isinstance(error, TRIPPING) and self.open_because is None:
+        if not isinstance(error, TRIPPING):
+            return
+        with self._lock:
+            self._trips += 1
+            if self.open_because is not None:
+                return
             self.open_because = error.code
-            logger.warning("backend unavailable (%s): receiving stops until it answers", error.code,
-                           extra={"action": "breaker_open", "reason": error.code})  # fmt: skip
+        logger.warning("backend unavailable (%s): receiving stops until it answers", error.code,
+                       extra={"action": "breaker_open", "reason": error.code})  # fmt: skip
 
     def confirms_outage(self, error: BaseException | None) -> bool:
         """Whether ``error`` is a backend outage the probes confirm now (then the breaker is open)."""
@@ -66,16 +78,25 @@ class Breaker:
         interval = self._first_interval
         while self.open_because is not None:
             tick()
-            failing = self._failing_probe()
-            if failing is None:
-                level = logging.INFO if self.open_because == "startup" else logging.WARNING
-                logger.log(level, "backends answer: receiving", extra={"action": "breaker_closed"})
-                self.open_because = None
-                break
+            with self._lock:
+                trips = self._trips
+            if self._failing_probe() is None:
+                self._close(trips)
+                continue
             if stop.wait(interval):
                 return False
             interval = min(interval * 2, self._max_interval)
         return not stop.is_set()
+
+    def _close(self, trips: int) -> None:
+        """Close after a round of probes that all answered, unless an error was recorded meanwhile (or another
+        thread closed it already)."""
+        with self._lock:
+            if self.open_because is None or self._trips != trips:
+                return
+            reason, self.open_because = self.open_because, None
+        level = logging.INFO if reason == "startup" else logging.WARNING
+        logger.log(level, "backends answer: receiving", extra={"action": "breaker_closed"})
 
     def _failing_probe(self) -> str | None:
         for name, probe in self._probes.items():

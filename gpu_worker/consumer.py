@@ -1,47 +1,76 @@
-"""Receive -> claim -> run -> settle, one message at a time, from the high-priority queue first.
+"""Receive -> claim -> download -> analyse -> upload -> settle, from the high-priority queue first, pipelined.
+
+Each received message becomes one :class:`Flight`, which goes through the stages of :mod:`gpu_worker.pipeline`:
+
+* **prepare** (the preparing thread): decode the envelope (a bad one is poison: dead-lettered at once), *claim* the
+  job (:meth:`shared.jobs.JobStore.claim`): a job that is finished, cancelled, or running under another worker's
+  live lease, is not run again, and the message is completed. A claimed attempt gets its
+  :class:`~gpu_worker.attempt.AttemptGuard` at once (lease renewal, time limit, cancellation) and its
+  :class:`~gpu_worker.progress.Progress`, and its input is downloaded and checked
+  (:meth:`~gpu_worker.handler.JobHandler.prepare`).
+* **compute** (the main thread): the analysis, inside :meth:`gpu_worker.shutdown.Shutdown.interruptible`: only it is
+  interruptible by a forced shutdown or its time limit (which interrupts the main thread only while its own attempt
+  is the one analysing; otherwise its next checkpoint stops it).
+* **finish** (the finishing thread): upload the outputs and store the result (``succeed``, fenced by the attempt),
+  then settle.
+
+Whatever happened, at whichever stage (bad envelope, not claimed, download error, analysis error, cancellation,
+attempt lost, success), the flight is settled in exactly one place, :meth:`Consumer._settle`: decided by
+:func:`gpu_worker.settlement.decide`, carried out by :class:`~gpu_worker.settle.Settler` (the job's side, then the
+message's), never cut short. A cancelled attempt is stopped (``stop``: the job ends ``cancelled``) and its message
+completed. An error that must stop the worker (``SystemExit``, ``KeyboardInterrupt``) is settled, then the worker
+stops receiving, finishes what is in flight and re-raises it.
 
 Before each receive (the first one included) the circuit breaker (:mod:`gpu_worker.breaker`) makes sure PostgreSQL
 and Blob Storage answer; while one is down the worker does not receive. A message already in hand when the database
-goes away (at its claim, or at its release) waits for it, locked, instead of being abandoned: outages cost time, not
-deliveries; and an attempt cut short by an outage the probes confirm is not charged against ``JOB_MAX_ATTEMPTS``.
+goes away (at its claim, or at its settlement) waits for it, locked, instead of being abandoned: outages cost time,
+not deliveries; and an attempt cut short by an outage the probes confirm is not charged against ``JOB_MAX_ATTEMPTS``.
 
 Messages come from :class:`~gpu_worker.inbox.PriorityInbox` (``jobs-high`` first, ``jobs`` at least every
-``WORKER_HIGH_PRIORITY_BURST + 1`` jobs), each with the receiver that settles it. A received message is decoded (a
-bad envelope is poison: dead-lettered at once), then its job is *claimed* (:meth:`shared.jobs.JobStore.claim`): a
-job that is finished, cancelled, or running under another worker's live lease, is not run again, and the message is
-completed. A claimed attempt runs inside an :class:`~gpu_worker.attempt.AttemptGuard` (lease renewal, time limit,
-cancellation) and reports its progress (:class:`~gpu_worker.progress.Progress`). Whatever happened is settled in
-exactly one place, :meth:`Consumer._process`'s ``finally``: decided by :func:`gpu_worker.settlement.decide`, carried
-out by :class:`~gpu_worker.settle.Settler` (the job's side, then the message's); only the attempt is interruptible
-by a forced shutdown or its time limit, never the settlement. A cancelled attempt is stopped (``stop``: the job ends
-``cancelled``) and its message completed.
+``WORKER_HIGH_PRIORITY_BURST + 1`` jobs), each with the receiver that settles it, one per receive: a message
+received in a batch would wait, locked, for a slot of the pipeline. At most ``in_flight``
+(``WORKER_JOBS_IN_FLIGHT``) messages are in hand: with 1 the worker runs one message at a time, as a
+sequential loop does; above 1, the next job is received, claimed and downloaded, and the last one uploaded and
+settled, while one is analysed. A message prepared ahead is locked to this worker while another job is analysed, so
+an idle worker elsewhere cannot take it (see :mod:`gpu_worker.pipeline`). A drain (SIGTERM) stops receiving: every
+message in hand is analysed and settled within the grace. Past it, the job being analysed is interrupted and those
+prepared but not started are released the same way (``Interrupted``: released uncharged, the next generation sent
+at once), while those being finished complete their settlement; the consumer returns once all are settled, and only
+then is the shutdown ``drained``.
 
 After each transition that notifies (the claim; the settlement's succeed, fail or stop; a progress report that
-starts a stage) the job's webhook events are handed on (:meth:`shared.events.Notifier.flush`); the worker's row in
-``workers`` (:class:`~gpu_worker.registry.Presence`) names the job in hand.
-
-One message per receive: a message waiting in a batch would stay locked to this worker while the one before it
-runs for minutes, and a drain would have to abandon it (spending a delivery it never used).
+starts a stage) the job's webhook events are handed on (:meth:`shared.events.Notifier.flush`, thread-safe: the event
+store is on the pool, the sender has a lock); the worker's row in ``workers`` (:class:`~gpu_worker.registry.
+Presence`) names the job being analysed, or else the latest one in hand; the heartbeat file
+(:class:`~gpu_worker.heartbeat.Heartbeat`) records each thread's work.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
+from uuid import UUID
 
-from azure.servicebus import ServiceBusReceivedMessage, ServiceBusReceiver
+from azure.servicebus import ServiceBusReceivedMessage
 from azure.servicebus.exceptions import ServiceBusError
 from opentelemetry import trace
 
+from gpu_worker.analysis import AnalysisOutput
 from gpu_worker.attempt import AttemptGuard
 from gpu_worker.breaker import Breaker, DatabaseWait
-from gpu_worker.handler import JobHandler, Outcome
+from gpu_worker.handler import JobHandler, Outcome, Prepared
 from gpu_worker.heartbeat import Heartbeat
 from gpu_worker.inbox import PriorityInbox
 from gpu_worker.locks import LostLocks
+from gpu_worker.pipeline import Pipeline
 from gpu_worker.progress import Progress
+from gpu_worker.receiver import SerialReceiver
 from gpu_worker.registry import Presence
 from gpu_worker.settle import Settler
 from gpu_worker.settlement import Action, Interrupted, RetryPolicy, decide
@@ -62,6 +91,28 @@ class AttemptLimits:
     lease: timedelta
     timeout: timedelta
     hard_exit_after: float  # seconds past the time limit before the process exits
+
+
+@dataclass(eq=False)
+class Flight:
+    """One received message on its way through the pipeline, and what became of it."""
+
+    message: ServiceBusReceivedMessage
+    receiver: SerialReceiver
+    span: trace.Span
+    fields: dict[str, Any] = field(default_factory=dict)  # the log records' extra
+    job_id: UUID | None = None
+    job: Job | None = None  # the claimed attempt
+    guard: AttemptGuard | None = None
+    progress: Progress | None = None
+    prepared: Prepared | None = None
+    output: AnalysisOutput | None = None
+    error: BaseException | None = None
+
+
+def _active(span: trace.Span) -> contextlib.AbstractContextManager[trace.Span]:
+    """``span`` current in this thread (a flight's stages run in three); its status is the settlement's to set."""
+    return trace.use_span(span, record_exception=False, set_status_on_exception=False)
 
 
 def _body(message: ServiceBusReceivedMessage) -> bytes:
@@ -89,6 +140,7 @@ class Consumer:
         limits: AttemptLimits,
         notifier: Notifier,
         presence: Presence,
+        in_flight: int = 1,
         progress_interval: float = 1.0,
     ) -> None:
         self._inbox = inbox
@@ -102,9 +154,14 @@ class Consumer:
         self._limits = limits
         self._notifier = notifier
         self._presence = presence
+        self._in_flight = in_flight
         self._progress_interval = progress_interval
         self._when_the_database_answers = DatabaseWait(breaker, shutdown.requested, heartbeat.beat)
         self._settler = Settler(jobs, publisher, locks, notifier, self._when_the_database_answers)
+        self._receive_failures = 0
+        self._analysing: Flight | None = None  # the flight in the main thread's analysis (guarded by the lock)
+        self._analysing_lock = threading.Lock()
+        self._fatal: BaseException | None = None  # settled; to re-raise once everything in hand is settled
 
     @property
     def settled(self) -> dict[Action, int]:
@@ -112,66 +169,137 @@ class Consumer:
         return self._settler.settled
 
     def run(self, *, max_jobs: int | None = None) -> int:
-        """Consume until shutdown (or ``max_jobs`` messages); return the number of messages handled."""
-        handled = failures = 0
-        while not self._shutdown.requested.is_set():
-            self._heartbeat.beat()
-            if not self._breaker.wait_until_closed(self._shutdown.requested, tick=self._heartbeat.beat):
-                break
-            try:
-                received = self._inbox.receive()
-            except ServiceBusError as e:  # the SDK has retried already; wait a little, keep the process alive
-                failures += 1
-                backoff = min(2.0**failures, 30.0)
-                logger.warning("receive failed (%r); retrying in %g s", e, backoff, extra={"action": "receive_failed"})
-                self._shutdown.requested.wait(backoff)
-                continue
-            failures = 0
-            if received is not None:
-                handled += 1
-                self._process(received.message, received.receiver)
-            if max_jobs is not None and handled >= max_jobs:
-                break
-        self._heartbeat.idle()
+        """Consume until shutdown (or ``max_jobs`` messages); return the number of messages received, every one of
+        them settled by then. Call it from the main thread: the analysis runs there."""
+        self._fatal = None
+        handled = Pipeline(self, in_flight=self._in_flight, stopping=self._stopping).run(max_jobs)
+        self._heartbeat.beat()
+        if self._fatal is not None:
+            raise self._fatal  # KeyboardInterrupt, SystemExit: settled, now let them through
         return handled
 
-    def _process(self, message: ServiceBusReceivedMessage, receiver: ServiceBusReceiver) -> None:
-        fields: dict[str, Any] = {"message_id": message.message_id, "delivery_count": message.delivery_count}
-        job: Job | None = None
-        guard: AttemptGuard | None = None
-        job_id = (parse_message_id(str(message.message_id)) or (None, 0))[0]
-        error: BaseException | None = None
+    def _stopping(self) -> bool:
+        return self._shutdown.requested.is_set() or self._fatal is not None
+
+    # The stages (gpu_worker.pipeline.Stages)
+
+    def receive(self) -> Flight | None:
+        """The next message as a flight, or ``None``; waits for the backends first (the breaker)."""
+        if self._stopping() or not self._breaker.wait_until_closed(self._shutdown.requested, tick=self._heartbeat.beat):
+            return None
+        try:
+            received = self._inbox.receive()
+        except ServiceBusError as e:  # the SDK has retried already; wait a little, keep the process alive
+            self._receive_failures += 1
+            backoff = min(2.0**self._receive_failures, 30.0)
+            logger.warning("receive failed (%r); retrying in %g s", e, backoff, extra={"action": "receive_failed"})
+            self._shutdown.requested.wait(backoff)
+            return None
+        self._receive_failures = 0
+        self._heartbeat.beat()
+        if received is None:
+            return None
+        message = received.message
         context = context_from_properties(message.application_properties or {})
-        with tracer.start_as_current_span("process job", context=context, kind=trace.SpanKind.CONSUMER) as span:
-            span.set_attribute("messaging.message.id", str(message.message_id))
-            self._heartbeat.busy()
-            try:
-                envelope = decode(_body(message))
-                job_id = envelope.job_id
-                fields["job_id"] = str(job_id)
-                span.set_attribute("crop_ai.job_id", str(job_id))
-                job = self._claim(envelope, fields)
-                if job is not None:
-                    fields["attempt"] = job.attempts
-                    guard = self._guard(job)
-                    outcome = self._attempt(job, guard)
-                    logger.info("job %s: %s", job_id, outcome.value, extra={**fields, "action": outcome.value})
-            except BaseException as e:  # every outcome goes to the one decision below; re-raised after if fatal
-                error = e
-            finally:
-                self._breaker.record(error)
-                outage = job is not None and self._breaker.confirms_outage(error)
-                cancelling = guard is not None and guard.cancel_requested.is_set()
-                charged = job.charged if job is not None else None
-                decision = decide(error, charged, self._retry, outage=outage, cancelling=cancelling)
-                span.set_attribute("crop_ai.settlement", decision.action.value)
-                if error is not None:
-                    span.set_status(trace.StatusCode.ERROR, type(error).__name__)
-                self._settler.settle(message, receiver, decision, job, job_id, error)
-                self._heartbeat.idle()
-                self._presence.working_on(None)
-        if error is not None and not isinstance(error, Exception | Interrupted):
-            raise error  # KeyboardInterrupt, SystemExit: settled above, now let them through
+        span = tracer.start_span("process job", context=context, kind=trace.SpanKind.CONSUMER)
+        span.set_attribute("messaging.message.id", str(message.message_id))
+        flight = Flight(message, received.receiver, span)
+        flight.fields = {"message_id": message.message_id, "delivery_count": message.delivery_count}
+        flight.job_id = (parse_message_id(str(message.message_id)) or (None, 0))[0]
+        return flight
+
+    def prepare(self, flight: Flight) -> bool:
+        """Decode, claim, start the attempt's guard, download: ``True`` when there is an attempt to analyse."""
+        self._heartbeat.busy()
+        try:
+            with _active(flight.span):
+                envelope = decode(_body(flight.message))
+                flight.job_id = envelope.job_id
+                flight.fields["job_id"] = str(envelope.job_id)
+                flight.span.set_attribute("crop_ai.job_id", str(envelope.job_id))
+                job = flight.job = self._claim(envelope, flight.fields)
+                if job is None:
+                    return False
+                flight.fields["attempt"] = job.attempts
+                guard = flight.guard = self._guard(flight, job)
+                guard.__enter__()  # lease renewal and the time limit, from the claim to the settlement
+                flight.progress = Progress(self._jobs, guard, self._notifier, interval=self._progress_interval)
+                flight.prepared = self._handler.prepare(job, guard, flight.progress)
+                return True
+        except BaseException as e:  # every outcome goes to the one settlement
+            flight.error = e
+            return False
+        finally:
+            if flight.guard is not None:
+                flight.guard.pause()  # waiting for the main thread (or the settlement) is not the attempt's time
+            self._heartbeat.idle()
+
+    def compute(self, flight: Flight) -> None:
+        """The analysis, in the main thread, interruptible (a forced shutdown, the attempt's time limit)."""
+        job, guard, progress, prepared = flight.job, flight.guard, flight.progress, flight.prepared
+        assert job is not None, "only a claimed attempt is prepared for the analysis"
+        assert guard is not None
+        assert progress is not None
+        assert prepared is not None
+        self._heartbeat.busy()
+        self._presence.computing(job.job_id)
+        guard.resume()
+        try:
+            with _active(flight.span), self._shutdown.interruptible(), self._analysing_now(flight):
+                guard.check()  # cancelled, taken over or timed out while it waited
+                flight.output = self._handler.analyse(job, prepared, progress)
+        except BaseException as e:  # Interrupted (a forced shutdown, at once if it came before), TimedOut, ...
+            flight.error = e
+        finally:
+            self._analysing = None  # even if an interruption landed inside _analysing_now's own exit
+            guard.pause()
+            self._presence.computing(None)
+            self._heartbeat.idle()
+
+    def finish(self, flight: Flight) -> None:
+        """Upload and store the result of an analysed attempt, then settle the message, whatever became of it."""
+        self._heartbeat.busy()
+        try:
+            with _active(flight.span):
+                job, guard, progress, output = flight.job, flight.guard, flight.progress, flight.output
+                if flight.error is None and job is not None:
+                    try:
+                        if guard is None or progress is None or output is None:
+                            raise RuntimeError(f"attempt {job.attempts} of job {job.job_id} was never analysed")
+                        guard.resume()
+                        outcome = self._handler.finish(job, output, guard, progress)
+                        logger.info("job %s: %s", job.job_id, outcome.value,
+                                    extra={**flight.fields, "action": outcome.value})  # fmt: skip
+                    except BaseException as e:
+                        flight.error = e
+                self._settle(flight)
+        finally:
+            flight.span.end()
+            if flight.prepared is not None:
+                flight.prepared.close()
+            self._heartbeat.idle()
+
+    # One message, settled once
+
+    def _settle(self, flight: Flight) -> None:
+        """The one settlement of ``flight``: the attempt's guard stops, :func:`decide` decides, the settler carries
+        it out."""
+        job, guard, error = flight.job, flight.guard, flight.error
+        if guard is not None:
+            guard.__exit__(None, None, None)
+        self._breaker.record(error)
+        outage = job is not None and self._breaker.confirms_outage(error)
+        cancelling = guard is not None and guard.cancel_requested.is_set()
+        charged = job.charged if job is not None else None
+        decision = decide(error, charged, self._retry, outage=outage, cancelling=cancelling)
+        flight.span.set_attribute("crop_ai.settlement", decision.action.value)
+        if error is not None:
+            flight.span.set_status(trace.StatusCode.ERROR, type(error).__name__)
+        self._settler.settle(flight.message, flight.receiver, decision, job, flight.job_id, error)
+        if job is not None:
+            self._presence.released(job.job_id)
+        if error is not None and not isinstance(error, Exception | Interrupted) and self._fatal is None:
+            self._fatal = error  # receive no more; re-raised by run once everything in hand is settled
 
     def _claim(self, envelope: JobMessage, fields: dict[str, Any]) -> Job | None:
         job = self._when_the_database_answers(
@@ -184,7 +312,7 @@ class Consumer:
         )
         if job is not None:
             logger.info("job %s: attempt %d claimed", job.job_id, job.attempts, extra={**fields, "action": "claim"})
-            self._presence.working_on(job.job_id)
+            self._presence.holding(job.job_id)
             self._notifier.flush(job.job_id)  # never raises: what it cannot hand on, the reconciler sweeps
             return job
         current = self._jobs.get(envelope.job_id)
@@ -200,17 +328,29 @@ class Consumer:
         )
         return None
 
-    def _guard(self, job: Job) -> AttemptGuard:
+    def _guard(self, flight: Flight, job: Job) -> AttemptGuard:
         return AttemptGuard(
             self._jobs,
             job,
             lease=self._limits.lease,
             timeout=self._limits.timeout,
-            interrupt=self._shutdown.interrupt,
+            interrupt=functools.partial(self._interrupt, flight),
             hard_exit_after=self._limits.hard_exit_after,
         )
 
-    def _attempt(self, job: Job, guard: AttemptGuard) -> Outcome:
-        progress = Progress(self._jobs, guard, self._notifier, interval=self._progress_interval)
-        with guard, self._shutdown.interruptible():
-            return self._handler.run(job, guard, progress)
+    @contextlib.contextmanager
+    def _analysing_now(self, flight: Flight) -> Iterator[None]:
+        with self._analysing_lock:
+            self._analysing = flight
+        try:
+            yield
+        finally:
+            with self._analysing_lock:
+                self._analysing = None
+
+    def _interrupt(self, flight: Flight, error: BaseException) -> None:
+        """The attempt's time limit: interrupt the main thread if this flight is the one it analyses; otherwise the
+        flight's next checkpoint raises (:meth:`AttemptGuard.check`)."""
+        with self._analysing_lock:
+            if self._analysing is flight:
+                self._shutdown.interrupt(error)

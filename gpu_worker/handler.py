@@ -1,9 +1,11 @@
-"""Run one claimed attempt: download the input, analyse, upload the outputs, store the result.
+"""One claimed attempt in three stages: prepare (download the input), analyse, finish (upload, store the result).
 
-The consumer claims the job (:meth:`shared.jobs.JobStore.claim`) and hands the claimed :class:`~shared.jobs.Job`
-here; the handler returns an :class:`Outcome` or raises (a :mod:`shared.errors` error, :class:`AttemptLost`,
-:class:`Cancelled`, or anything else for a bug), and never settles the message: :mod:`gpu_worker.settlement` decides
-that.
+The consumer claims the job (:meth:`shared.jobs.JobStore.claim`) and runs the stages of the claimed
+:class:`~shared.jobs.Job`, each in the thread the pipeline gives it (:mod:`gpu_worker.pipeline`): :meth:`JobHandler.
+prepare` and :meth:`JobHandler.finish` do I/O in background threads, :meth:`JobHandler.analyse` the compute in the
+main thread. A stage returns or raises (a :mod:`shared.errors` error, :class:`AttemptLost`, :class:`Cancelled`, or
+anything else for a bug); the handler never settles the message: :mod:`gpu_worker.settlement` decides that. The
+:class:`Prepared` work directory lives until the consumer closes it, after the settlement.
 
 Fencing: outputs go under ``results/{job_id}/{attempt}/``, and the result is stored by ``succeed`` for this attempt
 only. At every checkpoint (between stages, and at each progress report: :mod:`gpu_worker.progress`) the attempt
@@ -11,13 +13,18 @@ stops if it no longer holds the job (:class:`AttemptLost`) or if its cancellatio
 (:class:`Cancelled`), so a run that was taken over or cancelled stops early; if it gets as far as ``succeed``
 anyway, the write is refused and its files, under its own attempt's prefix, never overwrite the winner's.
 
-Cancellation: the ``upload`` stage's first report is written at once and tells whether a cancellation was requested,
-so a cancelled run uploads nothing. A cancellation that arrives during the upload (seen at the next file, or by
-``succeed`` being refused for it) stops the run with :class:`Cancelled`, and the files it already uploaded are
-deleted (best-effort: a file left behind is under the cancelled attempt's prefix, which no result names).
+Uploads: the output files are uploaded concurrently (at most :data:`UPLOADS` at a time); the finishing thread
+reports the ``upload`` stage as each one completes, so progress is reported from one thread, and each report is a
+checkpoint.
 
-The analysis (torch, rasterio) releases the GIL in its heavy parts, so the lease thread and the SDK's lock renewer
-keep running while a long job runs in this thread.
+Cancellation: the ``upload`` stage's first report is written at once and tells whether a cancellation was requested,
+so a cancelled run uploads nothing. A cancellation that arrives during the upload (seen when the next file
+completes, or by ``succeed`` being refused for it) stops the run with :class:`Cancelled`: the uploads not yet
+started are dropped, those under way are waited for, and then every file the attempt uploaded is deleted
+(best-effort: a file left behind is under the cancelled attempt's prefix, which no result names).
+
+The analysis (torch, rasterio) releases the GIL in its heavy parts, so the lease threads, the SDK's lock renewer and
+the pipeline's I/O threads keep running while a long job runs in the main thread.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ import enum
 import hashlib
 import logging
 import tempfile
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, Protocol
 from uuid import UUID
@@ -38,6 +47,7 @@ from shared.jobs import Job, JobStore
 logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
+UPLOADS = 4  # output files uploaded at the same time (a job has at most a handful)
 
 
 class Outcome(enum.StrEnum):
@@ -79,6 +89,24 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """The attempt's work directory, holding its downloaded, verified input (removed by :meth:`close`)."""
+
+    directory: tempfile.TemporaryDirectory[str]
+
+    @property
+    def workdir(self) -> Path:
+        return Path(self.directory.name)
+
+    @property
+    def image(self) -> Path:
+        return self.workdir / "input.tif"
+
+    def close(self) -> None:
+        self.directory.cleanup()
+
+
 class JobHandler:
     def __init__(self, jobs: JobStore, store: BlobStore, analyzer: Analyzer, *, tmp_dir: Path | None = None):
         self._jobs = jobs
@@ -86,30 +114,40 @@ class JobHandler:
         self._analyzer = analyzer
         self._tmp_dir = tmp_dir
 
-    def run(self, job: Job, checkpoint: Checkpoint, progress: Reporter) -> Outcome:
-        """Run the attempt; ``progress`` records its stages (each report is a checkpoint too)."""
-        job_id, attempt = job.job_id, job.attempts
-        with tempfile.TemporaryDirectory(prefix=f"crop-ai-{job_id}-{attempt}-", dir=self._tmp_dir) as tmp:
-            workdir = Path(tmp)
-            image = workdir / "input.tif"
+    def prepare(self, job: Job, checkpoint: Checkpoint, progress: Reporter) -> Prepared:
+        """Download the input into a fresh work directory and check its SHA-256 (``InvalidImage`` if it differs)."""
+        prepared = Prepared(
+            tempfile.TemporaryDirectory(prefix=f"crop-ai-{job.job_id}-{job.attempts}-", dir=self._tmp_dir)
+        )
+        try:
             progress.report("download")
-            self._store.download_input(job.input_blob, image)
-            actual = sha256_of(image)
+            self._store.download_input(job.input_blob, prepared.image)
+            actual = sha256_of(prepared.image)
             if actual != job.input_sha256:
                 raise InvalidImage(
                     f"input blob {job.input_blob} has sha256 {actual}, the job expects {job.input_sha256}"
                 )
             checkpoint.check()
-            params = job.params
-            bands, scale = list(params["bands"]), params["scale"]
-            request = AnalysisRequest(params["analysis"], bands, scale, progress=progress.report)
-            outdir = workdir / "out"
-            outdir.mkdir()
-            output = self._analyzer.analyse(image, request, outdir)
-            progress.report("upload")  # written at once: a cancellation requested by now uploads nothing
-            checkpoint.check()
-            outputs = self._upload(job, output, progress)
-            result = {**output.result, "attempt": attempt, "outputs": outputs}
+        except BaseException:
+            prepared.close()
+            raise
+        return prepared
+
+    def analyse(self, job: Job, prepared: Prepared, progress: Reporter) -> AnalysisOutput:
+        """The analysis of the prepared input; its output files go to the work directory."""
+        params = job.params
+        request = AnalysisRequest(params["analysis"], list(params["bands"]), params["scale"], progress=progress.report)
+        outdir = prepared.workdir / "out"
+        outdir.mkdir()
+        return self._analyzer.analyse(prepared.image, request, outdir)
+
+    def finish(self, job: Job, output: AnalysisOutput, checkpoint: Checkpoint, progress: Reporter) -> Outcome:
+        """Upload the output files and store the result, fenced by the attempt."""
+        job_id, attempt = job.job_id, job.attempts
+        progress.report("upload")  # written at once: a cancellation requested by now uploads nothing
+        checkpoint.check()
+        outputs = self._upload(job, output, progress)
+        result = {**output.result, "attempt": attempt, "outputs": outputs}
         if self._jobs.succeed(job_id, attempt, result) is None:
             current = self._jobs.get(job_id)
             if current is not None and current.attempts == attempt and current.cancel_requested_at is not None:
@@ -118,17 +156,30 @@ class JobHandler:
         return Outcome.SUCCEEDED
 
     def _upload(self, job: Job, output: AnalysisOutput, reporter: Reporter) -> dict[str, str]:
+        """Upload the files, at most :data:`UPLOADS` at a time; report (a checkpoint) as each one completes but the
+        last. Whatever stops it, nothing is still uploading when it returns or raises."""
+        if not output.files:
+            return {}
         outputs: dict[str, str] = {}
-        try:
-            for i, (key, (path, content_type)) in enumerate(output.files.items()):
-                if i:
-                    reporter.report("upload", i / len(output.files))
-                outputs[key] = self._store.put_result(job.job_id, job.attempts, path.name, path, content_type)
-        except Cancelled as e:
-            if outputs:
-                self._discard(job, str(e))
-            raise
-        return outputs
+        count = len(output.files)
+        with ThreadPoolExecutor(min(UPLOADS, count), thread_name_prefix=f"upload-{job.job_id}") as pool:
+            pending: dict[Future[str], str] = {
+                pool.submit(self._store.put_result, job.job_id, job.attempts, path.name, path, content_type): key
+                for key, (path, content_type) in output.files.items()
+            }
+            try:
+                while pending:
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        outputs[pending.pop(future)] = future.result()
+                    if pending:
+                        reporter.report("upload", len(outputs) / count)
+            except BaseException as e:
+                pool.shutdown(wait=True, cancel_futures=True)  # drop those not started, wait for those under way
+                if isinstance(e, Cancelled):
+                    self._discard(job, str(e))
+                raise
+        return {key: outputs[key] for key in output.files}  # in the analysis' order, whatever the uploads' was
 
     def _discard(self, job: Job, why: str) -> NoReturn:
         """Delete what the cancelled attempt uploaded (best-effort), then raise :class:`Cancelled`."""

@@ -1,14 +1,19 @@
 """Where the next message comes from: the high-priority queue first, without starving the normal one.
 
 Service Bus has no per-message priority, so priorities are two queues (the Priority Queue pattern): ``jobs-high``
-and ``jobs``, one receiver each on the worker's one client, both under its ``AutoLockRenewer``. Each
-:meth:`PriorityInbox.receive` returns at most one message (see :mod:`gpu_worker.consumer`), with the receiver that
-must settle it:
+and ``jobs``, one receiver each on the worker's one client. Each receiver is used from several threads (received
+here, settled by the pipeline's finishing thread, renewed by the ``AutoLockRenewer``), so the inbox wraps it in a
+:class:`~gpu_worker.receiver.SerialReceiver` (one call at a time) and registers each message it hands out with the
+renewer through that wrapper. Each :meth:`PriorityInbox.receive` returns at most one message (see
+:mod:`gpu_worker.consumer`), with the receiver that must settle it:
 
 * ``jobs-high`` is asked first, then ``jobs``. While there is work, each ask waits only ``QUICK`` (a queue that holds
-  a message answers within a round trip); once a round found both empty, each waits ``wait`` in turn
-  (``WORKER_MAX_WAIT_TIME``, capped at ``IDLE_WAIT``, 0.5 s), so an idle worker picks up a high-priority job within
-  about that long and, at the cap, asks the broker about twice a second.
+  a message answers within a round trip), and ``jobs-high``, once found empty, only ``PEEK``: a stream of normal jobs
+  would otherwise wait ``QUICK`` on the empty high-priority queue before each job (215 ms per tiny job against 55 ms
+  for a naive consumer, bench/worker_throughput.py), and a high-priority job that arrives meanwhile is taken at the
+  next round. Once a round found both empty, each waits ``wait`` in turn (``WORKER_MAX_WAIT_TIME``, capped at
+  ``IDLE_WAIT``, 0.5 s), so an idle worker picks up a high-priority job within about that long and, at the cap, asks
+  the broker about twice a second.
 * After ``burst`` high-priority messages in a row (``WORKER_HIGH_PRIORITY_BURST``), ``jobs`` is asked once
   (``QUICK``) before ``jobs-high`` again: under a steady high-priority stream a waiting normal job still runs every
   ``burst + 1`` jobs.
@@ -21,8 +26,8 @@ SDK has no public call for it, so this reaches into its internals (``receiver._h
 version moves them, the credit stays (as without this call) and a warning says so once per inbox
 (``action=credit_revoke_unavailable``); ``tests/integration/test_worker_api.py`` checks the path on the installed SDK.
 A message that arrives anyway, and whose lock ran out while it waited in the buffer, is skipped: the broker has
-redelivered it. The receiver registered it with the ``AutoLockRenewer`` all the same, so it is forgotten in
-:class:`~gpu_worker.locks.LostLocks`, where its failed renewal may have recorded it.
+redelivered it. It is not registered with the renewer, and it is forgotten in :class:`~gpu_worker.locks.LostLocks`
+(which holds at most the messages in hand).
 After a failed receive (a connection lost), the next round waits ``wait`` on each queue: reopening a link takes
 longer than ``QUICK``.
 """
@@ -32,44 +37,57 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
-from azure.servicebus import ServiceBusReceivedMessage, ServiceBusReceiver
+from azure.servicebus import AutoLockRenewer, ServiceBusReceivedMessage, ServiceBusReceiver
 from azure.servicebus.exceptions import ServiceBusError
 
 from gpu_worker.locks import LostLocks
+from gpu_worker.receiver import SerialReceiver
 
 logger = logging.getLogger(__name__)
 
 QUICK = 0.2  # seconds: enough for a queue that holds a message to hand it over
+PEEK = 0.02  # seconds: a look at jobs-high, found empty at the last ask, between two jobs of the normal queue
 IDLE_WAIT = 0.5  # seconds per queue while both are empty: the pick-up latency of an idle worker
 
 
 @dataclass(frozen=True)
 class Received:
     message: ServiceBusReceivedMessage
-    receiver: ServiceBusReceiver  # the one that settles it
+    receiver: SerialReceiver  # the one that settles it
     priority: str
 
 
 class PriorityInbox:
     def __init__(
-        self, normal: ServiceBusReceiver, high: ServiceBusReceiver, *, burst: int, wait: float, locks: LostLocks
+        self,
+        normal: ServiceBusReceiver,
+        high: ServiceBusReceiver,
+        *,
+        burst: int,
+        wait: float,
+        locks: LostLocks,
+        renewer: AutoLockRenewer | None = None,
     ) -> None:
         """``burst``: ``WORKER_HIGH_PRIORITY_BURST``; ``wait``: ``WORKER_MAX_WAIT_TIME``, capped at ``IDLE_WAIT``;
-        ``locks``: the renewer's record of lost locks, where a skipped message is forgotten."""
-        self._normal = normal
-        self._high = high
+        ``locks``: the renewer's record of lost locks, where a skipped message is forgotten; ``renewer``: renews the
+        lock of each message handed out (the receivers must not have one of their own)."""
+        self._normal = SerialReceiver(normal)
+        self._high = SerialReceiver(high)
         self._burst = burst
         self._locks = locks
+        self._renewer = renewer
         self._credit_warned = False  # the SDK's internals were not where _revoke_credit looks (logged once)
         self._wait = min(wait, IDLE_WAIT)
         self._streak = 0  # high-priority messages in a row
         self._idle = True  # the last round found both queues empty, or failed: wait longer
+        self._high_dry = False  # the last ask of jobs-high found it empty
 
     def receive(self) -> Received | None:
         """At most one message; ``None`` when the queues asked had none. ``ServiceBusError`` passes through."""
-        wait = self._wait if self._idle else QUICK
+        busy = not self._idle
+        wait = QUICK if busy else self._wait
         self._idle = True  # unless a message comes (an error leaves it set)
         if self._streak >= self._burst:
             self._streak = 0
@@ -77,7 +95,8 @@ class PriorityInbox:
             if received is not None:
                 self._idle = False
                 return received
-        received = self._take(self._high, "high", wait)
+        received = self._take(self._high, "high", PEEK if busy and self._high_dry else wait)
+        self._high_dry = received is None
         if received is not None:
             self._streak += 1
         else:
@@ -86,7 +105,7 @@ class PriorityInbox:
         self._idle = received is None
         return received
 
-    def _take(self, receiver: ServiceBusReceiver, priority: str, wait: float) -> Received | None:
+    def _take(self, receiver: SerialReceiver, priority: str, wait: float) -> Received | None:
         try:
             batch = receiver.receive_messages(max_message_count=1, max_wait_time=wait)
         except ServiceBusError:
@@ -103,12 +122,14 @@ class PriorityInbox:
             logger.warning("message %s: its lock ran out in the buffer; the broker redelivers it", message.message_id,
                            extra=extra)  # fmt: skip
             return None
+        if self._renewer is not None:  # through the wrapper: each renewal holds the receiver's lock
+            self._renewer.register(cast(ServiceBusReceiver, receiver), message)
         return Received(message, receiver, priority)
 
-    def _revoke_credit(self, receiver: ServiceBusReceiver) -> None:
+    def _revoke_credit(self, receiver: SerialReceiver) -> None:
         """Take back the credit an empty receive left on the link (a flow with link-credit 0, which AMQP allows a
-        receiver at any time), through the SDK's AMQP link (:func:`link_of`)."""
-        link = link_of(receiver)
+        receiver at any time), through the SDK's AMQP link (:func:`link_of`), holding the receiver's lock."""
+        link = link_of(receiver.receiver)
         if link is None:
             if not self._credit_warned:
                 self._credit_warned = True
@@ -117,8 +138,9 @@ class PriorityInbox:
                                extra={"action": "credit_revoke_unavailable"})  # fmt: skip
             return
         try:
-            if link.current_link_credit > 0:
-                link.flow(link_credit=0)
+            with receiver.locked():
+                if link.current_link_credit > 0:
+                    link.flow(link_credit=0)
         except Exception:  # a link closed meanwhile: the credit stays, as without this call
             logger.debug("could not take back the link credit", exc_info=True)
 

@@ -1,7 +1,10 @@
 """This worker's row in ``workers`` (:class:`shared.workers.WorkerRegistry`), kept fresh while the process runs.
 
-A daemon thread beats every ``WORKER_REGISTRY_INTERVAL`` seconds, also while a long job keeps the consumer loop
-busy, and at once when the job in hand changes (:meth:`Presence.working_on`), so ``current_job`` is current. It
+A daemon thread beats every ``WORKER_REGISTRY_INTERVAL`` seconds, also while a long job keeps the consumer busy, and
+at once when the job in hand changes, so ``current_job`` is current. The pipeline (:mod:`gpu_worker.pipeline`) may
+hold several claimed jobs at once, but the row names one: the job being analysed, or else the latest one claimed
+that is still in hand (one job in flight: the job from its claim to its settlement). The consumer's threads tell it
+(:meth:`Presence.holding`, :meth:`Presence.computing`, :meth:`Presence.released`, under a lock). It
 starts by deleting a row left under the same id by a process that died (``started_at`` is this process's).
 :meth:`Presence.close` stops it and deletes the row. A database error is logged (once per outage) and never stops
 the worker: the row is written again at the next beat.
@@ -32,7 +35,10 @@ class Presence:
         self._registry = registry
         self.worker_id, self.host, self.device = worker_id, host, device
         self._interval = interval
-        self._job: UUID | None = None
+        self._job: UUID | None = None  # what the row names
+        self._held: dict[UUID, None] = {}  # the claimed jobs in hand, in claim order
+        self._computing: UUID | None = None
+        self._lock = threading.Lock()
         self._changed = threading.Event()
         self._stop = threading.Event()
         self._failing = False
@@ -42,10 +48,30 @@ class Presence:
         self._thread.start()
         return self
 
-    def working_on(self, job_id: UUID | None) -> None:
-        """The job in hand (``None``: idle); written at once by the thread."""
-        self._job = job_id
-        self._changed.set()
+    def holding(self, job_id: UUID) -> None:
+        """A job this worker claimed is in hand (until :meth:`released`)."""
+        with self._lock:
+            self._held[job_id] = None
+            self._show()
+
+    def computing(self, job_id: UUID | None) -> None:
+        """The job being analysed (``None``: none)."""
+        with self._lock:
+            self._computing = job_id
+            self._show()
+
+    def released(self, job_id: UUID) -> None:
+        """The job's message is settled: it is no longer in hand."""
+        with self._lock:
+            self._held.pop(job_id, None)
+            self._show()
+
+    def _show(self) -> None:
+        """Name the job being analysed, else the latest held; written at once by the thread when it changes."""
+        shown = self._computing or next(reversed(self._held), None)
+        if shown != self._job:
+            self._job = shown
+            self._changed.set()
 
     def close(self) -> None:
         """Stop beating and delete the row (best-effort: a row left behind only ages)."""

@@ -10,16 +10,20 @@ lease runs out, comes back to the job. The job's webhook events are then handed 
 
 The message's side: complete, abandon or dead-letter it with the receiver it came from; a message whose lock was
 lost is left to the broker (its redelivery finds the job moved on), and a settlement the broker refuses is logged.
+
+Settlements are made by the pipeline's one finishing thread (:mod:`gpu_worker.pipeline`), so :attr:`Settler.settled`
+needs no lock; the receiver serialises them with its receives and lock renewals
+(:class:`~gpu_worker.receiver.SerialReceiver`).
 """
 
 from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
-from azure.servicebus import ServiceBusReceivedMessage, ServiceBusReceiver
+from azure.servicebus import ServiceBusReceivedMessage
 from azure.servicebus.exceptions import MessageAlreadySettled, ServiceBusError
 
 from gpu_worker.breaker import DatabaseWait
@@ -32,6 +36,16 @@ from shared.messages import JobMessage
 from shared.submission import Publisher
 
 logger = logging.getLogger(__name__)
+
+
+class Receiver(Protocol):
+    """The settling side of a receiver (:class:`~gpu_worker.receiver.SerialReceiver`)."""
+
+    def complete_message(self, message: ServiceBusReceivedMessage) -> None: ...
+    def abandon_message(self, message: ServiceBusReceivedMessage) -> None: ...
+    def dead_letter_message(
+        self, message: ServiceBusReceivedMessage, reason: str | None = None, error_description: str | None = None
+    ) -> None: ...
 
 
 class Settler:
@@ -48,7 +62,7 @@ class Settler:
     def settle(
         self,
         message: ServiceBusReceivedMessage,
-        receiver: ServiceBusReceiver,
+        receiver: Receiver,
         decision: Decision,
         job: Job | None,
         job_id: UUID | None,
@@ -76,7 +90,7 @@ class Settler:
     def _broker_settle(
         self,
         message: ServiceBusReceivedMessage,
-        receiver: ServiceBusReceiver,
+        receiver: Receiver,
         decision: Decision,
         fields: dict[str, Any],
         error: BaseException | None,

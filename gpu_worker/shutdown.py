@@ -1,17 +1,21 @@
 """The drain: SIGTERM/SIGINT (or the preemption watcher) stop receiving; in-flight work gets a grace period.
 
 First request: ``requested`` is set; the consumer stops receiving after the current receive call (a message that
-call returns is still run, within the grace), finishes the job in hand and closes its clients. A second request, or
-the grace period running out, sets ``forced``: if a job is still being processed it is interrupted with
-:class:`~gpu_worker.settlement.Interrupted` (raised in the main thread by a signal handler, only inside
-:meth:`Shutdown.interruptible`, so the settlement that follows is never cut short): its attempt is released,
-uncharged, and the job's next generation sent at once for another worker.
+call returns is still run, within the grace), finishes every job in hand (:mod:`gpu_worker.pipeline`: the one
+being analysed, those prepared, those being finished) and closes its clients. A second request, or the grace period
+running out, sets ``forced``: the job being analysed is interrupted with :class:`~gpu_worker.settlement.Interrupted`
+(raised in the main thread by a signal handler, only inside :meth:`Shutdown.interruptible`, so the settlement that
+follows is never cut short), and a job prepared but not started meets the same error as it enters
+:meth:`Shutdown.interruptible`: each attempt is released, uncharged, and the job's next generation sent at once for
+another worker. Jobs being finished (uploaded, settled) complete. ``drained`` is set once the consumer has settled
+every message in hand.
 
 The same path interrupts one job without a shutdown: :meth:`Shutdown.interrupt` (the attempt's time limit, see
 :mod:`gpu_worker.attempt`) has the handler raise the given exception inside :meth:`Shutdown.interruptible`.
 
-Signal handlers only run in the main thread, so the consumer runs there; other threads (grace timer, preemption
-watcher) wake it with ``pthread_kill(main, SIGUSR1)``, which also interrupts a blocking system call.
+Signal handlers only run in the main thread, so the analysis runs there (the pipeline's I/O threads are never
+interrupted); other threads (grace timer, preemption watcher, an attempt's time limit) wake it with
+``pthread_kill(main, SIGUSR1)``, which also interrupts a blocking system call.
 
 A signal handler runs between any two bytecodes of the main thread: inside another handler, inside
 :meth:`Shutdown.request`'s critical section, inside ``Event.wait``'s own lock. So it takes no lock at all: it writes
@@ -44,7 +48,7 @@ class Shutdown:
         self.grace = grace
         self.requested = threading.Event()
         self.forced = threading.Event()
-        self.drained = threading.Event()  # set by the consumer when it has settled everything and stopped
+        self.drained = threading.Event()  # set once the consumer has settled every message in hand and stopped
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
         self._interruptible = False

@@ -90,6 +90,10 @@ class Settings(BaseModel):
     worker_probe_max_interval: float = Field(30.0, alias="WORKER_PROBE_MAX_INTERVAL")  # circuit breaker backoff cap
     # After this many high-priority jobs in a row, a worker takes one normal job if one waits (no starvation).
     worker_high_priority_burst: int = Field(4, alias="WORKER_HIGH_PRIORITY_BURST", ge=1)
+    # Messages a worker holds at once, received and not yet settled (gpu_worker.pipeline): 1 is strictly one at a
+    # time; 2 downloads the next job (or uploads the last) while one is analysed. Each extra one is a message locked
+    # to this worker that an idle worker elsewhere cannot take.
+    worker_jobs_in_flight: int = Field(2, alias="WORKER_JOBS_IN_FLIGHT", ge=1)
     worker_registry_interval: float = Field(15.0, alias="WORKER_REGISTRY_INTERVAL")  # heartbeat row in Postgres
     worker_preemption_watch: bool = Field(False, alias="WORKER_PREEMPTION_WATCH")  # Azure Scheduled Events (Spot VMs)
     models_dir: str | None = Field(None, alias="MODELS_DIR")

@@ -32,7 +32,7 @@ from shared.bus import JobPublisher
 from shared.errors import BusUnavailable
 from shared.events import open_notifier
 from shared.geotiff import Limits
-from shared.jobs import JobStatus
+from shared.jobs import Job, JobStatus
 from shared.messages import JobMessage
 from shared.submission import Upload, submit
 from shared.workers import WorkerRegistry
@@ -74,7 +74,8 @@ WorkerFactory = Callable[..., Consumer]
 @pytest.fixture
 def worker(stack_factory: StackFactory, tmp_path: Path) -> Iterator[WorkerFactory]:
     """``worker(stack, name, analyzer, locks, renewer=None)``: a consumer wired as :func:`gpu_worker.app.run` wires
-    it (both job queues, the outbox notifier, a row in ``workers``), on receivers of its own (under ``renewer``)."""
+    it (both job queues, the outbox notifier, a row in ``workers``), on receivers of its own, its messages' locks
+    renewed by ``renewer``."""
     receivers: list[ServiceBusReceiver] = []
     presences: list[Presence] = []
 
@@ -83,8 +84,7 @@ def worker(stack_factory: StackFactory, tmp_path: Path) -> Iterator[WorkerFactor
     ) -> Consumer:
         settings = stack.settings()
         normal, high = (
-            stack.client.get_queue_receiver(queue, auto_lock_renewer=renewer)
-            for queue in (settings.jobs_queue, settings.jobs_high_queue)
+            stack.client.get_queue_receiver(queue) for queue in (settings.jobs_queue, settings.jobs_high_queue)
         )
         receivers.extend((normal, high))
         presence = Presence(
@@ -93,7 +93,12 @@ def worker(stack_factory: StackFactory, tmp_path: Path) -> Iterator[WorkerFactor
         presences.append(presence)
         return Consumer(
             PriorityInbox(
-                normal, high, burst=settings.worker_high_priority_burst, wait=settings.worker_max_wait_time, locks=locks
+                normal,
+                high,
+                burst=settings.worker_high_priority_burst,
+                wait=settings.worker_max_wait_time,
+                locks=locks,
+                renewer=renewer,
             ),
             stack.jobs,
             JobHandler(stack.jobs, stack.store, analyzer),  # type: ignore[arg-type]
@@ -107,6 +112,7 @@ def worker(stack_factory: StackFactory, tmp_path: Path) -> Iterator[WorkerFactor
             limits=AttemptLimits(settings.job_lease, settings.job_timeout, 5),
             notifier=open_notifier(stack.pool, stack.client, settings.job_events_queue),
             presence=presence,
+            in_flight=settings.worker_jobs_in_flight,
         )
 
     yield make
@@ -225,9 +231,17 @@ def test_h3_a_taken_over_attempt_can_neither_store_its_result_nor_overwrite_the_
             pass
 
     handler = JobHandler(stack.jobs, stack.store, Files())  # type: ignore[arg-type]
-    handler.run(second, Never(), Never())
+
+    def run(attempt: Job) -> None:  # the handler's stages, one after the other
+        prepared = handler.prepare(attempt, Never(), Never())
+        try:
+            handler.finish(attempt, handler.analyse(attempt, prepared, Never()), Never(), Never())
+        finally:
+            prepared.close()
+
+    run(second)
     with pytest.raises(AttemptLost):
-        handler.run(first, Never(), Never())
+        run(first)
     job = stack.job(message.job_id)
     assert job.status is JobStatus.SUCCEEDED
     assert job.result is not None

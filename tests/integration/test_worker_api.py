@@ -244,8 +244,10 @@ def test_high_priority_overtakes_a_normal_backlog(stack: WorkerStack) -> None:
         until(stack, normal[0], lambda j: j.status is JobStatus.RUNNING)
         high.extend(client.submit("high") for _ in range(2))
 
+    # One job in flight: a worker holding more would have received the next normal job while the first ran, before
+    # the high-priority ones came (the pipeline's trade-off, gpu_worker/pipeline.py).
     with meanwhile(submit_high):
-        run(stack.settings(), analyzer=FirstSlow(1.5, 0.1), max_jobs=8)
+        run(stack.settings(WORKER_JOBS_IN_FLIGHT="1"), analyzer=FirstSlow(1.5, 0.1), max_jobs=8)
     order = _started_order(stack, normal + high)
     assert order[0] == normal[0]
     assert set(order[1:3]) == set(high)  # before the 5 normal jobs that were waiting longer

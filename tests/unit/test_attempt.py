@@ -224,3 +224,39 @@ def test_with_the_real_shutdown_the_time_limit_interrupts_the_main_thread(
         time.sleep(5)  # GPU work that releases the GIL: the signal handler raises long before this returns
     assert current(jobs, running).error_code == "timed_out"
     assert exit_process.calls == []
+
+
+def test_a_paused_attempt_does_not_run_out_of_time_and_its_lease_is_still_renewed(
+    jobs: InMemoryJobStore, running: Job
+) -> None:
+    """Waiting in the pipeline for its turn is not the attempt's time: the clock stops, the lease does not."""
+    interrupt = Recorder()
+    with guard(jobs, running, timeout=timedelta(milliseconds=150), interrupt=interrupt) as g:
+        g.pause()
+        before = current(jobs, running).lease_until
+        time.sleep(0.4)  # well past the time limit, paused
+        assert (interrupt.calls, g.timed_out.is_set()) == ([], False)
+        after = current(jobs, running).lease_until
+        assert before is not None
+        assert after is not None
+        assert after > before
+        g.resume()  # the clock runs again, from where it stopped
+        assert interrupt.called.wait(WAIT)
+    assert isinstance(interrupt.calls[0], TimedOut)
+    assert current(jobs, running).error_code == "timed_out"
+
+
+def test_an_interrupted_attempt_waiting_for_its_settlement_does_not_exit_the_process(
+    jobs: InMemoryJobStore, running: Job
+) -> None:
+    """Its analysis stopped (paused: it waits for the finishing thread, busy with another job's upload) past
+    ``hard_exit_after``: it is not hung, so the process does not exit."""
+    interrupt, exit_process = Recorder(), Recorder()
+    with guard(
+        jobs, running, timeout=timedelta(milliseconds=100), interrupt=interrupt, exit_process=exit_process,
+        hard_exit_after=0.2,
+    ) as g:  # fmt: skip
+        assert interrupt.called.wait(WAIT)
+        g.pause()  # the analysis raised TimedOut and returned to the pipeline
+        time.sleep(0.5)  # past hard_exit_after, still not settled
+    assert exit_process.calls == []

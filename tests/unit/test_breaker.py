@@ -166,3 +166,19 @@ def test_a_real_stop_event_wakes_the_wait() -> None:
         assert not breaker.wait_until_closed(stop)
     finally:
         timer.cancel()
+
+
+def test_an_outage_recorded_while_the_probes_run_is_probed_again_not_forgotten() -> None:
+    """Another thread (the finishing one, at a settlement) records an outage while this one's probes run: the round
+    that answered does not close the breaker over it; the next round decides."""
+    calls: list[int] = []
+    breaker = Breaker({"postgres": lambda: calls.append(len(calls))}, max_interval=1)
+
+    def first_probe_sees_another_thread_trip() -> None:
+        calls.append(len(calls))
+        if len(calls) == 1:
+            breaker.record(DatabaseUnavailable("connection reset"))
+
+    breaker._probes = {"postgres": first_probe_sees_another_thread_trip}
+    assert breaker.wait_until_closed(Stop())
+    assert (len(calls), breaker.open_because) == (2, None)

@@ -1,12 +1,15 @@
 """One message through the consumer (claim, attempt, settle) with a recording receiver and the in-memory fakes.
 
 What the broker does with each settlement and what the row says afterwards; the real SDK and the real backends are
-the integration tier's (tests/integration).
+the integration tier's (tests/integration). Each delivery runs the consumer's real pipeline (its three threads) for
+that one message; several messages in flight at once are tests/unit/test_worker_pipeline.py's.
 """
 
 from __future__ import annotations
 
 import itertools
+import tempfile
+from collections import deque
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,9 +19,10 @@ from uuid import UUID
 import pytest
 from azure.servicebus import ServiceBusReceivedMessage, ServiceBusReceiver
 
+from gpu_worker.analysis import AnalysisOutput
 from gpu_worker.breaker import Breaker
 from gpu_worker.consumer import AttemptLimits, Consumer
-from gpu_worker.handler import Checkpoint, JobHandler, Outcome, Reporter
+from gpu_worker.handler import Checkpoint, JobHandler, Outcome, Prepared, Reporter
 from gpu_worker.heartbeat import Heartbeat
 from gpu_worker.inbox import PriorityInbox
 from gpu_worker.locks import LostLocks
@@ -39,53 +43,87 @@ _tokens = itertools.count()
 class Message:
     """What the consumer reads of a ``ServiceBusReceivedMessage``."""
 
-    def __init__(self, body: bytes, message_id: str, *, lock_lost: bool = False) -> None:
+    def __init__(self, body: bytes, message_id: str) -> None:
         self.body = [body]
         self.message_id = message_id
         self.delivery_count = 0
         self.application_properties: dict[bytes, bytes] = {}
         self.lock_token = f"token-{next(_tokens)}"
-        self.locked_until_utc = datetime.now(UTC) + (timedelta(seconds=-1) if lock_lost else timedelta(minutes=5))
+        self.locked_until_utc = datetime.now(UTC) + timedelta(minutes=5)
 
 
 class Receiver:
-    """Records each settlement as ``(action, message_id, reason)``."""
+    """Hands out the messages queued in ``messages``; records each settlement as ``(action, message_id, reason)``,
+    and in ``log`` each receive and settlement in order, as ``(what, message_id)``."""
 
     def __init__(self) -> None:
+        self.messages: deque[Message] = deque()
         self.settled: list[tuple[str, str, str | None]] = []
         self.descriptions: list[str | None] = []
+        self.log: list[tuple[str, str]] = []
+
+    def receive_messages(self, max_message_count: int, max_wait_time: float) -> list[Message]:
+        if not self.messages:
+            return []
+        message = self.messages.popleft()
+        self.log.append(("received", message.message_id))
+        return [message]
 
     def complete_message(self, message: Message) -> None:
-        self.settled.append(("complete", message.message_id, None))
+        self._settled("complete", message, None)
 
     def abandon_message(self, message: Message) -> None:
-        self.settled.append(("abandon", message.message_id, None))
+        self._settled("abandon", message, None)
 
     def dead_letter_message(
         self, message: Message, reason: str | None = None, error_description: str | None = None
     ) -> None:
-        self.settled.append(("dead_letter", message.message_id, reason))
         self.descriptions.append(error_description)
+        self._settled("dead_letter", message, reason)
+
+    def _settled(self, action: str, message: Message, reason: str | None) -> None:
+        self.settled.append((action, message.message_id, reason))
+        self.log.append((action, message.message_id))
 
 
 class Handler(JobHandler):
-    """Runs an attempt by raising ``error`` (or succeeding); records the attempts it was given."""
+    """Runs an attempt's analysis by raising ``error`` (or succeeding); records the attempts it was given. Its
+    ``prepare`` downloads nothing; its ``finish`` stores the result. ``events``: ``(stage, job_id)`` as each stage
+    ends (``prepared``, ``analysed``, ``finished``), from whichever thread runs it; ``on_prepare`` and ``on_finish``
+    run first in their stage."""
 
-    def __init__(self, jobs: InMemoryJobStore, error: BaseException | None = None) -> None:
+    def __init__(self, jobs: InMemoryJobStore, tmp_path: Path, error: BaseException | None = None) -> None:
         self._jobs_store = jobs
+        self._tmp_path = tmp_path
         self.error = error
         self.runs: list[int] = []
         self.before: Callable[[Job, Reporter], object] | None = None  # inside the attempt, before its outcome
+        self.on_prepare: Callable[[Job], object] | None = None
+        self.on_finish: Callable[[Job], object] | None = None
+        self.events: list[tuple[str, UUID]] = []
 
-    def run(self, job: Job, checkpoint: Checkpoint, progress: Reporter) -> Outcome:
-        self.runs.append(job.attempts)
+    def prepare(self, job: Job, checkpoint: Checkpoint, progress: Reporter) -> Prepared:
+        if self.on_prepare is not None:
+            self.on_prepare(job)
         checkpoint.check()
         progress.report("download")
+        self.events.append(("prepared", job.job_id))
+        return Prepared(tempfile.TemporaryDirectory(dir=self._tmp_path))
+
+    def analyse(self, job: Job, prepared: Prepared, progress: Reporter) -> AnalysisOutput:
+        self.runs.append(job.attempts)
         if self.before is not None:
             self.before(job, progress)
         if self.error is not None:
             raise self.error
-        assert self._jobs_store.succeed(job.job_id, job.attempts, {"attempt": job.attempts}) is not None
+        self.events.append(("analysed", job.job_id))
+        return AnalysisOutput(result={"attempt": job.attempts})
+
+    def finish(self, job: Job, output: AnalysisOutput, checkpoint: Checkpoint, progress: Reporter) -> Outcome:
+        if self.on_finish is not None:
+            self.on_finish(job)
+        assert self._jobs_store.succeed(job.job_id, job.attempts, output.result) is not None
+        self.events.append(("finished", job.job_id))
         return Outcome.SUCCEEDED
 
 
@@ -102,16 +140,20 @@ class Notifier:
 
 
 class World:
-    def __init__(self, tmp_path: Path, jobs: InMemoryJobStore) -> None:
+    def __init__(
+        self, tmp_path: Path, jobs: InMemoryJobStore, *, in_flight: int = 1, shutdown: Shutdown | None = None
+    ) -> None:
         self.jobs = jobs
+        self.shutdown = shutdown or Shutdown(grace=300)
         self.publisher = InMemoryPublisher()
-        self.receiver = Receiver()  # the messages are handed to the consumer here, not received
-        self.handler = Handler(self.jobs)
+        self.receiver = Receiver()  # the normal queue's: each delivery is received from it
+        self.delivered: list[Message] = []
+        self.handler = Handler(self.jobs, tmp_path)
         self.notifier = Notifier(self.jobs)
         self.registry = InMemoryWorkerRegistry()
         self.presence = Presence(self.registry, "w1", "host", "cpu", interval=60).start()
         self.breaker = Breaker({}, max_interval=1, open_because=None)
-        locks = LostLocks()
+        self.locks = locks = LostLocks()
         self.consumer = Consumer(
             PriorityInbox(
                 cast(ServiceBusReceiver, self.receiver),
@@ -123,7 +165,7 @@ class World:
             self.jobs,
             self.handler,
             self.publisher,
-            Shutdown(grace=300),
+            self.shutdown,
             Heartbeat(tmp_path / "hb"),
             locks,
             self.breaker,
@@ -132,16 +174,27 @@ class World:
             limits=AttemptLimits(lease=timedelta(minutes=5), timeout=timedelta(minutes=10), hard_exit_after=5),
             notifier=self.notifier,
             presence=self.presence,
+            in_flight=in_flight,
         )
 
     def process(self, message: Message) -> None:
-        self.consumer._process(cast(ServiceBusReceivedMessage, message), cast(ServiceBusReceiver, self.receiver))
+        """Receive ``message`` and run it through the consumer until it is settled."""
+        self.delivered.append(message)
+        self.receiver.messages.append(message)
+        assert self.consumer.run(max_jobs=1) == 1
 
-    def deliver(self, job: Job, **kwargs: Any) -> Message:
-        message = JobMessage.for_job(job)
-        delivered = Message(message.to_json(), message.message_id, **kwargs)
-        self.process(delivered)
+    def deliver(self, job: Job) -> Message:
+        delivered = self.queue(job)
+        assert self.consumer.run(max_jobs=1) == 1
         return delivered
+
+    def queue(self, job: Job) -> Message:
+        """The job's message, waiting in the normal queue."""
+        message = JobMessage.for_job(job)
+        queued = Message(message.to_json(), message.message_id)
+        self.delivered.append(queued)
+        self.receiver.messages.append(queued)
+        return queued
 
     def job(self, job: Job) -> Job:
         now = self.jobs.get(job.job_id)
@@ -151,11 +204,12 @@ class World:
 
 @pytest.fixture
 def make_world(tmp_path: Path) -> Iterator[Callable[..., World]]:
-    """``make_world(jobs)``: a world on that job store (a subclass that fails where a test needs it)."""
+    """``make_world(jobs, in_flight=1, shutdown=None)``: a world on that job store (a subclass that fails where a
+    test needs it)."""
     worlds: list[World] = []
 
-    def make(jobs: InMemoryJobStore | None = None) -> World:
-        worlds.append(World(tmp_path, jobs if jobs is not None else InMemoryJobStore()))
+    def make(jobs: InMemoryJobStore | None = None, **kwargs: Any) -> World:
+        worlds.append(World(tmp_path, jobs if jobs is not None else InMemoryJobStore(), **kwargs))
         return worlds[-1]
 
     yield make
@@ -310,7 +364,13 @@ def test_a_send_failure_while_rescheduling_abandons_and_leaves_the_job_released(
 def test_a_lost_lock_settles_nothing_but_the_job_still_fails(world: World) -> None:
     job = new_job(world.jobs)
     world.handler.error = InvalidImage("bad")
-    world.deliver(job, lock_lost=True)
+
+    def renewal_failed(job: Job, progress: Reporter) -> None:  # the renewer reports it while the attempt runs
+        [message] = [m for m in world.delivered if m.message_id == f"{job.job_id}:1"]
+        world.locks.on_renew_failure(cast(ServiceBusReceivedMessage, message), ConnectionError("link detached"))
+
+    world.handler.before = renewal_failed
+    world.deliver(job)
     assert world.receiver.settled == []
     assert world.job(job).error_code == "invalid_image"
 
@@ -402,6 +462,7 @@ def test_the_claim_and_the_settlement_hand_the_job_events_on(world: World) -> No
 
 
 def test_the_workers_row_names_the_job_in_hand_until_it_is_settled(world: World) -> None:
+    """(One job in flight: from its claim to its settlement. Several: tests/unit/test_worker_pipeline.py.)"""
     registry = world.registry
 
     def beaten(predicate: Callable[[list[UUID | None]], bool]) -> None:

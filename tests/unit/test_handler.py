@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -13,7 +15,8 @@ import torch
 
 from gpu_worker.analysis import AnalysisOutput, AnalysisRequest, Analyzer
 from gpu_worker.attempt import AttemptGuard
-from gpu_worker.handler import JobHandler, Outcome
+from gpu_worker.handler import UPLOADS, JobHandler, Outcome, Reporter
+from gpu_worker.handler import Checkpoint as HandlerCheckpoint
 from gpu_worker.progress import STAGES, Progress
 from gpu_worker.settlement import AttemptLost, Cancelled
 from shared.errors import CropAIError, InputMissing, InvalidImage, StorageUnavailable
@@ -21,6 +24,7 @@ from shared.jobs import Job, JobStatus
 from tests.fakes import InMemoryJobStore, RecordingOutbox
 from tests.jobs import GONE, LEASE, PARAMS, claimed, new_job
 
+WAIT = 10.0  # seconds: a bound on a hang, never a speed claim
 DATA = Path(__file__).parents[1] / "data"
 FIELDS = DATA / "s2_rgbn_fields_128.tif"
 
@@ -34,7 +38,8 @@ class MemoryStore:
         self.put_calls: list[tuple[UUID, int, str]] = []
         self.deleted: list[tuple[UUID, int]] = []
         self.failure: CropAIError | None = None
-        self.after_put: Callable[[int], object] | None = None  # called with the number of files put so far
+        self.after_put: Callable[[int], object] | None = None  # called with the put's number (1, 2, ...)
+        self._lock = threading.Lock()
 
     def download_input(self, blob_name: str, path: Path) -> None:
         if self.failure is not None:
@@ -44,11 +49,13 @@ class MemoryStore:
         path.write_bytes(self.inputs[blob_name])
 
     def put_result(self, job_id: UUID, attempt: int, name: str, path: Path, content_type: str) -> str:
-        self.put_calls.append((job_id, attempt, name))
+        with self._lock:  # the handler uploads several at once
+            self.put_calls.append((job_id, attempt, name))
+            n = len(self.put_calls)
         url = f"memory://account/results/{job_id}/{attempt}/{name}"
         self.results[url] = (path.read_bytes(), content_type)
         if self.after_put is not None:
-            self.after_put(len(self.put_calls))
+            self.after_put(n)
         return url
 
     def delete_results(self, job_id: UUID, attempt: int) -> int:
@@ -113,10 +120,20 @@ class Stages:
         return list(dict.fromkeys(stage for stage, _ in self.reports))
 
 
+def run_stages(handler: JobHandler, job: Job, checkpoint: HandlerCheckpoint, progress: Reporter) -> Outcome:
+    """The handler's three stages in a row, as the pipeline runs them (each in its own thread there); the work
+    directory is removed at the end, as the consumer removes it after the settlement."""
+    prepared = handler.prepare(job, checkpoint, progress)
+    try:
+        return handler.finish(job, handler.analyse(job, prepared, progress), checkpoint, progress)
+    finally:
+        prepared.close()
+
+
 def run_attempt(handler: JobHandler, job: Job, checkpoint: Checkpoint | None = None) -> Outcome:
-    """``handler.run`` with ``checkpoint`` (a fresh one by default) and a :class:`Stages` reporter checking it."""
+    """:func:`run_stages` with ``checkpoint`` (a fresh one by default) and a :class:`Stages` reporter checking it."""
     checkpoint = checkpoint or Checkpoint()
-    return handler.run(job, checkpoint, Stages(checkpoint))
+    return run_stages(handler, job, checkpoint, Stages(checkpoint))
 
 
 def running_job(jobs: InMemoryJobStore, store: MemoryStore, data: bytes, *, bands: list[str] | None = None) -> Job:
@@ -296,7 +313,7 @@ def test_a_real_analysis_reports_every_stage_in_order_and_fractions_within(
     reporter = Stages(Checkpoint())
     analyzer = Analyzer(torch.device("cpu"))
     analyzer._crop_health.window = 128  # four windows: fractions within the windowed stages
-    assert JobHandler(jobs, store, analyzer).run(job, Checkpoint(), reporter) is Outcome.SUCCEEDED
+    assert run_stages(JobHandler(jobs, store, analyzer), job, Checkpoint(), reporter) is Outcome.SUCCEEDED
     assert reporter.first_seen() == list(STAGES)
     assert ("indices", 0.75) in reporter.reports
     assert ("cover", 0.75) in reporter.reports
@@ -320,34 +337,111 @@ def test_a_cancel_requested_before_the_upload_publishes_nothing(jobs: InMemoryJo
     analyzer.at_end = lambda: jobs.request_cancel(job.job_id)
     guard, progress = attempt(jobs, job)
     with pytest.raises(Cancelled):
-        JobHandler(jobs, store, analyzer).run(job, guard, progress)
+        run_stages(JobHandler(jobs, store, analyzer), job, guard, progress)
     assert (store.put_calls, store.deleted) == ([], [])
     now = jobs.get(job.job_id)
     assert now is not None
     assert (now.status, now.result, now.progress and now.progress["stage"]) == (JobStatus.RUNNING, None, "upload")
 
 
-@pytest.mark.parametrize(
-    ("interval", "uploaded"),
-    [(0.0, 1), (1.0, 3)],
-    ids=["seen-at-the-next-file", "after-the-last-checkpoint-succeed-refused"],
-)
-def test_a_cancel_during_the_upload_deletes_what_was_uploaded_and_stores_no_result(
-    jobs: InMemoryJobStore, store: MemoryStore, interval: float, uploaded: int
+class OpensOnStop:
+    """A reporter that sets ``gate`` when its report stops the attempt (and passes the stop on)."""
+
+    def __init__(self, progress: Progress, gate: threading.Event) -> None:
+        self.progress = progress
+        self.gate = gate
+        self.threads: set[int] = set()
+
+    def report(self, stage: str, fraction: float = 0.0) -> None:
+        self.threads.add(threading.get_ident())
+        try:
+            self.progress.report(stage, fraction)
+        except BaseException:
+            self.gate.set()
+            raise
+
+
+def test_a_cancel_seen_as_an_upload_completes_drops_the_rest_waits_for_those_under_way_and_deletes_them(
+    jobs: InMemoryJobStore, store: MemoryStore
 ) -> None:
-    """With writes due at every report the next file's report sees the cancel; throttled, none does, and the
-    cancel races the success: ``succeed`` is refused, the job re-read says cancelled, so the run is Cancelled."""
+    """Eight files, four uploads at a time: the first completes (the cancel is requested meanwhile), the others under
+    way are held until the stop (and a moment after, while the handler drops what has not started). The completion's
+    report sees the cancel."""
+    job = running_job(jobs, store, FIELDS.read_bytes())
+    gate = threading.Event()
+
+    def put(n: int) -> None:
+        if n == 1:
+            assert jobs.request_cancel(job.job_id) is not None
+        else:
+            assert gate.wait(WAIT), "the stop never came"
+            time.sleep(0.2)  # still under way while the handler drops the rest: it must wait for this one
+
+    store.after_put = put
+    guard, progress = attempt(jobs, job, interval=0.0)  # every report is written: the next one sees the cancel
+    reporter = OpensOnStop(progress, gate)
+    with pytest.raises(Cancelled):
+        run_stages(JobHandler(jobs, store, StandInAnalyzer(files=8)), job, guard, reporter)
+    # Four started at once, maybe a fifth on the thread the first one freed before the stop; the rest never did.
+    assert UPLOADS <= len(store.put_calls) <= UPLOADS + 1
+    assert store.deleted == [(job.job_id, 1)]
+    assert store.results == {}  # deleted after the three under way had landed
+    assert reporter.threads == {threading.get_ident()}  # reports from one thread only
+    now = jobs.get(job.job_id)
+    assert now is not None
+    assert (now.status, now.result) == (JobStatus.RUNNING, None)  # stopping it is the consumer's
+
+
+def test_a_cancel_after_the_last_checkpoint_has_succeed_refused_and_deletes_every_upload(
+    jobs: InMemoryJobStore, store: MemoryStore
+) -> None:
+    """Throttled reports write nothing during the upload, so none sees the cancel: it races the success, ``succeed``
+    is refused, the job re-read says cancelled, so the run is Cancelled and its files deleted."""
     job = running_job(jobs, store, FIELDS.read_bytes())
     store.after_put = lambda n: n == 1 and jobs.request_cancel(job.job_id)
-    guard, progress = attempt(jobs, job, interval=interval)
+    guard, progress = attempt(jobs, job, interval=1.0)
     with pytest.raises(Cancelled):
-        JobHandler(jobs, store, StandInAnalyzer(files=3)).run(job, guard, progress)
-    assert len(store.put_calls) == uploaded
+        run_stages(JobHandler(jobs, store, StandInAnalyzer(files=3)), job, guard, progress)
+    assert len(store.put_calls) == 3
     assert store.deleted == [(job.job_id, 1)]
     assert store.results == {}
     now = jobs.get(job.job_id)
     assert now is not None
-    assert (now.status, now.result) == (JobStatus.RUNNING, None)  # stopping it is the consumer's
+    assert (now.status, now.result) == (JobStatus.RUNNING, None)
+
+
+def test_output_files_are_uploaded_at_the_same_time(jobs: InMemoryJobStore, store: MemoryStore) -> None:
+    """Each upload waits until all three have started: one after the other, the first would wait alone."""
+    job = running_job(jobs, store, FIELDS.read_bytes())
+    together = threading.Barrier(3, timeout=WAIT)
+    store.after_put = lambda n: together.wait()
+    checkpoint = Checkpoint()
+    reporter = Stages(checkpoint)
+    assert run_stages(JobHandler(jobs, store, StandInAnalyzer(files=3)), job, checkpoint, reporter) is Outcome.SUCCEEDED
+    done = jobs.get(job.job_id)
+    assert done is not None
+    assert done.result is not None
+    assert set(done.result["outputs"]) == {"quicklook_png", "extra1", "extra2"}
+    assert all(fraction < 1 for _, fraction in reporter.reports)
+
+
+def test_an_upload_failure_waits_for_the_others_and_fails_the_attempt(
+    jobs: InMemoryJobStore, store: MemoryStore
+) -> None:
+    job = running_job(jobs, store, FIELDS.read_bytes())
+    landed: list[int] = []
+
+    def put(n: int) -> None:
+        if n == 1:
+            raise StorageUnavailable("throttled")
+        time.sleep(0.05)  # still under way when the failure is seen
+        landed.append(n)
+
+    store.after_put = put
+    with pytest.raises(StorageUnavailable):
+        run_attempt(JobHandler(jobs, store, StandInAnalyzer(files=3)), job)
+    assert len(landed) == len(store.put_calls) - 1  # every upload started had ended when the error came out
+    assert jobs.get(job.job_id) == job  # no result: settling is the consumer's
 
 
 def test_a_refused_succeed_of_a_taken_over_attempt_is_not_a_cancel(jobs: InMemoryJobStore, store: MemoryStore) -> None:

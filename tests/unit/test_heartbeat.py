@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -86,3 +88,38 @@ def test_idle_clears_busy(tmp_path: Path) -> None:
     state = json.loads((tmp_path / "hb").read_text())
     assert state["busy_since"] is None
     assert not check(tmp_path / "hb", max_age=120, busy_limit=7200, now=time.time() + 121)[0]
+
+
+def _in_a_thread(call: Callable[[], object]) -> None:
+    thread = threading.Thread(target=call)
+    thread.start()
+    thread.join()
+
+
+def test_each_thread_marks_its_own_work_and_the_oldest_one_is_the_busy_since(tmp_path: Path) -> None:
+    """The pipeline's threads: one still busy keeps the worker busy when another goes idle."""
+    beat = Heartbeat(tmp_path / "hb")
+    _in_a_thread(beat.busy)  # the preparing thread's work, still in hand
+    first = json.loads((tmp_path / "hb").read_text())["busy_since"]
+    beat.busy()  # the main thread's analysis
+    beat.idle()
+    assert json.loads((tmp_path / "hb").read_text())["busy_since"] == first
+
+
+def test_work_past_the_time_limit_is_unhealthy_however_fresh_the_last_beat(tmp_path: Path) -> None:
+    """Another thread's beats (the receiving loop turns) must not hide an analysis that overruns."""
+    now = time.time()
+    (tmp_path / "hb").write_text(json.dumps({"beat": now, "busy_since": now - 7201, "pid": 1}))
+    ok, why = check(tmp_path / "hb", max_age=120, busy_limit=7200, now=now)
+    assert not ok
+    assert "busy" in why
+
+
+def test_a_beat_from_a_busy_thread_renews_its_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Waiting for a backend (a probe's tick) is not hanging: the work's start moves on."""
+    beat = Heartbeat(tmp_path / "hb")
+    clock = iter([1000.0, 1000.0, 5000.0, 5000.0])
+    monkeypatch.setattr(time, "time", lambda: next(clock))
+    beat.busy()
+    beat.beat()
+    assert json.loads((tmp_path / "hb").read_text())["busy_since"] == 5000.0

@@ -6,6 +6,7 @@ The real SDK against the emulator (and the order jobs actually run in) is tests/
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections import deque
 from datetime import UTC, datetime, timedelta
@@ -16,8 +17,11 @@ import pytest
 from azure.servicebus import ServiceBusReceiver
 from azure.servicebus.exceptions import ServiceBusConnectionError
 
-from gpu_worker.inbox import IDLE_WAIT, QUICK, PriorityInbox, Received
+from gpu_worker.inbox import IDLE_WAIT, PEEK, QUICK, PriorityInbox, Received
 from gpu_worker.locks import LostLocks
+from gpu_worker.receiver import SerialReceiver
+
+WAIT = 10.0  # seconds: a bound on a hang, never a speed claim
 
 
 class Message:
@@ -110,8 +114,79 @@ def test_each_message_names_the_receiver_that_settles_it() -> None:
     first, second = world.inbox.receive(), world.inbox.receive()
     assert isinstance(first, Received)
     assert isinstance(second, Received)
-    assert (cast(Any, first.receiver), first.priority) == (world.high, "high")
-    assert (cast(Any, second.receiver), second.priority) == (world.normal, "normal")
+    assert (cast(Any, first.receiver.receiver), first.priority) == (world.high, "high")
+    assert (cast(Any, second.receiver.receiver), second.priority) == (world.normal, "normal")
+
+
+class Renewer:
+    """Records what the inbox registers with the ``AutoLockRenewer``."""
+
+    def __init__(self) -> None:
+        self.registered: list[tuple[Any, Any]] = []
+
+    def register(self, receiver: Any, renewable: Any) -> None:
+        self.registered.append((receiver, renewable))
+
+
+def test_each_message_handed_out_is_registered_with_the_renewer_through_its_serial_receiver() -> None:
+    world = World(high=1, normal=1)
+    renewer = Renewer()
+    world.inbox._renewer = cast(Any, renewer)
+    world.high.messages.appendleft(Message("stale", expired=True))  # skipped: never registered
+    received = [r for r in (world.inbox.receive() for _ in range(4)) if r is not None]
+    assert [(r.receiver, r.message.message_id) for r in received] == [
+        (world.inbox._normal, "n1"), (world.inbox._high, "h1"),
+    ]  # fmt: skip
+    assert [(r, m.message_id) for r, m in renewer.registered] == [
+        (world.inbox._normal, "n1"),
+        (world.inbox._high, "h1"),
+    ]
+    assert isinstance(world.inbox._high, SerialReceiver)
+
+
+class Blocking(Receiver):
+    """A receive that waits until ``release`` is set; records what else was called while it waited."""
+
+    def __init__(self) -> None:
+        super().__init__("blocking", [])
+        self.receiving = threading.Event()
+        self.release = threading.Event()
+        self.calls: list[str] = []
+
+    def receive_messages(self, max_message_count: int, max_wait_time: float) -> list[Message]:
+        self.receiving.set()
+        self.release.wait(WAIT)
+        self.calls.append("receive returned")
+        return []
+
+    def complete_message(self, message: Message) -> None:
+        self.calls.append("complete")
+
+    def renew_message_lock(self, message: Message, **kwargs: Any) -> datetime:
+        self.calls.append("renew")
+        return message.locked_until_utc
+
+
+@pytest.mark.parametrize("call", ["complete", "renew"])
+def test_a_settlement_or_a_renewal_from_another_thread_waits_for_the_receive_in_progress(call: str) -> None:
+    """The SDK's receiver is not thread-safe: the preparing thread's receive, the finishing thread's settlement and
+    the renewer's renewals are serialised on the receiver."""
+    blocking = Blocking()
+    serial = SerialReceiver(cast(ServiceBusReceiver, blocking))
+    message = cast(Any, Message("m1"))
+    receive = threading.Thread(target=serial.receive_messages, args=(1, 5.0))
+    receive.start()
+    assert blocking.receiving.wait(WAIT)
+    other = threading.Thread(
+        target=serial.complete_message if call == "complete" else serial.renew_message_lock, args=(message,)
+    )
+    other.start()
+    other.join(0.2)
+    assert other.is_alive()  # waiting for the receive's lock
+    blocking.release.set()
+    receive.join(WAIT)
+    other.join(WAIT)
+    assert blocking.calls == ["receive returned", call]
 
 
 def test_while_busy_each_queue_is_asked_quickly_and_once_idle_each_waits_in_turn() -> None:
@@ -120,8 +195,8 @@ def test_while_busy_each_queue_is_asked_quickly_and_once_idle_each_waits_in_turn
     assert world.log == [
         ("high", IDLE_WAIT),  # a fresh inbox waits: nothing is known to be waiting
         ("normal", IDLE_WAIT),  # n1
-        ("high", QUICK),  # right after a job: more may be waiting
-        ("normal", QUICK),
+        ("high", PEEK),  # right after a job: a look at the high queue, found empty last time
+        ("normal", QUICK),  # more may be waiting
         ("high", IDLE_WAIT),  # both were empty: an idle worker waits on each in turn
         ("normal", IDLE_WAIT),
     ]
@@ -197,4 +272,18 @@ def test_a_wait_below_the_cap_is_what_an_idle_round_waits_on_each_queue() -> Non
     assert inbox.receive() is not None
     assert inbox.receive() is None  # busy: a quick look at each
     assert inbox.receive() is None  # idle
-    assert log == [("high", 0.1), ("normal", 0.1), ("high", QUICK), ("normal", QUICK), ("high", 0.1), ("normal", 0.1)]
+    assert log == [("high", 0.1), ("normal", 0.1), ("high", PEEK), ("normal", QUICK), ("high", 0.1), ("normal", 0.1)]
+
+
+def test_a_stream_of_normal_jobs_only_peeks_at_the_empty_high_queue_and_a_high_job_still_comes_first() -> None:
+    world = World(normal=3)
+    assert world.drain(2) == ["n1", "n2"]
+    world.high.messages.append(Message("h1"))  # arrives while n2 runs
+    assert world.drain(3) == ["h1", "n3"]
+    assert world.log == [
+        ("high", IDLE_WAIT), ("normal", IDLE_WAIT),  # n1
+        ("high", PEEK), ("normal", QUICK),  # n2: the high queue was empty, a peek is enough
+        ("high", PEEK),  # h1, already there: taken at the first look
+        ("high", QUICK), ("normal", QUICK),  # n3: after a high job, the high queue may hold more
+        ("high", PEEK), ("normal", QUICK),  # both empty
+    ]  # fmt: skip

@@ -20,14 +20,39 @@ def test_the_row_appears_at_start_names_the_job_in_hand_at_once_and_goes_on_clos
     registry.wait_for(1)
     assert registry.rows == {"host-1:42": ("host-1", "cuda:0 (NVIDIA H100)", None)}
     job = uuid4()
-    presence.working_on(job)
+    presence.holding(job)
     registry.wait_for(2)  # not after the 60 s interval: at once
     assert registry.rows["host-1:42"][2] == job
-    presence.working_on(None)
+    presence.released(job)
     registry.wait_for(3)
     presence.close()
     assert registry.rows == {}
     assert registry.beats == [None, job, None]
+
+
+def test_with_several_jobs_in_hand_the_row_names_the_one_analysed_else_the_latest_claimed() -> None:
+    registry = InMemoryWorkerRegistry()
+    presence = Presence(registry, "w", "h", "cpu", interval=60).start()
+    registry.wait_for(1)
+    first, second, third = uuid4(), uuid4(), uuid4()
+    steps = [
+        (presence.holding, first, first),
+        (presence.computing, first, first),  # no change: no write
+        (presence.holding, second, first),  # prepared ahead while the first is analysed
+        (presence.computing, None, second),  # the first is being finished: the latest in hand is named
+        (presence.holding, third, third),
+        (presence.released, first, third),
+        (presence.computing, second, second),
+        (presence.released, third, second),
+        (presence.computing, None, second),
+        (presence.released, second, None),
+    ]
+    for call, argument, named in steps:
+        call(argument)  # type: ignore[arg-type]
+        assert presence._job == named
+    registry.wait_for(2)
+    presence.close()
+    assert set(registry.beats) <= {None, first, second, third}
 
 
 def test_it_beats_every_interval() -> None:

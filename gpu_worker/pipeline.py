@@ -1,0 +1,164 @@
+"""The worker's pipeline: the I/O of the jobs before and after the one being analysed overlaps its analysis.
+
+Three threads, a bounded number of messages in flight (``WORKER_JOBS_IN_FLIGHT``: received and not yet settled)::
+
+    preparing thread   receive -> prepare (decode, claim, download) ──► ready ──┐
+    calling (main)     compute (the analysis), one at a time      ◄───────────┘ ──► finishing
+    finishing thread   finish (upload, store the result) -> settle, then free the message's slot
+
+The preparing thread takes a slot before each receive and the finishing thread gives it back once the message is
+settled, so at most ``in_flight`` messages are in hand; with 1 the worker is strictly sequential (the next message
+is received only once the last one is settled). The analysis stays in the thread that calls :meth:`Pipeline.run`
+(the main thread: :mod:`gpu_worker.shutdown` interrupts only it, with a signal). An item that fails (or has nothing
+to run) while it is prepared goes straight to the finishing thread, which settles every item, whatever became of
+it: the stages record what they raised in the item (:attr:`Item.error`), and one that escapes a stage (a bug) is
+recorded there too.
+
+The trade-off of ``in_flight`` above 1: a message prepared ahead is locked to this worker, and its job claimed,
+while another job is analysed, so an idle worker elsewhere cannot take it; a worker that dies takes that many
+messages with it (their locks and leases run out, and they are run again elsewhere).
+
+Stopping (``stopping()`` true: a drain, or a fatal error): the preparing thread receives no more; what it is
+preparing, and what is ready, is still computed (a forced shutdown makes that computation end at once, see
+:mod:`gpu_worker.consumer`) and finished; :meth:`Pipeline.run` returns once every message received has been
+finished. ``max_items``: the preparing thread stops after that many messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Generic, Protocol, TypeVar
+
+logger = logging.getLogger(__name__)
+
+TICK = 0.2  # seconds: how soon the preparing thread, waiting for a slot, notices that it is to stop
+
+
+class Item(Protocol):
+    error: BaseException | None  # what ended it early, if anything
+
+
+T = TypeVar("T", bound=Item)
+
+
+class Stages(Protocol[T]):
+    """What happens to an item at each stage. None but ``receive`` is expected to raise: each records what it raised
+    in the item."""
+
+    def receive(self) -> T | None:
+        """The next item, or ``None`` (nothing came, or stopping); in the preparing thread."""
+        ...
+
+    def prepare(self, item: T) -> bool:
+        """In the preparing thread; ``True``: compute it, ``False``: finish it at once."""
+        ...
+
+    def compute(self, item: T) -> None:
+        """In the thread that runs the pipeline (the main thread), one item at a time."""
+        ...
+
+    def finish(self, item: T) -> None:
+        """In the finishing thread: finish the item and settle it."""
+        ...
+
+
+class Pipeline(Generic[T]):
+    def __init__(self, stages: Stages[T], *, in_flight: int, stopping: Callable[[], bool]) -> None:
+        if in_flight < 1:
+            raise ValueError(f"in_flight must be at least 1, not {in_flight}")
+        self._stages = stages
+        self._stopping = stopping
+        self._slots = threading.Semaphore(in_flight)
+        self._ready: queue.SimpleQueue[T | None] = queue.SimpleQueue()  # None: the preparing thread is done
+        self._finishing: queue.SimpleQueue[T | None] = queue.SimpleQueue()  # None: nothing more will come
+        self._stop = threading.Event()  # set when a stage failed outside its item (a bug): receive no more
+        self._failure: BaseException | None = None
+        self.received = 0
+
+    def run(self, max_items: int | None = None) -> int:
+        """Run until stopping (or ``max_items`` received); return the number of items received, every one of them
+        finished by then. Re-raises an error that escaped ``receive`` or ``finish`` (a bug), once all are finished."""
+        preparing = threading.Thread(target=self._prepare_all, args=(max_items,), name="pipeline-prepare", daemon=True)
+        finishing = threading.Thread(target=self._finish_all, name="pipeline-finish", daemon=True)
+        finishing.start()
+        preparing.start()
+        try:
+            while (item := self._ready.get()) is not None:
+                self._compute(item)
+        finally:  # whatever ended the loop, every item received is finished
+            self._stop.set()
+            preparing.join()
+            self._skip_the_rest()
+            self._finishing.put(None)
+            finishing.join()
+        if self._failure is not None:
+            raise self._failure
+        return self.received
+
+    def _stopped(self) -> bool:
+        return self._stop.is_set() or self._stopping()
+
+    def _prepare_all(self, max_items: int | None) -> None:
+        try:
+            while not self._stopped() and (max_items is None or self.received < max_items):
+                if not self._slots.acquire(timeout=TICK):
+                    continue
+                try:
+                    item = self._stages.receive()
+                except BaseException:
+                    self._slots.release()
+                    raise
+                if item is None:
+                    self._slots.release()
+                    continue
+                self.received += 1
+                (self._ready if self._run_stage(self._stages.prepare, item) else self._finishing).put(item)
+        except BaseException as e:  # a bug in receive: receive no more; what is in flight still finishes
+            self._failed(e)
+        finally:
+            self._ready.put(None)
+
+    def _compute(self, item: T) -> None:
+        self._run_stage(self._stages.compute, item)
+        self._finishing.put(item)
+
+    def _finish_all(self) -> None:
+        while (item := self._finishing.get()) is not None:
+            try:
+                self._stages.finish(item)
+            except BaseException as e:  # a bug in the settlement: the message is left to the broker
+                self._failed(e)
+            finally:
+                self._slots.release()
+
+    def _skip_the_rest(self) -> None:
+        """Items still ready when the loop ended early (only an error escaping it does that): finished uncomputed."""
+        while True:
+            try:
+                item = self._ready.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                if item.error is None:
+                    item.error = self._failure or RuntimeError("the pipeline stopped before computing it")
+                self._finishing.put(item)
+
+    def _run_stage(self, stage: Callable[[T], bool | None], item: T) -> bool:
+        """``stage(item)``; what escapes it (a bug) becomes the item's error."""
+        try:
+            return stage(item) is not False
+        except BaseException as e:
+            logger.error("pipeline stage %s raised", getattr(stage, "__name__", stage), exc_info=e,
+                         extra={"action": "stage_failed"})  # fmt: skip
+            if item.error is None:
+                item.error = e
+            return False
+
+    def _failed(self, error: BaseException) -> None:
+        logger.error("pipeline thread failed; receiving stops", exc_info=error, extra={"action": "pipeline_failed"})
+        if self._failure is None:
+            self._failure = error
+        self._stop.set()
