@@ -22,7 +22,7 @@ from gpu_worker.breaker import Breaker
 from gpu_worker.consumer import AttemptLimits, Consumer
 from gpu_worker.handler import Analyzer, JobHandler
 from gpu_worker.heartbeat import Heartbeat
-from gpu_worker.inbox import PriorityInbox
+from gpu_worker.inbox import RECEIVE_SOCKET_TIMEOUT, PriorityInbox
 from gpu_worker.locks import LostLocks
 from gpu_worker.registry import Presence
 from gpu_worker.settlement import RetryPolicy
@@ -85,8 +85,8 @@ def run(settings: Settings, *, analyzer: Analyzer | None = None, max_jobs: int |
             servicebus_client(settings) as client,
             renewer,
             # No auto_lock_renewer of their own: the inbox registers each message through its SerialReceiver.
-            client.get_queue_receiver(settings.jobs_high_queue) as high,
-            client.get_queue_receiver(settings.jobs_queue) as normal,
+            client.get_queue_receiver(settings.jobs_high_queue, socket_timeout=RECEIVE_SOCKET_TIMEOUT) as high,
+            client.get_queue_receiver(settings.jobs_queue, socket_timeout=RECEIVE_SOCKET_TIMEOUT) as normal,
         ):
             me = worker_id()
             presence = Presence(

@@ -49,6 +49,12 @@ logger = logging.getLogger(__name__)
 
 QUICK = 0.2  # seconds: enough for a queue that holds a message to hand it over
 PEEK = 0.02  # seconds: a look at jobs-high, found empty at the last ask, between two jobs of the normal queue
+# The receivers' socket_timeout (app.py): how long the SDK's pyamqp transport blocks on the socket per pump of the
+# connection. At the SDK's default (0.2 s) no receive returns empty sooner than that, whatever its max_wait_time: a
+# PEEK cost 0.2 s, and a tiny job 213 ms instead of 35 (bench/worker_throughput.py). It also bounds a socket write,
+# and a receiver writes only small frames (flow, disposition, lock renewal); the SDK's advice if writes ever time
+# out is a larger value.
+RECEIVE_SOCKET_TIMEOUT = 0.02
 IDLE_WAIT = 0.5  # seconds per queue while both are empty: the pick-up latency of an idle worker
 
 
