@@ -50,7 +50,7 @@ def submit_batch_job(req: func.HttpRequest) -> func.HttpResponse:
             jobs=d.jobs,
             store=d.blobs,
             publisher=d.publisher,
-            policy=policy(d.settings),
+            policy=policy(d),
         )
     except ImageRejected as e:
         return problem(e.code, e.detail, index=e.index)

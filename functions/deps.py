@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
@@ -20,7 +20,7 @@ from azure.core.credentials import TokenCredential
 from shared.jobs import JobStore
 from shared.reconciler import DeadLetterInbox
 from shared.settings import Settings
-from shared.submission import Publisher
+from shared.submission import BacklogGauge, Publisher
 
 if TYPE_CHECKING:
     from shared.events import EventMessage, Outbox
@@ -52,6 +52,8 @@ class Deps:
     # GET /api/stats and /api/health: the database's aggregates and the queues' depths (Service Bus management API).
     stats: StatsSource
     queue_stats: QueueCounter
+    # Admission control's estimate of the queued jobs (shared.submission.BacklogGauge), one per process.
+    backlog: BacklogGauge = field(default_factory=BacklogGauge)
 
 
 class WebhookDeliverer(Protocol):

@@ -19,7 +19,6 @@ from functions.http import form_files, resource_url, submit_options
 from functions.problems import guarded
 from shared.geotiff import Limits
 from shared.rejection import Rejected
-from shared.settings import Settings
 from shared.submission import Accepted, Policy, Submitted, Upload, submit
 
 bp = func.Blueprint()  # type: ignore[no-untyped-call]
@@ -34,14 +33,14 @@ def submit_job(req: func.HttpRequest) -> func.HttpResponse:
     d = deps.get()
     limits = Limits(d.settings.max_upload_bytes, d.settings.max_pixels, d.settings.max_bands)
     upload = Upload(data=_image_bytes(req, limits.max_bytes), **submit_options(req))
-    outcome = submit(
-        upload, limits=limits, jobs=d.jobs, store=d.blobs, publisher=d.publisher, policy=policy(d.settings)
-    )
+    outcome = submit(upload, limits=limits, jobs=d.jobs, store=d.blobs, publisher=d.publisher, policy=policy(d))
     return _accepted(req, outcome, d.settings.retry_after_seconds)
 
 
-def policy(settings: Settings) -> Policy:
-    return Policy(max_backlog=settings.max_backlog, allow_private_callbacks=settings.webhook_allow_private)
+def policy(d: deps.Deps) -> Policy:
+    return Policy(
+        max_backlog=d.settings.max_backlog, allow_private_callbacks=d.settings.webhook_allow_private, gauge=d.backlog
+    )
 
 
 def _image_bytes(req: func.HttpRequest, max_bytes: int) -> bytes:

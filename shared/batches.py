@@ -183,7 +183,7 @@ def submit_batch(
     chosen = priority(upload.priority)
     target = callback_target(upload.callback_url, upload.callback_events, policy.allow_private_callbacks)
     images = [_validated(i, data, limits, upload) for i, data in enumerate(upload.images)]
-    admit(jobs, len(images), policy.max_backlog, lambda: key is not None and jobs.batch_by_key(key) is not None)
+    admit(jobs, len(images), policy, lambda: key is not None and jobs.batch_by_key(key) is not None)
     callback = new_callback(target)
     new = []
     for image in images:

@@ -16,7 +16,7 @@ from shared.geotiff import Limits
 from shared.jobs import IdempotencyConflict, Job, JobStatus
 from shared.messages import JobMessage
 from shared.rejection import Rejected
-from shared.submission import EnqueueFailed, Policy, Submitted, Upload, submit
+from shared.submission import BacklogGauge, EnqueueFailed, Policy, Submitted, Upload, submit
 from tests import geotiffs
 from tests.fakes import InMemoryBlobStore, InMemoryJobStore, InMemoryPublisher
 from tests.jobs import GONE, claimed
@@ -461,3 +461,49 @@ def test_admission_control_refuses_new_jobs_at_the_bound_but_not_replays(world: 
     running = claimed(world.jobs, first.job)  # only queued jobs count
     assert submit_with(Upload(geotiffs.crafted(width=42))).created
     assert running.status is JobStatus.RUNNING
+
+
+class CountingStore(InMemoryJobStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts = 0
+
+    def backlog(self) -> int:
+        self.counts += 1
+        return super().backlog()
+
+
+def test_the_backlog_gauge_counts_again_near_the_limit_or_after_its_ttl_and_estimates_only_far_below() -> None:
+    now = [0.0]
+    gauge, jobs = BacklogGauge(ttl=1.0, clock=lambda: now[0]), CountingStore()
+    world = World()
+    world.jobs = jobs
+    policy = Policy(max_backlog=8, gauge=gauge)
+
+    def submit_one() -> None:
+        submit(Upload(geotiffs.crafted(width=40 + jobs.counts + len(jobs._jobs))), limits=LIMITS, jobs=jobs,
+               store=world.store, publisher=world.publisher, policy=policy)  # fmt: skip
+
+    submit_one()  # nothing known yet: counted
+    submit_one()  # estimate 1 + 1 new <= 8 / 2: no count
+    submit_one()  # 2 + 1
+    submit_one()  # 3 + 1 = 4: still half
+    assert (jobs.counts, len(jobs._jobs)) == (1, 4)
+    submit_one()  # 4 + 1 > 4: counted again, exactly
+    submit_one()
+    assert jobs.counts == 3
+    submit_one()
+    submit_one()
+    with pytest.raises(Rejected) as info:  # at the limit the decision is exact, as without the gauge
+        submit_one()
+    assert info.value.code == "backlog_full"
+    assert len(jobs._jobs) == 8
+
+    far = Policy(max_backlog=1000, gauge=gauge)
+    submit(Upload(geotiffs.crafted(width=90)), limits=LIMITS, jobs=jobs, store=world.store,
+           publisher=world.publisher, policy=far)  # fmt: skip
+    counted = jobs.counts
+    now[0] += 1.5  # past the ttl: counted again
+    submit(Upload(geotiffs.crafted(width=91)), limits=LIMITS, jobs=jobs, store=world.store,
+           publisher=world.publisher, policy=far)  # fmt: skip
+    assert jobs.counts == counted + 1
