@@ -16,8 +16,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from azure.servicebus import AutoLockRenewer
-
 from gpu_worker.breaker import Breaker
 from gpu_worker.consumer import AttemptLimits, Consumer
 from gpu_worker.handler import Analyzer, JobHandler
@@ -25,6 +23,7 @@ from gpu_worker.heartbeat import Heartbeat
 from gpu_worker.inbox import RECEIVE_SOCKET_TIMEOUT, PriorityInbox
 from gpu_worker.locks import LostLocks
 from gpu_worker.registry import Presence
+from gpu_worker.renewal import LockRenewer
 from gpu_worker.settlement import RetryPolicy
 from gpu_worker.shutdown import Shutdown
 from shared.bus import JobPublisher, servicebus_client
@@ -77,10 +76,7 @@ def run(settings: Settings, *, analyzer: Analyzer | None = None, max_jobs: int |
     try:
         jobs = PostgresJobStore(pool)
         locks = LostLocks()
-        renewer = AutoLockRenewer(
-            max_lock_renewal_duration=settings.lock_renewal_limit.total_seconds(),
-            on_lock_renew_failure=locks.on_renew_failure,
-        )
+        renewer = LockRenewer(locks.on_renew_failure)  # each message in hand, until its settlement
         with (
             servicebus_client(settings) as client,
             renewer,
@@ -123,7 +119,7 @@ def run(settings: Settings, *, analyzer: Analyzer | None = None, max_jobs: int |
                 handled = consumer.run(max_jobs=max_jobs)
             finally:
                 presence.close()
-            renewer.close(wait=False)  # before the receivers close: no renewal may race the links' detach
+            renewer.close()  # before the receivers close: no renewal may race the links' detach
         logger.info(
             "worker stopped after %d messages: %s",
             handled,

@@ -21,9 +21,15 @@
 
 The guard runs from the claim to the settlement. The time limit counts the attempt's own work (downloading,
 analysing, uploading), not its waits in the pipeline (:mod:`gpu_worker.pipeline`) for the main thread or the
-finishing thread: :meth:`AttemptGuard.pause` stops the clock, :meth:`AttemptGuard.resume` starts it again; the lease
-is renewed all along. A timed-out attempt that is paused has stopped: it waits for its settlement, and the process
-does not exit for it.
+finishing thread: :meth:`AttemptGuard.pause` stops the clock, :meth:`AttemptGuard.resume` starts it again (and wakes
+the guard's thread, so that the limit is enforced on time); the lease is renewed all along. A timed-out attempt that
+is paused has stopped: it waits for its settlement, and the process does not exit for it.
+
+``forced`` (the shutdown's :attr:`~gpu_worker.shutdown.Shutdown.forced`): once it is set, :meth:`check` raises
+:class:`~gpu_worker.settlement.Interrupted`, so a download or an upload (which poll their checkpoint) stops as
+promptly as the analysis, which the shutdown interrupts by a signal. ``on_stop``: called once, from whichever thread
+saw it, when the attempt is seen lost or its cancellation requested (the consumer settles a flight that is waiting
+for its turn at once, :meth:`gpu_worker.pipeline.Pipeline.withdraw`).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from types import TracebackType
 
-from gpu_worker.settlement import TIMED_OUT_CODE, AttemptLost, Cancelled, TimedOut
+from gpu_worker.settlement import TIMED_OUT_CODE, AttemptLost, Cancelled, Interrupted, TimedOut
 from shared.errors import CropAIError
 from shared.jobs import Job, JobStore
 
@@ -56,6 +62,8 @@ class AttemptGuard:
         interrupt: Callable[[BaseException], None],
         hard_exit_after: float,
         exit_process: Callable[[int], None] = os._exit,
+        forced: threading.Event | None = None,
+        on_stop: Callable[[], None] = lambda: None,
     ) -> None:
         self._jobs = jobs
         self.job_id = job.job_id
@@ -65,7 +73,10 @@ class AttemptGuard:
         self._interrupt = interrupt
         self._hard_exit_after = hard_exit_after
         self._exit_process = exit_process
+        self._forced = forced
+        self._on_stop = on_stop
         self._done = threading.Event()
+        self._wake = threading.Event()  # the deadline moved (resume) or the attempt is done: the thread looks again
         self._idle = threading.Event()  # no code of the attempt runs: paused, or done
         self._clock = threading.Lock()  # the deadline and the pause, read by the guard's thread
         self._deadline = float("inf")
@@ -85,7 +96,9 @@ class AttemptGuard:
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         self._done.set()
         self._idle.set()
-        self._thread.join()
+        self._wake.set()
+        if self._thread.ident is not None:  # started (a failed __enter__ never started it)
+            self._thread.join()
 
     def pause(self) -> None:
         """The attempt waits for its turn (none of its code runs): its time limit stops counting until
@@ -101,6 +114,7 @@ class AttemptGuard:
                 self._deadline += time.monotonic() - self._paused_at
                 self._paused_at = None
             self._idle.clear()
+        self._wake.set()
 
     def _remaining(self) -> float:
         """Seconds left before the time limit (infinite while paused)."""
@@ -109,13 +123,15 @@ class AttemptGuard:
 
     def check(self) -> None:
         """At a checkpoint: stop if the time limit passed (the interruption may not have arrived yet), if a
-        cancellation was requested, or if the attempt no longer holds the job."""
+        cancellation was requested, if the attempt no longer holds the job, or if the shutdown was forced."""
         if self.timed_out.is_set():
             raise TimedOut(self._timed_out_message)
         if self.cancel_requested.is_set():
             raise Cancelled(f"attempt {self.attempt} of job {self.job_id} stopped: cancellation requested")
         if self.lost.is_set():
             raise AttemptLost(f"attempt {self.attempt} of job {self.job_id} no longer holds the job")
+        if self._forced is not None and self._forced.is_set():
+            raise Interrupted(f"shutdown forced during attempt {self.attempt} of job {self.job_id}")
 
     def observe(self, job: Job | None) -> None:
         """What a fenced write of this attempt returned (a renewal, a progress report): ``None``, the attempt no
@@ -125,19 +141,26 @@ class AttemptGuard:
                 self.lost.set()
                 logger.warning("job %s: attempt %d no longer holds the job", self.job_id, self.attempt,
                                extra={**self._extra, "action": "attempt_lost"})  # fmt: skip
+                self._on_stop()
         elif job.cancel_requested_at is not None and not self.cancel_requested.is_set():
             self.cancel_requested.set()
             logger.info("job %s: cancellation requested; attempt %d stops at its next checkpoint", self.job_id,
                         self.attempt, extra={**self._extra, "action": "cancel_seen"})  # fmt: skip
+            self._on_stop()
 
     def _run(self) -> None:
         tick = max(self._lease.total_seconds() / 3, 0.05)
-        wait = tick
-        while not self._done.wait(min(wait, max(self._remaining(), 0.0))):
+        renew_at = time.monotonic() + tick
+        while True:
+            self._wake.wait(max(min(renew_at - time.monotonic(), self._remaining()), 0.0))
+            self._wake.clear()
+            if self._done.is_set():
+                return
             if self._remaining() <= 0:
                 self._time_out()
                 return
-            wait = tick if self._renew() else tick / 4  # a failed renewal is retried soon: the lease is running out
+            if time.monotonic() >= renew_at:  # a failed renewal is retried soon: the lease is running out
+                renew_at = time.monotonic() + (tick if self._renew() else tick / 4)
 
     def _renew(self) -> bool:
         """Renew the lease; ``False`` when the renewal could not be made (try again soon)."""

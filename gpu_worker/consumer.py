@@ -33,9 +33,10 @@ received in a batch would wait, locked, for a slot of the pipeline. At most ``in
 sequential loop does; above 1, the next job is received, claimed and downloaded, and the last one uploaded and
 settled, while one is analysed. A message prepared ahead is locked to this worker while another job is analysed, so
 an idle worker elsewhere cannot take it (see :mod:`gpu_worker.pipeline`). A drain (SIGTERM) stops receiving: every
-message in hand is analysed and settled within the grace. Past it, the job being analysed is interrupted and those
-prepared but not started are released the same way (``Interrupted``: released uncharged, the next generation sent
-at once), while those being finished complete their settlement; the consumer returns once all are settled, and only
+message in hand is analysed and settled within the grace. Past it, the job being analysed is interrupted, a download
+or upload under way stops at its next check (:mod:`gpu_worker.handler`), and every flight not already settling is
+released the same way (``Interrupted``: released uncharged, the next generation sent at once, by the pipeline's
+settling thread, not behind an upload); the consumer returns once all are settled, and only
 then is the shutdown ``drained``.
 
 After each transition that notifies (the claim; the settlement's succeed, fail or stop; a progress report that
@@ -162,6 +163,7 @@ class Consumer:
         self._analysing: Flight | None = None  # the flight in the main thread's analysis (guarded by the lock)
         self._analysing_lock = threading.Lock()
         self._fatal: BaseException | None = None  # settled; to re-raise once everything in hand is settled
+        self._pipeline: Pipeline[Flight] | None = None  # while run runs
 
     @property
     def settled(self) -> dict[Action, int]:
@@ -172,7 +174,11 @@ class Consumer:
         """Consume until shutdown (or ``max_jobs`` messages); return the number of messages received, every one of
         them settled by then. Call it from the main thread: the analysis runs there."""
         self._fatal = None
-        handled = Pipeline(self, in_flight=self._in_flight, stopping=self._stopping).run(max_jobs)
+        self._pipeline = Pipeline(self, in_flight=self._in_flight, stopping=self._stopping)
+        try:
+            handled = self._pipeline.run(max_jobs)
+        finally:
+            self._pipeline = None
         self._heartbeat.beat()
         if self._fatal is not None:
             raise self._fatal  # KeyboardInterrupt, SystemExit: settled, now let them through
@@ -274,6 +280,7 @@ class Consumer:
                         flight.error = e
                 self._settle(flight)
         finally:
+            self._inbox.release(flight.message)
             flight.span.end()
             if flight.prepared is not None:
                 flight.prepared.close()
@@ -336,7 +343,22 @@ class Consumer:
             timeout=self._limits.timeout,
             interrupt=functools.partial(self._interrupt, flight),
             hard_exit_after=self._limits.hard_exit_after,
+            forced=self._shutdown.forced,
+            on_stop=functools.partial(self._withdraw, flight),
         )
+
+    def _withdraw(self, flight: Flight) -> None:
+        """The attempt is lost or its cancellation was requested (seen by its guard): if it waits for the main
+        thread, settle it now rather than once its turn comes."""
+        pipeline, guard = self._pipeline, flight.guard
+        if pipeline is None or guard is None:
+            return
+        try:
+            guard.check()
+        except BaseException as e:  # Cancelled or AttemptLost: what the settlement decides on
+            if pipeline.withdraw(flight, e):
+                logger.info("job %s: settled without waiting for its analysis (%s)", flight.job_id, type(e).__name__,
+                            extra={**flight.fields, "action": "withdrawn"})  # fmt: skip
 
     @contextlib.contextmanager
     def _analysing_now(self, flight: Flight) -> Iterator[None]:

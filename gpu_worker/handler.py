@@ -13,9 +13,15 @@ stops if it no longer holds the job (:class:`AttemptLost`) or if its cancellatio
 (:class:`Cancelled`), so a run that was taken over or cancelled stops early; if it gets as far as ``succeed``
 anyway, the write is refused and its files, under its own attempt's prefix, never overwrite the winner's.
 
-Uploads: the output files are uploaded concurrently (at most :data:`UPLOADS` at a time); the finishing thread
-reports the ``upload`` stage as each one completes, so progress is reported from one thread, and each report is a
-checkpoint.
+Downloads and uploads run in threads of their own while the stage's thread waits for them, at a checkpoint every
+:data:`POLL` seconds: a forced shutdown, the attempt's time limit, a cancellation or a lost attempt stops the stage
+there, without waiting for the transfer (the pipeline's I/O threads are not interrupted by signals, and an SDK call
+cannot be cancelled). A transfer left behind that way (:class:`~gpu_worker.settlement.Interrupted`: a forced shutdown
+or the time limit) runs on in its daemon thread until the SDK returns, bounded by its own timeouts and retries; what
+it writes goes to the attempt's work directory (removed at the settlement) or under the attempt's own prefix of
+``results``, which no result names. Uploads: the output files are uploaded concurrently (at most :data:`UPLOADS` at
+a time); the finishing thread reports the ``upload`` stage as each one completes, so progress is reported from one
+thread, and each report is a checkpoint.
 
 Cancellation: the ``upload`` stage's first report is written at once and tells whether a cancellation was requested,
 so a cancelled run uploads nothing. A cancellation that arrives during the upload (seen when the next file
@@ -30,17 +36,20 @@ the pipeline's I/O threads keep running while a long job runs in the main thread
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import logging
 import tempfile
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+import threading
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn, Protocol
+from typing import NoReturn, Protocol, TypeVar
 from uuid import UUID
 
 from gpu_worker.analysis import AnalysisOutput, AnalysisRequest
-from gpu_worker.settlement import AttemptLost, Cancelled
+from gpu_worker.settlement import AttemptLost, Cancelled, Interrupted
 from shared.errors import CropAIError, InvalidImage
 from shared.jobs import Job, JobStore
 
@@ -48,6 +57,8 @@ logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 UPLOADS = 4  # output files uploaded at the same time (a job has at most a handful)
+POLL = 0.2  # seconds between two checkpoints while a download or an upload is under way
+T = TypeVar("T")
 
 
 class Outcome(enum.StrEnum):
@@ -121,7 +132,12 @@ class JobHandler:
         )
         try:
             progress.report("download")
-            self._store.download_input(job.input_blob, prepared.image)
+            download = _background(
+                lambda: self._store.download_input(job.input_blob, prepared.image), f"download-{job.job_id}"
+            )
+            while not wait([download], timeout=POLL).done:
+                checkpoint.check()
+            download.result()
             actual = sha256_of(prepared.image)
             if actual != job.input_sha256:
                 raise InvalidImage(
@@ -146,7 +162,7 @@ class JobHandler:
         job_id, attempt = job.job_id, job.attempts
         progress.report("upload")  # written at once: a cancellation requested by now uploads nothing
         checkpoint.check()
-        outputs = self._upload(job, output, progress)
+        outputs = self._upload(job, output, checkpoint, progress)
         result = {**output.result, "attempt": attempt, "outputs": outputs}
         if self._jobs.succeed(job_id, attempt, result) is None:
             current = self._jobs.get(job_id)
@@ -155,30 +171,37 @@ class JobHandler:
             raise AttemptLost(f"attempt {attempt} of job {job_id} was superseded before its result was stored")
         return Outcome.SUCCEEDED
 
-    def _upload(self, job: Job, output: AnalysisOutput, reporter: Reporter) -> dict[str, str]:
+    def _upload(self, job: Job, output: AnalysisOutput, checkpoint: Checkpoint, reporter: Reporter) -> dict[str, str]:
         """Upload the files, at most :data:`UPLOADS` at a time; report (a checkpoint) as each one completes but the
-        last. Whatever stops it, nothing is still uploading when it returns or raises."""
+        last, and check every :data:`POLL` seconds meanwhile. Whatever stops it, nothing is still uploading when it
+        returns or raises, except after :class:`Interrupted` (a forced shutdown, the time limit): the uploads under
+        way are left to finish on their own."""
         if not output.files:
             return {}
         outputs: dict[str, str] = {}
         count = len(output.files)
-        with ThreadPoolExecutor(min(UPLOADS, count), thread_name_prefix=f"upload-{job.job_id}") as pool:
-            pending: dict[Future[str], str] = {
-                pool.submit(self._store.put_result, job.job_id, job.attempts, path.name, path, content_type): key
-                for key, (path, content_type) in output.files.items()
-            }
-            try:
-                while pending:
-                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        outputs[pending.pop(future)] = future.result()
-                    if pending:
-                        reporter.report("upload", len(outputs) / count)
-            except BaseException as e:
-                pool.shutdown(wait=True, cancel_futures=True)  # drop those not started, wait for those under way
-                if isinstance(e, Cancelled):
-                    self._discard(job, str(e))
-                raise
+        waiting = list(output.files.items())
+        running: dict[Future[str], str] = {}
+        try:
+            while waiting or running:
+                while waiting and len(running) < UPLOADS:
+                    key, (path, content_type) = waiting.pop(0)
+                    put = functools.partial(self._store.put_result, job.job_id, job.attempts, path.name, path,
+                                            content_type)  # fmt: skip
+                    running[_background(put, f"upload-{job.job_id}-{key}")] = key
+                done, _ = wait(running, timeout=POLL, return_when=FIRST_COMPLETED)
+                for future in done:
+                    outputs[running.pop(future)] = future.result()
+                if done and (waiting or running):
+                    reporter.report("upload", len(outputs) / count)
+                elif not done:
+                    checkpoint.check()
+        except BaseException as e:
+            if not isinstance(e, Interrupted):
+                wait(running)  # those under way end before it raises (a cancelled attempt's are then deleted)
+            if isinstance(e, Cancelled):
+                self._discard(job, str(e))
+            raise
         return {key: outputs[key] for key in output.files}  # in the analysis' order, whatever the uploads' was
 
     def _discard(self, job: Job, why: str) -> NoReturn:
@@ -193,3 +216,18 @@ class JobHandler:
             logger.info("job %s: deleted %d outputs of cancelled attempt %d", job.job_id, deleted, job.attempts,
                         extra=extra)  # fmt: skip
         raise Cancelled(why)
+
+
+def _background(call: Callable[[], T], name: str) -> Future[T]:
+    """``call()`` in a daemon thread of its own (one a stage need not wait for: see the module docstring)."""
+    future: Future[T] = Future()
+    future.set_running_or_notify_cancel()
+
+    def run() -> None:
+        try:
+            future.set_result(call())
+        except BaseException as e:
+            future.set_exception(e)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future

@@ -2,11 +2,11 @@
 
 The file holds the last *beat* and since when the worker has been *busy*. The pipeline's threads
 (:mod:`gpu_worker.pipeline`) each mark their work on a message: :meth:`Heartbeat.busy` when the preparing thread has
-a message, the main thread starts an analysis, or the finishing thread starts a settlement; :meth:`Heartbeat.idle`
-when it is done. ``busy_since`` is the start of the oldest such piece of work. The receiving loop beats at every
-round (while idle, about every second: a round waits ``WORKER_MAX_WAIT_TIME``, at most 0.5 s, on each of the two
-job queues), and a thread waiting for a backend beats at each probe, which also renews its own work's start (waiting
-for the database is not hanging).
+a message, the main thread starts an analysis, or the finishing (or settling) thread starts a settlement;
+:meth:`Heartbeat.idle` when it is done. ``busy_since`` is the start of the oldest such piece of work. The receiving
+loop beats at every round (while idle, about every second: a round waits ``WORKER_MAX_WAIT_TIME``, at most 0.5 s, on
+each of the two job queues), and a thread waiting for a backend beats at each probe, which also renews its own
+work's start (waiting for the database is not hanging).
 
 The worker is unhealthy when a piece of work is older than ``busy_limit`` (the attempt's time limit,
 ``JOB_TIMEOUT``: it overruns, and the worker is unhealthy until it has stopped it, see :mod:`gpu_worker.attempt`),

@@ -2,9 +2,9 @@
 
 Service Bus has no per-message priority, so priorities are two queues (the Priority Queue pattern): ``jobs-high``
 and ``jobs``, one receiver each on the worker's one client. Each receiver is used from several threads (received
-here, settled by the pipeline's finishing thread, renewed by the ``AutoLockRenewer``), so the inbox wraps it in a
-:class:`~gpu_worker.receiver.SerialReceiver` (one call at a time) and registers each message it hands out with the
-renewer through that wrapper. Each :meth:`PriorityInbox.receive` returns at most one message (see
+here, settled by the pipeline's finishing threads, renewed by :class:`~gpu_worker.renewal.LockRenewer`), so the
+inbox wraps it in a :class:`~gpu_worker.receiver.SerialReceiver` (one call at a time) and registers each message it
+hands out with the renewer through that wrapper. Each :meth:`PriorityInbox.receive` returns at most one message (see
 :mod:`gpu_worker.consumer`), with the receiver that must settle it:
 
 * ``jobs-high`` is asked first, then ``jobs``. While there is work, each ask waits only ``QUICK`` (a queue that holds
@@ -37,13 +37,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, Protocol
 
-from azure.servicebus import AutoLockRenewer, ServiceBusReceivedMessage, ServiceBusReceiver
+from azure.servicebus import ServiceBusReceivedMessage, ServiceBusReceiver
 from azure.servicebus.exceptions import ServiceBusError
 
 from gpu_worker.locks import LostLocks
 from gpu_worker.receiver import SerialReceiver
+from gpu_worker.renewal import LockRenewer
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,13 @@ PEEK = 0.02  # seconds: a look at jobs-high, found empty at the last ask, betwee
 # out is a larger value.
 RECEIVE_SOCKET_TIMEOUT = 0.02
 IDLE_WAIT = 0.5  # seconds per queue while both are empty: the pick-up latency of an idle worker
+
+
+class Renewer(Protocol):
+    """Renews the lock of each message registered (:class:`~gpu_worker.renewal.LockRenewer`; tests may give the
+    SDK's ``AutoLockRenewer``)."""
+
+    def register(self, receiver: Any, message: Any, /) -> object: ...
 
 
 @dataclass(frozen=True)
@@ -74,7 +82,7 @@ class PriorityInbox:
         burst: int,
         wait: float,
         locks: LostLocks,
-        renewer: AutoLockRenewer | None = None,
+        renewer: Renewer | None = None,
     ) -> None:
         """``burst``: ``WORKER_HIGH_PRIORITY_BURST``; ``wait``: ``WORKER_MAX_WAIT_TIME``, capped at ``IDLE_WAIT``;
         ``locks``: the renewer's record of lost locks, where a skipped message is forgotten; ``renewer``: renews the
@@ -129,8 +137,13 @@ class PriorityInbox:
                            extra=extra)  # fmt: skip
             return None
         if self._renewer is not None:  # through the wrapper: each renewal holds the receiver's lock
-            self._renewer.register(cast(ServiceBusReceiver, receiver), message)
+            self._renewer.register(receiver, message)
         return Received(message, receiver, priority)
+
+    def release(self, message: ServiceBusReceivedMessage) -> None:
+        """The message is out of hand (settled, or left to the broker): its lock is renewed no more."""
+        if isinstance(self._renewer, LockRenewer):
+            self._renewer.forget(message)
 
     def _revoke_credit(self, receiver: SerialReceiver) -> None:
         """Take back the credit an empty receive left on the link (a flow with link-credit 0, which AMQP allows a

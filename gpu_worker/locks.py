@@ -1,11 +1,11 @@
 """Which received messages have lost their lock, as far as this worker knows.
 
-The receiver renews each message's lock with the SDK's :class:`~azure.servicebus.AutoLockRenewer` for
-:attr:`shared.settings.Settings.lock_renewal_limit` (the attempt's time limit plus the grace to stop and settle), so
-a lock outlives any attempt that is allowed to run. If a renewal fails anyway (the connection dropped), the message
-is settled by nobody here: the broker redelivers it, and the job's row (its lease, its attempt) decides what the
-redelivery does. :meth:`LostLocks.on_renew_failure` is the renewer's ``on_lock_renew_failure`` (called from its
-threads).
+The worker renews each message's lock while it is in hand, from its receive to its settlement
+(:class:`gpu_worker.renewal.LockRenewer`, whatever the time it waits in the pipeline), so a lock outlives its
+message's attempt. If a renewal fails anyway and the lock runs out (the connection stayed down), the message is
+settled by nobody here: the broker redelivers it, and the job's row (its lease, its attempt) decides what the
+redelivery does. :meth:`LostLocks.on_renew_failure` is the renewer's ``on_failure`` (the SDK's
+``on_lock_renew_failure`` has the same signature; called from the renewer's thread).
 
 A lock token is remembered only while its lock has not run out by its own time (after that :meth:`LostLocks.lost`
 says so without it), and forgotten once the message is left to the broker: settled (:mod:`gpu_worker.settle`) or

@@ -1,18 +1,21 @@
 """The worker's pipeline: the I/O of the jobs before and after the one being analysed overlaps its analysis.
 
-Three threads, a bounded number of messages in flight (``WORKER_JOBS_IN_FLIGHT``: received and not yet settled)::
+Four threads, a bounded number of messages in flight (``WORKER_JOBS_IN_FLIGHT``: received and not yet settled)::
 
     preparing thread   receive -> prepare (decode, claim, download) ──► ready ──┐
-    calling (main)     compute (the analysis), one at a time      ◄───────────┘ ──► finishing
+    calling (main)     compute (the analysis), one at a time      ◄───────────┘ ──► finishing (or settling)
     finishing thread   finish (upload, store the result) -> settle, then free the message's slot
+    settling thread    finish an item that has an error (nothing to upload: settle it), then free its slot
 
-The preparing thread takes a slot before each receive and the finishing thread gives it back once the message is
-settled, so at most ``in_flight`` messages are in hand; with 1 the worker is strictly sequential (the next message
-is received only once the last one is settled). The analysis stays in the thread that calls :meth:`Pipeline.run`
-(the main thread: :mod:`gpu_worker.shutdown` interrupts only it, with a signal). An item that fails (or has nothing
-to run) while it is prepared goes straight to the finishing thread, which settles every item, whatever became of
-it: the stages record what they raised in the item (:attr:`Item.error`), and one that escapes a stage (a bug) is
-recorded there too.
+The preparing thread takes a slot before each receive and the finishing (or settling) thread gives it back once the
+message is settled, so at most ``in_flight`` messages are in hand; with 1 the worker is strictly sequential (the
+next message is received only once the last one is settled). The analysis stays in the thread that calls
+:meth:`Pipeline.run` (the main thread: :mod:`gpu_worker.shutdown` interrupts only it, with a signal). An item that
+fails (or has nothing to run) while it is prepared goes straight to be settled: the stages record what they raised
+in the item (:attr:`Item.error`), and one that escapes a stage (a bug) is recorded there too. An item with an error
+goes to the settling thread, not the finishing one, so that its settlement (a release, at a forced shutdown) never
+waits behind another item's upload. :meth:`Pipeline.withdraw` settles an item that waits for the main thread at once
+(its job was cancelled, or lost, meanwhile).
 
 The trade-off of ``in_flight`` above 1: a message prepared ahead is locked to this worker, and its job claimed,
 while another job is analysed, so an idle worker elsewhere cannot take it; a worker that dies takes that many
@@ -61,7 +64,7 @@ class Stages(Protocol[T]):
         ...
 
     def finish(self, item: T) -> None:
-        """In the finishing thread: finish the item and settle it."""
+        """In the finishing thread (the settling thread for an item with an error): finish the item and settle it."""
         ...
 
 
@@ -74,6 +77,9 @@ class Pipeline(Generic[T]):
         self._slots = threading.Semaphore(in_flight)
         self._ready: queue.SimpleQueue[T | None] = queue.SimpleQueue()  # None: the preparing thread is done
         self._finishing: queue.SimpleQueue[T | None] = queue.SimpleQueue()  # None: nothing more will come
+        self._settling: queue.SimpleQueue[T | None] = queue.SimpleQueue()  # items with an error; None: as above
+        self._waiting: set[int] = set()  # ids of the items in ready, not yet taken by the main thread
+        self._waiting_lock = threading.Lock()
         self._stop = threading.Event()  # set when a stage failed outside its item (a bug): receive no more
         self._failure: BaseException | None = None
         self.received = 0
@@ -82,18 +88,27 @@ class Pipeline(Generic[T]):
         """Run until stopping (or ``max_items`` received); return the number of items received, every one of them
         finished by then. Re-raises an error that escaped ``receive`` or ``finish`` (a bug), once all are finished."""
         preparing = threading.Thread(target=self._prepare_all, args=(max_items,), name="pipeline-prepare", daemon=True)
-        finishing = threading.Thread(target=self._finish_all, name="pipeline-finish", daemon=True)
+        finishing = threading.Thread(
+            target=self._finish_all, args=(self._finishing,), name="pipeline-finish", daemon=True
+        )
+        settling = threading.Thread(
+            target=self._finish_all, args=(self._settling,), name="pipeline-settle", daemon=True
+        )
         finishing.start()
+        settling.start()
         preparing.start()
         try:
             while (item := self._ready.get()) is not None:
-                self._compute(item)
+                if self._take(item):
+                    self._compute(item)
         finally:  # whatever ended the loop, every item received is finished
             self._stop.set()
             preparing.join()
             self._skip_the_rest()
             self._finishing.put(None)
+            self._settling.put(None)
             finishing.join()
+            settling.join()
         if self._failure is not None:
             raise self._failure
         return self.received
@@ -115,18 +130,47 @@ class Pipeline(Generic[T]):
                     self._slots.release()
                     continue
                 self.received += 1
-                (self._ready if self._run_stage(self._stages.prepare, item) else self._finishing).put(item)
+                if self._run_stage(self._stages.prepare, item):
+                    with self._waiting_lock:
+                        self._waiting.add(id(item))
+                    self._ready.put(item)
+                else:
+                    self._done_with(item)
         except BaseException as e:  # a bug in receive: receive no more; what is in flight still finishes
             self._failed(e)
         finally:
             self._ready.put(None)
 
+    def withdraw(self, item: T, error: BaseException) -> bool:
+        """If ``item`` waits for the main thread (prepared, not yet computed), take it out of the line with ``error``
+        and have it settled now (from any thread); ``False`` if it is not waiting (being computed, or past that)."""
+        with self._waiting_lock:
+            if id(item) not in self._waiting:
+                return False
+            self._waiting.discard(id(item))
+            if item.error is None:
+                item.error = error
+        self._settling.put(item)
+        return True
+
+    def _take(self, item: T) -> bool:
+        """The main thread takes ``item`` from the line, unless it was withdrawn meanwhile."""
+        with self._waiting_lock:
+            if id(item) not in self._waiting:
+                return False
+            self._waiting.discard(id(item))
+            return True
+
     def _compute(self, item: T) -> None:
         self._run_stage(self._stages.compute, item)
-        self._finishing.put(item)
+        self._done_with(item)
 
-    def _finish_all(self) -> None:
-        while (item := self._finishing.get()) is not None:
+    def _done_with(self, item: T) -> None:
+        """To the finishing thread, or the settling thread if it has an error (no upload: nothing to wait for)."""
+        (self._finishing if item.error is None else self._settling).put(item)
+
+    def _finish_all(self, line: queue.SimpleQueue[T | None]) -> None:
+        while (item := line.get()) is not None:
             try:
                 self._stages.finish(item)
             except BaseException as e:  # a bug in the settlement: the message is left to the broker
@@ -141,10 +185,10 @@ class Pipeline(Generic[T]):
                 item = self._ready.get_nowait()
             except queue.Empty:
                 return
-            if item is not None:
+            if item is not None and self._take(item):
                 if item.error is None:
                     item.error = self._failure or RuntimeError("the pipeline stopped before computing it")
-                self._finishing.put(item)
+                self._settling.put(item)
 
     def _run_stage(self, stage: Callable[[T], bool | None], item: T) -> bool:
         """``stage(item)``; what escapes it (a bug) becomes the item's error."""

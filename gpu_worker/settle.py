@@ -11,14 +11,16 @@ lease runs out, comes back to the job. The job's webhook events are then handed 
 The message's side: complete, abandon or dead-letter it with the receiver it came from; a message whose lock was
 lost is left to the broker (its redelivery finds the job moved on), and a settlement the broker refuses is logged.
 
-Settlements are made by the pipeline's one finishing thread (:mod:`gpu_worker.pipeline`), so :attr:`Settler.settled`
-needs no lock; the receiver serialises them with its receives and lock renewals
-(:class:`~gpu_worker.receiver.SerialReceiver`).
+Settlements are made by the pipeline's finishing and settling threads (:mod:`gpu_worker.pipeline`), so
+:attr:`Settler.settled` is counted under a lock; the receiver serialises them with its receives and lock renewals
+(:class:`~gpu_worker.receiver.SerialReceiver`, which reopens a receiver that a failed receive closed). A settlement
+the SDK refuses with a ``ValueError`` (a receiver closed and not reopened) is a failed settlement like any other.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 from uuid import UUID
@@ -58,6 +60,7 @@ class Settler:
         self._notifier = notifier
         self._when_the_database_answers = wait
         self.settled: dict[Action, int] = dict.fromkeys(Action, 0)  # messages, by what the broker was told
+        self._lock = threading.Lock()  # the pipeline settles from two threads
 
     def settle(
         self,
@@ -118,11 +121,12 @@ class Settler:
                 receiver.abandon_message(message)
             elif decision.action is Action.DEAD_LETTER:
                 receiver.dead_letter_message(message, reason=decision.reason, error_description=decision.description)
-        except (ServiceBusError, MessageAlreadySettled) as e:  # lock lost, connection gone: the broker redelivers
+        except (ServiceBusError, MessageAlreadySettled, ValueError) as e:  # lock lost, connection gone: redelivered
             logger.warning("could not %s message %s: %r", decision.action.value, message.message_id, e,
                            extra={**fields, "action": "settle_failed"})  # fmt: skip
             return
-        self.settled[decision.action] += 1
+        with self._lock:
+            self.settled[decision.action] += 1
 
     def _fail(self, job: Job, decision: Decision, fields: dict[str, Any]) -> Decision:
         """Fail the attempt before its message leaves the queue (waiting for the database if it is down); if that

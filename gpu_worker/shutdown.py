@@ -7,7 +7,9 @@ running out, sets ``forced``: the job being analysed is interrupted with :class:
 (raised in the main thread by a signal handler, only inside :meth:`Shutdown.interruptible`, so the settlement that
 follows is never cut short), and a job prepared but not started meets the same error as it enters
 :meth:`Shutdown.interruptible`: each attempt is released, uncharged, and the job's next generation sent at once for
-another worker. Jobs being finished (uploaded, settled) complete. ``drained`` is set once the consumer has settled
+another worker; a download or upload in progress stops at its next check (the attempt's guard raises
+``Interrupted`` once ``forced`` is set, :mod:`gpu_worker.attempt`) and its job is released too. Settlements under way
+complete. ``drained`` is set once the consumer has settled
 every message in hand.
 
 The same path interrupts one job without a shutdown: :meth:`Shutdown.interrupt` (the attempt's time limit, see

@@ -136,11 +136,6 @@ class Settings(BaseModel):
         """Both job queues, high priority first."""
         return (self.jobs_high_queue, self.jobs_queue)
 
-    @property
-    def lock_renewal_limit(self) -> timedelta:
-        """How long the worker renews a message's lock: the time limit plus the grace to stop and settle."""
-        return self.job_timeout + timedelta(seconds=self.worker_shutdown_grace) + self.job_lease
-
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Build settings from ``environ`` (default: ``os.environ``); unknown variables are ignored."""

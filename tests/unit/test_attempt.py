@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from gpu_worker.attempt import EXIT_TIMED_OUT, AttemptGuard
-from gpu_worker.settlement import AttemptLost, Cancelled, TimedOut
+from gpu_worker.settlement import AttemptLost, Cancelled, Interrupted, TimedOut
 from gpu_worker.shutdown import Shutdown
 from shared.errors import DatabaseUnavailable
 from shared.jobs import Job, JobStatus
@@ -260,3 +260,27 @@ def test_an_interrupted_attempt_waiting_for_its_settlement_does_not_exit_the_pro
         g.pause()  # the analysis raised TimedOut and returned to the pipeline
         time.sleep(0.5)  # past hard_exit_after, still not settled
     assert exit_process.calls == []
+
+
+def test_resume_wakes_the_guard_so_that_the_time_limit_is_not_late(jobs: InMemoryJobStore, running: Job) -> None:
+    """With a long lease the guard's thread sleeps a third of it between renewals; a resumed attempt's time limit
+    must not wait for that (it fires within ``WAIT``, not a lease/3 of 100 s later)."""
+    interrupt = Recorder()
+    g = AttemptGuard(jobs, running, lease=timedelta(minutes=5), timeout=timedelta(milliseconds=100),
+                     interrupt=interrupt, hard_exit_after=WAIT, exit_process=Recorder())  # fmt: skip
+    with g:
+        g.pause()
+        time.sleep(0.2)  # paused past the limit: the thread now sleeps until its next renewal
+        g.resume()
+        assert interrupt.called.wait(WAIT)
+    assert isinstance(interrupt.calls[0], TimedOut)
+
+
+def test_a_forced_shutdown_makes_every_checkpoint_raise_interrupted(jobs: InMemoryJobStore, running: Job) -> None:
+    forced = threading.Event()
+    g = AttemptGuard(jobs, running, lease=LEASE, timeout=LONG, interrupt=Recorder(), hard_exit_after=WAIT,
+                     exit_process=Recorder(), forced=forced)  # fmt: skip
+    g.check()
+    forced.set()
+    with pytest.raises(Interrupted):
+        g.check()

@@ -18,7 +18,7 @@ from gpu_worker.attempt import AttemptGuard
 from gpu_worker.handler import UPLOADS, JobHandler, Outcome, Reporter
 from gpu_worker.handler import Checkpoint as HandlerCheckpoint
 from gpu_worker.progress import STAGES, Progress
-from gpu_worker.settlement import AttemptLost, Cancelled
+from gpu_worker.settlement import AttemptLost, Cancelled, Interrupted, TimedOut
 from shared.errors import CropAIError, InputMissing, InvalidImage, StorageUnavailable
 from shared.jobs import Job, JobStatus
 from tests.fakes import InMemoryJobStore, RecordingOutbox
@@ -454,3 +454,109 @@ def test_a_refused_succeed_of_a_taken_over_attempt_is_not_a_cancel(jobs: InMemor
     with pytest.raises(AttemptLost):
         run_attempt(JobHandler(jobs, store, StandInAnalyzer()), loser)
     assert store.deleted == []  # a loser's files stay under its own prefix, as ever
+
+
+class StuckStore(MemoryStore):
+    """A download or an upload that does not end until ``gate`` is set (a hung transfer); ``started`` once one
+    began, ``ended`` once one returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        self.ended = threading.Event()
+
+    def _stuck(self) -> None:
+        self.started.set()
+        self.gate.wait(WAIT)
+        self.ended.set()
+
+    def download_input(self, blob_name: str, path: Path) -> None:
+        self._stuck()
+        super().download_input(blob_name, path)
+
+    def put_result(self, job_id: UUID, attempt: int, name: str, path: Path, content_type: str) -> str:
+        self._stuck()
+        return super().put_result(job_id, attempt, name, path, content_type)
+
+
+class Forced:
+    """A checkpoint that raises :class:`Interrupted` once ``forced`` is set (a forced shutdown)."""
+
+    def __init__(self) -> None:
+        self.forced = threading.Event()
+
+    def check(self) -> None:
+        if self.forced.is_set():
+            raise Interrupted("shutdown forced")
+
+
+def force_once_started(store: StuckStore, checkpoint: Forced) -> None:
+    """In a thread: force the shutdown once the transfer started."""
+
+    def force() -> None:
+        if store.started.wait(WAIT):
+            checkpoint.forced.set()
+
+    threading.Thread(target=force, daemon=True).start()
+
+
+def stuck_stage(handler: JobHandler, job: Job, store: StuckStore, stage: str) -> None:
+    """Run ``stage`` with a checkpoint that a forced shutdown makes raise, forced once the transfer started."""
+    checkpoint = Forced()
+    if stage == "download":
+        force_once_started(store, checkpoint)
+        handler.prepare(job, checkpoint, Stages(Checkpoint()))
+        return
+    store.gate.set()  # the download goes through
+    prepared = handler.prepare(job, checkpoint, Stages(Checkpoint()))
+    output = handler.analyse(job, prepared, Stages(Checkpoint()))
+    store.gate.clear()
+    store.started.clear()
+    store.ended.clear()
+    force_once_started(store, checkpoint)
+    try:
+        handler.finish(job, output, checkpoint, Stages(Checkpoint()))
+    finally:
+        prepared.close()
+
+
+@pytest.mark.parametrize("stage", ["download", "upload"])
+def test_a_forced_shutdown_stops_a_download_or_an_upload_under_way_without_waiting_for_it(
+    jobs: InMemoryJobStore, stage: str
+) -> None:
+    """The pipeline's I/O threads are not interrupted by signals: the stage polls its checkpoint while the transfer
+    runs, and stops there; the transfer is left to end on its own."""
+    store = StuckStore()
+    job = running_job(jobs, store, FIELDS.read_bytes())
+    handler = JobHandler(jobs, store, StandInAnalyzer())
+    try:
+        with pytest.raises(Interrupted):
+            stuck_stage(handler, job, store, stage)
+        assert not store.ended.is_set()  # stopped while the transfer was still under way
+    finally:
+        store.gate.set()
+
+
+def test_a_time_limit_reached_during_a_download_fails_the_attempt_without_exiting_the_process(
+    jobs: InMemoryJobStore,
+) -> None:
+    """The download hangs past the attempt's time limit: the attempt stops at its next poll with ``TimedOut`` and is
+    failed ``timed_out``; the process does not exit (which would kill the job being analysed meanwhile)."""
+    store = StuckStore()
+    job = running_job(jobs, store, FIELDS.read_bytes())
+    handler = JobHandler(jobs, store, StandInAnalyzer())
+    exits: list[int] = []
+    guard = AttemptGuard(jobs, job, lease=LEASE, timeout=timedelta(milliseconds=200), interrupt=lambda e: None,
+                         hard_exit_after=0.5, exit_process=exits.append)  # fmt: skip
+    try:
+        with guard:
+            with pytest.raises(TimedOut):
+                handler.prepare(job, guard, Stages(Checkpoint()))
+            guard.pause()  # as the consumer does once prepare ends
+        assert not store.ended.is_set()
+        time.sleep(0.6)  # past hard_exit_after
+        assert exits == []
+        assert (jobs.get(job.job_id) or job).error_code == "timed_out"
+    finally:
+        store.gate.set()

@@ -1,6 +1,7 @@
 """The pipelined consumer with several messages in flight, on the in-memory fakes: the stages of different jobs
 overlap, at most ``in_flight`` messages are in hand, each is settled exactly once whatever stage ended it, and a drain
-or a forced shutdown settles exactly the jobs in flight. (On the real backends: tests/integration/test_worker.py.)
+or a forced shutdown settles exactly the jobs in flight. (On the real backends:
+tests/integration/test_worker_pipeline.py.)
 
 Overlap is shown by order, never by speed: a stage of one job waits (with a bound on a hang) for an event of
 another's that only a pipelined worker lets happen meanwhile.
@@ -11,11 +12,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
 import pytest
 
+from gpu_worker.consumer import AttemptLimits
 from gpu_worker.handler import Reporter
 from gpu_worker.pipeline import Pipeline
 from gpu_worker.settlement import Action
@@ -263,3 +266,75 @@ def test_an_error_escaping_receive_stops_receiving_finishes_what_is_in_hand_and_
 def test_in_flight_must_be_positive() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         Pipeline(Items(0), in_flight=0, stopping=lambda: False)
+
+
+def test_a_forced_shutdown_releases_the_analysed_job_without_waiting_for_an_upload_in_progress(
+    make_world: Callable[..., World], shutdown: Shutdown
+) -> None:
+    """a is being uploaded (its upload does not end until b is released), b analysed, when the shutdown is forced: b
+    is released (its next generation sent) while a's upload is still under way, not queued behind it."""
+    world = make_world(in_flight=2, shutdown=shutdown)
+    a, b = (new_job(world.jobs) for _ in range(2))
+    for job in (a, b):
+        world.queue(job)
+    released_during_upload: list[bool] = []
+
+    def upload(job: Job) -> None:
+        if job.job_id == a.job_id:
+            deadline = time.monotonic() + WAIT
+            while not any(m.message_id == f"{b.job_id}:2" for m, _ in world.publisher.sent):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.005)
+            released_during_upload.append(any(m.message_id == f"{b.job_id}:2" for m, _ in world.publisher.sent))
+
+    world.handler.on_finish = upload
+
+    def force_while_analysing() -> None:
+        until(world, ("analysed", a.job_id))
+
+        def twice() -> None:  # a drain, then a second request: forced
+            shutdown.request("SIGTERM")
+            shutdown.request("SIGTERM again")
+
+        threading.Thread(target=twice).start()
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:  # the analysis: interrupted in here
+            time.sleep(0.01)
+        pytest.fail("the analysis was not interrupted")
+
+    world.handler.before = hooked({b.job_id: force_while_analysing})
+    assert world.consumer.run() == 2
+    assert released_during_upload == [True]
+    assert (world.job(b).status, world.job(b).charged) == (JobStatus.QUEUED, 0)
+
+
+def test_a_job_cancelled_while_it_waits_for_the_analysis_is_settled_without_waiting_for_its_turn(
+    make_world: Callable[..., World],
+) -> None:
+    """b is prepared and waits while a is analysed; b's cancellation, seen by b's guard (its lease renewal), settles
+    b at once (stopped, cancelled, its message completed) while a's analysis still runs."""
+    world = make_world(in_flight=2)
+    world.consumer._limits = AttemptLimits(lease=timedelta(seconds=0.3), timeout=timedelta(minutes=10),
+                                           hard_exit_after=5)  # fmt: skip
+    a, b = (new_job(world.jobs) for _ in range(2))
+    for job in (a, b):
+        world.queue(job)
+    settled_during_a: list[bool] = []
+
+    def analyse_a() -> None:
+        until(world, ("prepared", b.job_id))
+        world.jobs.request_cancel(b.job_id)
+        deadline = time.monotonic() + WAIT
+        while not any(mid == f"{b.job_id}:1" for _, mid, _ in world.receiver.settled):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.005)
+        settled_during_a.append(any(mid == f"{b.job_id}:1" for _, mid, _ in world.receiver.settled))
+
+    world.handler.before = hooked({a.job_id: analyse_a})
+    assert world.consumer.run(max_jobs=2) == 2
+    assert settled_during_a == [True]
+    assert world.job(b).status is JobStatus.CANCELLED
+    assert world.handler.runs == [1]  # b never analysed
+    assert world.job(a).status is JobStatus.SUCCEEDED
