@@ -42,6 +42,26 @@ def until(world: World, event: tuple[str, UUID]) -> None:
         time.sleep(0.005)
 
 
+def forcing_after(world: World, shutdown: Shutdown, event: tuple[str, UUID]) -> Callable[[], None]:
+    """An analysis hook: once ``event`` happened, force the shutdown (a drain, then a second request) and stay in the
+    analysis until the shutdown interrupts it."""
+
+    def force_while_analysing() -> None:
+        until(world, event)
+
+        def twice() -> None:
+            shutdown.request("SIGTERM")
+            shutdown.request("SIGTERM again")
+
+        threading.Thread(target=twice).start()
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:  # the analysis: interrupted in here
+            time.sleep(0.01)
+        pytest.fail("the analysis was not interrupted")
+
+    return force_while_analysing
+
+
 def hooked(hooks: dict[UUID, Callable[[], object]]) -> Callable[[Job, Reporter], object]:
     """An analysis hook that runs the job's own hook, if it has one."""
     return lambda job, _: hooks.get(job.job_id, lambda: None)()
@@ -172,21 +192,7 @@ def test_a_forced_shutdown_releases_the_analysed_and_the_prepared_jobs_uncharged
     for job in (a, b, c, d):
         world.queue(job)
     world.handler.on_finish = lambda job: job.job_id == a.job_id and shutdown.forced.wait(WAIT)
-
-    def force_while_analysing() -> None:
-        until(world, ("prepared", c.job_id))
-
-        def twice() -> None:  # a drain, then a second request: forced
-            shutdown.request("SIGTERM")
-            shutdown.request("SIGTERM again")
-
-        threading.Thread(target=twice).start()
-        deadline = time.monotonic() + WAIT
-        while time.monotonic() < deadline:  # the analysis: interrupted in here
-            time.sleep(0.01)
-        pytest.fail("the analysis was not interrupted")
-
-    world.handler.before = hooked({b.job_id: force_while_analysing})
+    world.handler.before = hooked({b.job_id: forcing_after(world, shutdown, ("prepared", c.job_id))})
     assert world.consumer.run() == 3
     assert world.job(a).status is JobStatus.SUCCEEDED  # finishing: never cut short
     for job in (b, c):
@@ -289,21 +295,7 @@ def test_a_forced_shutdown_releases_the_analysed_job_without_waiting_for_an_uplo
             released_during_upload.append(any(m.message_id == f"{b.job_id}:2" for m, _ in world.publisher.sent))
 
     world.handler.on_finish = upload
-
-    def force_while_analysing() -> None:
-        until(world, ("analysed", a.job_id))
-
-        def twice() -> None:  # a drain, then a second request: forced
-            shutdown.request("SIGTERM")
-            shutdown.request("SIGTERM again")
-
-        threading.Thread(target=twice).start()
-        deadline = time.monotonic() + WAIT
-        while time.monotonic() < deadline:  # the analysis: interrupted in here
-            time.sleep(0.01)
-        pytest.fail("the analysis was not interrupted")
-
-    world.handler.before = hooked({b.job_id: force_while_analysing})
+    world.handler.before = hooked({b.job_id: forcing_after(world, shutdown, ("analysed", a.job_id))})
     assert world.consumer.run() == 2
     assert released_during_upload == [True]
     assert (world.job(b).status, world.job(b).charged) == (JobStatus.QUEUED, 0)
