@@ -119,7 +119,7 @@ def test_each_message_names_the_receiver_that_settles_it() -> None:
 
 
 class Renewer:
-    """Records what the inbox registers with the ``AutoLockRenewer``."""
+    """Records what the inbox registers with its renewer (the worker's ``gpu_worker.renewal.LockRenewer``)."""
 
     def __init__(self) -> None:
         self.registered: list[tuple[Any, Any]] = []
