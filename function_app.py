@@ -1,5 +1,6 @@
 """The Function App: wiring only. Handlers live in ``functions/`` (blueprints); dependencies are built on the first
-request (``functions/deps.py``), so importing this module reads no setting and opens no connection."""
+request (``functions/deps.py``), so importing this module reads no setting and opens no connection. It sets the Azure
+SDKs' log level (WARNING: see ``shared/logs.py``), which ``host.json`` cannot."""
 
 import azure.functions as func
 
@@ -14,6 +15,9 @@ from functions.stats import bp as stats_bp
 from functions.status import bp as status_bp
 from functions.submit import bp as submit_bp
 from functions.webhooks import bp as webhooks_bp
+from shared.logs import quiet_azure_sdks
+
+quiet_azure_sdks()
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 app.register_functions(submit_bp)

@@ -24,6 +24,11 @@ from shared.submission import Accepted, Policy, Submitted, Upload, submit
 bp = func.Blueprint()  # type: ignore[no-untyped-call]
 
 RAW_TYPES = frozenset({"", "image/tiff", "image/tif", "image/geotiff", "application/octet-stream"})
+# The Functions host does not pass a chunked body to the app (azure-functions-host#7930): it arrives empty.
+CHUNKED_DETAIL = (
+    "the body was sent with Transfer-Encoding: chunked, which the Functions host does not pass on: "
+    "send the image with a Content-Length header"
+)
 
 
 @bp.function_name("submit_job")
@@ -45,6 +50,8 @@ def policy(d: deps.Deps) -> Policy:
 
 def _image_bytes(req: func.HttpRequest, max_bytes: int) -> bytes:
     body = req.get_body()
+    if not body and "chunked" in req.headers.get("Transfer-Encoding", "").lower():
+        raise Rejected("empty_body", CHUNKED_DETAIL)
     if len(body) > max_bytes:
         raise Rejected("payload_too_large", f"the body is {len(body)} bytes; the limit is {max_bytes}")
     media_type = req.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()

@@ -25,7 +25,13 @@ an exception, so the queue's ``MaxDeliveryCount`` dead-letters a message that ke
 ``metadata``). A listener reconnects after a failure, forever; on stop, running invocations finish within a few
 seconds or their messages are abandoned. Topics, sessions and batches are not supported.
 
+Its HTTP layer answers as the host in Azure does where the two could differ (``server``'s docstring lists how): a
+chunked body reaches the function empty, empty query values are dropped and repeated ones joined with ``,``, a path
+or method no function serves is an empty 404; and it holds up against hostile clients: bounded reads, a 400 for
+ambiguous framing, problem+json for every error it detects itself.
+
 Modules: ``routes`` (the route table), ``invoke`` (HttpRequest in, HttpResponse out), ``server`` (the HTTP server),
+``framing`` (request body framing), ``deadline`` (bounded reads),
 ``ncrontab`` (schedule expressions), ``timers`` (the timer functions of an app), ``scheduler`` (running them),
 ``monitor`` (the schedule monitor's decisions), ``status_files`` (where it keeps each timer's status),
 ``servicebus`` (the Service Bus functions of an app and their connections), ``servicebus_options`` (host.json's

@@ -30,7 +30,7 @@ from types import FrameType
 from typing import Any
 
 from local.functions_host.invoke import EventLoopThread
-from local.functions_host.routes import RouteTable, load_route_prefix, routes_of
+from local.functions_host.routes import RouteTable, load_max_outstanding_requests, load_route_prefix, routes_of
 from local.functions_host.scheduler import DEFAULT_STOP_TIMEOUT, TimerScheduler
 from local.functions_host.server import DEFAULT_BODY_LIMIT, FunctionsHost, HostConfig
 from local.functions_host.servicebus import servicebus_functions_of
@@ -63,6 +63,7 @@ def config_from(args: argparse.Namespace, environ: dict[str, str]) -> HostConfig
     return HostConfig(
         host=args.host,
         port=args.port,
+        max_connections=load_max_outstanding_requests(args.host_json),
         body_limit=int(environ.get("FUNCTIONS_REQUEST_BODY_SIZE_LIMIT", DEFAULT_BODY_LIMIT)),
         enforce_keys=environ.get("FUNCTIONS_HOST_ENFORCE_KEYS", "").lower() in ("1", "true", "yes"),
         function_key=environ.get("FUNCTIONS_HOST_KEY"),
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--state-dir", help="the host's state (timer statuses); default $FUNCTIONS_HOST_STATE_DIR")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("azure").setLevel(logging.WARNING)  # the SDKs log every HTTP request and AMQP frame at INFO
+    # The Azure SDKs' level is the app's to set (function_app.py does): in Azure the host cannot filter them either.
 
     environ = dict(os.environ)
     app = IndexedApp(load_app(args.app))

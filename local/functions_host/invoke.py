@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl
 
 import azure.functions as func
 
@@ -42,6 +43,18 @@ class EventLoopThread:
         self._thread.join(5)
         if not self._thread.is_alive():
             self.loop.close()
+
+
+def host_params(query: str) -> dict[str, str]:
+    """The query parameters as the Functions host passes them to a worker: names matched ignoring case (the first
+    spelling kept), a repeated name's values joined with ``,`` and empty values left out (``?bands=`` is no
+    parameter at all; ``?a=x&a=&A=y`` is ``a=x,y``), as ASP.NET Core's ``StringValues`` joins them."""
+    spelled: dict[str, str] = {}
+    values: dict[str, list[str]] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        values.setdefault(spelled.setdefault(name.lower(), name), []).append(value)
+    joined = {name: ",".join(v for v in given if v) for name, given in values.items()}
+    return {name: value for name, value in joined.items() if value}
 
 
 def build_request(

@@ -120,10 +120,20 @@ class RouteTable:
         return None
 
 
+def _http_options(host_json: Path) -> Mapping[str, Any]:
+    if not host_json.exists():
+        return {}
+    config: Mapping[str, Any] = json.loads(host_json.read_text(encoding="utf-8"))
+    return dict(config.get("extensions", {}).get("http", {}))
+
+
 def load_route_prefix(host_json: Path) -> str:
     """``extensions.http.routePrefix`` from ``host.json``; ``api`` when the file or the setting is absent."""
-    if not host_json.exists():
-        return DEFAULT_ROUTE_PREFIX
-    config: Mapping[str, Any] = json.loads(host_json.read_text(encoding="utf-8"))
-    prefix = config.get("extensions", {}).get("http", {}).get("routePrefix", DEFAULT_ROUTE_PREFIX)
-    return str(prefix)
+    return str(_http_options(host_json).get("routePrefix", DEFAULT_ROUTE_PREFIX))
+
+
+def load_max_outstanding_requests(host_json: Path) -> int | None:
+    """``extensions.http.maxOutstandingRequests`` from ``host.json``; None (unbounded, as in the host) when the file
+    or the setting is absent or -1."""
+    limit = int(_http_options(host_json).get("maxOutstandingRequests", -1))
+    return None if limit < 0 else limit

@@ -9,7 +9,14 @@ import azure.functions as func
 import pytest
 
 from local.functions_host.invoke import to_wire
-from local.functions_host.routes import RouteError, RouteTable, compile_template, load_route_prefix, routes_of
+from local.functions_host.routes import (
+    RouteError,
+    RouteTable,
+    compile_template,
+    load_max_outstanding_requests,
+    load_route_prefix,
+    routes_of,
+)
 
 PROBLEM = "application/problem+json"
 GUID = "0b5e4a8c-93a1-4f27-9a53-1c0f5e2d7a11"
@@ -130,6 +137,24 @@ def test_route_prefix_from_host_json(tmp_path: Path, content: dict[str, object] 
     if content is not None:
         host_json.write_text(json.dumps(content))
     assert load_route_prefix(host_json) == prefix
+
+
+@pytest.mark.parametrize(
+    ("content", "limit"),
+    [
+        (None, None),
+        ({"version": "2.0"}, None),
+        ({"extensions": {"http": {"maxOutstandingRequests": -1}}}, None),
+        ({"extensions": {"http": {"maxOutstandingRequests": 200}}}, 200),
+    ],
+)
+def test_max_outstanding_requests_from_host_json(
+    tmp_path: Path, content: dict[str, object] | None, limit: int | None
+) -> None:
+    host_json = tmp_path / "host.json"
+    if content is not None:
+        host_json.write_text(json.dumps(content))
+    assert load_max_outstanding_requests(host_json) == limit
 
 
 @pytest.mark.parametrize(
