@@ -18,6 +18,7 @@ from typing import Any
 
 from gpu_worker.breaker import Breaker
 from gpu_worker.consumer import AttemptLimits, Consumer
+from gpu_worker.gauges import CudaProbe, GpuProbe, watch_worker
 from gpu_worker.handler import Analyzer, JobHandler
 from gpu_worker.heartbeat import Heartbeat
 from gpu_worker.inbox import RECEIVE_SOCKET_TIMEOUT, PriorityInbox
@@ -37,8 +38,9 @@ from shared.workers import WorkerRegistry
 logger = logging.getLogger("gpu_worker")
 
 
-def _load_analyzer(settings: Settings) -> tuple[Analyzer, str]:
-    """The torch analyzer, and its device as the ``workers`` row shows it (``cuda:0 (NVIDIA H100 ...)``, ``cpu``)."""
+def _load_analyzer(settings: Settings) -> tuple[Analyzer, str, GpuProbe | None]:
+    """The torch analyzer, its device as the ``workers`` row shows it (``cuda:0 (NVIDIA H100 ...)``, ``cpu``), and
+    the probe of its GPU's metrics (``None`` without CUDA)."""
     import torch
 
     from gpu_worker.analysis import Analyzer as TorchAnalyzer  # torch: only in the consumer, not the healthcheck
@@ -47,7 +49,8 @@ def _load_analyzer(settings: Settings) -> tuple[Analyzer, str]:
     models_dir = Path(settings.models_dir) if settings.models_dir else None
     device = select_device(settings.worker_device)
     name = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
-    return TorchAnalyzer(device, models_dir, threads=settings.analysis_threads), name
+    probe = CudaProbe(device) if device.type == "cuda" else None
+    return TorchAnalyzer(device, models_dir, threads=settings.analysis_threads), name, probe
 
 
 def start_preemption_watch(shutdown: Shutdown, stop: threading.Event, **watcher: Any) -> threading.Thread:
@@ -65,7 +68,7 @@ def worker_id() -> str:
 def run(settings: Settings, *, analyzer: Analyzer | None = None, max_jobs: int | None = None) -> int:
     """Consume until drained; ``analyzer`` replaces the torch one (tests inject a slow or failing one)."""
     configure_telemetry(settings, role="gpu-worker")
-    analyzer, device = (analyzer, settings.worker_device) if analyzer else _load_analyzer(settings)
+    analyzer, device, gpu = (analyzer, settings.worker_device, None) if analyzer else _load_analyzer(settings)
     shutdown = Shutdown(settings.worker_shutdown_grace)
     restore_signals = shutdown.install()
     stop_watchers = threading.Event()
@@ -85,6 +88,15 @@ def run(settings: Settings, *, analyzer: Analyzer | None = None, max_jobs: int |
             client.get_queue_receiver(settings.jobs_queue, socket_timeout=RECEIVE_SOCKET_TIMEOUT) as normal,
         ):
             me = worker_id()
+            heartbeat = Heartbeat(Path(settings.worker_heartbeat_file))
+            unwatch = watch_worker(
+                heartbeat,
+                worker=me,
+                device=device,
+                max_age=settings.worker_heartbeat_max_age,
+                busy_limit=settings.job_timeout.total_seconds(),
+                gpu=gpu,
+            )
             presence = Presence(
                 WorkerRegistry(pool), me, socket.gethostname(), device, interval=settings.worker_registry_interval
             ).start()
@@ -102,12 +114,13 @@ def run(settings: Settings, *, analyzer: Analyzer | None = None, max_jobs: int |
                 # Its sender is closed with the client (JobPublisher.close would close the shared client).
                 JobPublisher(client, settings.priority_queues, timeout=settings.bus_send_timeout),
                 shutdown,
-                Heartbeat(Path(settings.worker_heartbeat_file)),
+                heartbeat,
                 locks,
                 Breaker(
                     {"postgres": jobs.ping, "storage": store.ping}, max_interval=settings.worker_probe_max_interval
                 ),
                 worker_id=me,
+                device=device,
                 retry=RetryPolicy(settings.job_max_attempts, settings.retry_backoff, settings.retry_backoff_max),
                 limits=AttemptLimits(settings.job_lease, settings.job_timeout, settings.worker_shutdown_grace),
                 notifier=open_notifier(pool, client, settings.job_events_queue, timeout=settings.bus_send_timeout),
@@ -119,6 +132,7 @@ def run(settings: Settings, *, analyzer: Analyzer | None = None, max_jobs: int |
                 handled = consumer.run(max_jobs=max_jobs)
             finally:
                 presence.close()
+                unwatch()
             renewer.close()  # before the receivers close: no renewal may race the links' detach
         logger.info(
             "worker stopped after %d messages: %s",

@@ -44,6 +44,11 @@ starts a stage) the job's webhook events are handed on (:meth:`shared.events.Not
 store is on the pool, the sender has a lock); the worker's row in ``workers`` (:class:`~gpu_worker.registry.
 Presence`) names the job being analysed, or else the latest one in hand; the heartbeat file
 (:class:`~gpu_worker.heartbeat.Heartbeat`) records each thread's work.
+
+Metrics (:mod:`shared.metrics`): a claimed attempt counts as in flight until its settlement, which counts it as
+completed (by outcome and code) with its run time (claim to settlement); a job's first claim records its queue wait;
+each stage (``download``, ``analysis``, ``upload``, ``settle``) records its duration. The flight's span carries the
+same values as attributes (``requests`` in Application Insights: the per-job record the p95 panels and alert use).
 """
 
 from __future__ import annotations
@@ -52,9 +57,10 @@ import contextlib
 import functools
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -74,8 +80,9 @@ from gpu_worker.progress import Progress
 from gpu_worker.receiver import SerialReceiver
 from gpu_worker.registry import Presence
 from gpu_worker.settle import Settler
-from gpu_worker.settlement import Action, Interrupted, RetryPolicy, decide
+from gpu_worker.settlement import Action, Interrupted, RetryPolicy, decide, outcome
 from gpu_worker.shutdown import Shutdown
+from shared import metrics
 from shared.errors import InvalidMessage
 from shared.events import Notifier
 from shared.jobs import Job, JobStore
@@ -109,6 +116,19 @@ class Flight:
     prepared: Prepared | None = None
     output: AnalysisOutput | None = None
     error: BaseException | None = None
+    labels: metrics.JobLabels | None = None  # the claimed attempt's metric dimensions
+    claimed_at: float | None = None  # time.monotonic() of the claim
+
+
+@contextlib.contextmanager
+def _stage(flight: Flight, stage: str) -> Iterator[None]:
+    """Record how long ``stage`` of the flight's claimed attempt took, whatever ended it."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        if flight.labels is not None:
+            metrics.stage_finished(flight.labels, stage, time.monotonic() - started)
 
 
 def _active(span: trace.Span) -> contextlib.AbstractContextManager[trace.Span]:
@@ -137,6 +157,7 @@ class Consumer:
         breaker: Breaker,
         *,
         worker_id: str,
+        device: str = "cpu",
         retry: RetryPolicy,
         limits: AttemptLimits,
         notifier: Notifier,
@@ -151,6 +172,7 @@ class Consumer:
         self._heartbeat = heartbeat
         self._breaker = breaker
         self._worker_id = worker_id
+        self._device = device
         self._retry = retry
         self._limits = limits
         self._notifier = notifier
@@ -207,7 +229,7 @@ class Consumer:
             return None
         message = received.message
         context = context_from_properties(message.application_properties or {})
-        span = tracer.start_span("process job", context=context, kind=trace.SpanKind.CONSUMER)
+        span = tracer.start_span(metrics.JOB_SPAN, context=context, kind=trace.SpanKind.CONSUMER)
         span.set_attribute("messaging.message.id", str(message.message_id))
         flight = Flight(message, received.receiver, span)
         flight.fields = {"message_id": message.message_id, "delivery_count": message.delivery_count}
@@ -222,15 +244,17 @@ class Consumer:
                 envelope = decode(_body(flight.message))
                 flight.job_id = envelope.job_id
                 flight.fields["job_id"] = str(envelope.job_id)
-                flight.span.set_attribute("crop_ai.job_id", str(envelope.job_id))
+                flight.span.set_attribute(metrics.SPAN_JOB_ID, str(envelope.job_id))
                 job = flight.job = self._claim(envelope, flight.fields)
                 if job is None:
                     return False
                 flight.fields["attempt"] = job.attempts
+                self._claimed(flight, job)
                 guard = flight.guard = self._guard(flight, job)
                 guard.__enter__()  # lease renewal and the time limit, from the claim to the settlement
                 flight.progress = Progress(self._jobs, guard, self._notifier, interval=self._progress_interval)
-                flight.prepared = self._handler.prepare(job, guard, flight.progress)
+                with _stage(flight, "download"):
+                    flight.prepared = self._handler.prepare(job, guard, flight.progress)
                 return True
         except BaseException as e:  # every outcome goes to the one settlement
             flight.error = e
@@ -253,7 +277,8 @@ class Consumer:
         try:
             with _active(flight.span), self._shutdown.interruptible(), self._analysing_now(flight):
                 guard.check()  # cancelled, taken over or timed out while it waited
-                flight.output = self._handler.analyse(job, prepared, progress)
+                with _stage(flight, "analysis"):
+                    flight.output = self._handler.analyse(job, prepared, progress)
         except BaseException as e:  # Interrupted (a forced shutdown, at once if it came before), TimedOut, ...
             flight.error = e
         finally:
@@ -273,9 +298,10 @@ class Consumer:
                         if guard is None or progress is None or output is None:
                             raise RuntimeError(f"attempt {job.attempts} of job {job.job_id} was never analysed")
                         guard.resume()
-                        outcome = self._handler.finish(job, output, guard, progress)
-                        logger.info("job %s: %s", job.job_id, outcome.value,
-                                    extra={**flight.fields, "action": outcome.value})  # fmt: skip
+                        with _stage(flight, "upload"):
+                            finished = self._handler.finish(job, output, guard, progress)
+                        logger.info("job %s: %s", job.job_id, finished.value,
+                                    extra={**flight.fields, "action": finished.value})  # fmt: skip
                     except BaseException as e:
                         flight.error = e
                 self._settle(flight)
@@ -302,11 +328,34 @@ class Consumer:
         flight.span.set_attribute("crop_ai.settlement", decision.action.value)
         if error is not None:
             flight.span.set_status(trace.StatusCode.ERROR, type(error).__name__)
-        self._settler.settle(flight.message, flight.receiver, decision, job, flight.job_id, error)
+        try:
+            with _stage(flight, "settle"):
+                self._settler.settle(flight.message, flight.receiver, decision, job, flight.job_id, error)
+        finally:  # in flight no more, whatever the settlement did
+            if flight.labels is not None and flight.claimed_at is not None:
+                ended, code = outcome(decision, error)
+                run = time.monotonic() - flight.claimed_at
+                metrics.job_settled(flight.labels, ended, code, run)
+                attributes: dict[str, str | float] = {metrics.SPAN_OUTCOME: ended, metrics.SPAN_CODE: code,
+                                                      metrics.SPAN_RUN: run}  # fmt: skip
+                flight.span.set_attributes(attributes)
         if job is not None:
             self._presence.released(job.job_id)
         if error is not None and not isinstance(error, Exception | Interrupted) and self._fatal is None:
             self._fatal = error  # receive no more; re-raised by run once everything in hand is settled
+
+    def _claimed(self, flight: Flight, job: Job) -> None:
+        """The attempt's metric dimensions, its span's attributes, its queue wait (the job's first attempt only)."""
+        labels = flight.labels = metrics.JobLabels(
+            str(job.params.get("analysis", "")), job.priority, self._worker_id, self._device
+        )
+        flight.claimed_at = time.monotonic()
+        flight.span.set_attributes(labels.span_attributes())
+        wait = None
+        if job.attempts == 1:
+            wait = ((job.started_at or datetime.now(UTC)) - job.created_at).total_seconds()
+            flight.span.set_attribute(metrics.SPAN_QUEUE_WAIT, wait)
+        metrics.job_claimed(labels, wait)
 
     def _claim(self, envelope: JobMessage, fields: dict[str, Any]) -> Job | None:
         job = self._when_the_database_answers(

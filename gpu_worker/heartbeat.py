@@ -33,6 +33,13 @@ class Heartbeat:
         self.path = path
         self._lock = threading.Lock()
         self._since: dict[int, float] = {}  # thread -> when its work started
+        self._beat: float | None = None  # the last write's time
+
+    def healthy(self, *, max_age: float, busy_limit: float) -> bool:
+        """What ``--healthcheck`` would say of the file, from this process's own state (the liveness metric)."""
+        with self._lock:
+            beat, busy_since = self._beat, min(self._since.values(), default=None)
+        return beat is not None and judge(beat, busy_since, time.time(), max_age=max_age, busy_limit=busy_limit)[0]
 
     def beat(self) -> None:
         """A sign of life; from a busy thread, its work is alive too (it is waiting for a backend)."""
@@ -57,8 +64,9 @@ class Heartbeat:
     def _write(self) -> None:
         busy_since = min(self._since.values(), default=None)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        self._beat = time.time()
         try:
-            tmp.write_text(json.dumps({"beat": time.time(), "busy_since": busy_since, "pid": os.getpid()}))
+            tmp.write_text(json.dumps({"beat": self._beat, "busy_since": busy_since, "pid": os.getpid()}))
             os.replace(tmp, self.path)
         except OSError as e:  # a full or read-only disk must not stop the work; the healthcheck will say so
             logger.warning("cannot write heartbeat %s: %s", self.path, e, extra={"action": "heartbeat_failed"})
@@ -73,6 +81,11 @@ def check(path: Path, *, max_age: float, busy_limit: float, now: float | None = 
         busy_since = None if state.get("busy_since") is None else float(state["busy_since"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         return False, f"no readable heartbeat at {path}: {e}"
+    return judge(beat, busy_since, now, max_age=max_age, busy_limit=busy_limit)
+
+
+def judge(beat: float, busy_since: float | None, now: float, *, max_age: float, busy_limit: float) -> tuple[bool, str]:
+    """``(healthy, why)`` for a last beat at ``beat`` and work under way since ``busy_since``."""
     age = now - beat
     if busy_since is not None and now - busy_since > busy_limit:
         return False, f"busy with a job for {now - busy_since:.0f} s (limit {busy_limit:g} s)"

@@ -156,3 +156,21 @@ def decide(
     return Decision(
         Action.RETRY, type(error).__name__, describe(error), delay=policy.delay(attempt), unexpected=unexpected
     )
+
+
+def outcome(decision: Decision, error: BaseException | None) -> tuple[str, str]:
+    """``(outcome, code)`` of a claimed attempt's settlement, for ``crop_ai.jobs.completed`` (:mod:`shared.metrics`):
+    the outcome is one of ``succeeded``, ``lost``, ``cancelled``, ``failed`` (``code``: the job's error code),
+    ``retried`` or ``released`` (a drain or an outage, uncharged; ``code``: what ended it), ``abandoned``."""
+    if error is None:
+        return "succeeded", ""
+    if isinstance(error, AttemptLost):
+        return "lost", ""
+    if decision.stop:
+        return "cancelled", ""
+    if decision.fail_code is not None:
+        return "failed", decision.fail_code
+    code = error.code if isinstance(error, CropAIError) else type(error).__name__
+    if decision.action is Action.RETRY:
+        return ("released" if decision.drain else "retried"), code
+    return "abandoned", code

@@ -35,11 +35,13 @@ from uuid import UUID
 
 from pydantic import BaseModel, Field
 
+from shared import metrics
 from shared.errors import StorageUnavailable, TransientError
 from shared.geotiff import Limits
 from shared.jobs import Job, JobStatus, JobStore, NewJob
 from shared.rejection import Rejected
 from shared.submission import (
+    DEFAULT_ANALYSIS,
     EnqueueFailed,
     Image,
     InputStore,
@@ -210,6 +212,9 @@ def submit_batch(
     if not jobs.seal_batch(batch_id, pending):
         _abort(jobs, batch_id, "the batch was aborted while it was submitted")
     final = [hand_over(job, jobs, publisher) if job.job_id in pending else job for job in ordered]
+    if created:
+        for job in final:
+            metrics.job_submitted(str(job.params.get("analysis", DEFAULT_ANALYSIS)), job.priority)
     action = "submit" if created else "replay"
     extra = {"batch_id": str(batch_id), "action": f"batch_{action}", "count": len(final)}
     log.info("batch %s accepted (%d jobs, %s)", batch_id, len(final), action, extra=extra)

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from pydantic import Field
 
+from shared import metrics
 from shared.errors import CropAIError, InputMissing, InvalidImage, InvalidMessage, UnknownAnalysis
 from shared.jobs import DeadLetter, Job, JobStore
 from shared.messages import JobMessage
@@ -133,7 +134,7 @@ class Reconciler:
 
     def run(self) -> Report:
         report = Report()
-        for step in (self._unconfirmed, self._expired, self._stranded, self._dead_letters, self._events):
+        for step in (self._unconfirmed, self._expired, self._stranded, self._dead_letters, self._events, self._backlog):
             try:
                 step(report)
             except Exception as e:  # a backend is down (or a bug): the other steps still run; the next run retries
@@ -203,6 +204,11 @@ class Reconciler:
             report.dead_lettered_failed += action == "failed"
             self._jobs.record_dead_letter(DeadLetter(**{**letter.model_dump(), "action": action}))
             self._inbox.complete(letter)
+
+    def _backlog(self, report: Report) -> None:
+        """Read the number of queued jobs for ``crop_ai.jobs.queued``: every run, so the workers-silent alert sees a
+        backlog even while nobody submits (admission control reads it only on submits)."""
+        metrics.queued_seen(self._jobs.backlog())
 
     def _reconcile_letter(self, letter: Letter) -> str:
         if letter.job_id is None or letter.generation is None:

@@ -54,6 +54,7 @@ from uuid import UUID
 from opentelemetry import trace
 from pydantic import BaseModel, Field
 
+from shared import metrics
 from shared.bands import BandError, parse_names, resolve
 from shared.errors import BusUnavailable, DatabaseUnavailable, StorageUnavailable, TransientError
 from shared.geotiff import ImageHeader, Limits, inspect
@@ -126,6 +127,7 @@ class BacklogGauge:
                 self._since += count
                 return estimate
         value = jobs.backlog()
+        metrics.queued_seen(value)  # reported as crop_ai.jobs.queued (the workers-silent alert's backlog)
         with self._lock:  # the new jobs count as admitted: if they are refused, the estimate only over-counts
             self._value, self._since, self._read_at = value, count, self._clock()
         return value
@@ -213,6 +215,8 @@ def submit(
         if owned or (job.status is JobStatus.QUEUED and job.sent_at is None):
             store_input(job, image.data, jobs, store, owned=owned)
             job = hand_over(job, jobs, publisher)
+        if owned:  # a new job (or one resubmitted after enqueue_failed) is on its way to a worker
+            metrics.job_submitted(str(job.params.get("analysis", DEFAULT_ANALYSIS)), job.priority)
         extra = {"job_id": str(job.job_id), "action": action}
         log.info("job %s accepted (%s, %s)", job.job_id, job.status.value, action, extra=extra)
         secret = callback.secret if created and callback else stored_secret(jobs, job)

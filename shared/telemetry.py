@@ -4,16 +4,22 @@
 ``APPLICATIONINSIGHTS_CONNECTION_STRING`` is set (``configure_azure_monitor`` raises without one), else the plain
 OpenTelemetry SDK, exporting nowhere (``OTEL_TRACES_EXPORTER=none``) or to the console (``console``). Either way
 spans get real ids, so the submit span's ``traceparent`` reaches the worker, whose span becomes its child.
+
+Metrics (:mod:`shared.metrics`): Azure Monitor sets up its own meter provider (a periodic reader, every 60 s, to
+``customMetrics``); the plain SDK gets a ``MeterProvider`` with no reader, so the instruments record nothing that
+leaves the process. ``metric_readers`` adds readers to either (an in-memory reader in a test, an OTLP one).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 from opentelemetry.context import Context
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
@@ -26,8 +32,8 @@ _lock = threading.Lock()
 _configured = False
 
 
-def configure_telemetry(settings: Settings, role: str) -> None:
-    """Set up tracing for this process (``role``: "api", "worker", ...); later calls do nothing."""
+def configure_telemetry(settings: Settings, role: str, *, metric_readers: Sequence[MetricReader] = ()) -> None:
+    """Set up tracing and metrics for this process (``role``: "api", "worker", ...); later calls do nothing."""
     global _configured
     with _lock:
         if _configured:
@@ -36,12 +42,17 @@ def configure_telemetry(settings: Settings, role: str) -> None:
         if settings.applicationinsights_connection_string:
             from azure.monitor.opentelemetry import configure_azure_monitor
 
-            configure_azure_monitor(connection_string=settings.applicationinsights_connection_string, resource=resource)
+            configure_azure_monitor(
+                connection_string=settings.applicationinsights_connection_string,
+                resource=resource,
+                metric_readers=list(metric_readers),
+            )
         else:
             provider = TracerProvider(resource=resource)
             if settings.otel_traces_exporter == "console":
                 provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
             trace.set_tracer_provider(provider)
+            metrics.set_meter_provider(MeterProvider(metric_readers=list(metric_readers), resource=resource))
         _configured = True
 
 

@@ -534,6 +534,17 @@ module alerts 'modules/alerts.bicep' = {
   }
 }
 
+module workbook 'modules/workbook.bicep' = {
+  name: 'workbook'
+  scope: rg
+  params: {
+    location: location
+    tags: allTags
+    appInsightsId: monitoring.outputs.appInsightsId
+    serviceBusNamespaceId: serviceBus.outputs.namespaceId
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------- outputs
 output AZURE_LOCATION string = location
 output AZURE_RESOURCE_GROUP string = rg.name

@@ -23,6 +23,7 @@ EXPECTED_MODULES = {
     "roles",
     "servicebus",
     "storage",
+    "workbook",
 }
 
 

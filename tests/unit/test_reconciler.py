@@ -406,6 +406,7 @@ def test_a_database_outage_stops_every_step(world: World) -> None:
         "expired: database_unavailable",
         "stranded: database_unavailable",
         "dead_letters: database_unavailable",
+        "backlog: database_unavailable",
     ]  # the recording outbox has no database: its sweep ran and found nothing
     assert world.inbox.completed == []
     assert world.publisher.sent == []

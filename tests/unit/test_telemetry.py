@@ -2,10 +2,16 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
-from opentelemetry import trace
+import azure.monitor.opentelemetry
+import pytest
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan
 
+from shared import telemetry
 from shared.bus import job_message
 from shared.messages import CONTENT_TYPE, SUBJECT, JobMessage
 from shared.settings import Settings
@@ -55,3 +61,25 @@ def test_job_message_envelope() -> None:
     assert JobMessage.model_validate_json(b"".join(sb.body)) == message
     assert sb.application_properties is not None
     assert str(sb.application_properties["traceparent"]).startswith("00-")
+
+
+def test_the_plain_sdk_has_a_meter_provider() -> None:
+    """The SDK's, with no reader unless given one: the instruments record, nothing leaves the process."""
+    configure_telemetry(SETTINGS, role="test")
+    assert isinstance(metrics.get_meter_provider(), MeterProvider)
+
+
+def test_azure_monitor_gets_the_resource_and_the_extra_metric_readers(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(azure.monitor.opentelemetry, "configure_azure_monitor", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(telemetry, "_configured", False)  # this process's real set-up is left alone
+    reader = InMemoryMetricReader()
+    settings = Settings.from_env(
+        {"ServiceBusConnection": "x", "AzureWebJobsStorage": "x", "DATABASE_URL": "x",
+         "APPLICATIONINSIGHTS_CONNECTION_STRING": "InstrumentationKey=00000000-0000-0000-0000-000000000000"}
+    )  # fmt: skip
+    configure_telemetry(settings, role="gpu-worker", metric_readers=[reader])
+    (call,) = calls
+    assert call["connection_string"].startswith("InstrumentationKey=")
+    assert call["metric_readers"] == [reader]
+    assert call["resource"].attributes["service.name"] == "gpu-worker"

@@ -1,9 +1,12 @@
-// Metric alerts that page someone: a jobs dead-letter queue that is not being drained (the reconciler is broken), a
-// webhook event that was dead-lettered (nothing drains those), a backlog that keeps growing, and exceptions reported
-// by the workers. Every Service Bus alert filters on EntityName with one value per queue: Azure Monitor evaluates
-// each queue's time series on its own, so one queue alone can fire it. They notify an existing action group
-// (actionGroupId) or one created here for alertEmail; with neither they still fire and show in the Portal's Alerts
-// blade.
+// Alerts that page someone. Metric alerts: a jobs dead-letter queue that is not being drained (the reconciler is
+// broken), a webhook event that was dead-lettered (nothing drains those), a backlog that keeps growing, and exceptions
+// reported by the workers. Every Service Bus alert filters on EntityName with one value per queue: Azure Monitor
+// evaluates each queue's time series on its own, so one queue alone can fire it. Log search alerts on Application
+// Insights (the app's OpenTelemetry metrics and per-job spans: shared/metrics.py, docs/monitoring.md): the p95 run
+// duration over a threshold, no healthy worker while jobs wait, and the failure rate. Their queries are the
+// multi-line strings below; tests/unit/test_metrics.py parses them and fails if one names a metric, a dimension or a
+// span attribute that the code does not emit. They notify an existing action group (actionGroupId) or one created
+// here for alertEmail; with neither they still fire and show in the Portal's Alerts blade.
 
 @description('Tags applied to every resource.')
 param tags object
@@ -43,6 +46,22 @@ param backlogThreshold int = 100
 @minValue(0)
 param workerErrorThreshold int = 0
 
+@description('Azure region of the log search alert rules (they are regional, unlike metric alerts).')
+param location string = resourceGroup().location
+
+@description('Seconds of p95 run duration (claim to settlement) of an analysis over 30 minutes above which the duration alert fires.')
+@minValue(1)
+param durationP95ThresholdSeconds int = 900
+
+@description('Percent of the jobs that ended (succeeded or failed) over 30 minutes that failed, above which the failure-rate alert fires.')
+@minValue(1)
+@maxValue(100)
+param failureRateThresholdPercent int = 20
+
+@description('Fewest jobs in the window (the duration alert: per analysis) for the duration and failure-rate alerts to judge.')
+@minValue(1)
+param minJobsForRateAlerts int = 5
+
 var createActionGroup = empty(actionGroupId) && !empty(alertEmail)
 
 resource actionGroup 'Microsoft.Insights/actionGroups@2023-01-01' = if (createActionGroup) {
@@ -68,6 +87,11 @@ var actions = empty(targetActionGroupId) ? [] : [
     actionGroupId: targetActionGroupId
   }
 ]
+var logAlertActions = {
+  actionGroups: empty(targetActionGroupId) ? [] : [
+    targetActionGroupId
+  ]
+}
 
 // The dead-letter queues of jobs and jobs-high are drained by the reconciler (the timer Function reconcile_jobs,
 // RECONCILE_SCHEDULE: every minute): it reconciles each letter's job, records the letter in PostgreSQL (table
@@ -249,6 +273,157 @@ resource workerErrors 'Microsoft.Insights/metricAlerts@2018-03-01' = {
       ]
     }
     actions: actions
+  }
+}
+
+// ----------------------------------------------------------------------------- log search alerts (Application Insights)
+// Percentiles come from the worker's per-job span ('process job', a consumer span: one row per job in `requests`, its
+// attributes in customDimensions), never from customMetrics, where the exporter stores a histogram as sum, count, min
+// and max per minute. percentilew weighs each row by itemCount, so sampling (if it is ever enabled) does not skew it.
+// A rule's window is its query's time range: the queries need no time filter.
+var durationQuery = '''
+requests
+| where name == "process job"
+| extend run_s = todouble(customDimensions["crop_ai.run_s"]), analysis = tostring(customDimensions["crop_ai.analysis"])
+| where isnotnull(run_s)
+| summarize p95_s = percentilew(run_s, itemCount, 95), jobs = sum(itemCount) by analysis
+| where jobs >= __MIN_JOBS__
+'''
+
+resource durationP95 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
+  name: '${namePrefix}-duration-p95'
+  location: location
+  tags: tags
+  properties: {
+    displayName: '${namePrefix}-duration-p95'
+    description: 'The p95 run duration (claim to settlement) of an analysis (the alert\'s analysis dimension says which) over the last 30 minutes is above ${durationP95ThresholdSeconds} s. In the workbook Crop AI operations, the stage durations say whether download, analysis or upload slowed down and the slowest jobs link to their end-to-end traces; check the GPU panels and the workers alive too.'
+    severity: 2
+    enabled: true
+    scopes: [
+      appInsightsId
+    ]
+    evaluationFrequency: 'PT5M'
+    windowSize: 'PT30M'
+    autoMitigate: true
+    criteria: {
+      allOf: [
+        {
+          query: replace(durationQuery, '__MIN_JOBS__', string(minJobsForRateAlerts))
+          timeAggregation: 'Maximum'
+          metricMeasureColumn: 'p95_s'
+          dimensions: [
+            {
+              name: 'analysis'
+              operator: 'Include'
+              values: [
+                '*'
+              ]
+            }
+          ]
+          operator: 'GreaterThan'
+          threshold: durationP95ThresholdSeconds
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
+          }
+        }
+      ]
+    }
+    actions: logAlertActions
+  }
+}
+
+// No healthy worker while jobs wait. Service Bus's ActiveMessages cannot reach a log query (the metric is not
+// exportable through diagnostic settings), so the backlog is the API's own reading, crop_ai.jobs.queued: the queued
+// jobs admission control last counted, reported for 5 minutes after each count by the API instance that counted.
+// Liveness is crop_ai.worker.heartbeat: 1 every minute from each worker whose heartbeat is healthy (the --healthcheck
+// rule). It fires when, over 15 minutes, every backlog reading was above 0 and no worker reported a healthy beat: the
+// scale set did not start workers (Spot capacity, image pull, cloud-init) or they crash or hang.
+var workersSilentQuery = '''
+let alive = toscalar(customMetrics
+    | where name == "crop_ai.worker.heartbeat" and valueMax >= 1
+    | summarize dcount(tostring(customDimensions["worker"])));
+customMetrics
+| where name == "crop_ai.jobs.queued"
+| summarize queued = min(valueMin)
+| where queued > 0 and alive == 0
+'''
+
+resource workersSilent 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
+  name: '${namePrefix}-workers-silent'
+  location: location
+  tags: tags
+  properties: {
+    displayName: '${namePrefix}-workers-silent'
+    description: 'Jobs have been queued for 15 minutes and no worker reported a healthy heartbeat (crop_ai.worker.heartbeat) meanwhile. Check the GPU scale set (instances, Spot evictions, autoscale history), then the workers\' logs (cloud role <OTEL_SERVICE_NAME>.gpu-worker) and their containers (docker ps: the HEALTHCHECK).'
+    severity: 1
+    enabled: true
+    scopes: [
+      appInsightsId
+    ]
+    evaluationFrequency: 'PT5M'
+    windowSize: 'PT15M'
+    autoMitigate: true
+    criteria: {
+      allOf: [
+        {
+          query: workersSilentQuery
+          timeAggregation: 'Count'
+          operator: 'GreaterThan'
+          threshold: 0
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
+          }
+        }
+      ]
+    }
+    actions: logAlertActions
+  }
+}
+
+// Failure rate: the jobs settled 'failed' (a permanent error, retries exhausted, the time limit) among those that
+// ended (succeeded or failed) over 30 minutes; retries, drains and cancellations count neither way.
+var failureRateQuery = '''
+customMetrics
+| where name == "crop_ai.jobs.completed"
+| extend outcome = tostring(customDimensions["outcome"])
+| summarize failed = sumif(valueSum, outcome == "failed"), ended = sumif(valueSum, outcome in ("succeeded", "failed"))
+| where ended >= __MIN_JOBS__
+| extend failed_pct = 100.0 * failed / ended
+'''
+
+resource failureRate 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
+  name: '${namePrefix}-failure-rate'
+  location: location
+  tags: tags
+  properties: {
+    displayName: '${namePrefix}-failure-rate'
+    description: 'More than ${failureRateThresholdPercent}% of the jobs that ended in the last 30 minutes failed. The workbook Crop AI operations shows the failures by code; the failed jobs\' error_code and error_message are in GET /api/jobs?status=failed, their traces in Application Insights.'
+    severity: 2
+    enabled: true
+    scopes: [
+      appInsightsId
+    ]
+    evaluationFrequency: 'PT5M'
+    windowSize: 'PT30M'
+    autoMitigate: true
+    criteria: {
+      allOf: [
+        {
+          query: replace(failureRateQuery, '__MIN_JOBS__', string(minJobsForRateAlerts))
+          timeAggregation: 'Maximum'
+          metricMeasureColumn: 'failed_pct'
+          operator: 'GreaterThan'
+          threshold: failureRateThresholdPercent
+          failingPeriods: {
+            numberOfEvaluationPeriods: 1
+            minFailingPeriodsToAlert: 1
+          }
+        }
+      ]
+    }
+    actions: logAlertActions
   }
 }
 
