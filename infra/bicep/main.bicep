@@ -5,7 +5,11 @@
 //               -> PostgreSQL (result) -> queue job-events -> Function App (webhook delivery) ;
 //               Application Insights sees every hop.
 //
-// Deploy (docs/deploy.md):  az deployment sub create --location <region> --parameters infra/bicep/main.bicepparam
+// Deploy (docs/deploy.md):  azd up  (azure.yaml: this template with main.bicepparam, the Function App package, the
+// worker image built in ACR), or the infrastructure alone with
+//   az deployment sub create --location <region> --parameters infra/bicep/main.bicepparam
+// The outputs are azd environment values: AZURE_RESOURCE_GROUP (where azd finds the tagged resources),
+// AZURE_CONTAINER_REGISTRY_NAME and WORKER_IMAGE (read by the image hook, infra/hooks/build-worker-image.*).
 // Every resource authenticates with Microsoft Entra ID through two user-assigned identities; shared keys, SAS,
 // registry admin users and database passwords are all disabled.
 targetScope = 'subscription'
@@ -39,6 +43,13 @@ param tags object = {}
 param serviceBusSku string = 'Standard'
 
 @description('Premium messaging units (1, 2, 4, 8, 16); ignored for Standard.')
+@allowed([
+  1
+  2
+  4
+  8
+  16
+])
 param serviceBusPremiumCapacity int = 1
 
 @description('Name of the normal-priority jobs queue (JOBS_QUEUE_NAME).')
@@ -65,6 +76,12 @@ param queueDefaultMessageTimeToLive string = 'P1D'
 
 // ---------------------------------------------------------------------------------------------------- storage
 @description('Storage redundancy SKU.')
+@allowed([
+  'Standard_LRS'
+  'Standard_ZRS'
+  'Standard_GRS'
+  'Standard_GZRS'
+])
 param storageSku string = 'Standard_ZRS'
 
 @description('Days after which uploaded input images are deleted.')
@@ -73,24 +90,47 @@ param inputRetentionDays int = 7
 
 // ---------------------------------------------------------------------------------------------------- database
 @description('PostgreSQL major version.')
+@allowed([
+  '14'
+  '15'
+  '16'
+])
 param postgresVersion string = '16'
 
 @description('PostgreSQL compute SKU name.')
 param postgresSkuName string = 'Standard_B1ms'
 
 @description('PostgreSQL compute tier (Burstable, GeneralPurpose, MemoryOptimized).')
+@allowed([
+  'Burstable'
+  'GeneralPurpose'
+  'MemoryOptimized'
+])
 param postgresSkuTier string = 'Burstable'
 
 @description('PostgreSQL storage in GiB.')
 param postgresStorageSizeGB int = 32
 
 @description('PostgreSQL high availability: Disabled, SameZone or ZoneRedundant (not on Burstable).')
+@allowed([
+  'Disabled'
+  'SameZone'
+  'ZoneRedundant'
+])
 param postgresHighAvailability string = 'Disabled'
 
 @description('PostgreSQL geo-redundant backups: Enabled or Disabled (fixed at creation).')
+@allowed([
+  'Enabled'
+  'Disabled'
+])
 param postgresGeoRedundantBackup string = 'Disabled'
 
 @description('PostgreSQL public network access: Enabled (firewall rules) or Disabled.')
+@allowed([
+  'Enabled'
+  'Disabled'
+])
 param postgresPublicNetworkAccess string = 'Enabled'
 
 @description('Admit connections from Azure services to PostgreSQL (needed by Flex Consumption without VNet integration).')
@@ -120,6 +160,11 @@ param postgresAdminType string = 'Group'
 param functionMaximumInstanceCount int = 40
 
 @description('Memory per API instance in MB (512, 2048, 4096).')
+@allowed([
+  512
+  2048
+  4096
+])
 param functionInstanceMemoryMB int = 2048
 
 // Defaults equal shared/settings.py's (tests/infra checks it). WEBHOOK_ALLOW_PRIVATE is deliberately no parameter:
@@ -144,9 +189,14 @@ param webhookBackoffMax string = 'PT10M'
 
 // ---------------------------------------------------------------------------------------------------- workers
 @description('Container registry SKU.')
+@allowed([
+  'Basic'
+  'Standard'
+  'Premium'
+])
 param registrySku string = 'Standard'
 
-@description('Worker image repository:tag in the registry (build it with az acr build -f Dockerfile.gpu).')
+@description('Worker image repository:tag in the registry; azd\'s predeploy hook builds Dockerfile.gpu into it (az acr build).')
 param workerImage string = 'crop-ai-worker:latest'
 
 @description('NC-series GPU VM size of the workers.')
@@ -403,6 +453,7 @@ module functionApp 'modules/functionapp.bicep' = {
     identityClientId: identities.outputs.apiClientId
     identityName: identities.outputs.apiIdentityName
     blobEndpoint: storage.outputs.blobEndpoint
+    tableEndpoint: storage.outputs.tableEndpoint
     deploymentContainerUrl: storage.outputs.deploymentContainerUrl
     imagesContainerName: storage.outputs.imagesContainerName
     resultsContainerName: storage.outputs.resultsContainerName
@@ -559,6 +610,7 @@ output POSTGRES_HOST string = postgres.outputs.fqdn
 output POSTGRES_DATABASE string = postgres.outputs.databaseName
 output AZURE_CONTAINER_REGISTRY_NAME string = registry.outputs.registryName
 output AZURE_CONTAINER_REGISTRY_ENDPOINT string = registry.outputs.loginServer
+output WORKER_IMAGE string = workerImage
 output GPU_VMSS_NAME string = gpuWorkers.outputs.vmssName
 output APPLICATIONINSIGHTS_NAME string = monitoring.outputs.appInsightsName
 output API_IDENTITY_NAME string = identities.outputs.apiIdentityName

@@ -134,6 +134,7 @@ MODULE_DEFAULTS = {
 PLATFORM_SETTINGS = {
     "AzureWebJobsStorage__credential": "Functions host: identity-based host storage (Flex Consumption)",
     "AzureWebJobsStorage__clientId": "Functions host: which user-assigned identity for host storage",
+    "AzureWebJobsStorage__tableServiceUri": "Functions host: diagnostic events in host storage's tables",
     "ServiceBusConnection__credential": "Functions Service Bus extension: identity-based binding connection",
     "ServiceBusConnection__clientId": "Functions Service Bus extension: which user-assigned identity",
     "AZURE_CLIENT_ID": "azure-identity DefaultAzureCredential: which user-assigned identity",

@@ -30,6 +30,9 @@ param identityName string
 @description('Blob endpoint of the storage account, https://<account>.blob.core.windows.net/.')
 param blobEndpoint string
 
+@description('Table endpoint of the same account, https://<account>.table.core.windows.net/ (the host\'s diagnostic events).')
+param tableEndpoint string
+
 @description('URL of the blob container the deployment package is uploaded to.')
 param deploymentContainerUrl string
 
@@ -176,10 +179,15 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
       ftpsState: 'Disabled'
       http20Enabled: true
       appSettings: [
-        // Platform: the host's own storage, through the user-assigned identity (Flex Consumption needs all three)
+        // Platform: the host's own storage, through the user-assigned identity (Flex Consumption needs the blob URI,
+        // credential and client id; the table URI lets the host persist its diagnostic events)
         {
           name: 'AzureWebJobsStorage__blobServiceUri'
           value: blobEndpoint
+        }
+        {
+          name: 'AzureWebJobsStorage__tableServiceUri'
+          value: tableEndpoint
         }
         {
           name: 'AzureWebJobsStorage__credential'

@@ -11,8 +11,14 @@
 //       job-events: the API sends (webhook retries are scheduled messages); the Service Bus trigger that delivers
 //         webhooks receives; the trigger's target-based scaler reads the queue's runtime properties too (without
 //         Manage it logs "does not have 'Manage Claim'" and reports target-based scaling as unsupported).
-//     Blob Data Contributor on the account (it writes images, reads results, and the Functions host keeps its own
-//     state there: keys, the timer's schedule monitor and singleton lock, the deployment package).
+//     Storage Blob Data Owner on the account: the account is also the Functions host storage (AzureWebJobsStorage:
+//     keys, the timer's schedule monitor and singleton lock, host id; the host creates those containers itself) and
+//     holds the Flex Consumption deployment package. The Functions docs name Blob Data Owner as the host storage role
+//     ("Connecting to host storage with an identity", functions-reference; docs/deploy.md quotes it); it includes
+//     everything the API does with images and results (write images, read results, user delegation keys), so the API
+//     holds no separate Blob Data Contributor. Storage Table Data Contributor on the account: the host's diagnostic
+//     events (AzureWebJobsStorage__tableServiceUri), the docs' "host only, with support for diagnostic events" row;
+//     the host's diagnostic tables are the only tables in the account.
 //   Workers: Service Bus Data Receiver and Data Sender on jobs and on jobs-high (they receive one message at a time
 //     from either; a transient error or a drain releases the attempt and schedules the job's next message, in the
 //     queue it came from, after its backoff); Data Sender on job-events (webhook events of the jobs they finish);
@@ -58,8 +64,10 @@ var roles = {
   serviceBusDataSender: '69a216fc-b8fb-44d8-bc22-1f3c2cd27a39' // Azure Service Bus Data Sender
   serviceBusDataReceiver: '4f6d3b9b-027b-4f4c-9142-0e5a2a2247e0' // Azure Service Bus Data Receiver
   serviceBusDataOwner: '090c5cfd-751d-490a-894a-3ce6f1109419' // Azure Service Bus Data Owner
+  blobDataOwner: 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b' // Storage Blob Data Owner
   blobDataContributor: 'ba92f5b4-2d11-453d-a403-e96b0029c9fe' // Storage Blob Data Contributor
   blobDataReader: '2a2b9908-6ea1-4ae2-8e65-a410df84e7d1' // Storage Blob Data Reader
+  tableDataContributor: '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3' // Storage Table Data Contributor
   acrPull: '7f951dda-4ed3-4680-a7ca-43fe172d538d' // AcrPull
   monitoringMetricsPublisher: '3913510d-42f4-4e42-8a64-420c390055eb' // Monitoring Metrics Publisher
 }
@@ -140,11 +148,21 @@ resource apiEventsOwner 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   }
 }
 
-resource apiBlobContributor 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(storage.id, apiPrincipalId, roles.blobDataContributor)
+resource apiBlobOwner 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(storage.id, apiPrincipalId, roles.blobDataOwner)
   scope: storage
   properties: {
-    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.blobDataContributor)
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.blobDataOwner)
+    principalId: apiPrincipalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+resource apiTableContributor 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(storage.id, apiPrincipalId, roles.tableDataContributor)
+  scope: storage
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.tableDataContributor)
     principalId: apiPrincipalId
     principalType: 'ServicePrincipal'
   }

@@ -1,5 +1,6 @@
-// Blob Storage for inputs (images), results and the Function App's deployment package. Keyless: shared-key
-// access is off, so every client authenticates with Microsoft Entra ID. Inputs are deleted after N days.
+// Blob Storage for inputs (images), results and the Function App's deployment package; also the Functions host
+// storage (AzureWebJobsStorage: blobs, and tables for the host's diagnostic events). Keyless: shared-key access is
+// off, so every client authenticates with Microsoft Entra ID. Inputs are deleted after N days.
 
 @description('Azure region of the storage account.')
 param location string
@@ -156,6 +157,7 @@ resource lifecycle 'Microsoft.Storage/storageAccounts/managementPolicies@2023-05
 output accountName string = account.name
 output accountId string = account.id
 output blobEndpoint string = account.properties.primaryEndpoints.blob
+output tableEndpoint string = account.properties.primaryEndpoints.table
 output imagesContainerName string = imagesContainer.name
 output resultsContainerName string = resultsContainer.name
 output deploymentContainerUrl string = '${account.properties.primaryEndpoints.blob}${deploymentContainer.name}'
