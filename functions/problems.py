@@ -56,6 +56,7 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "band_count_mismatch": (422, "Band names do not match the band count"),
     "invalid_bands": (422, "Invalid band names"),
     "missing_bands": (422, "Red and NIR bands required"),
+    "no_valid_pixels": (422, "No valid pixels"),
     "internal_error": (500, "Internal error"),
 }
 SERVICE_UNAVAILABLE = (503, "Service temporarily unavailable")  # every TransientError code: enqueue_failed, ...

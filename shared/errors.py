@@ -4,6 +4,8 @@
     ├── PermanentError          retrying cannot help: dead-letter at once, mark the job failed
     │   ├── InvalidMessage      the Service Bus envelope does not decode or validate
     │   ├── InvalidImage        the GeoTIFF cannot be read or has unusable bands
+    │   │   └── NoValidPixels   it reads, but not one pixel is usable (all nodata, NaN, zero, sparse, or a scale
+    │   │                       that under- or overflows every reflectance): its own code, ``no_valid_pixels``
     │   ├── InputMissing        the input blob is gone
     │   └── UnknownAnalysis     the requested analysis or model does not exist
     └── TransientError          retrying may help: the attempt is released and retried after a backoff,
@@ -40,6 +42,12 @@ class InvalidMessage(PermanentError):
 
 class InvalidImage(PermanentError):
     code = "invalid_image"
+
+
+class NoValidPixels(InvalidImage):
+    """Not one pixel is usable: the job would succeed with nothing but nulls. See docs/analysis.md (Validity)."""
+
+    code = "no_valid_pixels"
 
 
 class InputMissing(PermanentError):

@@ -5,6 +5,10 @@ never decoded, so a decompression bomb (a few kilobytes declaring 100 000 x 100 
 size alone. A file cut short is caught either by GDAL (its IFD is gone) or by the last block of each band ending past
 the end of the bytes we were given. A header GDAL opens but Python cannot decode (a band description that is not
 UTF-8, a CRS that does not parse) is unreadable too: the client's mistake, never a 500.
+
+A file whose blocks are all left out (GDAL's ``SPARSE_OK``: a tile or strip with offset 0 is never written, and reads
+as the nodata value, or 0 without one) holds no pixel data at all: refused as ``no_valid_pixels``, from the block
+offsets in the header. :func:`stored_blocks` is the same block map for the worker, which skips empty windows.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from shared.rejection import Rejected
 
 # Classic TIFF (little / big endian) and BigTIFF (little / big endian).
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+# Block offsets looked up at most (~0.5 us each), per plane in the worker, in all at submit: 512 x 512 tiles of a full
+# Sentinel-2 tile are 484 per band. Past it the map is unknown (every block counts as stored; the worker decides).
+MAX_BLOCK_LOOKUPS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,7 @@ def inspect(data: bytes, limits: Limits) -> ImageHeader:
                 header = _header(ds)
                 _check_limits(header, limits)
                 _check_complete(ds, len(data))
+                _check_has_data(ds)
     except (RasterioError, ValueError) as e:  # ValueError: a band description that is not UTF-8, a CRSError
         raise Rejected("unreadable_image", f"the TIFF cannot be read: {_reason(e)}") from e
     return header
@@ -95,8 +103,7 @@ def _check_complete(ds: DatasetReader, size: int) -> None:
     """The last block of every band must lie within the bytes received (sparse, never-written blocks are fine)."""
     block_h, block_w = ds.block_shapes[0]
     last = f"BLOCK_OFFSET_{math.ceil(ds.width / block_w) - 1}_{math.ceil(ds.height / block_h) - 1}"
-    bands = [1] if ds.interleaving is not None and ds.interleaving.name == "PIXEL" else range(1, ds.count + 1)
-    for band in bands:
+    for band in planes(ds):
         offset = ds.get_tag_item(last, "TIFF", bidx=band)
         length = ds.get_tag_item(last.replace("OFFSET", "SIZE"), "TIFF", bidx=band)
         if offset and length and int(offset) + int(length) > size:
@@ -104,6 +111,48 @@ def _check_complete(ds: DatasetReader, size: int) -> None:
                 "truncated_image",
                 f"the TIFF is cut short: band {band} needs {int(offset) + int(length)} bytes, the body has {size}",
             )
+
+
+def _check_has_data(ds: DatasetReader) -> None:
+    """Some block of some band must be stored; stops at the first plane that has one. Past
+    :data:`MAX_BLOCK_LOOKUPS` blocks in all, the worker decides."""
+    blocks = 0
+    block_h, block_w = ds.block_shapes[0]
+    if math.ceil(ds.height / block_h) * math.ceil(ds.width / block_w) * len(planes(ds)) > MAX_BLOCK_LOOKUPS:
+        return
+    for plane in planes(ds):
+        stored = stored_blocks(ds, plane)
+        if stored is None or stored.any():
+            return
+        blocks += stored.size
+    raise Rejected(
+        "no_valid_pixels", f"the image holds no pixel data: all {blocks} blocks are empty (a sparse file, none written)"
+    )
+
+
+def planes(ds: DatasetReader) -> list[int]:
+    """The 1-based bands that have blocks of their own: only band 1 when the bands are interleaved by pixel."""
+    pixel = ds.count == 1 or (ds.interleaving is not None and ds.interleaving.name == "PIXEL")
+    return [1] if pixel else list(range(1, ds.count + 1))
+
+
+def plane_of(ds: DatasetReader, band: int) -> int:
+    """The plane (see :func:`planes`) holding 1-based ``band``'s blocks."""
+    return band if len(planes(ds)) > 1 else 1
+
+
+def stored_blocks(ds: DatasetReader, plane: int) -> np.ndarray | None:
+    """[rows, cols] bool: which blocks of ``plane`` the file stores (the others read as nodata, or 0 without one);
+    None when unknown (not a GeoTIFF, more than :data:`MAX_BLOCK_LOOKUPS` blocks). Header only: GDAL's block
+    offsets (``BLOCK_OFFSET_x_y`` in the TIFF domain, absent for a block with offset 0)."""
+    block_h, block_w = ds.block_shapes[0]
+    rows, cols = math.ceil(ds.height / block_h), math.ceil(ds.width / block_w)
+    if ds.driver != "GTiff" or rows * cols > MAX_BLOCK_LOOKUPS:
+        return None
+    offsets = [
+        bool(ds.get_tag_item(f"BLOCK_OFFSET_{x}_{y}", "TIFF", bidx=plane)) for y in range(rows) for x in range(cols)
+    ]
+    return np.array(offsets, dtype=bool).reshape(rows, cols)
 
 
 def _reason(e: Exception) -> str:

@@ -182,6 +182,7 @@ SUBMIT_PROBLEMS = (
     *("invalid_idempotency_key", "invalid_priority", "invalid_callback_url", "invalid_callback_events"),
     *("idempotency_conflict", "payload_too_large", "unsupported_media_type", "unreadable_image", "truncated_image"),
     *("image_too_large", "too_many_bands", "bands_required", "band_count_mismatch", "invalid_bands", "missing_bands"),
+    "no_valid_pixels",
     *("backlog_full", "enqueue_failed", "database_unavailable", "storage_unavailable", "bus_unavailable"),
 )
 JOB_PROBLEMS = ("invalid_job_id", "job_not_found", "database_unavailable")

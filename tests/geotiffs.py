@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rasterio
 from affine import Affine
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.io import MemoryFile
+from rasterio.windows import Window
 
 DATA = Path(__file__).parent / "data"
 FIELDS = DATA / "s2_l1c_fields_256.tif"  # 13 Sentinel-2 L1C bands, uint16, descriptions B01..B12
@@ -61,3 +64,30 @@ def huge_sparse(width: int = 20_000, height: int = 20_000, count: int = 4) -> by
         count=count, width=width, height=height, write=False, tiled=True, blockxsize=1024, blockysize=1024,
         compress="deflate", SPARSE_OK=True,
     )  # fmt: skip
+
+
+def write_scene(
+    path: Path,
+    data: np.ndarray,
+    names: Sequence[str],
+    *,
+    nodata: float | None = None,
+    only: Iterable[Window] | None = None,
+    **profile: Any,
+) -> Path:
+    """``data`` [bands, h, w] as a GeoTIFF at ``path``, its bands described as ``names``. ``only``: write just these
+    windows and leave the rest of the file sparse (GDAL's SPARSE_OK: never written, read as ``nodata``, or 0)."""
+    count, height, width = data.shape
+    options: dict[str, Any] = {
+        "driver": "GTiff", "width": width, "height": height, "count": count, "dtype": data.dtype.name,
+        "crs": "EPSG:32618", "transform": Affine(10.0, 0.0, 439730.0, 0.0, -10.0, 4175460.0), "nodata": nodata,
+        **({"SPARSE_OK": True} if only is not None else {}), **profile,
+    }  # fmt: skip
+    with rasterio.open(path, "w", **options) as ds:
+        for band, name in enumerate(names, start=1):
+            ds.set_band_description(band, name)
+        if only is None:
+            ds.write(data)
+        for window in only or ():
+            ds.write(data[:, window.toslices()[0], window.toslices()[1]], window=window)
+    return path

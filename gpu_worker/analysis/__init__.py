@@ -2,14 +2,15 @@
 
     Analyzer(device, models_dir).analyse(image_path, AnalysisRequest(...), workdir) -> AnalysisOutput
 
-Raises :class:`shared.errors.InvalidImage` for unreadable files or unusable bands and
-:class:`shared.errors.UnknownAnalysis` for an unknown analysis or model; both are permanent.
+Raises :class:`shared.errors.InvalidImage` for unreadable files or unusable bands,
+:class:`shared.errors.NoValidPixels` when not one pixel is valid (:mod:`validity`) and
+:class:`shared.errors.UnknownAnalysis` for an unknown analysis or model; all are permanent.
 
 ``crop-health`` result (``AnalysisOutput.result``; the worker adds ``outputs``)::
 
     analysis             "crop-health"
     scene                {width, height, band_count, crs ("EPSG:32618" | null), bounds_wgs84 [W, S, E, N] | null}
-    valid_fraction       pixels with red and NIR valid / all pixels
+    valid_fraction       valid pixels (red and NIR not nodata, finite, NDVI defined) / all pixels; > 0
     cloud_fraction       cloudy / valid pixels; null without a cloud mask       (summary.py has every definition)
     clear_fraction       1 - cloud_fraction; null without a cloud mask
     water_fraction       NDWI > 0 among clear pixels; null without green

@@ -44,7 +44,7 @@ class S2CloudMask:
         grid = CoarseGrid(scene.height, scene.width, self.factor, scene.device, scene.scale)
         indices = scene.bands.native_names(SENTINEL2, MODEL_BANDS)
         size = self.factor * max(1, COARSE_WINDOW // self.factor)
-        windows = list(scene.windows(size))
+        windows = [w for w in scene.windows(size) if scene.holds_data(w, indices)]  # sparse ones add nothing
         for i, (window, block) in enumerate(zip(windows, scene.blocks(windows, indices), strict=True)):
             progress("cloud_mask", i / (len(windows) + 1))  # the detector's run is the last part
             grid.add(int(window.row_off), int(window.col_off), block.dn, block.valid)

@@ -7,7 +7,9 @@ the :class:`SceneSummary` and writes the output rasters. Progress (``AnalysisReq
 file opened, bands resolved), ``cloud_mask`` per pass-1 window, ``indices`` and ``cover`` per pass-2 window (both in
 the same window loop), ``outputs`` per COG and for the quicklook. Memory is bounded by the window size, not the scene: a
 full 10980 x 10980 Sentinel-2 tile streams through the same code (bench/analysis.py --full-tile measures it).
-Result keys are defined in :mod:`gpu_worker.analysis.summary`.
+Result keys are defined in :mod:`gpu_worker.analysis.summary`; a scene without one valid pixel raises
+:class:`shared.errors.NoValidPixels` before any output is finished (:mod:`gpu_worker.analysis.validity`). Windows the
+file leaves empty (sparse blocks, :meth:`SceneReader.holds_data`) are skipped in both passes.
 
 The next window is decoded while the current one is computed (:meth:`SceneReader.blocks`). The cover MLP of a window
 is written one window later: on CUDA its clear land pixels go to a :class:`~gpu_worker.analysis.batcher.
@@ -37,6 +39,7 @@ from gpu_worker.analysis.outputs import COG_CONTENT_TYPE, PNG_CONTENT_TYPE, Rast
 from gpu_worker.analysis.raster import SceneReader, gdal_errors_as_invalid_image
 from gpu_worker.analysis.request import AnalysisOutput, AnalysisRequest, Progress
 from gpu_worker.analysis.summary import SceneSummary
+from gpu_worker.analysis.validity import no_valid_pixels
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,11 @@ class _CoverWork:
     window: Window
     counted: torch.Tensor
     fractions: Future[torch.Tensor]
+
+
+def _within(index: tuple[torch.Tensor, torch.Tensor], valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An index's (values, mask), its mask narrowed to the valid pixels."""
+    return index[0], index[1] & valid
 
 
 class CropHealth:
@@ -111,17 +119,22 @@ class CropHealth:
     def _pass(
         self, scene: SceneReader, clouds: CloudSource | None, workdir: Path, progress: Progress
     ) -> tuple[dict[str, Any], dict[str, tuple[Path, str]]]:
-        specs = [s for s in INDICES if scene.bands.has(*s.roles)]
+        specs = [s for s in INDICES if scene.bands.has(*s.roles)]  # NDVI first: red and NIR are always there
         cover_indices = band_indices(scene.bands)
         roles = [r for r in INDEX_ROLES if scene.bands.has(r)]
         wide_roles = sorted({r for s in specs if s.float64 for r in s.roles})  # float64 indices' bands
         read = sorted({scene.bands.index(r) for r in roles} | set(cover_indices or []))
         position = {file_index: j for j, file_index in enumerate(read)}
         summary = SceneSummary(specs, clouds is not None, self.device)
-        sinks = self._sinks(scene, workdir, clouds is not None, cover_indices is not None)
-        windows = list(scene.windows(self.window))
+        # A window whose red and NIR blocks are all left out of the file (sparse) has no valid pixel: skipped, its
+        # outputs stay nodata (unwritten tiles read as nodata), and the outputs are sparse too (outputs.py).
+        red_nir = [scene.bands.index("red"), scene.bands.index("nir")]
+        every = list(scene.windows(self.window))
+        windows = [w for w in every if scene.holds_data(w, red_nir)]
+        sinks = self._sinks(scene, workdir, clouds is not None, cover_indices is not None, len(windows) < len(every))
         files: dict[str, tuple[Path, str]] = {}
         pending: _CoverWork | None = None  # the previous window's cover, written after this window's indices
+        present = torch.zeros((), dtype=torch.int64, device=self.device)  # red and NIR not nodata, finite DN
         try:
             for i, (window, block) in enumerate(zip(windows, scene.blocks(windows, read), strict=True)):
                 progress("indices", i / len(windows))
@@ -129,12 +142,14 @@ class CropHealth:
                 bands = {r: block.values[at[r]] for r in roles}
                 exact = {r: block.exact(at[r]) for r in wide_roles}
                 valid = {r: block.valid[at[r]] for r in roles}
-                base = valid["red"] & valid["nir"]
+                present += (valid["red"] & valid["nir"]).sum()
+                ndvi, base = compute(specs[0], bands, valid)  # a valid pixel: NDVI defined (validity.py)
                 cloud = clouds.window(window) if clouds else torch.zeros_like(base)
-                index_values = {s.name: compute(s, exact if s.float64 else bands, valid) for s in specs}
+                index_values = {"ndvi": (ndvi, base)} | {
+                    s.name: _within(compute(s, exact if s.float64 else bands, valid), base) for s in specs[1:]
+                }
                 land = summary.add(base, cloud, index_values)
-                ndvi, ndvi_ok = index_values["ndvi"]
-                sinks["ndvi_cog"].write(window, torch.where(ndvi_ok, ndvi, float("nan")).float().cpu().numpy())
+                sinks["ndvi_cog"].write(window, torch.where(base, ndvi, float("nan")).float().cpu().numpy())
                 if clouds is not None:
                     mask = torch.where(base, cloud.to(torch.uint8), MASK_NODATA).to(torch.uint8)
                     sinks["cloud_mask_cog"].write(window, mask.cpu().numpy())
@@ -147,6 +162,9 @@ class CropHealth:
                     pending = work
             if pending is not None:
                 self._write_cover(pending, summary, sinks["cover_cog"])
+            if summary.valid_pixels() == 0:
+                pixels, read_pixels = scene.width * scene.height, sum(w.width * w.height for w in windows)
+                raise no_valid_pixels(pixels, pixels - read_pixels, int(present.item()), scene.scale)
             for k, (key, sink) in enumerate(sinks.items()):  # the COG copies: GDAL work, seconds on a full tile
                 progress("outputs", k / (len(sinks) + 1))
                 files[key] = (sink.finish(), COG_CONTENT_TYPE)
@@ -181,20 +199,22 @@ class CropHealth:
         sink.write(work.window, percent.cpu().numpy())
 
     @staticmethod
-    def _sinks(scene: SceneReader, workdir: Path, has_clouds: bool, has_cover: bool) -> dict[str, RasterSink]:
+    def _sinks(
+        scene: SceneReader, workdir: Path, has_clouds: bool, has_cover: bool, sparse: bool
+    ) -> dict[str, RasterSink]:
         grid = scene.grid()
         sinks = {
             "ndvi_cog": RasterSink(workdir / "ndvi.tif", grid, count=1, dtype="float32", nodata=float(np.nan),
-                                   overview_resampling="average", descriptions=("ndvi",)),
+                                   overview_resampling="average", descriptions=("ndvi",), sparse=sparse),
         }  # fmt: skip
         if has_clouds:
             sinks["cloud_mask_cog"] = RasterSink(
                 workdir / "cloud_mask.tif", grid, count=1, dtype="uint8", nodata=MASK_NODATA,
-                overview_resampling="mode", descriptions=("cloud (1) / clear (0)",),
+                overview_resampling="mode", descriptions=("cloud (1) / clear (0)",), sparse=sparse,
             )  # fmt: skip
         if has_cover:
             sinks["cover_cog"] = RasterSink(
                 workdir / "cover.tif", grid, count=3, dtype="uint8", nodata=MASK_NODATA,
-                overview_resampling="average", descriptions=tuple(f"{f} cover (%)" for f in FRACTIONS),
+                overview_resampling="average", descriptions=tuple(f"{f} cover (%)" for f in FRACTIONS), sparse=sparse,
             )  # fmt: skip
         return sinks

@@ -1,7 +1,8 @@
 """Vegetation and water indices on reflectance tensors, with their validity masks.
 
 Each index is computed where every band it uses is valid; a pixel whose denominator is zero, or whose value is not
-finite, is excluded from that index only.
+finite, is excluded from that index only. The crop-health analysis counts an index only over valid pixels, those
+with a defined NDVI (:mod:`gpu_worker.analysis.validity`).
 
 The bands come as float32 (:class:`gpu_worker.analysis.raster.Block`), and NDVI, NDWI and SAVI are computed in
 float32: their denominators are sums of non-negative reflectances, so float32 keeps them within 1e-6 of a float64

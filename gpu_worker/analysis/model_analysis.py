@@ -19,6 +19,7 @@ from gpu_worker.analysis.models import NODATA_CLASS, ModelRegistry
 from gpu_worker.analysis.outputs import COG_CONTENT_TYPE, RasterSink
 from gpu_worker.analysis.raster import SceneReader
 from gpu_worker.analysis.request import AnalysisOutput, AnalysisRequest
+from gpu_worker.analysis.validity import no_valid_pixels
 
 
 class ModelAnalysis:
@@ -33,6 +34,9 @@ class ModelAnalysis:
         progress("decode", 0.0)
         with SceneReader(image_path, request.bands, request.scale, self.registry.device, required=()) as scene:
             indices = model.band_indices(scene.bands)
+            pixels = scene.width * scene.height
+            if not scene.holds_data(Window(0, 0, scene.width, scene.height), indices):  # a sparse file, none written
+                raise no_valid_pixels(pixels, pixels, 0, request.scale, bands="the model's input bands")
 
             def read_window(window: Window) -> torch.Tensor:
                 block = scene.read(window, indices)
@@ -50,11 +54,13 @@ class ModelAnalysis:
             )
             with sink:
                 run = model.tiled(read_window, scene.width, scene.height)
-                done, pixels = 0, scene.width * scene.height
+                done = 0
                 for window, values in run:
                     progress("cover", done / pixels)  # a model's map is a cover of the scene
                     sink.write(window, values)
                     done += window.width * window.height
+                if run.valid_pixels == 0:
+                    raise no_valid_pixels(pixels, 0, 0, request.scale, bands="the model's input bands")
                 progress("outputs", 0.0)
                 path = sink.finish()
             result: dict[str, Any] = {

@@ -9,6 +9,11 @@ Why DEFLATE level 1: on a 1024 x 1024 float32 NDVI, DEFLATE level 6 (GDAL's defa
 (1 % larger), ZSTD level 1 26 ms (33 % smaller). ZSTD is not readable everywhere our outputs go: geotiff.js, which
 browser viewers (OpenLayers and the like) use, reads it only from its 3.x releases (geotiffjs/geotiff.js#372), so
 ZSTD stays inside the worker (the partial files) and the published COGs use DEFLATE, which every TIFF reader has.
+
+``sparse=True`` (the input itself left blocks out, so windows were skipped): tiles that are all nodata are left out
+of the COG too (GDAL's ``SPARSE_OK``; GDAL, rasterio and geotiff.js since 2022, geotiffjs/geotiff.js#305, read
+them as nodata). On an 11000 x 11000 float32 output that is nodata but for one window, the COG copy took 0.4 s
+instead of 2.6 s. Outputs of inputs without empty blocks are unchanged (dense).
 """
 
 from __future__ import annotations
@@ -42,14 +47,16 @@ class RasterSink:
         nodata: float,
         overview_resampling: str,
         descriptions: tuple[str, ...] = (),
+        sparse: bool = False,
     ) -> None:
         self.path = path
         self.overview_resampling = overview_resampling
+        self._sparse = {"SPARSE_OK": True} if sparse else {}
         self._partial = path.with_name(f".{path.stem}.partial.tif")
         profile = {
             "driver": "GTiff", "count": count, "dtype": dtype, "nodata": nodata, "tiled": True,
             "blockxsize": TILE, "blockysize": TILE, "compress": "zstd", "zstd_level": 1, "bigtiff": "if_safer",
-            **grid,
+            **grid, **self._sparse,
         }  # fmt: skip
         self._dataset: Any = rasterio.open(self._partial, "w", **profile)
         for i, text in enumerate(descriptions, start=1):
@@ -65,7 +72,7 @@ class RasterSink:
         rasterio.shutil.copy(
             self._partial, self.path, driver="COG", compress="DEFLATE", level=DEFLATE_LEVEL, predictor="YES",
             blocksize=TILE,
-            overview_resampling=self.overview_resampling, bigtiff="IF_SAFER",
+            overview_resampling=self.overview_resampling, bigtiff="IF_SAFER", **self._sparse,
         )  # fmt: skip
         self._partial.unlink()
         return self.path

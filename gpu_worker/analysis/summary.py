@@ -1,7 +1,7 @@
 """Scene-level results accumulated window by window: index statistics, cloud / water / vegetation fractions and
 mean fractional cover. Every count stays on the device until :meth:`SceneSummary.result`.
 
-Definitions (all over pixels whose red and NIR are valid):
+Definitions (all over valid pixels: red and NIR not nodata and finite, NDVI defined; see :mod:`validity`):
 
 * ``cloud_fraction`` / ``clear_fraction``: cloudy / clear share (null without a cloud mask);
 * ``water_fraction``: NDWI (McFeeters) > 0 among clear pixels with a valid NDWI (null without green);
@@ -43,8 +43,8 @@ class SceneSummary:
     ) -> torch.Tensor:
         """Add one window; returns its land mask (clear, not water), which the cover step needs.
 
-        ``base``: red and NIR valid; ``cloud``: cloudy (all False without a mask); ``index_values``: name ->
-        (values, mask) from :func:`gpu_worker.analysis.indices.compute`."""
+        ``base``: the valid pixels (NDVI defined); ``cloud``: cloudy (all False without a mask); ``index_values``:
+        name -> (values, mask) from :func:`gpu_worker.analysis.indices.compute`."""
         c = self.counts
         clear = base & ~cloud
         c["valid"] += base.sum()
@@ -64,6 +64,10 @@ class SceneSummary:
         c["ndvi_land"] += (land & ndvi_ok).sum()
         c["vegetation"] += (land & ndvi_ok & (ndvi > VEGETATION_NDVI)).sum()
         return land
+
+    def valid_pixels(self) -> int:
+        """Valid pixels added so far (a device synchronisation)."""
+        return int(self.counts["valid"].item())
 
     def add_cover(self, fractions: torch.Tensor, count: torch.Tensor) -> None:
         """[3, P] cover fractions of the ``count`` pixels where they count (land, all cover bands valid)."""

@@ -21,7 +21,8 @@ STAT_KEYS = ("mean", "std", "p10", "p50", "p90")
 
 
 def numpy_indices(path: Path, names: list[str] | None = None, scale: float = 10000.0) -> dict[str, Any]:
-    """Independent reference: float64 numpy over the pixels where the index's bands are valid."""
+    """Independent reference: float64 numpy over the valid pixels (red and NIR valid, NDVI defined) where the
+    index's bands are valid."""
     with rasterio.open(path) as src:
         data = src.read().astype(np.float64)
         nodata = src.nodatavals
@@ -42,12 +43,14 @@ def numpy_indices(path: Path, names: list[str] | None = None, scale: float = 100
             "savi": (("red", "nir"), lambda: (1.5 * (b["nir"] - b["red"]), b["nir"] + b["red"] + 0.5)),
         }
         out: dict[str, Any] = {}
+        red, nir = b["red"], b["nir"]
+        pixel_ok = valid[roles["red"]] & valid[roles["nir"]] & np.isfinite((nir - red) / (nir + red))
         for name, (needed, formula) in formulas.items():
             if not all(r in roles for r in needed):
                 out[name] = None
                 continue
             num, den = formula()
-            mask = np.logical_and.reduce([valid[roles[r]] for r in needed]) & (den != 0)
+            mask = np.logical_and.reduce([valid[roles[r]] for r in needed]) & (den != 0) & pixel_ok
             v = num[mask] / den[mask]
             v = v[np.isfinite(v)]
             p10, p50, p90 = np.percentile(v, [10, 50, 90])
@@ -140,7 +143,8 @@ def test_nodata_pixels_are_excluded(tmp_path: Path) -> None:
 
 def test_zero_denominators_are_excluded_per_index(tmp_path: Path) -> None:
     data = synthetic("uint16")
-    data[2:, 0, :] = 0  # red = nir = 0: NDVI's denominator is zero; SAVI's is 0.5 and EVI's is 1 - 7.5 blue
+    data[1, 3, :] = 0
+    data[3, 3, :] = 0  # green = nir = 0: NDWI's denominator is zero; NDVI's is red, so the pixel is valid
     data[0, 1, :10] = 2500  # EVI: 0.5 + 6 * 0.0625 - 7.5 * 0.25 + 1 = 0 exactly (binary fractions)
     data[2, 1, :10] = 625
     data[3, 1, :10] = 5000
@@ -148,10 +152,26 @@ def test_zero_denominators_are_excluded_per_index(tmp_path: Path) -> None:
     out = analyse(path, tmp_path)
     assert_matches(out.result, numpy_indices(path))
     total = 40 * 50
-    assert out.result["indices"]["ndvi"]["count"] == total - 50
+    assert out.result["indices"]["ndvi"]["count"] == total
+    assert out.result["indices"]["ndwi"]["count"] == total - 50
     assert out.result["indices"]["evi"]["count"] == total - 10
     assert out.result["indices"]["savi"]["count"] == total
     assert out.result["valid_fraction"] == 1.0
+
+
+def test_red_and_nir_both_zero_is_not_a_valid_pixel(tmp_path: Path) -> None:
+    """No nodata declared, red = nir = 0: NDVI is undefined, so the pixel is not valid, for every index (SAVI and
+    EVI would be 0 there, which says nothing about the ground) and for valid_fraction."""
+    data = synthetic("uint16")
+    data[2:, 0, :] = 0
+    path = write_tif(tmp_path / "zero.tif", data, None, ["blue", "green", "red", "nir"])
+    out = analyse(path, tmp_path)
+    assert_matches(out.result, numpy_indices(path))
+    total = 40 * 50
+    assert {name: v["count"] for name, v in out.result["indices"].items()} == dict.fromkeys(
+        ("ndvi", "ndwi", "evi", "savi"), total - 50
+    )
+    assert out.result["valid_fraction"] == (total - 50) / total
 
 
 def test_float_input_with_nan_and_nodata(tmp_path: Path) -> None:

@@ -1,9 +1,14 @@
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import rasterio
+from rasterio.windows import Window
 
+from shared import geotiff
 from shared.geotiff import Limits, inspect
 from shared.rejection import Rejected
 from tests import geotiffs
@@ -105,3 +110,40 @@ def test_a_band_description_that_is_not_utf8_is_unreadable(replacement: bytes, b
         inspect(_with_header_bytes("QQQQ", replacement, band), LIMITS)
     assert info.value.code == "unreadable_image"
     assert "UTF-8" in info.value.detail
+
+
+SPARSE_LAYOUTS: dict[str, dict[str, Any]] = {
+    "tiles": {"tiled": True, "blockxsize": 64, "blockysize": 64},
+    "tiles-by-band": {"tiled": True, "blockxsize": 64, "blockysize": 64, "interleave": "band"},
+    "strips": {"blockysize": 16},
+    "strips-by-band": {"blockysize": 16, "interleave": "band"},
+}
+
+
+@pytest.mark.parametrize("layout", SPARSE_LAYOUTS.values(), ids=SPARSE_LAYOUTS.keys())
+@pytest.mark.parametrize("nodata", [None, 0])
+def test_a_file_with_no_block_written_has_no_valid_pixel(layout: dict[str, Any], nodata: int | None) -> None:
+    data = geotiffs.crafted(width=256, height=256, write=False, SPARSE_OK=True, nodata=nodata, **layout)
+    with pytest.raises(Rejected) as info:
+        inspect(data, LIMITS)
+    assert info.value.code == "no_valid_pixels"
+    assert "no pixel data" in info.value.detail
+
+
+def _one_block_written(path: Path, band: int, **layout: Any) -> bytes:
+    path.write_bytes(geotiffs.crafted(width=256, height=256, write=False, SPARSE_OK=True, **layout))
+    with rasterio.open(path, "r+") as ds:
+        ds.write(np.full((64, 64), 7, np.uint16), band, window=Window(192, 192, 64, 64))
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("layout", SPARSE_LAYOUTS.values(), ids=SPARSE_LAYOUTS.keys())
+def test_one_block_written_anywhere_is_enough(tmp_path: Path, layout: dict[str, Any]) -> None:
+    """A scene with a large empty area, left out of the file, is legitimate: the worker decides on its pixels."""
+    assert inspect(_one_block_written(tmp_path / "one.tif", 4, **layout), LIMITS).count == 4
+
+
+def test_past_the_block_lookup_bound_the_worker_decides(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = geotiffs.crafted(width=256, height=256, write=False, SPARSE_OK=True, **SPARSE_LAYOUTS["tiles"])
+    monkeypatch.setattr(geotiff, "MAX_BLOCK_LOOKUPS", 15)  # 16 blocks: the map is unknown
+    assert inspect(data, LIMITS).count == 4

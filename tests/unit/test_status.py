@@ -28,7 +28,9 @@ def error_of(job: Job) -> dict[str, str]:
     return error
 
 
-@pytest.mark.parametrize("code", ["invalid_image", "input_missing", "unknown_analysis", "invalid_message", "timed_out"])
+@pytest.mark.parametrize(
+    "code", ["invalid_image", "no_valid_pixels", "input_missing", "unknown_analysis", "invalid_message", "timed_out"]
+)
 def test_permanent_input_errors_show_their_message(code: str) -> None:
     text = "message dead-lettered (InvalidImage): band 4 has no NIR reflectance"
     assert error_of(failed(code, text)) == {"code": code, "message": text}
