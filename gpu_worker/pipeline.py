@@ -35,6 +35,8 @@ import threading
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
+from gpu_worker.settlement import Interrupted
+
 logger = logging.getLogger(__name__)
 
 TICK = 0.2  # seconds: how soon the preparing thread, waiting for a slot, notices that it is to stop
@@ -78,7 +80,7 @@ class Pipeline(Generic[T]):
         self._ready: queue.SimpleQueue[T | None] = queue.SimpleQueue()  # None: the preparing thread is done
         self._finishing: queue.SimpleQueue[T | None] = queue.SimpleQueue()  # None: nothing more will come
         self._settling: queue.SimpleQueue[T | None] = queue.SimpleQueue()  # items with an error; None: as above
-        self._waiting: set[int] = set()  # ids of the items in ready, not yet taken by the main thread
+        self._waiting: dict[int, T] = {}  # the items in ready (by id), not yet taken by the main thread
         self._waiting_lock = threading.Lock()
         self._stop = threading.Event()  # set when a stage failed outside its item (a bug): receive no more
         self._failure: BaseException | None = None
@@ -132,7 +134,7 @@ class Pipeline(Generic[T]):
                 self.received += 1
                 if self._run_stage(self._stages.prepare, item):
                     with self._waiting_lock:
-                        self._waiting.add(id(item))
+                        self._waiting[id(item)] = item
                     self._ready.put(item)
                 else:
                     self._done_with(item)
@@ -145,9 +147,8 @@ class Pipeline(Generic[T]):
         """If ``item`` waits for the main thread (prepared, not yet computed), take it out of the line with ``error``
         and have it settled now (from any thread); ``False`` if it is not waiting (being computed, or past that)."""
         with self._waiting_lock:
-            if id(item) not in self._waiting:
+            if self._waiting.pop(id(item), None) is None:
                 return False
-            self._waiting.discard(id(item))
             if item.error is None:
                 item.error = error
         self._settling.put(item)
@@ -156,10 +157,7 @@ class Pipeline(Generic[T]):
     def _take(self, item: T) -> bool:
         """The main thread takes ``item`` from the line, unless it was withdrawn meanwhile."""
         with self._waiting_lock:
-            if id(item) not in self._waiting:
-                return False
-            self._waiting.discard(id(item))
-            return True
+            return self._waiting.pop(id(item), None) is not None
 
     def _compute(self, item: T) -> None:
         self._run_stage(self._stages.compute, item)
@@ -179,16 +177,16 @@ class Pipeline(Generic[T]):
                 self._slots.release()
 
     def _skip_the_rest(self) -> None:
-        """Items still ready when the loop ended early (only an error escaping it does that): finished uncomputed."""
-        while True:
-            try:
-                item = self._ready.get_nowait()
-            except queue.Empty:
-                return
-            if item is not None and self._take(item):
-                if item.error is None:
-                    item.error = self._failure or RuntimeError("the pipeline stopped before computing it")
-                self._settling.put(item)
+        """Items still waiting when the loop ended early (only an error escaping it does that, a bug: the signal's
+        ``Interrupted`` is raised inside the compute stage only), the one it had just taken off the line included:
+        finished uncomputed, as interrupted. Nothing is wrong with them, so they are released like a drain's, without
+        charging an attempt (:func:`gpu_worker.settlement.decide`)."""
+        with self._waiting_lock:
+            left, self._waiting = list(self._waiting.values()), {}
+        for item in left:
+            if item.error is None:
+                item.error = Interrupted("the pipeline stopped before computing it")
+            self._settling.put(item)
 
     def _run_stage(self, stage: Callable[[T], bool | None], item: T) -> bool:
         """``stage(item)``; what escapes it (a bug) becomes the item's error."""

@@ -21,7 +21,7 @@ import pytest
 from gpu_worker.consumer import AttemptLimits
 from gpu_worker.handler import Reporter
 from gpu_worker.pipeline import Pipeline
-from gpu_worker.settlement import Action
+from gpu_worker.settlement import Action, Interrupted, RetryPolicy, decide
 from gpu_worker.shutdown import Shutdown
 from shared.errors import InputMissing
 from shared.jobs import Job, JobStatus
@@ -267,6 +267,29 @@ def test_an_error_escaping_receive_stops_receiving_finishes_what_is_in_hand_and_
     with pytest.raises(RuntimeError, match="receive broke"):
         Pipeline(stages, in_flight=3, stopping=lambda: False).run()
     assert [i.error for i in stages.finished] == [None, None]
+
+
+class BrokenTake(Pipeline[Any]):
+    """A bug that escapes the main loop as it takes its first item off the line."""
+
+    def _take(self, item: Any) -> bool:
+        if not getattr(self, "broke", False):
+            self.broke = True
+            raise RuntimeError("take broke")
+        return super()._take(item)
+
+
+def test_items_left_waiting_when_the_main_loop_breaks_are_released_not_abandoned() -> None:
+    """Every item received is finished, the one taken off the line as the loop broke included, as interrupted: a
+    release that charges no attempt (before: RuntimeError, an abandon, and the taken item was never settled)."""
+    stages = Items(2)
+    pipeline = BrokenTake(stages, in_flight=2, stopping=lambda: False)
+    with pytest.raises(RuntimeError, match="take broke"):
+        pipeline.run(max_items=2)
+    assert len(stages.finished) == pipeline.received >= 1
+    assert {type(i.error) for i in stages.finished} == {Interrupted}
+    policy = RetryPolicy(max_attempts=3, backoff=timedelta(seconds=1), backoff_max=timedelta(seconds=8))
+    assert decide(Interrupted("x"), 1, policy).drain  # released, uncharged
 
 
 def test_in_flight_must_be_positive() -> None:
