@@ -8,7 +8,7 @@ NODE_STAMP := node_modules/.installed
 CHECKOV_VENV := .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
-.PHONY: help install demo test lint up down bench bench-gpu chaos clean
+.PHONY: help install demo test lint up down bench bench-gpu chaos sdk-suite clean
 
 help:
 	@echo "make demo   - start the local stack, analyse a real Sentinel-2 scene end to end, stop the stack"
@@ -22,6 +22,8 @@ help:
 	@echo "              batching; needs only the worker's dependencies; prints a note and exits 0 without CUDA"
 	@echo "make chaos  - chaos run on the local stack (~16 min; JSON on stdout): kills and outages lose no job"
 	@echo "              (python -m local.chaos --short: the same in a few minutes)"
+	@echo "make sdk-suite - the azure-servicebus SDK's own queue tests against the Service Bus emulator (~11 min; JSON"
+	@echo "              on stdout; downloads the SDK's sdist once; local/servicebus_emulator/README.md)"
 
 # Python virtual environment: torch 2.13.0 CPU first (a GPU image brings its own), then everything else.
 # The project itself last, editable and without dependencies: the `crop-ai` console script (cli/).
@@ -83,6 +85,9 @@ bench-gpu:
 
 chaos: install
 	$(BIN)/python -m local.chaos
+
+sdk-suite: install
+	$(BIN)/python -m local.sdk_suite
 
 clean: down
 	rm -rf .local

@@ -24,7 +24,7 @@ from http import HTTPStatus
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 from . import atom
-from .broker import MAX_MESSAGE_SIZE, now_ms
+from .broker import now_ms
 from .config import QueueConfig
 from .httpd import Request, Response
 from .store import Store
@@ -35,7 +35,6 @@ _LOGGER = logging.getLogger(__name__)
 _ENTRY = "application/atom+xml;type=entry;charset=utf-8"
 _FEED = "application/atom+xml;type=feed;charset=utf-8"
 _SCHEMES = ("sharedaccesssignature ", "bearer ")
-_MAX_KIB = MAX_MESSAGE_SIZE // 1024
 
 
 def error_response(status: int, detail: str) -> Response:
@@ -82,7 +81,7 @@ class ManagementApi:
 
     def _entry(self, base: str, queue: QueueConfig, query: dict[str, str]) -> bytes:
         url = f"{base}/{queue.name}?{urlencode({'api-version': query.get('api-version', '2021-05')})}"
-        return atom.queue_entry(url, self._namespace, queue, self._store.runtime(queue.name), _MAX_KIB)
+        return atom.queue_entry(url, self._namespace, queue, self._store.runtime(queue.name))
 
     def _list(self, base: str, kind: str, query: dict[str, str]) -> Response:
         try:
@@ -108,6 +107,5 @@ class ManagementApi:
             [(url, queue, self._store.runtime(queue.name)) for url, queue in page],
             link(skip + top) if skip + top < len(names) else None,
             self._clock(),
-            _MAX_KIB,
         )
         return Response(HTTPStatus.OK, body, _FEED)

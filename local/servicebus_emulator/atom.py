@@ -47,7 +47,7 @@ def _flag(value: bool) -> str:
     return "true" if value else "false"
 
 
-def _description(queue: QueueConfig, runtime: QueueRuntime, max_message_kib: int) -> str:
+def _description(queue: QueueConfig, runtime: QueueRuntime) -> str:
     ttl = queue.default_message_time_to_live
     fields = [
         ("LockDuration", duration(queue.lock_duration)),
@@ -81,7 +81,7 @@ def _description(queue: QueueConfig, runtime: QueueRuntime, max_message_kib: int
         ("EnablePartitioning", "false"),
         ("EntityAvailabilityStatus", "Available"),
         ("EnableExpress", "false"),
-        ("MaxMessageSizeInKilobytes", str(max_message_kib)),
+        ("MaxMessageSizeInKilobytes", str(queue.max_message_size_in_kilobytes)),
     ]
     return (
         f'<QueueDescription xmlns="{CONNECT}" xmlns:i="{XSI}">'
@@ -94,18 +94,18 @@ def _description(queue: QueueConfig, runtime: QueueRuntime, max_message_kib: int
     )
 
 
-def _entry(url: str, namespace: str, queue: QueueConfig, runtime: QueueRuntime, max_message_kib: int) -> str:
+def _entry(url: str, namespace: str, queue: QueueConfig, runtime: QueueRuntime) -> str:
     return (
         f'<entry><id>{escape(url)}</id><title type="text">{escape(queue.name)}</title>'
         f"<published>{timestamp(runtime.created_at)}</published><updated>{timestamp(runtime.updated_at)}</updated>"
         f'<author><name>{escape(namespace)}</name></author><link rel="self" href={quoteattr(url)}/>'
-        f'<content type="application/xml">{_description(queue, runtime, max_message_kib)}</content></entry>'
+        f'<content type="application/xml">{_description(queue, runtime)}</content></entry>'
     )
 
 
-def queue_entry(url: str, namespace: str, queue: QueueConfig, runtime: QueueRuntime, max_message_kib: int) -> bytes:
+def queue_entry(url: str, namespace: str, queue: QueueConfig, runtime: QueueRuntime) -> bytes:
     """The document ``GET /{queue}`` answers: one ``<entry>`` whose content is the queue's description."""
-    entry = _entry(url, namespace, queue, runtime, max_message_kib)
+    entry = _entry(url, namespace, queue, runtime)
     return (_DECLARATION + entry.replace("<entry>", f'<entry xmlns="{ATOM}">', 1)).encode()
 
 
@@ -116,13 +116,12 @@ def feed(
     queues: Sequence[tuple[str, QueueConfig, QueueRuntime]],
     next_url: str | None,
     now_ms: int,
-    max_message_kib: int,
 ) -> bytes:
     """A page of ``GET /$Resources/queues``: ``(entry url, queue, runtime)`` each, and the next page's link."""
     links = f'<link rel="self" href={quoteattr(url)}/>'
     if next_url is not None:
         links += f'<link rel="next" href={quoteattr(next_url)}/>'
-    entries = "".join(_entry(u, namespace, q, r, max_message_kib) for u, q, r in queues)
+    entries = "".join(_entry(u, namespace, q, r) for u, q, r in queues)
     return (
         f'{_DECLARATION}<feed xmlns="{ATOM}"><title type="text">{escape(title)}</title><id>{escape(url)}</id>'
         f"<updated>{timestamp(now_ms)}</updated>{links}{entries}</feed>"

@@ -45,7 +45,11 @@ _LOCK_LOST = b"com.microsoft:message-lock-lost"
 _LOCK_LOST_TEXT = (
     "The lock supplied is invalid. Either the lock expired, or the message has already been removed from the queue."
 )
-MAX_MESSAGE_SIZE = 1024 * 1024
+_SESSION_FILTER = b"com.microsoft:session-filter"
+_SESSIONS_REFUSED = (
+    "A sessionful message receiver cannot be created on an entity that does not require sessions"
+    " (the emulator does not support sessions)."
+)
 
 
 def now_ms() -> int:
@@ -61,6 +65,12 @@ def _path(address: Any) -> str:
 
 def _not_found(path: str) -> AMQPError:
     return AMQPError(condition=b"amqp:not-found", description=f"The messaging entity '{path}' could not be found.")
+
+
+def _wants_session(source: Any) -> bool:
+    """A session receiver asks for a session in its source's filter set (``com.microsoft:session-filter``)."""
+    filters = source[7] if isinstance(source, list) and len(source) > 7 else None
+    return isinstance(filters, dict) and _SESSION_FILTER in filters
 
 
 def _outcome(state: Any) -> tuple[Outcome, str, str, Any]:
@@ -163,8 +173,11 @@ class Broker:
         peer_receives = bool(role)
         endpoint = source if peer_receives else target
         path = _path(endpoint[0] if endpoint else None)
-        kind, entity, _ = self._resolve(path)
+        kind, entity, queue = self._resolve(path)
         connection = session.connection
+        # A session receiver is refused as AMQP refuses a link: an attach without its terminus (no source), then a
+        # closing detach with the error, which the SDK raises while it opens the receiver.
+        refused = peer_receives and kind is LinkKind.QUEUE and entity is not None and _wants_session(source)
         connection.send(
             session,
             frames.make(
@@ -174,10 +187,11 @@ class Broker:
                 role=not peer_receives,
                 send_settle_mode=snd_mode,
                 rcv_settle_mode=rcv_mode,
-                source=frames.make(Source, address=source[0]) if source else None,
+                source=frames.make(Source, address=source[0]) if source and not refused else None,
                 target=frames.make(Target, address=target[0]) if target else None,
                 initial_delivery_count=0 if peer_receives else None,
-                max_message_size=MAX_MESSAGE_SIZE,
+                # what a sender may send: the queue's limit, which the SDK checks before sending; none on a node
+                max_message_size=queue.max_message_size if queue and kind is LinkKind.QUEUE else None,
             ),
         )
         link = Link(
@@ -192,6 +206,11 @@ class Broker:
             snd_settle_mode=snd_mode,
             rcv_settle_mode=rcv_mode,
         )
+        if refused:
+            _LOGGER.info("refused a session receiver on %r", path, extra={"action": "refuse-session"})
+            error = AMQPError(condition=b"amqp:not-allowed", description=_SESSIONS_REFUSED)
+            connection.send(session, frames.make(DetachFrame, handle=handle, closed=True, error=error))
+            return
         if kind is not LinkKind.CBS and entity is None:
             self._refuse_unknown(link)
             if peer_receives and kind is LinkKind.QUEUE:
@@ -255,6 +274,8 @@ class Broker:
         if queue is None:
             error = AMQPError(condition=b"amqp:not-allowed", description=f"Cannot send to '{entity}'.")
             return Rejected(error=error)
+        if len(payload) > queue.max_message_size:  # a batch counts whole, as on the service
+            return Rejected(error=management.size_exceeded(len(payload), queue))
         try:  # decode every message of a batch before storing any: a batch is accepted or rejected whole
             bodies = (
                 _decode.decode_payload(memoryview(payload)).data or [] if message_format == BATCH_FORMAT else [payload]
@@ -352,7 +373,7 @@ class Broker:
                 link.session.connection.send_flow(link.session, link, credit=0)
 
     def _deliver(self, link: Link, message: StoredMessage) -> None:
-        payload = message.encoded()
+        payload = message.encoded(locked=not link.settled_mode)
         token = message.lock_token or uuid.uuid4()
         connection = link.session.connection
         delivery_id = connection.send_transfer(link, token.bytes_le, payload, settled=link.settled_mode)

@@ -3,14 +3,18 @@
 The SDK's own codec (``azure.servicebus._pyamqp``) decodes and encodes every value; this module only cuts the
 encoded message at section boundaries. Sections the broker never changes (properties, application properties,
 body, footer) are kept byte for byte, because decoding loses AMQP types (string, symbol and binary all decode to
-``bytes``) and re-encoding would change what the receiver sees. The broker rewrites only the header
-(delivery-count) and the message annotations (``x-opt-*``), and splices DeadLetterReason /
-DeadLetterErrorDescription into the application properties when it dead-letters a message.
+``bytes``) and re-encoding would change what the receiver sees. The sender's header fields (durable, priority,
+ttl, first-acquirer) and its delivery and message annotations are kept too; the broker sets the header's
+delivery-count, adds its own annotations (``x-opt-lock-token`` to the delivery annotations of a locked message,
+``x-opt-sequence-number``, ``x-opt-enqueued-time``, ``x-opt-locked-until`` and ``x-opt-message-state`` to the
+message annotations), and splices DeadLetterReason / DeadLetterErrorDescription into the application properties
+when it dead-letters a message.
 """
 
 from __future__ import annotations
 
 import struct
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +27,8 @@ __all__ = ["MessageParts", "add_application_properties", "build_message", "split
 _DECODERS = _decode._DECODE_BY_CONSTRUCTOR
 _HEADER, _DELIVERY_ANN, _MESSAGE_ANN, _PROPERTIES, _APP_PROPERTIES = 0x70, 0x71, 0x72, 0x73, 0x74
 _MAP32 = struct.Struct(">BII")  # constructor, size, count
-_BROKER_ANNOTATIONS = (b"x-opt-sequence-number", b"x-opt-enqueued-time", b"x-opt-locked-until")
+_BROKER_ANNOTATIONS = (b"x-opt-sequence-number", b"x-opt-enqueued-time", b"x-opt-locked-until", b"x-opt-message-state")
+_BROKER_DELIVERY_ANNOTATIONS = (b"x-opt-lock-token",)
 _TYPE, _VALUE = "TYPE", "VALUE"
 
 
@@ -32,11 +37,16 @@ class MessageParts:
     """An encoded message cut into what the broker keeps (raw bytes) and what it reads (decoded values)."""
 
     ttl_ms: int | None  # header.ttl
+    durable: bool | None  # header.durable
+    priority: int | None  # header.priority
+    first_acquirer: bool | None  # header.first-acquirer
+    delivery_annotation_entries: bytes  # the sender's delivery-annotation map entries, minus the broker's own
+    delivery_annotation_count: int  # how many entries ``delivery_annotation_entries`` holds
     annotations: dict[Any, Any]  # decoded message annotations, read-only
     annotation_entries: bytes  # the sender's annotation map entries, minus the broker's own x-opt-* keys
     annotation_count: int  # how many entries ``annotation_entries`` holds
     message_id: Any  # decoded properties.message_id (bytes for a string id)
-    bare: bytes  # properties + application-properties + body + footer, verbatim
+    bare: bytes  # the properties, application-properties, body and footer sections, verbatim, in the sender's order
     app_start: int  # offset of the application-properties section in ``bare`` (-1 when absent)
     app_end: int
 
@@ -72,37 +82,56 @@ def _map_entries(payload: memoryview, value_at: int, end: int) -> list[tuple[Any
     return entries
 
 
+def _kept_entries(view: memoryview, value_at: int, end: int, broker_keys: tuple[bytes, ...]) -> tuple[bytes, int]:
+    kept = [raw for key, raw in _map_entries(view, value_at, end) if key not in broker_keys]
+    return b"".join(kept), len(kept)
+
+
 def split_message(data: bytes) -> MessageParts:
     view = memoryview(data)
-    ttl_ms: int | None = None
+    header: list[Any] = []
+    delivery_entries, delivery_entry_count = b"", 0
     annotations: dict[Any, Any] = {}
     entries = b""
     count = 0
     message_id: Any = None
-    bare_start = -1
+    bare = bytearray()  # the bare message's sections in order, wherever the sender put the annotations
     app_start = app_end = -1
     pos = 0
     while pos < len(view):
         code, value_at, end = _section_bounds(view, pos)
         if code == _HEADER:
             _, header = _DECODERS[view[value_at]](view[value_at + 1 :])
-            ttl_ms = header[2] if len(header) > 2 else None
+            header = list(header or [])
+        elif code == _DELIVERY_ANN:
+            delivery_entries, delivery_entry_count = _kept_entries(view, value_at, end, _BROKER_DELIVERY_ANNOTATIONS)
         elif code == _MESSAGE_ANN:
             _, annotations = _DECODERS[view[value_at]](view[value_at + 1 :])
-            kept = _map_entries(view, value_at, end)
-            kept = [(key, raw) for key, raw in kept if key not in _BROKER_ANNOTATIONS]
-            entries, count = b"".join(raw for _, raw in kept), len(kept)
-        elif code != _DELIVERY_ANN:
-            if bare_start < 0:
-                bare_start = pos
+            entries, count = _kept_entries(view, value_at, end, _BROKER_ANNOTATIONS)
+        else:
             if code == _PROPERTIES:
                 _, properties = _DECODERS[view[value_at]](view[value_at + 1 :])
                 message_id = properties[0] if properties else None
             elif code == _APP_PROPERTIES:
-                app_start, app_end = pos - bare_start, end - bare_start
+                app_start, app_end = len(bare), len(bare) + end - pos
+            bare += view[pos:end]
         pos = end
-    bare = bytes(view[bare_start:]) if bare_start >= 0 else b""
-    return MessageParts(ttl_ms, annotations or {}, entries, count, message_id, bare, app_start, app_end)
+    durable, priority, ttl_ms, first_acquirer = [*header, None, None, None, None][:4]
+    return MessageParts(
+        ttl_ms=ttl_ms,
+        durable=durable,
+        priority=priority,
+        first_acquirer=first_acquirer,
+        delivery_annotation_entries=delivery_entries,
+        delivery_annotation_count=delivery_entry_count,
+        annotations=annotations or {},
+        annotation_entries=entries,
+        annotation_count=count,
+        message_id=message_id,
+        bare=bytes(bare),
+        app_start=app_start,
+        app_end=app_end,
+    )
 
 
 def _encode_map_section(code: int, entries: bytes, count: int) -> bytes:
@@ -114,22 +143,42 @@ def build_message(
     annotation_entries: bytes,
     annotation_count: int,
     *,
+    header: tuple[bool | None, int | None, bool | None],
+    delivery_entries: bytes,
+    delivery_entry_count: int,
     delivery_count: int,
     ttl_ms: int | None,
     sequence_number: int,
     enqueued_ms: int,
     locked_until_ms: int | None,
+    lock_token: uuid.UUID | None,
+    message_state: int,
 ) -> bytes:
-    """The message as the broker delivers it: fresh header and annotations, the sender's bare message."""
+    """The message as the broker delivers it: the sender's header (durable, priority, first-acquirer) with the
+    broker's delivery-count, the sender's annotations with the broker's, the sender's bare message.
+    ``lock_token``: a peek-locked delivery's, announced as the ``x-opt-lock-token`` delivery annotation."""
     out = bytearray()
-    header = Header(durable=None, priority=None, ttl=ttl_ms, first_acquirer=None, delivery_count=delivery_count)
-    _encode.encode_value(out, _encode.describe_performative(header))
+    durable, priority, first_acquirer = header
+    fields = Header(
+        durable=durable, priority=priority, ttl=ttl_ms, first_acquirer=first_acquirer, delivery_count=delivery_count
+    )
+    _encode.encode_value(out, _encode.describe_performative(fields))
+    if lock_token is not None:
+        token = bytearray()
+        _encode.encode_symbol(token, b"x-opt-lock-token")
+        _encode.encode_uuid(token, lock_token)
+        delivery_entries += token
+        delivery_entry_count += 1
+    if delivery_entry_count:
+        out += _encode_map_section(_DELIVERY_ANN, delivery_entries, delivery_entry_count)
     extra = bytearray()
     _encode.encode_symbol(extra, b"x-opt-sequence-number")
     _encode.encode_long(extra, sequence_number)
     _encode.encode_symbol(extra, b"x-opt-enqueued-time")
     _encode.encode_timestamp(extra, enqueued_ms)
-    count = 2
+    _encode.encode_symbol(extra, b"x-opt-message-state")
+    _encode.encode_int(extra, message_state)
+    count = 3
     if locked_until_ms is not None:
         _encode.encode_symbol(extra, b"x-opt-locked-until")
         _encode.encode_timestamp(extra, locked_until_ms)

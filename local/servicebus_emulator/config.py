@@ -14,13 +14,23 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "EmulatorConfig", "QueueConfig", "load_config", "parse_config", "parse_duration"]
+__all__ = [
+    "STANDARD_MAX_MESSAGE_KIB",
+    "ConfigError",
+    "EmulatorConfig",
+    "QueueConfig",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+]
 
 _DURATION = re.compile(
     r"^P(?:(?P<days>\d+(?:\.\d+)?)D)?"
     r"(?:T(?:(?P<hours>\d+(?:\.\d+)?)H)?(?:(?P<minutes>\d+(?:\.\d+)?)M)?(?:(?P<seconds>\d+(?:\.\d+)?)S)?)?$"
 )
 _MAX_TTL = timedelta(days=10675199)  # TimeSpan.MaxValue, what the service uses for "never expires"
+STANDARD_MAX_MESSAGE_KIB = 256  # the Standard tier's limit (the service's default SKU); Premium allows 1024-102400
+_LARGEST_MAX_MESSAGE_KIB = 102400
 
 
 class ConfigError(ValueError):
@@ -36,6 +46,12 @@ class QueueConfig:
     dead_lettering_on_message_expiration: bool = False
     requires_duplicate_detection: bool = False
     duplicate_detection_history_time_window: timedelta = timedelta(minutes=10)
+    max_message_size_in_kilobytes: int = STANDARD_MAX_MESSAGE_KIB
+
+    @property
+    def max_message_size(self) -> int:
+        """The largest message or batch a sender may send, in bytes (the link's max-message-size)."""
+        return self.max_message_size_in_kilobytes * 1024
 
 
 @dataclass(frozen=True)
@@ -81,6 +97,13 @@ def _flag(props: dict[str, Any], key: str, path: str, default: bool) -> bool:
     return value
 
 
+def _positive_int(props: dict[str, Any], key: str, path: str, default: int, largest: int) -> int:
+    value = props.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= largest:
+        raise ConfigError(f"{path}.{key}: expected an integer from 1 to {largest}, got {value!r}")
+    return value
+
+
 def _queue(raw: Any, path: str) -> QueueConfig:
     name = _require(raw, "Name", str, path)
     if not name or "/" in name or "$" in name:
@@ -97,10 +120,14 @@ def _queue(raw: Any, path: str) -> QueueConfig:
     max_delivery = props.get("MaxDeliveryCount", QueueConfig.max_delivery_count)
     if not isinstance(max_delivery, int) or isinstance(max_delivery, bool) or max_delivery < 1:
         raise ConfigError(f"{ppath}.MaxDeliveryCount: expected a positive integer, got {max_delivery!r}")
+    max_kib = _positive_int(
+        props, "MaxMessageSizeInKilobytes", ppath, STANDARD_MAX_MESSAGE_KIB, _LARGEST_MAX_MESSAGE_KIB
+    )
     return QueueConfig(
         name=name,
         lock_duration=_duration(props, "LockDuration", ppath, QueueConfig.lock_duration),
         max_delivery_count=max_delivery,
+        max_message_size_in_kilobytes=max_kib,
         default_message_time_to_live=_duration(props, "DefaultMessageTimeToLive", ppath, _MAX_TTL),
         dead_lettering_on_message_expiration=_flag(props, "DeadLetteringOnMessageExpiration", ppath, False),
         requires_duplicate_detection=_flag(props, "RequiresDuplicateDetection", ppath, False),

@@ -23,7 +23,7 @@ from pathlib import Path
 from .codec import MessageParts, add_application_properties, build_message
 from .config import QueueConfig
 
-__all__ = ["DLQ_SUFFIX", "Outcome", "QueueRuntime", "State", "Store", "StoredMessage"]
+__all__ = ["DLQ_SUFFIX", "MessageState", "Outcome", "QueueRuntime", "State", "Store", "StoredMessage"]
 
 DLQ_SUFFIX = "/$DeadLetterQueue"
 _SCHEDULED_AT = b"x-opt-scheduled-enqueue-time"
@@ -46,9 +46,24 @@ class Outcome(IntEnum):
     RELEASE = 4
 
 
+class MessageState(IntEnum):
+    """``x-opt-message-state``, the SDK's ``ServiceBusMessageState``."""
+
+    ACTIVE = 0
+    DEFERRED = 1
+    SCHEDULED = 2
+
+
+_MESSAGE_STATES = {
+    State.DEFERRED: MessageState.DEFERRED,
+    State.DEFERRED_LOCKED: MessageState.DEFERRED,
+    State.SCHEDULED: MessageState.SCHEDULED,
+}
+
+
 @dataclass(frozen=True)
 class StoredMessage:
-    seq: int
+    seq: int  # the sequence number clients see: per queue, from 1, never reused (a dead letter keeps its own)
     state: int
     enqueued_at: int
     delivery_count: int
@@ -58,18 +73,28 @@ class StoredMessage:
     ann: bytes
     ann_count: int
     bare: bytes
+    header: tuple[bool | None, int | None, bool | None]  # the sender's durable, priority, first-acquirer
+    dann: bytes  # the sender's delivery annotations (map entries)
+    dann_count: int
 
-    def encoded(self) -> bytes:
-        """The message as the broker delivers it (transfer payload, peek and deferred-receive responses)."""
+    def encoded(self, *, locked: bool = False) -> bytes:
+        """The message as the broker delivers it (transfer payload, peek and deferred-receive responses);
+        ``locked``: a peek-locked delivery, which carries its lock token as the ``x-opt-lock-token``
+        delivery annotation."""
         return build_message(
             self.bare,
             self.ann,
             self.ann_count,
+            header=self.header,
+            delivery_entries=self.dann,
+            delivery_entry_count=self.dann_count,
             delivery_count=self.delivery_count,
             ttl_ms=self.ttl_ms,
             sequence_number=self.seq,
             enqueued_ms=self.enqueued_at,
             locked_until_ms=self.locked_until,
+            lock_token=self.lock_token if locked else None,
+            message_state=_MESSAGE_STATES.get(State(self.state), MessageState.ACTIVE),
         )
 
 
@@ -94,7 +119,10 @@ class QueueRuntime:
         return self.active + self.scheduled + self.dead_letter
 
 
-_COLUMNS = "seq, state, enqueued_at, delivery_count, lock_token, locked_until, ttl_ms, ann, ann_count, bare"
+_COLUMNS = (
+    "seq, state, enqueued_at, delivery_count, lock_token, locked_until, ttl_ms, ann, ann_count, bare,"
+    " durable, priority, first_acquirer, dann, dann_count, number"
+)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -121,16 +149,31 @@ CREATE INDEX IF NOT EXISTS messages_expiry ON messages (expires_at);
 CREATE TABLE IF NOT EXISTS queues (
     name TEXT PRIMARY KEY, definition TEXT NOT NULL, created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sequences (queue TEXT PRIMARY KEY, last INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS duplicates (
     queue TEXT NOT NULL, message_id BLOB NOT NULL, expires_at INTEGER NOT NULL, PRIMARY KEY (queue, message_id)
 ) WITHOUT ROWID;
 """
+# Columns of ``messages`` added after the first version, added to a data directory's database that lacks them: the
+# sender's header fields and delivery annotations, and the per-queue sequence number (``seq`` is the row's key).
+_ADDED_COLUMNS = (
+    ("number", "INTEGER"),
+    ("durable", "INTEGER"),
+    ("priority", "INTEGER"),
+    ("first_acquirer", "INTEGER"),
+    ("dann", "BLOB NOT NULL DEFAULT x''"),
+    ("dann_count", "INTEGER NOT NULL DEFAULT 0"),
+)
+
+
+def _flag(value: object) -> bool | None:
+    return None if value is None else bool(value)
 
 
 def _row(row: Sequence[object]) -> StoredMessage:
     token = row[4]
     return StoredMessage(
-        seq=row[0],  # type: ignore[arg-type]
+        seq=row[15],  # type: ignore[arg-type]
         state=row[1],  # type: ignore[arg-type]
         enqueued_at=row[2],  # type: ignore[arg-type]
         delivery_count=row[3],  # type: ignore[arg-type]
@@ -140,6 +183,9 @@ def _row(row: Sequence[object]) -> StoredMessage:
         ann=row[7],  # type: ignore[arg-type]
         ann_count=row[8],  # type: ignore[arg-type]
         bare=row[9],  # type: ignore[arg-type]
+        header=(_flag(row[10]), row[11], _flag(row[12])),  # type: ignore[arg-type]
+        dann=row[13],  # type: ignore[arg-type]
+        dann_count=row[14],  # type: ignore[arg-type]
     )
 
 
@@ -152,8 +198,24 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         self.queues = {q.name: q for q in queues}
+        self._migrate()
         self._in_tx = False
         self._accessed: dict[str, int] = {}  # queue -> last send or receive request, in memory only
+
+    def _migrate(self) -> None:
+        """Bring a data directory written by an earlier version up to date. Its messages were numbered across all
+        queues: they keep their numbers, and every queue's numbering goes on after the largest."""
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(messages)")}
+        for column, declaration in _ADDED_COLUMNS:
+            if column not in present:
+                self._db.execute(f"ALTER TABLE messages ADD COLUMN {column} {declaration}")
+        if "number" not in present:
+            self._db.execute("UPDATE messages SET number = seq")
+            (last,) = self._db.execute("SELECT coalesce(max(seq), 0) FROM messages").fetchone()
+            self._db.executemany(
+                "INSERT OR IGNORE INTO sequences VALUES (?, ?)", [(queue, last) for queue in self.queues]
+            )
+        self._db.execute("CREATE INDEX IF NOT EXISTS messages_number ON messages (queue, number)")
 
     # -- transactions -------------------------------------------------------------------------------------------
     def _write(self) -> sqlite3.Connection:
@@ -198,9 +260,14 @@ class Store:
         ttl = min(parts.ttl_ms, default_ttl) if parts.ttl_ms else default_ttl
         expires_at = min((visible_at or now) + ttl, _NEVER)
         state = State.SCHEDULED if visible_at else State.AVAILABLE
-        cursor = db.execute(
+        (number,) = db.execute(
+            "INSERT INTO sequences VALUES (?, 1) ON CONFLICT (queue) DO UPDATE SET last = last + 1 RETURNING last",
+            (queue.name,),
+        ).fetchone()
+        db.execute(
             "INSERT INTO messages (queue, state, visible_at, enqueued_at, expires_at, ttl_ms, ann, ann_count, bare,"
-            " app_start, app_end) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " app_start, app_end, durable, priority, first_acquirer, dann, dann_count, number)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 queue.name,
                 state,
@@ -213,10 +280,15 @@ class Store:
                 parts.bare,
                 parts.app_start,
                 parts.app_end,
+                parts.durable,
+                parts.priority,
+                parts.first_acquirer,
+                parts.delivery_annotation_entries,
+                parts.delivery_annotation_count,
+                number,
             ),
         )
-        assert cursor.lastrowid is not None
-        return cursor.lastrowid
+        return int(number)
 
     # -- receive ------------------------------------------------------------------------------------------------
     def lock_next(self, entity: str, count: int, lock_ms: int, now: int) -> list[StoredMessage]:
@@ -260,7 +332,7 @@ class Store:
         self._touch(entity, now)
         marks = ",".join("?" * len(seqs))
         rows = db.execute(
-            f"SELECT {_COLUMNS} FROM messages WHERE queue = ? AND state = 2 AND seq IN ({marks}) ORDER BY seq",
+            f"SELECT {_COLUMNS} FROM messages WHERE queue = ? AND state = 2 AND number IN ({marks}) ORDER BY number",
             (entity, *seqs),
         ).fetchall()
         if delete:
@@ -268,9 +340,17 @@ class Store:
             return [_row(row) for row in rows]
         return self._lock(db, rows, State.DEFERRED_LOCKED, lock_ms, now)
 
+    def count_deferred(self, entity: str, seqs: Sequence[int]) -> int:
+        """How many of ``seqs`` (distinct) are deferred messages of ``entity`` that can be received now."""
+        marks = ",".join("?" * len(seqs))
+        (count,) = self._db.execute(
+            f"SELECT count(*) FROM messages WHERE queue = ? AND state = 2 AND number IN ({marks})", (entity, *seqs)
+        ).fetchone()
+        return int(count)
+
     def peek(self, entity: str, from_seq: int, count: int) -> list[StoredMessage]:
         rows = self._db.execute(
-            f"SELECT {_COLUMNS} FROM messages WHERE queue = ? AND seq >= ? ORDER BY seq LIMIT ?",
+            f"SELECT {_COLUMNS} FROM messages WHERE queue = ? AND number >= ? ORDER BY number LIMIT ?",
             (entity, from_seq, count),
         ).fetchall()
         return [_row(row) for row in rows]
@@ -354,7 +434,7 @@ class Store:
 
     def cancel_scheduled(self, entity: str, seqs: Sequence[int]) -> None:
         db = self._write()
-        db.executemany("DELETE FROM messages WHERE queue = ? AND seq = ? AND state = 3", [(entity, s) for s in seqs])
+        db.executemany("DELETE FROM messages WHERE queue = ? AND number = ? AND state = 3", [(entity, s) for s in seqs])
 
     def _unlock(self, db: sqlite3.Connection, seq: int, state: State, delivery_count: int) -> None:
         db.execute(

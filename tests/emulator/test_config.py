@@ -19,6 +19,7 @@ JOBS_QUEUE = {
     "dead_lettering_on_message_expiration": True,
     "requires_duplicate_detection": True,
     "duplicate_detection_history_time_window": timedelta(minutes=10),
+    "max_message_size_in_kilobytes": 256,  # Standard, the Bicep's default SKU
 }
 
 
@@ -53,6 +54,13 @@ def test_defaults_when_properties_are_omitted() -> None:
     assert queue.lock_duration == timedelta(minutes=1)
     assert queue.max_delivery_count == 10
     assert not queue.requires_duplicate_detection
+    assert queue.max_message_size == 256 * 1024  # the Standard tier's limit
+
+
+def test_max_message_size_follows_the_queue_setting() -> None:
+    raw = {"Name": "q", "Properties": {"MaxMessageSizeInKilobytes": 1024}}
+    (queue,) = parse_config({"UserConfig": {"Namespaces": [{"Name": "ns", "Queues": [raw]}]}}).queues
+    assert queue.max_message_size == 1024 * 1024
 
 
 @pytest.mark.parametrize(
@@ -63,6 +71,12 @@ def test_defaults_when_properties_are_omitted() -> None:
         ([{"Properties": {}}], [], "Queues[0].Name: missing"),
         ([{"Name": "a", "Properties": {"ForwardTo": "b"}}], [], "ForwardTo: auto-forwarding is not supported"),
         ([], [{"Name": "t"}], "Topics: topics are not supported"),
+        (
+            [{"Name": "a", "Properties": {"MaxMessageSizeInKilobytes": 0}}],
+            [],
+            "MaxMessageSizeInKilobytes: expected an integer from 1 to 102400, got 0",
+        ),
+        ([{"Name": "a", "Properties": {"RequiresSession": True}}], [], "RequiresSession: sessions are not supported"),
     ],
 )
 def test_invalid_config_names_the_field(queues: list[object], topics: list[object], message: str) -> None:

@@ -44,7 +44,10 @@ def _config(path: Path) -> Path:
         {"Name": name, "Properties": {"LockDuration": LOCK, "MaxDeliveryCount": 4}} for name in QUEUES
     ]
     queues[QUEUES.index("props")]["Properties"].update(
-        DefaultMessageTimeToLive="P2DT3H", RequiresDuplicateDetection=True, DeadLetteringOnMessageExpiration=True
+        DefaultMessageTimeToLive="P2DT3H",
+        RequiresDuplicateDetection=True,
+        DeadLetteringOnMessageExpiration=True,
+        MaxMessageSizeInKilobytes=2048,
     )
     document = {"UserConfig": {"Namespaces": [{"Name": "sbemulatorns", "Queues": queues, "Topics": []}]}}
     path.write_text(json.dumps(document), encoding="utf-8")
@@ -170,7 +173,8 @@ def test_get_queue_properties_are_the_configuration(admin: ServiceBusAdministrat
     assert props.dead_lettering_on_message_expiration is True
     assert props.requires_session is False
     assert props.status == "Active"
-    assert props.max_message_size_in_kilobytes == 1024
+    assert props.max_message_size_in_kilobytes == 2048
+    assert admin.get_queue("zeta").max_message_size_in_kilobytes == 256  # the Standard tier's default
     assert props.forward_to is None
 
 

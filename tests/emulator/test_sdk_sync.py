@@ -91,10 +91,12 @@ def test_send_and_receive_in_order(servicebus_emulator: EmulatorHandle, how: str
 
 
 @pytest.mark.parametrize("size", [255, 256, 300_000])
-def test_batch_corner_cases_message_sizes(servicebus_emulator: EmulatorHandle, size: int) -> None:
-    """One- and many-frame transfers, and batch entries either side of the 255-byte small-encoding boundary."""
+def test_batch_corner_cases_message_sizes(servicebus_emulator_factory: Factory, size: int) -> None:
+    """One- and many-frame transfers, and batch entries either side of the 255-byte small-encoding boundary. The
+    queue allows 1 MiB messages (a Premium setting), so that three 300 kB messages fit in one batch."""
+    emulator = servicebus_emulator_factory({"jobs": {"MaxMessageSizeInKilobytes": 1024}})
     bodies = [bytes([i % 251]) * size for i in range(3)]
-    with ServiceBusClient.from_connection_string(servicebus_emulator.connection_string) as client:
+    with ServiceBusClient.from_connection_string(emulator.connection_string) as client:
         with client.get_queue_sender("jobs") as sender:
             batch = sender.create_message_batch()
             for body in bodies:

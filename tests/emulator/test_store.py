@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sqlite3
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from azure.servicebus import ServiceBusMessage
@@ -125,18 +127,7 @@ def test_renew_extends_only_a_live_lock(store: Store) -> None:
 
 
 def _scheduled(at_ms: int) -> MessageParts:
-    parts = _parts()
-    annotations = {b"x-opt-scheduled-enqueue-time": at_ms}
-    return MessageParts(
-        parts.ttl_ms,
-        annotations,
-        parts.annotation_entries,
-        parts.annotation_count,
-        parts.message_id,
-        parts.bare,
-        parts.app_start,
-        parts.app_end,
-    )
+    return replace(_parts(), annotations={b"x-opt-scheduled-enqueue-time": at_ms})
 
 
 def test_schedule_cancel_and_activation(store: Store) -> None:
@@ -227,3 +218,35 @@ def test_definitions_record_creation_and_change_times() -> None:
     store.queues["jobs"] = replace(QUEUE, max_delivery_count=9)
     store.record_definitions(now=3_000)  # a restart with a changed definition
     assert (store.runtime("jobs").created_at, store.runtime("jobs").updated_at) == (1_000, 3_000)
+
+
+def test_sequence_numbers_are_per_queue_and_never_reused() -> None:
+    other = replace(QUEUE, name="other")
+    store = Store(":memory:", [QUEUE, other])
+    assert [store.enqueue(QUEUE, _parts(), now=0), store.enqueue(other, _parts(), now=0)] == [1, 1]
+    (first,) = store.lock_next("jobs", 1, LOCK, now=1)
+    store.settle("jobs", _token(first), Outcome.DEAD_LETTER, now=2)
+    assert store.enqueue(QUEUE, _parts(), now=3) == 2  # numbers are not reused ...
+    assert [m.seq for m in store.peek("jobs" + DLQ_SUFFIX, 0, 10)] == [1]  # ... and a dead letter keeps its own
+
+
+def test_a_data_directory_of_the_first_version_is_migrated(tmp_path: Path) -> None:
+    """Its messages were numbered across queues: they keep their numbers; numbering goes on after the largest."""
+    path = tmp_path / "servicebus.sqlite3"
+    parts = _parts("old")
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE messages (seq INTEGER PRIMARY KEY AUTOINCREMENT, queue TEXT NOT NULL, state INTEGER NOT NULL,"
+            " visible_at INTEGER, enqueued_at INTEGER NOT NULL, expires_at INTEGER NOT NULL, delivery_count INTEGER"
+            " NOT NULL DEFAULT 0, lock_token BLOB, locked_until INTEGER, ttl_ms INTEGER, ann BLOB NOT NULL,"
+            " ann_count INTEGER NOT NULL, bare BLOB NOT NULL, app_start INTEGER NOT NULL, app_end INTEGER NOT NULL)"
+        )
+        db.execute(
+            "INSERT INTO messages VALUES (7, 'jobs', 0, NULL, 0, 1000000, 0, NULL, NULL, NULL, ?, ?, ?, ?, ?)",
+            (parts.annotation_entries, parts.annotation_count, parts.bare, parts.app_start, parts.app_end),
+        )
+    store = Store(path, [QUEUE])
+    (old,) = store.peek("jobs", 0, 10)
+    assert (old.seq, old.header, old.dann) == (7, (None, None, None), b"")
+    assert store.enqueue(QUEUE, _parts("new"), now=1) == 8
+    store.close()
