@@ -14,6 +14,7 @@ from functions.reconciler import bp as reconciler_bp
 from functions.stats import bp as stats_bp
 from functions.status import bp as status_bp
 from functions.submit import bp as submit_bp
+from functions.uploads import bp as uploads_bp
 from functions.webhooks import bp as webhooks_bp
 from shared.logs import quiet_azure_sdks
 
@@ -21,6 +22,7 @@ quiet_azure_sdks()
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 app.register_functions(submit_bp)
+app.register_functions(uploads_bp)
 app.register_functions(status_bp)
 app.register_functions(control_bp)
 app.register_functions(batches_bp)

@@ -15,6 +15,7 @@ import httpx
 from pydantic import ValidationError
 
 from cli.errors import ProblemResponse, UnexpectedResponse, Unreachable
+from cli.upload import put_blocks
 from shared.openapi import Problem
 
 DEFAULT_API_URL = "http://127.0.0.1:7071"
@@ -62,6 +63,19 @@ class Api:
     def submit(self, image: Path, params: Mapping[str, str], idempotency_key: str | None = None) -> httpx.Response:
         headers = {"Content-Type": "image/tiff", **_idempotency(idempotency_key)}
         return self._call("POST", "/jobs", params=params, content=image.read_bytes(), headers=headers)
+
+    def submit_reference(self, body: Mapping[str, Any], idempotency_key: str | None = None) -> httpx.Response:
+        """A submit by reference (``{"upload_id"}`` or ``{"image_url"}`` and the options)."""
+        return self._call("POST", "/jobs", json=dict(body), headers=_idempotency(idempotency_key))
+
+    def upload(self, image: Path) -> str:
+        """Upload ``image`` straight to storage (:mod:`cli.upload`); its ``upload_id`` to submit."""
+        ticket = self._call("POST", "/uploads").json()
+        try:
+            put_blocks(self._plain, ticket["upload_url"], image)
+        except httpx.TransportError as e:
+            raise Unreachable(f"upload of {image}: cannot reach storage ({e})") from e
+        return str(ticket["upload_id"])
 
     def submit_batch(
         self, images: Sequence[Path], params: Mapping[str, str], idempotency_key: str | None = None

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from cli.api import DEFAULT_API_URL
+from cli.upload import UPLOAD_ABOVE
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 EVENTS = ("started", "progress", "completed")
@@ -50,6 +51,14 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     submit.add_argument("--analysis", help="crop-health (default) or model:<name>")
     submit.add_argument("--scale", help="reflectance = DN / scale")
     submit.add_argument("--idempotency-key", help="submitting again with the same key returns the same job")
+    submit.add_argument(
+        "--upload-above",
+        type=int,
+        default=UPLOAD_ABOVE,
+        metavar="BYTES",
+        help="a file larger than this is uploaded straight to storage (POST /api/uploads) and submitted by reference "
+        f"(default {UPLOAD_ABOVE // (1024 * 1024)} MiB; the API takes bodies of at most 100 MB)",
+    )
 
     command("status", "a job's status, progress, result or error").add_argument("job_id", metavar="ID")
 

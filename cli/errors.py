@@ -3,7 +3,8 @@
 CliError                 a command cannot do what was asked (exit_code says which kind)
 ├── ProblemResponse      the API answered a problem+json (4xx: 3, 5xx: 4)
 ├── Unreachable          no answer from the API (connection refused, timeout): 5
-└── UnexpectedResponse   an answer that is not the API's (not JSON, not the documented shape): 5
+├── UnexpectedResponse   an answer that is not the API's (not JSON, not the documented shape): 5
+└── UploadFailed         storage refused a direct upload's block or block list (an expired SAS...): 4
 """
 
 from __future__ import annotations
@@ -58,3 +59,9 @@ class Unreachable(CliError):
 
 class UnexpectedResponse(CliError):
     exit_code = ExitCode.UNREACHABLE
+
+
+class UploadFailed(CliError):
+    """Storage refused a direct upload (``cli.upload``)."""
+
+    exit_code = ExitCode.UNAVAILABLE

@@ -11,13 +11,14 @@ import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
 
 from azure.core.credentials import TokenCredential
 
 from shared.jobs import JobStore
+from shared.ranged import RangeSource
 from shared.reconciler import DeadLetterInbox
 from shared.settings import Settings
 from shared.submission import BacklogGauge, Publisher
@@ -31,7 +32,10 @@ DEFAULT_RETRY_AFTER = 5
 
 
 class BlobStoreLike(Protocol):
-    def put_input(self, job_id: UUID, data: bytes, sha256: str) -> str: ...
+    def put_input(self, job_id: UUID, data: bytes, sha256: str, *, name: str | None = None) -> str: ...
+    def open_input(self, blob_name: str, etag: str | None = None) -> RangeSource: ...
+    def blob_name(self, url: str) -> str | None: ...
+    def upload_url(self, blob_name: str, ttl: timedelta) -> tuple[str, datetime]: ...
     def input_sha256(self, blob_name: str) -> str | None: ...
     def read_url(self, blob_url: str, ttl: timedelta) -> str: ...
     def ping(self) -> None: ...

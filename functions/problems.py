@@ -38,6 +38,10 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "invalid_callback_events": (400, "Invalid callback events"),
     "invalid_batch_id": (400, "Invalid batch id"),
     "empty_batch": (400, "No image in the batch"),
+    "invalid_request_body": (400, "Invalid JSON body"),
+    "invalid_upload_id": (400, "Invalid upload id"),
+    "invalid_image_url": (400, "Invalid image URL"),
+    "image_url_not_allowed": (400, "Image URL not allowed"),
     "job_not_found": (404, "Job not found"),
     "batch_not_found": (404, "Batch not found"),
     "job_finished": (409, "The job is finished"),
@@ -57,6 +61,11 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "invalid_bands": (422, "Invalid band names"),
     "missing_bands": (422, "Red and NIR bands required"),
     "no_valid_pixels": (422, "No valid pixels"),
+    "upload_not_found": (422, "Upload not found"),
+    "image_unreachable": (422, "Image unreachable"),
+    "invalid_geometry": (422, "Invalid geometry"),
+    "too_many_fields": (422, "Too many fields"),
+    "geometry_outside_scene": (422, "Fields outside the image"),
     "internal_error": (500, "Internal error"),
 }
 SERVICE_UNAVAILABLE = (503, "Service temporarily unavailable")  # every TransientError code: enqueue_failed, ...

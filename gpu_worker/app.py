@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import threading
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +111,14 @@ def run(settings: Settings, *, analyzer: Analyzer | None = None, max_jobs: int |
                     renewer=renewer,
                 ),
                 jobs,
-                JobHandler(jobs, store, analyzer),
+                JobHandler(
+                    jobs,
+                    store,
+                    analyzer,
+                    remote=store,
+                    read_ttl=settings.job_timeout + timedelta(minutes=10),
+                    allowed_hosts=settings.allowed_image_hosts,
+                ),
                 # Its sender is closed with the client (JobPublisher.close would close the shared client).
                 JobPublisher(client, settings.priority_queues, timeout=settings.bus_send_timeout),
                 shutdown,

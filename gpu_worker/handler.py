@@ -44,14 +44,19 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import NoReturn, Protocol, TypeVar
+from urllib.parse import urlsplit
 from uuid import UUID
 
 from gpu_worker.analysis import AnalysisOutput, AnalysisRequest
 from gpu_worker.settlement import AttemptLost, Cancelled, Interrupted
 from shared.errors import CropAIError, InvalidImage
+from shared.fields import Fields
+from shared.inputs import InputChanged, Reference, SourceUnavailable, gdal_path, host_allowed
 from shared.jobs import Job, JobStore
+from shared.ranged import RangeSource
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +85,16 @@ class BlobStore(Protocol):
     def delete_results(self, job_id: UUID, attempt: int) -> int: ...
 
 
+class RemoteInputs(Protocol):
+    """What the handler needs of :class:`shared.storage.BlobStore` for an input by reference."""
+
+    def open_input(self, blob_name: str, etag: str | None = None) -> RangeSource: ...
+
+    def input_url(self, blob_name: str) -> str: ...
+
+    def read_url(self, blob_url: str, ttl: timedelta) -> str: ...
+
+
 class Checkpoint(Protocol):
     def check(self) -> None:
         """Raise :class:`Cancelled` or :class:`AttemptLost` when the attempt is to stop."""
@@ -102,9 +117,11 @@ def sha256_of(path: Path) -> str:
 
 @dataclass(frozen=True)
 class Prepared:
-    """The attempt's work directory, holding its downloaded, verified input (removed by :meth:`close`)."""
+    """The attempt's work directory, holding its downloaded, verified input (removed by :meth:`close`), or, for an
+    input by reference, the GDAL path the analysis reads it through (``remote``: nothing downloaded)."""
 
     directory: tempfile.TemporaryDirectory[str]
+    remote: Path | None = None
 
     @property
     def workdir(self) -> Path:
@@ -112,24 +129,45 @@ class Prepared:
 
     @property
     def image(self) -> Path:
-        return self.workdir / "input.tif"
+        return self.remote or self.workdir / "input.tif"
 
     def close(self) -> None:
         self.directory.cleanup()
 
 
 class JobHandler:
-    def __init__(self, jobs: JobStore, store: BlobStore, analyzer: Analyzer, *, tmp_dir: Path | None = None):
+    def __init__(
+        self,
+        jobs: JobStore,
+        store: BlobStore,
+        analyzer: Analyzer,
+        *,
+        tmp_dir: Path | None = None,
+        remote: RemoteInputs | None = None,
+        read_ttl: timedelta = timedelta(hours=2),
+        allowed_hosts: tuple[str, ...] = (),
+    ):
         self._jobs = jobs
         self._store = store
         self._analyzer = analyzer
         self._tmp_dir = tmp_dir
+        self._remote_inputs = remote
+        self._read_ttl = read_ttl  # of the read SAS URL an input by reference is analysed through
+        self._allowed_hosts = allowed_hosts
 
     def prepare(self, job: Job, checkpoint: Checkpoint, progress: Reporter) -> Prepared:
-        """Download the input into a fresh work directory and check its SHA-256 (``InvalidImage`` if it differs)."""
-        prepared = Prepared(
-            tempfile.TemporaryDirectory(prefix=f"crop-ai-{job.job_id}-{job.attempts}-", dir=self._tmp_dir)
-        )
+        """Download the input into a fresh work directory and check its SHA-256 (``InvalidImage`` if it differs);
+        for an input by reference, check its ETag instead and give the analysis a GDAL path (:meth:`_remote`)."""
+        directory = tempfile.TemporaryDirectory(prefix=f"crop-ai-{job.job_id}-{job.attempts}-", dir=self._tmp_dir)
+        reference = Reference.of(job.params)
+        if reference is not None:
+            try:
+                progress.report("download")
+                return Prepared(directory, self._remote(reference, Path(directory.name)))
+            except BaseException:
+                directory.cleanup()
+                raise
+        prepared = Prepared(directory)
         try:
             progress.report("download")
             download = _background(
@@ -149,13 +187,52 @@ class JobHandler:
             raise
         return prepared
 
+    def _remote(self, reference: Reference, workdir: Path) -> Path:
+        """The ``/vsicurl/`` path of an input by reference, once it is known to be the version the job was accepted
+        with (:class:`InputChanged` if not, ``InputMissing`` if it is gone). GDAL sends ``If-Match`` with that ETag on
+        every ranged read, so a file overwritten during the analysis fails it (a read error) rather than mixing two
+        versions. An account's blob is read through a short-lived read SAS URL (a user delegation key in Azure)."""
+        if reference.kind == "url":
+            host = (urlsplit(reference.location).hostname or "").rstrip(".").lower()
+            if not host_allowed(host, self._allowed_hosts):
+                raise InputChanged(f"host {host} is no longer allowed (IMAGE_URL_ALLOWED_HOSTS)")
+            url = reference.location
+            _check_url_etag(url, reference.etag)
+        else:
+            inputs = self._remote_inputs
+            if inputs is None:
+                raise InvalidImage("this worker cannot read inputs by reference")
+            source = inputs.open_input(reference.location, reference.etag)
+            if source.size != reference.size:
+                raise InputChanged(f"input blob {reference.location} is {source.size} bytes, not {reference.size}")
+            url = inputs.read_url(inputs.input_url(reference.location), self._read_ttl)
+        headers = workdir / "input.headers"
+        headers.write_text(f"If-Match: {reference.etag}\r\n")
+        return gdal_path(url, header_file=headers)
+
     def analyse(self, job: Job, prepared: Prepared, progress: Reporter) -> AnalysisOutput:
         """The analysis of the prepared input; its output files go to the work directory."""
         params = job.params
-        request = AnalysisRequest(params["analysis"], list(params["bands"]), params["scale"], progress=progress.report)
+        fields = Fields.from_params(params["fields"]) if params.get("fields") is not None else None
+        request = AnalysisRequest(
+            params["analysis"], list(params["bands"]), params["scale"], progress=progress.report, fields=fields
+        )
         outdir = prepared.workdir / "out"
         outdir.mkdir()
-        return self._analyzer.analyse(prepared.image, request, outdir)
+        reference = Reference.of(params)
+        try:
+            return self._analyzer.analyse(prepared.image, request, outdir)
+        except InvalidImage:
+            if reference is not None:  # a read refused by If-Match (412) reaches us as unreadable: say why
+                self._verify(reference)
+            raise
+
+    def _verify(self, reference: Reference) -> None:
+        """:class:`InputChanged` if an input by reference is no longer the version the job was accepted with."""
+        if reference.kind == "url":
+            _check_url_etag(reference.location, reference.etag)
+        elif self._remote_inputs is not None:
+            self._remote_inputs.open_input(reference.location, reference.etag)
 
     def finish(self, job: Job, output: AnalysisOutput, checkpoint: Checkpoint, progress: Reporter) -> Outcome:
         """Upload the output files and store the result, fenced by the attempt."""
@@ -216,6 +293,22 @@ class JobHandler:
             logger.info("job %s: deleted %d outputs of cancelled attempt %d", job.job_id, deleted, job.attempts,
                         extra=extra)  # fmt: skip
         raise Cancelled(why)
+
+
+def _check_url_etag(url: str, etag: str) -> None:
+    """The external file's ETag now (one ranged read, behind the SSRF guard), compared with the job's."""
+    from shared.http_range import connection_pool, open_url
+    from shared.rejection import Rejected
+
+    try:
+        with connection_pool() as pool:
+            source, _ = open_url(url, pool)
+    except Rejected as e:
+        if e.code == "image_url_not_allowed":  # its host now resolves to a non-public address
+            raise InputChanged(f"image_url may not be read any more: {e.detail}") from e
+        raise SourceUnavailable(f"image_url cannot be read now: {e.detail}") from e
+    if source.etag != etag:
+        raise InputChanged(f"image_url has ETag {source.etag}, the job was accepted with {etag}")
 
 
 def _background(call: Callable[[], T], name: str) -> Future[T]:

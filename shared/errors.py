@@ -7,6 +7,7 @@
     │   │   └── NoValidPixels   it reads, but not one pixel is usable (all nodata, NaN, zero, sparse, or a scale
     │   │                       that under- or overflows every reflectance): its own code, ``no_valid_pixels``
     │   ├── InputMissing        the input blob is gone
+    │   ├── GeometryOutsideScene  a field boundary does not intersect the image (or the image has no CRS)
     │   └── UnknownAnalysis     the requested analysis or model does not exist
     └── TransientError          retrying may help: the attempt is released and retried after a backoff,
                                 JOB_MAX_ATTEMPTS bounds the retries (gpu_worker/settlement.py)
@@ -52,6 +53,12 @@ class NoValidPixels(InvalidImage):
 
 class InputMissing(PermanentError):
     code = "input_missing"
+
+
+class GeometryOutsideScene(PermanentError):
+    """A requested field lies wholly outside the image, which only the worker could tell (docs/analysis.md)."""
+
+    code = "geometry_outside_scene"
 
 
 class UnknownAnalysis(PermanentError):

@@ -46,6 +46,7 @@ class ImageHeader:
     dtype: str
     descriptions: tuple[str | None, ...]
     crs: str | None
+    transform: tuple[float, ...] | None = None  # the geotransform, affine a..f; None when the file has none
 
     @property
     def integer(self) -> bool:
@@ -85,6 +86,7 @@ def _header(ds: DatasetReader) -> ImageHeader:
         dtype=ds.dtypes[0],
         descriptions=tuple(ds.descriptions),
         crs=ds.crs.to_string() if ds.crs else None,
+        transform=None if ds.transform.is_identity else tuple(ds.transform)[:6],
     )
 
 

@@ -23,12 +23,14 @@ from pydantic import BaseModel, ConfigDict
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from shared.batches import BatchAccepted, BatchView
+from shared.by_reference import SubmitByReference
 from shared.dead_letters import DeadLetterPage, ReplayRequest, ReplayResult
 from shared.health import Health
 from shared.jobs import PRIORITIES, JobStatus
 from shared.stats import Stats
 from shared.status import JobPage, JobView
 from shared.submission import Accepted
+from shared.uploads import UploadTicket
 
 OPENAPI_VERSION = "3.1.0"
 API_VERSION = "1.0.0"
@@ -152,8 +154,10 @@ DEAD_LETTER_PARAMS = (
 )
 IMAGE_BODY = {
     "required": True,
-    "description": "A GeoTIFF: the raw bytes, or multipart/form-data with the file in field `image`",
+    "description": "A GeoTIFF: the raw bytes, or multipart/form-data with the file in field `image`; or, as "
+    "application/json, the image by reference (an upload of POST /api/uploads, or an image_url)",
     "content": {
+        "application/json": {"schema": {"$ref": REF.format(model="SubmitByReference")}},
         "image/tiff": {"schema": _BINARY},
         "application/octet-stream": {"schema": _BINARY},
         "multipart/form-data": {
@@ -183,6 +187,8 @@ SUBMIT_PROBLEMS = (
     *("idempotency_conflict", "payload_too_large", "unsupported_media_type", "unreadable_image", "truncated_image"),
     *("image_too_large", "too_many_bands", "bands_required", "band_count_mismatch", "invalid_bands", "missing_bands"),
     "no_valid_pixels",
+    *("invalid_request_body", "invalid_upload_id", "invalid_image_url", "image_url_not_allowed", "upload_not_found"),
+    *("image_unreachable", "invalid_geometry", "too_many_fields", "geometry_outside_scene"),
     *("backlog_full", "enqueue_failed", "database_unavailable", "storage_unavailable", "bus_unavailable"),
 )
 JOB_PROBLEMS = ("invalid_job_id", "job_not_found", "database_unavailable")
@@ -201,6 +207,14 @@ OPERATIONS: tuple[Operation, ...] = (
         SUBMIT_PROBLEMS,
         SUBMIT_PARAMS,
         IMAGE_BODY,
+    ),
+    Operation(
+        "post",
+        "/uploads",
+        "create_upload",
+        "Get a write-only URL to upload a large GeoTIFF to (then submit its upload_id)",
+        (Answer(201, UploadTicket, "The upload's id and its SAS URL", ("Cache-Control",)),),
+        ("storage_unavailable",),
     ),
     Operation(
         "get",
@@ -316,7 +330,7 @@ OPERATIONS: tuple[Operation, ...] = (
         tags=("operations",),
     ),
 )
-REQUEST_MODELS: tuple[type[BaseModel], ...] = (ReplayRequest,)
+REQUEST_MODELS: tuple[type[BaseModel], ...] = (ReplayRequest, SubmitByReference)
 
 
 def document(problems: Mapping[str, tuple[int, str]], unavailable: Iterable[str]) -> dict[str, Any]:

@@ -52,6 +52,14 @@ class Settings(BaseModel):
     retry_after_seconds: int = Field(5, alias="RETRY_AFTER_SECONDS")
     max_backlog: int = Field(10_000, alias="MAX_BACKLOG", ge=1)  # queued jobs above which submit answers 429
     max_batch_size: int = Field(100, alias="MAX_BATCH_SIZE", ge=1)
+    max_fields: int = Field(100, alias="MAX_FIELDS", ge=1)  # field boundaries per job (shared.fields)
+
+    # Inputs by reference (shared.inputs): a direct upload (POST /api/uploads) or an image_url
+    max_input_bytes: int = Field(8 * 1024**3, alias="MAX_INPUT_BYTES", ge=1)  # an uploaded or referenced image
+    upload_sas_ttl: timedelta = Field(timedelta(hours=1), alias="UPLOAD_SAS_TTL")  # the upload URL's lifetime
+    # Hosts an image_url may name outside the deployment's storage account (https COGs): exact names or *.suffix,
+    # comma-separated. Empty: only blobs of the account's images container.
+    image_url_allowed_hosts: str = Field("", alias="IMAGE_URL_ALLOWED_HOSTS")
 
     # Webhooks (Standard Webhooks, delivered by the job-events queue's Service Bus-triggered function)
     webhook_allow_private: bool = Field(False, alias="WEBHOOK_ALLOW_PRIVATE")  # local only: http, loopback targets
@@ -114,6 +122,11 @@ class Settings(BaseModel):
         if self.job_timeout <= self.job_lease:
             raise ValueError("JOB_TIMEOUT must be longer than JOB_LEASE")
         return self
+
+    @property
+    def allowed_image_hosts(self) -> tuple[str, ...]:
+        """``IMAGE_URL_ALLOWED_HOSTS`` as lower-case names (``*.example.com`` allows every subdomain)."""
+        return tuple(h.strip().lower().rstrip(".") for h in self.image_url_allowed_hosts.split(",") if h.strip())
 
     def queue(self, priority: str) -> str:
         """The queue that carries jobs of ``priority``."""

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 from uuid import UUID
 
+from azure.core import MatchConditions
 from azure.core.credentials import TokenCredential
-from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
+from azure.core.exceptions import AzureError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.storage.blob import (
     BlobClient,
     BlobSasPermissions,
@@ -37,6 +38,7 @@ from azure.storage.blob import (
 )
 
 from shared.errors import InputMissing, StorageUnavailable
+from shared.inputs import InputChanged
 from shared.settings import Settings
 
 P = ParamSpec("P")
@@ -103,19 +105,59 @@ class BlobStore:
         self._service.get_container_client(self.images_container).get_container_properties()
 
     @_translated
-    def put_input(self, job_id: UUID, data: bytes, sha256: str) -> str:
-        """Store a job's image once. A blob already there holds these very bytes (an ``Idempotency-Key`` replay
-        matched their SHA-256), so it is kept: overwriting it could break a worker's download in progress."""
-        name = f"{job_id}/input.tif"
+    def put_input(self, job_id: UUID, data: bytes, sha256: str, *, name: str | None = None) -> str:
+        """Store a job's image (or, for an image by reference, its reference document ``name``) once. A blob
+        already there holds these very bytes (an ``Idempotency-Key`` replay matched their SHA-256), so it is kept:
+        overwriting it could break a worker's download in progress."""
+        name = name or f"{job_id}/input.tif"
+        content_type = "application/json" if name.endswith(".json") else "image/tiff"
         with contextlib.suppress(ResourceExistsError):
             self._service.get_blob_client(self.images_container, name).upload_blob(
                 data,
                 overwrite=False,
                 metadata={"sha256": sha256},
-                content_settings=ContentSettings(content_type="image/tiff"),
+                content_settings=ContentSettings(content_type=content_type),
                 max_concurrency=4,
             )
         return name
+
+    @_translated
+    def open_input(self, blob_name: str, etag: str | None = None) -> BlobRange:
+        """The images container's blob ``blob_name`` for ranged reads, pinned to its ETag now (or to ``etag``:
+        :class:`InputChanged` if it is no longer that); :class:`InputMissing` if there is no such blob."""
+        blob = self._service.get_blob_client(self.images_container, blob_name)
+        try:
+            props = blob.get_blob_properties()
+        except ResourceNotFoundError as e:
+            if _blob_not_found(e):
+                raise InputMissing(f"input blob {blob_name} not found") from e
+            raise
+        if etag is not None and props.etag != etag:
+            raise InputChanged(f"input blob {blob_name} has ETag {props.etag}, the job was accepted with {etag}")
+        return BlobRange(blob, props.size, props.etag)
+
+    def blob_name(self, url: str) -> str | None:
+        """The name in the images container of the blob ``url`` names, when it is one of this account's (its query,
+        a SAS say, is ignored: the blob is read with our own identity); else ``None``."""
+        base = f"{self._service.url.rstrip('/')}/{self.images_container}/"
+        plain = url.split("?", 1)[0].split("#", 1)[0]
+        if not plain.startswith(base) or len(plain) == len(base):
+            return None
+        return BlobClient.from_blob_url(plain).blob_name
+
+    def input_url(self, blob_name: str) -> str:
+        return str(self._service.get_blob_client(self.images_container, blob_name).url)
+
+    @_translated
+    def upload_url(self, blob_name: str, ttl: timedelta) -> tuple[str, datetime]:
+        """A write-only SAS URL (create, write: a block blob in parallel blocks) for the images container's blob
+        ``blob_name``, and when it expires. Signed with a user delegation key (Entra ID) or the account key
+        (Azurite)."""
+        blob = self._service.get_blob_client(self.images_container, blob_name)
+        signed = self._signed(str(blob.url), BlobSasPermissions(create=True, write=True), ttl)
+        if signed is None:
+            raise StorageUnavailable("the storage client has no key to sign an upload URL with")
+        return signed
 
     @_translated
     def download_input(self, blob_name: str, path: Path) -> None:
@@ -160,16 +202,22 @@ class BlobStore:
 
     @_translated
     def read_url(self, blob_url: str, ttl: timedelta) -> str:
+        signed = self._signed(blob_url, BlobSasPermissions(read=True), ttl)
+        return blob_url if signed is None else signed[0]
+
+    def _signed(self, blob_url: str, permission: BlobSasPermissions, ttl: timedelta) -> tuple[str, datetime] | None:
+        """``blob_url`` with a SAS for ``permission`` and its expiry, or ``None`` when there is nothing to sign with
+        (not this account's blob, or a credential with no key)."""
         blob = BlobClient.from_blob_url(blob_url)
         if blob.account_name != self._service.account_name or not blob.account_name:
-            return blob_url  # not ours to sign
+            return None  # not ours to sign
         now = datetime.now(UTC)
         expiry = now + ttl
         account_key: str | None = getattr(self._service.credential, "account_key", None)
         delegation_key: UserDelegationKey | None = None
         if not account_key:
             if not hasattr(self._service.credential, "get_token"):
-                return blob_url  # e.g. an account SAS: nothing to sign with
+                return None  # e.g. an account SAS: nothing to sign with
             delegation_key, key_expiry = self._user_delegation_key(now, ttl)
             expiry = min(expiry, key_expiry)
         sas = generate_blob_sas(
@@ -178,11 +226,11 @@ class BlobStore:
             blob.blob_name,
             account_key=account_key,
             user_delegation_key=delegation_key,
-            permission=BlobSasPermissions(read=True),
+            permission=permission,
             start=now - _CLOCK_SKEW,
             expiry=expiry,
         )
-        return f"{blob_url.split('?', 1)[0]}?{sas}"
+        return f"{blob_url.split('?', 1)[0]}?{sas}", expiry
 
     def _user_delegation_key(self, now: datetime, ttl: timedelta) -> tuple[UserDelegationKey, datetime]:
         with self._lock:
@@ -194,3 +242,26 @@ class BlobStore:
 
     def close(self) -> None:
         self._service.close()
+
+
+class BlobRange:
+    """One blob read by ranges (:class:`shared.ranged.RangeSource`), every read conditional on the ETag it had
+    when opened: a blob overwritten meanwhile raises :class:`InputChanged`, never mixes two versions."""
+
+    def __init__(self, blob: BlobClient, size: int, etag: str) -> None:
+        self._blob = blob
+        self.size, self.etag = size, etag
+
+    @_translated
+    def read(self, offset: int, length: int) -> bytes:
+        try:
+            stream = self._blob.download_blob(
+                offset=offset, length=length, etag=self.etag, match_condition=MatchConditions.IfNotModified
+            )
+            return stream.readall()
+        except ResourceModifiedError as e:
+            raise InputChanged(f"blob {self._blob.blob_name} changed while it was read") from e
+        except ResourceNotFoundError as e:
+            if _blob_not_found(e):
+                raise InputMissing(f"blob {self._blob.blob_name} was deleted while it was read") from e
+            raise

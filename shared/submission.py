@@ -56,8 +56,11 @@ from pydantic import BaseModel, Field
 
 from shared import metrics
 from shared.bands import BandError, parse_names, resolve
+from shared.by_reference import Found
 from shared.errors import BusUnavailable, DatabaseUnavailable, StorageUnavailable, TransientError
+from shared.fields import check_intersects, parse_fields
 from shared.geotiff import ImageHeader, Limits, inspect
+from shared.inputs import reference_blob_name
 from shared.jobs import PRIORITIES, Callback, Job, JobStatus, JobStore, Priority
 from shared.messages import JobMessage
 from shared.rejection import Rejected
@@ -72,7 +75,7 @@ _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")  # visible ASCII, as an H
 
 
 class InputStore(Protocol):
-    def put_input(self, job_id: UUID, data: bytes, sha256: str) -> str: ...
+    def put_input(self, job_id: UUID, data: bytes, sha256: str, *, name: str | None = None) -> str: ...
 
 
 class Publisher(Protocol):
@@ -93,6 +96,24 @@ class EnqueueFailed(TransientError):
 class Upload:
     data: bytes
     bands: str | None = None  # query values as received
+    scale: str | None = None
+    analysis: str | None = None
+    idempotency_key: str | None = None
+    priority: str | None = None
+    callback_url: str | None = None
+    callback_events: str | None = None
+
+
+@dataclass(frozen=True)
+class ByReference:
+    """A JSON submit: the image by ``upload_id`` or ``image_url`` (:mod:`shared.by_reference`), the options as in
+    :class:`Upload`, and ``geometry`` (GeoJSON fields, passed on to the analysis)."""
+
+    upload_id: object = None
+    image_url: object = None
+    geometry: object = None
+    max_fields: int = 100  # MAX_FIELDS
+    bands: str | None = None
     scale: str | None = None
     analysis: str | None = None
     idempotency_key: str | None = None
@@ -153,11 +174,19 @@ class Submitted:
 
 @dataclass(frozen=True)
 class Image:
-    """An image that passed validation: its bytes, their SHA-256, and the job's parameters."""
+    """An image that passed validation: its bytes, their SHA-256, and the job's parameters. An image by reference
+    (``params["input"]``) has a ``sha256`` of its reference, ``data`` to store only for a URL (the reference
+    document) and, for an upload or a blob, the blob that is its input (``blob``: nothing to store)."""
 
     data: bytes
     sha256: str
     params: dict[str, Any]
+    blob: str | None = None
+
+    def input_blob(self, job_id: UUID) -> str:
+        if self.blob is not None:
+            return self.blob
+        return reference_blob_name(job_id) if "input" in self.params else input_blob_name(job_id)
 
 
 class Accepted(BaseModel):
@@ -177,17 +206,24 @@ def input_blob_name(job_id: UUID) -> str:
 
 
 def submit(
-    upload: Upload,
+    upload: Upload | ByReference,
     *,
     limits: Limits,
     jobs: JobStore,
     store: InputStore,
     publisher: Publisher,
     policy: Policy | None = None,
+    find: Callable[[ByReference], Found] | None = None,
 ) -> Submitted:
+    """Submit ``upload`` (an image in the request, or by reference: then ``find`` locates it and checks its header,
+    :func:`shared.by_reference.find`)."""
     policy = policy or Policy()
     key = idempotency_key(upload.idempotency_key)
-    image = validate_image(upload.data, limits, upload.bands, upload.scale, upload.analysis)
+    if isinstance(upload, ByReference):
+        assert find is not None, "a submit by reference needs a way to find the image"
+        image = referenced_image(find(upload), upload)
+    else:
+        image = validate_image(upload.data, limits, upload.bands, upload.scale, upload.analysis)
     chosen = priority(upload.priority)
     target = callback_target(upload.callback_url, upload.callback_events, policy.allow_private_callbacks)
     admit(jobs, 1, policy, lambda: key is not None and jobs.find_by_key(key) is not None)
@@ -196,7 +232,7 @@ def submit(
         job_id = uuid.uuid4()
         job, created = jobs.create(
             job_id=job_id,
-            input_blob=input_blob_name(job_id),
+            input_blob=image.input_blob(job_id),
             input_sha256=image.sha256,
             params=image.params,
             idempotency_key=key,
@@ -227,6 +263,25 @@ def validate_image(data: bytes, limits: Limits, bands: str | None, scale: str | 
     """The image checked (header, bands, scale, analysis) with the job's parameters, or :class:`Rejected`."""
     header = inspect(data, limits)
     return Image(data, hashlib.sha256(data).hexdigest(), job_params(header, bands, scale, analysis))
+
+
+def referenced_image(found: Found, request: ByReference) -> Image:
+    """The job's image for a submit by reference: nothing to store but a URL's reference document."""
+    params = job_params(found.header, request.bands, request.scale, request.analysis)
+    params["input"] = found.reference.params()
+    if request.geometry is not None:
+        params.update(fields_params(request.geometry, found.header, request.max_fields))
+    reference = found.reference
+    if reference.kind == "url":
+        return Image(reference.document(), reference.digest, params)
+    return Image(b"", reference.digest, params, blob=reference.location)
+
+
+def fields_params(geometry: object, header: ImageHeader, max_fields: int) -> dict[str, Any]:
+    """The job's ``fields`` (:mod:`shared.fields`): GeoJSON field boundaries parsed, checked against the image."""
+    fields = parse_fields(geometry, max_fields)
+    check_intersects(fields, header)
+    return {"fields": fields.to_params()}
 
 
 def priority(text: str | None) -> Priority:
@@ -285,8 +340,14 @@ def store_input(job: Job, data: bytes, jobs: JobStore, store: InputStore, *, own
     """Upload the job's image. If that fails, an ``owned`` job (this request created or resubmitted it) is failed
     ``enqueue_failed``; :class:`EnqueueFailed` either way."""
     extra = {"job_id": str(job.job_id), "action": "enqueue"}
+    by_reference = "input" in job.params
+    if by_reference and not data:
+        return  # an upload or a blob of the images container: the job's input_blob is the file itself
     try:
-        store.put_input(job.job_id, data, job.input_sha256)
+        if by_reference:  # a URL's reference document
+            store.put_input(job.job_id, data, job.input_sha256, name=job.input_blob)
+        else:
+            store.put_input(job.job_id, data, job.input_sha256)
     except StorageUnavailable as e:
         log.error("job %s: could not store the image: %s", job.job_id, e.message, extra=extra)
         if owned:

@@ -395,10 +395,10 @@ class InMemoryBlobStore:
         self.blobs: dict[str, tuple[bytes, dict[str, str]]] = {}
         self.failure: Exception | None = None
 
-    def put_input(self, job_id: UUID, data: bytes, sha256: str) -> str:
+    def put_input(self, job_id: UUID, data: bytes, sha256: str, *, name: str | None = None) -> str:
         if self.failure is not None:
             raise self.failure
-        name = f"{job_id}/input.tif"
+        name = name or f"{job_id}/input.tif"
         self.blobs[f"images/{name}"] = (data, {"sha256": sha256})
         return name
 

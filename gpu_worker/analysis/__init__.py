@@ -4,7 +4,8 @@
 
 Raises :class:`shared.errors.InvalidImage` for unreadable files or unusable bands,
 :class:`shared.errors.NoValidPixels` when not one pixel is valid (:mod:`validity`) and
-:class:`shared.errors.UnknownAnalysis` for an unknown analysis or model; all are permanent.
+:class:`shared.errors.UnknownAnalysis` for an unknown analysis or model, :class:`shared.errors.GeometryOutsideScene`
+for a field the scene does not cover; all are permanent.
 
 ``crop-health`` result (``AnalysisOutput.result``; the worker adds ``outputs``)::
 
@@ -22,6 +23,13 @@ Raises :class:`shared.errors.InvalidImage` for unreadable files or unusable band
     cloud_mask           {method: "s2cloudless", resolution_m, threshold, average_over, dilation_size}
                          | {method: "landsat-qa", layout, resolution_m} | null
     model_version        "crop-health/2; s2cloudless-1.7.3 lightGBM-v0.1; fc-mlp-1.0"
+
+With field boundaries (``AnalysisRequest.fields``) the statistics above are per field instead (docs/analysis.md,
+"Field statistics")::
+
+    fields_window        [column, row, width, height]: the part of the scene read, the outputs' extent
+    fields               [{id, area_ha, pixel_count, valid_fraction, cloud_fraction, ..., indices, indices_clear,
+                           properties?}]: each field's pixels (pixel-centre rule), area geodesic
 
 Files: ``ndvi_cog`` (float32, NaN nodata), ``cloud_mask_cog`` (uint8 0 clear / 1 cloud / 255 nodata, when there
 is a mask), ``cover_cog`` (uint8 percent bare / green / non-green over clear land, 255 elsewhere, when the bands

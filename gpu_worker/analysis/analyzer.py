@@ -43,6 +43,8 @@ class Analyzer:
         if request.analysis == "crop-health":
             return self._crop_health.run(image_path, request, workdir)
         name = model_name(request.analysis)
+        if name is not None and request.fields is not None:
+            raise UnknownAnalysis(f"per-field statistics are a crop-health analysis, not {request.analysis!r}")
         if name is not None:
             return self._models.run(name, image_path, request, workdir)
         raise UnknownAnalysis(f"unknown analysis {request.analysis!r}: use crop-health or model:<name>")

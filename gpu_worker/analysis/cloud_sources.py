@@ -5,6 +5,7 @@ cloudy?". Sentinel-2 L1C with the ten s2cloudless bands -> :class:`S2CloudMask`;
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -21,11 +22,13 @@ from gpu_worker.analysis.cloudmask import (
     coarse_factor,
     upsample,
 )
+from gpu_worker.analysis.placement import Box, covering
 from gpu_worker.analysis.raster import SceneReader
 from gpu_worker.analysis.request import Progress, no_progress
 from shared.bands import SENTINEL2
 
 COARSE_WINDOW = 1024
+REACH = AVERAGE_OVER + DILATION_SIZE  # coarse cells whose probabilities a cell's mask depends on, each way
 
 
 class CloudSource(Protocol):
@@ -35,16 +38,32 @@ class CloudSource(Protocol):
 
 class S2CloudMask:
     """s2cloudless on the ~160 m grid. Built with one pass over the scene's ten detector bands (window by window
-    into a :class:`CoarseGrid`, a few MB even for a full tile), then queried per window of the second pass."""
+    into a :class:`CoarseGrid`, a few MB even for a full tile), then queried per window of the second pass.
+
+    ``region`` (pixel boxes: the fields'): read only the coarse cells within :data:`REACH` cells of them. A cell's
+    mask depends on the probabilities of the cells within ``average_over`` (the disk mean) plus ``dilation_size``
+    (the dilation) of it, so the mask over the boxes is exactly the whole scene's; cells beyond stay unread."""
 
     method = "s2cloudless"
 
-    def __init__(self, scene: SceneReader, detector: CloudDetector, progress: Progress = no_progress) -> None:
-        self.factor = coarse_factor(scene.pixel_size_m() or 10.0)
+    def __init__(
+        self,
+        scene: SceneReader,
+        detector: CloudDetector,
+        progress: Progress = no_progress,
+        region: Sequence[Box] | None = None,
+    ) -> None:
+        self.factor = f = coarse_factor(scene.pixel_size_m() or 10.0)
         grid = CoarseGrid(scene.height, scene.width, self.factor, scene.device, scene.scale)
         indices = scene.bands.native_names(SENTINEL2, MODEL_BANDS)
         size = self.factor * max(1, COARSE_WINDOW // self.factor)
-        windows = [w for w in scene.windows(size) if scene.holds_data(w, indices)]  # sparse ones add nothing
+        if region is None:
+            every = list(scene.windows(size))
+        else:
+            cells = [Box((b.row0 // f - REACH) * f, (b.col0 // f - REACH) * f, ((b.row1 - 1) // f + REACH + 1) * f,
+                         ((b.col1 - 1) // f + REACH + 1) * f) for b in region]  # fmt: skip
+            every = covering(cells, scene.width, scene.height, size, (f, f))
+        windows = [w for w in every if scene.holds_data(w, indices)]  # sparse ones add nothing
         for i, (window, block) in enumerate(zip(windows, scene.blocks(windows, indices), strict=True)):
             progress("cloud_mask", i / (len(windows) + 1))  # the detector's run is the last part
             grid.add(int(window.row_off), int(window.col_off), block.dn, block.valid)
@@ -116,11 +135,13 @@ class LandsatQaCloudMask:
         return {"method": self.method, "layout": self.layout, "resolution_m": self.scene.pixel_size_m()}
 
 
-def cloud_source(scene: SceneReader, detector: CloudDetector, progress: Progress = no_progress) -> CloudSource | None:
+def cloud_source(
+    scene: SceneReader, detector: CloudDetector, progress: Progress = no_progress, region: Sequence[Box] | None = None
+) -> CloudSource | None:
     """The best cloud mask the scene's bands allow, or None; ``progress`` hears of the ``cloud_mask`` stage when the
-    mask takes a pass over the scene."""
+    mask takes a pass over the scene. ``region``: the mask is needed within these pixel boxes only."""
     if s2_cloud_bands_present(scene):
-        return S2CloudMask(scene, detector, progress)
+        return S2CloudMask(scene, detector, progress, region)
     if scene.bands.sensor == "landsat-oli" and (scene.bands.has("qa_pixel") or scene.bands.has("qa_bqa")):
         return LandsatQaCloudMask(scene, progress)
     return None

@@ -16,6 +16,10 @@ is written one window later: on CUDA its clear land pixels go to a :class:`~gpu_
 DynamicBatcher` shared by every analysis of the process, so the GPU runs the MLP while the next window's indices are
 computed, and windows (of one scene, or of scenes analysed at the same time) share batches. Elsewhere the MLP runs at
 once, unless ``cover_batching`` asks for the batcher (the tests do, on the CPU: the results are the same).
+
+With field boundaries (``AnalysisRequest.fields``) the same pass runs over the windows covering the fields
+(:mod:`placement`), with a :class:`SceneSummary` per field fed the pixels inside it, and the outputs cover the fields'
+window only (``Target``); pass 1 reads only the cloud cells the fields' mask depends on.
 """
 
 from __future__ import annotations
@@ -36,10 +40,11 @@ from gpu_worker.analysis.cloud_sources import CloudSource, cloud_source
 from gpu_worker.analysis.cover import CAVEAT, FRACTIONS, USED, FractionalCover, band_indices
 from gpu_worker.analysis.indices import INDICES, compute
 from gpu_worker.analysis.outputs import COG_CONTENT_TYPE, PNG_CONTENT_TYPE, RasterSink
+from gpu_worker.analysis.placement import FieldPart, Placement
 from gpu_worker.analysis.raster import SceneReader, gdal_errors_as_invalid_image
 from gpu_worker.analysis.request import AnalysisOutput, AnalysisRequest, Progress
 from gpu_worker.analysis.summary import SceneSummary
-from gpu_worker.analysis.validity import no_valid_pixels
+from gpu_worker.analysis.targets import Tally, Target, check_valid, field_result
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +59,22 @@ COVER_MAX_WAIT = 0.005  # seconds a cover batch waits for more rows (the next wi
 class _CoverWork:
     """One window's cover: its pixels handed to the MLP, the fractions ([P, 3]) still to come."""
 
-    window: Window
+    window: Window  # in the output rasters
     counted: torch.Tensor
+    shares: list[tuple[int, torch.Tensor | None]]  # (summary, positions of its pixels among counted; None: all)
     fractions: Future[torch.Tensor]
+
+
+_Share = tuple[int, slice, slice, torch.Tensor | None]  # a part: summary, rows, columns, mask (None: all of them)
+
+
+def _shares(counted: torch.Tensor, parts: list[_Share]) -> list[tuple[int, torch.Tensor | None]]:
+    """Each part's counted pixels as positions among the window's counted pixels (the order of the fractions);
+    memory in proportion to the parts, not to the window times the fields."""
+    if all(mask is None for *_, mask in parts):
+        return [(index, None) for index, *_ in parts]
+    order = counted.flatten().cumsum(0).view(counted.shape) - 1
+    return [(index, None if mask is None else order[r, c][counted[r, c] & mask]) for index, r, c, mask in parts]
 
 
 def _within(index: tuple[torch.Tensor, torch.Tensor], valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,70 +119,95 @@ class CropHealth:
     def run(self, image_path: Path, request: AnalysisRequest, workdir: Path) -> AnalysisOutput:
         progress = request.progress
         progress("decode", 0.0)
+        outlines: list[list[tuple[float, float]]] = []
         with SceneReader(image_path, request.bands, request.scale, self.device) as scene:
-            clouds = cloud_source(scene, self.detector, progress)
-            result, files = self._pass(scene, clouds, workdir, progress)
-            result = {"analysis": "crop-health", "scene": scene.describe(), **result}
+            if request.fields is None:
+                target = Target.whole(scene, self.window)
+                clouds = cloud_source(scene, self.detector, progress)
+            else:
+                placement = Placement(request.fields, scene)
+                target = Target.of_fields(scene, placement, self.window)
+                clouds = cloud_source(scene, self.detector, progress, region=placement.boxes)
+                outlines = placement.outlines(target.region)
+            stats, pixels, files = self._pass(scene, clouds, target, workdir, progress)
+            result: dict[str, Any] = {"analysis": "crop-health", "scene": scene.describe()}
+            if request.fields is None:
+                result |= stats[0]
+            else:
+                region = target.region
+                result["fields_window"] = [region.col_off, region.row_off, region.width, region.height]
+                result["fields"] = [
+                    field_result(f, n, s) for f, n, s in zip(request.fields, pixels, stats, strict=True)
+                ]
         result["cloud_mask"] = clouds.describe() if clouds else None
-        result["cover_note"] = CAVEAT if result["cover"] is not None else None
+        has_cover = any(s["cover"] is not None for s in stats)
+        result["cover_note"] = CAVEAT if has_cover else None
         result["model_version"] = self.model_version
         cloud_cog = files["cloud_mask_cog"][0] if "cloud_mask_cog" in files else None
         progress("outputs", len(files) / (len(files) + 1))
         with gdal_errors_as_invalid_image("cannot render the quicklook"):
-            png = quicklook.render(files["ndvi_cog"][0], workdir / "quicklook.png", cloud_cog)
+            png = quicklook.render(files["ndvi_cog"][0], workdir / "quicklook.png", cloud_cog, outlines=outlines)
         files["quicklook_png"] = (png, PNG_CONTENT_TYPE)
         log.info("crop-health analysed %s", image_path.name, extra={"action": "analyse"})
         return AnalysisOutput(result=result, files=files)
 
     def _pass(
-        self, scene: SceneReader, clouds: CloudSource | None, workdir: Path, progress: Progress
-    ) -> tuple[dict[str, Any], dict[str, tuple[Path, str]]]:
+        self, scene: SceneReader, clouds: CloudSource | None, target: Target, workdir: Path, progress: Progress
+    ) -> tuple[list[dict[str, Any]], list[int], dict[str, tuple[Path, str]]]:
+        """Statistics per summary (the scene's, or each field's), pixels per summary, output files."""
         specs = [s for s in INDICES if scene.bands.has(*s.roles)]  # NDVI first: red and NIR are always there
         cover_indices = band_indices(scene.bands)
         roles = [r for r in INDEX_ROLES if scene.bands.has(r)]
         wide_roles = sorted({r for s in specs if s.float64 for r in s.roles})  # float64 indices' bands
         read = sorted({scene.bands.index(r) for r in roles} | set(cover_indices or []))
         position = {file_index: j for j, file_index in enumerate(read)}
-        summary = SceneSummary(specs, clouds is not None, self.device)
+        summaries = [SceneSummary(specs, clouds is not None, self.device) for _ in range(target.count)]
         # A window whose red and NIR blocks are all left out of the file (sparse) has no valid pixel: skipped, its
         # outputs stay nodata (unwritten tiles read as nodata), and the outputs are sparse too (outputs.py).
         red_nir = [scene.bands.index("red"), scene.bands.index("nir")]
-        every = list(scene.windows(self.window))
-        windows = [w for w in every if scene.holds_data(w, red_nir)]
-        sinks = self._sinks(scene, workdir, clouds is not None, cover_indices is not None, len(windows) < len(every))
+        kept = [scene.holds_data(w, red_nir) for w in target.windows]
+        windows = [w for w, keep in zip(target.windows, kept, strict=True) if keep]
+        sparse = len(windows) < len(target.windows) or target.partial
+        sinks = self._sinks(target.grid(scene), workdir, clouds is not None, cover_indices is not None, sparse)
         files: dict[str, tuple[Path, str]] = {}
         pending: _CoverWork | None = None  # the previous window's cover, written after this window's indices
-        present = torch.zeros((), dtype=torch.int64, device=self.device)  # red and NIR not nodata, finite DN
+        tally = Tally([0] * target.count, torch.zeros((), dtype=torch.int64, device=self.device))
         try:
+            for window in (w for w, keep in zip(target.windows, kept, strict=True) if not keep):
+                tally.count(target.parts(window), window, skipped=True)
             for i, (window, block) in enumerate(zip(windows, scene.blocks(windows, read), strict=True)):
                 progress("indices", i / len(windows))
                 at = {r: position[scene.bands.index(r)] for r in roles}
                 bands = {r: block.values[at[r]] for r in roles}
                 exact = {r: block.exact(at[r]) for r in wide_roles}
                 valid = {r: block.valid[at[r]] for r in roles}
-                present += (valid["red"] & valid["nir"]).sum()
+                parts = target.parts(window)
+                union = tally.count(parts, window, skipped=False)
+                union_t = None if union is None else torch.from_numpy(union).to(self.device)
+                measured = valid["red"] & valid["nir"]
+                tally.present += (measured if union_t is None else measured & union_t).sum()
                 ndvi, base = compute(specs[0], bands, valid)  # a valid pixel: NDVI defined (validity.py)
+                base = base if union_t is None else base & union_t
                 cloud = clouds.window(window) if clouds else torch.zeros_like(base)
                 index_values = {"ndvi": (ndvi, base)} | {
                     s.name: _within(compute(s, exact if s.float64 else bands, valid), base) for s in specs[1:]
                 }
-                land = summary.add(base, cloud, index_values)
-                sinks["ndvi_cog"].write(window, torch.where(base, ndvi, float("nan")).float().cpu().numpy())
+                land, shares = self._add_parts(parts, summaries, base, cloud, index_values)
+                out = target.local(window)
+                sinks["ndvi_cog"].write(out, torch.where(base, ndvi, float("nan")).float().cpu().numpy())
                 if clouds is not None:
                     mask = torch.where(base, cloud.to(torch.uint8), MASK_NODATA).to(torch.uint8)
-                    sinks["cloud_mask_cog"].write(window, mask.cpu().numpy())
+                    sinks["cloud_mask_cog"].write(out, mask.cpu().numpy())
                 if cover_indices is not None:
                     progress("cover", i / len(windows))
-                    work = self._submit_cover(window, block.values, block.valid,
-                                              [position[c] for c in cover_indices], land)  # fmt: skip
+                    work = self._submit_cover(out, block.values, block.valid,
+                                              [position[c] for c in cover_indices], land, shares)  # fmt: skip
                     if pending is not None:
-                        self._write_cover(pending, summary, sinks["cover_cog"])
+                        self._write_cover(pending, summaries, sinks["cover_cog"])
                     pending = work
             if pending is not None:
-                self._write_cover(pending, summary, sinks["cover_cog"])
-            if summary.valid_pixels() == 0:
-                pixels, read_pixels = scene.width * scene.height, sum(w.width * w.height for w in windows)
-                raise no_valid_pixels(pixels, pixels - read_pixels, int(present.item()), scene.scale)
+                self._write_cover(pending, summaries, sinks["cover_cog"])
+            check_valid(target, tally, summaries, scene.scale)
             for k, (key, sink) in enumerate(sinks.items()):  # the COG copies: GDAL work, seconds on a full tile
                 progress("outputs", k / (len(sinks) + 1))
                 files[key] = (sink.finish(), COG_CONTENT_TYPE)
@@ -173,25 +216,62 @@ class CropHealth:
                 if key not in files:
                     sink.discard()
             raise
-        pixels = scene.width * scene.height
-        return summary.result(pixels, scene.bands.has("green"), cover_indices is not None), files
+        has_green, has_cover = scene.bands.has("green"), cover_indices is not None
+        stats = [s.result(n, has_green, has_cover) for s, n in zip(summaries, tally.pixels, strict=True)]
+        return stats, tally.pixels, files
+
+    def _add_parts(
+        self,
+        parts: list[FieldPart],
+        summaries: list[SceneSummary],
+        base: torch.Tensor,
+        cloud: torch.Tensor,
+        index_values: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[torch.Tensor, list[_Share]]:
+        """Add each part's pixels to its summary. Returns the window's land mask (in any part) and each part with
+        its mask on the device, which the cover step needs."""
+        land = torch.zeros_like(base)
+        shares: list[_Share] = []
+        for part in parts:
+            r, c = part.rows, part.cols
+            if part.mask is None:
+                whole_values = {k: (v[r, c], ok[r, c]) for k, (v, ok) in index_values.items()}
+                land[r, c] |= summaries[part.index].add(base[r, c], cloud[r, c], whole_values)
+                shares.append((part.index, r, c, None))
+                continue
+            m = torch.from_numpy(part.mask).to(self.device)
+            part_values = {k: (v[r, c], ok[r, c] & m) for k, (v, ok) in index_values.items()}
+            land[r, c] |= summaries[part.index].add(base[r, c] & m, cloud[r, c], part_values)
+            shares.append((part.index, r, c, m))
+        return land, shares
 
     def _submit_cover(
-        self, window: Window, values: torch.Tensor, valid: torch.Tensor, channels: list[int], land: torch.Tensor
+        self,
+        window: Window,
+        values: torch.Tensor,
+        valid: torch.Tensor,
+        channels: list[int],
+        land: torch.Tensor,
+        parts: list[_Share],
     ) -> _CoverWork:
         counted = land & valid[channels].all(dim=0)
         pixels = values[channels[USED]][:, counted]  # only clear land pixels go through the MLP, channel-first
+        shares = _shares(counted, parts)
         if self._batcher is not None:
-            return _CoverWork(window, counted, self._batcher.submit(pixels.t()))
+            return _CoverWork(window, counted, shares, self._batcher.submit(pixels.t()))
         done: Future[torch.Tensor] = Future()
         with torch.inference_mode():
             done.set_result(self.cover.fractions(pixels).t())
-        return _CoverWork(window, counted, done)
+        return _CoverWork(window, counted, shares, done)
 
     @staticmethod
-    def _write_cover(work: _CoverWork, summary: SceneSummary, sink: RasterSink) -> None:
+    def _write_cover(work: _CoverWork, summaries: list[SceneSummary], sink: RasterSink) -> None:
         fractions = work.fractions.result().t()  # [3, P]
-        summary.add_cover(fractions, work.counted.sum())
+        for index, positions in work.shares:  # each part's share of the window's counted pixels
+            if positions is None:
+                summaries[index].add_cover(fractions, work.counted.sum())
+            else:
+                summaries[index].add_cover(fractions[:, positions], positions.numel())
         percent = torch.full(
             (len(FRACTIONS), *work.counted.shape), MASK_NODATA, dtype=torch.uint8, device=work.counted.device
         )
@@ -200,9 +280,8 @@ class CropHealth:
 
     @staticmethod
     def _sinks(
-        scene: SceneReader, workdir: Path, has_clouds: bool, has_cover: bool, sparse: bool
+        grid: dict[str, Any], workdir: Path, has_clouds: bool, has_cover: bool, sparse: bool
     ) -> dict[str, RasterSink]:
-        grid = scene.grid()
         sinks = {
             "ndvi_cog": RasterSink(workdir / "ndvi.tif", grid, count=1, dtype="float32", nodata=float(np.nan),
                                    overview_resampling="average", descriptions=("ndvi",), sparse=sparse),

@@ -7,6 +7,7 @@ memory does not depend on the scene size.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +61,14 @@ def _paletted(index: np.ndarray) -> Image.Image:
     return image
 
 
-def render(ndvi_cog: Path, out: Path, cloud_cog: Path | None = None, title: str = "NDVI") -> Path:
+def render(
+    ndvi_cog: Path,
+    out: Path,
+    cloud_cog: Path | None = None,
+    title: str = "NDVI",
+    outlines: Sequence[Sequence[tuple[float, float]]] = (),
+) -> Path:
+    """``outlines``: rings (field boundaries) in the COG's pixel coordinates (column, row), drawn in black."""
     with rasterio.open(ndvi_cog) as src:
         scale = max(src.width / MAX_SIDE, src.height / (MAX_SIDE - LEGEND_HEIGHT), 1.0)
         shape = (max(1, round(src.height / scale)), max(1, round(src.width / scale)))
@@ -73,6 +81,11 @@ def render(ndvi_cog: Path, out: Path, cloud_cog: Path | None = None, title: str 
     enlarge = max(1, MIN_SIDE // max(image.size))
     if enlarge > 1:
         image = image.resize((image.width * enlarge, image.height * enlarge), Image.Resampling.NEAREST)
+    if outlines:
+        draw = ImageDraw.Draw(image)
+        sx, sy = image.width / src.width, image.height / src.height
+        for ring in outlines:
+            draw.line([(x * sx, y * sy) for x, y in ring], fill=BLACK_INDEX, width=max(1, enlarge // 2))
     width = max(image.width, 360)
     canvas = _paletted(np.full((image.height + LEGEND_HEIGHT, width), WHITE_INDEX, dtype=np.uint8))
     canvas.paste(image, ((width - image.width) // 2, 0))

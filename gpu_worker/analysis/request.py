@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.fields import Fields
+
 Progress = Callable[[str, float], None]
 
 
@@ -22,12 +24,16 @@ class AnalysisRequest:
     ``progress(stage, fraction)`` is called as the run goes: each stage as it starts (``decode``, ``cloud_mask``,
     ``indices``, ``cover``, ``outputs``; a stage the scene does not need is skipped) and per window within the long
     ones. It is the worker's checkpoint (:mod:`gpu_worker.progress`): it may raise to stop the run (a cancellation),
-    and the analysis lets that through, cleaning up after itself."""
+    and the analysis lets that through, cleaning up after itself.
+
+    ``fields``: field boundaries (``Fields.from_params(job.params["fields"])``): crop-health then reads only the
+    windows covering them and reports statistics per field instead of the whole scene's (docs/analysis.md)."""
 
     analysis: str
     bands: list[str]
     scale: float
     progress: Progress = field(default=no_progress, compare=False, repr=False)
+    fields: Fields | None = None
 
 
 @dataclass

@@ -69,7 +69,7 @@ class SceneSummary:
         """Valid pixels added so far (a device synchronisation)."""
         return int(self.counts["valid"].item())
 
-    def add_cover(self, fractions: torch.Tensor, count: torch.Tensor) -> None:
+    def add_cover(self, fractions: torch.Tensor, count: torch.Tensor | int) -> None:
         """[3, P] cover fractions of the ``count`` pixels where they count (land, all cover bands valid)."""
         self.counts["cover"] += count
         self.cover_sums += fractions.to(torch.float64).sum(dim=1)
@@ -86,7 +86,7 @@ class SceneSummary:
             means = (self.cover_sums / n["cover"]).tolist()
             cover = {name: means[i] for i, name in enumerate(FRACTIONS)}
         return {
-            "valid_fraction": n["valid"] / pixels,
+            "valid_fraction": n["valid"] / pixels if pixels else None,  # a field without one pixel centre
             "cloud_fraction": cloud,
             "clear_fraction": None if cloud is None else 1.0 - cloud,
             "water_fraction": share("water", "ndwi_clear") if has_green else None,

@@ -173,6 +173,9 @@ param functionInstanceMemoryMB int = 2048
 @minValue(1)
 param maxBacklog int = 10000
 
+@description('Hosts an image_url may name outside the storage account, comma-separated, *.suffix allowed (IMAGE_URL_ALLOWED_HOSTS); empty: none.')
+param imageUrlAllowedHosts string = ''
+
 @description('Seconds one webhook delivery may take (WEBHOOK_TIMEOUT).')
 @minValue(1)
 param webhookTimeoutSeconds int = 10
@@ -468,6 +471,7 @@ module functionApp 'modules/functionapp.bicep' = {
     maximumInstanceCount: functionMaximumInstanceCount
     instanceMemoryMB: functionInstanceMemoryMB
     maxBacklog: maxBacklog
+    imageUrlAllowedHosts: imageUrlAllowedHosts
     webhookTimeoutSeconds: webhookTimeoutSeconds
     webhookMaxAttempts: webhookMaxAttempts
     webhookBackoff: webhookBackoff
@@ -514,6 +518,7 @@ module gpuWorkers 'modules/gpu-vmss.bicep' = {
     serviceName: otelServiceName
     shutdownGraceSeconds: workerShutdownGraceSeconds
     highPriorityBurst: workerHighPriorityBurst
+    imageUrlAllowedHosts: imageUrlAllowedHosts
     jobMaxAttempts: jobMaxAttempts
     jobLease: jobLease
     jobTimeout: jobTimeout

@@ -111,7 +111,7 @@ def _problem(response: httpx.Response) -> dict[str, object]:
     ("content", "content_type", "code"),
     [
         (b"hello, this is not an image", "text/plain", "unsupported_media_type"),
-        (b'{"image": "base64?"}', "application/json", "unsupported_media_type"),
+        (b'{"image": "base64?"}', "application/json", "invalid_request_body"),  # JSON is a submit by reference
         (b"", "image/tiff", "empty_body"),
         (b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "image/png", "unsupported_media_type"),
         (b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "image/tiff", "not_a_tiff"),

@@ -276,6 +276,7 @@ ROLE_NAMES = {  # built-in role definition ids, the same in every tenant
     "ba92f5b4-2d11-453d-a403-e96b0029c9fe": "Storage Blob Data Contributor",
     "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3": "Storage Table Data Contributor",
     "2a2b9908-6ea1-4ae2-8e65-a410df84e7d1": "Storage Blob Data Reader",
+    "db58b8e5-c6ad-4a2a-8342-4190687cbf4a": "Storage Blob Delegator",
     "7f951dda-4ed3-4680-a7ca-43fe172d538d": "AcrPull",
     "3913510d-42f4-4e42-8a64-420c390055eb": "Monitoring Metrics Publisher",
 }
@@ -327,6 +328,9 @@ def test_least_privilege_role_assignments() -> None:
         ("worker", "Azure Service Bus Data Sender", "highPriorityQueue"),
         ("worker", "Azure Service Bus Data Sender", "eventsQueue"),  # webhook events of the jobs it finishes
         ("worker", "Storage Blob Data Reader", "imagesContainer"),
+        # A user delegation key (an account-level action) to sign the read SAS GDAL reads an input by reference
+        # with; the SAS is bounded by Blob Data Reader on images.
+        ("worker", "Storage Blob Delegator", "storage"),
         ("worker", "Storage Blob Data Contributor", "resultsContainer"),
         ("worker", "AcrPull", "registry"),
         ("worker", "Monitoring Metrics Publisher", "appInsights"),

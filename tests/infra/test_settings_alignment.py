@@ -97,6 +97,7 @@ JOB_API = {
     "WEBHOOK_BACKOFF": "webhookBackoff",
     "WEBHOOK_BACKOFF_MAX": "webhookBackoffMax",
     "WORKER_HIGH_PRIORITY_BURST": "workerHighPriorityBurst",
+    "IMAGE_URL_ALLOWED_HOSTS": "imageUrlAllowedHosts",  # submit checks it; the worker again before a read
 }
 FROM_MAIN = {**LIFECYCLE, **JOB_API}
 # Who reads which: the reconciler, submit and the webhook deliverer run in the Function App, attempts in the worker.
@@ -112,6 +113,7 @@ READS = {
         "WEBHOOK_MAX_ATTEMPTS",
         "WEBHOOK_BACKOFF",
         "WEBHOOK_BACKOFF_MAX",
+        "IMAGE_URL_ALLOWED_HOSTS",
     },
     "worker": {
         "JOB_MAX_ATTEMPTS",
@@ -120,6 +122,7 @@ READS = {
         "RETRY_BACKOFF",
         "RETRY_BACKOFF_MAX",
         "WORKER_HIGH_PRIORITY_BURST",
+        "IMAGE_URL_ALLOWED_HOSTS",
     },
 }
 # Settings Bicep sets from a module parameter's own default (nobody tunes them per deployment):
@@ -127,6 +130,7 @@ READS = {
 MODULE_DEFAULTS = {
     ("functions", "MAX_UPLOAD_BYTES"): "maxUploadBytes",
     ("functions", "MAX_BATCH_SIZE"): "maxBatchSize",
+    ("functions", "MAX_INPUT_BYTES"): "maxInputBytes",
     ("worker", "WORKER_REGISTRY_INTERVAL"): "registryIntervalSeconds",
 }
 

@@ -113,7 +113,8 @@ def test_importing_the_app_reads_no_setting_and_opens_no_socket() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == (
-        "['batch_status', 'cancel_job', 'dead_letters', 'deliver_webhook', 'health', 'job_status', 'list_jobs',"
+        "['batch_status', 'cancel_job', 'create_upload', 'dead_letters', 'deliver_webhook', 'health', 'job_status',"
+        " 'list_jobs',"
         " 'openapi', 'reconcile_jobs', 'replay_dead_letters', 'retry_job', 'stats', 'submit_batch', 'submit_job']"
     )
 
@@ -144,7 +145,7 @@ def test_submit_multipart(world: World) -> None:
     [
         ({"body": b"", "content_type": "image/tiff"}, 400, "empty_body"),
         ({"body": b"just some text", "content_type": "text/plain"}, 415, "unsupported_media_type"),
-        ({"body": b'{"image": "x"}', "content_type": "application/json"}, 415, "unsupported_media_type"),
+        ({"body": b'{"image": "x"}', "content_type": "application/json"}, 400, "invalid_request_body"),  # by reference
         ({"body": b"just some text", "content_type": "image/tiff"}, 400, "not_a_tiff"),
         ({"body": b"just some text", "content_type": "application/octet-stream"}, 400, "not_a_tiff"),
         ({"body": geotiffs.real()[:400_000]}, 422, "unreadable_image"),

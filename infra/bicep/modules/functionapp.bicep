@@ -82,6 +82,12 @@ param instanceMemoryMB int = 2048
 @description('Largest accepted upload in bytes (MAX_UPLOAD_BYTES); the Functions HTTP limit is 100 MB.')
 param maxUploadBytes int = 104857600
 
+@description('Largest image a submit by reference accepts, uploaded or by URL, in bytes (MAX_INPUT_BYTES).')
+param maxInputBytes int = 8589934592
+
+@description('Hosts an image_url may name outside the storage account (IMAGE_URL_ALLOWED_HOSTS); empty: none.')
+param imageUrlAllowedHosts string
+
 @description('Most jobs in one batch submit (MAX_BATCH_SIZE).')
 @minValue(1)
 param maxBatchSize int = 100
@@ -250,6 +256,15 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
         {
           name: 'MAX_BATCH_SIZE'
           value: string(maxBatchSize)
+        }
+        // Inputs by reference (issue 12): direct uploads to images/uploads/ and image_url submits.
+        {
+          name: 'MAX_INPUT_BYTES'
+          value: string(maxInputBytes)
+        }
+        {
+          name: 'IMAGE_URL_ALLOWED_HOSTS'
+          value: imageUrlAllowedHosts
         }
         {
           name: 'MAX_BACKLOG'

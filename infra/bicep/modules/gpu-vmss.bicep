@@ -138,6 +138,9 @@ param retryBackoffMax string
 @minValue(1)
 param highPriorityBurst int
 
+@description('Hosts an image_url may name outside the storage account (IMAGE_URL_ALLOWED_HOSTS): checked again before a read.')
+param imageUrlAllowedHosts string
+
 @description('Seconds between two heartbeat rows a worker writes to PostgreSQL (WORKER_REGISTRY_INTERVAL).')
 @minValue(1)
 param registryIntervalSeconds int = 15
@@ -174,6 +177,7 @@ var workerEnvironment = {
   WORKER_SHUTDOWN_GRACE: string(shutdownGraceSeconds)
   WORKER_PREEMPTION_WATCH: 'true'
   WORKER_HIGH_PRIORITY_BURST: string(highPriorityBurst)
+  IMAGE_URL_ALLOWED_HOSTS: imageUrlAllowedHosts
   WORKER_REGISTRY_INTERVAL: string(registryIntervalSeconds)
   JOB_MAX_ATTEMPTS: string(jobMaxAttempts)
   JOB_LEASE: jobLease

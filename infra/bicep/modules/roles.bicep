@@ -22,7 +22,11 @@
 //   Workers: Service Bus Data Receiver and Data Sender on jobs and on jobs-high (they receive one message at a time
 //     from either; a transient error or a drain releases the attempt and schedules the job's next message, in the
 //     queue it came from, after its backoff); Data Sender on job-events (webhook events of the jobs they finish);
-//     Blob Data Reader on images; Blob Data Contributor on results; AcrPull on the registry.
+//     Blob Data Reader on images; Blob Data Contributor on results; AcrPull on the registry. Storage Blob Delegator
+//     on the account (its only action is generateUserDelegationKey, an account-level operation that no
+//     container-scoped role grants): an input by reference is analysed through GDAL's /vsicurl/ with a short-lived
+//     read SAS the worker signs with a user delegation key; the SAS can do no more than the worker's own roles on
+//     that blob (Blob Data Reader on images), so it reads images only.
 //   Both: Monitoring Metrics Publisher on Application Insights (telemetry with Entra auth; local auth is off).
 // PostgreSQL access is not an Azure role: both identities are Entra principals of the server (modules/postgres.bicep).
 
@@ -67,6 +71,7 @@ var roles = {
   blobDataOwner: 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b' // Storage Blob Data Owner
   blobDataContributor: 'ba92f5b4-2d11-453d-a403-e96b0029c9fe' // Storage Blob Data Contributor
   blobDataReader: '2a2b9908-6ea1-4ae2-8e65-a410df84e7d1' // Storage Blob Data Reader
+  blobDelegator: 'db58b8e5-c6ad-4a2a-8342-4190687cbf4a' // Storage Blob Delegator
   tableDataContributor: '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3' // Storage Table Data Contributor
   acrPull: '7f951dda-4ed3-4680-a7ca-43fe172d538d' // AcrPull
   monitoringMetricsPublisher: '3913510d-42f4-4e42-8a64-420c390055eb' // Monitoring Metrics Publisher
@@ -233,6 +238,16 @@ resource workerImagesReader 'Microsoft.Authorization/roleAssignments@2022-04-01'
   scope: imagesContainer
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.blobDataReader)
+    principalId: workerPrincipalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+resource workerBlobDelegator 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(storage.id, workerPrincipalId, roles.blobDelegator)
+  scope: storage
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.blobDelegator)
     principalId: workerPrincipalId
     principalType: 'ServicePrincipal'
   }

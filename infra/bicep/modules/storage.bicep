@@ -31,7 +31,7 @@ param resultsContainerName string = 'results'
 @description('Container the Flex Consumption Function App deploys its package from.')
 param deploymentContainerName string = 'deploymentpackage'
 
-@description('Days after which input images are deleted by the lifecycle rule.')
+@description('Days after which input images are deleted by the lifecycle rule (direct uploads under images/uploads/ too, submitted or not).')
 @minValue(1)
 param inputRetentionDays int = 7
 
@@ -121,6 +121,9 @@ resource deploymentContainer 'Microsoft.Storage/storageAccounts/blobServices/con
   }
 }
 
+// One rule for the images container: job inputs ({job_id}/input.tif, a URL job's {job_id}/input.json) and direct
+// uploads (uploads/{id}/input.tif, docs/deploy.md): an upload never submitted expires like an input; a submitted one
+// is its job's input, read in place, and lives as long.
 resource lifecycle 'Microsoft.Storage/storageAccounts/managementPolicies@2023-05-01' = {
   parent: account
   name: 'default'
