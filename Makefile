@@ -76,6 +76,7 @@ bench: install
 	$(BIN)/python -m bench.worker_latency
 	$(BIN)/python -m bench.submit_overhead
 	$(BIN)/python -m bench.worker_throughput
+	$(BIN)/python -m bench.fields
 
 # One prepared script for a GPU machine: the project's .venv when there is one, else the system Python (torch from
 # the CUDA image, plus `pip install -r requirements-worker.txt`). It installs nothing: the GPU image brings its torch.

@@ -1,8 +1,9 @@
 """``POST /api/batches`` (several GeoTIFFs, all or none) and ``GET /api/batches/{batch_id}``: :mod:`shared.batches`
 does the work.
 
-``POST``: ``multipart/form-data`` with one file per ``image`` field (1 to ``MAX_BATCH_SIZE``); the query of ``POST
-/api/jobs`` applies to every image, the ``Idempotency-Key`` header to the batch. 202 with every job's status URL
+``POST``: ``multipart/form-data`` with one file per ``image`` field (1 to ``MAX_BATCH_SIZE``) and, optionally, one
+``geometry`` part (GeoJSON field boundaries for every image); the query of ``POST /api/jobs`` applies to every
+image, the ``Idempotency-Key`` header to the batch. 202 with every job's status URL
 (200 and ``Idempotent-Replayed: true`` for a replay); a refused image answers its problem with its ``index``; a
 failed upload fails every job of the batch (503 ``enqueue_failed``, ``batch_id``): nothing of a batch is sent before
 every image is stored. ``GET``: the batch's status and its jobs in the request's order.
@@ -15,7 +16,7 @@ import json
 import azure.functions as func
 
 from functions import deps
-from functions.http import form_files, resource_url, submit_options
+from functions.http import form_parts, resource_url, submit_options
 from functions.problems import guarded, problem
 from functions.submit import policy
 from shared.batches import (
@@ -41,7 +42,8 @@ bp = func.Blueprint()  # type: ignore[no-untyped-call]
 def submit_batch_job(req: func.HttpRequest) -> func.HttpResponse:
     d = deps.get()
     limits = Limits(d.settings.max_upload_bytes, d.settings.max_pixels, d.settings.max_bands)
-    upload = BatchUpload(images=_images(req, limits.max_bytes * d.settings.max_batch_size), **submit_options(req))
+    images, geometry = _images(req, limits.max_bytes * d.settings.max_batch_size)
+    upload = BatchUpload(images=images, geometry=geometry, max_fields=d.settings.max_fields, **submit_options(req))
     try:
         outcome = submit_batch(
             upload,
@@ -77,7 +79,7 @@ def batch_status(req: func.HttpRequest) -> func.HttpResponse:
     return func.HttpResponse(body, status_code=200, headers=headers, mimetype="application/json")
 
 
-def _images(req: func.HttpRequest, max_bytes: int) -> list[bytes]:
+def _images(req: func.HttpRequest, max_bytes: int) -> tuple[list[bytes], object]:
     body = req.get_body()
     if len(body) > max_bytes:
         raise Rejected("payload_too_large", f"the body is {len(body)} bytes; the limit is {max_bytes}")
@@ -87,7 +89,7 @@ def _images(req: func.HttpRequest, max_bytes: int) -> list[bytes]:
             "unsupported_media_type",
             f"Content-Type {media_type!r} is not accepted: send multipart/form-data with one file per 'image' field",
         )
-    return form_files(req, "image")
+    return form_parts(req, "image")
 
 
 def _accepted(req: func.HttpRequest, outcome: SubmittedBatch, retry_after: int) -> func.HttpResponse:

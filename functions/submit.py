@@ -1,7 +1,8 @@
 """``POST /api/jobs``: a GeoTIFF in, 202 with the job's status URL out (:mod:`shared.submission` does the work).
 
 Body: the GeoTIFF bytes (``image/tiff`` or ``application/octet-stream``; no Content-Type is taken as bytes too) or
-``multipart/form-data`` with the file in field ``image``. Query: ``bands``, ``scale``, ``analysis``, ``priority``,
+``multipart/form-data`` with the file in field ``image`` and, optionally, GeoJSON field boundaries in field
+``geometry`` (as the JSON body's ``geometry``). Query: ``bands``, ``scale``, ``analysis``, ``priority``,
 ``callback_url``, ``callback_events``. Or ``application/json``: the image by reference, ``{"upload_id"}`` (after
 ``POST /api/uploads``) or ``{"image_url"}``, with the same options as members (a query parameter fills in a member
 left out) and ``geometry`` (:mod:`shared.by_reference`).
@@ -18,7 +19,7 @@ import json
 import azure.functions as func
 
 from functions import deps
-from functions.http import form_files, resource_url, submit_options
+from functions.http import form_parts, resource_url, submit_options
 from functions.problems import guarded
 from shared.by_reference import Found, find
 from shared.geotiff import Limits
@@ -50,7 +51,8 @@ def submit_job(req: func.HttpRequest) -> func.HttpResponse:
         )
         return _accepted(req, outcome, s.retry_after_seconds)
     limits = Limits(d.settings.max_upload_bytes, d.settings.max_pixels, d.settings.max_bands)
-    upload = Upload(data=_image_bytes(req, limits.max_bytes), **submit_options(req))
+    data, geometry = _image_bytes(req, limits.max_bytes)
+    upload = Upload(data=data, geometry=geometry, max_fields=d.settings.max_fields, **submit_options(req))
     outcome = submit(upload, limits=limits, jobs=d.jobs, store=d.blobs, publisher=d.publisher, policy=policy(d))
     return _accepted(req, outcome, d.settings.retry_after_seconds)
 
@@ -104,7 +106,8 @@ def policy(d: deps.Deps) -> Policy:
     )
 
 
-def _image_bytes(req: func.HttpRequest, max_bytes: int) -> bytes:
+def _image_bytes(req: func.HttpRequest, max_bytes: int) -> tuple[bytes, object]:
+    """The image, and the form's parsed ``geometry`` (``None``: none, or not a form)."""
     body = req.get_body()
     if not body and "chunked" in req.headers.get("Transfer-Encoding", "").lower():
         raise Rejected("empty_body", CHUNKED_DETAIL)
@@ -112,12 +115,12 @@ def _image_bytes(req: func.HttpRequest, max_bytes: int) -> bytes:
         raise Rejected("payload_too_large", f"the body is {len(body)} bytes; the limit is {max_bytes}")
     media_type = _media_type(req)
     if media_type in RAW_TYPES:
-        return body
+        return body, None
     if media_type == "multipart/form-data":
-        images = form_files(req, "image")
+        images, geometry = form_parts(req, "image")
         if not images:
             raise Rejected("missing_image_field", "the form has no file field named 'image'")
-        return images[0]
+        return images[0], geometry
     raise Rejected(
         "unsupported_media_type",
         f"Content-Type {media_type!r} is not accepted: send image/tiff, application/octet-stream, "

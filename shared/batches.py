@@ -37,6 +37,7 @@ from pydantic import BaseModel, Field
 
 from shared import metrics
 from shared.errors import StorageUnavailable, TransientError
+from shared.fields import Fields, parse_fields
 from shared.geotiff import Limits
 from shared.jobs import Job, JobStatus, JobStore, NewJob
 from shared.rejection import Rejected
@@ -92,7 +93,12 @@ class BatchEnqueueFailed(TransientError):
 
 @dataclass(frozen=True)
 class BatchUpload:
+    """The images and the options of a batch; ``geometry`` (parsed GeoJSON): one set of fields for every image,
+    parsed once, checked against each image's footprint (``geometry_outside_scene`` names the image's index)."""
+
     images: list[bytes]
+    geometry: object = None
+    max_fields: int = 100  # MAX_FIELDS
     bands: str | None = None  # query values as received, for every image
     scale: str | None = None
     analysis: str | None = None
@@ -184,7 +190,8 @@ def submit_batch(
         raise Rejected("batch_too_large", f"{len(upload.images)} images; a batch holds at most {max_size}")
     chosen = priority(upload.priority)
     target = callback_target(upload.callback_url, upload.callback_events, policy.allow_private_callbacks)
-    images = [_validated(i, data, limits, upload) for i, data in enumerate(upload.images)]
+    fields = None if upload.geometry is None else parse_fields(upload.geometry, upload.max_fields)
+    images = [_validated(i, data, limits, upload, fields) for i, data in enumerate(upload.images)]
     admit(jobs, len(images), policy, lambda: key is not None and jobs.batch_by_key(key) is not None)
     callback = new_callback(target)
     new = []
@@ -222,9 +229,9 @@ def submit_batch(
     return SubmittedBatch(batch_id=batch_id, jobs=final, created=created, webhook_secret=secret)
 
 
-def _validated(index: int, data: bytes, limits: Limits, upload: BatchUpload) -> Image:
+def _validated(index: int, data: bytes, limits: Limits, upload: BatchUpload, fields: Fields | None) -> Image:
     try:
-        return validate_image(data, limits, upload.bands, upload.scale, upload.analysis)
+        return validate_image(data, limits, upload.bands, upload.scale, upload.analysis, fields)
     except Rejected as e:
         raise ImageRejected(index, e) from e
 

@@ -152,31 +152,39 @@ DEAD_LETTER_PARAMS = (
     Param("reason", "query", {"type": "string"}, "Only dead letters with this reason"),
     Param("action", "query", {"type": "string", "enum": ["redrive", "failed", "none"]}, "What the reconciler did"),
 )
+GEOMETRY = {
+    "type": "string",
+    "description": "Field boundaries: GeoJSON text (a Polygon, MultiPolygon, Feature or FeatureCollection of at most "
+    "MAX_FIELDS features), as the JSON body's `geometry`; a plain form field or a file part",
+}
+GEOMETRY_PART = {"contentType": "application/geo+json, application/json, text/plain"}
 IMAGE_BODY = {
     "required": True,
-    "description": "A GeoTIFF: the raw bytes, or multipart/form-data with the file in field `image`; or, as "
-    "application/json, the image by reference (an upload of POST /api/uploads, or an image_url)",
+    "description": "A GeoTIFF: the raw bytes, or multipart/form-data with the file in field `image` (and, optionally, "
+    "field boundaries as GeoJSON text in field `geometry`); or, as application/json, the image by reference (an "
+    "upload of POST /api/uploads, or an image_url)",
     "content": {
         "application/json": {"schema": {"$ref": REF.format(model="SubmitByReference")}},
         "image/tiff": {"schema": _BINARY},
         "application/octet-stream": {"schema": _BINARY},
         "multipart/form-data": {
-            "schema": {"type": "object", "properties": {"image": _BINARY}, "required": ["image"]},
-            "encoding": {"image": {"contentType": "image/tiff, application/octet-stream"}},
+            "schema": {"type": "object", "properties": {"image": _BINARY, "geometry": GEOMETRY}, "required": ["image"]},
+            "encoding": {"image": {"contentType": "image/tiff, application/octet-stream"}, "geometry": GEOMETRY_PART},
         },
     },
 }
 BATCH_BODY = {
     "required": True,
-    "description": "multipart/form-data with one GeoTIFF per `image` field (1 to MAX_BATCH_SIZE)",
+    "description": "multipart/form-data with one GeoTIFF per `image` field (1 to MAX_BATCH_SIZE) and, optionally, "
+    "one `geometry` field: GeoJSON field boundaries for every image",
     "content": {
         "multipart/form-data": {
             "schema": {
                 "type": "object",
-                "properties": {"image": {"type": "array", "items": _BINARY, "minItems": 1}},
+                "properties": {"image": {"type": "array", "items": _BINARY, "minItems": 1}, "geometry": GEOMETRY},
                 "required": ["image"],
             },
-            "encoding": {"image": {"contentType": "image/tiff, application/octet-stream"}},
+            "encoding": {"image": {"contentType": "image/tiff, application/octet-stream"}, "geometry": GEOMETRY_PART},
         }
     },
 }

@@ -58,7 +58,7 @@ from shared import metrics
 from shared.bands import BandError, parse_names, resolve
 from shared.by_reference import Found
 from shared.errors import BusUnavailable, DatabaseUnavailable, StorageUnavailable, TransientError
-from shared.fields import check_intersects, parse_fields
+from shared.fields import Fields, check_intersects, parse_fields
 from shared.geotiff import ImageHeader, Limits, inspect
 from shared.inputs import reference_blob_name
 from shared.jobs import PRIORITIES, Callback, Job, JobStatus, JobStore, Priority
@@ -94,7 +94,12 @@ class EnqueueFailed(TransientError):
 
 @dataclass(frozen=True)
 class Upload:
+    """A submit with the image in the request; ``geometry``: GeoJSON field boundaries (parsed JSON, the form's
+    ``geometry`` part), checked as a JSON submit's are (:func:`fields_params`)."""
+
     data: bytes
+    geometry: object = None
+    max_fields: int = 100  # MAX_FIELDS
     bands: str | None = None  # query values as received
     scale: str | None = None
     analysis: str | None = None
@@ -223,7 +228,8 @@ def submit(
         assert find is not None, "a submit by reference needs a way to find the image"
         image = referenced_image(find(upload), upload)
     else:
-        image = validate_image(upload.data, limits, upload.bands, upload.scale, upload.analysis)
+        fields = None if upload.geometry is None else parse_fields(upload.geometry, upload.max_fields)
+        image = validate_image(upload.data, limits, upload.bands, upload.scale, upload.analysis, fields)
     chosen = priority(upload.priority)
     target = callback_target(upload.callback_url, upload.callback_events, policy.allow_private_callbacks)
     admit(jobs, 1, policy, lambda: key is not None and jobs.find_by_key(key) is not None)
@@ -259,10 +265,21 @@ def submit(
         return Submitted(job=job, created=created, webhook_secret=secret)
 
 
-def validate_image(data: bytes, limits: Limits, bands: str | None, scale: str | None, analysis: str | None) -> Image:
-    """The image checked (header, bands, scale, analysis) with the job's parameters, or :class:`Rejected`."""
+def validate_image(
+    data: bytes,
+    limits: Limits,
+    bands: str | None,
+    scale: str | None,
+    analysis: str | None,
+    fields: Fields | None = None,
+) -> Image:
+    """The image checked (header, bands, scale, analysis; ``fields`` against its footprint) with the job's
+    parameters, or :class:`Rejected`."""
     header = inspect(data, limits)
-    return Image(data, hashlib.sha256(data).hexdigest(), job_params(header, bands, scale, analysis))
+    params = job_params(header, bands, scale, analysis)
+    if fields is not None:
+        params.update(placed_fields(fields, header))
+    return Image(data, hashlib.sha256(data).hexdigest(), params)
 
 
 def referenced_image(found: Found, request: ByReference) -> Image:
@@ -279,7 +296,11 @@ def referenced_image(found: Found, request: ByReference) -> Image:
 
 def fields_params(geometry: object, header: ImageHeader, max_fields: int) -> dict[str, Any]:
     """The job's ``fields`` (:mod:`shared.fields`): GeoJSON field boundaries parsed, checked against the image."""
-    fields = parse_fields(geometry, max_fields)
+    return placed_fields(parse_fields(geometry, max_fields), header)
+
+
+def placed_fields(fields: Fields, header: ImageHeader) -> dict[str, Any]:
+    """The job's ``fields`` once they are known to intersect the image (``geometry_outside_scene`` if not)."""
     check_intersects(fields, header)
     return {"fields": fields.to_params()}
 
