@@ -46,6 +46,7 @@ from shared.submission import (
     EnqueueFailed,
     Image,
     InputStore,
+    Options,
     Policy,
     Publisher,
     admit,
@@ -92,20 +93,11 @@ class BatchEnqueueFailed(TransientError):
 
 
 @dataclass(frozen=True)
-class BatchUpload:
-    """The images and the options of a batch; ``geometry`` (parsed GeoJSON): one set of fields for every image,
-    parsed once, checked against each image's footprint (``geometry_outside_scene`` names the image's index)."""
+class BatchUpload(Options):
+    """The images of a batch, with the options for every one of them; ``geometry``: one set of fields for every
+    image, parsed once, checked against each image's footprint (``geometry_outside_scene`` names the image's index)."""
 
     images: list[bytes]
-    geometry: object = None
-    max_fields: int = 100  # MAX_FIELDS
-    bands: str | None = None  # query values as received, for every image
-    scale: str | None = None
-    analysis: str | None = None
-    idempotency_key: str | None = None
-    priority: str | None = None
-    callback_url: str | None = None
-    callback_events: str | None = None
 
 
 @dataclass(frozen=True)

@@ -92,30 +92,11 @@ class EnqueueFailed(TransientError):
         self.job_id = job_id
 
 
-@dataclass(frozen=True)
-class Upload:
-    """A submit with the image in the request; ``geometry``: GeoJSON field boundaries (parsed JSON, the form's
-    ``geometry`` part), checked as a JSON submit's are (:func:`fields_params`)."""
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    """What a submit says besides its image: the query values (or JSON members) as received, and ``geometry``
+    (GeoJSON field boundaries, parsed JSON) checked against the image (:func:`fields_params`)."""
 
-    data: bytes
-    geometry: object = None
-    max_fields: int = 100  # MAX_FIELDS
-    bands: str | None = None  # query values as received
-    scale: str | None = None
-    analysis: str | None = None
-    idempotency_key: str | None = None
-    priority: str | None = None
-    callback_url: str | None = None
-    callback_events: str | None = None
-
-
-@dataclass(frozen=True)
-class ByReference:
-    """A JSON submit: the image by ``upload_id`` or ``image_url`` (:mod:`shared.by_reference`), the options as in
-    :class:`Upload`, and ``geometry`` (GeoJSON fields, passed on to the analysis)."""
-
-    upload_id: object = None
-    image_url: object = None
     geometry: object = None
     max_fields: int = 100  # MAX_FIELDS
     bands: str | None = None
@@ -125,6 +106,22 @@ class ByReference:
     priority: str | None = None
     callback_url: str | None = None
     callback_events: str | None = None
+
+
+@dataclass(frozen=True)
+class Upload(Options):
+    """A submit with the image in the request (the body, or the form's image part; ``geometry``: its ``geometry``
+    part)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ByReference(Options):
+    """A JSON submit: the image by ``upload_id`` or ``image_url`` (:mod:`shared.by_reference`)."""
+
+    upload_id: object = None
+    image_url: object = None
 
 
 class BacklogGauge:
