@@ -11,25 +11,17 @@ from typing import Any
 import httpx
 import pytest
 
-from functions import deps
 from local.functions_host import FunctionsHost, HostConfig, RouteTable
 from local.functions_host.routes import routes_of
 from tests import geotiffs
 from tests.functions_client import indexed, post_job
 from tests.unit.test_functions import World, assert_problem
+from tests.unit.test_functions import world as world
 
 
 class _IndexedApp:
     def get_functions(self) -> list[Any]:
         return list(indexed().values())
-
-
-@pytest.fixture
-def world() -> Iterator[World]:
-    w = World()
-    deps.use(w.deps())
-    yield w
-    deps.use(None)
 
 
 @pytest.fixture
