@@ -54,6 +54,13 @@ def _load_analyzer(settings: Settings) -> tuple[Analyzer, str, GpuProbe | None]:
     return TorchAnalyzer(device, models_dir, threads=settings.analysis_threads), name, probe
 
 
+def pool_size(settings: Settings) -> int:
+    """Connections the worker may use at once: per job in flight, the thread of its stage and its attempt's guard
+    (:mod:`gpu_worker.attempt`); then the registry and a notifier's flush. ``DB_POOL_MAX_SIZE`` if larger. Fewer
+    would make a thread wait for a connection, and past ``DB_POOL_TIMEOUT`` read that as the database being down."""
+    return max(settings.db_pool_max_size, 2 * settings.worker_jobs_in_flight + 2)
+
+
 def start_preemption_watch(shutdown: Shutdown, stop: threading.Event, **watcher: Any) -> threading.Thread:
     """Spot ``Preempt`` / scale-in ``Terminate``: the same drain as SIGTERM, acknowledged once drained."""
     from gpu_worker.preemption import PreemptionWatcher
@@ -75,7 +82,7 @@ def run(settings: Settings, *, analyzer: Analyzer | None = None, max_jobs: int |
     stop_watchers = threading.Event()
     if settings.worker_preemption_watch:
         start_preemption_watch(shutdown, stop_watchers)
-    pool = open_pool(settings)
+    pool = open_pool(settings, max_size=pool_size(settings))
     store = BlobStore.from_settings(settings)
     try:
         jobs = PostgresJobStore(pool)

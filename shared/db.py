@@ -75,11 +75,14 @@ _INSERT = (
 )
 
 
-def open_pool(settings: Settings, credential: TokenCredential | None = None) -> ConnectionPool:
-    """An open pool (connections are made in the background; a request waits at most ``db_pool_timeout``)."""
+def open_pool(
+    settings: Settings, credential: TokenCredential | None = None, *, max_size: int | None = None
+) -> ConnectionPool:
+    """An open pool (connections are made in the background; a request waits at most ``db_pool_timeout``) of at
+    most ``max_size`` connections (default ``db_pool_max_size``)."""
     common: dict[str, Any] = {
         "min_size": settings.db_pool_min_size,
-        "max_size": settings.db_pool_max_size,
+        "max_size": max_size or settings.db_pool_max_size,
         "timeout": settings.db_pool_timeout,
         "check": ConnectionPool.check_connection,  # a server restart must not hand out dead connections
         "name": "crop-ai",

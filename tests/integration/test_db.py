@@ -18,6 +18,7 @@ from azure.core.credentials import AccessToken
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
+from gpu_worker.app import pool_size
 from local.postgres import PostgresServer
 from shared.db import PostgresJobStore, open_pool
 from shared.errors import DatabaseUnavailable
@@ -245,3 +246,17 @@ def test_succeed_reports_the_move_it_made_over_a_result_row_from_before_0003(poo
     assert (moved is None) == (now.status is not JobStatus.SUCCEEDED), (
         f"succeed returned {moved!r} but the job is {now.status.value} with the result {now.result}"
     )
+
+
+@pytest.mark.parametrize(("in_flight", "max_size"), [("1", 4), ("2", 6), ("4", 10)])
+def test_the_workers_pool_has_a_connection_for_each_thread_that_may_use_one(
+    database_url: str, in_flight: str, max_size: int
+) -> None:
+    """Per job in flight its stage's thread and its attempt's guard, plus the registry and a notifier's flush; at
+    least DB_POOL_MAX_SIZE (4)."""
+    settings = settings_for(database_url, WORKER_JOBS_IN_FLIGHT=in_flight)
+    with open_pool(settings, max_size=pool_size(settings)) as pool:
+        assert pool.max_size == max_size
+        held = [pool.getconn() for _ in range(max_size)]  # all at once: none waits DB_POOL_TIMEOUT
+        for conn in held:
+            pool.putconn(conn)
