@@ -222,8 +222,8 @@ class JobHandler:
         reference = Reference.of(params)
         try:
             return self._analyzer.analyse(prepared.image, request, outdir)
-        except InvalidImage:
-            if reference is not None:  # a read refused by If-Match (412) reaches us as unreadable: say why
+        except (InvalidImage, SourceUnavailable):
+            if reference is not None:  # a read refused by If-Match (412) reaches us as a failed read: say why
                 self._verify(reference)
             raise
 

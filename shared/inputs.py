@@ -49,7 +49,9 @@ class InputChanged(PermanentError):
 
 
 class SourceUnavailable(TransientError):
-    """An outside image_url cannot be read right now (its host does not answer): the attempt is retried."""
+    """An input by reference cannot be read right now: an outside image_url's host does not answer, or a ranged read
+    of the analysis failed on the network (an HTTP 5xx or 429 after GDAL's retries, a timeout, a reset connection).
+    The attempt is retried."""
 
     code = "image_unreachable"
 

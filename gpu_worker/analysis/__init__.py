@@ -27,13 +27,16 @@ for a field the scene does not cover; all are permanent.
 With field boundaries (``AnalysisRequest.fields``) the statistics above are per field instead (docs/analysis.md,
 "Field statistics")::
 
-    fields_window        [column, row, width, height]: the part of the scene read, the outputs' extent
-    fields               [{id, area_ha, pixel_count, valid_fraction, cloud_fraction, ..., indices, indices_clear,
-                           properties?}]: each field's pixels (pixel-centre rule), area geodesic
+    fields_window        [column, row, width, height]: the fields' bounding box on the scene's grid (the quicklook's)
+    fields               [{id, area_ha, pixel_count, output, valid_fraction, cloud_fraction, ..., indices,
+                           indices_clear, properties?}]: each field's pixels (pixel-centre rule), area geodesic,
+                           ``output`` the key of its clip (``field_<n>_cog``, n its 1-based position) or null
 
 Files: ``ndvi_cog`` (float32, NaN nodata), ``cloud_mask_cog`` (uint8 0 clear / 1 cloud / 255 nodata, when there
 is a mask), ``cover_cog`` (uint8 percent bare / green / non-green over clear land, 255 elsewhere, when the bands
-allow), ``quicklook_png``. ``model:<name>`` (:mod:`model_analysis`) returns ``class_histogram`` or ``means`` and
+allow), ``quicklook_png``. With fields, instead of the three COGs: ``field_<n>_cog`` per field, one float32 COG over its
+pixel box, NaN outside the polygon, bands ndvi, cloud (0 / 1), bare / green / non-green cover percent
+(:mod:`products`). ``model:<name>`` (:mod:`model_analysis`) returns ``class_histogram`` or ``means`` and
 ``class_map_cog`` or ``model_output_cog``.
 """
 

@@ -18,8 +18,8 @@ computed, and windows (of one scene, or of scenes analysed at the same time) sha
 once, unless ``cover_batching`` asks for the batcher (the tests do, on the CPU: the results are the same).
 
 With field boundaries (``AnalysisRequest.fields``) the same pass runs over the windows covering the fields
-(:mod:`placement`), with a :class:`SceneSummary` per field fed the pixels inside it, and the outputs cover the fields'
-window only (``Target``); pass 1 reads only the cloud cells the fields' mask depends on.
+(:mod:`placement`), with a :class:`SceneSummary` per field fed the pixels inside it, and the outputs are a clip per
+field (:mod:`products`); pass 1 reads only the cloud cells the fields' mask depends on.
 """
 
 from __future__ import annotations
@@ -30,17 +30,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rasterio.windows import Window
 
-from gpu_worker.analysis import cloudmask, quicklook
+from gpu_worker.analysis import cloudmask
 from gpu_worker.analysis.batcher import DynamicBatcher, default_max_rows
 from gpu_worker.analysis.cloud_sources import CloudSource, cloud_source
 from gpu_worker.analysis.cover import CAVEAT, FRACTIONS, USED, FractionalCover, band_indices
 from gpu_worker.analysis.indices import INDICES, compute
-from gpu_worker.analysis.outputs import COG_CONTENT_TYPE, PNG_CONTENT_TYPE, RasterSink
+from gpu_worker.analysis.outputs import PNG_CONTENT_TYPE
 from gpu_worker.analysis.placement import FieldPart, Placement
+from gpu_worker.analysis.products import MASK_NODATA, FieldClips, SceneProducts
 from gpu_worker.analysis.raster import SceneReader, gdal_errors_as_invalid_image
 from gpu_worker.analysis.request import AnalysisOutput, AnalysisRequest, Progress
 from gpu_worker.analysis.summary import SceneSummary
@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 VERSION = "crop-health/2"
 DEFAULT_WINDOW = 1024
 INDEX_ROLES = ("blue", "green", "red", "nir")
-MASK_NODATA = 255
 COVER_MAX_WAIT = 0.005  # seconds a cover batch waits for more rows (the next window, another scene) before it runs
 
 
@@ -59,7 +58,8 @@ COVER_MAX_WAIT = 0.005  # seconds a cover batch waits for more rows (the next wi
 class _CoverWork:
     """One window's cover: its pixels handed to the MLP, the fractions ([P, 3]) still to come."""
 
-    window: Window  # in the output rasters
+    window: Window  # on the scene's grid
+    parts: list[FieldPart]
     counted: torch.Tensor
     shares: list[tuple[int, torch.Tensor | None]]  # (summary, positions of its pixels among counted; None: all)
     fractions: Future[torch.Tensor]
@@ -129,32 +129,33 @@ class CropHealth:
                 target = Target.of_fields(scene, placement, self.window)
                 clouds = cloud_source(scene, self.detector, progress, region=placement.boxes)
                 outlines = placement.outlines(target.region)
-            stats, pixels, files = self._pass(scene, clouds, target, workdir, progress)
+            stats, pixels, products = self._pass(scene, clouds, target, workdir, progress)
             result: dict[str, Any] = {"analysis": "crop-health", "scene": scene.describe()}
             if request.fields is None:
                 result |= stats[0]
             else:
                 region = target.region
                 result["fields_window"] = [region.col_off, region.row_off, region.width, region.height]
+                keys = products.keys() if isinstance(products, FieldClips) else []
                 result["fields"] = [
-                    field_result(f, n, s) for f, n, s in zip(request.fields, pixels, stats, strict=True)
+                    field_result(f, n, s, key) for f, n, s, key in zip(request.fields, pixels, stats, keys, strict=True)
                 ]
         result["cloud_mask"] = clouds.describe() if clouds else None
         has_cover = any(s["cover"] is not None for s in stats)
         result["cover_note"] = CAVEAT if has_cover else None
         result["model_version"] = self.model_version
-        cloud_cog = files["cloud_mask_cog"][0] if "cloud_mask_cog" in files else None
+        files = dict(products.files)
         progress("outputs", len(files) / (len(files) + 1))
         with gdal_errors_as_invalid_image("cannot render the quicklook"):
-            png = quicklook.render(files["ndvi_cog"][0], workdir / "quicklook.png", cloud_cog, outlines=outlines)
+            png = products.quicklook(workdir / "quicklook.png", outlines)
         files["quicklook_png"] = (png, PNG_CONTENT_TYPE)
         log.info("crop-health analysed %s", image_path.name, extra={"action": "analyse"})
         return AnalysisOutput(result=result, files=files)
 
     def _pass(
         self, scene: SceneReader, clouds: CloudSource | None, target: Target, workdir: Path, progress: Progress
-    ) -> tuple[list[dict[str, Any]], list[int], dict[str, tuple[Path, str]]]:
-        """Statistics per summary (the scene's, or each field's), pixels per summary, output files."""
+    ) -> tuple[list[dict[str, Any]], list[int], SceneProducts | FieldClips]:
+        """Statistics per summary (the scene's, or each field's), pixels per summary, the finished products."""
         specs = [s for s in INDICES if scene.bands.has(*s.roles)]  # NDVI first: red and NIR are always there
         cover_indices = band_indices(scene.bands)
         roles = [r for r in INDEX_ROLES if scene.bands.has(r)]
@@ -168,8 +169,12 @@ class CropHealth:
         kept = [scene.holds_data(w, red_nir) for w in target.windows]
         windows = [w for w, keep in zip(target.windows, kept, strict=True) if keep]
         sparse = len(windows) < len(target.windows) or target.partial
-        sinks = self._sinks(target.grid(scene), workdir, clouds is not None, cover_indices is not None, sparse)
-        files: dict[str, tuple[Path, str]] = {}
+        products: SceneProducts | FieldClips
+        if target.placement is None:
+            products = SceneProducts(target.grid(scene), workdir, clouds=clouds is not None,
+                                     cover=cover_indices is not None, sparse=sparse)  # fmt: skip
+        else:
+            products = FieldClips(target.placement, scene.grid(), workdir, target.region)
         pending: _CoverWork | None = None  # the previous window's cover, written after this window's indices
         tally = Tally([0] * target.count, torch.zeros((), dtype=torch.int64, device=self.device))
         try:
@@ -193,32 +198,28 @@ class CropHealth:
                     s.name: _within(compute(s, exact if s.float64 else bands, valid), base) for s in specs[1:]
                 }
                 land, shares = self._add_parts(parts, summaries, base, cloud, index_values)
-                out = target.local(window)
-                sinks["ndvi_cog"].write(out, torch.where(base, ndvi, float("nan")).float().cpu().numpy())
+                ndvi_out = torch.where(base, ndvi, float("nan")).float().cpu().numpy()
+                mask = None
                 if clouds is not None:
-                    mask = torch.where(base, cloud.to(torch.uint8), MASK_NODATA).to(torch.uint8)
-                    sinks["cloud_mask_cog"].write(out, mask.cpu().numpy())
+                    mask = torch.where(base, cloud.to(torch.uint8), MASK_NODATA).to(torch.uint8).cpu().numpy()
+                products.write_indices(window, parts, ndvi_out, mask)
                 if cover_indices is not None:
                     progress("cover", i / len(windows))
-                    work = self._submit_cover(out, block.values, block.valid,
+                    work = self._submit_cover(window, parts, block.values, block.valid,
                                               [position[c] for c in cover_indices], land, shares)  # fmt: skip
                     if pending is not None:
-                        self._write_cover(pending, summaries, sinks["cover_cog"])
+                        self._write_cover(pending, summaries, products)
                     pending = work
             if pending is not None:
-                self._write_cover(pending, summaries, sinks["cover_cog"])
+                self._write_cover(pending, summaries, products)
             check_valid(target, tally, summaries, scene.scale)
-            for k, (key, sink) in enumerate(sinks.items()):  # the COG copies: GDAL work, seconds on a full tile
-                progress("outputs", k / (len(sinks) + 1))
-                files[key] = (sink.finish(), COG_CONTENT_TYPE)
+            products.finish(progress)
         except BaseException:
-            for key, sink in sinks.items():
-                if key not in files:
-                    sink.discard()
+            products.discard()
             raise
         has_green, has_cover = scene.bands.has("green"), cover_indices is not None
         stats = [s.result(n, has_green, has_cover) for s, n in zip(summaries, tally.pixels, strict=True)]
-        return stats, tally.pixels, files
+        return stats, tally.pixels, products
 
     def _add_parts(
         self,
@@ -248,6 +249,7 @@ class CropHealth:
     def _submit_cover(
         self,
         window: Window,
+        field_parts: list[FieldPart],
         values: torch.Tensor,
         valid: torch.Tensor,
         channels: list[int],
@@ -258,14 +260,14 @@ class CropHealth:
         pixels = values[channels[USED]][:, counted]  # only clear land pixels go through the MLP, channel-first
         shares = _shares(counted, parts)
         if self._batcher is not None:
-            return _CoverWork(window, counted, shares, self._batcher.submit(pixels.t()))
+            return _CoverWork(window, field_parts, counted, shares, self._batcher.submit(pixels.t()))
         done: Future[torch.Tensor] = Future()
         with torch.inference_mode():
             done.set_result(self.cover.fractions(pixels).t())
-        return _CoverWork(window, counted, shares, done)
+        return _CoverWork(window, field_parts, counted, shares, done)
 
     @staticmethod
-    def _write_cover(work: _CoverWork, summaries: list[SceneSummary], sink: RasterSink) -> None:
+    def _write_cover(work: _CoverWork, summaries: list[SceneSummary], products: SceneProducts | FieldClips) -> None:
         fractions = work.fractions.result().t()  # [3, P]
         for index, positions in work.shares:  # each part's share of the window's counted pixels
             if positions is None:
@@ -276,24 +278,4 @@ class CropHealth:
             (len(FRACTIONS), *work.counted.shape), MASK_NODATA, dtype=torch.uint8, device=work.counted.device
         )
         percent[:, work.counted] = (fractions * 100).round().to(torch.uint8)
-        sink.write(work.window, percent.cpu().numpy())
-
-    @staticmethod
-    def _sinks(
-        grid: dict[str, Any], workdir: Path, has_clouds: bool, has_cover: bool, sparse: bool
-    ) -> dict[str, RasterSink]:
-        sinks = {
-            "ndvi_cog": RasterSink(workdir / "ndvi.tif", grid, count=1, dtype="float32", nodata=float(np.nan),
-                                   overview_resampling="average", descriptions=("ndvi",), sparse=sparse),
-        }  # fmt: skip
-        if has_clouds:
-            sinks["cloud_mask_cog"] = RasterSink(
-                workdir / "cloud_mask.tif", grid, count=1, dtype="uint8", nodata=MASK_NODATA,
-                overview_resampling="mode", descriptions=("cloud (1) / clear (0)",), sparse=sparse,
-            )  # fmt: skip
-        if has_cover:
-            sinks["cover_cog"] = RasterSink(
-                workdir / "cover.tif", grid, count=3, dtype="uint8", nodata=MASK_NODATA,
-                overview_resampling="average", descriptions=tuple(f"{f} cover (%)" for f in FRACTIONS), sparse=sparse,
-            )  # fmt: skip
-        return sinks
+        products.write_cover(work.window, work.parts, percent.cpu().numpy())

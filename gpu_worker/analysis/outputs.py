@@ -48,7 +48,9 @@ class RasterSink:
         overview_resampling: str,
         descriptions: tuple[str, ...] = (),
         sparse: bool = False,
+        interleave: str = "pixel",
     ) -> None:
+        """``interleave="band"``: bands written at different times (a field clip's) go to blocks of their own."""
         self.path = path
         self.overview_resampling = overview_resampling
         self._sparse = {"SPARSE_OK": True} if sparse else {}
@@ -56,15 +58,17 @@ class RasterSink:
         profile = {
             "driver": "GTiff", "count": count, "dtype": dtype, "nodata": nodata, "tiled": True,
             "blockxsize": TILE, "blockysize": TILE, "compress": "zstd", "zstd_level": 1, "bigtiff": "if_safer",
-            **grid, **self._sparse,
+            "interleave": interleave, **grid, **self._sparse,
         }  # fmt: skip
         self._dataset: Any = rasterio.open(self._partial, "w", **profile)
         for i, text in enumerate(descriptions, start=1):
             self._dataset.set_band_description(i, text)
 
-    def write(self, window: Window, data: np.ndarray) -> None:
-        """``data`` is [count, h, w] (or [h, w] for one band) for ``window``."""
-        self._dataset.write(data if data.ndim == 3 else data[None], window=window)
+    def write(self, window: Window, data: np.ndarray, indexes: list[int] | None = None) -> None:
+        """``data`` is [count, h, w] (or [h, w] for one band) for ``window``; ``indexes``: the 1-based bands it
+        holds (default: all of them)."""
+        data = data if data.ndim == 3 else data[None]
+        self._dataset.write(data, indexes=indexes or list(range(1, data.shape[0] + 1)), window=window)
 
     def finish(self) -> Path:
         """Close the partial file and write the COG; returns its path."""

@@ -2,11 +2,13 @@
 palette PNG (:data:`PALETTE`): a 1024 px quicklook encodes in a third of the time of an RGB one, and is smaller.
 
 It is read back from the NDVI COG at reduced resolution (GDAL uses the COG's overviews, averaging valid pixels), so
-memory does not depend on the scene size.
+memory does not depend on the scene size. With fields it is composed from the field clips (:func:`render_clips`) over
+the extent of the fields, at the same bounded size.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,6 +63,12 @@ def _paletted(index: np.ndarray) -> Image.Image:
     return image
 
 
+def _shape(width: int, height: int) -> tuple[float, tuple[int, int]]:
+    """The reduction factor (>= 1) and the [h, w] of the image of a ``width`` x ``height`` extent."""
+    scale = max(width / MAX_SIDE, height / (MAX_SIDE - LEGEND_HEIGHT), 1.0)
+    return scale, (max(1, round(height / scale)), max(1, round(width / scale)))
+
+
 def render(
     ndvi_cog: Path,
     out: Path,
@@ -70,26 +78,72 @@ def render(
 ) -> Path:
     """``outlines``: rings (field boundaries) in the COG's pixel coordinates (column, row), drawn in black."""
     with rasterio.open(ndvi_cog) as src:
-        scale = max(src.width / MAX_SIDE, src.height / (MAX_SIDE - LEGEND_HEIGHT), 1.0)
-        shape = (max(1, round(src.height / scale)), max(1, round(src.width / scale)))
+        _scale, shape = _shape(src.width, src.height)
         ndvi = src.read(1, out_shape=shape, resampling=Resampling.average)
-    index = ramp_index(ndvi)
+        width, height = src.width, src.height
+    cloud = None
     if cloud_cog is not None:
         with rasterio.open(cloud_cog) as src:
-            index[src.read(1, out_shape=shape, resampling=Resampling.nearest) == 1] = CLOUD_INDEX
+            cloud = src.read(1, out_shape=shape, resampling=Resampling.nearest) == 1
+    return _draw(ndvi, cloud, (width, height), out, title, outlines)
+
+
+def render_clips(
+    clips: Sequence[tuple[Path, int, int]],
+    width: int,
+    height: int,
+    out: Path,
+    clouds: bool,
+    title: str = "NDVI",
+    outlines: Sequence[Sequence[tuple[float, float]]] = (),
+) -> Path:
+    """The quicklook of a ``width`` x ``height`` extent from field clips: (COG, column, row of its corner in the
+    extent), NDVI in band 1 and the cloud mask in band 2 (:mod:`products`); each clip is read at the quicklook's
+    resolution (its overviews), so the cost and the image are bounded whatever the extent. Where clips overlap, the
+    later one's valid pixels win."""
+    scale, shape = _shape(width, height)
+    ndvi = np.full(shape, np.nan, dtype=np.float32)
+    cloud = np.zeros(shape, dtype=bool)
+    for path, col, row in clips:
+        with rasterio.open(path) as src:
+            r0, c0 = min(int(row / scale), shape[0] - 1), min(int(col / scale), shape[1] - 1)
+            r1 = min(max(r0 + 1, math.ceil((row + src.height) / scale)), shape[0])
+            c1 = min(max(c0 + 1, math.ceil((col + src.width) / scale)), shape[1])
+            part = (r1 - r0, c1 - c0)
+            values = src.read(1, out_shape=part, resampling=Resampling.average)
+            cloudy = src.read(2, out_shape=part, resampling=Resampling.nearest) == 1 if clouds else None
+        present = np.isfinite(values)
+        ndvi[r0:r1, c0:c1][present] = values[present]
+        if cloudy is not None:
+            cloud[r0:r1, c0:c1] |= cloudy
+    return _draw(ndvi, cloud if clouds else None, (width, height), out, title, outlines)
+
+
+def _draw(
+    ndvi: np.ndarray,
+    cloud: np.ndarray | None,
+    extent: tuple[int, int],
+    out: Path,
+    title: str,
+    outlines: Sequence[Sequence[tuple[float, float]]],
+) -> Path:
+    """``extent``: the (width, height) in scene pixels that ``ndvi`` shows (the outlines' coordinates)."""
+    index = ramp_index(ndvi)
+    if cloud is not None:
+        index[cloud] = CLOUD_INDEX
     image = _paletted(index)
     enlarge = max(1, MIN_SIDE // max(image.size))
     if enlarge > 1:
         image = image.resize((image.width * enlarge, image.height * enlarge), Image.Resampling.NEAREST)
     if outlines:
         draw = ImageDraw.Draw(image)
-        sx, sy = image.width / src.width, image.height / src.height
+        sx, sy = image.width / extent[0], image.height / extent[1]
         for ring in outlines:
             draw.line([(x * sx, y * sy) for x, y in ring], fill=BLACK_INDEX, width=max(1, enlarge // 2))
     width = max(image.width, 360)
     canvas = _paletted(np.full((image.height + LEGEND_HEIGHT, width), WHITE_INDEX, dtype=np.uint8))
     canvas.paste(image, ((width - image.width) // 2, 0))
-    _legend(canvas, image.height, title, cloud_cog is not None)
+    _legend(canvas, image.height, title, cloud is not None)
     canvas.save(out, format="PNG", compress_level=PNG_LEVEL)
     return out
 

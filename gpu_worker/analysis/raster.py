@@ -1,7 +1,9 @@
 """Reading a GeoTIFF window by window onto the device, with band roles and nodata resolved once.
 
 Every rasterio / GDAL failure (not a raster, truncated, corrupt block) becomes :class:`shared.errors.InvalidImage`
-at this edge, so nothing above it catches GDAL exceptions.
+at this edge, so nothing above it catches GDAL exceptions; a read of an input by reference (``/vsicurl/``) that
+failed on the network becomes the transient :class:`shared.inputs.SourceUnavailable`
+(:func:`gdal_errors_as_invalid_image`).
 
 :meth:`SceneReader.blocks` decodes the next window in a background thread while the caller computes on the current
 one (GDAL releases the GIL while it decompresses); a lock keeps the dataset to one reader at a time, since a GDAL
@@ -16,7 +18,9 @@ pixels would otherwise cost seconds of CPU per band set (docs/analysis.md, "Spar
 
 from __future__ import annotations
 
+import contextlib
 import math
+import re
 import threading
 import warnings
 from collections.abc import Generator, Iterator, Sequence
@@ -38,15 +42,54 @@ from rasterio.windows import Window
 from shared.bands import BandError, BandSet, resolve
 from shared.errors import InvalidImage
 from shared.geotiff import plane_of, stored_blocks
+from shared.inputs import SourceUnavailable
 
 GDAL_ERRORS = (rasterio.errors.RasterioError, CPLE_BaseError)
+REMOTE_PREFIX = "/vsicurl"  # an input by reference (shared.inputs.gdal_path)
+# How GDAL (3.10) reports a ranged read of /vsicurl/ that failed (an HTTP error status after its own retries, a
+# timeout, a reset connection): the HTTP status goes to the debug log only, and the error raised is the driver's
+# short read ("Read error at row 0, col 0, tile 3; got 0 bytes, expected 16384", "TIFFReadDirectory:Failed to read
+# directory at offset ..."); a status it does report ("HTTP response code: 503", on opening) is transient when it is
+# 5xx, 408 or 429, and otherwise not (a 404 or 412: the worker re-checks the input and says input_missing or
+# input_changed).
+_NETWORK = re.compile(r"(?<!vsi)curl|got \d+ bytes|failed to read", re.IGNORECASE)
+_STATUS = re.compile(r"HTTP (?:response |error )?code\s*:?\s*(\d{3})", re.IGNORECASE)
+_TRANSIENT_STATUS = (408, 429)
+
+
+def _messages(error: BaseException) -> Iterator[str]:
+    """The error's text and that of the GDAL errors it chains (rasterio chains the ones raised before it)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield str(current)
+        current = current.__cause__ or current.__context__
+
+
+def _network(error: BaseException) -> bool:
+    """Whether a failed read of a remote input failed on the network (see :data:`_NETWORK`)."""
+    for text in _messages(error):
+        status = _STATUS.search(text)
+        if status is not None:
+            code = int(status.group(1))
+            return code >= 500 or code in _TRANSIENT_STATUS
+        if _NETWORK.search(text):
+            return True
+    return False
 
 
 @contextmanager
-def gdal_errors_as_invalid_image(what: str) -> Iterator[None]:
+def gdal_errors_as_invalid_image(what: str, *, remote: bool = False) -> Iterator[None]:
+    """GDAL errors become :class:`InvalidImage`; for a ``remote`` input (read over HTTP), a failed or short read
+    becomes :class:`SourceUnavailable` (transient: the attempt is retried). A short read of a remote input is the
+    network, not the file: submit refuses a file whose blocks run past its end (``truncated_image``), and the size
+    and ETag are pinned (a changed file is a 412, which the worker re-checks: ``input_changed``)."""
     try:
         yield
     except GDAL_ERRORS as e:
+        if remote and _network(e):
+            raise SourceUnavailable(f"{what}: the image could not be read over the network now ({e})") from e
         raise InvalidImage(f"{what}: {e}") from e
 
 
@@ -84,7 +127,8 @@ class SceneReader:
     ) -> None:
         self.path, self.scale, self.device = path, scale, device
         self._lock = threading.Lock()  # one GDAL call on the dataset at a time (blocks() reads in a thread)
-        with gdal_errors_as_invalid_image("not a readable GeoTIFF"), warnings.catch_warnings():
+        self.remote = str(path).startswith(REMOTE_PREFIX)
+        with self._errors("not a readable GeoTIFF"), warnings.catch_warnings():
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
             self.dataset: Any = rasterio.open(path)
         try:
@@ -97,6 +141,9 @@ class SceneReader:
         self._nodata: tuple[float | None, ...] = tuple(self.dataset.nodatavals)
         self._float = np.issubdtype(np.dtype(self.dataset.dtypes[0]), np.floating)
         self._stored: dict[int, np.ndarray | None] = {}  # plane -> [rows, cols] of blocks that hold data
+
+    def _errors(self, what: str) -> contextlib.AbstractContextManager[None]:
+        return gdal_errors_as_invalid_image(what, remote=self.remote)
 
     def _resolve(self, band_names: list[str], required: tuple[str, ...]) -> BandSet:
         ds = self.dataset
@@ -126,7 +173,7 @@ class SceneReader:
         crs = ds.crs.to_string() if ds.crs else None
         bounds = None
         if ds.crs:
-            with gdal_errors_as_invalid_image("cannot transform the bounds to WGS 84"):
+            with self._errors("cannot transform the bounds to WGS 84"):
                 bounds = [round(v, 7) for v in transform_bounds(ds.crs, "EPSG:4326", *ds.bounds, densify_pts=21)]
         return {"width": ds.width, "height": ds.height, "band_count": ds.count, "crs": crs, "bounds_wgs84": bounds}
 
@@ -168,13 +215,13 @@ class SceneReader:
     def _block_map(self, band_index: int) -> np.ndarray | None:
         plane = plane_of(self.dataset, band_index + 1)
         if plane not in self._stored:
-            with self._lock, gdal_errors_as_invalid_image("cannot read the block offsets"):
+            with self._lock, self._errors("cannot read the block offsets"):
                 self._stored[plane] = stored_blocks(self.dataset, plane)
         return self._stored[plane]
 
     def read_raw(self, window: Window, band_index: int) -> np.ndarray:
         """One band of ``window`` as stored (a quality bit mask, say): no scaling, no nodata handling."""
-        with self._lock, gdal_errors_as_invalid_image(f"cannot read window {window!r}"):
+        with self._lock, self._errors(f"cannot read window {window!r}"):
             data: np.ndarray = self.dataset.read(band_index + 1, window=window)
         return data
 
@@ -194,7 +241,7 @@ class SceneReader:
 
     def read(self, window: Window, band_indices: list[int]) -> Block:
         """Read the given 0-based bands of ``window``; reflectance = DN / scale."""
-        with self._lock, gdal_errors_as_invalid_image(f"cannot read window {window!r}"):
+        with self._lock, self._errors(f"cannot read window {window!r}"):
             data = self.dataset.read([i + 1 for i in band_indices], window=window)
         valid = np.ones(data.shape, dtype=bool)
         for j, i in enumerate(band_indices):

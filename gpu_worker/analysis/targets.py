@@ -1,7 +1,8 @@
 """What one crop-health pass measures and writes: the whole scene, or field boundaries.
 
 :class:`Target` gives the pass its windows, each window's parts (the whole window for the scene; each field's pixels
-in it, from :mod:`placement`), one summary per part owner, and the outputs' extent (the scene, or the fields' window).
+in it, from :mod:`placement`), one summary per part owner, and the outputs' extent (the scene, or the fields'
+bounding box).
 :class:`Tally` counts pixels as the pass goes; :func:`check_valid` raises ``no_valid_pixels`` when nothing counted.
 """
 
@@ -25,8 +26,9 @@ from shared.fields import Field
 
 @dataclass(frozen=True)
 class Target:
-    """What a pass measures and writes: the whole scene (one summary, every window) or fields (one summary each, over
-    the windows covering them; the outputs cover ``region``, the bounding window of those windows)."""
+    """What a pass measures and writes: the whole scene (one summary, every window; ``region`` the scene) or fields
+    (one summary each, over the windows covering them; ``region`` the bounding box of the fields' pixel boxes, the
+    quicklook's extent)."""
 
     windows: list[Window]
     region: Window
@@ -42,7 +44,8 @@ class Target:
         block_h, block_w = scene.dataset.block_shapes[0]
         align = (block_h if block_h <= size else 1, block_w if block_w <= size else 1)
         windows = covering(placement.boxes, scene.width, scene.height, size, align)
-        region = bounding(windows) if windows else Window(0, 0, 1, 1)
+        boxes = placement.boxes
+        region = bounding([b.window() for b in boxes]) if boxes else Window(0, 0, 1, 1)
         return Target(windows, region, len(placement.fields), placement)
 
     @property
@@ -54,11 +57,6 @@ class Target:
         if self.placement is None:
             return [FieldPart(0, slice(None), slice(None), None)]
         return self.placement.parts(window)
-
-    def local(self, window: Window) -> Window:
-        """``window`` in the output rasters' grid."""
-        return Window(window.col_off - self.region.col_off, window.row_off - self.region.row_off, window.width,
-                      window.height)  # fmt: skip
 
     def grid(self, scene: SceneReader) -> dict[str, Any]:
         grid = scene.grid()
@@ -104,7 +102,8 @@ def check_valid(target: Target, tally: Tally, summaries: list[SceneSummary], sca
         raise no_valid_pixels(tally.total, tally.empty, int(tally.present.item()), scale, where)
 
 
-def field_result(field: Field, pixels: int, stats: dict[str, Any]) -> dict[str, Any]:
-    """One entry of ``fields``: id, geodesic area, its pixels in the scene, then the scene-level statistics' keys."""
-    out = {"id": field.id, "area_ha": field.area_ha, "pixel_count": pixels, **stats}
+def field_result(field: Field, pixels: int, stats: dict[str, Any], output: str | None) -> dict[str, Any]:
+    """One entry of ``fields``: id, geodesic area, its pixels in the scene, the output key of its clip (None
+    without one), then the scene-level statistics' keys."""
+    out = {"id": field.id, "area_ha": field.area_ha, "pixel_count": pixels, "output": output, **stats}
     return out | ({"properties": field.properties} if field.properties is not None else {})

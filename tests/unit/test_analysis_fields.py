@@ -16,6 +16,7 @@ import pytest
 import rasterio
 import shapely  # type: ignore[import-untyped]
 import torch
+from affine import Affine
 from PIL import Image
 from pyproj import Transformer
 
@@ -255,26 +256,71 @@ def test_the_s2_cloud_mask_over_the_fields_equals_the_whole_scenes(
     assert any(0 < f["cloud_fraction"] < 1 for f in out.result["fields"])
 
 
-def test_outputs_cover_the_fields_window_masked_outside_the_fields(small_windows: Analyzer, tmp_path: Path) -> None:
+def test_each_field_gets_a_clip_holding_exactly_its_pixels(small_windows: Analyzer, tmp_path: Path) -> None:
+    """Each field's COG covers its pixel box on the scene's grid; its bands equal the whole scene's NDVI, cloud mask
+    and cover COGs at the field's pixels (pixel centres inside the polygon, by shapely) and are nodata elsewhere."""
     fields = parse_fields(utm_fields(geotiffs.FIELDS, "EPSG:32618", S2_SHAPES), 10)
     out = run(small_windows, geotiffs.FIELDS, tmp_path / "f", fields)
     scene = run(small_windows, geotiffs.FIELDS, tmp_path / "s", None)
-    col, row, width, height = out.result["fields_window"]
-    inside = np.zeros((256, 256), bool)
-    for geometry in fields_in_scene_crs(fields, "EPSG:32618"):
-        inside |= centres_inside(geotiffs.FIELDS, geometry)
-    with rasterio.open(out.files["ndvi_cog"][0]) as cog, rasterio.open(scene.files["ndvi_cog"][0]) as whole:
-        assert (cog.width, cog.height, cog.crs) == (width, height, whole.crs)
-        assert cog.transform == whole.transform @ whole.transform.translation(col, row)
-        ndvi, expected = cog.read(1), whole.read(1)[row : row + height, col : col + width]
-    local = inside[row : row + height, col : col + width]
-    np.testing.assert_array_equal(np.isnan(ndvi), ~local | np.isnan(expected))
-    np.testing.assert_array_equal(ndvi[local], expected[local])
-    assert inside.sum() == local.sum()  # the window holds every field pixel
-    assert set(out.files) == {"ndvi_cog", "cloud_mask_cog", "cover_cog", "quicklook_png"}
+    keys = [f"field_{n}_cog" for n in range(1, len(fields) + 1)]
+    assert set(out.files) == {*keys, "quicklook_png"}
+    assert [entry["output"] for entry in out.result["fields"]] == keys
+    assert [out.files[k][0].name for k in keys] == [f"field_{n}.tif" for n in range(1, len(fields) + 1)]
+    with (
+        rasterio.open(scene.files["ndvi_cog"][0]) as whole,
+        rasterio.open(scene.files["cloud_mask_cog"][0]) as cloud_cog,
+        rasterio.open(scene.files["cover_cog"][0]) as cover_cog,
+    ):
+        expected = np.concatenate([whole.read(), cloud_cog.read().astype(np.float32), cover_cog.read()])
+        expected[1][cloud_cog.read(1) == 255] = np.nan
+        expected[2:][cover_cog.read() == 255] = np.nan
+        transform, crs = whole.transform, whole.crs
+    for key, geometry, entry in zip(keys, fields_in_scene_crs(fields, "EPSG:32618"), out.result["fields"], strict=True):
+        inside = centres_inside(geotiffs.FIELDS, geometry)
+        with rasterio.open(out.files[key][0]) as clip:
+            col, row = (round(v) for v in ~transform @ (clip.transform.c, clip.transform.f))
+            assert clip.transform == transform @ transform.translation(col, row)
+            assert (clip.crs, clip.count, clip.dtypes[0]) == (crs, 5, "float32")
+            assert clip.descriptions == ("ndvi", "cloud", "bare_cover_percent", "green_cover_percent",
+                                         "non_green_cover_percent")  # fmt: skip
+            assert clip.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+            bands = clip.read()
+        rows, cols = slice(row, row + clip.height), slice(col, col + clip.width)
+        local = inside[rows, cols]
+        assert local.sum() == inside.sum() == entry["pixel_count"], key  # the clip holds every pixel of the field
+        want = np.where(local, expected[:, rows, cols], np.nan)
+        np.testing.assert_array_equal(bands, want, err_msg=key)
+    assert np.isfinite(expected[2:]).any()
+    assert (expected[1] == 0).any()
     with Image.open(out.files["quicklook_png"][0]) as png:
         assert png.format == "PNG"
         assert (np.asarray(png)[:-72] == 255).any()  # the field outlines (palette index 255: black)
+
+
+def test_the_quicklook_of_far_apart_fields_has_a_bounded_size(tmp_path: Path) -> None:
+    """Two small clips 20 000 px apart: the quicklook shows both, at most 1024 px wide."""
+    from gpu_worker.analysis import quicklook
+
+    clips = []
+    for n, (col, row) in enumerate([(100, 200), (20_000, 15_000)]):
+        path = tmp_path / f"field_{n}.tif"
+        data = np.full((5, 40, 30), np.nan, np.float32)
+        data[0] = 0.5 + 0.1 * n
+        transform = Affine(10, 0, col * 10, 0, -10, -row * 10)
+        with rasterio.open(path, "w", driver="GTiff", width=30, height=40, count=5, dtype="float32",
+                           nodata=float("nan"), crs="EPSG:32618", transform=transform) as dst:  # fmt: skip
+            dst.write(data)
+        clips.append((path, col, row))
+    png = quicklook.render_clips(clips, 20_030, 15_040, tmp_path / "q.png", clouds=True)
+    with Image.open(png) as image:
+        assert image.width <= quicklook.MAX_SIDE
+        assert image.height <= quicklook.MAX_SIDE
+        pixels = np.asarray(image)[: -quicklook.LEGEND_HEIGHT]
+    ramp = pixels < quicklook.RAMP_STEPS  # NDVI colours (not no data, legend or outline)
+    scale = max(20_030 / quicklook.MAX_SIDE, 15_040 / (quicklook.MAX_SIDE - quicklook.LEGEND_HEIGHT))
+    for _, col, row in clips:  # each field at its place, however small
+        assert ramp[int(row / scale), int(col / scale)], (col, row)
+    assert ramp.sum() <= 2 * 3 * 3  # and nothing else: a 30 x 40 clip spans at most 3 x 3 quicklook pixels
 
 
 def test_only_the_windows_under_the_fields_are_read(

@@ -1,0 +1,161 @@
+"""Where crop-health's per-pixel products go: the whole scene's three COGs, or one clip per field.
+
+Both take each window's products as numpy arrays on the scene's grid (NDVI float32, NaN nodata; the cloud mask
+uint8 0 / 1, :data:`MASK_NODATA` elsewhere; cover [3, h, w] uint8 percent, :data:`MASK_NODATA` elsewhere) with the
+window's parts (:class:`~gpu_worker.analysis.placement.FieldPart`), and return the finished files by output key.
+
+* :class:`SceneProducts` (no fields): ``ndvi_cog``, ``cloud_mask_cog``, ``cover_cog`` over the scene.
+* :class:`FieldClips` (fields): ``field_<n>_cog`` per field (``n`` its 1-based position in the job's fields), over
+  its pixel box, nodata outside its polygon: one float32 COG of :data:`CLIP_BANDS` (the values of the scene's
+  products at the same pixels, NaN nodata). A file per field rather than one over all of them: far-apart fields
+  span most of a tile, and the cost of the COG copy follows its extent. One file per field rather than one per
+  product: at most ``MAX_FIELDS`` + 1 uploads and signed links, and a client gets a field's products in one read.
+  The band layout is fixed (a product the scene cannot give is all nodata), so band *i* always means the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from affine import Affine
+from rasterio.windows import Window
+
+from gpu_worker.analysis import quicklook
+from gpu_worker.analysis.cover import FRACTIONS
+from gpu_worker.analysis.outputs import COG_CONTENT_TYPE, RasterSink
+from gpu_worker.analysis.placement import Box, FieldPart, Placement
+from gpu_worker.analysis.request import Progress
+
+MASK_NODATA = 255
+CLIP_BANDS = ("ndvi", "cloud", *(f"{f}_cover_percent" for f in FRACTIONS))
+_CLOUD, _COVER = 1, slice(2, 2 + len(FRACTIONS))  # band positions (0-based) in a clip
+
+Files = dict[str, tuple[Path, str]]
+
+
+def clip_key(index: int) -> str:
+    """The output key of the field at 0-based ``index`` (the file is ``field_<n>.tif``)."""
+    return f"field_{index + 1}_cog"
+
+
+class SceneProducts:
+    """The whole scene's COGs on ``grid`` (``sparse``: leave out tiles that are all nodata)."""
+
+    def __init__(self, grid: dict[str, Any], workdir: Path, *, clouds: bool, cover: bool, sparse: bool) -> None:
+        self.sinks = {
+            "ndvi_cog": RasterSink(workdir / "ndvi.tif", grid, count=1, dtype="float32", nodata=float(np.nan),
+                                   overview_resampling="average", descriptions=("ndvi",), sparse=sparse),
+        }  # fmt: skip
+        if clouds:
+            self.sinks["cloud_mask_cog"] = RasterSink(
+                workdir / "cloud_mask.tif", grid, count=1, dtype="uint8", nodata=MASK_NODATA,
+                overview_resampling="mode", descriptions=("cloud (1) / clear (0)",), sparse=sparse,
+            )  # fmt: skip
+        if cover:
+            self.sinks["cover_cog"] = RasterSink(
+                workdir / "cover.tif", grid, count=3, dtype="uint8", nodata=MASK_NODATA,
+                overview_resampling="average", descriptions=tuple(f"{f} cover (%)" for f in FRACTIONS), sparse=sparse,
+            )  # fmt: skip
+        self.files: Files = {}
+
+    def write_indices(self, window: Window, parts: list[FieldPart], ndvi: np.ndarray, cloud: np.ndarray | None) -> None:
+        self.sinks["ndvi_cog"].write(window, ndvi)
+        if cloud is not None:
+            self.sinks["cloud_mask_cog"].write(window, cloud)
+
+    def write_cover(self, window: Window, parts: list[FieldPart], percent: np.ndarray) -> None:
+        self.sinks["cover_cog"].write(window, percent)
+
+    def finish(self, progress: Progress) -> Files:
+        for k, (key, sink) in enumerate(self.sinks.items()):  # the COG copies: GDAL work, seconds on a full tile
+            progress("outputs", k / (len(self.sinks) + 1))
+            self.files[key] = (sink.finish(), COG_CONTENT_TYPE)
+        return self.files
+
+    def discard(self) -> None:
+        for key, sink in self.sinks.items():
+            if key not in self.files:
+                sink.discard()
+
+    def quicklook(self, out: Path, outlines: Sequence[Sequence[tuple[float, float]]]) -> Path:
+        cloud = self.files["cloud_mask_cog"][0] if "cloud_mask_cog" in self.files else None
+        return quicklook.render(self.files["ndvi_cog"][0], out, cloud, outlines=outlines)
+
+
+class FieldClips:
+    """One :data:`CLIP_BANDS` COG per field over its pixel box (fields without a pixel box in the scene get none)."""
+
+    def __init__(self, placement: Placement, grid: dict[str, Any], workdir: Path, region: Window) -> None:
+        self.region, self.count = region, len(placement.fields)
+        self.boxes: dict[int, Box] = {}
+        self.sinks: dict[int, RasterSink] = {}
+        self.files: Files = {}
+        self.clouds = False
+        try:
+            for i, placed in enumerate(placement.fields):
+                box = placed.box
+                if box.empty:
+                    continue
+                clip = grid | {"width": box.col1 - box.col0, "height": box.row1 - box.row0,
+                               "transform": grid["transform"] @ Affine.translation(box.col0, box.row0)}  # fmt: skip
+                self.boxes[i] = box
+                self.sinks[i] = RasterSink(
+                    workdir / f"field_{i + 1}.tif", clip, count=len(CLIP_BANDS), dtype="float32",
+                    nodata=float(np.nan), overview_resampling="average", descriptions=CLIP_BANDS, sparse=True,
+                    interleave="band",
+                )  # fmt: skip
+        except BaseException:
+            self.discard()
+            raise
+
+    def keys(self) -> list[str | None]:
+        """Each field's output key, None for a field without a clip."""
+        return [clip_key(i) if i in self.sinks else None for i in range(self.count)]
+
+    def _place(self, window: Window, part: FieldPart) -> Window:
+        """The part's pixels in its field's clip."""
+        box = self.boxes[part.index]
+        rows = range(int(window.row_off), int(window.row_off + window.height))[part.rows]
+        cols = range(int(window.col_off), int(window.col_off + window.width))[part.cols]
+        return Window(cols.start - box.col0, rows.start - box.row0, len(cols), len(rows))
+
+    def write_indices(self, window: Window, parts: list[FieldPart], ndvi: np.ndarray, cloud: np.ndarray | None) -> None:
+        self.clouds |= cloud is not None
+        for part in parts:
+            inside = part.mask if part.mask is not None else np.ones(ndvi[part.rows, part.cols].shape, bool)
+            bands = np.full((2, *inside.shape), np.nan, dtype=np.float32)
+            bands[0] = np.where(inside, ndvi[part.rows, part.cols], np.nan)
+            if cloud is not None:
+                mask = cloud[part.rows, part.cols]
+                bands[_CLOUD] = np.where(inside & (mask != MASK_NODATA), mask, np.nan)
+            self.sinks[part.index].write(self._place(window, part), bands, indexes=[1, 2])
+
+    def write_cover(self, window: Window, parts: list[FieldPart], percent: np.ndarray) -> None:
+        for part in parts:
+            values = percent[:, part.rows, part.cols]
+            keep = values != MASK_NODATA
+            if part.mask is not None:
+                keep &= part.mask
+            bands = np.where(keep, values, np.nan).astype(np.float32)
+            first = _COVER.start + 1
+            self.sinks[part.index].write(self._place(window, part), bands, indexes=list(range(first, first + 3)))
+
+    def finish(self, progress: Progress) -> Files:
+        for k, (i, sink) in enumerate(self.sinks.items()):
+            progress("outputs", k / (len(self.sinks) + 1))
+            self.files[clip_key(i)] = (sink.finish(), COG_CONTENT_TYPE)
+        return self.files
+
+    def discard(self) -> None:
+        for i, sink in self.sinks.items():
+            if clip_key(i) not in self.files:
+                sink.discard()
+
+    def quicklook(self, out: Path, outlines: Sequence[Sequence[tuple[float, float]]]) -> Path:
+        r = self.region
+        clips = [(self.files[clip_key(i)][0], box.col0 - r.col_off, box.row0 - r.row_off)
+                 for i, box in self.boxes.items()]  # fmt: skip
+        return quicklook.render_clips(clips, int(r.width), int(r.height), out, self.clouds, outlines=outlines)
