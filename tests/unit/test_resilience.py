@@ -114,7 +114,7 @@ def test_one_step_hitting_an_untranslated_database_error_does_not_stop_the_other
     )
     jobs.failure = read_only()  # the fake raises it raw: as an error nobody translated would
     report = reconciler.run()
-    assert [e.split(":")[0] for e in report.errors] == ["unconfirmed", "expired", "stranded"]
+    assert [e.split(":")[0] for e in report.errors] == ["unconfirmed", "expired", "stranded", "backlog"]
     assert inbox.asked == [10]  # the dead-letter step still ran
 
 
