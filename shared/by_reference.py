@@ -79,7 +79,10 @@ def find(upload_id: object, image_url: object, store: InputSource, limits: Limit
         name = upload_blob_name(parse_upload_id(upload_id))
         found = _blob("upload", name, store, limits, "upload_not_found", "no upload with this id was committed")
     else:
-        own = store.blob_name(image_url) if isinstance(image_url, str) else None
+        try:
+            own = store.blob_name(image_url) if isinstance(image_url, str) else None
+        except ValueError as e:
+            raise Rejected("invalid_image_url", str(e)) from e
         if own is not None:
             found = _blob("blob", own, store, limits, "image_unreachable", f"there is no blob {own!r}")
         else:

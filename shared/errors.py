@@ -7,12 +7,14 @@
     │   │   └── NoValidPixels   it reads, but not one pixel is usable (all nodata, NaN, zero, sparse, or a scale
     │   │                       that under- or overflows every reflectance): its own code, ``no_valid_pixels``
     │   ├── InputMissing        the input blob is gone
+    │   ├── InputChanged        an input by reference is no longer the version accepted (its ETag; shared/inputs.py)
     │   ├── GeometryOutsideScene  a field boundary does not intersect the image (or the image has no CRS)
     │   └── UnknownAnalysis     the requested analysis or model does not exist
     └── TransientError          retrying may help: the attempt is released and retried after a backoff,
                                 JOB_MAX_ATTEMPTS bounds the retries (gpu_worker/settlement.py)
         ├── DatabaseUnavailable
         ├── StorageUnavailable
+        ├── SourceUnavailable   an image_url's host does not answer as it should (shared/inputs.py)
         └── BusUnavailable
 
 Adapters translate SDK and driver errors into these at the edge (``raise StorageUnavailable(...) from e``);

@@ -218,7 +218,8 @@ def _field(
     if not (west >= -180 and east <= 180 and south >= -90 and north <= 90):  # NaN (a failed transform) fails too
         where = "is it projected? give its crs member" if to_wgs84 is None else "outside the CRS's valid range"
         raise _invalid(f"field {field_id!r} lies outside longitude -180..180, latitude -90..90: {where}")
-    if east - west > 180:
+    parts_wgs84 = list(wgs84.geoms) if isinstance(wgs84, MultiPolygon) else [wgs84]
+    if any(part.bounds[2] - part.bounds[0] > 180 for part in parts_wgs84):  # RFC 7946 3.1.9: split, one part a side
         raise _invalid(f"field {field_id!r} spans more than 180 degrees of longitude: split it at the antimeridian")
     return Field(field_id, geometry, wgs84, geodesic_area_m2(wgs84) / 10_000, properties)
 

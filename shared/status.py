@@ -30,7 +30,16 @@ from shared.rejection import Rejected
 log = logging.getLogger(__name__)
 
 CLIENT_MESSAGE_CODES = frozenset(
-    {"invalid_image", "no_valid_pixels", "input_missing", "unknown_analysis", "invalid_message", "timed_out"}
+    {
+        "invalid_image",
+        "no_valid_pixels",
+        "geometry_outside_scene",
+        "input_missing",
+        "input_changed",
+        "unknown_analysis",
+        "invalid_message",
+        "timed_out",
+    }
 )
 FIXED_MESSAGES = {
     "enqueue_failed": "the job could not be queued; submit the image again (the same Idempotency-Key may be reused)",

@@ -138,12 +138,17 @@ class BlobStore:
 
     def blob_name(self, url: str) -> str | None:
         """The name in the images container of the blob ``url`` names, when it is one of this account's (its query,
-        a SAS say, is ignored: the blob is read with our own identity); else ``None``."""
+        a SAS say, is ignored: the blob is read with our own identity); else ``None``. ``ValueError`` for a name with
+        an empty, ``.`` or ``..`` segment (percent-encoded too): HTTP clients normalise those, so
+        ``images/../results/x`` would read another container with the API's account-wide role."""
         base = f"{self._service.url.rstrip('/')}/{self.images_container}/"
         plain = url.split("?", 1)[0].split("#", 1)[0]
         if not plain.startswith(base) or len(plain) == len(base):
             return None
-        return BlobClient.from_blob_url(plain).blob_name
+        name = str(BlobClient.from_blob_url(plain).blob_name)
+        if any(segment in ("", ".", "..") for segment in name.replace("\\", "/").split("/")):
+            raise ValueError(f"the blob name {name!r} has an empty, '.' or '..' path segment")
+        return name
 
     def input_url(self, blob_name: str) -> str:
         return str(self._service.get_blob_client(self.images_container, blob_name).url)

@@ -17,8 +17,11 @@ import pytest
 from azure.core.credentials import AccessToken
 from azure.storage.blob import BlobServiceClient
 
+from shared.by_reference import find
 from shared.errors import CropAIError, InputMissing, StorageUnavailable
+from shared.geotiff import Limits
 from shared.jobs import JobStatus
+from shared.rejection import Rejected
 from shared.settings import Settings
 from shared.status import job_view
 from shared.storage import BlobStore
@@ -158,3 +161,27 @@ def test_a_url_that_cannot_be_signed_is_served_unsigned(caplog: pytest.LogCaptur
     [record] = [r for r in caplog.records if getattr(r, "action", None) == "sign_url_failed"]
     assert getattr(record, "job_id", None) == str(job.job_id)
     store.close()
+
+
+@pytest.mark.parametrize(
+    "path", ["../results/{job}/1/ndvi.tif", "%2e%2e/results/{job}/1/ndvi.tif", "a/./b.tif", "a//b"]
+)
+def test_an_image_url_cannot_leave_the_images_container(store: BlobStore, tmp_path: Path, path: str) -> None:
+    """HTTP clients normalise dot segments: ``images/../results/...`` would read the results container with the
+    API's account-wide role. A submit refuses such a name before reading anything."""
+    job = uuid.uuid4()
+    result = tmp_path / "ndvi.tif"
+    result.write_bytes(geotiffs.real())
+    store.put_result(job, 1, "ndvi.tif", result, "image/tiff")  # a real blob the traversal would reach
+    url = f"{store.input_url('x').rsplit('/', 1)[0]}/{path.format(job=job)}"
+    with pytest.raises(ValueError, match="segment"):
+        store.blob_name(url)
+    limits = Limits(max_bytes=10**8, max_pixels=10**8, max_bands=32)
+    with pytest.raises(Rejected) as refused:
+        find(None, url, store, limits, allowed=())
+    assert refused.value.code == "invalid_image_url"
+
+
+def test_an_image_url_of_the_images_container_names_its_blob(store: BlobStore) -> None:
+    assert store.blob_name(f"{store.input_url('archive/T33UUP.tif')}?sv=x&sig=y") == "archive/T33UUP.tif"
+    assert store.blob_name("https://elsewhere.blob.core.windows.net/images/a.tif") is None

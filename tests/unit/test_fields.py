@@ -257,3 +257,13 @@ def test_the_submitted_header_carries_the_geotransform_so_submit_refuses_fields_
     with pytest.raises(Rejected, match="outside the image") as info:
         check_intersects(parse_fields(polygon(square(10.0, 50.0, 0.01)), 1), header)  # Germany
     assert info.value.code == "geometry_outside_scene"
+
+
+def test_a_field_split_at_the_antimeridian_is_one_field_with_both_parts() -> None:
+    """RFC 7946 3.1.9: a geometry crossing the antimeridian is cut in two parts, one each side of it."""
+    east = [[179.9, -17.0], [180.0, -17.0], [180.0, -16.9], [179.9, -16.9], [179.9, -17.0]]
+    west = [[-180.0, -17.0], [-179.9, -17.0], [-179.9, -16.9], [-180.0, -16.9], [-180.0, -17.0]]
+    fields = parse_fields({"type": "MultiPolygon", "coordinates": [[east], [west]]}, 1)
+    (field,) = fields
+    both = Geod(ellps="WGS84").geometry_area_perimeter(Polygon(east))[0] * 2
+    assert field.area_ha == pytest.approx(abs(both) / 10_000, rel=1e-6)

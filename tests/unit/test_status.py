@@ -29,7 +29,17 @@ def error_of(job: Job) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(
-    "code", ["invalid_image", "no_valid_pixels", "input_missing", "unknown_analysis", "invalid_message", "timed_out"]
+    "code",
+    [
+        "invalid_image",
+        "no_valid_pixels",
+        "geometry_outside_scene",
+        "input_missing",
+        "input_changed",
+        "unknown_analysis",
+        "invalid_message",
+        "timed_out",
+    ],
 )
 def test_permanent_input_errors_show_their_message(code: str) -> None:
     text = "message dead-lettered (InvalidImage): band 4 has no NIR reflectance"
