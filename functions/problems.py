@@ -49,7 +49,7 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "resubmit_required": (409, "Submit the image again"),
     "batch_too_large": (413, "Too many images in the batch"),
     "backlog_full": (429, "Too many jobs queued"),
-    "idempotency_conflict": (409, "Idempotency-Key reused with other content"),
+    "idempotency_conflict": (409, "Idempotency-Key reused with another request"),
     "payload_too_large": (413, "Image too large"),
     "unsupported_media_type": (415, "Unsupported media type"),
     "unreadable_image": (422, "Unreadable GeoTIFF"),
@@ -105,7 +105,10 @@ def guarded(retry_after: Callable[[], int]) -> Callable[[Handler], Handler]:
                 too_many = PROBLEMS.get(e.code, SERVICE_UNAVAILABLE)[0] == 429
                 return problem(e.code, e.detail, headers={"Retry-After": str(retry_after())} if too_many else None)
             except IdempotencyConflict as e:
-                detail = "this Idempotency-Key was used for another image; use a new key for a new image"
+                detail = (
+                    "this Idempotency-Key was used for another image or other options (bands, scale, analysis,"
+                    " geometry); use a new key for a new request"
+                )
                 return problem("idempotency_conflict", detail, job_id=str(e.existing.job_id))
             except TransientError as e:
                 log.warning("%s: %s", e.code, e.message, extra={"action": "unavailable", "code": e.code})

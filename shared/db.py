@@ -157,7 +157,7 @@ class PostgresJobStore:
         if row is None:  # the conflicting job was deleted in between: nothing left to be idempotent with
             raise DatabaseUnavailable(f"job with idempotency key {idempotency_key!r} vanished; retry")
         existing = Job.model_validate(row)
-        if existing.input_sha256 != input_sha256:
+        if existing.input_sha256 != input_sha256 or existing.params != params:
             raise IdempotencyConflict(existing)
         return existing, False
 

@@ -163,7 +163,8 @@ class JobStore(Protocol):
         callback: Callback | None = None,
     ) -> tuple[Job, bool]:
         """Insert a queued job (generation 1, send not confirmed); return ``(job, created)``. An existing key with the
-        same sha256 returns the existing job and ``False``; with another sha256 raises :class:`IdempotencyConflict`."""
+        same sha256 and params returns the existing job and ``False``; with another sha256, or other params (bands,
+        scale, analysis, fields: a request with other options), raises :class:`IdempotencyConflict`."""
         ...
 
     def create_batch(self, batch_id: UUID, jobs: list[NewJob], idempotency_key: str | None) -> tuple[list[Job], bool]:

@@ -71,7 +71,7 @@ class InMemoryJobStore:
                 None,
             )
             if existing is not None:
-                if existing.input_sha256 != input_sha256:
+                if existing.input_sha256 != input_sha256 or existing.params != params:
                     raise IdempotencyConflict(existing)
                 return existing, False
             now = datetime.now(UTC)

@@ -27,11 +27,14 @@ GONE = timedelta(seconds=-1)  # a lease that has already run out; an age every j
 MAX = 5
 
 
-def create(store: JobStore, *, key: str | None = None, sha256: str = SHA_A) -> tuple[Job, bool]:
+def create(
+    store: JobStore, *, key: str | None = None, sha256: str = SHA_A, params: dict[str, Any] | None = None
+) -> tuple[Job, bool]:
     job_id = uuid.uuid4()
     return store.create(
-        job_id=job_id, input_blob=f"{job_id}/input.tif", input_sha256=sha256, params=PARAMS, idempotency_key=key
-    )
+        job_id=job_id, input_blob=f"{job_id}/input.tif", input_sha256=sha256, params=params or PARAMS,
+        idempotency_key=key,
+    )  # fmt: skip
 
 
 def _new_job() -> NewJob:
@@ -217,6 +220,12 @@ class JobStoreContract:
         first, _ = create(store, key="k-2")
         with pytest.raises(IdempotencyConflict) as e:
             create(store, key="k-2", sha256=SHA_B)
+        assert e.value.existing.job_id == first.job_id
+
+    def test_same_key_same_bytes_other_options_conflicts(self, store: JobStore) -> None:
+        first, _ = create(store, key="k-3")
+        with pytest.raises(IdempotencyConflict) as e:
+            create(store, key="k-3", params={**PARAMS, "scale": 2 * PARAMS["scale"]})
         assert e.value.existing.job_id == first.job_id
 
     def test_jobs_without_a_key_never_collide(self, store: JobStore) -> None:

@@ -372,6 +372,15 @@ def test_same_key_other_bytes_conflicts(world: World) -> None:
     assert len(world.store.blobs) == 1
 
 
+def test_same_key_same_bytes_other_options_conflicts(world: World) -> None:
+    """A replay must be the same request: the same image with other bands, scale, analysis or geometry is not."""
+    first = world.submit(Upload(geotiffs.crafted(), idempotency_key="k"))
+    with pytest.raises(IdempotencyConflict) as info:
+        world.submit(Upload(geotiffs.crafted(), scale="255", idempotency_key="k"))
+    assert info.value.existing.job_id == first.job.job_id
+    assert len(world.publisher.sent) == 1
+
+
 def test_without_a_key_the_same_bytes_are_a_new_job(world: World) -> None:
     data = geotiffs.crafted()
     a = world.submit(Upload(data))
