@@ -56,7 +56,8 @@ class Settings(BaseModel):
 
     # Inputs by reference (shared.inputs): a direct upload (POST /api/uploads) or an image_url
     max_input_bytes: int = Field(8 * 1024**3, alias="MAX_INPUT_BYTES", ge=1)  # an uploaded or referenced image
-    upload_sas_ttl: timedelta = Field(timedelta(hours=1), alias="UPLOAD_SAS_TTL")  # the upload URL's lifetime
+    # the upload URL's lifetime: a user delegation SAS lives at most 7 days
+    upload_sas_ttl: timedelta = Field(timedelta(hours=1), alias="UPLOAD_SAS_TTL", gt=timedelta(0), le=timedelta(days=7))
     # Hosts an image_url may name outside the deployment's storage account (https COGs): exact names or *.suffix,
     # comma-separated. Empty: only blobs of the account's images container.
     image_url_allowed_hosts: str = Field("", alias="IMAGE_URL_ALLOWED_HOSTS")

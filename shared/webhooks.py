@@ -239,10 +239,8 @@ def resolve_target(url: str, *, allow_private: bool, resolver: Resolver = getadd
     )
     if not addresses:
         raise OSError(f"{host} resolved to no address")
-    if not allow_private:
-        refused = [str(a) for a in addresses if not is_public(a)]
-        if refused:
-            raise Refused(f"{host} resolves to a non-public address ({', '.join(refused[:3])})")
+    if not allow_private and not all(is_public(a) for a in addresses):  # not which: they may be our network's
+        raise Refused(f"{host} resolves to a non-public address")
     return Target(url=url, host=host, port=port, address=addresses[0])
 
 

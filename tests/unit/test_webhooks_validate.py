@@ -8,7 +8,7 @@ import pytest
 from standardwebhooks import Webhook
 
 from shared.rejection import Rejected
-from shared.webhooks import MAX_URL_LENGTH, new_secret, validate_callback
+from shared.webhooks import MAX_URL_LENGTH, Refused, new_secret, resolve_target, validate_callback
 
 
 def test_a_secret_is_whsec_and_24_random_bytes_that_standardwebhooks_accepts() -> None:
@@ -72,3 +72,16 @@ def test_unknown_or_empty_events_are_refused(events: str) -> None:
     with pytest.raises(Rejected) as refused:
         validate_callback("https://example.com/", events, allow_private=False)
     assert refused.value.code == "invalid_callback_events"
+
+
+def test_a_name_resolving_to_a_private_address_is_refused_without_naming_the_address() -> None:
+    """The refusal reaches the client (a callback_url or an image_url): which addresses a name resolves to inside
+    our network is not its business."""
+
+    def internal(host: str, port: int) -> list[str]:
+        return ["203.0.113.7", "10.1.2.3"]
+
+    with pytest.raises(Refused) as refused:
+        resolve_target("https://looks-public.example/in", allow_private=False, resolver=internal)
+    assert "non-public" in str(refused.value)
+    assert "10.1.2.3" not in str(refused.value)
