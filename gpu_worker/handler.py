@@ -47,14 +47,14 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import NoReturn, Protocol, TypeVar
-from urllib.parse import urlsplit
 from uuid import UUID
 
-from gpu_worker.analysis import AnalysisOutput, AnalysisRequest
+from gpu_worker.analysis import AnalysisOutput, AnalysisRequest, Input
+from gpu_worker.remote import PinnedUrl, open_pinned
 from gpu_worker.settlement import AttemptLost, Cancelled, Interrupted
 from shared.errors import CropAIError, InvalidImage
 from shared.fields import Fields
-from shared.inputs import InputChanged, Reference, SourceUnavailable, gdal_path, host_allowed
+from shared.inputs import InputChanged, Reference, SourceUnavailable, gdal_path
 from shared.jobs import Job, JobStore
 from shared.ranged import RangeSource
 
@@ -118,10 +118,12 @@ def sha256_of(path: Path) -> str:
 @dataclass(frozen=True)
 class Prepared:
     """The attempt's work directory, holding its downloaded, verified input (removed by :meth:`close`), or, for an
-    input by reference, the GDAL path the analysis reads it through (``remote``: nothing downloaded)."""
+    input by reference, how the analysis reads it (``remote``: nothing downloaded), and for an outside URL the
+    pinned source it reads (``source``: its connections closed by :meth:`close`)."""
 
     directory: tempfile.TemporaryDirectory[str]
-    remote: Path | None = None
+    remote: Input | None = None
+    source: PinnedUrl | None = None
 
     @property
     def workdir(self) -> Path:
@@ -129,9 +131,12 @@ class Prepared:
 
     @property
     def image(self) -> Path:
-        return self.remote or self.workdir / "input.tif"
+        """The local file, or the name of an input by reference (opened as :attr:`remote` says)."""
+        return self.remote.path if self.remote is not None else self.workdir / "input.tif"
 
     def close(self) -> None:
+        if self.source is not None:
+            self.source.close()
         self.directory.cleanup()
 
 
@@ -146,7 +151,10 @@ class JobHandler:
         remote: RemoteInputs | None = None,
         read_ttl: timedelta = timedelta(hours=2),
         allowed_hosts: tuple[str, ...] = (),
+        allow_private_urls: bool = False,
     ):
+        """``allow_private_urls``: an outside image_url may be plain http on a non-public address (tests against a
+        local server only: the SSRF guard is off)."""
         self._jobs = jobs
         self._store = store
         self._analyzer = analyzer
@@ -154,29 +162,34 @@ class JobHandler:
         self._remote_inputs = remote
         self._read_ttl = read_ttl  # of the read SAS URL an input by reference is analysed through
         self._allowed_hosts = allowed_hosts
+        self._allow_private_urls = allow_private_urls
 
     def prepare(self, job: Job, checkpoint: Checkpoint, progress: Reporter) -> Prepared:
         """Download the input into a fresh work directory and check its SHA-256 (``InvalidImage`` if it differs);
-        for an input by reference, check its ETag instead and give the analysis a GDAL path (:meth:`_remote`)."""
+        for an input by reference, check its ETag and size instead and give the analysis how to read it
+        (:meth:`_remote`)."""
         directory = tempfile.TemporaryDirectory(prefix=f"crop-ai-{job.job_id}-{job.attempts}-", dir=self._tmp_dir)
         reference = Reference.of(job.params)
         if reference is not None:
             try:
                 progress.report("download")
+                if reference.kind == "url":
+                    source = open_pinned(reference, self._allowed_hosts, allow_private=self._allow_private_urls)
+                    opened = Input(Path(directory.name) / "input.tif", reference.size, source.opener())
+                    return Prepared(directory, opened, source)
                 return Prepared(directory, self._remote(reference, Path(directory.name)))
             except BaseException:
                 directory.cleanup()
                 raise
         prepared = Prepared(directory)
+        path = prepared.workdir / "input.tif"
         try:
             progress.report("download")
-            download = _background(
-                lambda: self._store.download_input(job.input_blob, prepared.image), f"download-{job.job_id}"
-            )
+            download = _background(lambda: self._store.download_input(job.input_blob, path), f"download-{job.job_id}")
             while not wait([download], timeout=POLL).done:
                 checkpoint.check()
             download.result()
-            actual = sha256_of(prepared.image)
+            actual = sha256_of(path)
             if actual != job.input_sha256:
                 raise InvalidImage(
                     f"input blob {job.input_blob} has sha256 {actual}, the job expects {job.input_sha256}"
@@ -187,52 +200,41 @@ class JobHandler:
             raise
         return prepared
 
-    def _remote(self, reference: Reference, workdir: Path) -> Path:
-        """The ``/vsicurl/`` path of an input by reference, once it is known to be the version the job was accepted
-        with (:class:`InputChanged` if not, ``InputMissing`` if it is gone). GDAL sends ``If-Match`` with that ETag on
-        every ranged read, so a file overwritten during the analysis fails it (a read error) rather than mixing two
-        versions. An account's blob is read through a short-lived read SAS URL (a user delegation key in Azure)."""
-        if reference.kind == "url":
-            host = (urlsplit(reference.location).hostname or "").rstrip(".").lower()
-            if not host_allowed(host, self._allowed_hosts):
-                raise InputChanged(f"host {host} is no longer allowed (IMAGE_URL_ALLOWED_HOSTS)")
-            url = reference.location
-            _check_url_etag(url, reference.etag)
-        else:
-            inputs = self._remote_inputs
-            if inputs is None:
-                raise InvalidImage("this worker cannot read inputs by reference")
-            source = inputs.open_input(reference.location, reference.etag)
-            if source.size != reference.size:
-                raise InputChanged(f"input blob {reference.location} is {source.size} bytes, not {reference.size}")
-            url = inputs.read_url(inputs.input_url(reference.location), self._read_ttl)
+    def _remote(self, reference: Reference, workdir: Path) -> Input:
+        """The ``/vsicurl/`` path of a blob of the account's storage, once it is known to be the version the job was
+        accepted with (:class:`InputChanged` if not, ``InputMissing`` if it is gone), read through a short-lived read
+        SAS URL (a user delegation key in Azure). GDAL sends ``If-Match`` with that ETag on every ranged read, so a
+        blob overwritten during the analysis fails it (a read error) rather than mixing two versions; the URL
+        carries the ETag, so GDAL's process-wide cache never serves another version's bytes. (An outside URL is
+        never given to GDAL: :mod:`gpu_worker.remote`.)"""
+        inputs = self._remote_inputs
+        if inputs is None:
+            raise InvalidImage("this worker cannot read inputs by reference")
+        source = inputs.open_input(reference.location, reference.etag)
+        if source.size != reference.size:
+            raise InputChanged(f"input blob {reference.location} is {source.size} bytes, not {reference.size}")
+        url = inputs.read_url(inputs.input_url(reference.location), self._read_ttl)
         headers = workdir / "input.headers"
         headers.write_text(f"If-Match: {reference.etag}\r\n")
-        return gdal_path(url, header_file=headers)
+        return Input(gdal_path(url, header_file=headers, etag=reference.etag), reference.size)
 
     def analyse(self, job: Job, prepared: Prepared, progress: Reporter) -> AnalysisOutput:
         """The analysis of the prepared input; its output files go to the work directory."""
         params = job.params
         fields = Fields.from_params(params["fields"]) if params.get("fields") is not None else None
-        request = AnalysisRequest(
-            params["analysis"], list(params["bands"]), params["scale"], progress=progress.report, fields=fields
-        )
+        request = AnalysisRequest(params["analysis"], list(params["bands"]), params["scale"], progress=progress.report,
+                                  fields=fields, source=prepared.remote)  # fmt: skip
         outdir = prepared.workdir / "out"
         outdir.mkdir()
         reference = Reference.of(params)
         try:
             return self._analyzer.analyse(prepared.image, request, outdir)
         except (InvalidImage, SourceUnavailable):
-            if reference is not None:  # a read refused by If-Match (412) reaches us as a failed read: say why
-                self._verify(reference)
+            # A blob's read refused by If-Match (412), or a 404, reaches us as a failed read: say why. (An outside
+            # URL's reads are ours: their errors say it already.)
+            if reference is not None and reference.kind != "url" and self._remote_inputs is not None:
+                self._remote_inputs.open_input(reference.location, reference.etag)  # InputChanged, InputMissing
             raise
-
-    def _verify(self, reference: Reference) -> None:
-        """:class:`InputChanged` if an input by reference is no longer the version the job was accepted with."""
-        if reference.kind == "url":
-            _check_url_etag(reference.location, reference.etag)
-        elif self._remote_inputs is not None:
-            self._remote_inputs.open_input(reference.location, reference.etag)
 
     def finish(self, job: Job, output: AnalysisOutput, checkpoint: Checkpoint, progress: Reporter) -> Outcome:
         """Upload the output files and store the result, fenced by the attempt."""
@@ -293,22 +295,6 @@ class JobHandler:
             logger.info("job %s: deleted %d outputs of cancelled attempt %d", job.job_id, deleted, job.attempts,
                         extra=extra)  # fmt: skip
         raise Cancelled(why)
-
-
-def _check_url_etag(url: str, etag: str) -> None:
-    """The external file's ETag now (one ranged read, behind the SSRF guard), compared with the job's."""
-    from shared.http_range import connection_pool, open_url
-    from shared.rejection import Rejected
-
-    try:
-        with connection_pool() as pool:
-            source, _ = open_url(url, pool)
-    except Rejected as e:
-        if e.code == "image_url_not_allowed":  # its host now resolves to a non-public address
-            raise InputChanged(f"image_url may not be read any more: {e.detail}") from e
-        raise SourceUnavailable(f"image_url cannot be read now: {e.detail}") from e
-    if source.etag != etag:
-        raise InputChanged(f"image_url has ETag {source.etag}, the job was accepted with {etag}")
 
 
 def _background(call: Callable[[], T], name: str) -> Future[T]:

@@ -8,6 +8,8 @@
     │   │                       that under- or overflows every reflectance): its own code, ``no_valid_pixels``
     │   ├── InputMissing        the input blob is gone
     │   ├── InputChanged        an input by reference is no longer the version accepted (its ETag; shared/inputs.py)
+    │   ├── InputRefused        an outside image_url's host refuses the reads it served at submit (shared/inputs.py)
+    │   ├── InputNotAllowed     an outside image_url may not be read any more: the allow-list or the SSRF guard
     │   ├── GeometryOutsideScene  a field boundary does not intersect the image (or the image has no CRS)
     │   └── UnknownAnalysis     the requested analysis or model does not exist
     └── TransientError          retrying may help: the attempt is released and retried after a backoff,

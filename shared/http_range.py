@@ -6,7 +6,12 @@
 no proxy is used, a response body is read up to the range asked for. The first request (``bytes=0-65535``) gives
 the size (``Content-Range``) and the ETag; each later one carries ``If-Match`` with that ETag (a 412 is
 :class:`~shared.inputs.InputChanged`). A server that ignores ``Range`` (200) or gives no ETag is refused: the file
-could be neither read in parts nor pinned.
+could be neither read in parts nor pinned. Any other failure is :class:`RangeRefused`, a ``Rejected``
+(``image_unreachable`` at submit) that says what happened (``status``: the HTTP status, ``None`` for the network or a
+short body): the worker tells a file gone from a host that is down (:func:`shared.inputs.read_error`).
+
+This is the only way the worker reads an outside file, the analysis included (rasterio's opener:
+:class:`shared.ranged.RangeOpener`): GDAL's ``/vsicurl/`` would resolve the host again and follow redirects.
 """
 
 from __future__ import annotations
@@ -27,6 +32,15 @@ FIRST = 64 * 1024
 _ERRORS = (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol)
 
 
+class RangeRefused(Rejected):
+    """A ranged read that failed: ``status`` the HTTP status (412 is :class:`InputChanged` instead), ``None`` when no
+    answer came (a timeout, a reset connection, a body shorter than the range)."""
+
+    def __init__(self, status: int | None, detail: str) -> None:
+        super().__init__("image_unreachable", detail)
+        self.status = status
+
+
 class HttpRange:
     def __init__(self, target: Target, pool: httpcore.ConnectionPool) -> None:
         self._target, self._pool = target, pool
@@ -38,11 +52,11 @@ class HttpRange:
         """The first :data:`FIRST` bytes; learns the size and the ETag."""
         status, headers, body = self._get(0, FIRST, None)
         if status != 206:
-            raise Rejected("image_unreachable", f"image_url answered HTTP {status} to a range request")
+            raise RangeRefused(status, f"image_url answered HTTP {status} to a range request")
         total = headers.get("content-range", "").rpartition("/")[2]
         etag = headers.get("etag", "")
         if not total.isdigit() or not etag:
-            raise Rejected("image_unreachable", "image_url must answer ranged reads with Content-Range and an ETag")
+            raise RangeRefused(status, "image_url must answer ranged reads with Content-Range and an ETag")
         self.size, self.etag, self._first = int(total), etag, body
         return body
 
@@ -53,7 +67,9 @@ class HttpRange:
         if status == 412:
             raise InputChanged("image_url changed while it was read")
         if status != 206:
-            raise Rejected("image_unreachable", f"image_url answered HTTP {status} to a range request")
+            raise RangeRefused(status, f"image_url answered HTTP {status} to a range request")
+        if len(body) != min(length, self.size - offset):
+            raise RangeRefused(None, f"image_url sent {len(body)} bytes of a {length} byte range at {offset}")
         return body
 
     def _get(self, offset: int, length: int, etag: str | None) -> tuple[int, dict[str, str], bytes]:
@@ -72,11 +88,11 @@ class HttpRange:
                     for part in response.iter_stream():
                         body += part
                         if len(body) > length:
-                            raise Rejected("image_unreachable", "image_url sent more than the range asked for")
+                            raise RangeRefused(None, "image_url sent more than the range asked for")
                 found = {k.decode().lower(): v.decode("latin-1") for k, v in response.headers}
                 return response.status, found, body
         except _ERRORS as e:
-            raise Rejected("image_unreachable", f"image_url cannot be read: {type(e).__name__}") from e
+            raise RangeRefused(None, f"image_url cannot be read: {type(e).__name__}") from e
 
 
 def open_url(url: str, pool: httpcore.ConnectionPool, *, allow_private: bool = False) -> tuple[HttpRange, bytes]:
@@ -87,7 +103,7 @@ def open_url(url: str, pool: httpcore.ConnectionPool, *, allow_private: bool = F
     except Refused as e:
         raise Rejected("image_url_not_allowed", f"image_url: {e}") from e
     except OSError as e:
-        raise Rejected("image_unreachable", f"image_url's host does not resolve: {e}") from e
+        raise RangeRefused(None, f"image_url's host does not resolve: {e}") from e
     source = HttpRange(target, pool)
     return source, source.start()
 

@@ -8,15 +8,22 @@ A job's input is one of
 * ``url``: a public https file (a COG) on a host of ``IMAGE_URL_ALLOWED_HOSTS``.
 
 :class:`Reference` is what the job records (``params["input"]``): where, the ETag the file had when its header was
-checked at submit, and its size. The worker never downloads such an input: the analysis reads it through GDAL's
-``/vsicurl/`` with ranged reads (:func:`gdal_path`), from a short-lived read SAS URL for the account's blobs, and the
-worker checks the ETag first (:class:`InputChanged`, the job fails ``input_changed``). An upload or a blob is the
-job's ``input_blob`` itself (so the reconciler's existence check means what it says); a URL's job stores a small
-reference document instead (``{job_id}/input.json``).
+checked at submit, and its size. The worker never downloads such an input, and checks its ETag and size first
+(:class:`InputChanged`, the job fails ``input_changed``). The analysis reads an account's blob through GDAL's
+``/vsicurl/`` with ranged reads (:func:`gdal_path`) from a short-lived read SAS URL, and an outside URL through
+:mod:`shared.http_range` only (rasterio's opener), never ``/vsicurl/``. An upload or a blob is the job's
+``input_blob`` itself (so the reconciler's existence check means what it says); a URL's job stores a small reference
+document instead (``{job_id}/input.json``).
 
 The SSRF guard for ``url`` (:func:`check_url`): https only, no credentials, the host on the allow-list, and every
-address it resolves to public (:func:`shared.webhooks.resolve_target`); the reads then go to the address that was
-checked (:mod:`shared.http_range`).
+address it resolves to public (:func:`shared.webhooks.resolve_target`); every read then goes to the address that was
+checked, redirects never followed (:mod:`shared.http_range`).
+
+How a failed read of an input by reference fails the job (:func:`read_error`): a 404 or 410 is ``input_missing``,
+a 412 ``input_changed``; a 5xx, 408, 429 or no answer is the transient ``image_unreachable``; any other answer of an
+outside host (401, 403, another 4xx, a 200 to a range request) is ``input_refused``, permanent, while a 401 or 403 of
+the account's own storage is transient (our side: a role assignment still propagating). A host no longer allowed, or
+now resolving to a non-public address, is ``image_url_not_allowed`` (:class:`InputNotAllowed`).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from typing import Any, Literal
 from urllib.parse import quote, urlsplit
 from uuid import UUID
 
-from shared.errors import PermanentError, TransientError
+from shared.errors import CropAIError, InputMissing, PermanentError, TransientError
 from shared.rejection import Rejected
 
 Kind = Literal["upload", "blob", "url"]
@@ -54,6 +61,32 @@ class SourceUnavailable(TransientError):
     The attempt is retried."""
 
     code = "image_unreachable"
+
+
+class InputNotAllowed(PermanentError):
+    """An outside image_url may not be read any more: its host left IMAGE_URL_ALLOWED_HOSTS, or it now resolves to
+    a non-public address (the SSRF guard)."""
+
+    code = "image_url_not_allowed"
+
+
+class InputRefused(PermanentError):
+    """An outside image_url's host refuses to serve it as it did at submit: a 4xx other than 404, 408, 410, 412 and
+    429 (401, 403: the file is no longer public), or no ranged read (a 200, no ETag)."""
+
+    code = "input_refused"
+
+
+def read_error(status: int | None, detail: str, *, own: bool = False) -> CropAIError:
+    """The error a failed read of an input by reference fails the attempt with: ``status`` the HTTP status (``None``:
+    no answer, a short body); ``own``: a read of the account's own storage (a 401 or 403 is then ours, transient)."""
+    if status in (404, 410):
+        return InputMissing(f"the input is gone: {detail}")
+    if status == 412:
+        return InputChanged(f"the input changed: {detail}")
+    if status is None or status >= 500 or status in (408, 429) or (own and status in (401, 403)):
+        return SourceUnavailable(detail)
+    return InputRefused(detail)
 
 
 def upload_blob_name(upload_id: UUID) -> str:
@@ -132,10 +165,14 @@ def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
     return any(host == name or (name.startswith("*.") and host.endswith(name[1:])) for name in allowed)
 
 
-def gdal_path(url: str, *, header_file: Path | None = None) -> Path:
+def gdal_path(url: str, *, header_file: Path | None = None, etag: str | None = None) -> Path:
     """The GDAL path that reads ``url`` through ``/vsicurl/`` with this file's options (and the HTTP headers in
     ``header_file``, sent with every request). The URL is percent-encoded in the ``url=`` option, so the path has
-    no ``//`` that :class:`~pathlib.Path` would fold."""
+    no ``//`` that :class:`~pathlib.Path` would fold. ``etag``: added to the URL as a query parameter the service
+    ignores, so that GDAL's process-wide ``/vsicurl/`` cache (keyed by URL) never serves one version's bytes for
+    another's."""
+    if etag is not None:
+        url += ("&" if "?" in url else "?") + "etag=" + quote(etag, safe="")
     options = _VSICURL_OPTIONS
     if header_file is not None:
         options += f"&header_file={quote(str(header_file), safe='')}"

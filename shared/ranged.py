@@ -11,15 +11,25 @@ block within the file, some block stored) with the file's real size, and gives t
 An error of the source itself (the blob is gone, it changed, storage is down) is raised as it is, not as an
 unreadable image: GDAL only sees a short read. It must never see the exception: a Python exception raised in a
 rasterio ``opener`` file's ``read`` aborts the process (rasterio 1.4.4: ``std::length_error``, measured).
+
+The worker's analysis of an outside ``image_url`` reads the whole scene the same way (:class:`RangeOpener`), with
+a bounded cache (``limit`` bytes, least recently used dropped first: a tile may be gigabytes) and read-ahead: GDAL
+asks for one block at a time, in file order when it reads a scene through, so a miss that starts where the last
+request ended fetches twice as many chunks as the last one did (up to ``ahead``), and a run of blocks costs a few
+requests, not one each.
 """
 
 from __future__ import annotations
 
 import io
+import threading
 import warnings
+from collections import OrderedDict
+from pathlib import PurePosixPath
 from typing import Protocol
 
 import rasterio
+from rasterio.abc import FileContainer
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
 from shared.geotiff import TIFF_MAGIC, ImageHeader, Limits, _check_complete, _check_has_data, _check_limits, _header
@@ -43,34 +53,61 @@ class RangeSource(Protocol):
 
 
 class Chunks:
-    """What was read of ``source``, in aligned :data:`CHUNK` blocks kept for the object's life. ``requests`` and
-    ``fetched`` count what the source was asked for; ``error`` is the first error a read raised (GDAL turns it into
-    a failed read: the caller re-raises it)."""
+    """What was read of ``source``, in aligned :data:`CHUNK` blocks: all of them for the object's life, or at most
+    ``limit`` bytes of them (the least recently used dropped first). ``ahead``: the most chunks one request fetches
+    beyond what was asked for, when reads go through the file in order (0: none). ``requests`` and ``fetched`` count
+    what the source was asked for; ``error`` is the first error a read raised (GDAL turns it into a failed read: the
+    caller re-raises it). Thread-safe."""
 
-    def __init__(self, source: RangeSource, chunk: int = CHUNK) -> None:
+    def __init__(self, source: RangeSource, chunk: int = CHUNK, *, limit: int | None = None, ahead: int = 0) -> None:
         self.source, self._chunk = source, chunk
-        self._held: dict[int, bytes] = {}
+        self._held: OrderedDict[int, bytes] = OrderedDict()
+        self._most = None if limit is None else max(1, limit // chunk)
+        self._ahead, self._run, self._next = ahead, 1, -1  # read-ahead: the last run's length, where it ended
+        self._lock = threading.Lock()
         self.requests = 0
         self.fetched = 0
         self.error: BaseException | None = None
 
     def range(self, start: int, end: int) -> bytes:
-        first, last = start // self._chunk, (end - 1) // self._chunk
-        missing = [i for i in range(first, last + 1) if i not in self._held]
-        if missing:  # one request for the whole run of chunks not held yet
-            offset = missing[0] * self._chunk
-            length = min(self.source.size, (missing[-1] + 1) * self._chunk) - offset
-            try:
-                data = self.source.read(offset, length)
-            except BaseException as e:
-                self.error = self.error or e
-                raise
-            self.requests += 1
-            self.fetched += len(data)
-            for i in missing:
-                self._held[i] = data[(i - missing[0]) * self._chunk : (i - missing[0] + 1) * self._chunk]
-        joined = b"".join(self._held[i] for i in range(first, last + 1))
+        with self._lock:
+            first, last = start // self._chunk, (end - 1) // self._chunk
+            missing = [i for i in range(first, last + 1) if i not in self._held]
+            for i in range(first, last + 1):
+                if i in self._held:  # used again; what is fetched now (read ahead too) goes after it
+                    self._held.move_to_end(i)
+            if missing:  # one request for the whole run of chunks not held yet
+                self._fetch(missing[0], missing[-1])
+            parts = [self._held[i] for i in range(first, last + 1)]
+            self._trim()
+        joined = b"".join(parts)
         return joined[start - first * self._chunk : end - first * self._chunk]
+
+    def _fetch(self, first: int, last: int) -> None:
+        chunks = -(-self.source.size // self._chunk)
+        if self._ahead and first == self._next:  # in file order: read ahead, twice the last run at most
+            self._run = min(self._run * 2, self._ahead)
+            last = max(last, min(chunks - 1, first + self._run - 1))
+            while last > first and last in self._held:
+                last -= 1
+        else:
+            self._run = last - first + 1
+        offset = first * self._chunk
+        length = min(self.source.size, (last + 1) * self._chunk) - offset
+        try:
+            data = self.source.read(offset, length)
+        except BaseException as e:
+            self.error = self.error or e
+            raise
+        self.requests += 1
+        self.fetched += len(data)
+        self._next = last + 1
+        for i in range(first, last + 1):
+            self._held[i] = data[(i - first) * self._chunk : (i - first + 1) * self._chunk]
+
+    def _trim(self) -> None:
+        while self._most is not None and len(self._held) > self._most:
+            self._held.popitem(last=False)
 
 
 class RangeFile(io.RawIOBase):
@@ -113,18 +150,31 @@ class RangeFile(io.RawIOBase):
         return len(data)
 
 
-class _Opener:
+class RangeOpener:
     """What rasterio's ``opener`` needs to serve GDAL from Python files (rasterio >= 1.4), ``size`` included: a
-    plain callable would make rasterio read the whole file to learn its size."""
+    plain callable would make rasterio read the whole file to learn its size. It holds one file, ``name`` (any
+    folder: rasterio registers an opener by the folder of the path it opens, so two datasets open at the same time
+    need two folders); GDAL's look for side-car files (``.msk``, ``.aux.xml``) finds nothing. ``error``: the
+    source's first error (GDAL saw a short read)."""
 
-    def __init__(self, chunks: Chunks) -> None:
-        self._chunks = chunks
+    def __init__(self, chunks: Chunks, name: str = "input.tif") -> None:
+        self._chunks, self._name = chunks, name
 
-    def open(self, path: str, mode: str = "rb") -> RangeFile:
+    @property
+    def chunks(self) -> Chunks:
+        return self._chunks
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._chunks.error
+
+    def open(self, path: str, mode: str = "rb", **kwds: object) -> RangeFile:
+        if not self.isfile(path) or "w" in mode:
+            raise FileNotFoundError(path)
         return RangeFile(self._chunks)
 
     def isfile(self, path: str) -> bool:
-        return True
+        return PurePosixPath(path).name == self._name
 
     def isdir(self, path: str) -> bool:
         return False
@@ -135,8 +185,16 @@ class _Opener:
     def mtime(self, path: str) -> int:
         return 0
 
+    def rm(self, path: str) -> None:
+        raise PermissionError(f"{path} is read-only")
+
     def size(self, path: str) -> int:
+        if not self.isfile(path):
+            raise FileNotFoundError(path)
         return self._chunks.source.size
+
+
+FileContainer.register(RangeOpener)  # rasterio then calls its methods as they are (not as an fsspec filesystem's)
 
 
 def inspect_source(source: RangeSource, limits: Limits, *, chunk: int = CHUNK) -> tuple[ImageHeader, Chunks]:
@@ -154,7 +212,7 @@ def inspect_source(source: RangeSource, limits: Limits, *, chunk: int = CHUNK) -
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with (
                 rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"),
-                rasterio.open("input.tif", opener=_Opener(chunks)) as ds,
+                rasterio.open("input.tif", opener=RangeOpener(chunks)) as ds,
             ):
                 header = _header(ds)
                 _check_limits(header, limits)

@@ -36,6 +36,8 @@ CLIENT_MESSAGE_CODES = frozenset(
         "geometry_outside_scene",
         "input_missing",
         "input_changed",
+        "input_refused",
+        "image_url_not_allowed",
         "unknown_analysis",
         "invalid_message",
         "timed_out",

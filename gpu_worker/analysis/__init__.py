@@ -42,6 +42,6 @@ pixel box, NaN outside the polygon, bands ndvi, cloud (0 / 1), bare / green / no
 
 from gpu_worker.analysis.analyzer import Analyzer
 from gpu_worker.analysis.device import select_device
-from gpu_worker.analysis.request import AnalysisOutput, AnalysisRequest
+from gpu_worker.analysis.request import AnalysisOutput, AnalysisRequest, Input
 
-__all__ = ["AnalysisOutput", "AnalysisRequest", "Analyzer", "select_device"]
+__all__ = ["AnalysisOutput", "AnalysisRequest", "Analyzer", "Input", "select_device"]

@@ -120,7 +120,7 @@ class CropHealth:
         progress = request.progress
         progress("decode", 0.0)
         outlines: list[list[tuple[float, float]]] = []
-        with SceneReader(image_path, request.bands, request.scale, self.device) as scene:
+        with SceneReader(request.source or image_path, request.bands, request.scale, self.device) as scene:
             if request.fields is None:
                 target = Target.whole(scene, self.window)
                 clouds = cloud_source(scene, self.detector, progress)

@@ -32,7 +32,9 @@ class ModelAnalysis:
         classes = m.output_kind != "regression"
         progress = request.progress
         progress("decode", 0.0)
-        with SceneReader(image_path, request.bands, request.scale, self.registry.device, required=()) as scene:
+        with SceneReader(
+            request.source or image_path, request.bands, request.scale, self.registry.device, required=()
+        ) as scene:
             indices = model.band_indices(scene.bands)
             pixels = scene.width * scene.height
             if not scene.holds_data(Window(0, 0, scene.width, scene.height), indices):  # a sparse file, none written

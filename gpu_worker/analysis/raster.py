@@ -1,9 +1,11 @@
 """Reading a GeoTIFF window by window onto the device, with band roles and nodata resolved once.
 
 Every rasterio / GDAL failure (not a raster, truncated, corrupt block) becomes :class:`shared.errors.InvalidImage`
-at this edge, so nothing above it catches GDAL exceptions; a read of an input by reference (``/vsicurl/``) that
-failed on the network becomes the transient :class:`shared.inputs.SourceUnavailable`
-(:func:`gdal_errors_as_invalid_image`).
+at this edge, so nothing above it catches GDAL exceptions, except for an input by reference
+(:class:`~gpu_worker.analysis.request.Input`): a read through rasterio's opener (an outside URL) that failed raises
+what its source raised (``input_missing``, ``input_changed``, the transient ``image_unreachable``...: the opener
+records it, GDAL only sees a short read), and a ``/vsicurl/`` read (a blob of our storage) that failed on the network
+becomes the transient :class:`shared.inputs.SourceUnavailable` (:func:`gdal_errors_as_invalid_image`).
 
 :meth:`SceneReader.blocks` decodes the next window in a background thread while the caller computes on the current
 one (GDAL releases the GIL while it decompresses); a lock keeps the dataset to one reader at a time, since a GDAL
@@ -19,6 +21,7 @@ pixels would otherwise cost seconds of CPU per band set (docs/analysis.md, "Spar
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import re
 import threading
@@ -39,22 +42,28 @@ from rasterio._err import CPLE_BaseError
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
+from gpu_worker.analysis.request import Input
 from shared.bands import BandError, BandSet, resolve
 from shared.errors import InvalidImage
 from shared.geotiff import plane_of, stored_blocks
 from shared.inputs import SourceUnavailable
 
 GDAL_ERRORS = (rasterio.errors.RasterioError, CPLE_BaseError)
-REMOTE_PREFIX = "/vsicurl"  # an input by reference (shared.inputs.gdal_path)
-# How GDAL (3.10) reports a ranged read of /vsicurl/ that failed (an HTTP error status after its own retries, a
-# timeout, a reset connection): the HTTP status goes to the debug log only, and the error raised is the driver's
-# short read ("Read error at row 0, col 0, tile 3; got 0 bytes, expected 16384", "TIFFReadDirectory:Failed to read
-# directory at offset ..."); a status it does report ("HTTP response code: 503", on opening) is transient when it is
-# 5xx, 408 or 429, and otherwise not (a 404 or 412: the worker re-checks the input and says input_missing or
-# input_changed).
-_NETWORK = re.compile(r"(?<!vsi)curl|got \d+ bytes|failed to read", re.IGNORECASE)
+# How GDAL (3.10.3, measured) reports a ranged read of /vsicurl/ that failed (an HTTP error status after its own
+# retries, a timeout, a reset connection): the HTTP status goes to the debug log only. A block read fails short
+# ("TIFFFillTile:Read error at row 4294967295, col 4294967295, tile 0; got 0 bytes, expected 458942"): the network,
+# since submit checked that every block lies within the file and its size and ETag are pinned (If-Match). Opening
+# fails "not recognized as being in a supported file format" when the first request fails: submit read that header,
+# so it is the network too. A directory read that fails ("TIFFReadDirectory:Failed to read directory at offset N")
+# is the network only when N lies within the file: a later IFD's offset past the end is a corrupt file, never
+# retried. A status GDAL does report ("HTTP response code: 503") is transient when it is 5xx, 408 or 429, or 401 or
+# 403 (our own storage refusing our SAS: a role assignment still propagating); a 404 or 412 is left to the worker,
+# which re-checks the blob and says input_missing or input_changed.
+_SHORT_READ = re.compile(r"(?<!vsi)curl|got \d+ bytes, expected|not recognized as being in a supported file format",
+                         re.IGNORECASE)  # fmt: skip
+_DIRECTORY = re.compile(r"failed to read directory at offset (\d+)", re.IGNORECASE)
 _STATUS = re.compile(r"HTTP (?:response |error )?code\s*:?\s*(\d{3})", re.IGNORECASE)
-_TRANSIENT_STATUS = (408, 429)
+_TRANSIENT_STATUS = (401, 403, 408, 429)
 
 
 def _messages(error: BaseException) -> Iterator[str]:
@@ -67,30 +76,38 @@ def _messages(error: BaseException) -> Iterator[str]:
         current = current.__cause__ or current.__context__
 
 
-def _network(error: BaseException) -> bool:
-    """Whether a failed read of a remote input failed on the network (see :data:`_NETWORK`)."""
+def _network(error: BaseException, size: int | None) -> bool:
+    """Whether a failed ``/vsicurl/`` read of a file of ``size`` bytes failed on the network (see :data:`_STATUS`)."""
     for text in _messages(error):
         status = _STATUS.search(text)
         if status is not None:
             code = int(status.group(1))
             return code >= 500 or code in _TRANSIENT_STATUS
-        if _NETWORK.search(text):
+        directory = _DIRECTORY.search(text)
+        if directory is not None:
+            return size is not None and int(directory.group(1)) < size
+        if _SHORT_READ.search(text):
             return True
     return False
 
 
 @contextmanager
-def gdal_errors_as_invalid_image(what: str, *, remote: bool = False) -> Iterator[None]:
-    """GDAL errors become :class:`InvalidImage`; for a ``remote`` input (read over HTTP), a failed or short read
-    becomes :class:`SourceUnavailable` (transient: the attempt is retried). A short read of a remote input is the
-    network, not the file: submit refuses a file whose blocks run past its end (``truncated_image``), and the size
-    and ETag are pinned (a changed file is a 412, which the worker re-checks: ``input_changed``)."""
+def gdal_errors_as_invalid_image(what: str, *, source: Input | None = None) -> Iterator[None]:
+    """GDAL errors become :class:`InvalidImage`, but for an input by reference (``source``): an error its opener
+    recorded (the read failed, GDAL saw a short read) is raised as it is, after the GDAL call even if GDAL let the
+    short read pass; a ``/vsicurl/`` read that failed on the network (:func:`_network`) becomes
+    :class:`SourceUnavailable` (transient: the attempt is retried)."""
+    opener = source.opener if source is not None else None
     try:
         yield
     except GDAL_ERRORS as e:
-        if remote and _network(e):
+        if opener is not None and opener.error is not None:
+            raise opener.error from e
+        if source is not None and opener is None and _network(e, source.size):
             raise SourceUnavailable(f"{what}: the image could not be read over the network now ({e})") from e
         raise InvalidImage(f"{what}: {e}") from e
+    if opener is not None and opener.error is not None:
+        raise opener.error
 
 
 @dataclass(frozen=True)
@@ -119,18 +136,20 @@ class SceneReader:
 
     def __init__(
         self,
-        path: Path,
+        path: Path | Input,
         band_names: list[str],
         scale: float,
         device: torch.device,
         required: tuple[str, ...] = ("red", "nir"),
     ) -> None:
-        self.path, self.scale, self.device = path, scale, device
+        self.source = path if isinstance(path, Input) else None
+        self.path = path.path if isinstance(path, Input) else path
+        self.scale, self.device = scale, device
         self._lock = threading.Lock()  # one GDAL call on the dataset at a time (blocks() reads in a thread)
-        self.remote = str(path).startswith(REMOTE_PREFIX)
+        opener = self.source.opener if self.source is not None else None
         with self._errors("not a readable GeoTIFF"), warnings.catch_warnings():
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-            self.dataset: Any = rasterio.open(path)
+            self.dataset: Any = rasterio.open(self.path, opener=opener)
         try:
             self.bands = self._resolve(band_names, required)
         except BaseException:
@@ -143,7 +162,7 @@ class SceneReader:
         self._stored: dict[int, np.ndarray | None] = {}  # plane -> [rows, cols] of blocks that hold data
 
     def _errors(self, what: str) -> contextlib.AbstractContextManager[None]:
-        return gdal_errors_as_invalid_image(what, remote=self.remote)
+        return gdal_errors_as_invalid_image(what, source=self.source)
 
     def _resolve(self, band_names: list[str], required: tuple[str, ...]) -> BandSet:
         ds = self.dataset
@@ -227,15 +246,18 @@ class SceneReader:
 
     def blocks(self, windows: Sequence[Window], band_indices: list[int]) -> Generator[Block, None, None]:
         """:meth:`read` of each window in turn, the next one decoded in a background thread meanwhile: at most two
-        blocks are held at a time. Stopping the iteration early waits for the read in progress."""
+        blocks are held at a time. Stopping the iteration early waits for the read in progress. The thread reads in
+        this thread's context: rasterio finds an opener's files in a context variable (a GDAL ``stat`` from a thread
+        without it fails with a ``SystemError``)."""
         if len(windows) < 2:
             yield from (self.read(window, band_indices) for window in windows)
             return
+        context = contextvars.copy_context()
         with ThreadPoolExecutor(1, thread_name_prefix="decode") as pool:
-            pending = pool.submit(self.read, windows[0], band_indices)
+            pending = pool.submit(context.copy().run, self.read, windows[0], band_indices)
             for window in windows[1:]:
                 block = pending.result()
-                pending = pool.submit(self.read, window, band_indices)
+                pending = pool.submit(context.copy().run, self.read, window, band_indices)
                 yield block
             yield pending.result()
 

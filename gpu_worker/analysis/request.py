@@ -8,12 +8,25 @@ from pathlib import Path
 from typing import Any
 
 from shared.fields import Fields
+from shared.ranged import RangeOpener
 
 Progress = Callable[[str, float], None]
 
 
 def no_progress(stage: str, fraction: float) -> None:
     """The default :attr:`AnalysisRequest.progress`: nobody tracks this run."""
+
+
+@dataclass(frozen=True)
+class Input:
+    """An input by reference (:class:`shared.inputs.Reference`), which the analysis opens by ``path``: a
+    ``/vsicurl`` GDAL path (a blob of the account's storage), or, with ``opener``, the name rasterio's opener serves
+    (an outside ``image_url``, read in Python behind the SSRF guard: :mod:`shared.http_range`). ``size``: the file's
+    size, as pinned with its ETag. A local file is given by its :class:`~pathlib.Path` alone."""
+
+    path: Path
+    size: int
+    opener: RangeOpener | None = None
 
 
 @dataclass(frozen=True)
@@ -27,13 +40,17 @@ class AnalysisRequest:
     and the analysis lets that through, cleaning up after itself.
 
     ``fields``: field boundaries (``Fields.from_params(job.params["fields"])``): crop-health then reads only the
-    windows covering them and reports statistics per field instead of the whole scene's (docs/analysis.md)."""
+    windows covering them and reports statistics per field instead of the whole scene's (docs/analysis.md).
+
+    ``source``: how to open the image when it is an input by reference (:class:`Input`), instead of the local file
+    the analysis is given."""
 
     analysis: str
     bands: list[str]
     scale: float
     progress: Progress = field(default=no_progress, compare=False, repr=False)
     fields: Fields | None = None
+    source: Input | None = field(default=None, compare=False)
 
 
 @dataclass

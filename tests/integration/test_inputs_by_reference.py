@@ -133,8 +133,10 @@ def test_the_worker_reads_a_blob_through_vsicurl_pinned_to_its_etag(store: BlobS
     found = find(str(upload_id), None, store, LIMITS, ())
     prepared = prepare(store, found.reference)
     try:
-        assert str(prepared.image).startswith("/vsicurl?")
-        with rasterio.open(prepared.image) as ds, rasterio.open(geotiffs.RGBN) as expected:
+        image = prepared.image
+        assert str(image).startswith("/vsicurl?")
+        assert "etag%3D" in str(image)  # the version in the URL (GDAL's cache key): the service ignores it
+        with rasterio.open(image) as ds, rasterio.open(geotiffs.RGBN) as expected:
             assert np.array_equal(ds.read(), expected.read())
     finally:
         prepared.close()
@@ -155,6 +157,29 @@ def test_the_worker_reads_a_blob_through_vsicurl_pinned_to_its_etag(store: BlobS
         url = store.read_url(store.input_url(found.reference.location), timedelta(minutes=8))  # GDAL remembers a 412
         with rasterio.open(gdal_path(url, header_file=headers)) as ds:  # the same read, pinned to the new ETag
             assert ds.count == 13
+
+
+def test_a_new_version_of_a_blob_is_never_read_from_gdals_cache(store: BlobStore) -> None:
+    """Job 1 reads the blob (v1) through /vsicurl/; it is overwritten; job 2, accepted with v2, reads v2's pixels,
+    not what GDAL's process-wide cache holds of v1 (the two read SAS URLs can be the very same string)."""
+    upload_id = upload(store, geotiffs.real(geotiffs.RGBN))
+    first = find(str(upload_id), None, store, LIMITS, ()).reference
+    before = prepare(store, first)
+    try:
+        with rasterio.open(before.image) as ds:
+            old = ds.read()
+    finally:
+        before.close()
+    blob = store._service.get_blob_client(store.images_container, first.location)
+    newer = geotiffs.crafted(width=old.shape[2], height=old.shape[1], count=old.shape[0])
+    blob.upload_blob(newer, overwrite=True)
+    second = find(str(upload_id), None, store, LIMITS, ()).reference
+    after = prepare(store, second)
+    try:
+        with rasterio.open(after.image) as ds, rasterio.MemoryFile(newer) as mem, mem.open() as expected:
+            assert np.array_equal(ds.read(), expected.read())
+    finally:
+        after.close()
 
 
 def test_the_cli_block_upload_commits_the_file(store: BlobStore, tmp_path: Path) -> None:

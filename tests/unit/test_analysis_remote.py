@@ -1,6 +1,7 @@
-"""Inputs by reference read through GDAL's /vsicurl/ from a local Range/ETag server (as in test_inputs.py) that fails
-part-way through the analysis: a network failure is transient (``SourceUnavailable``, retried), a file that does not
-decode stays ``invalid_image``, and a file replaced during the read (412 on If-Match) is ``input_changed``."""
+"""Blobs of our own storage read through GDAL's /vsicurl/ from a local Range/ETag server (as in test_inputs.py) that
+fails part-way through the analysis: a network failure is transient (``SourceUnavailable``, retried), a file that does
+not decode stays ``invalid_image``, and a file replaced during the read (412 on If-Match) is ``input_changed``.
+(Outside URLs never go through /vsicurl/: tests/unit/test_url_inputs.py.)"""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import pytest
 import rasterio
 import torch
 
-from gpu_worker.analysis import AnalysisRequest, Analyzer
+from gpu_worker.analysis import AnalysisRequest, Analyzer, Input
+from gpu_worker.analysis.raster import gdal_errors_as_invalid_image
 from gpu_worker.handler import JobHandler
 from gpu_worker.settlement import is_transient
 from shared import inputs
@@ -109,15 +111,18 @@ def serve() -> Iterator[Any]:
         server.close()
 
 
-def analyse(analyzer: Analyzer, path: Path, tmp_path: Path) -> Any:
+def analyse(analyzer: Analyzer, path: Path | FlakyServer, tmp_path: Path) -> Any:
+    """Analyse a local file, or the file ``server`` serves as a blob of ours (/vsicurl/, its size pinned)."""
     workdir = tmp_path / "out"
     workdir.mkdir(parents=True, exist_ok=True)
-    return analyzer.analyse(path, AnalysisRequest("crop-health", [], 10000.0), workdir)
+    source = None if isinstance(path, Path) else Input(gdal_path(path.url), len(path.data))
+    image = path if isinstance(path, Path) else source.path  # type: ignore[union-attr]
+    return analyzer.analyse(image, AnalysisRequest("crop-health", [], 10000.0, source=source), workdir)
 
 
 def test_a_remote_input_that_answers_is_analysed(analyzer: Analyzer, serve: Any, tmp_path: Path) -> None:
     server = serve()
-    out = analyse(analyzer, gdal_path(server.url), tmp_path)
+    out = analyse(analyzer, server, tmp_path)
     assert out.result["valid_fraction"] == 1.0
     assert server.requests >= 2  # the header, then the pixels (GDAL merges and reads ahead)
 
@@ -126,7 +131,7 @@ def test_a_remote_input_that_answers_is_analysed(analyzer: Analyzer, serve: Any,
 def test_a_network_failure_mid_read_is_transient(analyzer: Analyzer, serve: Any, tmp_path: Path, status: int) -> None:
     server = serve(fail_after=1, status=status)  # the header read, then the pixels fail
     with pytest.raises(SourceUnavailable, match="over the network") as caught:
-        analyse(analyzer, gdal_path(server.url), tmp_path)
+        analyse(analyzer, server, tmp_path)
     assert is_transient(caught.value)  # the settlement abandons the message: another attempt reads it again
     assert caught.value.code == "image_unreachable"
 
@@ -136,15 +141,41 @@ def test_gdal_retries_a_passing_failure_itself(
 ) -> None:
     monkeypatch.undo()  # the worker's options: max_retry=3
     server = serve(fail_after=1, fails=1)
-    assert analyse(analyzer, gdal_path(server.url), tmp_path).result["valid_fraction"] == 1.0
+    assert analyse(analyzer, server, tmp_path).result["valid_fraction"] == 1.0
     assert server.requests == 3  # the header, a 503, the same range again
+
+
+@pytest.mark.parametrize(
+    ("message", "error"),
+    [  # GDAL 3.10.3's own words (measured against FlakyServer: a 503, 403, 404 or reset connection all read so)
+        ("TIFFFillTile:Read error at row 4294967295, col 4294967295, tile 0; got 0 bytes, expected 458942", True),
+        ("'/vsicurl?list_dir=no&url=x' not recognized as being in a supported file format.", True),
+        ("TIFFReadDirectory:Failed to read directory at offset 5000", True),  # within the file: the network
+        ("TIFFReadDirectory:Failed to read directory at offset 99999999", False),  # past its end: a corrupt IFD
+        ("TIFFFetchDirectory:Sanity check on directory count failed, this is probably not a valid IFD offset", False),
+        ("_TIFFPartialReadStripArray:Cannot read offset/size for strile around ~0", False),
+        ("ZIPDecode:Decoding error at scanline 0", False),
+        ("HTTP response code: 503", True),
+        ("HTTP response code: 403", True),  # our own storage refusing our SAS: transient
+        ("HTTP response code: 404", False),  # the worker re-checks the blob: input_missing
+    ],
+)
+def test_only_what_means_the_network_is_transient(message: str, error: bool) -> None:
+    from rasterio._err import CPLE_AppDefinedError
+
+    blob = Input(Path("/vsicurl?url=x"), 10000)
+    with pytest.raises((InvalidImage, SourceUnavailable)) as caught, gdal_errors_as_invalid_image("read", source=blob):
+        raise CPLE_AppDefinedError(1, 1, message)
+    assert isinstance(caught.value, SourceUnavailable) is error
+    with pytest.raises(InvalidImage), gdal_errors_as_invalid_image("read"):  # a local file: never transient
+        raise CPLE_AppDefinedError(1, 1, message)
 
 
 def test_a_network_failure_while_opening_is_transient(analyzer: Analyzer, serve: Any, tmp_path: Path) -> None:
     data = geotiffs.real()  # its directory sits at the end of the file: the second read fetches it
     server = serve(data, fail_after=1)
     with pytest.raises(SourceUnavailable):
-        analyse(analyzer, gdal_path(server.url), tmp_path)
+        analyse(analyzer, server, tmp_path)
 
 
 def test_a_remote_file_that_does_not_decode_stays_invalid_image(analyzer: Analyzer, serve: Any, tmp_path: Path) -> None:
@@ -157,7 +188,7 @@ def test_a_remote_file_that_does_not_decode_stays_invalid_image(analyzer: Analyz
     corrupt[offset : offset + 64] = bytes(range(64))
     server = serve(bytes(corrupt))
     with pytest.raises(InvalidImage) as caught:
-        analyse(analyzer, gdal_path(server.url), tmp_path)
+        analyse(analyzer, server, tmp_path)
     assert not isinstance(caught.value, SourceUnavailable)
     assert not is_transient(caught.value)
     local.write_bytes(bytes(corrupt))

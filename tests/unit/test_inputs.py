@@ -20,7 +20,18 @@ from gpu_worker.handler import JobHandler
 from shared.by_reference import Found, find
 from shared.errors import InputMissing, StorageUnavailable
 from shared.geotiff import Limits
-from shared.inputs import InputChanged, Reference, check_url, gdal_path, parse_upload_id, upload_blob_name
+from shared.inputs import (
+    InputChanged,
+    InputNotAllowed,
+    InputRefused,
+    Reference,
+    SourceUnavailable,
+    check_url,
+    gdal_path,
+    parse_upload_id,
+    read_error,
+    upload_blob_name,
+)
 from shared.jobs import IdempotencyConflict, JobStatus
 from shared.ranged import CHUNK, Chunks, inspect_source
 from shared.rejection import Rejected
@@ -291,7 +302,10 @@ def prepare(inputs: MemoryInputs, reference: Reference, allowed: tuple[str, ...]
     prepared = handler.prepare(job, Quiet(), Quiet())
     try:
         assert prepared.workdir.joinpath("input.headers").read_bytes() == f"If-Match: {reference.etag}\r\n".encode()
-        return prepared.image
+        image = prepared.remote
+        assert image is not None
+        assert (image.size, image.opener, image.path) == (reference.size, None, prepared.image)
+        return image.path
     finally:
         prepared.close()
 
@@ -299,7 +313,19 @@ def prepare(inputs: MemoryInputs, reference: Reference, allowed: tuple[str, ...]
 def test_the_worker_reads_an_unchanged_blob_through_vsicurl() -> None:
     inputs = MemoryInputs(a=MemorySource(b"x" * 10))
     path = prepare(inputs, Reference("blob", "a", '"0x1"', 10))
-    assert parse_qs(str(path).removeprefix("/vsicurl?"))["url"] == ["http://acct.blob/images/a?sig=x"]
+    url = parse_qs(str(path).removeprefix("/vsicurl?"))["url"][0]
+    assert url == "http://acct.blob/images/a?sig=x&etag=%220x1%22"  # the version: a key of its own in GDAL's cache
+
+
+def test_each_version_of_a_blob_has_its_own_url_in_gdals_cache() -> None:
+    """GDAL's /vsicurl/ cache is process-wide, keyed by URL: a job pinned to the blob's new version must not be
+    served the old version's bytes a job before it read (the read SAS URL alone can be the same for both: signed in
+    the same second, or not signed at all)."""
+    inputs = MemoryInputs(a=MemorySource(b"x" * 10))
+    first = prepare(inputs, Reference("blob", "a", '"0x1"', 10))
+    inputs.files["a"].etag = '"0x2"'
+    second = prepare(inputs, Reference("blob", "a", '"0x2"', 10))
+    assert first != second
 
 
 @pytest.mark.parametrize(
@@ -308,12 +334,47 @@ def test_the_worker_reads_an_unchanged_blob_through_vsicurl() -> None:
         (Reference("blob", "a", '"0x2"', 10), InputChanged),
         (Reference("blob", "a", '"0x1"', 11), InputChanged),
         (Reference("blob", "gone", '"0x1"', 10), InputMissing),
-        (Reference("url", "https://no-longer-allowed.example.com/a.tif", '"e"', 10), InputChanged),
+        (Reference("url", "https://no-longer-allowed.example.com/a.tif", '"e"', 10), InputNotAllowed),
     ],
 )
 def test_the_worker_refuses_a_changed_input(reference: Reference, error: type[Exception]) -> None:
-    with pytest.raises(error):
+    with pytest.raises(error) as caught:
         prepare(MemoryInputs(a=MemorySource(b"x" * 10)), reference)
+    assert not caught.value.transient  # type: ignore[attr-defined]
+
+
+def test_a_host_no_longer_allowed_is_image_url_not_allowed() -> None:
+    reference = Reference("url", "https://no-longer-allowed.example.com/a.tif", '"e"', 10)
+    with pytest.raises(InputNotAllowed) as caught:
+        prepare(MemoryInputs(), reference, allowed=("other.example.com",))
+    assert caught.value.code == "image_url_not_allowed"
+
+
+@pytest.mark.parametrize(
+    ("status", "own", "error"),
+    [
+        (404, False, InputMissing),
+        (410, False, InputMissing),
+        (412, False, InputChanged),
+        (None, False, SourceUnavailable),  # no answer: a timeout, a reset connection, a short body
+        (503, False, SourceUnavailable),
+        (500, True, SourceUnavailable),
+        (429, False, SourceUnavailable),
+        (408, False, SourceUnavailable),
+        (403, False, InputRefused),  # an outside file no longer public: retrying cannot help
+        (401, False, InputRefused),
+        (400, False, InputRefused),
+        (200, False, InputRefused),  # a 200 to a range request: the host no longer serves ranges
+        (302, False, InputRefused),  # redirects are never followed
+        (403, True, SourceUnavailable),  # our own storage refusing our SAS: a role assignment still propagating
+        (401, True, SourceUnavailable),
+        (404, True, InputMissing),
+    ],
+)
+def test_a_failed_read_fails_the_job_by_its_status(status: int | None, own: bool, error: type[Exception]) -> None:
+    failure = read_error(status, "detail", own=own)
+    assert type(failure) is error
+    assert failure.transient is (error is SourceUnavailable)
 
 
 # The CLI's block upload

@@ -20,6 +20,7 @@ from gpu_worker.settlement import (
 from shared.errors import (
     BusUnavailable,
     DatabaseUnavailable,
+    GeometryOutsideScene,
     InputMissing,
     InvalidImage,
     InvalidMessage,
@@ -27,6 +28,7 @@ from shared.errors import (
     StorageUnavailable,
     UnknownAnalysis,
 )
+from shared.inputs import InputChanged, InputNotAllowed, InputRefused
 
 MAX = 5
 POLICY = RetryPolicy(max_attempts=MAX, backoff=timedelta(seconds=10), backoff_max=timedelta(minutes=5))
@@ -36,6 +38,10 @@ PERMANENT = [
     InvalidMessage("bad envelope"),
     InvalidImage("not a TIFF"),
     InputMissing("blob gone"),
+    InputChanged("the blob's ETag changed"),
+    InputRefused("the host answered 403"),
+    InputNotAllowed("the host left IMAGE_URL_ALLOWED_HOSTS"),
+    GeometryOutsideScene("no field intersects the image"),
     UnknownAnalysis("model:nope"),
 ]
 RETRYABLE = [
@@ -55,7 +61,7 @@ def name(value: object) -> str:
 
 
 def test_every_permanent_error_of_the_hierarchy_is_in_the_table() -> None:
-    hierarchy = {cls for cls in PermanentError.__subclasses__() if cls.__module__ == "shared.errors"}
+    hierarchy = {cls for cls in PermanentError.__subclasses__() if cls.__module__.startswith("shared.")}
     assert {type(e) for e in PERMANENT} == hierarchy
 
 
