@@ -62,6 +62,7 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "missing_bands": (422, "Red and NIR bands required"),
     "no_valid_pixels": (422, "No valid pixels"),
     "upload_not_found": (422, "Upload not found"),
+    "upload_expired": (422, "Upload too old"),
     "image_unreachable": (422, "Image unreachable"),
     "invalid_geometry": (422, "Invalid geometry"),
     "too_many_fields": (422, "Too many fields"),

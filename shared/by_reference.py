@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
 from uuid import UUID
 
@@ -25,6 +26,10 @@ from shared.http_range import connection_pool, open_url
 from shared.inputs import InputChanged, Reference, check_url, parse_upload_id, upload_blob_name
 from shared.ranged import RangeSource, inspect_source
 from shared.rejection import Rejected
+
+# An upload must be submitted within this long of its last write (UPLOAD_MAX_AGE): the lifecycle rule deletes it
+# inputRetentionDays after that write, and its job (and retries) must find it.
+UPLOAD_MAX_AGE = timedelta(hours=24)
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +59,17 @@ class SubmitByReference(BaseModel):
     )
 
 
+class StoredSource(RangeSource, Protocol):
+    """A blob read by ranges, with when it was last written and whether it is a block blob."""
+
+    modified: datetime
+    block_blob: bool
+
+
 class InputSource(Protocol):
     """What this needs of :class:`shared.storage.BlobStore`."""
 
-    def open_input(self, blob_name: str, etag: str | None = None) -> RangeSource: ...
+    def open_input(self, blob_name: str, etag: str | None = None) -> StoredSource: ...
 
     def blob_name(self, url: str) -> str | None: ...
 
@@ -70,14 +82,23 @@ class Found:
     requests: int
 
 
-def find(upload_id: object, image_url: object, store: InputSource, limits: Limits, allowed: tuple[str, ...]) -> Found:
-    """The image a JSON submit names (exactly one of ``upload_id`` and ``image_url``), its header checked."""
+def find(
+    upload_id: object,
+    image_url: object,
+    store: InputSource,
+    limits: Limits,
+    allowed: tuple[str, ...],
+    max_upload_age: timedelta = UPLOAD_MAX_AGE,
+) -> Found:
+    """The image a JSON submit names (exactly one of ``upload_id`` and ``image_url``), its header checked; an upload
+    must have been written at most ``max_upload_age`` ago (UPLOAD_MAX_AGE)."""
     if (upload_id is None) == (image_url is None):
         raise Rejected("invalid_request_body", "give exactly one of upload_id and image_url")
     started = time.perf_counter()
     if upload_id is not None:
         name = upload_blob_name(parse_upload_id(upload_id))
-        found = _blob("upload", name, store, limits, "upload_not_found", "no upload with this id was committed")
+        found = _blob("upload", name, store, limits, "upload_not_found", "no upload with this id was committed",
+                      max_upload_age)  # fmt: skip
     else:
         try:
             own = store.blob_name(image_url) if isinstance(image_url, str) else None
@@ -94,9 +115,19 @@ def find(upload_id: object, image_url: object, store: InputSource, limits: Limit
     return found
 
 
-def _blob(kind: str, name: str, store: InputSource, limits: Limits, missing: str, detail: str) -> Found:
+def _blob(
+    kind: str,
+    name: str,
+    store: InputSource,
+    limits: Limits,
+    missing: str,
+    detail: str,
+    max_age: timedelta | None = None,
+) -> Found:
     try:
         source = store.open_input(name)
+        if max_age is not None:
+            _check_upload(source, max_age)
         header, chunks = inspect_source(source, limits)
     except InputMissing as e:
         raise Rejected(missing, detail) from e
@@ -104,6 +135,20 @@ def _blob(kind: str, name: str, store: InputSource, limits: Limits, missing: str
         raise Rejected("image_unreachable", "the blob changed while its header was read; submit again") from e
     reference = Reference("upload" if kind == "upload" else "blob", name, source.etag, source.size)
     return Found(reference, header, chunks.fetched, chunks.requests)
+
+
+def _check_upload(source: StoredSource, max_age: timedelta) -> None:
+    """An upload is read in place and expires by the images container's lifecycle rule (``inputRetentionDays`` after
+    its last write): one submitted long after it was written could be deleted before its job, or a retry, reads it.
+    Only a recent block blob is taken (the write SAS would let a client create an append or page blob)."""
+    if not source.block_blob:
+        raise Rejected(
+            "upload_not_found", "the upload is not a block blob: upload it in blocks (x-ms-blob-type: BlockBlob)"
+        )
+    age = datetime.now(UTC) - source.modified
+    if age > max_age:
+        hours = max_age.total_seconds() / 3600
+        raise Rejected("upload_expired", f"the upload was written more than {hours:g} h ago: upload the image again")
 
 
 def _external(url: str, limits: Limits) -> Found:

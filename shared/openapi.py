@@ -196,6 +196,7 @@ SUBMIT_PROBLEMS = (
     *("image_too_large", "too_many_bands", "bands_required", "band_count_mismatch", "invalid_bands", "missing_bands"),
     "no_valid_pixels",
     *("invalid_request_body", "invalid_upload_id", "invalid_image_url", "image_url_not_allowed", "upload_not_found"),
+    "upload_expired",
     *("image_unreachable", "invalid_geometry", "too_many_fields", "geometry_outside_scene"),
     *("backlog_full", "enqueue_failed", "database_unavailable", "storage_unavailable", "bus_unavailable"),
 )

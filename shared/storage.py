@@ -30,6 +30,7 @@ from azure.storage.blob import (
     BlobClient,
     BlobSasPermissions,
     BlobServiceClient,
+    BlobType,
     ContentSettings,
     LinearRetry,
     StorageErrorCode,
@@ -134,7 +135,7 @@ class BlobStore:
             raise
         if etag is not None and props.etag != etag:
             raise InputChanged(f"input blob {blob_name} has ETag {props.etag}, the job was accepted with {etag}")
-        return BlobRange(blob, props.size, props.etag)
+        return BlobRange(blob, props.size, props.etag, props.last_modified, props.blob_type == BlobType.BLOCKBLOB)
 
     def blob_name(self, url: str) -> str | None:
         """The name in the images container of the blob ``url`` names, when it is one of this account's (its query,
@@ -253,9 +254,10 @@ class BlobRange:
     """One blob read by ranges (:class:`shared.ranged.RangeSource`), every read conditional on the ETag it had
     when opened: a blob overwritten meanwhile raises :class:`InputChanged`, never mixes two versions."""
 
-    def __init__(self, blob: BlobClient, size: int, etag: str) -> None:
+    def __init__(self, blob: BlobClient, size: int, etag: str, modified: datetime, block_blob: bool) -> None:
         self._blob = blob
         self.size, self.etag = size, etag
+        self.modified, self.block_blob = modified, block_blob  # its last write; a client's SAS may make any type
 
     @_translated
     def read(self, offset: int, length: int) -> bytes:

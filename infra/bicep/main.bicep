@@ -84,8 +84,8 @@ param queueDefaultMessageTimeToLive string = 'P1D'
 ])
 param storageSku string = 'Standard_ZRS'
 
-@description('Days after which uploaded input images are deleted.')
-@minValue(1)
+@description('Days after which input images are deleted (at least 2: a direct upload may be submitted up to a day after it was written).')
+@minValue(2)
 param inputRetentionDays int = 7
 
 // ---------------------------------------------------------------------------------------------------- database

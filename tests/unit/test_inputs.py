@@ -47,8 +47,16 @@ ALLOWED = ("data.example.org", "*.cogs.example.net")
 class MemorySource:
     """A file read by ranges, as :class:`shared.storage.BlobRange` reads a blob."""
 
-    def __init__(self, data: bytes, etag: str = '"0x1"', fail: Exception | None = None) -> None:
+    def __init__(
+        self,
+        data: bytes,
+        etag: str = '"0x1"',
+        fail: Exception | None = None,
+        modified: datetime | None = None,
+        block_blob: bool = True,
+    ) -> None:
         self.data, self.etag, self.fail = data, etag, fail
+        self.modified, self.block_blob = modified or datetime.now(UTC), block_blob
         self.reads: list[tuple[int, int]] = []
 
     @property
@@ -535,3 +543,27 @@ def test_outside_files_are_refused_without_ranges_or_on_private_addresses() -> N
         assert len(server.requests) == 1
     finally:
         server.close()
+
+
+@pytest.mark.parametrize(
+    ("source", "code"),
+    [
+        (
+            MemorySource(geotiffs.real(geotiffs.RGBN), modified=datetime.now(UTC) - timedelta(hours=25)),
+            "upload_expired",
+        ),
+        (MemorySource(geotiffs.real(geotiffs.RGBN), block_blob=False), "upload_not_found"),
+    ],
+)
+def test_an_upload_must_be_a_recent_block_blob(source: MemorySource, code: str) -> None:
+    """Read in place, an upload expires by the lifecycle rule counted from its last write: one submitted a day later
+    could vanish before its job (or a retry) reads it. The write SAS also lets a client create an append or page
+    blob, which that rule does not delete."""
+    upload_id = uuid.uuid4()
+    inputs = MemoryInputs(**{upload_blob_name(upload_id): source})
+    with pytest.raises(Rejected) as refused:
+        find(str(upload_id), None, inputs, LIMITS, ALLOWED)
+    assert refused.value.code == code
+    assert source.reads == []  # refused before its header is read
+    fresh = MemorySource(geotiffs.real(geotiffs.RGBN), modified=datetime.now(UTC) - timedelta(hours=23))
+    assert find(str(upload_id), None, MemoryInputs(**{upload_blob_name(upload_id): fresh}), LIMITS, ALLOWED)

@@ -32,7 +32,7 @@ param resultsContainerName string = 'results'
 param deploymentContainerName string = 'deploymentpackage'
 
 @description('Days after which input images are deleted by the lifecycle rule (direct uploads under images/uploads/ too, submitted or not).')
-@minValue(1)
+@minValue(2)
 param inputRetentionDays int = 7
 
 @description('Days deleted blobs and containers stay recoverable (soft delete).')
@@ -122,8 +122,10 @@ resource deploymentContainer 'Microsoft.Storage/storageAccounts/blobServices/con
 }
 
 // One rule for the images container: job inputs ({job_id}/input.tif, a URL job's {job_id}/input.json) and direct
-// uploads (uploads/{id}/input.tif, docs/deploy.md): an upload never submitted expires like an input; a submitted one
-// is its job's input, read in place, and lives as long.
+// uploads (uploads/{id}/input.tif, docs/deploy.md): an upload never submitted expires like an input. A submitted one
+// is its job's input, read in place: submit takes only a block blob written in the last 24 h
+// (shared.by_reference.UPLOAD_MAX_AGE), so its job has inputRetentionDays less a day to run. Append blobs (which the
+// write SAS could create) expire too; page blobs are out of lifecycle management's reach and never become jobs.
 resource lifecycle 'Microsoft.Storage/storageAccounts/managementPolicies@2023-05-01' = {
   parent: account
   name: 'default'
@@ -138,6 +140,7 @@ resource lifecycle 'Microsoft.Storage/storageAccounts/managementPolicies@2023-05
             filters: {
               blobTypes: [
                 'blockBlob'
+                'appendBlob'
               ]
               prefixMatch: [
                 '${imagesContainerName}/'
