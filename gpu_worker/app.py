@@ -51,7 +51,15 @@ def _load_analyzer(settings: Settings) -> tuple[Analyzer, str, GpuProbe | None]:
     device = select_device(settings.worker_device)
     name = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
     probe = CudaProbe(device) if device.type == "cuda" else None
-    return TorchAnalyzer(device, models_dir, threads=settings.analysis_threads), name, probe
+    analyzer = TorchAnalyzer(device, models_dir, threads=settings.analysis_threads, batching=settings.analysis_batching)
+    return analyzer, name, probe
+
+
+def analyses(settings: Settings, device: str) -> int:
+    """Jobs analysed at once: ``WORKER_ANALYSES``, or by default 2 on CUDA (their windows share the cover MLP's
+    batches) and 1 elsewhere; never more than ``WORKER_JOBS_IN_FLIGHT``."""
+    wanted = settings.worker_analyses or (2 if device.startswith("cuda") else 1)
+    return min(wanted, settings.worker_jobs_in_flight)
 
 
 def pool_size(settings: Settings) -> int:
@@ -141,6 +149,7 @@ def run(settings: Settings, *, analyzer: Analyzer | None = None, max_jobs: int |
                 notifier=open_notifier(pool, client, settings.job_events_queue, timeout=settings.bus_send_timeout),
                 presence=presence,
                 in_flight=settings.worker_jobs_in_flight,
+                analyses=analyses(settings, device),
             )
             logger.info("worker ready on queues %s", ", ".join(settings.job_queues), extra={"action": "ready"})
             try:

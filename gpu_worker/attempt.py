@@ -20,14 +20,15 @@
   unhealthy.
 
 The guard runs from the claim to the settlement. The time limit counts the attempt's own work (downloading,
-analysing, uploading), not its waits in the pipeline (:mod:`gpu_worker.pipeline`) for the main thread or the
+analysing, uploading), not its waits in the pipeline (:mod:`gpu_worker.pipeline`) for a computing thread or the
 finishing thread: :meth:`AttemptGuard.pause` stops the clock, :meth:`AttemptGuard.resume` starts it again (and wakes
 the guard's thread, so that the limit is enforced on time); the lease is renewed all along. A timed-out attempt that
 is paused has stopped: it waits for its settlement, and the process does not exit for it.
 
 ``forced`` (the shutdown's :attr:`~gpu_worker.shutdown.Shutdown.forced`): once it is set, :meth:`check` raises
 :class:`~gpu_worker.settlement.Interrupted`, so a download or an upload (which poll their checkpoint) stops as
-promptly as the analysis, which the shutdown interrupts by a signal. ``on_stop``: called once, from whichever thread
+promptly as the analysis, which the shutdown interrupts by a signal in the main thread (at its next checkpoint in
+another computing thread). ``on_stop``: called once, from whichever thread
 saw it, when the attempt is seen lost or its cancellation requested (the consumer settles a flight that is waiting
 for its turn at once, :meth:`gpu_worker.pipeline.Pipeline.withdraw`).
 """

@@ -8,9 +8,11 @@ Each received message becomes one :class:`Flight`, which goes through the stages
   :class:`~gpu_worker.attempt.AttemptGuard` at once (lease renewal, time limit, cancellation) and its
   :class:`~gpu_worker.progress.Progress`, and its input is downloaded and checked
   (:meth:`~gpu_worker.handler.JobHandler.prepare`).
-* **compute** (the main thread): the analysis, inside :meth:`gpu_worker.shutdown.Shutdown.interruptible`: only it is
-  interruptible by a forced shutdown or its time limit (which interrupts the main thread only while its own attempt
-  is the one analysing; otherwise its next checkpoint stops it).
+* **compute** (a computing thread: the main thread, and with ``analyses`` above 1 as many others): the analysis. In
+  the main thread it runs inside :meth:`gpu_worker.shutdown.Shutdown.interruptible`, so a forced shutdown or its
+  time limit interrupts it at once (the time limit interrupts the main thread only while its own attempt is the one
+  analysing there); in another computing thread, and for an attempt not being analysed, its next checkpoint stops it
+  (every progress report checks the attempt, :meth:`~gpu_worker.attempt.AttemptGuard.check`).
 * **finish** (the finishing thread): upload the outputs and store the result (``succeed``, fenced by the attempt),
   then settle.
 
@@ -27,22 +29,21 @@ goes away (at its claim, or at its settlement) waits for it, locked, instead of 
 not deliveries; and an attempt cut short by an outage the probes confirm is not charged against ``JOB_MAX_ATTEMPTS``.
 
 Messages come from :class:`~gpu_worker.inbox.PriorityInbox` (``jobs-high`` first, ``jobs`` at least every
-``WORKER_HIGH_PRIORITY_BURST + 1`` jobs), each with the receiver that settles it, one per receive: a message
-received in a batch would wait, locked, for a slot of the pipeline. At most ``in_flight``
-(``WORKER_JOBS_IN_FLIGHT``) messages are in hand: with 1 the worker runs one message at a time, as a
-sequential loop does; above 1, the next job is received, claimed and downloaded, and the last one uploaded and
-settled, while one is analysed. A message prepared ahead is locked to this worker while another job is analysed, so
-an idle worker elsewhere cannot take it (see :mod:`gpu_worker.pipeline`). A drain (SIGTERM) stops receiving: every
-message in hand is analysed and settled within the grace. Past it, the job being analysed is interrupted, a download
-or upload under way stops at its next check (:mod:`gpu_worker.handler`), and every flight not already settling is
-released the same way (``Interrupted``: released uncharged, the next generation sent at once, by the pipeline's
-settling thread, not behind an upload); the consumer returns once all are settled, and only
-then is the shutdown ``drained``.
+``WORKER_HIGH_PRIORITY_BURST + 1`` jobs), each with the receiver that settles it, one per receive: a message received in
+a batch would wait, locked, for a slot of the pipeline. At most ``in_flight`` (``WORKER_JOBS_IN_FLIGHT``) messages are
+in hand: with 1 the worker runs one message at a time, as a sequential loop does; above 1, the next job is received,
+claimed and downloaded, and the last one uploaded and settled, while one is analysed (``analyses`` at once,
+``WORKER_ANALYSES``). A message prepared ahead is locked to this worker while another job is analysed, so an idle worker
+elsewhere cannot take it (see :mod:`gpu_worker.pipeline`). A drain (SIGTERM) stops receiving: every message in hand is
+analysed and settled within the grace. Past it, the job being analysed is interrupted, a download or upload under way
+stops at its next check (:mod:`gpu_worker.handler`), and every flight not already settling is released the same way
+(``Interrupted``: released uncharged, the next generation sent at once, by the pipeline's settling thread, not behind an
+upload); the consumer returns once all are settled, and only then is the shutdown ``drained``.
 
 After each transition that notifies (the claim; the settlement's succeed, fail or stop; a progress report that
 starts a stage) the job's webhook events are handed on (:meth:`shared.events.Notifier.flush`, thread-safe: the event
 store is on the pool, the sender has a lock); the worker's row in ``workers`` (:class:`~gpu_worker.registry.
-Presence`) names the job being analysed, or else the latest one in hand; the heartbeat file
+Presence`) names a job being analysed, or else the latest one in hand; the heartbeat file
 (:class:`~gpu_worker.heartbeat.Heartbeat`) records each thread's work.
 
 Metrics (:mod:`shared.metrics`): a claimed attempt counts as in flight until its settlement, which counts it as
@@ -163,6 +164,7 @@ class Consumer:
         notifier: Notifier,
         presence: Presence,
         in_flight: int = 1,
+        analyses: int = 1,
         progress_interval: float = 1.0,
     ) -> None:
         self._inbox = inbox
@@ -178,6 +180,7 @@ class Consumer:
         self._notifier = notifier
         self._presence = presence
         self._in_flight = in_flight
+        self._analyses = analyses
         self._progress_interval = progress_interval
         self._when_the_database_answers = DatabaseWait(breaker, shutdown.requested, heartbeat.beat)
         self._settler = Settler(jobs, publisher, locks, notifier, self._when_the_database_answers)
@@ -194,9 +197,9 @@ class Consumer:
 
     def run(self, *, max_jobs: int | None = None) -> int:
         """Consume until shutdown (or ``max_jobs`` messages); return the number of messages received, every one of
-        them settled by then. Call it from the main thread: the analysis runs there."""
+        them settled by then. Call it from the main thread: an analysis runs there."""
         self._fatal = None
-        self._pipeline = Pipeline(self, in_flight=self._in_flight, stopping=self._stopping)
+        self._pipeline = Pipeline(self, in_flight=self._in_flight, stopping=self._stopping, analyses=self._analyses)
         try:
             handled = self._pipeline.run(max_jobs)
         finally:
@@ -265,7 +268,8 @@ class Consumer:
             self._heartbeat.idle()
 
     def compute(self, flight: Flight) -> None:
-        """The analysis, in the main thread, interruptible (a forced shutdown, the attempt's time limit)."""
+        """The analysis, in a computing thread: in the main thread interruptible at once (a forced shutdown, the
+        attempt's time limit), in another at its next checkpoint."""
         job, guard, progress, prepared = flight.job, flight.guard, flight.progress, flight.prepared
         assert job is not None, "only a claimed attempt is prepared for the analysis"
         assert guard is not None
@@ -275,16 +279,17 @@ class Consumer:
         self._presence.computing(job.job_id)
         guard.resume()
         try:
-            with _active(flight.span), self._shutdown.interruptible(), self._analysing_now(flight):
+            with _active(flight.span), self._interruptible(flight):
                 guard.check()  # cancelled, taken over or timed out while it waited
                 with _stage(flight, "analysis"):
                     flight.output = self._handler.analyse(job, prepared, progress)
         except BaseException as e:  # Interrupted (a forced shutdown, at once if it came before), TimedOut, ...
             flight.error = e
         finally:
-            self._analysing = None  # even if an interruption landed inside _analysing_now's own exit
+            if threading.current_thread() is threading.main_thread():
+                self._analysing = None  # even if an interruption landed inside _analysing_now's own exit
             guard.pause()
-            self._presence.computing(None)
+            self._presence.computed(job.job_id)
             self._heartbeat.idle()
 
     def finish(self, flight: Flight) -> None:
@@ -410,6 +415,19 @@ class Consumer:
                             extra={**flight.fields, "action": "withdrawn"})  # fmt: skip
 
     @contextlib.contextmanager
+    def _interruptible(self, flight: Flight) -> Iterator[None]:
+        """In the main thread, the signal-interruptible block with ``flight`` as the one analysed there. Elsewhere
+        nothing interrupts the thread: only a forced shutdown already under way stops it here, as it would there;
+        later ones, and the time limit, stop it at its next checkpoint."""
+        if threading.current_thread() is not threading.main_thread():
+            if self._shutdown.forced.is_set():
+                raise Interrupted("shutdown forced before the job started")
+            yield
+            return
+        with self._shutdown.interruptible(), self._analysing_now(flight):
+            yield
+
+    @contextlib.contextmanager
     def _analysing_now(self, flight: Flight) -> Iterator[None]:
         with self._analysing_lock:
             self._analysing = flight
@@ -420,8 +438,9 @@ class Consumer:
                 self._analysing = None
 
     def _interrupt(self, flight: Flight, error: BaseException) -> None:
-        """The attempt's time limit: interrupt the main thread if this flight is the one it analyses; otherwise the
-        flight's next checkpoint raises (:meth:`AttemptGuard.check`)."""
+        """The attempt's time limit: interrupt the main thread if this flight is the one it analyses; otherwise (in
+        another computing thread, or not being analysed) the flight's next checkpoint raises
+        (:meth:`AttemptGuard.check`)."""
         with self._analysing_lock:
             if self._analysing is flight:
                 self._shutdown.interrupt(error)

@@ -2,10 +2,11 @@
 
 The consumer claims the job (:meth:`shared.jobs.JobStore.claim`) and runs the stages of the claimed
 :class:`~shared.jobs.Job`, each in the thread the pipeline gives it (:mod:`gpu_worker.pipeline`): :meth:`JobHandler.
-prepare` and :meth:`JobHandler.finish` do I/O in background threads, :meth:`JobHandler.analyse` the compute in the
-main thread. A stage returns or raises (a :mod:`shared.errors` error, :class:`AttemptLost`, :class:`Cancelled`, or
-anything else for a bug); the handler never settles the message: :mod:`gpu_worker.settlement` decides that. The
-:class:`Prepared` work directory lives until the consumer closes it, after the settlement.
+prepare` and :meth:`JobHandler.finish` do I/O in background threads, :meth:`JobHandler.analyse` the compute in a
+computing thread (the main thread, and with ``WORKER_ANALYSES`` above 1 others). A stage returns or raises (a
+:mod:`shared.errors` error, :class:`AttemptLost`, :class:`Cancelled`, or anything else for a bug); the handler never
+settles the message: :mod:`gpu_worker.settlement` decides that. The :class:`Prepared` work directory lives until the
+consumer closes it, after the settlement.
 
 Fencing: outputs go under ``results/{job_id}/{attempt}/``, and the result is stored by ``succeed`` for this attempt
 only. At every checkpoint (between stages, and at each progress report: :mod:`gpu_worker.progress`) the attempt
@@ -30,7 +31,7 @@ started are dropped, those under way are waited for, and then every file the att
 (best-effort: a file left behind is under the cancelled attempt's prefix, which no result names).
 
 The analysis (torch, rasterio) releases the GIL in its heavy parts, so the lease threads, the SDK's lock renewer and
-the pipeline's I/O threads keep running while a long job runs in the main thread.
+the pipeline's I/O threads keep running while a long job is analysed.
 """
 
 from __future__ import annotations

@@ -1,25 +1,31 @@
-"""The worker's pipeline: the I/O of the jobs before and after the one being analysed overlaps its analysis.
+"""The worker's pipeline: the I/O of the jobs before and after the ones being analysed overlaps their analysis.
 
-Four threads, a bounded number of messages in flight (``WORKER_JOBS_IN_FLIGHT``: received and not yet settled)::
+Threads, a bounded number of messages in flight (``WORKER_JOBS_IN_FLIGHT``: received and not yet settled) and of
+analyses at once (``WORKER_ANALYSES``)::
 
     preparing thread   receive -> prepare (decode, claim, download) ──► ready ──┐
-    calling (main)     compute (the analysis), one at a time      ◄───────────┘ ──► finishing (or settling)
+    computing threads  compute (the analysis): the main thread and       ◄──────┘ ──► finishing (or settling)
+                       analyses - 1 more, one item each at a time
     finishing thread   finish (upload, store the result) -> settle, then free the message's slot
     settling thread    finish an item that has an error (nothing to upload: settle it), then free its slot
 
 The preparing thread takes a slot before each receive and the finishing (or settling) thread gives it back once the
 message is settled, so at most ``in_flight`` messages are in hand; with 1 the worker is strictly sequential (the
-next message is received only once the last one is settled). The analysis stays in the thread that calls
-:meth:`Pipeline.run` (the main thread: :mod:`gpu_worker.shutdown` interrupts only it, with a signal). An item that
-fails (or has nothing to run) while it is prepared goes straight to be settled: the stages record what they raised
-in the item (:attr:`Item.error`), and one that escapes a stage (a bug) is recorded there too. An item with an error
-goes to the settling thread, not the finishing one, so that its settlement (a release, at a forced shutdown) never
-waits behind another item's upload. :meth:`Pipeline.withdraw` settles an item that waits for the main thread at once
-(its job was cancelled, or lost, meanwhile).
+next message is received only once the last one is settled). With ``analyses`` 1 (the default on the CPU) the
+analysis stays in the thread that calls :meth:`Pipeline.run`, the main thread, which :mod:`gpu_worker.shutdown`
+interrupts with a signal. With more (the default on CUDA: jobs analysed at once share the GPU's batches,
+:mod:`gpu_worker.analysis.batcher`), the other computing threads are interrupted at the analysis' next checkpoint
+instead (each progress report checks its attempt, :mod:`gpu_worker.attempt`). An item that fails (or has nothing to
+run) while it is prepared goes straight to be settled: the stages record what they raised in the item
+(:attr:`Item.error`), and one that escapes a stage (a bug) is recorded there too. An item with an error goes to the
+settling thread, not the finishing one, so that its settlement (a release, at a forced shutdown) never waits behind
+another item's upload. :meth:`Pipeline.withdraw` settles an item that waits for a computing thread at once (its job
+was cancelled, or lost, meanwhile).
 
 The trade-off of ``in_flight`` above 1: a message prepared ahead is locked to this worker, and its job claimed,
 while another job is analysed, so an idle worker elsewhere cannot take it; a worker that dies takes that many
-messages with it (their locks and leases run out, and they are run again elsewhere).
+messages with it (their locks and leases run out, and they are run again elsewhere). ``analyses`` is at most
+``in_flight`` (more could never be busy).
 
 Stopping (``stopping()`` true: a drain, or a fatal error): the preparing thread receives no more; what it is
 preparing, and what is ready, is still computed (a forced shutdown makes that computation end at once, see
@@ -62,7 +68,7 @@ class Stages(Protocol[T]):
         ...
 
     def compute(self, item: T) -> None:
-        """In the thread that runs the pipeline (the main thread), one item at a time."""
+        """In a computing thread (the main thread, which runs the pipeline, or another), one item at a time each."""
         ...
 
     def finish(self, item: T) -> None:
@@ -71,18 +77,22 @@ class Stages(Protocol[T]):
 
 
 class Pipeline(Generic[T]):
-    def __init__(self, stages: Stages[T], *, in_flight: int, stopping: Callable[[], bool]) -> None:
+    def __init__(self, stages: Stages[T], *, in_flight: int, stopping: Callable[[], bool], analyses: int = 1) -> None:
         if in_flight < 1:
             raise ValueError(f"in_flight must be at least 1, not {in_flight}")
+        if not 1 <= analyses <= in_flight:
+            raise ValueError(f"analyses must be between 1 and in_flight ({in_flight}), not {analyses}")
         self._stages = stages
+        self._analyses = analyses
         self._stopping = stopping
         self._slots = threading.Semaphore(in_flight)
-        self._ready: queue.SimpleQueue[T | None] = queue.SimpleQueue()  # None: the preparing thread is done
+        self._ready: queue.SimpleQueue[T | None] = queue.SimpleQueue()  # None (one per computing thread): no more
         self._finishing: queue.SimpleQueue[T | None] = queue.SimpleQueue()  # None: nothing more will come
         self._settling: queue.SimpleQueue[T | None] = queue.SimpleQueue()  # items with an error; None: as above
-        self._waiting: dict[int, T] = {}  # the items in ready (by id), not yet taken by the main thread
+        self._waiting: dict[int, T] = {}  # the items in ready (by id), not yet taken by a computing thread
         self._waiting_lock = threading.Lock()
         self._stop = threading.Event()  # set when a stage failed outside its item (a bug): receive no more
+        self._abandoned = threading.Event()  # an error escaped the main thread's computing loop
         self._failure: BaseException | None = None
         self.received = 0
 
@@ -96,16 +106,22 @@ class Pipeline(Generic[T]):
         settling = threading.Thread(
             target=self._finish_all, args=(self._settling,), name="pipeline-settle", daemon=True
         )
-        finishing.start()
-        settling.start()
-        preparing.start()
+        computing = [
+            threading.Thread(target=self._compute_more, name=f"pipeline-compute-{n}", daemon=True)
+            for n in range(1, self._analyses)
+        ]
+        for thread in (finishing, settling, *computing, preparing):
+            thread.start()
         try:
-            while (item := self._ready.get()) is not None:
-                if self._take(item):
-                    self._compute(item)
+            self._compute_all()
+        except BaseException:  # a bug: the other computing threads take no more either
+            self._abandoned.set()
+            raise
         finally:  # whatever ended the loop, every item received is finished
             self._stop.set()
             preparing.join()
+            for thread in computing:
+                thread.join()
             self._skip_the_rest()
             self._finishing.put(None)
             self._settling.put(None)
@@ -141,10 +157,25 @@ class Pipeline(Generic[T]):
         except BaseException as e:  # a bug in receive: receive no more; what is in flight still finishes
             self._failed(e)
         finally:
-            self._ready.put(None)
+            for _ in range(self._analyses):
+                self._ready.put(None)
+
+    def _compute_all(self) -> None:
+        """A computing thread: take the ready items, in order, until the preparing thread is done. Once an error
+        has escaped the main thread's loop (a bug), the rest are left to :meth:`_skip_the_rest`."""
+        while (item := self._ready.get()) is not None:
+            if not self._abandoned.is_set() and self._take(item):
+                self._compute(item)
+
+    def _compute_more(self) -> None:
+        """A computing thread besides the main one; an error escaping it is a bug, which stops the pipeline."""
+        try:
+            self._compute_all()
+        except BaseException as e:
+            self._failed(e)
 
     def withdraw(self, item: T, error: BaseException) -> bool:
-        """If ``item`` waits for the main thread (prepared, not yet computed), take it out of the line with ``error``
+        """If ``item`` waits for a computing thread (prepared, not yet computed), take it out of the line with ``error``
         and have it settled now (from any thread); ``False`` if it is not waiting (being computed, or past that)."""
         with self._waiting_lock:
             if self._waiting.pop(id(item), None) is None:
@@ -155,7 +186,7 @@ class Pipeline(Generic[T]):
         return True
 
     def _take(self, item: T) -> bool:
-        """The main thread takes ``item`` from the line, unless it was withdrawn meanwhile."""
+        """A computing thread takes ``item`` from the line, unless it was withdrawn meanwhile."""
         with self._waiting_lock:
             return self._waiting.pop(id(item), None) is not None
 
@@ -177,10 +208,11 @@ class Pipeline(Generic[T]):
                 self._slots.release()
 
     def _skip_the_rest(self) -> None:
-        """Items still waiting when the loop ended early (only an error escaping it does that, a bug: the signal's
-        ``Interrupted`` is raised inside the compute stage only), the one it had just taken off the line included:
-        finished uncomputed, as interrupted. Nothing is wrong with them, so they are released like a drain's, without
-        charging an attempt (:func:`gpu_worker.settlement.decide`)."""
+        """Items still waiting when the main thread's loop ended early (only an error escaping it does that, a bug: the
+        signal's ``Interrupted`` is raised inside the compute stage only), the one it had just taken off the line
+        included, and those the other computing threads left once it had: finished uncomputed, as interrupted.
+        Nothing is wrong with them, so they are released like a drain's, without charging an attempt
+        (:func:`gpu_worker.settlement.decide`)."""
         with self._waiting_lock:
             left, self._waiting = list(self._waiting.values()), {}
         for item in left:

@@ -1,13 +1,13 @@
 """This worker's row in ``workers`` (:class:`shared.workers.WorkerRegistry`), kept fresh while the process runs.
 
-A daemon thread beats every ``WORKER_REGISTRY_INTERVAL`` seconds, also while a long job keeps the consumer busy, and
-at once when the job in hand changes, so ``current_job`` is current. The pipeline (:mod:`gpu_worker.pipeline`) may
-hold several claimed jobs at once, but the row names one: the job being analysed, or else the latest one claimed
-that is still in hand (one job in flight: the job from its claim to its settlement). The consumer's threads tell it
-(:meth:`Presence.holding`, :meth:`Presence.computing`, :meth:`Presence.released`, under a lock). It
-starts by deleting a row left under the same id by a process that died (``started_at`` is this process's).
-:meth:`Presence.close` stops it and deletes the row. A database error is logged (once per outage) and never stops
-the worker: the row is written again at the next beat.
+A daemon thread beats every ``WORKER_REGISTRY_INTERVAL`` seconds, also while a long job keeps the consumer busy, and at
+once when the job in hand changes, so ``current_job`` is current. The pipeline (:mod:`gpu_worker.pipeline`) may hold
+several claimed jobs at once, and analyse more than one, but the row names one: the first of the jobs being analysed, or
+else the latest one claimed that is still in hand (one job in flight: the job from its claim to its settlement). The
+consumer's threads tell it (:meth:`Presence.holding`, :meth:`Presence.computing`, :meth:`Presence.computed`,
+:meth:`Presence.released`, under a lock). It starts by deleting a row left under the same id by a process that died
+(``started_at`` is this process's). :meth:`Presence.close` stops it and deletes the row. A database error is logged
+(once per outage) and never stops the worker: the row is written again at the next beat.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class Presence:
         self._interval = interval
         self._job: UUID | None = None  # what the row names
         self._held: dict[UUID, None] = {}  # the claimed jobs in hand, in claim order
-        self._computing: UUID | None = None
+        self._computing: dict[UUID, None] = {}  # the jobs being analysed, in the order they started
         self._lock = threading.Lock()
         self._changed = threading.Event()
         self._stop = threading.Event()
@@ -54,10 +54,16 @@ class Presence:
             self._held[job_id] = None
             self._show()
 
-    def computing(self, job_id: UUID | None) -> None:
-        """The job being analysed (``None``: none)."""
+    def computing(self, job_id: UUID) -> None:
+        """A job's analysis starts (until :meth:`computed`)."""
         with self._lock:
-            self._computing = job_id
+            self._computing[job_id] = None
+            self._show()
+
+    def computed(self, job_id: UUID) -> None:
+        """A job's analysis is over (whatever its end)."""
+        with self._lock:
+            self._computing.pop(job_id, None)
             self._show()
 
     def released(self, job_id: UUID) -> None:
@@ -67,8 +73,8 @@ class Presence:
             self._show()
 
     def _show(self) -> None:
-        """Name the job being analysed, else the latest held; written at once by the thread when it changes."""
-        shown = self._computing or next(reversed(self._held), None)
+        """Name the first job being analysed, else the latest held; written at once by the thread when it changes."""
+        shown = next(iter(self._computing), None) or next(reversed(self._held), None)
         if shown != self._job:
             self._job = shown
             self._changed.set()

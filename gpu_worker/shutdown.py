@@ -15,8 +15,9 @@ every message in hand.
 The same path interrupts one job without a shutdown: :meth:`Shutdown.interrupt` (the attempt's time limit, see
 :mod:`gpu_worker.attempt`) has the handler raise the given exception inside :meth:`Shutdown.interruptible`.
 
-Signal handlers only run in the main thread, so the analysis runs there (the pipeline's I/O threads are never
-interrupted); other threads (grace timer, preemption watcher, an attempt's time limit) wake it with
+Signal handlers only run in the main thread, so an analysis runs there (the pipeline's I/O threads are never
+interrupted; its other computing threads, with ``WORKER_ANALYSES`` above 1, stop at their analysis' next checkpoint,
+:mod:`gpu_worker.pipeline`); other threads (grace timer, preemption watcher, an attempt's time limit) wake it with
 ``pthread_kill(main, SIGUSR1)``, which also interrupts a blocking system call.
 
 A signal handler runs between any two bytecodes of the main thread: inside another handler, inside

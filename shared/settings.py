@@ -103,6 +103,11 @@ class Settings(BaseModel):
     # time; 2 downloads the next job (or uploads the last) while one is analysed. Each extra one is a message locked
     # to this worker that an idle worker elsewhere cannot take.
     worker_jobs_in_flight: int = Field(2, alias="WORKER_JOBS_IN_FLIGHT", ge=1)
+    # Jobs a worker analyses at once, at most WORKER_JOBS_IN_FLIGHT (gpu_worker.pipeline). 0: 1 on the CPU (the torch
+    # threads are sized for one analysis), 2 on CUDA (two scenes' windows share the GPU's cover-MLP batches).
+    worker_analyses: int = Field(0, alias="WORKER_ANALYSES", ge=0)
+    # The cover MLP through the process's dynamic batcher (gpu_worker.analysis.batcher). Unset: on CUDA only.
+    analysis_batching: bool | None = Field(None, alias="ANALYSIS_BATCHING")
     worker_registry_interval: float = Field(15.0, alias="WORKER_REGISTRY_INTERVAL")  # heartbeat row in Postgres
     worker_preemption_watch: bool = Field(False, alias="WORKER_PREEMPTION_WATCH")  # Azure Scheduled Events (Spot VMs)
     models_dir: str | None = Field(None, alias="MODELS_DIR")
@@ -122,6 +127,8 @@ class Settings(BaseModel):
             raise ValueError("set DATABASE_URL, or POSTGRES_HOST and POSTGRES_USER for Entra authentication")
         if self.job_timeout <= self.job_lease:
             raise ValueError("JOB_TIMEOUT must be longer than JOB_LEASE")
+        if self.worker_analyses > self.worker_jobs_in_flight:
+            raise ValueError("WORKER_ANALYSES must be at most WORKER_JOBS_IN_FLIGHT")
         return self
 
     @property

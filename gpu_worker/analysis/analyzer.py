@@ -23,15 +23,24 @@ class Analyzer:
     an invalid manifest raises :class:`gpu_worker.analysis.models.ManifestError` here, at worker start).
     ``analyse`` raises InvalidImage / UnknownAnalysis (permanent errors) and never touches Azure."""
 
-    def __init__(self, device: torch.device, models_dir: Path | None = None, *, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        models_dir: Path | None = None,
+        *,
+        threads: int | None = None,
+        batching: bool | None = None,
+    ) -> None:
         """``threads``: CPU threads for torch, LightGBM and GDAL's block decoding (``Settings.analysis_threads``);
-        None leaves each library's default (all cores), which is right for one process alone on a machine."""
+        None leaves each library's default (all cores), which is right for one process alone on a machine.
+        ``batching``: the cover MLP through the process's dynamic batcher, shared by the scenes analysed at once
+        (``ANALYSIS_BATCHING``; None: on CUDA only)."""
         self.device = device
         self.models_dir = models_dir
         self.threads = threads
         if threads is not None:
             torch.set_num_threads(threads)
-        self._crop_health = CropHealth(device, threads=threads)
+        self._crop_health = CropHealth(device, threads=threads, cover_batching=batching)
         self._models = ModelAnalysis(ModelRegistry(models_dir, device))
 
     def analyse(self, image_path: Path, request: AnalysisRequest, workdir: Path) -> AnalysisOutput:

@@ -26,7 +26,7 @@ from gpu_worker.analysis import AnalysisOutput, AnalysisRequest
 from gpu_worker.app import run
 from shared.jobs import JobStatus
 from shared.storage import BlobStore
-from tests.integration.worker_helpers import FIELDS, StackFactory, WorkerStack
+from tests.integration.worker_helpers import DATA, FIELDS, StackFactory, WorkerStack
 from tests.integration.worker_helpers import stack_factory as stack_factory
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -244,4 +244,40 @@ def test_a_forced_shutdown_releases_the_analysed_and_prepared_jobs_uncharged_and
     assert [(stack.job(j).status, stack.job(j).attempts) for j in (j2, j3, j4)] == [
         (JobStatus.SUCCEEDED, 2), (JobStatus.SUCCEEDED, 2), (JobStatus.SUCCEEDED, 1),
     ]  # fmt: skip
+    assert (stack.queued(), stack.dead_letters()) == ([], [])
+
+
+L1C = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12"]
+
+
+def test_two_analyses_at_once_share_the_cover_batches_and_give_the_results_of_one_at_a_time(
+    stack: WorkerStack, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The real analysis (torch, on the CPU) with WORKER_ANALYSES 2 and ANALYSIS_BATCHING (the CUDA path): the two
+    scenes' cover MLP rows travel in shared batches, and each job's result is the one a worker analysing one job at
+    a time, unbatched, stores. A cover batch waits up to 3 s for rows (instead of 5 ms), so that sharing does not
+    depend on timing (the second scene's rows come a fraction of a second after the first's): the two scenes are one
+    window each, and a batch with rows of two requests holds both."""
+    monkeypatch.setattr("gpu_worker.analysis.crop_health.COVER_MAX_WAIT", 3.0)
+    scenes = [DATA / "s2_l1c_fields_256.tif", DATA / "s2_l1c_coast_256.tif"]
+    batched = [stack.submit(scene.read_bytes(), bands=L1C) for scene in scenes]
+    with caplog.at_level(logging.DEBUG, logger="gpu_worker.analysis.batcher"):
+        run(stack.settings(WORKER_DEVICE="cpu", WORKER_JOBS_IN_FLIGHT="2", WORKER_ANALYSES="2",
+                           ANALYSIS_BATCHING="true"), max_jobs=2)  # fmt: skip
+    shared = [r for r in caplog.records if getattr(r, "requests", 0) >= 2]
+    assert shared, [getattr(r, "requests", None) for r in caplog.records if r.name == "gpu_worker.analysis.batcher"]
+
+    one_at_a_time = [stack.submit(scene.read_bytes(), bands=L1C) for scene in scenes]
+    run(stack.settings(WORKER_DEVICE="cpu", WORKER_JOBS_IN_FLIGHT="1", ANALYSIS_BATCHING="false"), max_jobs=2)
+    for got, expected in zip(batched, one_at_a_time, strict=True):
+        result, reference = stack.job(got).result, stack.job(expected).result
+        assert stack.job(got).status is stack.job(expected).status is JobStatus.SUCCEEDED
+        assert result is not None
+        assert reference is not None
+        assert reference["cover"] is not None
+        # Rows in a GEMM of fewer than 12 round differently by up to one float32 ulp (gpu_worker/analysis/batcher.py).
+        assert result["cover"] == pytest.approx(reference["cover"], rel=1e-9)
+        assert {k: v for k, v in result.items() if k not in {"cover", "outputs"}} == {
+            k: v for k, v in reference.items() if k not in {"cover", "outputs"}
+        }
     assert (stack.queued(), stack.dead_letters()) == ([], [])

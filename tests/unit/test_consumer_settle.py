@@ -141,7 +141,13 @@ class Notifier:
 
 class World:
     def __init__(
-        self, tmp_path: Path, jobs: InMemoryJobStore, *, in_flight: int = 1, shutdown: Shutdown | None = None
+        self,
+        tmp_path: Path,
+        jobs: InMemoryJobStore,
+        *,
+        in_flight: int = 1,
+        analyses: int = 1,
+        shutdown: Shutdown | None = None,
     ) -> None:
         self.jobs = jobs
         self.shutdown = shutdown or Shutdown(grace=300)
@@ -175,6 +181,7 @@ class World:
             notifier=self.notifier,
             presence=self.presence,
             in_flight=in_flight,
+            analyses=analyses,
         )
 
     def process(self, message: Message) -> None:
@@ -204,8 +211,8 @@ class World:
 
 @pytest.fixture
 def make_world(tmp_path: Path) -> Iterator[Callable[..., World]]:
-    """``make_world(jobs, in_flight=1, shutdown=None)``: a world on that job store (a subclass that fails where a
-    test needs it)."""
+    """``make_world(jobs, in_flight=1, analyses=1, shutdown=None)``: a world on that job store (a subclass that fails
+    where a test needs it)."""
     worlds: list[World] = []
 
     def make(jobs: InMemoryJobStore | None = None, **kwargs: Any) -> World:

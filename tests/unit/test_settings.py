@@ -131,3 +131,17 @@ def test_analysis_threads_share_the_cpus_among_the_worker_processes() -> None:
     assert env["WORKER_PROCESSES"] == "2"
     assert env["OMP_NUM_THREADS"] == str(Settings.from_env(env).analysis_threads)
     assert worker_env({**LOCAL, "WORKER_THREADS": "5"}, 2)["OMP_NUM_THREADS"] == "5"
+
+
+def test_analyses_at_once_default_by_device_and_never_exceed_the_messages_in_flight() -> None:
+    from gpu_worker.app import analyses
+
+    settings = Settings.from_env(LOCAL)
+    assert (analyses(settings, "cpu"), analyses(settings, "cuda:0 (NVIDIA H100)")) == (1, 2)
+    one = Settings.from_env({**LOCAL, "WORKER_JOBS_IN_FLIGHT": "1"})
+    assert analyses(one, "cuda:0 (NVIDIA H100)") == 1
+    assert analyses(Settings.from_env({**LOCAL, "WORKER_ANALYSES": "3", "WORKER_JOBS_IN_FLIGHT": "4"}), "cpu") == 3
+    with pytest.raises(ValidationError, match="WORKER_ANALYSES must be at most WORKER_JOBS_IN_FLIGHT"):
+        Settings.from_env({**LOCAL, "WORKER_ANALYSES": "3"})
+    assert Settings.from_env(LOCAL).analysis_batching is None
+    assert Settings.from_env({**LOCAL, "ANALYSIS_BATCHING": "true"}).analysis_batching is True

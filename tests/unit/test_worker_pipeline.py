@@ -353,3 +353,61 @@ def test_a_job_cancelled_while_it_waits_for_the_analysis_is_settled_without_wait
     assert world.job(b).status is JobStatus.CANCELLED
     assert world.handler.runs == [1]  # b never analysed
     assert world.job(a).status is JobStatus.SUCCEEDED
+
+
+def test_analyses_must_be_between_one_and_in_flight() -> None:
+    with pytest.raises(ValueError, match="analyses"):
+        Pipeline(Items(0), in_flight=2, stopping=lambda: False, analyses=3)
+    with pytest.raises(ValueError, match="analyses"):
+        Pipeline(Items(0), in_flight=2, stopping=lambda: False, analyses=0)
+
+
+def test_with_two_analyses_two_jobs_are_analysed_at_once_each_settled_once(make_world: Callable[..., World]) -> None:
+    """WORKER_ANALYSES 2: a's and b's analyses each wait (a barrier) until the other has started, which only two
+    computing threads allow; c runs after them. Each is run and settled once."""
+    world = make_world(in_flight=3, analyses=2)
+    a, b, c = (new_job(world.jobs) for _ in range(3))
+    for job in (a, b, c):
+        world.queue(job)
+    both = threading.Barrier(2, timeout=WAIT)
+    world.handler.before = hooked({a.job_id: both.wait, b.job_id: both.wait})
+    assert world.consumer.run(max_jobs=3) == 3
+    assert [world.job(j).status for j in (a, b, c)] == [JobStatus.SUCCEEDED] * 3
+    assert sorted(world.receiver.settled) == sorted(("complete", f"{j.job_id}:1", None) for j in (a, b, c))
+    assert world.handler.runs == [1, 1, 1]
+    assert in_hand(world.receiver.log) <= 3
+
+
+def test_a_forced_shutdown_stops_both_analyses_the_main_threads_by_signal_the_others_at_its_checkpoint(
+    make_world: Callable[..., World], shutdown: Shutdown
+) -> None:
+    """Two analyses at once when the shutdown is forced: the one in the main thread is interrupted by the signal,
+    the other stops at its next progress report; both are released uncharged, their next generation sent at once."""
+    world = make_world(in_flight=2, analyses=2, shutdown=shutdown)
+    a, b = (new_job(world.jobs) for _ in range(2))
+    for job in (a, b):
+        world.queue(job)
+    both = threading.Barrier(2, timeout=WAIT)
+    threads: dict[UUID, bool] = {}
+
+    def analyse(job: Job, progress: Reporter) -> None:
+        threads[job.job_id] = threading.current_thread() is threading.main_thread()
+        both.wait()
+        if job.job_id == a.job_id:
+            shutdown.request("SIGTERM")
+            shutdown.request("SIGTERM again")
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:  # interrupted in here: by the signal, or at a checkpoint
+            progress.report("indices", 0.5)
+            time.sleep(0.01)
+        pytest.fail("the analysis was not interrupted")
+
+    world.handler.before = analyse
+    assert world.consumer.run() == 2
+    assert sorted(threads.values()) == [False, True]  # one in the main thread, one in another
+    for job in (a, b):
+        now = world.job(job)
+        assert (now.status, now.generation, now.attempts, now.drains, now.charged) == (JobStatus.QUEUED, 2, 1, 1, 0)
+    assert sorted(m.message_id for m, _ in world.publisher.sent) == sorted(f"{j.job_id}:2" for j in (a, b))
+    assert sorted(world.receiver.settled) == sorted(("complete", f"{j.job_id}:1", None) for j in (a, b))
+    assert [e for e in world.handler.events if e[0] == "analysed"] == []

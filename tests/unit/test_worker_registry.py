@@ -30,7 +30,7 @@ def test_the_row_appears_at_start_names_the_job_in_hand_at_once_and_goes_on_clos
     assert registry.beats == [None, job, None]
 
 
-def test_with_several_jobs_in_hand_the_row_names_the_one_analysed_else_the_latest_claimed() -> None:
+def test_with_several_jobs_in_hand_the_row_names_the_first_analysed_else_the_latest_claimed() -> None:
     registry = InMemoryWorkerRegistry()
     presence = Presence(registry, "w", "h", "cpu", interval=60).start()
     registry.wait_for(1)
@@ -39,16 +39,18 @@ def test_with_several_jobs_in_hand_the_row_names_the_one_analysed_else_the_lates
         (presence.holding, first, first),
         (presence.computing, first, first),  # no change: no write
         (presence.holding, second, first),  # prepared ahead while the first is analysed
-        (presence.computing, None, second),  # the first is being finished: the latest in hand is named
+        (presence.computed, first, second),  # the first is being finished: the latest in hand is named
         (presence.holding, third, third),
         (presence.released, first, third),
         (presence.computing, second, second),
-        (presence.released, third, second),
-        (presence.computing, None, second),
-        (presence.released, second, None),
+        (presence.computing, third, second),  # two analysed at once (WORKER_ANALYSES 2): the first one started
+        (presence.computed, second, third),
+        (presence.released, second, third),
+        (presence.computed, third, third),
+        (presence.released, third, None),
     ]
     for call, argument, named in steps:
-        call(argument)  # type: ignore[arg-type]
+        call(argument)
         assert presence._job == named
     registry.wait_for(2)
     presence.close()
