@@ -20,7 +20,13 @@ runs every step on the CPU instead: a check of the script, not a GPU figure). St
 * ``cover_batching``: the fractional-cover MLP over ``--batch-jobs`` jobs of 128 x 128 pixels: one call per job
   vs one call on all of them stacked (what a cross-job batcher does): Mpx/s each and ``batched_over_unbatched``;
   ``batcher``: when ``gpu_worker/analysis/batcher.py`` is there, its ``DynamicBatcher`` (one submit per job) against
-  direct ``predict_pixels`` calls per job (``batcher_over_direct``), else why it was not measured.
+  direct ``predict_pixels`` calls per job (``batcher_over_direct``), else why it was not measured;
+* ``analyses_at_once``: the worker's analysis of ``--batch-jobs`` small real scenes (the 256 x 256 x 13 crops of
+  ``tests/data``, alternately), as its computing threads run them: one at a time with the cover MLP unbatched
+  (``WORKER_ANALYSES=1``, ``ANALYSIS_BATCHING=false``) against 2 and 4 threads sharing one analyzer whose cover MLP
+  goes through the dynamic batcher (``WORKER_ANALYSES=N``, ``ANALYSIS_BATCHING=true``): jobs/s each,
+  ``over_one_at_a_time``, the model calls, and the largest difference of any job's mean cover fractions from its
+  one-at-a-time result.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -181,6 +188,44 @@ def through_batcher(
     }  # fmt: skip
 
 
+SMALL_SCENES = (REPO / "tests/data/s2_l1c_fields_256.tif", REPO / "tests/data/s2_l1c_coast_256.tif")
+
+
+def analyses_at_once(device: torch.device, jobs: int, workdir: Path) -> dict[str, Any]:
+    """Jobs/s of ``jobs`` small scenes analysed one at a time, unbatched, and by 2 and 4 threads sharing one batched
+    analyzer (what the worker's computing threads do); see the module docstring."""
+    scenes = [SMALL_SCENES[i % len(SMALL_SCENES)] for i in range(jobs)]
+    request = AnalysisRequest("crop-health", [], 10000.0)
+
+    def run(analyzer: Analyzer, threads: int) -> tuple[float, list[list[float]]]:
+        def one(i: int) -> list[float]:
+            with tempfile.TemporaryDirectory(dir=workdir) as out:
+                cover = analyzer.analyse(scenes[i], request, Path(out)).result["cover"]
+                return [cover[k] for k in sorted(cover)]
+
+        analyzer.analyse(scenes[0], request, Path(tempfile.mkdtemp(dir=workdir)))  # warm-up, untimed
+        start = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            covers = list(pool.map(one, range(jobs)))
+        sync(device)
+        return time.perf_counter() - start, covers
+
+    seconds, reference = run(Analyzer(device, batching=False), 1)
+    result: dict[str, Any] = {"jobs": jobs, "scenes": [p.name for p in SMALL_SCENES],
+                              "one_at_a_time": {"jobs_per_s": round(jobs / seconds, 2)}}  # fmt: skip
+    for threads in (2, 4):
+        analyzer = Analyzer(device, batching=True)
+        took, covers = run(analyzer, threads)
+        batcher = getattr(analyzer._crop_health, "_batcher", None)
+        result[f"batched_{threads}_at_once"] = {
+            "jobs_per_s": round(jobs / took, 2), "over_one_at_a_time": round(seconds / took, 2),
+            "model_calls": batcher.batches if batcher is not None else None,
+            "max_abs_cover_mean_difference": max(abs(a - b) for x, y in zip(covers, reference, strict=True)
+                                                 for a, b in zip(x, y, strict=True)),
+        }  # fmt: skip
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (a dry run of the script)")
@@ -208,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             ratio = round(result["mpx_per_s"] / decoded[size]["mpx_per_s"], 4)
             report["sizes"][size] = {"end_to_end": result, "decode": decoded[size], "analysis_over_decode": ratio}
         report["cover_batching"] = cover_batching(device, args.batch_jobs, args.repeat)
+        report["analyses_at_once"] = analyses_at_once(device, args.batch_jobs, work)
         start = time.perf_counter()
         tile = cached_scene(args.tile_dir, args.tile_size)
         generated = time.perf_counter() - start
