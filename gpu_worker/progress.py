@@ -9,8 +9,9 @@ written at once, and only that write notifies (``notify=True``: the ``job.progre
 ``cover`` window by window, and once ``cover`` is reached, reports of ``indices`` only serve as checkpoints.
 
 The reports of one attempt come from the pipeline's threads in turn (:mod:`gpu_worker.pipeline`): ``download``
-from the preparing thread, the analysis' stages from the main thread, ``upload`` from the finishing thread (as each
-file completes), one stage after the other and never at once, so the reporter needs no lock.
+from the preparing thread, the analysis' stages from the computing thread that analyses it, ``upload`` from the
+finishing thread (as each file completes), one stage after the other and never at once, so the reporter needs no
+lock.
 
 Every report is a checkpoint (:meth:`gpu_worker.attempt.AttemptGuard.check`): each write returns the job, so a
 cancellation requested through the API (``cancel_requested_at``) is seen within about ``interval`` of a report, and

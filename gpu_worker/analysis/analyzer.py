@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import rasterio
+import rasterio.env
 import torch
 
 from gpu_worker.analysis.crop_health import CropHealth
@@ -14,7 +15,9 @@ from gpu_worker.analysis.request import AnalysisOutput, AnalysisRequest
 from shared.errors import UnknownAnalysis
 
 # GDAL's block cache defaults to 5 % of RAM; a fixed size keeps the worker's memory independent of the machine.
-# rasterio.Env hands an int to GDALSetCacheMax64, which takes *bytes* (256 alone would be a 256-byte cache).
+# rasterio hands an int to GDALSetCacheMax64, which takes *bytes* (256 alone would be a 256-byte cache). The cache is
+# one per process, so it is set once, not per analysis: a rasterio.Env that sets it puts the default back as it
+# exits, under any analysis still running in another thread (WORKER_ANALYSES above 1).
 GDAL_CACHE_BYTES = 256 * 1024 * 1024
 
 
@@ -40,12 +43,13 @@ class Analyzer:
         self.threads = threads
         if threads is not None:
             torch.set_num_threads(threads)
+        rasterio.env.set_gdal_config("GDAL_CACHEMAX", GDAL_CACHE_BYTES)
         self._crop_health = CropHealth(device, threads=threads, cover_batching=batching)
         self._models = ModelAnalysis(ModelRegistry(models_dir, device))
 
     def analyse(self, image_path: Path, request: AnalysisRequest, workdir: Path) -> AnalysisOutput:
         gdal_threads = self.threads if self.threads is not None else "ALL_CPUS"
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES, GDAL_NUM_THREADS=gdal_threads):
+        with rasterio.Env(GDAL_NUM_THREADS=gdal_threads):  # a config option: this thread's own
             return self._dispatch(image_path, request, workdir)
 
     def _dispatch(self, image_path: Path, request: AnalysisRequest, workdir: Path) -> AnalysisOutput:

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import json
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import rasterio
+import rasterio.env
 import torch
 from torch import nn
 
 from gpu_worker.analysis import AnalysisRequest, Analyzer
+from gpu_worker.analysis.analyzer import GDAL_CACHE_BYTES
 from gpu_worker.analysis.models import ManifestError
 from shared.errors import InvalidImage, UnknownAnalysis
 from tests.unit.test_models import NirOverRed  # 1x1 conv: class 1 (vegetation) where nir > 2 red
@@ -101,3 +104,18 @@ def test_invalid_manifest_fails_at_start(tmp_path: Path) -> None:
     (tmp_path / "bad" / "manifest.json").write_text("{not json")
     with pytest.raises(ManifestError, match="unreadable"):
         Analyzer(torch.device("cpu"), models_dir=tmp_path)
+
+
+def test_the_gdal_block_cache_stays_fixed_while_analyses_end_in_other_threads(
+    analyzer: Analyzer, tmp_path: Path
+) -> None:
+    """One cache per process, set once: an analysis ending in one computing thread does not put GDAL's default (5 %
+    of RAM) back under another still running (a per-analysis ``rasterio.Env(GDAL_CACHEMAX=...)`` did)."""
+    scene = Path(__file__).parents[1] / "data" / "s2_l1c_fields_256.tif"
+    request = AnalysisRequest("crop-health", [], 10000.0)
+    for n in range(2):
+        (tmp_path / str(n)).mkdir()
+    with ThreadPoolExecutor(2) as pool:
+        done = [pool.submit(analyzer.analyse, scene, request, tmp_path / str(n)) for n in range(2)]
+        assert [future.result().result["analysis"] for future in done] == ["crop-health"] * 2
+    assert rasterio.env.get_gdal_config("GDAL_CACHEMAX") == GDAL_CACHE_BYTES
