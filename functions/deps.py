@@ -94,7 +94,7 @@ def retry_after() -> int:
 def build(settings: Settings) -> Deps:
     # Imported here: only a request needs the SDKs, and a cold start that serves no request should not pay for them.
     from shared.bus import DeadLetterInbox, JobPublisher, servicebus_client
-    from shared.db import PostgresJobStore, open_pool
+    from shared.db import PostgresJobStore, QuickCheck, open_pool
     from shared.delivery import Deliverer, WebhookPolicy
     from shared.events import BusEventSender, EventStore, OutboxNotifier
     from shared.queue_stats import QueueStats
@@ -107,7 +107,7 @@ def build(settings: Settings) -> Deps:
     # If a later client cannot be built (a malformed connection string), close the ones already opened: every
     # request retries build(), and each failed try would otherwise leak a pool with its connections.
     with ExitStack() as opened:
-        pool = open_pool(settings, credential)
+        pool = open_pool(settings, credential, check=QuickCheck())
         opened.callback(pool.close)
         blobs = BlobStore.from_settings(settings, credential)
         opened.callback(blobs.close)

@@ -8,8 +8,10 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg
@@ -20,7 +22,7 @@ from psycopg_pool import ConnectionPool
 
 from gpu_worker.app import pool_size
 from local.postgres import PostgresServer
-from shared.db import PostgresJobStore, open_pool
+from shared.db import PostgresJobStore, QuickCheck, open_pool
 from shared.errors import DatabaseUnavailable
 from shared.jobs import IdempotencyConflict, JobStatus
 from shared.migrate import MigrationError, available, migrate
@@ -260,3 +262,58 @@ def test_the_workers_pool_has_a_connection_for_each_thread_that_may_use_one(
         held = [pool.getconn() for _ in range(max_size)]  # all at once: none waits DB_POOL_TIMEOUT
         for conn in held:
             pool.putconn(conn)
+
+
+class CountingCheck(QuickCheck):
+    """A QuickCheck that counts the empty queries it sends (the full check)."""
+
+    def __init__(self, fresh: float) -> None:
+        super().__init__(fresh)
+        self.full = 0
+
+    def __call__(self, conn: psycopg.Connection[Any]) -> None:
+        with _count_empty_queries(self, conn):
+            super().__call__(conn)
+
+
+@contextmanager
+def _count_empty_queries(check: CountingCheck, conn: psycopg.Connection[Any]) -> Iterator[None]:
+    execute = conn.execute
+
+    def counted(query: Any, *args: Any, **kwargs: Any) -> Any:
+        check.full += query == ""
+        return execute(query, *args, **kwargs)
+
+    conn.execute = counted  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del conn.execute
+
+
+def test_the_quick_check_skips_the_round_trip_only_for_a_fresh_idle_connection(database_url: str) -> None:
+    check = CountingCheck(fresh=60.0)
+    settings = settings_for(database_url, DB_POOL_MIN_SIZE="1", DB_POOL_MAX_SIZE="1")
+    with open_pool(settings, check=check) as pool:
+        for _ in range(3):
+            with pool.connection() as conn:
+                conn.execute("SELECT 1")
+        assert check.full == 1  # the first hand-out only: the connection was then fresh and had nothing to read
+        with pool.connection() as conn:
+            pid = conn.info.backend_pid
+        with psycopg.connect(database_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        time.sleep(0.2)  # the FATAL notice and the end of the stream arrive
+        with pool.connection() as conn:  # the dead connection failed its full check; a new one is handed out
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            assert conn.info.backend_pid != pid
+        assert check.full >= 2
+
+
+def test_the_quick_check_checks_a_connection_idle_for_longer_than_fresh(database_url: str) -> None:
+    check = CountingCheck(fresh=0.0)
+    with open_pool(settings_for(database_url, DB_POOL_MAX_SIZE="1"), check=check) as pool:
+        for _ in range(3):
+            with pool.connection() as conn:
+                conn.execute("SELECT 1")
+    assert check.full == 3
