@@ -28,9 +28,12 @@ def worker_throughput(r: dict[str, Any]) -> str:
         for workers, cell in by_workers.items():
             p, n = cell["project"], cell["naive"]
             rows.append([f"{name} ({shape}, {p['jobs']} jobs)", workers, p["jobs_per_s"], n["jobs_per_s"],
-                         f"**{cell['project_over_naive']}**", p["cpu_s_per_job"], n["cpu_s_per_job"]])  # fmt: skip
+                         f"**{cell['project_over_naive']}**", p["cpu_s_per_job"], n["cpu_s_per_job"],
+                         p.get("stack_cpu_s_per_job"), n.get("stack_cpu_s_per_job"), p.get("ceiling_jobs_per_s"),
+                         cell.get("ceiling_over_naive")])  # fmt: skip
     header = ["job set", "workers", "project jobs/s", "naive jobs/s", "project/naive", "project CPU s/job",
-              "naive CPU s/job"]  # fmt: skip
+              "naive CPU s/job", "project stack CPU s/job", "naive stack CPU s/job", "ceiling jobs/s",
+              "ceiling/naive"]  # fmt: skip
     return table(header, rows)
 
 

@@ -22,6 +22,15 @@ first send (``shared.submission.hand_over``: send, confirm) and stops at the las
 same interval (from ``/proc``), per job. Job sets: ``tiny`` (tests/data/s2_rgbn_fields_128.tif, 128x128x4),
 ``medium`` (tests/data/s2_l1c_fields_256.tif, 256x256x13), ``large`` (1024x1024x13, ``bench.analysis.make_scene``).
 ``project_over_naive`` = project jobs/s / naive jobs/s for the same job set and worker count.
+
+The stack shares the machine's cores with the consumers, so its CPU bounds what any consumer can reach. Over the same
+interval, ``stack_cpu_s_per_job``: user + system CPU seconds, per job, of the stack's processes (PostgreSQL, Azurite,
+the Service Bus emulator, the Functions host: each with its descendants, PostgreSQL's backends, and the children they
+reaped), ``stack_cpu_s_per_job_by_service`` the same per service. ``ceiling_jobs_per_s`` = usable cores / stack CPU s
+per job: the jobs/s of a consumer whose own CPU were zero (and the benchmark's, sending and polling, too).
+``ceiling_over_naive`` = the project's ceiling / naive jobs/s: the most ``project_over_naive`` could be.
+``cores_busy``: the consumers' and the stack's CPU seconds over the interval / (its seconds x usable cores), the share
+of the machine a run kept busy; at 1.0 a consumer can only go faster by using less CPU per job.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -97,6 +106,8 @@ class Bench:
         self.client = servicebus_client(self.settings)
         self.publisher = JobPublisher(self.client, self.settings.priority_queues)
         self.launcher = services.Launcher(root, REPO_ROOT, environ)
+        self.stack = {service["name"]: service["pid"] for service in state["services"]}  # the stack's processes
+        self.cores = len(os.sched_getaffinity(0))
 
     def close(self) -> None:
         self.publisher.close()  # closes the client too
@@ -143,19 +154,43 @@ class Bench:
 
     def run(self, jobs: list[Job], pids: list[int], timeout: float) -> dict[str, Any]:
         """Send the jobs' messages; wait until all succeeded. jobs/s from the first send to the last finish."""
-        cpu = cpu_seconds(pids)
+        cpu, stack = cpu_seconds(pids), stack_cpu_seconds(self.stack)
         started = datetime.now(UTC)
         for job in jobs:
             hand_over(job, self.jobs, self.publisher)
         sent = (datetime.now(UTC) - started).total_seconds()
         finished = self._wait([job.job_id for job in jobs], timeout)
-        after = cpu_seconds(pids)
+        after, stack_after = cpu_seconds(pids), stack_cpu_seconds(self.stack)
         used = None if cpu is None or after is None else after - cpu
         seconds = (finished - started).total_seconds()
         return {
             "jobs": len(jobs), "seconds": round(seconds, 3), "jobs_per_s": round(len(jobs) / seconds, 3),
             "cpu_s_per_job": None if used is None else round(used / len(jobs), 3), "send_seconds": round(sent, 3),
+            **self._stack_share(stack, stack_after, used, len(jobs), seconds),
         }  # fmt: skip
+
+    def _stack_share(
+        self,
+        before: Mapping[str, float] | None,
+        after: Mapping[str, float] | None,
+        consumers: float | None,
+        jobs: int,
+        seconds: float,
+    ) -> dict[str, Any]:
+        """The stack's CPU per job over a run, per service; the jobs/s it leaves room for on these cores; and the
+        share of the cores the consumers and the stack kept busy (``consumers``: their CPU seconds)."""
+        if before is None or after is None:
+            return {"stack_cpu_s_per_job": None, "stack_cpu_s_per_job_by_service": None, "ceiling_jobs_per_s": None,
+                    "cores_busy": None}  # fmt: skip
+        by_service = {name: (after[name] - before[name]) / jobs for name in before}
+        per_job = sum(by_service.values())
+        busy = None if consumers is None else (consumers + per_job * jobs) / seconds / self.cores
+        return {
+            "stack_cpu_s_per_job": round(per_job, 4),
+            "stack_cpu_s_per_job_by_service": {name: round(v, 4) for name, v in by_service.items()},
+            "ceiling_jobs_per_s": round(self.cores / per_job, 3) if per_job > 0 else None,
+            "cores_busy": None if busy is None else round(busy, 3),
+        }
 
     def _wait(self, job_ids: list[UUID], timeout: float) -> datetime:
         deadline = time.monotonic() + timeout
@@ -185,6 +220,38 @@ def cpu_seconds(pids: Sequence[int]) -> float | None:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def stack_cpu_seconds(roots: Mapping[str, int]) -> dict[str, float] | None:
+    """User + system CPU seconds of each named process with all its live descendants, each with the CPU of the
+    children it reaped (``cutime``, ``cstime``: a PostgreSQL backend that exited is in its postmaster's), or None
+    where /proc is not there. A descendant that exits between two calls moves into its parent's count: the
+    difference of two calls is the CPU the trees used in between."""
+    try:
+        entries = [entry.name for entry in os.scandir("/proc") if entry.name.isdigit()]
+    except OSError:
+        return None
+    parent, used = {}, {}
+    for name in entries:
+        try:
+            fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        pid = int(name)
+        parent[pid] = int(fields[1])
+        used[pid] = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime (fields 14 to 17 of proc(5))
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    out = {}
+    for service, root in roots.items():
+        total, todo = 0, [root]
+        while todo:
+            pid = todo.pop()
+            total += used.get(pid, 0)
+            todo.extend(children.get(pid, ()))
+        out[service] = total / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 def worker_settings(settings: Settings) -> dict[str, str]:
     """The project worker's ``WORKER_*`` settings as it sees them (defaults unless the environment sets them)."""
     fields = Settings.model_fields.items()
@@ -209,6 +276,8 @@ def measure(bench: Bench, sets: list[JobSet], workers: int, warmup: int, timeout
                 stop(service)
     for result in out.values():
         result["project_over_naive"] = round(result["project"]["jobs_per_s"] / result["naive"]["jobs_per_s"], 3)
+        ceiling = result["project"]["ceiling_jobs_per_s"]
+        result["ceiling_over_naive"] = None if ceiling is None else round(ceiling / result["naive"]["jobs_per_s"], 3)
     return out
 
 
@@ -246,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
             "project_over_naive": {
                 s.name: {n: by_workers[n][s.name]["project_over_naive"] for n in by_workers} for s in sets
             },
+            "ceiling_over_naive": {
+                s.name: {n: by_workers[n][s.name]["ceiling_over_naive"] for n in by_workers} for s in sets
+            },
             "results": {s.name: {n: by_workers[n][s.name] for n in by_workers} for s in sets},
             "job_sets": {s.name: s.describe() for s in sets},
             "warmup_jobs_per_process": args.warmup,
@@ -257,7 +329,12 @@ def main(argv: list[str] | None = None) -> int:
                 for n in counts
             },
             "worker_settings": worker_settings(bench.settings),
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_1m": os.getloadavg()[0]},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "usable_cores": bench.cores,
+                "python": platform.python_version(),
+                "load_1m": os.getloadavg()[0],
+            },
         }
         print(json.dumps(report, indent=2))
     except BaseException:
