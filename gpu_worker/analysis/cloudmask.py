@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gpu_worker.analysis.raster import as_float
+
 MODEL_FILE = Path(__file__).parent / "s2cloudless" / "pixel_s2_cloud_detector_lightGBM_v0.1.txt"
 MODEL_BANDS = ("B01", "B02", "B04", "B05", "B08", "B8A", "B09", "B10", "B11", "B12")
 VERSION = "s2cloudless-1.7.3 lightGBM-v0.1"
@@ -100,9 +102,11 @@ class CoarseGrid:
     """Valid-pixel block means of the detector's bands on a grid ``factor`` times coarser than the scene.
 
     :meth:`add` takes the values as stored (:attr:`gpu_worker.analysis.raster.Block.dn`) and ``scale`` turns the
-    means into reflectance. The sums are float64, which holds any sum of integer DNs exactly (below 2**53), so
+    means into reflectance. The running sums are float64, which holds any sum of integer DNs exactly (below 2**53), so
     integer data gives the exact block means whatever the summation order (float64 reductions also ran 4.5x faster
-    than int32/int64 ones here)."""
+    than int32/int64 ones here). A window's block sums are taken in float32 where that is exact too: integers of at
+    most 16 bits in blocks of at most 256 pixels (Sentinel-2's 16 x 16), whose partial sums all stay below 2**24;
+    that halves the memory the reduction reads (a window of ten bands: 40 MB instead of 80) and ran 4x faster."""
 
     def __init__(self, height: int, width: int, factor: int, device: torch.device, scale: float = 1.0) -> None:
         self.factor, self.scale = factor, scale
@@ -110,15 +114,21 @@ class CoarseGrid:
         self._sums = torch.zeros((len(MODEL_BANDS), *self.shape), dtype=torch.float64, device=device)
         self._counts = torch.zeros(self.shape, dtype=torch.float64, device=device)
 
+    def _sum_dtype(self, values: torch.Tensor) -> torch.dtype:
+        """float32 when every block sum of ``values`` and its partial sums are integers below 2**24, else float64."""
+        if values.is_floating_point() or values.is_complex() or values.element_size() > 2:
+            return torch.float64
+        return torch.float32 if self.factor**2 * 2 ** (8 * values.element_size()) <= 2**24 else torch.float64
+
     def add(self, row: int, col: int, values: torch.Tensor, valid: torch.Tensor) -> None:
         """Add a window whose top-left corner (``row``, ``col``) lies on the coarse grid."""
         f = self.factor
         if row % f or col % f:
             raise ValueError(f"window at ({row}, {col}) is not aligned to the {f}-pixel grid")
         ok = valid.all(dim=0)
-        x = values.to(torch.float64)
+        x = as_float(values, self._sum_dtype(values))
         if not bool(ok.all()):  # nodata somewhere: skip the select where there is none (most windows)
-            x = torch.where(ok, x, 0.0)
+            x.masked_fill_(~ok, 0.0)
         c, h, w = x.shape
         hc, wc = math.ceil(h / f), math.ceil(w / f)
         n = ok.to(torch.float64)
@@ -126,7 +136,7 @@ class CoarseGrid:
             x = F.pad(x, (0, wc * f - w, 0, hc * f - h))
             n = F.pad(n, (0, wc * f - w, 0, hc * f - h))
         r0, c0 = row // f, col // f
-        self._sums[:, r0 : r0 + hc, c0 : c0 + wc] += x.reshape(c, hc, f, wc, f).sum(dim=(2, 4))
+        self._sums[:, r0 : r0 + hc, c0 : c0 + wc] += x.reshape(c, hc, f, wc, f).sum(dim=(2, 4)).to(torch.float64)
         self._counts[r0 : r0 + hc, c0 : c0 + wc] += n.reshape(hc, f, wc, f).sum(dim=(1, 3))
 
     def reflectance(self) -> tuple[torch.Tensor, torch.Tensor]:

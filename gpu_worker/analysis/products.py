@@ -11,13 +11,21 @@ window's parts (:class:`~gpu_worker.analysis.placement.FieldPart`), and return t
   span most of a tile, and the cost of the COG copy follows its extent. One file per field rather than one per
   product: at most ``MAX_FIELDS`` + 1 uploads and signed links, and a client gets a field's products in one read.
   The band layout is fixed (a product the scene cannot give is all nodata), so band *i* always means the same.
+
+``finish`` makes the COG copies one after the other in a background thread (GDAL releases the GIL while it computes
+overviews and compresses) and renders the quicklook PNG (``quicklook_png``, the last file) in the calling thread as
+soon as the COGs it reads are done, while the others (the scene's cover COG) are still being copied: on a 1024 x 1024
+scene the quicklook (~35 ms) overlaps the cover's copy (~40 ms). The files are the same as when made one after the
+other. Three copies at once (:data:`COPY_THREADS` 3) were no faster within a whole job on two cores, and a full
+tile's peak RSS was 1.34 and 1.74 GB with them against 1.12 GB one at a time (one run each).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from affine import Affine
@@ -25,15 +33,49 @@ from rasterio.windows import Window
 
 from gpu_worker.analysis import quicklook
 from gpu_worker.analysis.cover import FRACTIONS
-from gpu_worker.analysis.outputs import COG_CONTENT_TYPE, RasterSink
+from gpu_worker.analysis.outputs import COG_CONTENT_TYPE, PNG_CONTENT_TYPE, RasterSink
 from gpu_worker.analysis.placement import Box, FieldPart, Placement
 from gpu_worker.analysis.request import Progress
 
 MASK_NODATA = 255
+COPY_THREADS = 1  # COG copies at a time (see the module docstring)
+QUICKLOOK = "quicklook_png"
 CLIP_BANDS = ("ndvi", "cloud", *(f"{f}_cover_percent" for f in FRACTIONS))
 _CLOUD, _COVER = 1, slice(2, 2 + len(FRACTIONS))  # band positions (0-based) in a clip
 
 Files = dict[str, tuple[Path, str]]
+K = TypeVar("K")
+
+
+def _finish_all(
+    sinks: Mapping[K, RasterSink],
+    needs: Collection[K],
+    render: Callable[[], Path],
+    progress: Progress,
+    done: Callable[[K, Path], None],
+) -> Path:
+    """Finish every sink (its COG copy) in a thread pool, and ``render`` the quicklook in this thread as soon as the
+    copies it ``needs`` are done, while the others go on; ``done`` hears of each finished file (by key) at once.
+    Returns the quicklook. The first error is raised once every copy has ended (the files not finished by then are
+    the caller's to discard)."""
+    error: BaseException | None = None
+    png: Path | None = None
+    with ThreadPoolExecutor(max(1, min(len(sinks), COPY_THREADS)), thread_name_prefix="cog") as pool:
+        futures = {key: pool.submit(sink.finish) for key, sink in sinks.items()}
+        steps = [k for k in futures if k in needs] + [None] + [k for k in futures if k not in needs]  # None: render
+        for step, key in enumerate(steps):
+            progress("outputs", step / len(steps))
+            try:
+                if key is not None:
+                    done(key, futures[key].result())
+                elif error is None:
+                    png = render()
+            except BaseException as e:  # re-raised below, once the other copies have ended
+                error = error or e
+    if error is not None:
+        raise error
+    assert png is not None
+    return png
 
 
 def clip_key(index: int) -> str:
@@ -69,10 +111,16 @@ class SceneProducts:
     def write_cover(self, window: Window, parts: list[FieldPart], percent: np.ndarray) -> None:
         self.sinks["cover_cog"].write(window, percent)
 
-    def finish(self, progress: Progress) -> Files:
-        for k, (key, sink) in enumerate(self.sinks.items()):  # the COG copies: GDAL work, seconds on a full tile
-            progress("outputs", k / (len(self.sinks) + 1))
-            self.files[key] = (sink.finish(), COG_CONTENT_TYPE)
+    def finish(self, progress: Progress, quicklook: Callable[[], Path]) -> Files:
+        """The COGs, and the ``quicklook`` (which reads the NDVI and cloud-mask COGs: :meth:`quicklook`) rendered
+        while the cover COG is copied."""
+
+        def done(key: str, path: Path) -> None:
+            self.files[key] = (path, COG_CONTENT_TYPE)
+
+        # the COG copies: GDAL work, seconds on a full tile
+        png = _finish_all(self.sinks, ("ndvi_cog", "cloud_mask_cog"), quicklook, progress, done)
+        self.files = {key: self.files[key] for key in self.sinks} | {QUICKLOOK: (png, PNG_CONTENT_TYPE)}
         return self.files
 
     def discard(self) -> None:
@@ -81,8 +129,9 @@ class SceneProducts:
                 sink.discard()
 
     def quicklook(self, out: Path, outlines: Sequence[Sequence[tuple[float, float]]]) -> Path:
-        cloud = self.files["cloud_mask_cog"][0] if "cloud_mask_cog" in self.files else None
-        return quicklook.render(self.files["ndvi_cog"][0], out, cloud, outlines=outlines)
+        """From the NDVI and cloud-mask COGs (:meth:`finish` calls it once they are done)."""
+        cloud = self.sinks["cloud_mask_cog"].path if "cloud_mask_cog" in self.sinks else None
+        return quicklook.render(self.sinks["ndvi_cog"].path, out, cloud, outlines=outlines)
 
 
 class FieldClips:
@@ -143,10 +192,15 @@ class FieldClips:
             first = _COVER.start + 1
             self.sinks[part.index].write(self._place(window, part), bands, indexes=list(range(first, first + 3)))
 
-    def finish(self, progress: Progress) -> Files:
-        for k, (i, sink) in enumerate(self.sinks.items()):
-            progress("outputs", k / (len(self.sinks) + 1))
-            self.files[clip_key(i)] = (sink.finish(), COG_CONTENT_TYPE)
+    def finish(self, progress: Progress, quicklook: Callable[[], Path]) -> Files:
+        """The clips, then the ``quicklook``, which reads every one of them (:meth:`quicklook`)."""
+
+        def done(i: int, path: Path) -> None:
+            self.files[clip_key(i)] = (path, COG_CONTENT_TYPE)
+
+        png = _finish_all(self.sinks, self.sinks.keys(), quicklook, progress, done)
+        keys = [clip_key(i) for i in self.sinks]
+        self.files = {key: self.files[key] for key in keys} | {QUICKLOOK: (png, PNG_CONTENT_TYPE)}
         return self.files
 
     def discard(self) -> None:
@@ -156,6 +210,6 @@ class FieldClips:
 
     def quicklook(self, out: Path, outlines: Sequence[Sequence[tuple[float, float]]]) -> Path:
         r = self.region
-        clips = [(self.files[clip_key(i)][0], box.col0 - r.col_off, box.row0 - r.row_off)
+        clips = [(self.sinks[i].path, box.col0 - r.col_off, box.row0 - r.row_off)
                  for i, box in self.boxes.items()]  # fmt: skip
         return quicklook.render_clips(clips, int(r.width), int(r.height), out, self.clouds, outlines=outlines)

@@ -30,6 +30,7 @@ from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -110,25 +111,44 @@ def gdal_errors_as_invalid_image(what: str, *, source: Input | None = None) -> I
         raise opener.error
 
 
+_NUMPY_FLOAT = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def as_float(dn: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A new tensor of ``dn``'s values in ``dtype`` (float32 or float64), never ``dn`` itself (callers work in place
+    on it). On the CPU through numpy, which converts uint16 (the usual stored type) 3-5x faster than torch here and
+    backs a large new array with huge pages: torch's fresh allocations of tens of MB cost more in page faults than
+    the conversion itself."""
+    if dn.device.type != "cpu":
+        return dn.to(dtype, copy=True)
+    converted: torch.Tensor = torch.from_numpy(dn.numpy().astype(_NUMPY_FLOAT[dtype]))
+    return converted
+
+
 @dataclass(frozen=True)
 class Block:
     """One window: ``values`` float32 reflectance [C, h, w], ``valid`` bool [C, h, w] (not nodata, finite).
 
     float32: reflectance has at most 16 bits of data (DN / scale), and the indices computed from it agree with a
     float64 numpy reference within 1e-6 relative in their statistics (tests/unit/test_analysis_indices.py); float64
-    made the element-wise work 5x slower. Accumulations (statistics, the cloud grid's block sums) are in float64.
-    ``dn`` is the data as stored (on the device: the host-to-device copy moves 2 bytes per uint16 value, not 4), for
-    what needs reflectance exactly (:meth:`exact`)."""
+    made the element-wise work 5x slower. Accumulations (statistics, the cloud grid's block sums) are exact or in
+    float64. ``dn`` is the data as stored (on the device: the host-to-device copy moves 2 bytes per uint16 value, not
+    4), for what needs reflectance exactly (:meth:`exact`) and for the cloud grid, which never asks for ``values``:
+    they are computed on first use (the cloud-mask pass reads ten bands and converts none)."""
 
     window: Window
-    values: torch.Tensor
     valid: torch.Tensor
     dn: torch.Tensor
     scale: float
 
+    @cached_property
+    def values(self) -> torch.Tensor:
+        """float32 reflectance, DN / scale (the float32 DN divided by the scale, in place)."""
+        return as_float(self.dn, torch.float32).div_(self.scale)
+
     def exact(self, j: int) -> torch.Tensor:
         """Band ``j``'s reflectance in float64, from the stored values (not from the rounded float32 ones)."""
-        return self.dn[j].to(torch.float64) / self.scale
+        return as_float(self.dn[j], torch.float64).div_(self.scale)
 
 
 class SceneReader:
@@ -276,9 +296,8 @@ class SceneReader:
         if self.device.type == "cuda":
             host = host.pin_memory()  # an asynchronous copy needs page-locked memory
         dn = host.to(self.device, non_blocking=True)
-        values = dn.to(torch.float32) / self.scale
         valid_host = torch.from_numpy(valid)
         valid_t = (valid_host.pin_memory() if self.device.type == "cuda" else valid_host).to(
             self.device, non_blocking=True
         )
-        return Block(window=window, values=values, valid=valid_t, dn=dn, scale=self.scale)
+        return Block(window=window, valid=valid_t, dn=dn, scale=self.scale)
