@@ -13,7 +13,8 @@ Prints one JSON object. Stages are timed model-only on data already in memory (e
 * ``cover``: the fractional-cover MLP on 1024 x 1024 pixels;
 * ``cog_write``: a float32 NDVI raster written window by window then copied to a COG with overviews;
 * ``end_to_end``: ``Analyzer.analyse`` per ``--sizes`` square 13-band scene (both passes, all outputs; one
-  untimed warm-up run first, then the best of ``--e2e-repeat``).
+  untimed warm-up run first, then the best of ``--e2e-repeat``); ``end_to_end_bfloat16`` the same with the cover
+  MLP in bfloat16 (``ANALYSIS_MIXED_PRECISION=bfloat16``: faster, not exact; off in the worker by default).
 
 ``decode`` (per size): rasterio's decode of the scene, every band of the file (a superset of the bands the two passes
 read: pass 1 the ten s2cloudless bands, pass 2 the index and cover bands, 11 of the 13), 1024 x 1024 windows, one
@@ -21,7 +22,8 @@ read per window: each 256 x 256 block decoded once, in one thread, into uint16 a
 (as Sentinel-2 stacks usually are), so a block is inflated whole whatever bands are asked for (asking for 11 or 4
 bands instead of 13 was at most ~15 % faster here): this is about the least decode work any analysis of the file
 can do. ``analysis_over_decode`` = end-to-end Mpx/s / decode Mpx/s per
-device and size: 1.0 would be an analysis as fast as decoding its input.
+device and size: 1.0 would be an analysis as fast as decoding its input (``analysis_over_decode_bfloat16``: the
+same for the bfloat16 runs).
 
 The scene is the real Sentinel-2 crop ``tests/data/s2_l1c_fields_256.tif`` tiled (with its 8 mirror images, so
 there are no seams of identical pixels) to the requested size: real reflectances, deflate-compressed, 256 px tiles.
@@ -188,10 +190,11 @@ def decode_rate(scene: Path, repeat: int) -> dict[str, float]:
 
 
 def end_to_end(
-    scenes: dict[int, Path], device: torch.device, workdir: Path, repeat: int
+    scenes: dict[int, Path], device: torch.device, workdir: Path, repeat: int, precision: torch.dtype | None = None
 ) -> dict[str, dict[str, float]]:
-    """``Analyzer.analyse`` per scene: one warm-up run on the smallest, then the best of ``repeat`` per scene."""
-    analyzer = Analyzer(device)
+    """``Analyzer.analyse`` per scene: one warm-up run on the smallest, then the best of ``repeat`` per scene
+    (``precision``: the cover MLP's, as ``ANALYSIS_MIXED_PRECISION``)."""
+    analyzer = Analyzer(device, precision=precision)
     request = AnalysisRequest("crop-health", [], 10000.0)
 
     def once(scene: Path) -> float:
@@ -272,12 +275,14 @@ def main(argv: list[str] | None = None) -> int:
             result: dict[str, Any] = {k: round(v, 3) for k, v in stages(largest, device, args.repeat, work).items()}
             result["cog_write"] = round(cog_rate(largest, work, args.repeat), 3)
             result["end_to_end"] = end_to_end(scenes, device, work, args.e2e_repeat)
+            result["end_to_end_bfloat16"] = end_to_end(scenes, device, work, args.e2e_repeat, torch.bfloat16)
             report["devices"][str(device)] = result
-    report["analysis_over_decode"] = {
-        device: {size: round(e2e["mpx_per_s"] / report["decode"][size]["mpx_per_s"], 4)
-                 for size, e2e in result["end_to_end"].items()}
-        for device, result in report["devices"].items()
-    }  # fmt: skip
+    for key in ("", "_bfloat16"):
+        report[f"analysis_over_decode{key}"] = {
+            device: {size: round(e2e["mpx_per_s"] / report["decode"][size]["mpx_per_s"], 4)
+                     for size, e2e in result[f"end_to_end{key}"].items()}
+            for device, result in report["devices"].items()
+        }  # fmt: skip
     if args.full_tile:
         report["full_tile"] = full_tile(args.tile_dir)
     print(json.dumps(report, indent=2))

@@ -43,10 +43,11 @@ def analysis(r: dict[str, Any]) -> str:
     out = [table(["device", *(f"{s} Mpx/s" for s in stages)], rows), ""]
     rows = []
     for device, d in r["devices"].items():
-        for size, e2e in d["end_to_end"].items():
-            decode = r["decode"][size]["mpx_per_s"]
-            ratio = r["analysis_over_decode"][device][size]
-            rows.append([f"{size}²", device, e2e["seconds"], e2e["mpx_per_s"], decode, f"**{ratio}**"])
+        for key, label in (("", device), ("_bfloat16", f"{device}, cover MLP bfloat16")):
+            for size, e2e in d.get(f"end_to_end{key}", {}).items():
+                decode = r["decode"][size]["mpx_per_s"]
+                ratio = r[f"analysis_over_decode{key}"][device][size]
+                rows.append([f"{size}²", label, e2e["seconds"], e2e["mpx_per_s"], decode, f"**{ratio}**"])
     tile = r.get("full_tile")
     if tile:
         ratio = f"**{tile['analysis_over_decode']}** (peak RSS {tile['peak_rss_mb']} MB)"

@@ -51,7 +51,10 @@ def _load_analyzer(settings: Settings) -> tuple[Analyzer, str, GpuProbe | None]:
     device = select_device(settings.worker_device)
     name = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
     probe = CudaProbe(device) if device.type == "cuda" else None
-    analyzer = TorchAnalyzer(device, models_dir, threads=settings.analysis_threads, batching=settings.analysis_batching)
+    precision = getattr(torch, settings.analysis_mixed_precision) if settings.analysis_mixed_precision else None
+    analyzer = TorchAnalyzer(
+        device, models_dir, threads=settings.analysis_threads, batching=settings.analysis_batching, precision=precision
+    )
     return analyzer, name, probe
 
 

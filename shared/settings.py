@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from datetime import timedelta
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -108,6 +109,9 @@ class Settings(BaseModel):
     worker_analyses: int = Field(0, alias="WORKER_ANALYSES", ge=0)
     # The cover MLP through the process's dynamic batcher (gpu_worker.analysis.batcher). Unset: on CUDA only.
     analysis_batching: bool | None = Field(None, alias="ANALYSIS_BATCHING")
+    # The cover MLP under torch.autocast (bfloat16 | float16; empty: float32). Faster, not exact: the tolerance is in
+    # gpu_worker/analysis/batcher.py and docs/performance.md.
+    analysis_mixed_precision: Literal["", "bfloat16", "float16"] = Field("", alias="ANALYSIS_MIXED_PRECISION")
     worker_registry_interval: float = Field(15.0, alias="WORKER_REGISTRY_INTERVAL")  # heartbeat row in Postgres
     worker_preemption_watch: bool = Field(False, alias="WORKER_PREEMPTION_WATCH")  # Azure Scheduled Events (Spot VMs)
     models_dir: str | None = Field(None, alias="MODELS_DIR")

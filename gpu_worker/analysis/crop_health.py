@@ -18,6 +18,10 @@ is written one window later: on CUDA its clear land pixels go to a :class:`~gpu_
 DynamicBatcher` shared by every analysis of the process, so the GPU runs the MLP while the next window's indices are
 computed, and windows (of one scene, or of scenes analysed at the same time) share batches. Elsewhere the MLP runs at
 once, unless ``cover_batching`` asks for the batcher (the tests do, on the CPU: the results are the same).
+``cover_precision`` (``ANALYSIS_MIXED_PRECISION``) runs the MLP under ``torch.autocast`` in bfloat16 or float16, either
+way: faster (bfloat16 on an AVX-512 BF16 CPU: 9.9 -> 20.4 Mpx/s), within the tolerance the batcher's docstring
+measures (bfloat16: fractions within 0.0065 on farmland, 0.023 on sea; one percentage point in the cover COG for 18 %
+of pixels). Off by default: the results then equal the float32 ones.
 
 With field boundaries (``AnalysisRequest.fields``) the same pass runs over the windows covering the fields
 (:mod:`placement`), with a :class:`SceneSummary` per field fed the pixels inside it, and the outputs are a clip per
@@ -26,6 +30,7 @@ field (:mod:`products`); pass 1 reads only the cloud cells the fields' mask depe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -109,8 +114,11 @@ class CropHealth:
         *,
         threads: int | None = None,
         cover_batching: bool | None = None,
+        cover_precision: torch.dtype | None = None,
     ) -> None:
-        """``cover_batching``: run the cover MLP through a :class:`DynamicBatcher` (default: on CUDA only)."""
+        """``cover_batching``: run the cover MLP through a :class:`DynamicBatcher` (default: on CUDA only);
+        ``cover_precision``: the MLP under ``torch.autocast`` in that dtype (default: float32, exact)."""
+        self._precision = cover_precision
         self.device, self.window = device, window
         self.detector = cloudmask.CloudDetector(threads=threads)
         self.cover = FractionalCover.load(device)
@@ -124,10 +132,16 @@ class CropHealth:
                 device=device,
                 name="cover",
                 out_features=len(FRACTIONS),
+                autocast=cover_precision,
             )
             if batching
             else None
         )
+
+    def _mixed_precision(self) -> contextlib.AbstractContextManager[object]:
+        if self._precision is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self._precision)
 
     def _cover_rows(self, pixels: torch.Tensor) -> torch.Tensor:
         """[P, 5] -> [P, 3]: the batcher's rows through :meth:`FractionalCover.fractions` (channel-first)."""
@@ -291,8 +305,8 @@ class CropHealth:
         if self._batcher is not None:
             return _CoverWork(window, field_parts, counted, at, shares, self._batcher.submit(pixels.t()))
         done: Future[torch.Tensor] = Future()
-        with torch.inference_mode():
-            done.set_result(self.cover.fractions(pixels).t())
+        with torch.inference_mode(), self._mixed_precision():
+            done.set_result(self.cover.fractions(pixels).t().float())
         return _CoverWork(window, field_parts, counted, at, shares, done)
 
     @staticmethod

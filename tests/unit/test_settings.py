@@ -145,3 +145,10 @@ def test_analyses_at_once_default_by_device_and_never_exceed_the_messages_in_fli
         Settings.from_env({**LOCAL, "WORKER_ANALYSES": "3"})
     assert Settings.from_env(LOCAL).analysis_batching is None
     assert Settings.from_env({**LOCAL, "ANALYSIS_BATCHING": "true"}).analysis_batching is True
+
+
+def test_mixed_precision_is_off_by_default_and_takes_a_half_precision_dtype() -> None:
+    assert Settings.from_env(LOCAL).analysis_mixed_precision == ""
+    assert Settings.from_env({**LOCAL, "ANALYSIS_MIXED_PRECISION": "bfloat16"}).analysis_mixed_precision == "bfloat16"
+    with pytest.raises(ValidationError):
+        Settings.from_env({**LOCAL, "ANALYSIS_MIXED_PRECISION": "int8"})
