@@ -16,9 +16,10 @@ help:
 	@echo "make up     - start PostgreSQL, Azurite, the Service Bus emulator, the Functions host and a worker"
 	@echo "make down   - stop what 'make up' started"
 	@echo "make lint   - ruff + mypy strict"
-	@echo "make bench  - benchmarks (JSON on stdout, ~8 min; the first run also builds and uploads a full tile): emulator,"
+	@echo "make bench  - benchmarks (JSON on stdout, ~15 min; the first run also builds and uploads a full tile): emulator,"
 	@echo "              submit/status latency and their ratios to raw I/O, fields vs whole scene by URL,"
-	@echo "              analysis Mpx/s per stage and / decode, worker jobs/s vs a naive consumer (docs/performance.md)"
+	@echo "              analysis Mpx/s per stage and / decode, worker jobs/s vs a naive consumer, a full tile's peak"
+	@echo "              memory through the worker (docs/performance.md)"
 	@echo "make bench-gpu - the GPU run (python -m bench.gpu, JSON): full tile on CUDA, GPU memory, decode vs compute,"
 	@echo "              batching; needs only the worker's dependencies; prints a note and exits 0 without CUDA"
 	@echo "make chaos  - chaos run on the local stack (~16 min; JSON on stdout): kills and outages lose no job"
@@ -78,6 +79,7 @@ bench: install
 	$(BIN)/python -m bench.submit_overhead
 	$(BIN)/python -m bench.worker_throughput
 	$(BIN)/python -m bench.fields
+	$(BIN)/python -m bench.worker_memory
 
 # One prepared script for a GPU machine: the project's .venv when there is one, else the system Python (torch from
 # the CUDA image, plus `pip install -r requirements-worker.txt`). It installs nothing: the GPU image brings its torch.

@@ -24,6 +24,7 @@ from gpu_worker.handler import Analyzer, JobHandler
 from gpu_worker.heartbeat import Heartbeat
 from gpu_worker.inbox import RECEIVE_SOCKET_TIMEOUT, PriorityInbox
 from gpu_worker.locks import LostLocks
+from gpu_worker.malloc import limit_arenas
 from gpu_worker.registry import Presence
 from gpu_worker.renewal import LockRenewer
 from gpu_worker.settlement import RetryPolicy
@@ -86,6 +87,7 @@ def worker_id() -> str:
 
 def run(settings: Settings, *, analyzer: Analyzer | None = None, max_jobs: int | None = None) -> int:
     """Consume until drained; ``analyzer`` replaces the torch one (tests inject a slow or failing one)."""
+    limit_arenas()  # before any thread of ours starts
     configure_telemetry(settings, role="gpu-worker")
     analyzer, device, gpu = (analyzer, settings.worker_device, None) if analyzer else _load_analyzer(settings)
     shutdown = Shutdown(settings.worker_shutdown_grace)
