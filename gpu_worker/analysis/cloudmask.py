@@ -17,6 +17,7 @@ From processing baseline 04.00 (2022) L1C DNs carry a +1000 offset; harmonise su
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -73,18 +74,23 @@ def postprocess(
 
 
 class CloudDetector:
-    """The s2cloudless booster, loaded once. LightGBM predicts on the CPU (see bench/analysis.py)."""
+    """The s2cloudless booster, loaded once. LightGBM predicts on the CPU (see bench/analysis.py), one prediction at
+    a time: the worker may analyse several scenes at once (``WORKER_ANALYSES``), and LightGBM's own predictor setup on
+    a shared booster races (microsoft/LightGBM#6142); a prediction uses every thread it is given anyway."""
 
     def __init__(self, model_file: Path = MODEL_FILE, *, threads: int | None = None) -> None:
         """``threads``: OpenMP threads per prediction (None: LightGBM's default, all cores)."""
         self.booster = lightgbm.Booster(model_file=str(model_file))
         self._options: dict[str, Any] = {} if threads is None else {"num_threads": threads}
+        self._lock = threading.Lock()
 
     def probability(self, reflectance: np.ndarray) -> np.ndarray:
         """[P, 10] reflectance in :data:`MODEL_BANDS` order -> [P] cloud probability (float32)."""
         if reflectance.shape[0] == 0:
             return np.zeros(0, dtype=np.float32)
-        predicted = self.booster.predict(reflectance.astype(np.float32), **self._options)
+        features = reflectance.astype(np.float32)
+        with self._lock:
+            predicted = self.booster.predict(features, **self._options)
         return np.asarray(predicted, dtype=np.float32)
 
     def cloud_mask(self, reflectance: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
