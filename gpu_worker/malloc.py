@@ -41,5 +41,6 @@ def limit_arenas(arenas: int = ARENAS) -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     done = bool(mallopt(M_ARENA_MAX, arenas) == 1)
-    logger.debug("malloc arenas capped at %d: %s", arenas, done, extra={"action": "malloc_arenas"})
+    logger.log(logging.DEBUG if done else logging.INFO, "malloc arenas capped at %d: %s", arenas, done,
+               extra={"action": "malloc_arenas"})  # fmt: skip
     return done

@@ -86,7 +86,7 @@ _INSERT = (
 
 class QuickCheck:
     """A pool's check (a server restart must not hand out dead connections) without a round trip for a connection
-    checked less than ``fresh`` seconds ago: one the server closed since (a restart, a crash, a terminated backend)
+    whose last full check (an empty query) was less than ``fresh`` seconds ago: one the server closed since (a restart, a crash, a terminated backend)
     has something to read while idle, its FATAL notice or the end of the stream, and gets the full check (an empty
     query) as does one idle for longer. What it cannot see, a peer gone silently, the full check would only see after
     the TCP timeouts too. For the API's pool: a round trip less per hand-out, two per submit."""
@@ -100,8 +100,9 @@ class QuickCheck:
         now = self._clock()
         with self._lock:
             checked = self._checked.get(conn, -math.inf)
-        if now - checked >= self._fresh or conn.closed or _readable(conn):
-            ConnectionPool.check_connection(conn)
+        if now - checked < self._fresh and not conn.closed and not _readable(conn):
+            return
+        ConnectionPool.check_connection(conn)
         with self._lock:
             self._checked[conn] = now
 

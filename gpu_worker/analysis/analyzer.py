@@ -51,7 +51,9 @@ class Analyzer:
 
     def analyse(self, image_path: Path, request: AnalysisRequest, workdir: Path) -> AnalysisOutput:
         gdal_threads = self.threads if self.threads is not None else "ALL_CPUS"
-        with rasterio.Env(GDAL_NUM_THREADS=gdal_threads):  # a config option: this thread's own
+        # A config option: rasterio sets it for this thread (process-wide in the main thread, where an Env's exit also
+        # unsets it for threads that have no setting of their own: the COG copies set theirs, products.py).
+        with rasterio.Env(GDAL_NUM_THREADS=gdal_threads):
             return self._dispatch(image_path, request, workdir)
 
     def _dispatch(self, image_path: Path, request: AnalysisRequest, workdir: Path) -> AnalysisOutput:

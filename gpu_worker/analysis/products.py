@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import rasterio
+import rasterio.env
 from affine import Affine
 from rasterio.windows import Window
 
@@ -56,24 +58,31 @@ def _finish_all(
 ) -> Path:
     """Finish every sink (its COG copy) in a thread pool, and ``render`` the quicklook in this thread as soon as the
     copies it ``needs`` are done, while the others go on; ``done`` hears of each finished file (by key) at once.
-    Returns the quicklook. The first error is raised once every copy has ended (the files not finished by then are
-    the caller's to discard)."""
-    error: BaseException | None = None
-    png: Path | None = None
-    with ThreadPoolExecutor(max(1, min(len(sinks), COPY_THREADS)), thread_name_prefix="cog") as pool:
-        futures = {key: pool.submit(sink.finish) for key, sink in sinks.items()}
+    Returns the quicklook. On an error (or an interruption: a progress report's checkpoint, the shutdown's signal)
+    the copies not yet started are cancelled and the one under way is waited for (GDAL cannot be stopped), then the
+    error is raised; the files not finished are the caller's to discard. The copies run with this thread's
+    ``GDAL_NUM_THREADS`` (a config option rasterio sets per thread outside the main thread)."""
+    threads = rasterio.env.get_gdal_config("GDAL_NUM_THREADS")
+
+    def finish(sink: RasterSink) -> Path:
+        if threads is None:
+            return sink.finish()
+        with rasterio.Env(GDAL_NUM_THREADS=threads):
+            return sink.finish()
+
+    pool = ThreadPoolExecutor(max(1, min(len(sinks), COPY_THREADS)), thread_name_prefix="cog")
+    try:
+        futures = {key: pool.submit(finish, sink) for key, sink in sinks.items()}
         steps = [k for k in futures if k in needs] + [None] + [k for k in futures if k not in needs]  # None: render
+        png: Path | None = None
         for step, key in enumerate(steps):
             progress("outputs", step / len(steps))
-            try:
-                if key is not None:
-                    done(key, futures[key].result())
-                elif error is None:
-                    png = render()
-            except BaseException as e:  # re-raised below, once the other copies have ended
-                error = error or e
-    if error is not None:
-        raise error
+            if key is not None:
+                done(key, futures[key].result())
+            else:
+                png = render()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # after an error: the copies not started never start
     assert png is not None
     return png
 

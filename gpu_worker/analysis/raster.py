@@ -30,7 +30,6 @@ from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -141,10 +140,15 @@ class Block:
     dn: torch.Tensor
     scale: float
 
-    @cached_property
+    @property
     def values(self) -> torch.Tensor:
-        """float32 reflectance, DN / scale (the float32 DN divided by the scale, in place)."""
-        return as_float(self.dn, torch.float32).div_(self.scale)
+        """float32 reflectance, DN / scale (the float32 DN divided by the scale, in place), made on first use and
+        kept. Not a ``functools.cached_property``: on Python 3.11 that takes one lock for every instance, which would
+        make the conversions of analyses running at once (``WORKER_ANALYSES``) wait for each other."""
+        cached: torch.Tensor | None = self.__dict__.get("_values")
+        if cached is None:
+            cached = self.__dict__["_values"] = as_float(self.dn, torch.float32).div_(self.scale)
+        return cached
 
     def exact(self, j: int) -> torch.Tensor:
         """Band ``j``'s reflectance in float64, from the stored values (not from the rounded float32 ones)."""

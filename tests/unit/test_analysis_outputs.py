@@ -3,18 +3,24 @@ a quicklook PNG a person can read."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
 import rasterio
+import rasterio.env
 import rasterio.windows
 import torch
 from affine import Affine
 from PIL import Image
 
 from gpu_worker.analysis import AnalysisOutput, AnalysisRequest, Analyzer
+from gpu_worker.analysis.outputs import RasterSink
+from gpu_worker.analysis.products import _finish_all
 from gpu_worker.analysis.quicklook import MAX_SIDE
+from gpu_worker.settlement import Cancelled
 
 DATA = Path(__file__).parents[1] / "data"
 
@@ -164,3 +170,56 @@ def test_open_sea_has_no_land_so_no_cover_and_no_vegetation_fraction(analyzer: A
     assert result["vegetation_fraction"] is None
     assert result["cover"] is None
     assert result["indices"]["ndvi"]["p90"] < 0
+
+
+class _SlowSink:
+    """A sink whose COG copy takes a while and is recorded."""
+
+    def __init__(self, name: str, copied: list[str]) -> None:
+        self.name, self.copied, self.path = name, copied, Path(name)
+
+    def finish(self) -> Path:
+        threading.Event().wait(0.2)
+        self.copied.append(self.name)
+        return self.path
+
+
+def test_an_interruption_during_the_outputs_cancels_the_copies_not_yet_started() -> None:
+    """A cancellation (a progress report's checkpoint) while the COGs are copied: the copy under way ends, the
+    queued ones never start, and the error comes out at once after it (before, every queued copy ran first)."""
+    copied: list[str] = []
+    sinks = {name: _SlowSink(name, copied) for name in ("ndvi_cog", "cloud_mask_cog", "a", "b", "c")}
+    reports: list[float] = []
+
+    def progress(stage: str, fraction: float) -> None:
+        reports.append(fraction)
+        if len(reports) == 2:
+            raise Cancelled("cancellation requested")
+
+    with pytest.raises(Cancelled):
+        _finish_all(cast(dict[str, RasterSink], sinks), ("ndvi_cog", "cloud_mask_cog"), lambda: Path("q.png"),
+                    progress, lambda key, path: None)  # fmt: skip
+    assert copied in (["ndvi_cog"], ["ndvi_cog", "cloud_mask_cog"])  # the one under way at most, never a, b, c
+
+
+def test_the_cog_copies_run_with_the_analysis_threads_gdal_setting(tmp_path: Path) -> None:
+    """The copies run in a pool thread, which has no rasterio.Env of its own: it gets the caller's
+    GDAL_NUM_THREADS (outside the main thread rasterio sets it per thread)."""
+    seen: list[object] = []
+
+    class Sink:
+        path = tmp_path / "x.tif"
+
+        def finish(self) -> Path:
+            seen.append(rasterio.env.get_gdal_config("GDAL_NUM_THREADS"))
+            return self.path
+
+    def analysis() -> None:
+        with rasterio.Env(GDAL_NUM_THREADS=3):
+            _finish_all(cast(dict[str, RasterSink], {"ndvi_cog": Sink()}), ("ndvi_cog",), lambda: tmp_path / "q.png",
+                        lambda stage, fraction: None, lambda key, path: None)  # fmt: skip
+
+    thread = threading.Thread(target=analysis)  # a computing thread other than the main one
+    thread.start()
+    thread.join()
+    assert seen == [3]
