@@ -281,3 +281,52 @@ def test_two_analyses_at_once_share_the_cover_batches_and_give_the_results_of_on
             k: v for k, v in reference.items() if k not in {"cover", "outputs"}
         }
     assert (stack.queued(), stack.dead_letters()) == ([], [])
+
+
+class Stubborn:
+    """Both analyses start, then the first one's forces the shutdown; each then reports progress until it is stopped:
+    by the signal in the main thread, at its next report (its checkpoint) in the other computing thread."""
+
+    def __init__(self, recorder: Recorder, drain_seen: Callable[[], None]) -> None:
+        self.recorder = recorder
+        self.drain_seen = drain_seen
+        self.both = threading.Barrier(2, timeout=WAIT)
+        self.threads: dict[UUID, bool] = {}
+
+    def analyse(self, image_path: Path, request: AnalysisRequest, workdir: Path) -> AnalysisOutput:
+        job_id = UUID(image_path.parent.name.removeprefix("crop-ai-")[:36])
+        self.threads[job_id] = threading.current_thread() is threading.main_thread()
+        self.recorder.record("analyse", job_id)
+        if self.both.wait() == 0:  # two signals, one after the other: sent at once they may arrive as one
+            _signal_self(1)
+            self.drain_seen()
+            _signal_self(1)
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            request.progress("indices", 0.5)
+            time.sleep(0.01)
+        pytest.fail("the analysis was not interrupted")
+
+
+def test_a_forced_shutdown_with_two_analyses_at_once_releases_both_uncharged_and_the_next_worker_runs_them(
+    stack: WorkerStack, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """WORKER_ANALYSES=2: two jobs analysed at once when a second SIGTERM forces the shutdown. The one in the main
+    thread is interrupted by the signal, the other at its next progress report; both are released uncharged, their
+    next generation sent at once, and the next worker runs them."""
+    j1, j2 = (stack.submit(FIELDS.read_bytes()) for _ in range(2))
+    analyzer = Stubborn(recorder, lambda: _drain_requested(caplog))
+    with caplog.at_level(logging.INFO):
+        run(stack.settings(WORKER_JOBS_IN_FLIGHT="2", WORKER_ANALYSES="2", WORKER_SHUTDOWN_GRACE="60"),
+            analyzer=analyzer)  # fmt: skip
+    assert "shutdown forced" in caplog.text
+    assert sorted(analyzer.threads.values()) == [False, True]  # one in the main thread, one in another
+    for j in (j1, j2):
+        job = stack.job(j)
+        assert (job.status, job.generation, job.attempts, job.drains, job.charged) == (JobStatus.QUEUED, 2, 1, 1, 0)
+    assert sorted((m.message_id, m.delivery_count) for m in stack.queued()) == sorted([(f"{j1}:2", 0), (f"{j2}:2", 0)])
+    assert sorted(_settled(caplog)) == sorted(("complete", f"{j}:1") for j in (j1, j2))
+
+    run(stack.settings(), analyzer=Analyzer(recorder), max_jobs=2)  # the next worker
+    assert [(stack.job(j).status, stack.job(j).attempts) for j in (j1, j2)] == [(JobStatus.SUCCEEDED, 2)] * 2
+    assert (stack.queued(), stack.dead_letters()) == ([], [])
