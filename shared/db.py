@@ -85,11 +85,12 @@ _INSERT = (
 
 
 class QuickCheck:
-    """A pool's check (a server restart must not hand out dead connections) without a round trip for a connection
-    whose last full check (an empty query) was less than ``fresh`` seconds ago: one the server closed since (a restart, a crash, a terminated backend)
-    has something to read while idle, its FATAL notice or the end of the stream, and gets the full check (an empty
-    query) as does one idle for longer. What it cannot see, a peer gone silently, the full check would only see after
-    the TCP timeouts too. For the API's pool: a round trip less per hand-out, two per submit."""
+    """A pool's check (a server restart must not hand out dead connections) without a round trip for a connection whose
+    last full check (an empty query) was less than ``fresh`` seconds ago: one the server closed since (a restart, a
+    crash, a terminated backend) has something to read while idle, its FATAL notice or the end of the stream, and
+    gets the full check, as does one last checked longer ago. What it cannot see, a peer gone silently, the
+    full check would only see after the TCP timeouts too. For the API's pool: a round trip less per hand-out, two
+    per submit."""
 
     def __init__(self, fresh: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._fresh, self._clock = fresh, clock
