@@ -69,12 +69,20 @@ def inspect(data: bytes, limits: Limits) -> ImageHeader:
                 MemoryFile(data) as mem,
                 mem.open(driver="GTiff") as ds,
             ):
-                header = _header(ds)
-                _check_limits(header, limits)
-                _check_complete(ds, len(data))
-                _check_has_data(ds)
+                header = check_dataset(ds, len(data), limits)
     except (RasterioError, ValueError) as e:  # ValueError: a band description that is not UTF-8, a CRSError
         raise Rejected("unreadable_image", f"the TIFF cannot be read: {_reason(e)}") from e
+    return header
+
+
+def check_dataset(ds: DatasetReader, size: int, limits: Limits) -> ImageHeader:
+    """The header of an open GeoTIFF of ``size`` bytes, checked against ``limits``, for completeness (every block
+    inside the file) and for data (some block stored); :class:`Rejected` with a code saying what is wrong. What
+    :func:`inspect` does once the bytes are open, and :mod:`shared.ranged` for a file read by ranges."""
+    header = _header(ds)
+    _check_limits(header, limits)
+    _check_complete(ds, size)
+    _check_has_data(ds)
     return header
 
 

@@ -32,7 +32,7 @@ import rasterio
 from rasterio.abc import FileContainer
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
-from shared.geotiff import TIFF_MAGIC, ImageHeader, Limits, _check_complete, _check_has_data, _check_limits, _header
+from shared.geotiff import TIFF_MAGIC, ImageHeader, Limits, check_dataset
 from shared.rejection import Rejected
 
 CHUNK = 64 * 1024
@@ -214,10 +214,7 @@ def inspect_source(source: RangeSource, limits: Limits, *, chunk: int = CHUNK) -
                 rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"),
                 rasterio.open("input.tif", opener=RangeOpener(chunks)) as ds,
             ):
-                header = _header(ds)
-                _check_limits(header, limits)
-                _check_complete(ds, source.size)
-                _check_has_data(ds)
+                header = check_dataset(ds, source.size, limits)
     except (RasterioError, ValueError) as e:
         if chunks.error is not None:  # the source failed, not the image
             raise chunks.error from None
