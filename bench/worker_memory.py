@@ -20,9 +20,7 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,10 +28,9 @@ from typing import Any
 from uuid import uuid4
 
 from bench.analysis import cached_scene, cpu_model
-from bench.worker_throughput import Bench
+from bench.worker_throughput import bench_stack
 from local import services
 from local.processes import stop
-from local.stack import StackConfig, down, up
 from shared.submission import input_blob_name
 
 log = logging.getLogger("bench.worker_memory")
@@ -88,38 +85,30 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(message)s")
     args.tile_dir.mkdir(parents=True, exist_ok=True)
     tile = cached_scene(args.tile_dir, args.size)
-    root = Path(tempfile.mkdtemp(prefix="cropai-bench-memory-"))
-    root.chmod(0o755)  # PostgreSQL runs as nobody when we are root
-    environ = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    config = StackConfig(root, 0, 0, 0, 0, workers=0, env={"RECONCILE_SCHEDULE": "0 0 0 1 1 *"})
-    try:
-        bench = Bench(root, up(config, environ), config, environ)
+    with bench_stack("cropai-bench-memory-") as bench:
+        data = tile.read_bytes()
+        sha256 = hashlib.sha256(data).hexdigest()
+        params = {"bands": BANDS, "scale": 10000.0, "analysis": "crop-health"}
+        jobs = []
+        started = time.monotonic()
+        for _ in range(args.jobs):
+            job_id = uuid4()
+            job, _ = bench.jobs.create(job_id=job_id, input_blob=input_blob_name(job_id), input_sha256=sha256,
+                                       params=params, idempotency_key=None)  # fmt: skip
+            bench.store.put_input(job_id, data, sha256)
+            jobs.append(job)
+        stored = time.monotonic() - started
+        del data
+        env = {**services.worker_env(bench.env, 1), "WORKER_JOBS_IN_FLIGHT": str(args.in_flight)}
+        [worker] = [bench.launcher.worker(0, env)]
         try:
-            data = tile.read_bytes()
-            sha256 = hashlib.sha256(data).hexdigest()
-            params = {"bands": BANDS, "scale": 10000.0, "analysis": "crop-health"}
-            jobs = []
-            started = time.monotonic()
-            for _ in range(args.jobs):
-                job_id = uuid4()
-                job, _ = bench.jobs.create(job_id=job_id, input_blob=input_blob_name(job_id), input_sha256=sha256,
-                                           params=params, idempotency_key=None)  # fmt: skip
-                bench.store.put_input(job_id, data, sha256)
-                jobs.append(job)
-            stored = time.monotonic() - started
-            del data
-            env = {**services.worker_env(bench.env, 1), "WORKER_JOBS_IN_FLIGHT": str(args.in_flight)}
-            [worker] = [bench.launcher.worker(0, env)]
-            try:
-                idle_kb = status_kb(worker.pid, "VmRSS")
-                with Sampler(worker.pid) as sampler:
-                    run = bench.run(jobs, [worker.pid], args.timeout)
-                peak_kb = status_kb(worker.pid, "VmHWM")
-            finally:
-                stop(worker)
-            rows = [bench.jobs.get(job.job_id) for job in jobs]
+            idle_kb = status_kb(worker.pid, "VmRSS")
+            with Sampler(worker.pid) as sampler:
+                run = bench.run(jobs, [worker.pid], args.timeout)
+            peak_kb = status_kb(worker.pid, "VmHWM")
         finally:
-            bench.close()
+            stop(worker)
+        rows = [bench.jobs.get(job.job_id) for job in jobs]
         per_job = [
             {
                 "run_seconds": round((r.finished_at - r.started_at).total_seconds(), 1)
@@ -142,12 +131,6 @@ def main(argv: list[str] | None = None) -> int:
             "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "load_1m": os.getloadavg()[0]},
         }  # fmt: skip
         print(json.dumps(report, indent=2))
-    except BaseException:
-        log.error("logs kept in %s", root / "logs")
-        down(root)
-        raise
-    down(root)
-    shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

@@ -44,7 +44,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -208,6 +209,28 @@ class Bench:
                 time.sleep(0.02)
 
 
+@contextmanager
+def bench_stack(prefix: str) -> Iterator[Bench]:
+    """The local stack without workers (its timer out of the way) in a new temporary directory, with its clients;
+    stopped and removed afterwards, or stopped with its logs kept when the benchmark failed."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    root.chmod(0o755)  # PostgreSQL runs as nobody when we are root
+    environ = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    config = StackConfig(root, 0, 0, 0, 0, workers=0, env={"RECONCILE_SCHEDULE": "0 0 0 1 1 *"})
+    try:
+        bench = Bench(root, up(config, environ), config, environ)
+        try:
+            yield bench
+        finally:
+            bench.close()
+    except BaseException:
+        log.error("logs kept in %s", root / "logs")
+        down(root)
+        raise
+    down(root)
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def cpu_seconds(pids: Sequence[int]) -> float | None:
     """User + system CPU seconds of the processes (all their threads), or None where /proc is not there."""
     total = 0
@@ -293,23 +316,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(message)s")
     counts = [int(n) for n in args.workers.split(",")]
-    root = Path(tempfile.mkdtemp(prefix="cropai-bench-throughput-"))
-    root.chmod(0o755)  # PostgreSQL runs as nobody when we are root
-    environ = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    config = StackConfig(root, 0, 0, 0, 0, workers=0, env={"RECONCILE_SCHEDULE": "0 0 0 1 1 *"})
-    try:
-        large = make_scene(root / f"scene_{args.large_size}.tif", args.large_size)
+    with bench_stack("cropai-bench-throughput-") as bench:
+        large = make_scene(bench.root / f"scene_{args.large_size}.tif", args.large_size)
         sets = [
             JobSet("tiny", DATA / "s2_rgbn_fields_128.tif", args.tiny),
             JobSet("medium", DATA / "s2_l1c_fields_256.tif", args.medium),
             JobSet("large", large, args.large),
         ]
         sets = [s for s in sets if s.count > 0]
-        bench = Bench(root, up(config, environ), config, environ)
-        try:
-            by_workers = {str(n): measure(bench, sets, n, args.warmup, args.timeout) for n in counts}
-        finally:
-            bench.close()
+        by_workers = {str(n): measure(bench, sets, n, args.warmup, args.timeout) for n in counts}
         report = {
             "benchmark": "worker_throughput",
             "project_over_naive": {
@@ -337,12 +352,6 @@ def main(argv: list[str] | None = None) -> int:
             },
         }
         print(json.dumps(report, indent=2))
-    except BaseException:
-        log.error("logs kept in %s", root / "logs")
-        down(root)
-        raise
-    down(root)
-    shutil.rmtree(root, ignore_errors=True)
     return 0
 
 
