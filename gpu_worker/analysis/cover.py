@@ -50,6 +50,17 @@ def _features_first(reflectance: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.log(), (x[i] - x[j]) / (x[i] + x[j])], dim=0)
 
 
+def _features_into(reflectance: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """:func:`_features_first` written into ``out`` ([20, P], contiguous), the same values without the copy of
+    ``torch.cat``."""
+    x = torch.clamp_min(reflectance, _FLOOR, out=out[:N_USED])
+    torch.log(x, out=out[N_USED : 2 * N_USED])
+    i, j = _PAIRS.to(x.device)
+    xi, xj = x[i], x[j]
+    torch.sub(xi, xj, out=out[2 * N_USED :]).div_(xi.add_(xj))
+    return out
+
+
 class FractionalCover(nn.Module):
     """Per-pixel MLP: ``forward([N, 6, H, W] reflectance) -> [N, 3, H, W]`` fractions (bare, green, non_green)."""
 
@@ -91,14 +102,27 @@ class FractionalCover(nn.Module):
         """[5, P] used-band reflectance (finite), channel-first -> [3, P] fractions, in :data:`CHUNK`-pixel chunks.
 
         The inference path: features as contiguous rows, the feature normalisation folded into the first layer's
-        weights, each layer one ``addmm`` whose output is rectified in place. Call under ``torch.inference_mode``."""
+        weights, each layer one ``addmm`` whose output is rectified in place; the features of every chunk go to one
+        buffer and the fractions straight into the result. Call under ``torch.inference_mode``."""
         layers = self._folded()
-        parts = [self._chunk(chunk, layers) for chunk in torch.split(reflectance.float(), CHUNK, dim=1)]
-        return torch.cat(parts, dim=1) if parts else reflectance.new_zeros((len(FRACTIONS), 0), dtype=torch.float32)
+        x = reflectance.float()
+        pixels = x.shape[1]
+        buffer = x.new_empty((N_FEATURES, min(CHUNK, pixels)))
+        out: torch.Tensor | None = None
+        for start in range(0, max(pixels, 1), CHUNK):  # no pixel: one empty chunk, as torch.split gives
+            chunk = x[:, start : start + CHUNK]
+            n = chunk.shape[1]
+            if buffer.shape[1] != n:  # the last, shorter chunk: a buffer of its own, contiguous
+                buffer = x.new_empty((N_FEATURES, n))
+            fractions = self._chunk(_features_into(chunk, buffer), layers)
+            if out is None:  # the dtype of the MLP's output (bfloat16 under autocast to it)
+                out = fractions.new_empty((len(FRACTIONS), pixels))
+            out[:, start : start + n] = fractions
+        assert out is not None
+        return out
 
     @staticmethod
-    def _chunk(x: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        h = _features_first(x)
+    def _chunk(h: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         for k, (weight, bias) in enumerate(layers):
             h = torch.addmm(bias, weight, h)
             if k < len(layers) - 1:

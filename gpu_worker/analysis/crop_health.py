@@ -47,7 +47,7 @@ from gpu_worker.analysis.cover import CAVEAT, FRACTIONS, USED, FractionalCover, 
 from gpu_worker.analysis.indices import INDICES, compute
 from gpu_worker.analysis.placement import FieldPart, Placement
 from gpu_worker.analysis.products import MASK_NODATA, FieldClips, SceneProducts
-from gpu_worker.analysis.raster import SceneReader, gdal_errors_as_invalid_image
+from gpu_worker.analysis.raster import SceneReader, every_band, gdal_errors_as_invalid_image
 from gpu_worker.analysis.request import AnalysisOutput, AnalysisRequest, Progress
 from gpu_worker.analysis.summary import SceneSummary
 from gpu_worker.analysis.targets import Tally, Target, check_valid, field_result
@@ -296,7 +296,7 @@ class CropHealth:
         land: torch.Tensor,
         parts: list[_Share],
     ) -> _CoverWork:
-        counted = land & _bands(valid, channels).all(dim=0)
+        counted = land & every_band(_bands(valid, channels))
         # Only clear land pixels go through the MLP, channel-first. Gathered by position (index_select), which
         # ran 4x faster than a boolean mask here; the order is the same (row-major).
         at = counted.flatten().nonzero().squeeze(1)
@@ -319,5 +319,5 @@ class CropHealth:
                 summaries[index].add_cover(fractions[:, positions], positions.numel())
         counted = work.counted
         percent = torch.full((len(FRACTIONS), counted.numel()), MASK_NODATA, dtype=torch.uint8, device=counted.device)
-        percent.index_copy_(1, work.at, (fractions * 100).round().to(torch.uint8))
+        percent.index_copy_(1, work.at, fractions.mul(100).round_().to(torch.uint8))
         products.write_cover(work.window, work.parts, percent.view(len(FRACTIONS), *counted.shape).cpu().numpy())

@@ -30,7 +30,7 @@ Tensor = torch.Tensor
 class IndexSpec:
     name: str
     roles: tuple[str, ...]
-    formula: Callable[[Mapping[str, Tensor]], tuple[Tensor, Tensor]]  # -> (numerator, denominator)
+    formula: Callable[[Mapping[str, Tensor]], tuple[Tensor, Tensor]]  # -> (numerator, denominator): new tensors
     histogram_range: tuple[float, float]  # where the fine percentile histogram goes (see stats.py)
     float64: bool = False  # computed in float64: the denominator can cancel (see the module docstring)
 
@@ -65,6 +65,6 @@ def compute(spec: IndexSpec, bands: Mapping[str, Tensor], valid: Mapping[str, Te
     numerator, denominator = spec.formula(bands)
     mask = denominator != 0
     for role in spec.roles:
-        mask = mask & valid[role]
-    values = numerator / torch.where(mask, denominator, 1.0)
-    return values, mask & torch.isfinite(values)
+        mask &= valid[role]
+    values = numerator.div_(denominator.masked_fill_(~mask, 1.0))  # in place: the formula's tensors are its own
+    return values, mask.logical_and_(torch.isfinite(values))

@@ -10,6 +10,9 @@ go into histograms, never sorted as a whole scene:
 * a coarse histogram over the top 16 bits of the order-preserving float32 bit pattern for values outside the
   range (EVI can be anything when its denominator is near zero).
 
+Histograms are never changed in place (binning more values makes new ones): a merge shares them, so merging with an
+empty accumulator (the cloudy one of a cloud-free scene) copies nothing and their non-empty bins are found once.
+
 A percentile is found by rank, interpolated linearly inside its bin (assuming values spread evenly in the bin),
 then linearly between neighbouring ranks like ``numpy.percentile``'s default, and clamped to the exact min / max.
 Error bound against the exact value: at most one bin width, i.e. ``(hi - lo) / FINE_BINS`` inside the range
@@ -59,7 +62,8 @@ class Summary:
 
 
 class StreamingStats:
-    """Accumulates masked values window by window (one device synchronisation per update: the masked count)."""
+    """Accumulates masked values window by window (one device synchronisation per update, the masked count, and one
+    more when the values are binned: how many fell outside the fine histogram's range)."""
 
     def __init__(self, lo: float, hi: float, device: torch.device, exact_limit: int = EXACT_LIMIT) -> None:
         self.lo, self.hi = lo, hi
@@ -73,7 +77,7 @@ class StreamingStats:
         self._max = torch.full((), float("-inf"), dtype=f64, device=device)
         self._kept: list[torch.Tensor] = []  # the values themselves, while there are at most exact_limit
         self._kept_count = 0
-        self._hist: tuple[torch.Tensor, torch.Tensor] | None = None  # (fine, coarse), once past exact_limit
+        self._hist: _Histograms | None = None  # once past exact_limit
 
     def update(self, values: torch.Tensor, mask: torch.Tensor) -> None:
         """Add ``values[mask]`` (float32 or float64, any shape; masked-out entries may be NaN or inf)."""
@@ -82,7 +86,9 @@ class StreamingStats:
             return
         n_b = torch.tensor(float(v.numel()), dtype=torch.float64, device=v.device)
         mean_b = v.mean()
-        self._merge(n_b, mean_b, ((v - mean_b) ** 2).sum(), v.min(), v.max())
+        deviation = v - mean_b
+        lo, hi = torch.aminmax(v)
+        self._merge(n_b, mean_b, deviation.mul_(deviation).sum(), lo, hi)  # the square in place: one array less
         self._add_values(v)
 
     def _add_values(self, v: torch.Tensor) -> None:
@@ -95,24 +101,16 @@ class StreamingStats:
         self._kept, self._kept_count = [], 0
         self._bin(v)
 
-    def _histograms(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(fine, coarse), allocated on first use."""
-        if self._hist is None:
-            self._hist = (
-                torch.zeros(FINE_BINS + 1, dtype=torch.int64, device=self._device),
-                torch.zeros(COARSE_BINS + 1, dtype=torch.int64, device=self._device),
-            )
-        return self._hist
-
     def _bin(self, v: torch.Tensor) -> None:
-        fine_hist, coarse_hist = self._histograms()
-        inside = (v >= self.lo) & (v <= self.hi)
-        fine = ((v - self.lo) * self._scale).clamp_(0, FINE_BINS - 1).to(torch.int64)
-        fine_hist += torch.bincount(torch.where(inside, fine, FINE_BINS), minlength=FINE_BINS + 1)
-        outside = v[~inside]
-        if outside.numel():
-            coarse = float_keys(outside.to(torch.float32)) >> COARSE_SHIFT
-            coarse_hist += torch.bincount(coarse, minlength=COARSE_BINS + 1)
+        inside = (v >= self.lo).logical_and_(v <= self.hi)
+        fine = v.sub(self.lo).mul_(self._scale).clamp_(0, FINE_BINS - 1).to(torch.int64)
+        fine_counts = torch.bincount(fine.masked_fill_(~inside, FINE_BINS), minlength=FINE_BINS + 1)
+        coarse_counts = None
+        if int(fine_counts[FINE_BINS]):  # the values outside [lo, hi] (NaN among them) land in the last fine bin
+            coarse = float_keys(v[~inside].to(torch.float32)) >> COARSE_SHIFT
+            coarse_counts = torch.bincount(coarse, minlength=COARSE_BINS + 1)
+        counts = _Histograms(self.lo, self.hi, fine_counts, coarse_counts)
+        self._hist = counts if self._hist is None else self._hist + counts
 
     def merge(self, other: StreamingStats) -> StreamingStats:
         """A new accumulator holding both ``self``'s and ``other``'s values (same range)."""
@@ -126,13 +124,12 @@ class StreamingStats:
         if self._hist is None and other._hist is None and kept <= out._exact_limit:
             out._kept, out._kept_count = [*self._kept, *other._kept], kept
             return out
-        fine, coarse = out._histograms()
+        for part in parts:  # histograms are never changed in place: one side's alone is shared, not copied
+            if part._hist is not None:
+                out._hist = part._hist if out._hist is None else out._hist + part._hist
         for part in parts:
             for values in part._kept:
                 out._bin(values)
-            if part._hist is not None:
-                fine += part._hist[0]
-                coarse += part._hist[1]
         return out
 
     def _merge(
@@ -158,15 +155,36 @@ class StreamingStats:
             exact = np.percentile(torch.cat(self._kept).cpu().numpy(), PERCENTILES)
             p = [float(v) for v in exact]
         else:
-            counts, lower, upper = self._bins(*self._hist)
+            counts, lower, upper = self._hist.bins()
             lo_v, hi_v = float(self._min.item()), float(self._max.item())
             p = [min(max(_percentile(counts, lower, upper, count, q), lo_v), hi_v) for q in PERCENTILES]
         return Summary(count=count, mean=mean, std=std, p10=p[0], p50=p[1], p90=p[2])
 
-    def _bins(self, fine_hist: torch.Tensor, coarse_hist: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+
+class _Histograms:
+    """The fine histogram and the coarse one (None while no value fell outside ``[lo, hi]``) of an accumulator. Never
+    changed once made (more values make new ones), so accumulators share them (:meth:`StreamingStats.merge`), and the
+    non-empty bins are found once however many share them."""
+
+    def __init__(self, lo: float, hi: float, fine: torch.Tensor, coarse: torch.Tensor | None) -> None:
+        self.lo, self.hi, self.fine, self.coarse = lo, hi, fine, coarse
+        self._bins: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def __add__(self, other: _Histograms) -> _Histograms:
+        coarse = (
+            other.coarse if self.coarse is None else self.coarse if other.coarse is None else self.coarse + other.coarse
+        )
+        return _Histograms(self.lo, self.hi, self.fine + other.fine, coarse)
+
+    def bins(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """All non-empty bins in value order: counts, lower and upper value bounds."""
-        fine = fine_hist[:FINE_BINS].cpu().numpy()
-        coarse = coarse_hist[:COARSE_BINS].cpu().numpy()
+        if self._bins is None:
+            self._bins = self._find_bins()
+        return self._bins
+
+    def _find_bins(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        fine = self.fine[:FINE_BINS].cpu().numpy()
+        coarse = np.zeros(0, dtype=np.int64) if self.coarse is None else self.coarse[:COARSE_BINS].cpu().numpy()
         # Bounds of the non-empty bins only: the same values as every bin's bounds, kept where the count is not 0.
         f, c = np.flatnonzero(fine), np.flatnonzero(coarse)
         width = (self.hi - self.lo) / FINE_BINS

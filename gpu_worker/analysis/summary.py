@@ -41,17 +41,21 @@ class SceneSummary:
         cloud: torch.Tensor,
         index_values: dict[str, tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
-        """Add one window; returns its land mask (clear, not water), which the cover step needs.
+        """Add one window; returns its land mask (clear, not water), which the cover step needs (read it only: it
+        may be ``base`` itself).
 
         ``base``: the valid pixels (NDVI defined); ``cloud``: cloudy (all False without a mask); ``index_values``:
         name -> (values, mask) from :func:`gpu_worker.analysis.indices.compute`."""
         c = self.counts
-        clear = base & ~cloud
         c["valid"] += base.sum()
-        c["cloudy"] += (base & cloud).sum()
+        # A window without a cloud (most, and every one without a mask) has nothing to mask out or to add as cloudy.
+        cloudy = bool(cloud.any())
+        clear = base & ~cloud if cloudy else base
+        if cloudy:
+            c["cloudy"] += (base & cloud).sum()
         for name, (values, mask) in index_values.items():
-            self.clear[name].update(values, mask & ~cloud)
-            if self.has_cloud_mask:
+            self.clear[name].update(values, mask & ~cloud if cloudy else mask)
+            if self.has_cloud_mask and cloudy:
                 self.cloudy[name].update(values, mask & cloud)
         land = clear
         if "ndwi" in index_values:

@@ -138,3 +138,14 @@ def test_upsample_cuts_the_right_window() -> None:
     full = coarse.repeat_interleave(4, 0).repeat_interleave(4, 1)
     assert torch.equal(upsample(coarse, 4, 4, 8, 7, 5), full[4:11, 8:13])
     assert torch.equal(upsample(coarse, 4, 0, 0, 12, 16), full)
+
+
+@pytest.mark.parametrize(
+    ("factor", "row", "col", "height", "width"), [(1, 2, 3, 5, 4), (3, 1, 2, 10, 7), (16, 5, 17, 40, 31)]
+)
+def test_upsample_repeats_each_cell_factor_times_each_way(
+    factor: int, row: int, col: int, height: int, width: int
+) -> None:
+    coarse = torch.rand(4, 5, generator=torch.Generator().manual_seed(factor)) > 0.5
+    full = coarse.repeat_interleave(factor, 0).repeat_interleave(factor, 1)
+    assert torch.equal(upsample(coarse, factor, row, col, height, width), full[row : row + height, col : col + width])

@@ -13,6 +13,7 @@ import torch
 from affine import Affine
 
 from gpu_worker.analysis import AnalysisOutput, AnalysisRequest, Analyzer
+from gpu_worker.analysis.indices import INDICES, IndexSpec, compute
 from shared.bands import resolve
 
 DATA = Path(__file__).parents[1] / "data"
@@ -197,3 +198,23 @@ def test_missing_green_or_blue_makes_that_index_null(bands: list[str], null: set
     result = analyse(path, tmp_path).result
     assert {name for name, v in result["indices"].items() if v is None} == null
     assert_matches(result, numpy_indices(path))
+
+
+@pytest.mark.parametrize("spec", INDICES, ids=lambda s: s.name)
+def test_compute_leaves_the_bands_as_they_were(spec: IndexSpec) -> None:
+    """``compute`` divides the formula's own tensors in place, never the bands."""
+    g = torch.Generator().manual_seed(0)
+    bands = {r: torch.rand(16, 16, generator=g) for r in ("blue", "green", "red", "nir")}
+    bands["red"][0, 0] = bands["nir"][0, 0] = 0.0  # a zero denominator
+    valid = {r: torch.rand(16, 16, generator=g) > 0.2 for r in bands}
+    copies = {r: b.clone() for r, b in bands.items()}
+    valid_copies = {r: v.clone() for r, v in valid.items()}
+    values, mask = compute(spec, bands, valid)
+    for r in bands:
+        assert torch.equal(bands[r], copies[r])
+        assert torch.equal(valid[r], valid_copies[r])
+    numerator, denominator = spec.formula(copies)
+    expected_mask = (denominator != 0) & torch.stack([valid[r] for r in spec.roles]).all(dim=0)
+    expected = numerator / torch.where(expected_mask, denominator, 1.0)
+    assert torch.equal(mask, expected_mask & torch.isfinite(expected))
+    assert torch.equal(values[mask], expected[mask])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpu_worker.analysis.stats import FINE_BINS, StreamingStats, float_keys, key_values
+from gpu_worker.analysis.stats import FINE_BINS, StreamingStats, Summary, float_keys, key_values
 
 
 def feed(values: np.ndarray, lo: float, hi: float, chunks: int = 7, exact_limit: int = 0) -> StreamingStats:
@@ -84,3 +84,58 @@ def test_float_keys_preserve_order_and_invert() -> None:
     keys = float_keys(torch.from_numpy(values)).numpy()
     assert (np.diff(keys) > 0).all()
     np.testing.assert_array_equal(key_values(keys), values.astype(np.float64))
+
+
+def _percentiles(summary: Summary | None) -> tuple[int, float, float, float, float]:
+    assert summary is not None
+    return summary.count, summary.std, summary.p10, summary.p50, summary.p90
+
+
+@pytest.mark.parametrize("exact_limit", [0, 10**6])
+def test_a_merge_with_an_empty_side_shares_the_other_and_gives_its_statistics(exact_limit: int) -> None:
+    rng = np.random.default_rng(3)
+    values = rng.standard_cauchy(50_000).astype(np.float32)  # values outside [-1, 1]: the coarse histogram too
+    full = feed(values, -1.0, 1.0, exact_limit=exact_limit)
+    empty = StreamingStats(-1.0, 1.0, torch.device("cpu"), exact_limit=exact_limit)
+    empty.update(torch.zeros(3), torch.zeros(3, dtype=torch.bool))
+    for merged in (full.merge(empty), empty.merge(full)):
+        assert merged._hist is full._hist  # shared, not copied (None: the values are kept, not binned)
+        got, want = merged.summary(), full.summary()
+        assert _percentiles(got) == _percentiles(want)
+        assert got is not None
+        assert want is not None
+        assert got.mean == pytest.approx(want.mean, rel=1e-15)  # Chan's update from 0: n * mean / n
+
+
+def test_histograms_are_never_changed_in_place() -> None:
+    """A merge shares its sides' histograms: adding to a side afterwards must leave the merge as it was."""
+    rng = np.random.default_rng(5)
+    a = feed(rng.normal(0.4, 0.2, 20_000).astype(np.float32), -1.0, 1.0)
+    b = StreamingStats(-1.0, 1.0, torch.device("cpu"), exact_limit=0)
+    merged = a.merge(b)
+    before = merged.summary()
+    x = torch.from_numpy(rng.normal(-0.5, 3.0, 20_000).astype(np.float32))
+    a.update(x, torch.ones_like(x, dtype=torch.bool))
+    assert merged.summary() == before
+    assert a.summary() != before
+
+
+def test_values_outside_the_range_only_in_some_updates() -> None:
+    """The coarse histogram starts with the first update that has a value outside ``[lo, hi]``; before and after,
+    the result is the same as numpy's within the documented bound."""
+    rng = np.random.default_rng(11)
+    inside = rng.uniform(-0.9, 0.9, 30_000)
+    outside = rng.uniform(2.0, 50.0, 3_000)
+    parts = [inside[:10_000], np.concatenate([inside[10_000:20_000], outside]), inside[20_000:]]
+    stats = StreamingStats(-1.0, 1.0, torch.device("cpu"), exact_limit=0)
+    for part in parts:
+        x = torch.from_numpy(part.astype(np.float32))
+        stats.update(x, torch.ones_like(x, dtype=torch.bool))
+    summary = stats.summary()
+    assert summary is not None
+    ref = np.concatenate(parts).astype(np.float32).astype(np.float64)
+    assert summary.count == ref.size
+    for got, q in zip((summary.p10, summary.p50, summary.p90), (10, 50, 90), strict=True):
+        exact = float(np.percentile(ref, q))
+        bound = 2 / FINE_BINS if -1 <= exact <= 1 else abs(exact) * 2**-7
+        assert abs(got - exact) <= bound, (q, got, exact)
