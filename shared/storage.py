@@ -123,12 +123,6 @@ class BlobStore:
         return name
 
     @_translated
-    def delete_input(self, job_id: UUID) -> None:
-        """Delete a job's uploaded image, if it is there (a submit whose job row could not be recorded)."""
-        with contextlib.suppress(ResourceNotFoundError):
-            self._service.get_blob_client(self.images_container, f"{job_id}/input.tif").delete_blob()
-
-    @_translated
     def open_input(self, blob_name: str, etag: str | None = None) -> BlobRange:
         """The images container's blob ``blob_name`` for ranged reads, pinned to its ETag now (or to ``etag``:
         :class:`InputChanged` if it is no longer that); :class:`InputMissing` if there is no such blob."""

@@ -6,10 +6,7 @@ The job's row is the outbox: once it is inserted the job exists, and either this
 1. Everything about the request is validated first (:func:`shared.geotiff.inspect`, bands, scale, analysis); a
    refusal raises :class:`~shared.rejection.Rejected` and nothing is stored.
 2. The job row is inserted (``queued``, generation 1, send not confirmed) *before* the image is uploaded: an
-   ``Idempotency-Key`` replay or conflict is known at this point, so a replay never uploads a stray blob. Without a
-   key a submit cannot be a replay, so an upload's image is stored while the row is inserted (``upload_now``: the
-   submit then costs the slower of the two round trips, not both); if the insert fails, the image is deleted once
-   its upload has ended (best-effort: the storage account's lifecycle rule removes what is left).
+   ``Idempotency-Key`` replay or conflict is known at this point, so a replay never uploads a stray blob.
 3. The image goes to ``images/{job_id}/input.tif``. If that fails, no message can have been sent, so the job is
    failed with ``enqueue_failed`` (``abort_submit``) and :class:`EnqueueFailed` (transient: 503 with
    ``Retry-After``) is raised; a retry with the same ``Idempotency-Key`` resubmits the same job.
@@ -41,8 +38,6 @@ batch, a manual retry (:mod:`shared.control`).
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import hashlib
 import logging
 import math
@@ -51,7 +46,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -82,7 +76,6 @@ _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")  # visible ASCII, as an H
 
 class InputStore(Protocol):
     def put_input(self, job_id: UUID, data: bytes, sha256: str, *, name: str | None = None) -> str: ...
-    def delete_input(self, job_id: UUID) -> None: ...
 
 
 class Publisher(Protocol):
@@ -240,22 +233,15 @@ def submit(
     callback = new_callback(target)
     with tracer.start_as_current_span("crop-ai.submit") as span:
         job_id = uuid.uuid4()
-        # Without an Idempotency-Key the new row cannot turn out to be a replay: the image is uploaded meanwhile.
-        uploading = upload_now(store, job_id, image) if key is None and isinstance(upload, Upload) else None
-        try:
-            job, created = jobs.create(
-                job_id=job_id,
-                input_blob=image.input_blob(job_id),
-                input_sha256=image.sha256,
-                params=image.params,
-                idempotency_key=key,
-                priority=chosen,
-                callback=callback,
-            )
-        except BaseException:
-            if uploading is not None:
-                forget_upload(uploading, store, job_id)
-            raise
+        job, created = jobs.create(
+            job_id=job_id,
+            input_blob=image.input_blob(job_id),
+            input_sha256=image.sha256,
+            params=image.params,
+            idempotency_key=key,
+            priority=chosen,
+            callback=callback,
+        )
         span.set_attribute("crop_ai.job_id", str(job.job_id))
         span.set_attribute("crop_ai.idempotent_replay", not created)
         action = "submit" if created else "replay"
@@ -266,7 +252,7 @@ def submit(
             job = resubmitted or jobs.get(job.job_id) or job  # lost the race: the job as the winner left it
             action = "resubmit" if owned else "replay"
         if owned or (job.status is JobStatus.QUEUED and job.sent_at is None):
-            store_input(job, image.data, jobs, store, owned=owned, uploading=uploading)
+            store_input(job, image.data, jobs, store, owned=owned)
             job = hand_over(job, jobs, publisher)
         if owned:  # a new job (or one resubmitted after enqueue_failed) is on its way to a worker
             metrics.job_submitted(str(job.params.get("analysis", DEFAULT_ANALYSIS)), job.priority)
@@ -368,48 +354,15 @@ def job_params(header: ImageHeader, bands: str | None, scale: str | None, analys
     }
 
 
-def upload_now(store: InputStore, job_id: UUID, image: Image) -> Future[str]:
-    """Start storing an upload's image in a thread of its own, in the caller's tracing context: its future holds
-    the blob's name, or the store's error for :func:`store_input` to handle."""
-    uploading: Future[str] = Future()
-    context = contextvars.copy_context()
-
-    def run() -> None:
-        try:
-            uploading.set_result(context.run(store.put_input, job_id, image.data, image.sha256))
-        except BaseException as e:  # handed to the request's thread, which raises it
-            uploading.set_exception(e)
-
-    threading.Thread(target=run, name=f"upload-{job_id}", daemon=True).start()
-    return uploading
-
-
-def forget_upload(uploading: Future[str], store: InputStore, job_id: UUID) -> None:
-    """The job's row was not recorded: once its upload has ended, delete the image (best-effort; the storage
-    account's lifecycle rule removes a blob left behind)."""
-    extra = {"job_id": str(job_id), "action": "discard_input"}
-    with contextlib.suppress(Exception):  # stored or not, it is deleted below if it is there
-        uploading.result()
-    try:
-        store.delete_input(job_id)
-    except StorageUnavailable as e:
-        log.warning("job %s: not recorded, and its image could not be deleted: %s", job_id, e.message, extra=extra)
-
-
-def store_input(
-    job: Job, data: bytes, jobs: JobStore, store: InputStore, *, owned: bool, uploading: Future[str] | None = None
-) -> None:
-    """Upload the job's image (or wait for ``uploading``, its upload under way: :func:`upload_now`). If that fails,
-    an ``owned`` job (this request created or resubmitted it) is failed ``enqueue_failed``; :class:`EnqueueFailed`
-    either way."""
+def store_input(job: Job, data: bytes, jobs: JobStore, store: InputStore, *, owned: bool) -> None:
+    """Upload the job's image. If that fails, an ``owned`` job (this request created or resubmitted it) is failed
+    ``enqueue_failed``; :class:`EnqueueFailed` either way."""
     extra = {"job_id": str(job.job_id), "action": "enqueue"}
     by_reference = "input" in job.params
     if by_reference and not data:
         return  # an upload or a blob of the images container: the job's input_blob is the file itself
     try:
-        if uploading is not None:
-            uploading.result()
-        elif by_reference:  # a URL's reference document
+        if by_reference:  # a URL's reference document
             store.put_input(job.job_id, data, job.input_sha256, name=job.input_blob)
         else:
             store.put_input(job.job_id, data, job.input_sha256)

@@ -402,11 +402,6 @@ class InMemoryBlobStore:
         self.blobs[f"images/{name}"] = (data, {"sha256": sha256})
         return name
 
-    def delete_input(self, job_id: UUID) -> None:
-        if self.failure is not None:
-            raise self.failure
-        self.blobs.pop(f"images/{job_id}/input.tif", None)
-
     def input_sha256(self, blob_name: str) -> str | None:
         if self.failure is not None:
             raise self.failure

@@ -64,16 +64,6 @@ def test_input_round_trip_with_sha256_metadata(store: BlobStore, tmp_path: Path)
     assert store.input_sha256(name) == sha
 
 
-def test_deleting_an_input_removes_it_and_is_a_no_op_when_it_is_not_there(store: BlobStore, tmp_path: Path) -> None:
-    data = geotiffs.crafted()
-    job_id = uuid.uuid4()
-    name = store.put_input(job_id, data, hashlib.sha256(data).hexdigest())
-    store.delete_input(job_id)
-    with pytest.raises(InputMissing):
-        store.download_input(name, tmp_path / "in.tif")
-    store.delete_input(job_id)  # gone already: nothing to do, no error
-
-
 def test_missing_input_is_permanent(store: BlobStore, tmp_path: Path) -> None:
     with pytest.raises(InputMissing) as info:
         store.download_input(f"{uuid.uuid4()}/input.tif", tmp_path / "in.tif")

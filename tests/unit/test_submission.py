@@ -8,7 +8,6 @@ import threading
 import uuid
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
 
 import pytest
 
@@ -389,73 +388,6 @@ def test_without_a_key_the_same_bytes_are_a_new_job(world: World) -> None:
     assert b.created
     assert a.job.job_id != b.job.job_id
     assert world.message_ids() == [f"{a.job.job_id}:1", f"{b.job.job_id}:1"]
-
-
-class MarksItsUploads(InMemoryBlobStore):
-    def __init__(self) -> None:
-        super().__init__()
-        self.uploading = threading.Event()
-
-    def put_input(self, job_id: uuid.UUID, data: bytes, sha256: str, *, name: str | None = None) -> str:
-        self.uploading.set()
-        return super().put_input(job_id, data, sha256, name=name)
-
-
-class InsertThatWaitsForTheUpload(InMemoryJobStore):
-    """The insert waits up to ``patience`` seconds for the image's upload to begin, and notes whether it did."""
-
-    def __init__(self, store: MarksItsUploads, patience: float) -> None:
-        super().__init__()
-        self._store, self._patience = store, patience
-        self.saw_upload: bool | None = None
-
-    def create(self, **kwargs: Any) -> tuple[Job, bool]:
-        self.saw_upload = self._store.uploading.wait(self._patience)
-        return super().create(**kwargs)
-
-
-def test_without_a_key_the_image_is_uploaded_while_the_row_is_inserted(world: World) -> None:
-    store = MarksItsUploads()
-    jobs = InsertThatWaitsForTheUpload(store, patience=10.0)
-    world.store, world.jobs = store, jobs
-    outcome = world.submit(Upload(geotiffs.crafted()))
-    assert jobs.saw_upload  # the upload began while the insert was under way
-    assert list(store.blobs) == [f"images/{outcome.job.job_id}/input.tif"]
-    assert world.message_ids() == [f"{outcome.job.job_id}:1"]
-    assert world.job(outcome.job.job_id).sent_at is not None
-
-
-def test_with_a_key_the_image_is_uploaded_only_after_the_row_is_inserted(world: World) -> None:
-    store = MarksItsUploads()
-    jobs = InsertThatWaitsForTheUpload(store, patience=0.3)
-    world.store, world.jobs = store, jobs
-    outcome = world.submit(Upload(geotiffs.crafted(), idempotency_key="k-1"))
-    assert jobs.saw_upload is False  # a replay is known only after the insert: nothing is uploaded before it
-    assert list(store.blobs) == [f"images/{outcome.job.job_id}/input.tif"]
-
-
-def test_a_job_that_could_not_be_recorded_leaves_no_image(world: World) -> None:
-    world.jobs.failure = DatabaseUnavailable("connection refused")
-    with pytest.raises(DatabaseUnavailable):
-        world.submit(Upload(geotiffs.crafted()))
-    assert world.store.blobs == {}  # uploaded meanwhile, then deleted
-    assert world.publisher.sent == []
-
-
-class DeleteFails(InMemoryBlobStore):
-    def delete_input(self, job_id: uuid.UUID) -> None:
-        raise StorageUnavailable("azurite went away")
-
-
-def test_an_image_that_cannot_be_deleted_is_logged_and_the_database_error_still_raised(
-    world: World, caplog: pytest.LogCaptureFixture
-) -> None:
-    world.store = DeleteFails()
-    world.jobs.failure = DatabaseUnavailable("connection refused")
-    with caplog.at_level(logging.WARNING, logger="shared.submission"), pytest.raises(DatabaseUnavailable):
-        world.submit(Upload(geotiffs.crafted()))
-    assert "discard_input" in actions(caplog)
-    assert len(world.store.blobs) == 1  # left to the storage account's lifecycle rule
 
 
 # Priority, callback, admission control
