@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1024,2048", help="scene sides (the stages use the largest)")
     parser.add_argument("--repeat", type=int, default=3, help="best of N for the stages and the decode")
-    parser.add_argument("--e2e-repeat", type=int, default=2, help="best of N for the end-to-end runs")
+    parser.add_argument("--e2e-repeat", type=int, default=3, help="best of N for the end-to-end runs (as the decode)")
     parser.add_argument("--full-tile", action="store_true")
     parser.add_argument("--tile-dir", type=Path, default=Path(".local/bench"))
     args = parser.parse_args(argv)
