@@ -76,6 +76,7 @@ from gpu_worker.handler import JobHandler, Outcome, Prepared
 from gpu_worker.heartbeat import Heartbeat
 from gpu_worker.inbox import PriorityInbox
 from gpu_worker.locks import LostLocks
+from gpu_worker.malloc import release_free_memory
 from gpu_worker.pipeline import Pipeline
 from gpu_worker.progress import Progress
 from gpu_worker.receiver import SerialReceiver
@@ -291,6 +292,7 @@ class Consumer:
             guard.pause()
             self._presence.computed(job.job_id)
             self._heartbeat.idle()
+            release_free_memory()  # what the analysis freed, before the next one's peak comes on top of it
 
     def finish(self, flight: Flight) -> None:
         """Upload and store the result of an analysed attempt, then settle the message, whatever became of it."""
@@ -316,6 +318,7 @@ class Consumer:
             if flight.prepared is not None:
                 flight.prepared.close()
             self._heartbeat.idle()
+            release_free_memory()  # the upload's buffers
 
     # One message, settled once
 
