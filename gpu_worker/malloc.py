@@ -12,14 +12,14 @@ the 2-core dev machine, one run each): peak RSS 1,670 MB with glibc's default; w
 as threads need them), so it holds however the worker is started: the image, ``make up``, a test. An operator's
 ``MALLOC_ARENA_MAX`` wins (glibc read it at the process's start). Elsewhere (musl, macOS) it does nothing.
 
-:func:`release_free_memory` (``malloc_trim(0)``) hands the pages malloc holds free back to the kernel when there are
-at least 64 MB of them; the consumer calls it once an analysis is over and once a job is finished. Without it the
-memory an analysis freed stays resident (glibc trims only the top of the main heap, and the analysis' heaps are
-fragmented), and the next analysis' own peak comes on top of it: measured on the dev machine, two full-tile analyses
-one after the other in one plain process (``Analyzer.analyse`` in the main thread, arenas capped at 2) peaked at 1,110
-then 1,475 MB (941 MB resident between them); with ``malloc_trim(0)`` after each, 1,116 then 1,272 MB (359 MB between
-them; the trim took 35 ms). Through the worker (``bench.worker_memory``): 1,332 MB with 2 in flight (1,422-1,670
-before), 1,304 MB with 1 in flight (1,456-1,530 before).
+:func:`release_free_memory` (``malloc_trim(0)``) hands the pages malloc holds free back to the kernel when there are at
+least 64 MB of them; the consumer calls it once an analysis is over and once a job is finished. Without it the memory an
+analysis freed stays resident (glibc returns only what is free at the top of each heap, and the analysis' heaps are
+fragmented), and the next analysis' own peak comes on top of it: measured on the dev machine, two full-tile analyses one
+after the other in one plain process (``Analyzer.analyse`` in the main thread, arenas capped at 2) peaked at 1,110 then
+1,475 MB (941 MB resident between them); with ``malloc_trim(0)`` after each, 1,116 then 1,272 MB (359 MB between them;
+the trim took 35 ms). Through the worker (``bench.worker_memory``): 1,332 MB with 2 in flight (1,422-1,670 before),
+1,304 MB with 1 in flight (1,456-1,530 before).
 """
 
 from __future__ import annotations
@@ -56,7 +56,9 @@ def _libc_function(function: str) -> Any:
 
 
 def limit_arenas(arenas: int = ARENAS) -> bool:
-    """Cap glibc's malloc arenas at ``arenas``; ``True`` when the cap was set here."""
+    """Cap glibc's malloc arenas at ``arenas``; ``True`` when the cap was set here. Finds the C library either way
+    (``find_library`` may run a subprocess), so that :func:`release_free_memory` never has to while a job ends."""
+    _libc()
     if "MALLOC_ARENA_MAX" in os.environ:
         return False
     mallopt = _libc_function("mallopt")
@@ -77,8 +79,8 @@ class _MallInfo2(ctypes.Structure):
 
 
 def free_bytes() -> int | None:
-    """Bytes malloc holds free in its arenas (glibc's ``mallinfo2().fordblks``: a few µs), or None where it cannot
-    say (glibc before 2.33, not glibc)."""
+    """Bytes malloc holds free in its arenas (glibc's ``mallinfo2().fordblks``: ~7 µs here; it walks each arena's
+    free chunks under the arena's lock), or None where it cannot say (glibc before 2.33, not glibc)."""
     info = _libc_function("mallinfo2")
     if info is None:
         return None
@@ -88,17 +90,23 @@ def free_bytes() -> int | None:
 
 
 def release_free_memory(min_free: int = RELEASE_MIN_FREE) -> bool:
-    """Return the free pages of every malloc arena to the kernel (glibc's ``malloc_trim(0)``: tens of ms after a
-    full tile) when malloc holds at least ``min_free`` bytes free; ``True`` when some were returned. Below that it
-    does nothing: after a small scene a trim costs more than it saves (0.8 ms, and the next 128² analysis ran ~3 ms
-    slower for the pages it had to fault in again). Safe from any thread, while others allocate (it takes each
-    arena's lock in turn). Elsewhere (musl, macOS) it does nothing and returns ``False``."""
-    trim = _libc_function("malloc_trim")
-    if trim is None:
+    """Return the free pages of every malloc arena to the kernel (``malloc_trim(0)``: tens of ms after a full tile)
+    when malloc holds at least ``min_free`` bytes free (always where :func:`free_bytes` cannot say); ``True`` when
+    some were returned. Below that it does nothing: after a small scene a trim costs more than it saves (0.8 ms, and
+    the next 128² analysis ran ~3 ms slower for the pages it had to fault in again). Safe from any thread, while
+    others allocate (it takes each arena's lock in turn), and never raises: a failure is logged and returns
+    ``False`` (it runs in the consumer's ``finally`` blocks). Elsewhere (musl, macOS) it does nothing and returns
+    ``False``."""
+    try:
+        trim = _libc_function("malloc_trim")
+        if trim is None:
+            return False
+        free = free_bytes()
+        if free is not None and free < min_free:
+            return False
+        trim.argtypes = [ctypes.c_size_t]
+        trim.restype = ctypes.c_int
+        return bool(trim(0))
+    except Exception as e:  # never in the way of the job it runs after
+        logger.warning("malloc_trim failed: %s", e, extra={"action": "malloc_trim"})
         return False
-    free = free_bytes()
-    if free is not None and free < min_free:
-        return False
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return bool(trim(0))

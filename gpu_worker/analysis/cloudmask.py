@@ -165,4 +165,6 @@ def upsample(mask: torch.Tensor, factor: int, row: int, col: int, height: int, w
     h, w = cells.shape  # each cell repeated factor x factor times (2x faster than repeat_interleave twice)
     part = cells[:, None, :, None].expand(h, factor, w, factor).reshape(h * factor, w * factor)
     dr, dc = row - r0 * factor, col - c0 * factor
-    return part[dr : dr + height, dc : dc + width]
+    window = part[dr : dr + height, dc : dc + width]
+    # reshape copies, except where it can view the mask (factor 1, or one coarse row or column): never hand that out
+    return window.clone() if part.untyped_storage().data_ptr() == mask.untyped_storage().data_ptr() else window

@@ -149,3 +149,11 @@ def test_upsample_repeats_each_cell_factor_times_each_way(
     coarse = torch.rand(4, 5, generator=torch.Generator().manual_seed(factor)) > 0.5
     full = coarse.repeat_interleave(factor, 0).repeat_interleave(factor, 1)
     assert torch.equal(upsample(coarse, factor, row, col, height, width), full[row : row + height, col : col + width])
+
+
+def test_an_upsampled_window_never_shares_the_coarse_masks_memory() -> None:
+    coarse = torch.tensor([[True, False], [False, True]])
+    for factor, height, width in ((1, 2, 2), (2, 2, 2), (2, 4, 4), (4, 3, 8)):  # one cell, one row, the whole mask
+        window = upsample(coarse, factor, 0, 0, height, width)
+        window.fill_(False)  # a caller writing to its window
+        assert torch.equal(coarse, torch.tensor([[True, False], [False, True]]))

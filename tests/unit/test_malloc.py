@@ -51,3 +51,12 @@ def test_too_little_free_memory_is_not_worth_a_trim() -> None:
 def test_release_does_nothing_without_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(malloc, "_libc", lambda: None)
     assert release_free_memory() is False
+
+
+def test_a_failing_trim_is_logged_not_raised(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def broken(function: str) -> object:
+        raise OSError("libc went away")
+
+    monkeypatch.setattr(malloc, "_libc_function", broken)
+    assert release_free_memory() is False
+    assert any(getattr(r, "action", None) == "malloc_trim" for r in caplog.records)
