@@ -18,8 +18,8 @@ help:
 	@echo "make lint   - ruff + mypy strict"
 	@echo "make bench  - benchmarks (JSON on stdout, ~15 min; the first run also builds and uploads a full tile): emulator,"
 	@echo "              submit/status latency and their ratios to raw I/O, fields vs whole scene by URL,"
-	@echo "              analysis Mpx/s per stage and / decode, worker jobs/s vs a naive consumer, a full tile's peak"
-	@echo "              memory through the worker (docs/performance.md)"
+	@echo "              analysis Mpx/s per stage and / decode, worker jobs/s and database statements per job vs a"
+	@echo "              naive consumer, a full tile's peak memory through the worker (docs/performance.md)"
 	@echo "make bench-gpu - the GPU run (python -m bench.gpu, JSON): full tile on CUDA, GPU memory, decode vs compute,"
 	@echo "              batching; needs only the worker's dependencies; prints a note and exits 0 without CUDA"
 	@echo "make chaos  - chaos run on the local stack (~16 min; JSON on stdout): kills and outages lose no job"
@@ -78,6 +78,7 @@ bench: install
 	$(BIN)/python -m bench.worker_latency
 	$(BIN)/python -m bench.submit_overhead
 	$(BIN)/python -m bench.worker_throughput
+	$(BIN)/python -m bench.db_round_trips
 	$(BIN)/python -m bench.fields
 	$(BIN)/python -m bench.worker_memory
 

@@ -1,8 +1,8 @@
 """Markdown tables for docs/performance.md from a benchmark's JSON: ``python -m bench.X | python -m bench.table``.
 
-Reads one JSON object on stdin (the output of ``bench.worker_throughput``, ``bench.analysis``,
-``bench.submit_overhead``, ``bench.api_latency`` or ``bench.gpu``), prints its tables in the layout of
-docs/performance.md, and passes the JSON itself on to stderr so that nothing measured is lost.
+Reads one JSON object on stdin (the output of ``bench.worker_throughput``, ``bench.db_round_trips``,
+``bench.analysis``, ``bench.submit_overhead``, ``bench.api_latency`` or ``bench.gpu``), prints its tables in the
+layout of docs/performance.md, and passes the JSON itself on to stderr so that nothing measured is lost.
 """
 
 from __future__ import annotations
@@ -35,6 +35,16 @@ def worker_throughput(r: dict[str, Any]) -> str:
               "naive CPU s/job", "project stack CPU s/job", "naive stack CPU s/job", "ceiling jobs/s",
               "ceiling/naive"]  # fmt: skip
     return table(header, rows)
+
+
+def db_round_trips(r: dict[str, Any]) -> str:
+    rows: Rows = []
+    for name, cell in r["results"].items():
+        p, n = cell["project"], cell["naive"]
+        top = ", ".join(f"{k}… {v}" for k, v in list(p["by_statement"].items())[:4])
+        rows.append([f"{name} ({p['jobs']} jobs)", p["statements_per_job"], n["statements_per_job"],
+                     f"**{cell['project_over_naive']}**", top])  # fmt: skip
+    return table(["job set", "project statements/job", "naive statements/job", "project/naive", "project's"], rows)
 
 
 def analysis(r: dict[str, Any]) -> str:
@@ -91,6 +101,7 @@ def gpu(r: dict[str, Any]) -> str:
 
 TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "worker_throughput": worker_throughput,
+    "db_round_trips": db_round_trips,
     "analysis": analysis,
     "submit_overhead": submit_overhead,
     "api_latency": api_latency,

@@ -50,7 +50,7 @@ def _complete(jobs: PostgresJobStore, notifier: OutboxNotifier, url: str, secret
     running = jobs.claim(job.job_id, worker_id="bench", lease=timedelta(minutes=1), max_attempts=5)
     assert running is not None
     assert jobs.succeed(job.job_id, running.attempts, {"analysis": "crop-health", "ndvi": 0.4}) is not None
-    notifier.flush(job.job_id)
+    notifier.flush(job)
     return job.job_id
 
 

@@ -137,14 +137,14 @@ class Bench:
         started: list[Service] = []
         try:
             for index in range(count):
-                started.append(self.launcher.worker(index, env) if kind == "project" else self._naive(index, env))
+                started.append(self.launcher.worker(index, env) if kind == "project" else self.naive(index, env))
         except BaseException:
             for service in started:
                 stop(service)
             raise
         return started
 
-    def _naive(self, index: int, env: dict[str, str]) -> Service:
+    def naive(self, index: int, env: dict[str, str]) -> Service:
         ready = self.root / f"naive-{index}.ready"
         ready.unlink(missing_ok=True)
         log_path = self.root / "logs" / f"naive-{index}.log"

@@ -30,7 +30,7 @@ from gpu_worker.renewal import LockRenewer
 from gpu_worker.settlement import RetryPolicy
 from gpu_worker.shutdown import Shutdown
 from shared.bus import JobPublisher, servicebus_client
-from shared.db import PostgresJobStore, open_pool
+from shared.db import PostgresJobStore, QuickCheck, open_pool
 from shared.events import open_notifier
 from shared.settings import Settings
 from shared.storage import BlobStore
@@ -95,7 +95,7 @@ def run(settings: Settings, *, analyzer: Analyzer | None = None, max_jobs: int |
     stop_watchers = threading.Event()
     if settings.worker_preemption_watch:
         start_preemption_watch(shutdown, stop_watchers)
-    pool = open_pool(settings, max_size=pool_size(settings))
+    pool = open_pool(settings, max_size=pool_size(settings), check=QuickCheck())
     store = BlobStore.from_settings(settings)
     try:
         jobs = PostgresJobStore(pool)

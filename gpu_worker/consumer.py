@@ -377,7 +377,7 @@ class Consumer:
         if job is not None:
             logger.info("job %s: attempt %d claimed", job.job_id, job.attempts, extra={**fields, "action": "claim"})
             self._presence.holding(job.job_id)
-            self._notifier.flush(job.job_id)  # never raises: what it cannot hand on, the reconciler sweeps
+            self._notifier.flush(job)  # never raises: what it cannot hand on, the reconciler sweeps
             return job
         current = self._jobs.get(envelope.job_id)
         if current is None:

@@ -104,4 +104,4 @@ class Progress:
                      extra={**self._extra, "action": "progress", "stage": stage, "notify": notify})  # fmt: skip
         self._guard.observe(job)
         if notify and job is not None:
-            self._notifier.flush(job.job_id)
+            self._notifier.flush(job)

@@ -87,7 +87,7 @@ class Settler:
             assert job is not None, "only a claimed attempt is retried"
             decision = self._reschedule(job, decision, fields)
         if job is not None:
-            self._notifier.flush(job.job_id)  # the succeed, fail or stop of this attempt; never raises
+            self._notifier.flush(job)  # the succeed, fail or stop of this attempt; never raises
         self._broker_settle(message, receiver, decision, fields, error)
 
     def _broker_settle(

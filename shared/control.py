@@ -60,7 +60,7 @@ def cancel(job_id: UUID, *, jobs: JobStore, notifier: Notifier) -> Controlled:
             moved = jobs.cancel(job_id)
             if moved is not None:
                 _log(moved, "cancel")
-                notifier.flush(job_id)
+                notifier.flush(moved)
                 return Controlled(moved, pending=False)
         else:
             moved = jobs.request_cancel(job_id)

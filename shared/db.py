@@ -89,8 +89,8 @@ class QuickCheck:
     last full check (an empty query) was less than ``fresh`` seconds ago: one the server closed since (a restart, a
     crash, a terminated backend) has something to read while idle, its FATAL notice or the end of the stream, and
     gets the full check, as does one last checked longer ago. What it cannot see, a peer gone silently, the
-    full check would only see after the TCP timeouts too. For the API's pool: a round trip less per hand-out, two
-    per submit."""
+    full check would only see after the TCP timeouts too. The API's and the worker's pools: a round trip less per
+    hand-out, two per submit, one per progress write."""
 
     def __init__(self, fresh: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._fresh, self._clock = fresh, clock
@@ -262,12 +262,9 @@ class PostgresJobStore:
             if older_than is not None and any(row["recent"] for row in queued):
                 return []
             params = {"code": "enqueue_failed", "message": message}
-            aborted = [
-                row["job_id"]
-                for row in queued
-                if cur.execute(statement(Event.ABORT_SUBMIT), {**params, **row}).fetchone() is not None
-            ]
-            return [_get(cur, job_id) for job_id in aborted]
+            aborted = [cur.execute(statement(Event.ABORT_SUBMIT, _JOB_COLUMNS), {**params, **row}).fetchone()
+                       for row in queued]  # fmt: skip
+            return [Job.model_validate(row) for row in aborted if row is not None]
 
     @translated
     def batch_jobs(self, batch_id: UUID) -> list[Job] | None:
@@ -349,8 +346,8 @@ class PostgresJobStore:
     @translated
     def _move(self, event: Event, job_id: UUID, **params: Any) -> Job | None:
         with self._conn() as conn:
-            moved = conn.execute(statement(event), {"job_id": job_id, **params}).fetchone()
-            return _get(conn, job_id) if moved is not None else None
+            moved = conn.execute(statement(event, _JOB_COLUMNS), {"job_id": job_id, **params}).fetchone()
+            return None if moved is None else Job.model_validate(moved)
 
     def confirm_sent(self, job_id: UUID, generation: int) -> Job | None:
         return self._move(Event.CONFIRM_SENT, job_id, generation=generation)
@@ -483,9 +480,3 @@ def _row(
 def _batch_jobs(conn: psycopg.Cursor[dict[str, Any]], batch_id: UUID) -> list[Job]:
     rows = conn.execute(_JOB + " WHERE j.batch_id = %s ORDER BY j.batch_index, j.job_id", (batch_id,)).fetchall()
     return [Job.model_validate(row) for row in rows]
-
-
-def _get(conn: psycopg.Cursor[dict[str, Any]], job_id: UUID) -> Job:
-    row = conn.execute(_JOB + " WHERE j.job_id = %s", (job_id,)).fetchone()
-    assert row is not None, "a job just inserted or moved is there (jobs are never deleted)"
-    return Job.model_validate(row)

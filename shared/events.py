@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.db import translated
 from shared.errors import BusUnavailable, CropAIError, InvalidMessage
+from shared.jobs import Job
 from shared.telemetry import trace_properties
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,9 @@ SUBJECT = "job-event"
 
 
 class Notifier(Protocol):
-    def flush(self, job_id: UUID) -> None:
-        """Hand the job's unsent events to the job-events queue; never raises (the reconciler sweeps what is left)."""
+    def flush(self, job: Job) -> None:
+        """Hand the job's unsent events to the job-events queue; never raises (the reconciler sweeps what is left).
+        A job without a callback has no events (:func:`shared.lifecycle.statement` writes none): nothing to do."""
         ...
 
 
@@ -313,7 +315,10 @@ class OutboxNotifier:
         self._sender = sender
         self._batch = batch
 
-    def flush(self, job_id: UUID) -> None:
+    def flush(self, job: Job) -> None:
+        if job.callback_url is None:
+            return  # no query: its events are never written
+        job_id = job.job_id
         try:
             self._hand_over(self._events.unsent(job_id, timedelta(0), self._batch), "flush")
         except Exception as e:  # the contract: never raise; what is left unsent, the reconciler sweeps

@@ -208,9 +208,11 @@ def target(status: JobStatus, event: Event) -> JobStatus | None:
     return transition.target if status in transition.sources else None
 
 
-def statement(event: Event) -> str:
-    """The one statement of ``event`` (named parameters; ``job_id`` always), returning the moved job's id and
-    attempt number, or no row when the job was not in a state (attempt, generation) that allows the event.
+def statement(event: Event, columns: str) -> str:
+    """The one statement of ``event`` (named parameters; ``job_id`` always), returning the moved job's row as the
+    statement left it (``columns``, which must include ``job_id``, ``attempts`` and those the webhook payload below
+    reads, and its ``result``), or no row when the job was not in a state (attempt, generation) that allows the
+    event: one round trip for the move and the job's new state.
 
     Its effects happen together or not at all: the conditional UPDATE; for ``succeed``, the result row (naming the
     attempt); for an event that notifies, the webhook outbox row (``job_events``) when the job has a callback whose
@@ -220,14 +222,14 @@ def statement(event: Event) -> str:
     parts = [
         f"moved AS (UPDATE jobs SET status = '{transition.target.value}', {transition.assign}, updated_at = now()"
         f" WHERE job_id = %(job_id)s AND status IN ({sources}) AND ({transition.guard})"
-        " RETURNING job_id, attempts, status, callback_url, callback_events, error_code, error_message, progress)"
+        f" RETURNING {columns})"
     ]
     if event is Event.SUCCEED:
         # A row already there can only predate this attempt's move (the job was not succeeded): replace it.
         parts.append(
             "stored AS (INSERT INTO results (job_id, attempt, result) SELECT job_id, attempts, %(result)s FROM moved"
             " ON CONFLICT (job_id) DO UPDATE SET attempt = EXCLUDED.attempt, result = EXCLUDED.result,"
-            " created_at = now())"
+            " created_at = now() RETURNING job_id, result)"
         )
     if transition.notifies is not None:
         kind, group = transition.notifies
@@ -239,4 +241,7 @@ def statement(event: Event) -> str:
             f" WHERE callback_url IS NOT NULL AND '{group.value}' = ANY(coalesce(callback_events, '{{completed}}'))"
             f"{when})"
         )
-    return "WITH " + ", ".join(parts) + " SELECT job_id, attempts FROM moved"
+    # The main query sees the tables as they were before the statement: the result of a succeed comes from its own
+    # INSERT; no other event touches the results table, so theirs is the one already there.
+    results = "stored" if event is Event.SUCCEED else "results"
+    return "WITH " + ", ".join(parts) + f" SELECT moved.*, r.result FROM moved LEFT JOIN {results} r USING (job_id)"

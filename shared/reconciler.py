@@ -236,7 +236,7 @@ class Reconciler:
     def _notified(self, moved: Job | None) -> bool:
         """Whether an event that notifies moved the job; if it did, its webhook events are flushed (never raises)."""
         if moved is not None:
-            self._outbox.flush(moved.job_id)
+            self._outbox.flush(moved)
         return moved is not None
 
     def _image_stored(self, job: Job) -> bool:

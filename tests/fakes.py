@@ -469,8 +469,8 @@ class RecordingOutbox:
         self.flushed: list[UUID] = []
         self.resumes: list[tuple[timedelta, int]] = []
 
-    def flush(self, job_id: UUID) -> None:
-        self.flushed.append(job_id)
+    def flush(self, job: Job) -> None:
+        self.flushed.append(job.job_id)
 
     def sweep(self, older_than: timedelta, limit: int) -> int:
         return 0

@@ -163,7 +163,7 @@ def finished_job(stack: Stack, url: str, secret: str) -> Job:
     assert running is not None
     outputs = {"ndvi_cog": "http://127.0.0.1:10000/devstoreaccount1/results/x/1/ndvi.tif"}
     assert stack.jobs.succeed(job.job_id, running.attempts, {"ndvi": 0.4, "outputs": outputs}) is not None
-    stack.notifier.flush(job.job_id)
+    stack.notifier.flush(job)
     return job
 
 

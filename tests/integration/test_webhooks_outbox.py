@@ -5,6 +5,7 @@ loopback receiver or is refused by the SSRF guard."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -135,7 +136,7 @@ def test_racing_flushes_send_each_event_once(
             sends.append(message.message_id)
 
     notifiers = [OutboxNotifier(Racing(pool), Counting(bus, QUEUE)) for _ in range(2)]
-    threads = [threading.Thread(target=n.flush, args=(job.job_id,)) for n in notifiers]
+    threads = [threading.Thread(target=n.flush, args=(job,)) for n in notifiers]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -156,7 +157,7 @@ def test_a_flush_that_cannot_reach_the_bus_does_not_raise_and_the_sweep_sends_it
 ) -> None:
     job = succeeded(jobs, job_with_callback(jobs, "https://hooks.example.com/a"))
     with ServiceBusClient.from_connection_string(servicebus_emulator.connection_string) as broken:
-        OutboxNotifier(events, BusEventSender(broken, "no-such-queue", timeout=2)).flush(job.job_id)  # logs only
+        OutboxNotifier(events, BusEventSender(broken, "no-such-queue", timeout=2)).flush(job)  # logs only
     [left] = events.unsent(None, timedelta(0), 10)
     assert left.job_id == job.job_id
     outbox = OutboxNotifier(events, BusEventSender(bus, QUEUE))
@@ -164,6 +165,23 @@ def test_a_flush_that_cannot_reach_the_bus_does_not_raise_and_the_sweep_sends_it
     assert outbox.sweep(timedelta(0), 10) == 1
     assert outbox.sweep(timedelta(0), 10) == 0
     assert [m for m, _ in queued_messages(bus)] == [f"{left.event_id}:1"]
+
+
+def test_a_flush_asks_the_database_nothing_for_a_job_without_a_callback(
+    jobs: PostgresJobStore, database_url: str, bus: ServiceBusClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    plain = succeeded(jobs, jobs.create(job_id=uuid.uuid4(), input_blob="x", input_sha256="0" * 64,
+                                        params=PARAMS, idempotency_key=None)[0])  # fmt: skip
+    hooked = succeeded(jobs, job_with_callback(jobs, "https://hooks.example.com/a"))
+    with open_pool(settings_for(database_url)) as closed:
+        pass  # any query on it fails: a flush that asks logs a warning
+    notifier = OutboxNotifier(EventStore(closed), BusEventSender(bus, QUEUE))
+    with caplog.at_level(logging.WARNING, logger="shared.events"):
+        notifier.flush(plain)
+        assert caplog.records == []
+        notifier.flush(hooked)
+    [warning] = caplog.records  # the job with a callback was looked up, on the closed pool
+    assert warning.getMessage().startswith(f"job {hooked.job_id}: webhook events not handed over: ")
 
 
 def test_the_summary_counts_deliveries_and_attempts(jobs: PostgresJobStore, events: EventStore) -> None:
@@ -359,9 +377,9 @@ def test_after_a_failed_send_a_workers_flushes_fail_fast(
     second = succeeded(jobs, job_with_callback(jobs, "https://hooks.example.com/b"))
     with ServiceBusClient.from_connection_string(servicebus_emulator.connection_string) as broken:
         notifier = open_notifier(pool, broken, "no-such-queue", timeout=2)  # the worker's notifier
-        notifier.flush(first.job_id)
+        notifier.flush(first)
         started = time.monotonic()
-        notifier.flush(second.job_id)
+        notifier.flush(second)
         elapsed = time.monotonic() - started
     failures = [r.getMessage() for r in caplog.records if getattr(r, "action", None) == "flush_failed"]
     assert len(failures) == 2

@@ -134,9 +134,9 @@ class Notifier:
         self.jobs = jobs
         self.flushed: list[tuple[UUID, str]] = []
 
-    def flush(self, job_id: UUID) -> None:
-        job = self.jobs.get(job_id)
-        self.flushed.append((job_id, job.status.value if job else "?"))
+    def flush(self, job: Job) -> None:
+        current = self.jobs.get(job.job_id)
+        self.flushed.append((job.job_id, current.status.value if current else "?"))
 
 
 class World:

@@ -7,6 +7,8 @@ import pytest
 from shared.jobs import JobStatus
 from shared.lifecycle import TRANSITIONS, Event, statement, target
 
+COLUMNS = "job_id, status, attempts, callback_url, callback_events, error_code, error_message, progress"
+
 Q, R, S, F, C = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 # event -> {source status: target status}; every pair not listed is refused.
@@ -54,9 +56,11 @@ def test_only_a_resubmit_or_a_retry_leaves_failed_or_cancelled() -> None:
 
 @pytest.mark.parametrize("event", list(Event), ids=str)
 def test_each_event_is_one_conditional_update_on_its_source_states(event: Event) -> None:
-    sql = statement(event)
+    sql = statement(event, COLUMNS)
     assert sql.startswith("WITH moved AS (UPDATE jobs SET status = ")
-    assert sql.endswith(" SELECT job_id, attempts FROM moved")
+    assert f" RETURNING {COLUMNS})" in sql
+    results = "stored" if event is Event.SUCCEED else "results"  # a succeed's result: its own INSERT's row
+    assert sql.endswith(f" SELECT moved.*, r.result FROM moved LEFT JOIN {results} r USING (job_id)")
     assert sql.count("UPDATE jobs") == 1
     assert "WHERE job_id = %(job_id)s AND status IN (" in sql
     for status in JobStatus:
@@ -102,7 +106,7 @@ NOTIFIES = {
 
 @pytest.mark.parametrize("event", list(Event), ids=str)
 def test_notifications_are_written_by_the_statement_of_their_event(event: Event) -> None:
-    sql = statement(event)
+    sql = statement(event, COLUMNS)
     if event in NOTIFIES:
         assert f"INSERT INTO job_events (job_id, type, payload) SELECT job_id, '{NOTIFIES[event]}'" in sql
         assert ("%(notify)s" in sql) == (event is Event.PROGRESS)

@@ -48,8 +48,8 @@ class RecordingOutbox:
         self.stalled = 0
         self.failure: Exception | None = None
 
-    def flush(self, job_id: uuid.UUID) -> None:
-        self.flushed.append(job_id)
+    def flush(self, job: Job) -> None:
+        self.flushed.append(job.job_id)
 
     def sweep(self, older_than: timedelta, limit: int) -> int:
         self.sweeps.append((older_than, limit))

@@ -44,8 +44,8 @@ class Notifier:
     def __init__(self) -> None:
         self.flushed: list[UUID] = []
 
-    def flush(self, job_id: UUID) -> None:
-        self.flushed.append(job_id)
+    def flush(self, job: Job) -> None:
+        self.flushed.append(job.job_id)
 
 
 class World:
