@@ -33,6 +33,14 @@ CROP_HEALTH_COGS = ("ndvi_cog", "cover_cog", "cloud_mask_cog")
 COG_TILE = 512  # gpu_worker.analysis.outputs.TILE
 
 
+def cog_tile(width: int, height: int) -> int:
+    """512, or the smallest power of two (at least 16) that holds a smaller raster (outputs.tile_for)."""
+    side = 16
+    while side < min(max(width, height), COG_TILE):
+        side *= 2
+    return side
+
+
 def analyse(api: httpx.Client, path: Path, **params: str) -> dict[str, Any]:
     response = submit(api, path.read_bytes(), params=params)
     assert response.status_code == 202, response.text
@@ -81,7 +89,8 @@ def assert_cog_on_input_grid(cog: Path, source: Path) -> rasterio.DatasetReader:
         assert (ds.crs, ds.transform, ds.width, ds.height) == (src.crs, src.transform, src.width, src.height)
     assert ds.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
     assert ds.tags(ns="IMAGE_STRUCTURE")["COMPRESSION"] == "DEFLATE"
-    assert set(ds.block_shapes) == {(COG_TILE, COG_TILE)}  # tiles, not strips
+    tile = cog_tile(ds.width, ds.height)
+    assert set(ds.block_shapes) == {(tile, tile)}  # tiles, not strips
     if max(ds.width, ds.height) > COG_TILE:
         assert ds.overviews(1), f"{cog.name}: no internal overviews on a {ds.width} x {ds.height} scene"
     else:

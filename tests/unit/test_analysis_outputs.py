@@ -17,7 +17,7 @@ from affine import Affine
 from PIL import Image
 
 from gpu_worker.analysis import AnalysisOutput, AnalysisRequest, Analyzer
-from gpu_worker.analysis.outputs import RasterSink
+from gpu_worker.analysis.outputs import RasterSink, tile_for
 from gpu_worker.analysis.products import _finish_all
 from gpu_worker.analysis.quicklook import MAX_SIDE
 from gpu_worker.settlement import Cancelled
@@ -117,7 +117,7 @@ def test_cogs_share_the_grid_and_hold_the_right_values(analyzer: Analyzer, tmp_p
             assert (cog.crs, cog.transform, cog.width, cog.height) == grid
             assert cog.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
             assert cog.compression is not None
-            assert cog.block_shapes[0] == (256, 256) or cog.block_shapes[0] == (512, 512)
+            assert cog.block_shapes[0] == (256, 256)  # one tile: the smallest power of two that holds 256 x 256
             data = cog.read()
         if key == "ndvi_cog":
             np.testing.assert_allclose(data[0], expected, rtol=1e-6, atol=1e-7)  # float32 from float32 reflectance
@@ -153,6 +153,29 @@ def test_large_scene_gets_tiled_cog_with_overviews_and_a_small_quicklook(analyze
         assert png.format == "PNG"
         assert max(png.size) <= MAX_SIDE
         assert png.height > png.width  # the scene is taller than wide, plus the legend below
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "tile"),
+    [(1, 1, 16), (16, 9, 16), (17, 3, 32), (128, 128, 128), (200, 90, 256), (512, 512, 512), (513, 20, 512),
+     (11000, 11000, 512)],
+)  # fmt: skip
+def test_a_raster_smaller_than_a_tile_gets_one_tile_that_just_holds_it(width: int, height: int, tile: int) -> None:
+    assert tile_for(width, height) == tile
+
+
+def test_a_small_cog_is_one_small_tile_with_the_same_pixels(tmp_path: Path) -> None:
+    grid = {"width": 100, "height": 60, "crs": "EPSG:32618", "transform": Affine(10, 0, 440000, 0, -10, 4175000)}
+    data = np.random.default_rng(3).random((60, 100), dtype=np.float32)
+    data[:5] = np.nan
+    sink = RasterSink(tmp_path / "small.tif", grid, count=1, dtype="float32", nodata=float("nan"),
+                      overview_resampling="average")  # fmt: skip
+    sink.write(rasterio.windows.Window(0, 0, 100, 60), data)
+    with rasterio.open(sink.finish()) as cog:
+        assert cog.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        assert cog.block_shapes == [(128, 128)]
+        assert cog.overviews(1) == []
+        np.testing.assert_array_equal(cog.read(1), data)  # NaN where NaN
 
 
 def test_open_sea_has_no_land_so_no_cover_and_no_vegetation_fraction(analyzer: Analyzer, tmp_path: Path) -> None:
