@@ -210,9 +210,10 @@ def target(status: JobStatus, event: Event) -> JobStatus | None:
 
 def statement(event: Event, columns: str) -> str:
     """The one statement of ``event`` (named parameters; ``job_id`` always), returning the moved job's row as the
-    statement left it (``columns``, which must include ``job_id``, ``attempts`` and those the webhook payload below
-    reads, and its ``result``), or no row when the job was not in a state (attempt, generation) that allows the
-    event: one round trip for the move and the job's new state.
+    statement left it (``columns`` of ``jobs``, then ``result``, which the statement appends), or no row when the job
+    was not in a state (attempt, generation) that allows the event: one round trip for the move and the job's new
+    state. ``columns`` must include ``job_id``, ``attempts``, ``status``, ``error_code``, ``error_message``,
+    ``progress``, ``callback_url`` and ``callback_events``: the outbox row below reads them.
 
     Its effects happen together or not at all: the conditional UPDATE; for ``succeed``, the result row (naming the
     attempt); for an event that notifies, the webhook outbox row (``job_events``) when the job has a callback whose
