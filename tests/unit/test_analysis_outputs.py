@@ -16,7 +16,7 @@ import torch
 from affine import Affine
 from PIL import Image
 
-from gpu_worker.analysis import AnalysisOutput, AnalysisRequest, Analyzer
+from gpu_worker.analysis import AnalysisOutput, AnalysisRequest, Analyzer, quicklook
 from gpu_worker.analysis.outputs import RasterSink, tile_for
 from gpu_worker.analysis.products import _finish_all
 from gpu_worker.analysis.quicklook import MAX_SIDE
@@ -176,6 +176,20 @@ def test_a_small_cog_is_one_small_tile_with_the_same_pixels(tmp_path: Path) -> N
         assert cog.block_shapes == [(128, 128)]
         assert cog.overviews(1) == []
         np.testing.assert_array_equal(cog.read(1), data)  # NaN where NaN
+
+
+def test_the_cached_legend_gives_the_same_quicklook_as_a_fresh_one(analyzer: Analyzer, tmp_path: Path) -> None:
+    out = run(analyzer, DATA / "s2_l1c_fields_256.tif", tmp_path)
+    ndvi, cloud = out.files["ndvi_cog"][0], out.files["cloud_mask_cog"][0]
+    quicklook._legend.cache_clear()
+    fresh = quicklook.render(ndvi, tmp_path / "fresh.png", cloud).read_bytes()
+    assert quicklook._legend.cache_info().misses == 1
+    cached = quicklook.render(ndvi, tmp_path / "cached.png", cloud).read_bytes()
+    assert quicklook._legend.cache_info().hits == 1
+    assert cached == fresh
+    without_clouds = quicklook.render(ndvi, tmp_path / "clear.png").read_bytes()  # another legend: no cloud key
+    assert quicklook._legend.cache_info().misses == 2
+    assert without_clouds != fresh
 
 
 def test_open_sea_has_no_land_so_no_cover_and_no_vegetation_fraction(analyzer: Analyzer, tmp_path: Path) -> None:
