@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import pytest
@@ -24,7 +25,8 @@ import pytest
 from gpu_worker import app
 from gpu_worker.analysis import AnalysisOutput, AnalysisRequest
 from gpu_worker.app import run
-from shared.jobs import JobStatus
+from shared.db import PostgresJobStore
+from shared.jobs import Job, JobStatus
 from shared.storage import BlobStore
 from tests.integration.worker_helpers import DATA, FIELDS, StackFactory, WorkerStack
 from tests.integration.worker_helpers import stack_factory as stack_factory
@@ -207,17 +209,27 @@ def test_a_drain_with_jobs_in_flight_settles_each_of_them_once_and_leaves_the_re
 
 
 def test_a_forced_shutdown_releases_the_analysed_and_prepared_jobs_uncharged_and_the_next_worker_runs_them(
-    stack: WorkerStack, recorder: Recorder, caplog: pytest.LogCaptureFixture
+    stack: WorkerStack, recorder: Recorder, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Job 1 is being uploaded, job 2 analysed, job 3 prepared, when a second SIGTERM forces the shutdown: job 1's
-    settlement completes; jobs 2 and 3 are released uncharged, their next generation sent at once; job 4 was never
-    received. The next worker runs 2, 3 and 4."""
+    """Job 1 is storing its result (uploaded, past its last checkpoint), job 2 analysed, job 3 prepared, when a
+    second SIGTERM forces the shutdown: job 1's result and settlement complete; jobs 2 and 3 are released uncharged,
+    their next generation sent at once; job 4 was never received. The next worker runs 2, 3 and 4. (An upload still
+    under way would stop at its next check, within ``POLL``, and be released too.)"""
     j1, j2, j3, j4 = (stack.submit(FIELDS.read_bytes()) for _ in range(4))
     forced = threading.Event()
-    recorder.hooks[("upload", j1)] = lambda: forced.wait(WAIT)
+
+    class Holding(PostgresJobStore):
+        def succeed(self, job_id: UUID, attempt: int, result: dict[str, Any]) -> Job | None:
+            if job_id == j1:
+                recorder.record("storing", j1)
+                forced.wait(WAIT)
+            return super().succeed(job_id, attempt, result)
+
+    monkeypatch.setattr(app, "PostgresJobStore", Holding)
 
     def force_while_analysing() -> None:
         recorder.until("downloaded", j3)
+        recorder.until("storing", j1)
         _signal_self(2)
         forced.set()
         deadline = time.monotonic() + WAIT
