@@ -3,15 +3,10 @@
 The handler and the analysis call :meth:`Progress.report` at their checkpoints: each stage as it starts, and long
 stages per window or per file. A report is cheap when nothing is written (a clock read and two flags), so the
 analysis may call it per window without slowing down. Writes (``jobs.progress``: ``{stage, fraction, updated_at}``,
-ISO 8601 UTC) are throttled to one per ``interval`` (1 s) per job within a stage. A new stage is written as soon as
-the last write is ``min_gap`` (0.5 s) old: at once after a long stage, else at its first report once the gap has
-passed, or never when the next stage starts first (a stage shorter than the gap may not show). Only the first write
-of a stage notifies (``notify=True``: the ``job.progress`` webhook, then :meth:`shared.events.Notifier.flush`), so
-``job.progress`` webhooks come at most every ``min_gap``, as Replicate throttles its progress webhooks to one per
-500 ms. ``upload`` is written at once whatever the gap: it is the checkpoint before the outputs are stored. A small
-job therefore writes ``download`` and ``upload`` (2 writes, not 5-7: each is a statement, ~1 ms in Azure, and the
-worker's CPU). The stage never goes back: the windowed pass interleaves ``indices`` and ``cover`` window by window,
-and once ``cover`` is reached, reports of ``indices`` only serve as checkpoints.
+ISO 8601 UTC) are throttled to one per ``interval`` (1 s) per job, except that the first report of a stage is
+written at once, and only that write notifies (``notify=True``: the ``job.progress`` webhook, then
+:meth:`shared.events.Notifier.flush`). The stage never goes back: the windowed pass interleaves ``indices`` and
+``cover`` window by window, and once ``cover`` is reached, reports of ``indices`` only serve as checkpoints.
 
 The reports of one attempt come from the pipeline's threads in turn (:mod:`gpu_worker.pipeline`): ``download``
 from the preparing thread, the analysis' stages from the computing thread that analyses it, ``upload`` from the
@@ -43,7 +38,6 @@ logger = logging.getLogger(__name__)
 
 STAGES = ("download", "decode", "cloud_mask", "indices", "cover", "outputs", "upload")
 _ORDER = {stage: i for i, stage in enumerate(STAGES)}
-_AT_ONCE = _ORDER["upload"]  # a new stage from here on is written whatever the gap
 
 
 class Guard(Protocol):
@@ -64,7 +58,6 @@ class Progress:
         notifier: Notifier,
         *,
         interval: float = 1.0,
-        min_gap: float = 0.5,
         backoff: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -72,7 +65,6 @@ class Progress:
         self._guard = guard
         self._notifier = notifier
         self._interval = interval
-        self._min_gap = min_gap
         self._backoff = backoff
         self._clock = clock
         self._stage = -1  # the furthest stage reported
@@ -90,9 +82,7 @@ class Progress:
             self._stage = index
             now = self._clock()
             new = index > self._written
-            since = now - self._last_write
-            due = (since >= self._min_gap or index >= _AT_ONCE) if new else since >= self._interval
-            if due and now >= self._paused_until:
+            if (new or now - self._last_write >= self._interval) and now >= self._paused_until:
                 self._write(stage, min(max(fraction, 0.0), 1.0), now, notify=new)
         self._guard.check()
 

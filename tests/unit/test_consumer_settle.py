@@ -489,8 +489,7 @@ def _cancel(world: World, *, seen: bool) -> Callable[[Job, Reporter], object]:
     def cancel(job: Job, progress: Reporter) -> None:
         assert world.jobs.request_cancel(job.job_id) is not None
         if seen:
-            cast(Any, progress)._interval = cast(Any, progress)._min_gap = 0  # the next report is written, and
-            # returns the cancelled row
+            cast(Any, progress)._interval = 0  # the next report is written, and returns the cancelled row
             progress.report("decode")
 
     return cancel

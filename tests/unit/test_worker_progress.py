@@ -66,31 +66,12 @@ def world() -> World:
     return World()
 
 
-def test_a_stage_that_starts_the_gap_after_the_last_write_is_written_at_once_and_notifies(world: World) -> None:
+def test_the_first_report_of_each_stage_is_written_at_once_and_notifies(world: World) -> None:
     for stage in STAGES:
-        world.clock.now += 0.5  # the gap
-        world.progress.report(stage)
-        world.progress.report(stage, 0.5)  # no time passed: not written
+        world.progress.report(stage)  # no time passes: only new stages are written
+        world.progress.report(stage, 0.5)
     assert world.jobs.writes == [(stage, 0.0, True) for stage in STAGES]
     assert world.notifier.flushed == [world.job.job_id] * len(STAGES)
-
-
-def test_a_stage_that_starts_sooner_is_written_once_the_gap_has_passed_or_never(world: World) -> None:
-    """A small job: every stage a few ms long. Only download and upload are written; a stage still running when the
-    gap has passed is written then, and notifies."""
-    world.progress.report("download")
-    world.clock.now += 0.125
-    world.progress.report("decode")  # 0.125 s after the last write: not yet
-    world.clock.now += 0.125
-    world.progress.report("indices", 0.0)  # decode never shows
-    world.clock.now += 0.25
-    world.progress.report("indices", 0.5)  # the gap has passed: the stage's first write
-    world.clock.now += 0.125
-    world.progress.report("outputs")
-    world.clock.now += 0.0625
-    world.progress.report("upload")  # at once, whatever the gap: the checkpoint before the outputs are stored
-    assert world.jobs.writes == [("download", 0.0, True), ("indices", 0.5, True), ("upload", 0.0, True)]
-    assert world.notifier.flushed == [world.job.job_id] * 3
 
 
 def test_within_a_stage_writes_are_throttled_to_one_per_interval(world: World) -> None:
@@ -126,7 +107,6 @@ def test_fractions_are_clamped(world: World) -> None:
 def test_the_stage_never_goes_back(world: World) -> None:
     """The windowed pass interleaves indices and cover per window: once cover is reached, indices only checks."""
     world.progress.report("indices", 0.0)
-    world.clock.now += 0.5
     world.progress.report("cover", 0.0)
     for i in range(1, 4):
         world.clock.now += 1
