@@ -39,6 +39,7 @@ write the webhook outbox row in the same statement (:func:`statement`).
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 
 from shared.jobs import JobStatus
@@ -208,6 +209,7 @@ def target(status: JobStatus, event: Event) -> JobStatus | None:
     return transition.target if status in transition.sources else None
 
 
+@functools.cache  # built once per event: it runs on every move
 def statement(event: Event, columns: str) -> str:
     """The one statement of ``event`` (named parameters; ``job_id`` always), returning the moved job's row as the
     statement left it (``columns`` of ``jobs``, then ``result``, which the statement appends), or no row when the job
