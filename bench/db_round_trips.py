@@ -28,7 +28,7 @@ from typing import Any
 import psycopg
 
 from bench.worker_throughput import CONSUMERS, DATA, Bench, bench_stack
-from local.processes import Service, stop
+from local.processes import stop
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,7 @@ def statements(logs: list[Path]) -> dict[str, int]:
 
 
 def measure(bench: Bench, kind: str, path: Path, count: int, timeout: float) -> dict[str, Any]:
-    env = bench.consumer_env(kind, 1) | {"PGAPPNAME": APP}
-    service: Service = bench.launcher.worker(0, env) if kind == "project" else bench.naive(0, env)
+    [service] = bench.start(kind, 1, {"PGAPPNAME": APP})
     logs = sorted((bench.root / "logs").glob("postgres*"))
     try:
         data = path.read_bytes()

@@ -132,19 +132,20 @@ class Bench:
         share of the CPUs); the naive consumer the stack's settings alone."""
         return services.worker_env(self.env, count) if kind == "project" else dict(self.env)
 
-    def start(self, kind: str, count: int) -> list[Service]:
-        env = self.consumer_env(kind, count)
+    def start(self, kind: str, count: int, extra: Mapping[str, str] | None = None) -> list[Service]:
+        """``count`` processes of the ``kind`` consumer, ready; ``extra``: environment on top of theirs."""
+        env = self.consumer_env(kind, count) | dict(extra or {})
         started: list[Service] = []
         try:
             for index in range(count):
-                started.append(self.launcher.worker(index, env) if kind == "project" else self.naive(index, env))
+                started.append(self.launcher.worker(index, env) if kind == "project" else self._naive(index, env))
         except BaseException:
             for service in started:
                 stop(service)
             raise
         return started
 
-    def naive(self, index: int, env: dict[str, str]) -> Service:
+    def _naive(self, index: int, env: dict[str, str]) -> Service:
         ready = self.root / f"naive-{index}.ready"
         ready.unlink(missing_ok=True)
         log_path = self.root / "logs" / f"naive-{index}.log"
