@@ -8,12 +8,14 @@ hands out with the renewer through that wrapper. Each :meth:`PriorityInbox.recei
 :mod:`gpu_worker.consumer`), with the receiver that must settle it:
 
 * ``jobs-high`` is asked first, then ``jobs``. While there is work, each ask waits only ``QUICK`` (a queue that holds
-  a message answers within a round trip), and ``jobs-high``, once found empty, only ``PEEK``: a stream of normal jobs
-  would otherwise wait ``QUICK`` on the empty high-priority queue before each job (215 ms per tiny job against 55 ms
-  for a naive consumer, bench/worker_throughput.py), and a high-priority job that arrives meanwhile is taken at the
-  next round. Once a round found both empty, each waits ``wait`` in turn (``WORKER_MAX_WAIT_TIME``, capped at
-  ``IDLE_WAIT``, 0.5 s), so an idle worker picks up a high-priority job within about that long and, at the cap, asks
-  the broker about twice a second.
+  a message answers within a round trip), and ``jobs-high``, once found empty, only ``PEEK``, and not again until
+  ``HIGH_RECHECK`` later: a stream of normal jobs would otherwise wait ``QUICK`` on the empty high-priority queue
+  before each job (215 ms per tiny job against 55 ms for a naive consumer, bench/worker_throughput.py), and even a
+  ``PEEK`` costs its 20 ms (a receive that comes back empty returns no sooner), which was most of the preparing
+  thread's time per tiny job (receive 24 ms, prepare 9 ms: the pipeline's slowest stage). A high-priority job that
+  arrives meanwhile is taken at the first round after ``HIGH_RECHECK``. Once a round found both empty, each waits
+  ``wait`` in turn (``WORKER_MAX_WAIT_TIME``, capped at ``IDLE_WAIT``, 0.5 s), so an idle worker picks up a
+  high-priority job within about that long and, at the cap, asks the broker about twice a second.
 * After ``burst`` high-priority messages in a row (``WORKER_HIGH_PRIORITY_BURST``), ``jobs`` is asked once
   (``QUICK``) before ``jobs-high`` again: under a steady high-priority stream a waiting normal job still runs every
   ``burst + 1`` jobs.
@@ -35,6 +37,8 @@ longer than ``QUICK``.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -57,6 +61,7 @@ PEEK = 0.02  # seconds: a look at jobs-high, found empty at the last ask, betwee
 # out is a larger value.
 RECEIVE_SOCKET_TIMEOUT = 0.02
 IDLE_WAIT = 0.5  # seconds per queue while both are empty: the pick-up latency of an idle worker
+HIGH_RECHECK = 0.25  # seconds: a busy worker looks at jobs-high, found empty, no more often than this
 
 
 class Renewer(Protocol):
@@ -83,10 +88,12 @@ class PriorityInbox:
         wait: float,
         locks: LostLocks,
         renewer: Renewer | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``burst``: ``WORKER_HIGH_PRIORITY_BURST``; ``wait``: ``WORKER_MAX_WAIT_TIME``, capped at ``IDLE_WAIT``;
         ``locks``: the renewer's record of lost locks, where a skipped message is forgotten; ``renewer``: renews the
-        lock of each message handed out (the receivers must not have one of their own)."""
+        lock of each message handed out (the receivers must not have one of their own); ``clock``: for
+        ``HIGH_RECHECK``."""
         self._normal = SerialReceiver(normal)
         self._high = SerialReceiver(high)
         self._burst = burst
@@ -97,6 +104,8 @@ class PriorityInbox:
         self._streak = 0  # high-priority messages in a row
         self._idle = True  # the last round found both queues empty, or failed: wait longer
         self._high_dry = False  # the last ask of jobs-high found it empty
+        self._clock = clock
+        self._high_asked = -float("inf")  # when jobs-high was last asked
 
     def receive(self) -> Received | None:
         """At most one message; ``None`` when the queues asked had none. ``ServiceBusError`` passes through."""
@@ -109,8 +118,11 @@ class PriorityInbox:
             if received is not None:
                 self._idle = False
                 return received
-        received = self._take(self._high, "high", PEEK if busy and self._high_dry else wait)
-        self._high_dry = received is None
+        received = None
+        if not (busy and self._high_dry and self._clock() - self._high_asked < HIGH_RECHECK):
+            self._high_asked = self._clock()
+            received = self._take(self._high, "high", PEEK if busy and self._high_dry else wait)
+            self._high_dry = received is None
         if received is not None:
             self._streak += 1
         else:

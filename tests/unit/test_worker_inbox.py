@@ -17,7 +17,7 @@ import pytest
 from azure.servicebus import ServiceBusReceiver
 from azure.servicebus.exceptions import ServiceBusConnectionError
 
-from gpu_worker.inbox import IDLE_WAIT, PEEK, QUICK, PriorityInbox, Received
+from gpu_worker.inbox import HIGH_RECHECK, IDLE_WAIT, PEEK, QUICK, PriorityInbox, Received
 from gpu_worker.locks import LostLocks
 from gpu_worker.receiver import SerialReceiver
 
@@ -74,20 +74,25 @@ def names(count: int, prefix: str) -> list[Message]:
 
 
 class World:
-    def __init__(self, high: int = 0, normal: int = 0, burst: int = 2) -> None:
+    """``step``: the seconds each round takes on the inbox's clock (by default each job runs ``HIGH_RECHECK``, so
+    jobs-high is looked at before every job)."""
+
+    def __init__(self, high: int = 0, normal: int = 0, burst: int = 2, step: float = HIGH_RECHECK) -> None:
         self.log: list[tuple[str, float]] = []
         self.high = Receiver("high", self.log, *names(high, "h"))
         self.normal = Receiver("normal", self.log, *names(normal, "n"))
         self.locks = LostLocks()
+        self.now, self.step = 1000.0, step
         self.inbox = PriorityInbox(
             cast(ServiceBusReceiver, self.normal), cast(ServiceBusReceiver, self.high), burst=burst, wait=5.0,
-            locks=self.locks,
+            locks=self.locks, clock=lambda: self.now,
         )  # fmt: skip
 
     def drain(self, rounds: int = 50) -> list[str]:
         order = []
         for _ in range(rounds):
             received = self.inbox.receive()
+            self.now += self.step
             if received is not None:
                 order.append(cast(Any, received.message).message_id)
         return order
@@ -203,6 +208,27 @@ def test_while_busy_each_queue_is_asked_quickly_and_once_idle_each_waits_in_turn
     assert IDLE_WAIT <= 0.5  # an idle worker picks a high-priority job up within about this
 
 
+def test_a_busy_worker_looks_at_the_empty_high_queue_once_per_recheck_and_a_high_job_waits_at_most_that() -> None:
+    """Tiny jobs, 62.5 ms each: a PEEK before each would cost 20 ms of the preparing thread's ~35 ms per job."""
+    world = World(normal=20, step=HIGH_RECHECK / 4)
+    assert world.drain(9) == [f"n{i}" for i in range(1, 10)]
+    asks = [(queue, wait) for queue, wait in world.log if queue == "high"]
+    assert asks == [("high", IDLE_WAIT), ("high", PEEK), ("high", PEEK)]  # before n1, n5 and n9: HIGH_RECHECK apart
+    world.high.messages.append(Message("h1"))  # arrives while n9 runs
+    order = world.drain(5)
+    assert order == ["n10", "n11", "n12", "h1", "n13"]  # taken at the next look, within HIGH_RECHECK of its arrival
+    assert world.drain(20)[-1] == "n20"
+
+
+def test_an_idle_worker_asks_the_high_queue_first_at_every_round_whatever_the_recheck() -> None:
+    world = World(step=0.0)
+    world.drain(2)
+    world.high.messages.append(Message("h1"))
+    world.normal.messages.append(Message("n1"))
+    assert world.drain(2) == ["h1", "n1"]
+    assert world.log[:4] == [("high", IDLE_WAIT), ("normal", IDLE_WAIT)] * 2
+
+
 def test_an_empty_receive_takes_its_credit_back() -> None:
     world = World(normal=1)
     world.drain(1)
@@ -266,10 +292,13 @@ def test_a_wait_below_the_cap_is_what_an_idle_round_waits_on_each_queue() -> Non
     """``WORKER_MAX_WAIT_TIME`` under ``IDLE_WAIT`` (above it, the cap: the other tests' 5 s waits 0.5 s)."""
     log: list[tuple[str, float]] = []
     high, normal = Receiver("high", log), Receiver("normal", log, Message("n1"))
+    now = [0.0]
     inbox = PriorityInbox(
-        cast(ServiceBusReceiver, normal), cast(ServiceBusReceiver, high), burst=2, wait=0.1, locks=LostLocks()
-    )
+        cast(ServiceBusReceiver, normal), cast(ServiceBusReceiver, high), burst=2, wait=0.1, locks=LostLocks(),
+        clock=lambda: now[0],
+    )  # fmt: skip
     assert inbox.receive() is not None
+    now[0] += HIGH_RECHECK
     assert inbox.receive() is None  # busy: a quick look at each
     assert inbox.receive() is None  # idle
     assert log == [("high", 0.1), ("normal", 0.1), ("high", PEEK), ("normal", QUICK), ("high", 0.1), ("normal", 0.1)]
