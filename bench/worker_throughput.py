@@ -1,6 +1,7 @@
 """Worker throughput: the project's worker against the seeds' naive consumer, side by side in one run, as JSON.
 
-``python -m bench.worker_throughput [--tiny 60] [--medium 20] [--large 6] [--workers 1,2] [--warmup 1]``
+``python -m bench.worker_throughput [--tiny 60] [--medium 20] [--large 6] [--workers 1,2] [--warmup 1]
+[--db-rtt-ms 0]``
 
 Starts the local stack without workers (``local.stack.up``: PostgreSQL, Azurite, the Service Bus emulator, the
 Functions host, its timer out of the way) in a temporary directory on free ports. Then, for each worker count and
@@ -23,6 +24,11 @@ same interval (from ``/proc``), per job. Job sets: ``tiny`` (tests/data/s2_rgbn_
 ``medium`` (tests/data/s2_l1c_fields_256.tif, 256x256x13), ``large`` (1024x1024x13, ``bench.analysis.make_scene``).
 ``project_over_naive`` = project jobs/s / naive jobs/s for the same job set and worker count.
 
+``--db-rtt-ms``: both consumers reach PostgreSQL through :class:`bench.latency_proxy.DelayProxy`, which adds that
+much to each round trip (about what separates an Azure VM from Azure Database for PostgreSQL; locally a round trip
+is ~0.05 ms), so a consumer pays for its statements per job as it would there. ``database`` in the output: the
+round trip added, and ``SELECT 1`` medians measured directly and as the consumers reach the database.
+
 The stack shares the machine's cores with the consumers, so its CPU bounds what any consumer can reach. Over the same
 interval, ``stack_cpu_s_per_job``: user + system CPU seconds, per job, of the stack's processes (PostgreSQL, Azurite,
 the Service Bus emulator, the Functions host: each with its descendants, PostgreSQL's backends, and the children they
@@ -36,6 +42,7 @@ of the machine a run kept busy; at 1.0 a consumer can only go faster by using le
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -50,12 +57,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 from uuid import UUID, uuid4
 
 import psycopg
 import rasterio
 
 from bench.analysis import make_scene
+from bench.latency_proxy import DelayProxy, round_trip_ms
 from local import services
 from local.processes import Service, spawn, stop, wait_ready
 from local.stack import REPO_ROOT, StackConfig, down, up
@@ -109,6 +118,7 @@ class Bench:
         self.launcher = services.Launcher(root, REPO_ROOT, environ)
         self.stack = {service["name"]: service["pid"] for service in state["services"]}  # the stack's processes
         self.cores = len(os.sched_getaffinity(0))
+        self.consumer_database_url: str | None = None  # the consumers' DATABASE_URL, when not the stack's own
 
     def close(self) -> None:
         self.publisher.close()  # closes the client too
@@ -129,8 +139,12 @@ class Bench:
 
     def consumer_env(self, kind: str, count: int) -> dict[str, str]:
         """The project's workers get what ``local.stack`` gives ``count`` workers (``services.worker_env``: their
-        share of the CPUs); the naive consumer the stack's settings alone."""
-        return services.worker_env(self.env, count) if kind == "project" else dict(self.env)
+        share of the CPUs); the naive consumer the stack's settings alone. Both reach PostgreSQL at
+        ``consumer_database_url`` when it is set (through :class:`bench.latency_proxy.DelayProxy`)."""
+        env = services.worker_env(self.env, count) if kind == "project" else dict(self.env)
+        if self.consumer_database_url is not None:
+            env["DATABASE_URL"] = self.consumer_database_url
+        return env
 
     def start(self, kind: str, count: int, extra: Mapping[str, str] | None = None) -> list[Service]:
         """``count`` processes of the ``kind`` consumer, ready; ``extra``: environment on top of theirs."""
@@ -314,10 +328,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="1,2", help="worker process counts, comma-separated")
     parser.add_argument("--warmup", type=int, default=1, help="untimed jobs per process before each job set")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one job set")
+    rtt_help = "milliseconds added to each of the consumers' PostgreSQL round trips (Azure: ~1)"
+    parser.add_argument("--db-rtt-ms", type=float, default=0.0, help=rtt_help)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(message)s")
     counts = [int(n) for n in args.workers.split(",")]
-    with bench_stack("cropai-bench-throughput-") as bench:
+    with bench_stack("cropai-bench-throughput-") as bench, contextlib.ExitStack() as proxied:
+        direct = str(bench.settings.database_url)
+        if args.db_rtt_ms > 0:
+            port = urlsplit(direct).port
+            assert port is not None, "the stack's DATABASE_URL names its port"
+            proxy = proxied.enter_context(DelayProxy(port, delay=args.db_rtt_ms / 2000))
+            bench.consumer_database_url = proxy.url(direct)
+        database = {
+            "rtt_ms_added": args.db_rtt_ms,
+            "rtt_ms_direct": round_trip_ms(direct),
+            "rtt_ms_consumers": round_trip_ms(bench.consumer_database_url or direct),
+        }
         large = make_scene(bench.root / f"scene_{args.large_size}.tif", args.large_size)
         sets = [
             JobSet("tiny", DATA / "s2_rgbn_fields_128.tif", args.tiny),
@@ -345,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                 for n in counts
             },
             "worker_settings": worker_settings(bench.settings),
+            "database": database,
             "machine": {
                 "cpus": os.cpu_count(),
                 "usable_cores": bench.cores,

@@ -1,0 +1,61 @@
+"""bench/latency_proxy.py against a local echo server: bytes pass intact and in order, each way held back."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from bench.latency_proxy import DelayProxy
+
+DELAY = 0.01  # seconds each way: far above this machine's scheduling noise, so the lower bound below cannot flake
+
+
+@pytest.fixture
+def echo_port() -> Iterator[int]:
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                while data := conn.recv(1 << 16):
+                    conn.sendall(data)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    server.close()
+
+
+def _exchange(sock: socket.socket, payload: bytes) -> bytes:
+    sock.sendall(payload)
+    received = bytearray()
+    while len(received) < len(payload):
+        chunk = sock.recv(1 << 16)
+        assert chunk, "the proxy closed the connection early"
+        received += chunk
+    return bytes(received)
+
+
+def test_bytes_pass_intact_and_in_order_and_each_round_trip_takes_at_least_twice_the_delay(echo_port: int) -> None:
+    payload = os.urandom(1 << 20)  # many chunks queued at once: their order must hold
+    with DelayProxy(echo_port, delay=DELAY) as proxy, socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        assert _exchange(sock, payload) == payload
+        started = time.monotonic()
+        assert _exchange(sock, b"ping") == b"ping"
+        assert time.monotonic() - started >= 2 * DELAY
+
+
+def test_the_url_names_the_proxy_and_keeps_the_rest() -> None:
+    with DelayProxy(5432, delay=0.0) as proxy:
+        url = proxy.url("postgresql://postgres@127.0.0.1:5432/jobs?sslmode=disable")
+        assert url == f"postgresql://postgres@127.0.0.1:{proxy.port}/jobs?sslmode=disable"
+        assert proxy.url("postgresql://127.0.0.1:5432/jobs") == f"postgresql://127.0.0.1:{proxy.port}/jobs"
