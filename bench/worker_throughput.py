@@ -26,7 +26,7 @@ same interval (from ``/proc``), per job. Job sets: ``tiny`` (tests/data/s2_rgbn_
 
 ``--db-rtt-ms``: both consumers reach PostgreSQL through :class:`bench.latency_proxy.DelayProxy`, which adds that
 much to each round trip (about what separates an Azure VM from Azure Database for PostgreSQL; locally a round trip
-is ~0.05 ms), so a consumer pays for its statements per job as it would there. ``database`` in the output: the
+is well under 0.1 ms), so a consumer pays for its statements per job as it would there. ``database`` in the output: the
 round trip added, and ``SELECT 1`` medians measured directly and as the consumers reach the database.
 
 The stack shares the machine's cores with the consumers, so its CPU bounds what any consumer can reach. Over the same
@@ -48,6 +48,7 @@ import logging
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -64,7 +65,7 @@ import psycopg
 import rasterio
 
 from bench.analysis import make_scene
-from bench.latency_proxy import DelayProxy, round_trip_ms
+from bench.latency_proxy import DelayProxy
 from local import services
 from local.processes import Service, spawn, stop, wait_ready
 from local.stack import REPO_ROOT, StackConfig, down, up
@@ -294,6 +295,17 @@ def worker_settings(settings: Settings) -> dict[str, str]:
     """The project worker's ``WORKER_*`` settings as it sees them (defaults unless the environment sets them)."""
     fields = Settings.model_fields.items()
     return {f.alias: str(getattr(settings, name)) for name, f in fields if f.alias and f.alias.startswith("WORKER_")}
+
+
+def round_trip_ms(database_url: str, count: int = 200) -> float:
+    """The median milliseconds of ``SELECT 1`` on one connection to ``database_url``."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        times = []
+        for _ in range(count):
+            started = time.perf_counter()
+            conn.execute("SELECT 1").fetchone()
+            times.append((time.perf_counter() - started) * 1000)
+    return round(statistics.median(times), 3)
 
 
 def measure(bench: Bench, sets: list[JobSet], workers: int, warmup: int, timeout: float) -> dict[str, Any]:

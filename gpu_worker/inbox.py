@@ -53,7 +53,7 @@ from gpu_worker.renewal import LockRenewer
 logger = logging.getLogger(__name__)
 
 QUICK = 0.2  # seconds: enough for a queue that holds a message to hand it over
-PEEK = 0.02  # seconds: a look at jobs-high, found empty at the last ask, between two jobs of the normal queue
+PEEK = 0.02  # seconds: a look at jobs-high, found empty at the last ask, at most every HIGH_RECHECK while busy
 # The receivers' socket_timeout (app.py): how long the SDK's pyamqp transport blocks on the socket per pump of the
 # connection. At the SDK's default (0.2 s) no receive returns empty sooner than that, whatever its max_wait_time: a
 # PEEK cost 0.2 s, and a tiny job 213 ms instead of 35 (bench/worker_throughput.py). It also bounds a socket write,
@@ -119,8 +119,9 @@ class PriorityInbox:
                 self._idle = False
                 return received
         received = None
-        if not (busy and self._high_dry and self._clock() - self._high_asked < HIGH_RECHECK):
-            self._high_asked = self._clock()
+        now = self._clock()
+        if not (busy and self._high_dry and now - self._high_asked < HIGH_RECHECK):
+            self._high_asked = now
             received = self._take(self._high, "high", PEEK if busy and self._high_dry else wait)
             self._high_dry = received is None
         if received is not None:

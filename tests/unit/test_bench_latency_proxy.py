@@ -13,6 +13,7 @@ import pytest
 from bench.latency_proxy import DelayProxy
 
 DELAY = 0.01  # seconds each way: far above this machine's scheduling noise, so the lower bound below cannot flake
+WAIT = 10.0  # seconds: a bound on a hang, never a speed claim
 
 
 @pytest.fixture
@@ -32,7 +33,9 @@ def echo_port() -> Iterator[int]:
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     yield server.getsockname()[1]
+    server.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
     server.close()
+    thread.join(WAIT)
 
 
 def _exchange(sock: socket.socket, payload: bytes) -> bytes:
@@ -52,6 +55,26 @@ def test_bytes_pass_intact_and_in_order_and_each_round_trip_takes_at_least_twice
         started = time.monotonic()
         assert _exchange(sock, b"ping") == b"ping"
         assert time.monotonic() - started >= 2 * DELAY
+
+
+def test_an_end_of_stream_is_passed_on_after_the_bytes_before_it(echo_port: int) -> None:
+    with DelayProxy(echo_port, delay=DELAY) as proxy, socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        sock.settimeout(WAIT)
+        sock.sendall(b"last words")
+        sock.shutdown(socket.SHUT_WR)  # the echo server sees the end once it has echoed them, and closes
+        received = b""
+        while chunk := sock.recv(1 << 16):
+            received += chunk
+        assert received == b"last words"
+
+
+def test_leaving_the_proxy_closes_the_connections_still_open(echo_port: int) -> None:
+    with DelayProxy(echo_port, delay=DELAY) as proxy:
+        sock = socket.create_connection(("127.0.0.1", proxy.port))
+        assert _exchange(sock, b"ping") == b"ping"
+    with sock:
+        sock.settimeout(WAIT)
+        assert sock.recv(1) == b""  # the client sees the end, not a hang
 
 
 def test_the_url_names_the_proxy_and_keeps_the_rest() -> None:
