@@ -114,7 +114,7 @@ class PriorityInbox:
         self._idle = True  # unless a message comes (an error leaves it set)
         if self._streak >= self._burst:
             self._streak = 0
-            received = self._take(self._normal, "normal", QUICK)
+            received, _ = self._take(self._normal, "normal", QUICK)
             if received is not None:
                 self._idle = False
                 return received
@@ -122,17 +122,18 @@ class PriorityInbox:
         now = self._clock()
         if not (busy and self._high_dry and now - self._high_asked < HIGH_RECHECK):
             self._high_asked = now
-            received = self._take(self._high, "high", PEEK if busy and self._high_dry else wait)
-            self._high_dry = received is None
+            received, delivered = self._take(self._high, "high", PEEK if busy and self._high_dry else wait)
+            self._high_dry = not delivered  # a message skipped (its lock ran out) is redelivered: look again soon
         if received is not None:
             self._streak += 1
         else:
             self._streak = 0
-            received = self._take(self._normal, "normal", wait)
+            received, _ = self._take(self._normal, "normal", wait)
         self._idle = received is None
         return received
 
-    def _take(self, receiver: SerialReceiver, priority: str, wait: float) -> Received | None:
+    def _take(self, receiver: SerialReceiver, priority: str, wait: float) -> tuple[Received | None, bool]:
+        """The message the receive got, if it may be run, and whether the queue handed one over at all."""
         try:
             batch = receiver.receive_messages(max_message_count=1, max_wait_time=wait)
         except ServiceBusError:
@@ -140,7 +141,7 @@ class PriorityInbox:
             raise
         if not batch:
             self._revoke_credit(receiver)
-            return None
+            return None, False
         [message] = batch
         locked_until = message.locked_until_utc
         if locked_until is not None and locked_until <= datetime.now(UTC):
@@ -148,10 +149,10 @@ class PriorityInbox:
             extra = {"message_id": message.message_id, "action": "skip_expired_lock"}
             logger.warning("message %s: its lock ran out in the buffer; the broker redelivers it", message.message_id,
                            extra=extra)  # fmt: skip
-            return None
+            return None, True
         if self._renewer is not None:  # through the wrapper: each renewal holds the receiver's lock
             self._renewer.register(receiver, message)
-        return Received(message, receiver, priority)
+        return Received(message, receiver, priority), True
 
     def release(self, message: ServiceBusReceivedMessage) -> None:
         """The message is out of hand (settled, or left to the broker): its lock is renewed no more."""

@@ -244,6 +244,18 @@ def test_a_message_whose_lock_ran_out_in_the_buffer_is_skipped() -> None:
     assert world.drain(1) == ["n1"]
 
 
+def test_a_busy_worker_whose_high_queue_handed_over_a_stale_message_looks_again_at_the_next_round() -> None:
+    """The broker redelivers the skipped message at once: no waiting ``HIGH_RECHECK`` for it."""
+    world = World(normal=3, step=0.0)
+    assert world.drain(1) == ["n1"]
+    world.high.messages.append(Message("stale", expired=True))
+    world.now += HIGH_RECHECK
+    assert world.drain(1) == ["n2"]  # the stale one skipped, the normal queue asked
+    world.high.messages.append(Message("h1"))  # its redelivery
+    assert world.drain(1) == ["h1"]
+    assert [queue for queue, _ in world.log[2:]] == ["high", "normal", "high"]
+
+
 def test_a_skipped_message_whose_renewal_failed_first_is_forgotten() -> None:
     """The renewer reported the failure while the message waited; the inbox then skips it: no token stays behind."""
     world = World()
