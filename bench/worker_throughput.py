@@ -48,7 +48,6 @@ import logging
 import os
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -65,6 +64,7 @@ import psycopg
 import rasterio
 
 from bench.analysis import make_scene
+from bench.api_latency import timed
 from bench.latency_proxy import DelayProxy
 from local import services
 from local.processes import Service, spawn, stop, wait_ready
@@ -300,12 +300,7 @@ def worker_settings(settings: Settings) -> dict[str, str]:
 def round_trip_ms(database_url: str, count: int = 200) -> float:
     """The median milliseconds of ``SELECT 1`` on one connection to ``database_url``."""
     with psycopg.connect(database_url, autocommit=True) as conn:
-        times = []
-        for _ in range(count):
-            started = time.perf_counter()
-            conn.execute("SELECT 1").fetchone()
-            times.append((time.perf_counter() - started) * 1000)
-    return round(statistics.median(times), 3)
+        return timed(lambda: conn.execute("SELECT 1").fetchone(), count)["p50"]
 
 
 def measure(bench: Bench, sets: list[JobSet], workers: int, warmup: int, timeout: float) -> dict[str, Any]:
