@@ -4,18 +4,19 @@
 
 Prints one JSON object. The scene is :func:`bench.analysis.cached_scene` (the real crop tiled to ``--size``², 13
 bands, deflate, 256 px tiles; made once under ``--tile-dir``), uploaded once to an Azurite the benchmark starts (its
-data kept in ``--tile-dir``/azurite, so a second run does not upload again). Each job then runs in its own child
-process through the worker's real input path: ``JobHandler.prepare`` (the ETag and size checked, a read SAS URL
-signed, the ``/vsicurl/`` GDAL path with its ``If-Match`` header file) and ``JobHandler.analyse``
-(``Analyzer.analyse``, crop-health, the fields from the job's params as a submit stores them), outputs written to
-local disk and not uploaded.
+data kept in ``--tile-dir``/azurite, so a second run does not upload again). Three jobs then run one after the
+other, each in its own child process, through the worker's real input path: ``JobHandler.prepare`` (the ETag and
+size checked; then a whole-scene job copies the blob to the work directory, ``ten_fields`` reads it by ranges through
+the ``/vsicurl/`` GDAL path, pinned by its ``If-Match`` header file) and ``JobHandler.analyse`` (``Analyzer.analyse``,
+crop-health, the fields from the job's params as a submit stores them), outputs written to local disk and not
+uploaded: ``ten_fields``, ``whole_scene_by_ranges`` (the whole scene read by ranges as the worker read it before it
+copied whole-scene inputs: ``copy_inputs=False``) and ``whole_scene`` (copied first, the worker's default).
 
 Every request of the child goes through a small counting reverse proxy in front of Azurite (:mod:`bench.proxy`):
 ``http_bytes`` is the response bytes (bodies) it passed on while the job ran, ``requests`` their number. Per job:
-``seconds`` (prepare + analyse, the Analyzer already built), ``peak_rss_mb`` (the child's ``ru_maxrss``: the field
-job runs first, so ``RUSAGE_CHILDREN`` after each job is that job's peak as long as the whole scene's is the larger,
-and each child reports its own too), and ``field_over_whole`` for bytes and time. The 10 fields are irregular
-hexagons about 1 km across, one per cell of a 5 x 2 grid over the tile, given in the tile's CRS.
+``seconds`` (prepare + analyse, the Analyzer already built), ``peak_rss_mb`` (the child's own ``ru_maxrss``), and
+``field_over_whole`` (against ``whole_scene``) and ``copy_over_ranges`` for bytes and time. The 10 fields are
+irregular hexagons about 1 km across, one per cell of a 5 x 2 grid over the tile, given in the tile's CRS.
 """
 
 from __future__ import annotations
@@ -91,9 +92,11 @@ def upload_once(connection: str, path: Path) -> dict[str, Any]:
     return {"etag": props.etag, "size": props.size, "upload_seconds": round(seconds, 1)}
 
 
-def run_job(connection: str, reference: dict[str, Any], fields: dict[str, Any] | None, work: Path) -> dict[str, Any]:
+def run_job(
+    connection: str, reference: dict[str, Any], fields: dict[str, Any] | None, work: Path, copy: bool
+) -> dict[str, Any]:
     """One job in a child process (``--child``): its JSON line."""
-    spec = {"connection": connection, "reference": reference, "fields": fields, "work": str(work)}
+    spec = {"connection": connection, "reference": reference, "fields": fields, "work": str(work), "copy": copy}
     proc = subprocess.run([sys.executable, "-m", "bench.fields", "--child", json.dumps(spec)],
                           check=True, capture_output=True, text=True)  # fmt: skip
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -114,7 +117,8 @@ def child(spec: dict[str, Any]) -> None:
 
     store = BlobStore(BlobServiceClient.from_connection_string(spec["connection"]))
     analyzer = Analyzer(select_device("auto"))
-    handler = JobHandler(cast(JobStore, None), store, analyzer, tmp_dir=Path(spec["work"]), remote=store)
+    handler = JobHandler(cast(JobStore, None), store, analyzer, tmp_dir=Path(spec["work"]), remote=store,
+                         copy_inputs=spec["copy"])  # fmt: skip
     reference = spec["reference"]
     params: dict[str, Any] = {"analysis": "crop-health", "bands": [], "scale": 10000.0, "input": reference}
     if spec["fields"] is not None:
@@ -135,7 +139,7 @@ def child(spec: dict[str, Any]) -> None:
     result = output.result
     peak_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     summary: dict[str, Any] = {"seconds": round(seconds, 2), "device": str(analyzer.device), "output_bytes": files,
-                               "self_peak_rss_mb": peak_mb}  # fmt: skip
+                               "peak_rss_mb": peak_mb}  # fmt: skip
     if "fields" in result:
         summary["fields_window"] = result["fields_window"]
         summary["fields"] = [{"id": f["id"], "area_ha": f["area_ha"], "pixel_count": f["pixel_count"],
@@ -146,11 +150,10 @@ def child(spec: dict[str, Any]) -> None:
 
 
 def measure(proxy: CountingProxy, connection: str, reference: dict[str, Any], fields: dict[str, Any] | None,
-            work: Path) -> dict[str, Any]:  # fmt: skip
+            work: Path, copy: bool = True) -> dict[str, Any]:  # fmt: skip
     proxy.reset()
-    result = run_job(connection, reference, fields, work)
+    result = run_job(connection, reference, fields, work, copy)
     result["http_bytes"], result["requests"] = proxy.bytes, proxy.requests
-    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
     return result
 
 
@@ -175,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             through_proxy = direct.replace(f":{port}/", f":{proxy.port}/")
             reference = {"kind": "blob", "location": BLOB, "etag": upload["etag"], "size": upload["size"]}
             field_job = measure(proxy, through_proxy, reference, fields, Path(work))
+            by_ranges = measure(proxy, through_proxy, reference, None, Path(work), copy=False)
             whole_job = measure(proxy, through_proxy, reference, None, Path(work))
     finally:
         stop_azurite(azurite)
@@ -183,10 +187,13 @@ def main(argv: list[str] | None = None) -> int:
         "scene": {"size": [args.size, args.size], "bands": 13, "bytes": upload["size"], "blob_tiles_px": 256,
                   "upload_seconds": upload["upload_seconds"]},
         "fields": {"count": FIELDS, "fraction_of_tile": round(covered, 5)},
-        "whole_scene": whole_job, "ten_fields": field_job,
+        "whole_scene": whole_job, "whole_scene_by_ranges": by_ranges, "ten_fields": field_job,
+        "copy_over_ranges": {"bytes": round(whole_job["http_bytes"] / by_ranges["http_bytes"], 3),
+                             "seconds": round(whole_job["seconds"] / by_ranges["seconds"], 3)},
         "field_over_whole": {"bytes": round(field_job["http_bytes"] / whole_job["http_bytes"], 4),
                              "seconds": round(field_job["seconds"] / whole_job["seconds"], 4)},
         "bytes_over_file": {"whole_scene": round(whole_job["http_bytes"] / upload["size"], 3),
+                            "whole_scene_by_ranges": round(by_ranges["http_bytes"] / upload["size"], 3),
                             "ten_fields": round(field_job["http_bytes"] / upload["size"], 4)},
     }  # fmt: skip
     print(json.dumps(report, indent=2))

@@ -40,6 +40,7 @@ import enum
 import functools
 import hashlib
 import logging
+import shutil
 import tempfile
 import threading
 from collections.abc import Callable
@@ -86,10 +87,17 @@ class BlobStore(Protocol):
     def delete_results(self, job_id: UUID, attempt: int) -> int: ...
 
 
+class PinnedInput(RangeSource, Protocol):
+    """An input by reference pinned to the version the job was accepted with (:class:`shared.storage.BlobRange`,
+    :class:`gpu_worker.remote.PinnedUrl`): read by ranges, or copied whole."""
+
+    def download_to(self, path: Path) -> None: ...
+
+
 class RemoteInputs(Protocol):
     """What the handler needs of :class:`shared.storage.BlobStore` for an input by reference."""
 
-    def open_input(self, blob_name: str, etag: str | None = None) -> RangeSource: ...
+    def open_input(self, blob_name: str, etag: str | None = None) -> PinnedInput: ...
 
     def input_url(self, blob_name: str) -> str: ...
 
@@ -153,9 +161,13 @@ class JobHandler:
         read_ttl: timedelta = timedelta(hours=2),
         allowed_hosts: tuple[str, ...] = (),
         allow_private_urls: bool = False,
+        copy_inputs: bool = True,
+        disk_free: Callable[[Path], int] = lambda path: shutil.disk_usage(path).free,
     ):
         """``allow_private_urls``: an outside image_url may be plain http on a non-public address (tests against a
-        local server only: the SSRF guard is off)."""
+        local server only: the SSRF guard is off). ``copy_inputs``: a whole-scene job copies its input by reference
+        to the work directory first when ``disk_free`` (bytes free where the work directory is) leaves room
+        (:meth:`copies`); ``False``: every input by reference is read by ranges."""
         self._jobs = jobs
         self._store = store
         self._analyzer = analyzer
@@ -164,32 +176,24 @@ class JobHandler:
         self._read_ttl = read_ttl  # of the read SAS URL an input by reference is analysed through
         self._allowed_hosts = allowed_hosts
         self._allow_private_urls = allow_private_urls
+        self._copy_inputs = copy_inputs
+        self._disk_free = disk_free
 
     def prepare(self, job: Job, checkpoint: Checkpoint, progress: Reporter) -> Prepared:
-        """Download the input into a fresh work directory and check its SHA-256 (``InvalidImage`` if it differs);
-        for an input by reference, check its ETag and size instead and give the analysis how to read it
-        (:meth:`_remote`)."""
+        """Download the input into a fresh work directory and check its SHA-256 (``InvalidImage`` if it differs).
+        An input by reference is first checked to be the version the job was accepted with (ETag and size), then
+        copied to the work directory too (:meth:`copies`) or given to the analysis to read by ranges
+        (:meth:`_remote`, :func:`gpu_worker.remote.open_pinned`)."""
         directory = tempfile.TemporaryDirectory(prefix=f"crop-ai-{job.job_id}-{job.attempts}-", dir=self._tmp_dir)
-        reference = Reference.of(job.params)
-        if reference is not None:
-            try:
-                progress.report("download")
-                if reference.kind == "url":
-                    source = open_pinned(reference, self._allowed_hosts, allow_private=self._allow_private_urls)
-                    opened = Input(Path(directory.name) / "input.tif", reference.size, source.opener())
-                    return Prepared(directory, opened, source)
-                return Prepared(directory, self._remote(reference, Path(directory.name)))
-            except BaseException:
-                directory.cleanup()
-                raise
         prepared = Prepared(directory)
         path = prepared.workdir / "input.tif"
+        reference = Reference.of(job.params)
         try:
             progress.report("download")
-            download = _background(lambda: self._store.download_input(job.input_blob, path), f"download-{job.job_id}")
-            while not wait([download], timeout=POLL).done:
-                checkpoint.check()
-            download.result()
+            if reference is not None:
+                return self._by_reference(job, reference, prepared, checkpoint)
+            self._transfer(lambda: self._store.download_input(job.input_blob, path), f"download-{job.job_id}",
+                           checkpoint)  # fmt: skip
             actual = sha256_of(path)
             if actual != job.input_sha256:
                 raise InvalidImage(
@@ -201,19 +205,65 @@ class JobHandler:
             raise
         return prepared
 
-    def _remote(self, reference: Reference, workdir: Path) -> Input:
-        """The ``/vsicurl/`` path of a blob of the account's storage, once it is known to be the version the job was
-        accepted with (:class:`InputChanged` if not, ``InputMissing`` if it is gone), read through a short-lived read
-        SAS URL (a user delegation key in Azure). GDAL sends ``If-Match`` with that ETag on every ranged read, so a
-        blob overwritten during the analysis fails it (a read error) rather than mixing two versions; the URL
-        carries the ETag, so GDAL's process-wide cache never serves another version's bytes. (An outside URL is
-        never given to GDAL: :mod:`gpu_worker.remote`.)"""
+    def copies(self, job: Job, size: int, workdir: Path) -> bool:
+        """Whether an input by reference of ``size`` bytes is copied to the work directory before the analysis
+        rather than read by ranges during it: for a whole-scene job, whose two passes each read every block (by
+        ranges, the file would cross the network twice, and inside the analysis, not overlapped with the previous
+        job's compute as a download is), when the disk keeps at least as much free as the file after the copy. A
+        job with fields reads a few percent of the file by ranges."""
+        return self._copy_inputs and job.params.get("fields") is None and self._disk_free(workdir) >= 2 * size
+
+    def _by_reference(self, job: Job, reference: Reference, prepared: Prepared, checkpoint: Checkpoint) -> Prepared:
+        path = prepared.workdir / "input.tif"
+        if reference.kind == "url":
+            source = open_pinned(reference, self._allowed_hosts, allow_private=self._allow_private_urls)
+            if not self.copies(job, reference.size, prepared.workdir):
+                return Prepared(prepared.directory, Input(path, reference.size, source.opener()), source)
+            try:
+                self._copy(job, source, path, checkpoint)
+            finally:
+                source.close()
+            return prepared
+        blob = self._pinned_blob(reference)
+        if not self.copies(job, reference.size, prepared.workdir):
+            return Prepared(prepared.directory, self._remote(reference, prepared.workdir))
+        self._copy(job, blob, path, checkpoint)
+        return prepared
+
+    def _pinned_blob(self, reference: Reference) -> PinnedInput:
+        """A blob of the account's storage, once it is known to be the version the job was accepted with
+        (:class:`InputChanged` if not, ``InputMissing`` if it is gone)."""
         inputs = self._remote_inputs
         if inputs is None:
             raise InvalidImage("this worker cannot read inputs by reference")
         source = inputs.open_input(reference.location, reference.etag)
         if source.size != reference.size:
             raise InputChanged(f"input blob {reference.location} is {source.size} bytes, not {reference.size}")
+        return source
+
+    def _copy(self, job: Job, source: PinnedInput, path: Path, checkpoint: Checkpoint) -> None:
+        """Copy the pinned input whole to ``path`` (every read conditional on its version: ``InputChanged`` if it
+        changes meanwhile)."""
+        self._transfer(lambda: source.download_to(path), f"copy-{job.job_id}", checkpoint)
+        if path.stat().st_size != source.size:
+            raise InputChanged(f"the input copied is {path.stat().st_size} bytes, not {source.size}")
+        checkpoint.check()
+
+    def _transfer(self, call: Callable[[], None], name: str, checkpoint: Checkpoint) -> None:
+        """``call()`` in a thread of its own (see the module docstring), checking every :data:`POLL` seconds."""
+        transfer = _background(call, name)
+        while not wait([transfer], timeout=POLL).done:
+            checkpoint.check()
+        transfer.result()
+
+    def _remote(self, reference: Reference, workdir: Path) -> Input:
+        """The ``/vsicurl/`` path of a blob of the account's storage (checked by :meth:`_pinned_blob`), read through
+        a short-lived read SAS URL (a user delegation key in Azure). GDAL sends ``If-Match`` with that ETag on every
+        ranged read, so a blob overwritten during the analysis fails it (a read error) rather than mixing two
+        versions; the URL carries the ETag, so GDAL's process-wide cache never serves another version's bytes. (An
+        outside URL is never given to GDAL: :mod:`gpu_worker.remote`.)"""
+        inputs = self._remote_inputs
+        assert inputs is not None, "checked by _pinned_blob"
         url = inputs.read_url(inputs.input_url(reference.location), self._read_ttl)
         headers = workdir / "input.headers"
         headers.write_text(f"If-Match: {reference.etag}\r\n")
@@ -231,10 +281,11 @@ class JobHandler:
         try:
             return self._analyzer.analyse(prepared.image, request, outdir)
         except (InvalidImage, SourceUnavailable):
-            # A blob's read refused by If-Match (412), or a 404, reaches us as a failed read: say why. (An outside
-            # URL's reads are ours: their errors say it already.)
-            if reference is not None and reference.kind != "url" and self._remote_inputs is not None:
-                self._remote_inputs.open_input(reference.location, reference.etag)  # InputChanged, InputMissing
+            # A blob's read by ranges refused by If-Match (412), or a 404, reaches us as a failed read: say why. (An
+            # outside URL's reads are ours: their errors say it already. A copy was read whole before the analysis.)
+            blob = reference if reference is not None and reference.kind != "url" else None
+            if blob is not None and prepared.remote is not None and self._remote_inputs is not None:
+                self._remote_inputs.open_input(blob.location, blob.etag)  # InputChanged, InputMissing
             raise
 
     def finish(self, job: Job, output: AnalysisOutput, checkpoint: Checkpoint, progress: Reporter) -> Outcome:

@@ -12,6 +12,7 @@ job's error (:func:`shared.inputs.read_error`): 404 ``input_missing``, 412 ``inp
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpcore
@@ -29,6 +30,8 @@ AHEAD_CHUNKS = 64
 # RETRIES more times, RETRY_DELAY seconds apart, doubling; then the attempt fails (transient: retried later).
 RETRIES = 3
 RETRY_DELAY = 1.0
+# A whole-scene job copies the file first (gpu_worker/handler.py), in ranges this long, in file order.
+COPY_CHUNK = 8 * 1024 * 1024
 
 
 class PinnedUrl:
@@ -64,6 +67,13 @@ class PinnedUrl:
                 raise InputRefused(e.detail) from e
             time.sleep(RETRY_DELAY * 2**attempt)
         raise AssertionError("unreachable")
+
+    def download_to(self, path: Path) -> None:
+        """The whole file into ``path``, in :data:`COPY_CHUNK` ranges in file order, each read as :meth:`read` reads
+        (pinned, its network failures tried again)."""
+        with path.open("wb") as f:
+            for offset in range(0, self.size, COPY_CHUNK):
+                f.write(self.read(offset, min(COPY_CHUNK, self.size - offset)))
 
     def opener(self) -> RangeOpener:
         """What rasterio's ``opener`` serves the analysis from: bounded, reading ahead in file order."""

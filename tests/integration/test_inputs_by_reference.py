@@ -19,6 +19,7 @@ from azure.storage.blob import BlobClient
 from cli.upload import put_blocks
 from gpu_worker.handler import JobHandler, Prepared
 from shared.by_reference import find
+from shared.errors import InputMissing
 from shared.geotiff import Limits
 from shared.inputs import InputChanged, Reference, gdal_path, upload_blob_name
 from shared.jobs import JobStatus
@@ -120,8 +121,11 @@ class Quiet:
     def report(self, stage: str, fraction: float = 0.0) -> None: ...
 
 
-def prepare(store: BlobStore, reference: Reference) -> Prepared:
-    handler = JobHandler(InMemoryJobStore(), store, NoAnalysis(), remote=store)  # type: ignore[arg-type]
+def prepare(store: BlobStore, reference: Reference, *, copy: bool = False) -> Prepared:
+    """The worker's prepare stage of a whole-scene job on ``reference``: the blob read by ranges through GDAL's
+    ``/vsicurl/`` (as a field job reads it), or with ``copy`` copied to the work directory first (as a whole-scene
+    job is when the disk has room)."""
+    handler = JobHandler(InMemoryJobStore(), store, NoAnalysis(), remote=store, copy_inputs=copy)  # type: ignore[arg-type]
     job = job_record(status=JobStatus.RUNNING, params={"bands": [], "scale": 1.0, "analysis": "crop-health",
                                                        "input": reference.params()})  # fmt: skip
     return handler.prepare(job, Quiet(), Quiet())
@@ -157,6 +161,32 @@ def test_the_worker_reads_a_blob_through_vsicurl_pinned_to_its_etag(store: BlobS
         url = store.read_url(store.input_url(found.reference.location), timedelta(minutes=8))  # GDAL remembers a 412
         with rasterio.open(gdal_path(url, header_file=headers)) as ds:  # the same read, pinned to the new ETag
             assert ds.count == 13
+
+
+def test_a_whole_scene_job_copies_the_blob_pinned_to_its_etag(store: BlobStore, tmp_path: Path) -> None:
+    data = geotiffs.real(geotiffs.RGBN)
+    upload_id = upload(store, data)
+    reference = find(str(upload_id), None, store, LIMITS, ()).reference
+    prepared = prepare(store, reference, copy=True)
+    try:
+        assert prepared.remote is None
+        assert prepared.image == prepared.workdir / "input.tif"
+        assert prepared.image.read_bytes() == data
+    finally:
+        prepared.close()
+
+    # the version changes between the check and the copy: the download's If-Match refuses it
+    pinned = store.open_input(reference.location, reference.etag)
+    blob = store._service.get_blob_client(store.images_container, reference.location)
+    blob.upload_blob(geotiffs.real(geotiffs.FIELDS), overwrite=True)
+    with pytest.raises(InputChanged):
+        pinned.download_to(tmp_path / "copy.tif")
+    # ... and a job accepted with the old version is refused before its copy begins
+    with pytest.raises(InputChanged):
+        prepare(store, reference, copy=True)
+    blob.delete_blob()
+    with pytest.raises(InputMissing):
+        prepare(store, reference, copy=True)
 
 
 def test_a_new_version_of_a_blob_is_never_read_from_gdals_cache(store: BlobStore) -> None:

@@ -228,10 +228,12 @@ class ServerInputs:
 def test_the_jobs_analysis_by_reference(
     analyzer: Analyzer, serve: Any, kwargs: dict[str, int], error: type[Exception]
 ) -> None:
-    """Through the worker's handler (If-Match sent with every read): a 503 part-way is the transient
+    """Through the worker's handler, read by ranges (as a field job reads it; a whole-scene job copies the blob
+    first when the disk has room), If-Match sent with every read: a 503 part-way is the transient
     ``SourceUnavailable``; the blob replaced part-way (412) is re-checked and reported ``input_changed``."""
     server = serve(**kwargs)
-    handler = JobHandler(InMemoryJobStore(), InMemoryBlobStore(), analyzer, remote=ServerInputs(server))  # type: ignore[arg-type]
+    handler = JobHandler(InMemoryJobStore(), InMemoryBlobStore(), analyzer, remote=ServerInputs(server),  # type: ignore[arg-type]
+                         copy_inputs=False)  # fmt: skip
     reference = Reference("blob", "a", '"v1"', len(DATA))
     job = job_record(JobStatus.RUNNING, params={"bands": [], "scale": 10000.0, "analysis": "crop-health",
                                                 "input": reference.params()})  # fmt: skip

@@ -18,11 +18,11 @@ import pytest
 import rasterio
 import torch
 
-from gpu_worker import remote
+from gpu_worker import handler, remote
 from gpu_worker.analysis import AnalysisOutput, AnalysisRequest, Analyzer
 from gpu_worker.handler import JobHandler
 from gpu_worker.remote import PinnedUrl
-from gpu_worker.settlement import is_transient
+from gpu_worker.settlement import Cancelled, is_transient
 from shared.errors import InputMissing, InvalidImage
 from shared.http_range import RangeRefused, connection_pool
 from shared.inputs import InputChanged, InputNotAllowed, InputRefused, Reference, SourceUnavailable, gdal_path
@@ -39,8 +39,8 @@ DATA = geotiffs.crafted(width=1024, height=1024, tiled=True, blockxsize=256, blo
 class UrlServer:
     """One file by ranges with an ETag and If-Match, as a COG host serves it (416 past the end). ``redirect``: a URL
     that HEAD requests (GDAL's first) are sent to with a 302, and GET requests too after GET ``redirect_after``;
-    ``status``: answered instead of the file after GET ``fail_after``, up to GET ``fail_until``. ``requests``:
-    (method, Range) of each request."""
+    ``status``: answered instead of the file after GET ``fail_after``, up to GET ``fail_until``; ``delay``: seconds
+    each GET waits. ``requests``: (method, Range) of each request."""
 
     def __init__(self, data: bytes, etag: str = '"v1"') -> None:
         server = self
@@ -49,6 +49,7 @@ class UrlServer:
         self.redirect: str | None = None
         self.redirect_after = 10**9
         self.status, self.fail_after, self.fail_until = 0, 10**9, 10**9
+        self.delay = 0.0  # seconds each GET waits before it answers
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args: object) -> None: ...
@@ -71,6 +72,7 @@ class UrlServer:
 
             def do_GET(self) -> None:
                 server.requests.append(("GET", self.headers.get("Range")))
+                time.sleep(server.delay)
                 gets = sum(1 for method, _ in server.requests if method == "GET")
                 if server.redirect is not None and gets > server.redirect_after:
                     return self.reply(302, {"Location": server.redirect})
@@ -123,26 +125,48 @@ def serve() -> Iterator[Any]:
         server.close()
 
 
+class NoAnalysis:
+    def analyse(self, image_path: Path, request: object, workdir: Path) -> object:
+        raise AssertionError("not called")
+
+
 class Quiet:
     def check(self) -> None: ...
 
     def report(self, stage: str, fraction: float = 0.0) -> None: ...
 
 
-def run_job(analyzer: Any, url: str, etag: str = '"v1"', size: int = len(DATA), **handler: Any) -> AnalysisOutput:
-    """The worker's prepare and analyse stages of a job on ``url`` (pinned to ``etag`` and ``size``)."""
-    kwargs = {"allowed_hosts": ("127.0.0.1",), "allow_private_urls": True} | handler
+def run_job(
+    analyzer: Any, url: str, etag: str = '"v1"', size: int = len(DATA), copy: bool = False, **handler: Any
+) -> AnalysisOutput:
+    """The worker's prepare and analyse stages of a whole-scene job on ``url`` (pinned to ``etag`` and ``size``):
+    read by ranges during the analysis, as a field job reads it, or with ``copy`` copied to the work directory first,
+    as a whole-scene job is when the disk has room (``copy_inputs``)."""
+    kwargs = {"allowed_hosts": ("127.0.0.1",), "allow_private_urls": True, "copy_inputs": copy} | handler
     worker = JobHandler(InMemoryJobStore(), InMemoryBlobStore(), analyzer, **kwargs)  # type: ignore[arg-type]
     reference = Reference("url", url, etag, size)
     job = job_record(JobStatus.RUNNING, params={"bands": [], "scale": 10000.0, "analysis": "crop-health",
                                                 "input": reference.params()})  # fmt: skip
     prepared = worker.prepare(job, Quiet(), Quiet())
     try:
-        assert prepared.remote is not None
-        assert prepared.remote.opener is not None  # never a /vsicurl/ path
+        if copy:
+            assert prepared.remote is None
+            assert prepared.image.stat().st_size == size
+        else:
+            assert prepared.remote is not None
+            assert prepared.remote.opener is not None  # never a /vsicurl/ path
         return worker.analyse(job, prepared, Quiet())
     finally:
         prepared.close()
+
+
+def bytes_sent(server: UrlServer) -> int:
+    """The bytes of the file the server's range requests asked for."""
+    total = 0
+    for _, ranged in server.requests:
+        first, last = (int(v) for v in (ranged or "bytes=0-0").removeprefix("bytes=").split("-"))
+        total += min(last, len(server.data) - 1) - first + 1
+    return total
 
 
 def local(data: bytes, analyzer: Analyzer, tmp_path: Path) -> AnalysisOutput:
@@ -158,6 +182,74 @@ def test_an_outside_url_is_analysed_through_the_pinned_reads(analyzer: Analyzer,
     assert out.result["indices"] == local(DATA, analyzer, tmp_path).result["indices"]
     assert all(method == "GET" for method, _ in server.requests)  # no HEAD: GDAL's /vsicurl/ never saw it
     assert server.gets <= 12  # read ahead in file order: 8 MB in a few requests, not one per 64 KiB or per tile
+
+
+def test_a_whole_scene_job_copies_the_file_once_in_large_ranges(
+    analyzer: Analyzer, serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By ranges, the analysis' two passes each read every tile: the file crosses the network about twice. Copied
+    first, it crosses once, in COPY_CHUNK ranges, and the result is the same."""
+    monkeypatch.setattr(remote, "COPY_CHUNK", 3 * 1024 * 1024)  # three ranges of the 8 MB file
+    monkeypatch.setattr(remote, "HELD_BYTES", 1024 * 1024)  # read by ranges, as a scene larger than what they hold
+    ranged, copied = serve(), serve()
+    by_ranges = run_job(analyzer, ranged.url)
+    by_copy = run_job(analyzer, copied.url, copy=True)
+    assert by_copy.result["indices"] == by_ranges.result["indices"] == local(DATA, analyzer, tmp_path).result["indices"]
+    # the first range checks the ETag and size (open_pinned), then the copy: the file once
+    assert len(DATA) < bytes_sent(copied) <= len(DATA) + 64 * 1024
+    assert copied.gets == 1 + -(-len(DATA) // (3 * 1024 * 1024))
+    assert bytes_sent(ranged) > 1.5 * len(DATA)
+
+
+def test_only_a_whole_scene_job_with_room_on_the_disk_is_copied(serve: Any, tmp_path: Path) -> None:
+    """A job with fields reads a few percent of the file by ranges; a disk that would keep less free than the file
+    after the copy leaves the whole-scene job to read by ranges too."""
+    server = serve()
+    reference = Reference("url", server.url, '"v1"', len(DATA))
+    params = {"bands": [], "scale": 10000.0, "analysis": "crop-health", "input": reference.params()}
+    field = {"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0, 0]]]}
+
+    def prepared_remotely(free: int, **extra: Any) -> bool:
+        worker = JobHandler(InMemoryJobStore(), InMemoryBlobStore(), NoAnalysis(), allowed_hosts=("127.0.0.1",),  # type: ignore[arg-type]
+                            allow_private_urls=True, disk_free=lambda path: free)  # fmt: skip
+        prepared = worker.prepare(job_record(JobStatus.RUNNING, params=params | extra), Quiet(), Quiet())
+        try:
+            return prepared.remote is not None
+        finally:
+            prepared.close()
+
+    assert not prepared_remotely(2 * len(DATA))
+    assert prepared_remotely(2 * len(DATA) - 1)
+    assert prepared_remotely(10 * len(DATA), fields=field)
+
+
+def test_a_cancellation_stops_the_copy_at_the_next_checkpoint(
+    serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy runs in a thread of its own while the stage checks the attempt every POLL seconds: a cancellation
+    stops the stage there, before the copy ends, and its work directory is removed."""
+    monkeypatch.setattr(remote, "COPY_CHUNK", 1024 * 1024)
+    monkeypatch.setattr(handler, "POLL", 0.01)
+    server = serve()
+    server.delay = 0.2
+
+    class CancelledAtSecondCheck:
+        checks = 0
+
+        def check(self) -> None:
+            self.checks += 1
+            if self.checks == 2:
+                raise Cancelled("cancellation requested")
+
+    worker = JobHandler(InMemoryJobStore(), InMemoryBlobStore(), NoAnalysis(), tmp_dir=tmp_path,  # type: ignore[arg-type]
+                        allowed_hosts=("127.0.0.1",), allow_private_urls=True)  # fmt: skip
+    reference = Reference("url", server.url, '"v1"', len(DATA))
+    job = job_record(JobStatus.RUNNING, params={"bands": [], "scale": 10000.0, "analysis": "crop-health",
+                                                "input": reference.params()})  # fmt: skip
+    with pytest.raises(Cancelled):
+        worker.prepare(job, CancelledAtSecondCheck(), Quiet())
+    assert server.gets < 1 + len(DATA) // (1024 * 1024)  # the copy had not ended
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_scene_of_several_windows_is_decoded_in_the_background(
@@ -187,12 +279,13 @@ def test_gdal_would_follow_a_redirect_the_worker_never_does(analyzer: Analyzer, 
     assert internal.requests == []
 
 
-def test_a_redirect_mid_read_fails_the_job_permanently(analyzer: Analyzer, serve: Any) -> None:
+@pytest.mark.parametrize("copy", [False, True], ids=["by-ranges", "copied"])
+def test_a_redirect_mid_read_fails_the_job_permanently(analyzer: Analyzer, serve: Any, copy: bool) -> None:
     internal = serve()
     server = serve()
     server.redirect, server.redirect_after = internal.url, 1  # the first range answers, then 302s
     with pytest.raises(InputRefused) as caught:
-        run_job(analyzer, server.url)
+        run_job(analyzer, server.url, copy=copy)
     assert (caught.value.code, is_transient(caught.value)) == ("input_refused", False)
     assert internal.requests == []
 
@@ -219,11 +312,12 @@ def test_a_changed_file_is_never_read_from_a_cache(analyzer: Analyzer, serve: An
         run_job(analyzer, server.url, '"v1"', len(DATA))
 
 
-def test_a_file_replaced_mid_read_is_input_changed(analyzer: Analyzer, serve: Any) -> None:
+@pytest.mark.parametrize("copy", [False, True], ids=["by-ranges", "copied"])
+def test_a_file_replaced_mid_read_is_input_changed(analyzer: Analyzer, serve: Any, copy: bool) -> None:
     server = serve()
     server.status, server.fail_after = 412, 1
     with pytest.raises(InputChanged):
-        run_job(analyzer, server.url)
+        run_job(analyzer, server.url, copy=copy)
 
 
 @pytest.mark.parametrize(
@@ -237,24 +331,26 @@ def test_a_file_replaced_mid_read_is_input_changed(analyzer: Analyzer, serve: An
     ],
 )
 @pytest.mark.parametrize("after", [0, 1], ids=["before-the-job", "mid-read"])
+@pytest.mark.parametrize("copy", [False, True], ids=["by-ranges", "copied"])
 def test_a_failed_read_is_the_jobs_error(
-    analyzer: Analyzer, serve: Any, status: int, error: type[Exception], code: str, after: int
+    analyzer: Analyzer, serve: Any, status: int, error: type[Exception], code: str, after: int, copy: bool
 ) -> None:
     """Deleted (404) before the job ran or while it read: ``input_missing``, permanent, not retried
     JOB_MAX_ATTEMPTS times; a 503 stays transient."""
     server = serve()
     server.status, server.fail_after = status, after
     with pytest.raises(error) as caught:
-        run_job(analyzer, server.url)
+        run_job(analyzer, server.url, copy=copy)
     assert caught.value.code == code  # type: ignore[attr-defined]
     assert is_transient(caught.value) is (status == 503)
 
 
-def test_a_passing_network_failure_is_tried_again(analyzer: Analyzer, serve: Any) -> None:
+@pytest.mark.parametrize("copy", [False, True], ids=["by-ranges", "copied"])
+def test_a_passing_network_failure_is_tried_again(analyzer: Analyzer, serve: Any, copy: bool) -> None:
     server = serve()
     server.status, server.fail_after = 503, 1
     server.fail_until = 2  # one 503, then the file again
-    assert run_job(analyzer, server.url).result["valid_fraction"] == 1.0
+    assert run_job(analyzer, server.url, copy=copy).result["valid_fraction"] == 1.0
 
 
 def test_a_size_that_differs_is_input_changed(analyzer: Analyzer, serve: Any) -> None:
