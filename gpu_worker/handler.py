@@ -37,6 +37,7 @@ the pipeline's I/O threads keep running while a long job is analysed.
 from __future__ import annotations
 
 import enum
+import errno
 import functools
 import hashlib
 import logging
@@ -58,7 +59,7 @@ from shared.errors import CropAIError, InvalidImage
 from shared.fields import Fields
 from shared.inputs import InputChanged, Reference, SourceUnavailable, gdal_path
 from shared.jobs import Job, JobStore
-from shared.ranged import RangeSource
+from shared.ranged import RangeSource, copy_to
 
 logger = logging.getLogger(__name__)
 
@@ -87,17 +88,10 @@ class BlobStore(Protocol):
     def delete_results(self, job_id: UUID, attempt: int) -> int: ...
 
 
-class PinnedInput(RangeSource, Protocol):
-    """An input by reference pinned to the version the job was accepted with (:class:`shared.storage.BlobRange`,
-    :class:`gpu_worker.remote.PinnedUrl`): read by ranges, or copied whole."""
-
-    def download_to(self, path: Path) -> None: ...
-
-
 class RemoteInputs(Protocol):
     """What the handler needs of :class:`shared.storage.BlobStore` for an input by reference."""
 
-    def open_input(self, blob_name: str, etag: str | None = None) -> PinnedInput: ...
+    def open_input(self, blob_name: str, etag: str | None = None) -> RangeSource: ...
 
     def input_url(self, blob_name: str) -> str: ...
 
@@ -217,20 +211,37 @@ class JobHandler:
         path = prepared.workdir / "input.tif"
         if reference.kind == "url":
             source = open_pinned(reference, self._allowed_hosts, allow_private=self._allow_private_urls)
-            if not self.copies(job, reference.size, prepared.workdir):
-                return Prepared(prepared.directory, Input(path, reference.size, source.opener()), source)
             try:
-                self._copy(job, source, path, checkpoint)
-            finally:
+                if self._copied(job, reference, source, path, checkpoint):
+                    source.close()
+                    return prepared
+                return Prepared(prepared.directory, Input(path, reference.size, source.opener()), source)
+            except BaseException:
                 source.close()
-            return prepared
+                raise
         blob = self._pinned_blob(reference)
-        if not self.copies(job, reference.size, prepared.workdir):
-            return Prepared(prepared.directory, self._remote(reference, prepared.workdir))
-        self._copy(job, blob, path, checkpoint)
-        return prepared
+        if self._copied(job, reference, blob, path, checkpoint):
+            return prepared
+        return Prepared(prepared.directory, self._remote(reference, prepared.workdir))
 
-    def _pinned_blob(self, reference: Reference) -> PinnedInput:
+    def _copied(self, job: Job, reference: Reference, source: RangeSource, path: Path, checkpoint: Checkpoint) -> bool:
+        """Copy the pinned input to ``path`` if :meth:`copies` says so; ``False``: it is to be read by ranges (also
+        when the disk filled up during the copy: other processes share it)."""
+        if not self.copies(job, reference.size, path.parent):
+            return False
+        try:
+            self._copy(job, source, path, checkpoint)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            path.unlink(missing_ok=True)
+            extra = {"job_id": str(job.job_id), "action": "copy_input"}
+            logger.warning("job %s: no room left on the disk for its input (%d bytes): read by ranges instead",
+                           job.job_id, reference.size, extra=extra)  # fmt: skip
+            return False
+        return True
+
+    def _pinned_blob(self, reference: Reference) -> RangeSource:
         """A blob of the account's storage, once it is known to be the version the job was accepted with
         (:class:`InputChanged` if not, ``InputMissing`` if it is gone)."""
         inputs = self._remote_inputs
@@ -241,10 +252,16 @@ class JobHandler:
             raise InputChanged(f"input blob {reference.location} is {source.size} bytes, not {reference.size}")
         return source
 
-    def _copy(self, job: Job, source: PinnedInput, path: Path, checkpoint: Checkpoint) -> None:
-        """Copy the pinned input whole to ``path`` (every read conditional on its version: ``InputChanged`` if it
-        changes meanwhile)."""
-        self._transfer(lambda: source.download_to(path), f"copy-{job.job_id}", checkpoint)
+    def _copy(self, job: Job, source: RangeSource, path: Path, checkpoint: Checkpoint) -> None:
+        """Copy the pinned input whole to ``path`` (:func:`shared.ranged.copy_to`: every read conditional on its
+        version, ``InputChanged`` if it changes meanwhile). A stage stopped meanwhile (a cancellation, a lost
+        attempt, a shutdown) stops the copy too: no range is begun after it."""
+        stop = threading.Event()
+        try:
+            self._transfer(lambda: copy_to(source, path, stop), f"copy-{job.job_id}", checkpoint)
+        except BaseException:
+            stop.set()
+            raise
         if path.stat().st_size != source.size:
             raise InputChanged(f"the input copied is {path.stat().st_size} bytes, not {source.size}")
         checkpoint.check()

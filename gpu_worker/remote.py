@@ -12,13 +12,20 @@ job's error (:func:`shared.inputs.read_error`): 404 ``input_missing``, 412 ``inp
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpcore
 
 from shared.http_range import RangeRefused, connection_pool, open_url
-from shared.inputs import InputChanged, InputNotAllowed, InputRefused, Reference, host_allowed, read_error
+from shared.inputs import (
+    InputChanged,
+    InputNotAllowed,
+    InputRefused,
+    Reference,
+    SourceUnavailable,
+    host_allowed,
+    read_error,
+)
 from shared.ranged import CHUNK, Chunks, RangeOpener
 from shared.rejection import Rejected
 
@@ -30,16 +37,16 @@ AHEAD_CHUNKS = 64
 # RETRIES more times, RETRY_DELAY seconds apart, doubling; then the attempt fails (transient: retried later).
 RETRIES = 3
 RETRY_DELAY = 1.0
-# A whole-scene job copies the file first (gpu_worker/handler.py), in ranges this long, in file order.
-COPY_CHUNK = 8 * 1024 * 1024
 
 
 class PinnedUrl:
     """:class:`shared.ranged.RangeSource` over an :class:`~shared.http_range.HttpRange`, its failures as the job's
-    errors. Owns the connection pool (:meth:`close`)."""
+    errors. Owns the connection pool (:meth:`close`); a read after :meth:`close` (a copy's thread left behind by a
+    cancelled stage) fails at once instead of connecting again."""
 
     def __init__(self, url: str, pool: httpcore.ConnectionPool, *, allow_private: bool = False) -> None:
         self._pool = pool
+        self._closed = False
         try:
             self._source, _ = open_url(url, pool, allow_private=allow_private)
         except RangeRefused as e:
@@ -57,6 +64,8 @@ class PinnedUrl:
 
     def read(self, offset: int, length: int) -> bytes:
         for attempt in range(RETRIES + 1):
+            if self._closed:
+                raise SourceUnavailable("image_url's reads were closed")
             try:
                 return self._source.read(offset, length)
             except RangeRefused as e:
@@ -68,18 +77,12 @@ class PinnedUrl:
             time.sleep(RETRY_DELAY * 2**attempt)
         raise AssertionError("unreachable")
 
-    def download_to(self, path: Path) -> None:
-        """The whole file into ``path``, in :data:`COPY_CHUNK` ranges in file order, each read as :meth:`read` reads
-        (pinned, its network failures tried again)."""
-        with path.open("wb") as f:
-            for offset in range(0, self.size, COPY_CHUNK):
-                f.write(self.read(offset, min(COPY_CHUNK, self.size - offset)))
-
     def opener(self) -> RangeOpener:
         """What rasterio's ``opener`` serves the analysis from: bounded, reading ahead in file order."""
         return RangeOpener(Chunks(self, CHUNK, limit=HELD_BYTES, ahead=AHEAD_CHUNKS))
 
     def close(self) -> None:
+        self._closed = True
         self._pool.close()
 
 

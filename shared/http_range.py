@@ -83,14 +83,14 @@ class HttpRange:
         }
         try:
             with self._pool.stream("GET", target.pinned_url, headers=headers, extensions=extensions) as response:
-                body = b""
+                body = bytearray()  # grown in place: joining bytes part by part copies the body again each time
                 if response.status == 206:
                     for part in response.iter_stream():
                         body += part
                         if len(body) > length:
                             raise RangeRefused(None, "image_url sent more than the range asked for")
                 found = {k.decode().lower(): v.decode("latin-1") for k, v in response.headers}
-                return response.status, found, body
+                return response.status, found, bytes(body)
         except _ERRORS as e:
             raise RangeRefused(None, f"image_url cannot be read: {type(e).__name__}") from e
 

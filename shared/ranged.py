@@ -12,20 +12,25 @@ An error of the source itself (the blob is gone, it changed, storage is down) is
 unreadable image: GDAL only sees a short read. It must never see the exception: a Python exception raised in a
 rasterio ``opener`` file's ``read`` aborts the process (rasterio 1.4.4: ``std::length_error``, measured).
 
-The worker's analysis of an outside ``image_url`` reads the whole scene the same way (:class:`RangeOpener`), with
-a bounded cache (``limit`` bytes, least recently used dropped first: a tile may be gigabytes) and read-ahead: GDAL
-asks for one block at a time, in file order when it reads a scene through, so a miss that starts where the last
-request ended fetches twice as many chunks as the last one did (up to ``ahead``), and a run of blocks costs a few
-requests, not one each.
+:func:`copy_to` copies a whole source to a local file, ranges in parallel, stopping between ranges when asked (a
+whole-scene job's input by reference, before its analysis: ``gpu_worker/handler.py``).
+
+The worker's analysis of an outside ``image_url`` read by ranges reads the whole scene the same way
+(:class:`RangeOpener`), with a bounded cache (``limit`` bytes, least recently used dropped first: a tile may be
+gigabytes) and read-ahead: GDAL asks for one block at a time, in file order when it reads a scene through, so a miss
+that starts where the last request ended fetches twice as many chunks as the last one did (up to ``ahead``), and a
+run of blocks costs a few requests, not one each.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import threading
 import warnings
 from collections import OrderedDict
-from pathlib import PurePosixPath
+from concurrent.futures import ThreadPoolExecutor, wait
+from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 import rasterio
@@ -36,6 +41,9 @@ from shared.geotiff import TIFF_MAGIC, ImageHeader, Limits, check_dataset
 from shared.rejection import Rejected
 
 CHUNK = 64 * 1024
+# copy_to: ranges this long, this many at a time (32 MiB in flight).
+COPY_RANGE = 8 * 1024 * 1024
+COPY_THREADS = 4
 
 
 class RangeSource(Protocol):
@@ -50,6 +58,48 @@ class RangeSource(Protocol):
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes from ``offset`` (fewer at the end); raises if the file changed (``etag``)."""
         ...
+
+
+class CopyStopped(Exception):
+    """:func:`copy_to` stopped before the end because it was asked to: the file is incomplete."""
+
+
+def copy_to(source: RangeSource, path: Path, stop: threading.Event) -> None:
+    """The whole of ``source`` into ``path``: ranges of :data:`COPY_RANGE` bytes, :data:`COPY_THREADS` at a time,
+    each written at its offset, every one read as ``source`` reads (pinned to its ETag). Once ``stop`` is set, no
+    range is begun: those under way end, then :class:`CopyStopped` (the SDK's own parallel download cannot be
+    stopped once begun, and a cancelled job's input may be gigabytes). The first error of a read or a write stops the
+    other threads the same way and is raised."""
+    halt = threading.Event()
+    offsets = iter(range(0, source.size, COPY_RANGE))
+    lock = threading.Lock()
+
+    def run(fd: int) -> None:
+        try:
+            while not (stop.is_set() or halt.is_set()):
+                with lock:
+                    offset = next(offsets, None)
+                if offset is None:
+                    return
+                _write_at(fd, source.read(offset, min(COPY_RANGE, source.size - offset)), offset)
+        except BaseException:
+            halt.set()  # the other threads begin no range after it
+            raise
+
+    with path.open("wb") as f, ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="copy") as pool:
+        running = [pool.submit(run, f.fileno()) for _ in range(COPY_THREADS)]
+        wait(running)
+        for future in running:
+            future.result()
+    if stop.is_set():
+        raise CopyStopped(f"the copy to {path} was stopped")
+
+
+def _write_at(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 class Chunks:

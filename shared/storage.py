@@ -260,22 +260,6 @@ class BlobRange:
         self.modified, self.block_blob = modified, block_blob  # its last write; a client's SAS may make any type
 
     @_translated
-    def download_to(self, path: Path) -> None:
-        """The whole blob into ``path``: the SDK's download (ranges in parallel), its first request conditional on
-        the ETag it had when opened and every later one on the ETag of the first answer."""
-        try:
-            with path.open("wb") as f:
-                self._blob.download_blob(
-                    etag=self.etag, match_condition=MatchConditions.IfNotModified, max_concurrency=4
-                ).readinto(f)
-        except ResourceModifiedError as e:
-            raise InputChanged(f"blob {self._blob.blob_name} changed while it was read") from e
-        except ResourceNotFoundError as e:
-            if _blob_not_found(e):
-                raise InputMissing(f"blob {self._blob.blob_name} was deleted while it was read") from e
-            raise
-
-    @_translated
     def read(self, offset: int, length: int) -> bytes:
         try:
             stream = self._blob.download_blob(

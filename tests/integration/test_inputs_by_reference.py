@@ -4,6 +4,7 @@ its ETag pin (issue 12)."""
 from __future__ import annotations
 
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -23,6 +24,7 @@ from shared.errors import InputMissing
 from shared.geotiff import Limits
 from shared.inputs import InputChanged, Reference, gdal_path, upload_blob_name
 from shared.jobs import JobStatus
+from shared.ranged import copy_to
 from shared.rejection import Rejected
 from shared.storage import BlobStore
 from tests import geotiffs
@@ -175,12 +177,12 @@ def test_a_whole_scene_job_copies_the_blob_pinned_to_its_etag(store: BlobStore, 
     finally:
         prepared.close()
 
-    # the version changes between the check and the copy: the download's If-Match refuses it
+    # the version changes between the check and the copy: every range's If-Match refuses it
     pinned = store.open_input(reference.location, reference.etag)
     blob = store._service.get_blob_client(store.images_container, reference.location)
     blob.upload_blob(geotiffs.real(geotiffs.FIELDS), overwrite=True)
     with pytest.raises(InputChanged):
-        pinned.download_to(tmp_path / "copy.tif")
+        copy_to(pinned, tmp_path / "copy.tif", threading.Event())
     # ... and a job accepted with the old version is refused before its copy begins
     with pytest.raises(InputChanged):
         prepare(store, reference, copy=True)

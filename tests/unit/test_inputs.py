@@ -304,8 +304,10 @@ class Quiet:
 
 
 def prepare(inputs: MemoryInputs, reference: Reference, allowed: tuple[str, ...] = ()) -> Path:
+    """The GDAL path the worker reads a blob by ranges through (as a field job reads it; a whole-scene job copies
+    the blob first when the disk has room: tests/unit/test_url_inputs.py, tests/integration)."""
     handler = JobHandler(InMemoryJobStore(), InMemoryBlobStore(), object(), remote=inputs,  # type: ignore[arg-type]
-                         allowed_hosts=allowed)  # fmt: skip
+                         allowed_hosts=allowed, copy_inputs=False)  # fmt: skip
     job = job_record(JobStatus.RUNNING, params={"bands": [], "scale": 1.0, "input": reference.params()})
     prepared = handler.prepare(job, Quiet(), Quiet())
     try:
@@ -448,7 +450,8 @@ def test_a_read_refused_mid_analysis_because_the_blob_changed_is_input_changed(t
             raise InvalidImage("HTTP response code: 412")
 
     inputs = MemoryInputs(a=MemorySource(b"x" * 10))
-    handler = JobHandler(InMemoryJobStore(), InMemoryBlobStore(), RefusedRead(), remote=inputs)  # type: ignore[arg-type]
+    handler = JobHandler(InMemoryJobStore(), InMemoryBlobStore(), RefusedRead(), remote=inputs,  # type: ignore[arg-type]
+                         copy_inputs=False)  # fmt: skip
     reference = Reference("blob", "a", '"0x1"', 10)
     job = job_record(JobStatus.RUNNING, params={"bands": [], "scale": 1.0, "analysis": "crop-health",
                                                 "input": reference.params()})  # fmt: skip

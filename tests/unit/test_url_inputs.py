@@ -5,6 +5,7 @@ the handler is built with ``allow_private_urls=True`` and the host on its allow-
 
 from __future__ import annotations
 
+import errno
 import http.server
 import struct
 import threading
@@ -23,6 +24,7 @@ from gpu_worker.analysis import AnalysisOutput, AnalysisRequest, Analyzer
 from gpu_worker.handler import JobHandler
 from gpu_worker.remote import PinnedUrl
 from gpu_worker.settlement import Cancelled, is_transient
+from shared import ranged
 from shared.errors import InputMissing, InvalidImage
 from shared.http_range import RangeRefused, connection_pool
 from shared.inputs import InputChanged, InputNotAllowed, InputRefused, Reference, SourceUnavailable, gdal_path
@@ -163,8 +165,8 @@ def run_job(
 def bytes_sent(server: UrlServer) -> int:
     """The bytes of the file the server's range requests asked for."""
     total = 0
-    for _, ranged in server.requests:
-        first, last = (int(v) for v in (ranged or "bytes=0-0").removeprefix("bytes=").split("-"))
+    for _, asked in server.requests:
+        first, last = (int(v) for v in (asked or "bytes=0-0").removeprefix("bytes=").split("-"))
         total += min(last, len(server.data) - 1) - first + 1
     return total
 
@@ -188,17 +190,17 @@ def test_a_whole_scene_job_copies_the_file_once_in_large_ranges(
     analyzer: Analyzer, serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """By ranges, the analysis' two passes each read every tile: the file crosses the network about twice. Copied
-    first, it crosses once, in COPY_CHUNK ranges, and the result is the same."""
-    monkeypatch.setattr(remote, "COPY_CHUNK", 3 * 1024 * 1024)  # three ranges of the 8 MB file
+    first, it crosses once, in COPY_RANGE ranges, and the result is the same."""
+    monkeypatch.setattr(ranged, "COPY_RANGE", 3 * 1024 * 1024)  # three ranges of the 8 MB file
     monkeypatch.setattr(remote, "HELD_BYTES", 1024 * 1024)  # read by ranges, as a scene larger than what they hold
-    ranged, copied = serve(), serve()
-    by_ranges = run_job(analyzer, ranged.url)
+    by_range_server, copied = serve(), serve()
+    by_ranges = run_job(analyzer, by_range_server.url)
     by_copy = run_job(analyzer, copied.url, copy=True)
     assert by_copy.result["indices"] == by_ranges.result["indices"] == local(DATA, analyzer, tmp_path).result["indices"]
     # the first range checks the ETag and size (open_pinned), then the copy: the file once
     assert len(DATA) < bytes_sent(copied) <= len(DATA) + 64 * 1024
     assert copied.gets == 1 + -(-len(DATA) // (3 * 1024 * 1024))
-    assert bytes_sent(ranged) > 1.5 * len(DATA)
+    assert bytes_sent(by_range_server) > 1.5 * len(DATA)
 
 
 def test_only_a_whole_scene_job_with_room_on_the_disk_is_copied(serve: Any, tmp_path: Path) -> None:
@@ -227,8 +229,9 @@ def test_a_cancellation_stops_the_copy_at_the_next_checkpoint(
     serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The copy runs in a thread of its own while the stage checks the attempt every POLL seconds: a cancellation
-    stops the stage there, before the copy ends, and its work directory is removed."""
-    monkeypatch.setattr(remote, "COPY_CHUNK", 1024 * 1024)
+    stops the stage there, its work directory is removed, and the copy begins no range after it (those under way
+    end): it does not go on reading a file nobody will analyse."""
+    monkeypatch.setattr(ranged, "COPY_RANGE", 512 * 1024)  # 15 ranges, 4 at a time, 0.2 s each
     monkeypatch.setattr(handler, "POLL", 0.01)
     server = serve()
     server.delay = 0.2
@@ -248,8 +251,28 @@ def test_a_cancellation_stops_the_copy_at_the_next_checkpoint(
                                                 "input": reference.params()})  # fmt: skip
     with pytest.raises(Cancelled):
         worker.prepare(job, CancelledAtSecondCheck(), Quiet())
-    assert server.gets < 1 + len(DATA) // (1024 * 1024)  # the copy had not ended
     assert list(tmp_path.iterdir()) == []
+    for thread in threading.enumerate():
+        if thread.name == f"copy-{job.job_id}":
+            thread.join(timeout=30)
+            assert not thread.is_alive()
+    ranges = -(-len(DATA) // (512 * 1024))
+    assert 1 < server.gets <= 1 + ranged.COPY_THREADS < 1 + ranges  # the first range, then those under way
+
+
+def test_a_disk_that_fills_up_during_the_copy_leaves_the_job_to_read_by_ranges(
+    analyzer: Analyzer, serve: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The room counted before the copy is no promise (other worker processes share the disk): a copy that runs out
+    of it is dropped, and the analysis reads the file by ranges instead."""
+
+    def full(fd: int, data: bytes, offset: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ranged, "_write_at", full)
+    server = serve()
+    out = run_job(analyzer, server.url, copy_inputs=True)  # asserted read by ranges (copy=False)
+    assert out.result["indices"] == local(DATA, analyzer, tmp_path).result["indices"]
 
 
 def test_a_scene_of_several_windows_is_decoded_in_the_background(
