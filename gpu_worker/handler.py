@@ -14,13 +14,15 @@ stops if it no longer holds the job (:class:`AttemptLost`) or if its cancellatio
 (:class:`Cancelled`), so a run that was taken over or cancelled stops early; if it gets as far as ``succeed``
 anyway, the write is refused and its files, under its own attempt's prefix, never overwrite the winner's.
 
-Downloads and uploads run in threads of their own while the stage's thread waits for them, at a checkpoint every
-:data:`POLL` seconds: a forced shutdown, the attempt's time limit, a cancellation or a lost attempt stops the stage
-there, without waiting for the transfer (the pipeline's I/O threads are not interrupted by signals, and an SDK call
-cannot be cancelled). A transfer left behind that way (:class:`~gpu_worker.settlement.Interrupted`: a forced shutdown
-or the time limit) runs on in its daemon thread until the SDK returns, bounded by its own timeouts and retries; what
-it writes goes to the attempt's work directory (removed at the settlement) or under the attempt's own prefix of
-``results``, which no result names. Uploads: the output files are uploaded concurrently (at most :data:`UPLOADS` at
+Downloads, copies and uploads run in threads of their own while the stage's thread waits for them, at a checkpoint
+every :data:`POLL` seconds: a forced shutdown, the attempt's time limit, a cancellation or a lost attempt stops the
+stage there, without waiting for the transfer (the pipeline's I/O threads are not interrupted by signals, and an SDK
+call cannot be cancelled). A transfer left behind that way (:class:`~gpu_worker.settlement.Interrupted`: a forced
+shutdown or the time limit) runs on in its daemon thread until the SDK returns, bounded by its own timeouts and
+retries; a copy of an input by reference (:func:`shared.ranged.copy_to`) begins no range once its stage has stopped,
+for any reason, and ends with the ranges under way (a process exiting waits for those). What a transfer writes goes
+to the attempt's work directory (removed at the settlement) or under the attempt's own prefix of ``results``, which
+no result names. Uploads: the output files are uploaded concurrently (at most :data:`UPLOADS` at
 a time); the finishing thread reports the ``upload`` stage as each one completes, so progress is reported from one
 thread, and each report is a checkpoint.
 

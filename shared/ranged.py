@@ -69,10 +69,12 @@ def copy_to(source: RangeSource, path: Path, stop: threading.Event) -> None:
     each written at its offset, every one read as ``source`` reads (pinned to its ETag). Once ``stop`` is set, no
     range is begun: those under way end, then :class:`CopyStopped` (the SDK's own parallel download cannot be
     stopped once begun, and a cancelled job's input may be gigabytes). The first error of a read or a write stops the
-    other threads the same way and is raised."""
+    other threads the same way and is raised: the first in time (a transient error raised later by a thread still
+    trying its range again does not hide a file that changed or a full disk)."""
     halt = threading.Event()
     offsets = iter(range(0, source.size, COPY_RANGE))
     lock = threading.Lock()
+    errors: list[BaseException] = []  # in the order they were raised: the first one is the copy's
 
     def run(fd: int) -> None:
         try:
@@ -82,15 +84,15 @@ def copy_to(source: RangeSource, path: Path, stop: threading.Event) -> None:
                 if offset is None:
                     return
                 _write_at(fd, source.read(offset, min(COPY_RANGE, source.size - offset)), offset)
-        except BaseException:
+        except BaseException as e:
+            with lock:
+                errors.append(e)
             halt.set()  # the other threads begin no range after it
-            raise
 
     with path.open("wb") as f, ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="copy") as pool:
-        running = [pool.submit(run, f.fileno()) for _ in range(COPY_THREADS)]
-        wait(running)
-        for future in running:
-            future.result()
+        wait([pool.submit(run, f.fileno()) for _ in range(COPY_THREADS)])
+    if errors:
+        raise errors[0]
     if stop.is_set():
         raise CopyStopped(f"the copy to {path} was stopped")
 

@@ -4,6 +4,8 @@ the JSON body of a submit, the submit use case, the worker's ETag check and the 
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,7 +18,10 @@ import pytest
 
 from cli.upload import put_blocks
 from functions.submit import by_reference
+from gpu_worker import handler as handler_module
 from gpu_worker.handler import JobHandler
+from gpu_worker.settlement import Cancelled
+from shared import ranged
 from shared.by_reference import Found, find
 from shared.errors import InputMissing, StorageUnavailable
 from shared.geotiff import Limits
@@ -439,6 +444,41 @@ def test_submit_above_the_threshold_uploads_then_submits_by_reference(tmp_path: 
     assert code == 0, err
     assert next(r.url.path for r in run.requests) == "/api/uploads"
     assert run.requests[-1].headers["content-type"] == "application/json"
+
+
+def test_a_stopped_stage_stops_the_copy_of_a_blob(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole-scene job copies its blob in a thread while the stage checks the attempt every POLL seconds. When the
+    stage stops (here a cancellation), the copy begins no range after it: nothing else would end it (a blob's
+    source has no connection of its own to close) and the input may be gigabytes."""
+    monkeypatch.setattr(ranged, "COPY_RANGE", 1000)
+    monkeypatch.setattr(handler_module, "POLL", 0.01)
+
+    class SlowSource(MemorySource):
+        def read(self, offset: int, length: int) -> bytes:
+            time.sleep(0.05)
+            return super().read(offset, length)
+
+    class CancelledAtSecondCheck:
+        checks = 0
+
+        def check(self) -> None:
+            self.checks += 1
+            if self.checks == 2:
+                raise Cancelled("cancellation requested")
+
+    source = SlowSource(bytes(100_000))
+    worker = JobHandler(InMemoryJobStore(), InMemoryBlobStore(), object(), remote=MemoryInputs(a=source),  # type: ignore[arg-type]
+                        tmp_dir=tmp_path)  # fmt: skip
+    reference = Reference("blob", "a", '"0x1"', source.size)
+    job = job_record(JobStatus.RUNNING, params={"bands": [], "scale": 1.0, "input": reference.params()})
+    with pytest.raises(Cancelled):
+        worker.prepare(job, CancelledAtSecondCheck(), Quiet())
+    assert list(tmp_path.iterdir()) == []
+    copying = [t for t in threading.enumerate() if t.name == f"copy-{job.job_id}"]
+    for thread in copying:
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+    assert len(source.reads) <= 2 * ranged.COPY_THREADS < 100  # those under way when it stopped, not all 100
 
 
 def test_a_read_refused_mid_analysis_because_the_blob_changed_is_input_changed(tmp_path: Path) -> None:

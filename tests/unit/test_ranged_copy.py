@@ -13,6 +13,7 @@ import pytest
 
 from shared import ranged
 from shared.errors import InputMissing
+from shared.inputs import SourceUnavailable
 from shared.ranged import CopyStopped, copy_to
 
 
@@ -63,6 +64,21 @@ def test_the_first_error_is_raised_and_no_range_begins_after_it(tmp_path: Path) 
     with pytest.raises(InputMissing):
         copy_to(source, tmp_path / "copy", threading.Event())
     assert len(source.reads) <= 4 + ranged.COPY_THREADS  # the ranges before it, and those under way: not all 50
+
+
+def test_the_error_raised_is_the_first_in_time(tmp_path: Path) -> None:
+    """A thread still trying its range again (transient) when another's range finds the file changed: the copy
+    fails with the change, not with the error that came later."""
+    source = MemorySource(bytes(8000), fail_at=1000)
+
+    def slow_then_transient(offset: int) -> None:
+        if offset == 0:
+            time.sleep(0.2)
+            raise SourceUnavailable("timed out")
+
+    source.on_read = slow_then_transient
+    with pytest.raises(InputMissing):
+        copy_to(source, tmp_path / "copy", threading.Event())
 
 
 def test_a_stop_ends_the_copy_between_ranges(tmp_path: Path) -> None:
