@@ -8,7 +8,7 @@ NODE_STAMP := node_modules/.installed
 CHECKOV_VENV := .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
-.PHONY: help install demo test lint up down bench bench-gpu chaos sdk-suite clean
+.PHONY: help install demo test lint up down bench bench-gpu gpu-kit chaos sdk-suite clean
 
 help:
 	@echo "make demo   - start the local stack, analyse a real Sentinel-2 scene end to end, stop the stack"
@@ -22,6 +22,7 @@ help:
 	@echo "              naive consumer, a full tile's peak memory through the worker (docs/performance.md)"
 	@echo "make bench-gpu - the GPU run (python -m bench.gpu, JSON): full tile on CUDA, GPU memory, decode vs compute,"
 	@echo "              batching; needs only the worker's dependencies; prints a note and exits 0 without CUDA"
+	@echo "make gpu-kit - .gpu/site.tar.xz: what bench.gpu needs that a lent GPU machine (no package index) lacks"
 	@echo "make chaos  - chaos run on the local stack (~16 min; JSON on stdout): kills and outages lose no job"
 	@echo "              (python -m local.chaos --short: the same in a few minutes)"
 	@echo "make sdk-suite - the azure-servicebus SDK's own queue tests against the Service Bus emulator (~11 min; JSON"
@@ -87,6 +88,11 @@ bench: install
 BENCH_GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
 bench-gpu:
 	$(BENCH_GPU_PY) -m bench.gpu
+
+# For a GPU machine that reaches no package index: the wheels bench.gpu needs beyond its image, unpacked, as one
+# archive to carry there (bench/gpu_kit.py; docs/performance.md, "GPU").
+gpu-kit: install
+	$(BIN)/python -m bench.gpu_kit
 
 chaos: install
 	$(BIN)/python -m local.chaos

@@ -1,9 +1,10 @@
 """The GPU run: one command on a GPU machine (``make bench-gpu``, ``python -m bench.gpu``), one JSON object on stdout.
 
-``python -m bench.gpu [--tile-size 10980] [--tile-dir .local/bench] [--decode-rows 4096] [--device cuda]``
+``python -m bench.gpu [--tile-size 10980] [--tile-dir .local/bench] [--decode-rows 4096] [--device cuda] [--out F]``
 
 Needs only the worker's dependencies (``pip install -r requirements-worker.txt`` and torch with CUDA, as in the
-image of ``Dockerfile.gpu``); no stack, no Azure. Without CUDA it prints a JSON note and exits 0 (``--device cpu``
+image of ``Dockerfile.gpu``; on a lent GPU machine, which reaches no package index, the archive of
+:mod:`bench.gpu_kit`); no stack, no Azure. Without CUDA it prints a JSON note and exits 0 (``--device cpu``
 runs every step on the CPU instead: a check of the script, not a GPU figure). Steps, on the device:
 
 * ``stages``: ``bench.analysis``'s per-stage Mpx/s (read, indices, cover, cloud mask) on a 2048 x 2048 scene;
@@ -234,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-rows", type=int, default=4096, help="rows of the tile the decode sweep reads")
     parser.add_argument("--batch-jobs", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--out", type=Path, help="also write the report there after each step (a run cut short "
+                        "by a time limit keeps the steps it finished)")  # fmt: skip
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -241,25 +244,32 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"benchmark": "gpu", "cuda": False, "torch": torch.__version__, "note": note}))
         return 0
     report: dict[str, Any] = {"benchmark": "gpu", "machine": machine(device)}
+
+    def step(name: str, value: Any) -> None:
+        report[name] = value
+        if args.out is not None:
+            args.out.write_text(json.dumps(report, indent=2))
+
     args.tile_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.tile_dir) as tmp:
         work = Path(tmp)
         scenes = {size: make_scene(work / f"scene_{size}.tif", size) for size in (1024, 2048)}
-        report["stages"] = {k: round(v, 3) for k, v in stages(scenes[2048], device, args.repeat, work).items()}
+        step("stages", {k: round(v, 3) for k, v in stages(scenes[2048], device, args.repeat, work).items()})
         e2e = end_to_end(scenes, device, work, 1)
         decoded = {str(size): decode_rate(scene, 1) for size, scene in scenes.items()}
-        report["sizes"] = {}
+        sizes = {}
         for size, result in e2e.items():
             ratio = round(result["mpx_per_s"] / decoded[size]["mpx_per_s"], 4)
-            report["sizes"][size] = {"end_to_end": result, "decode": decoded[size], "analysis_over_decode": ratio}
-        report["cover_batching"] = cover_batching(device, args.batch_jobs, args.repeat)
-        report["analyses_at_once"] = analyses_at_once(device, args.batch_jobs, work)
+            sizes[size] = {"end_to_end": result, "decode": decoded[size], "analysis_over_decode": ratio}
+        step("sizes", sizes)
+        step("cover_batching", cover_batching(device, args.batch_jobs, args.repeat))
+        step("analyses_at_once", analyses_at_once(device, args.batch_jobs, work))
         start = time.perf_counter()
         tile = cached_scene(args.tile_dir, args.tile_size)
         generated = time.perf_counter() - start
-        report["full_tile"] = {**full_tile(tile, device, work), "generate_seconds": round(generated, 1)}
-    report["decode"] = decode_threads(tile, args.decode_rows)
-    report["balance"] = balance(report["full_tile"]["mpx_per_s"], report["stages"], report["decode"])
+        step("full_tile", {**full_tile(tile, device, work), "generate_seconds": round(generated, 1)})
+    step("decode", decode_threads(tile, args.decode_rows))
+    step("balance", balance(report["full_tile"]["mpx_per_s"], report["stages"], report["decode"]))
     print(json.dumps(report, indent=2))
     return 0
 
