@@ -1,6 +1,8 @@
 """What a good client of ``POST /api/jobs`` does, timed: each job has its own ``Idempotency-Key`` and is submitted
 at its time; a 5xx or a lost connection is retried with the *same* key (after ``Retry-After`` for a 503) until the
-API accepts it (202, or 200 for a replay) or the job's deadline passes. Any other answer is final.
+API accepts it (202, or 200 for a replay) or the job's deadline passes. Any other answer is final. With a
+``reference`` (the URL of a blob of the stack's images container), every ``every``-th job is submitted by reference
+(``{"image_url"}``) instead of as bytes: the worker checks that blob's ETag and copies it before the analysis.
 
 Every request is recorded (status or exception, problem code, seconds), and :attr:`Submitter.in_flight` says how
 many requests are under way right now (the host-kill fault waits for one).
@@ -41,8 +43,11 @@ class Submitter:
         started: float,
         stop: threading.Event,
         deadline: float,
+        reference: str | None = None,
+        every: int = 0,
     ) -> None:
         self._url = f"{api_url}/jobs"
+        self._reference, self._every = reference, every
         self._image = image
         self._bands = bands
         self.run_id = run_id
@@ -55,6 +60,7 @@ class Submitter:
         self.accepted: dict[str, str] = {}  # Idempotency-Key -> job id
         self.given_up: dict[str, str] = {}  # Idempotency-Key -> the last answer
         self.requests: list[Request] = []
+        self.by_reference: set[str] = set()  # the Idempotency-Keys of the jobs submitted by reference
 
     @property
     def in_flight(self) -> int:
@@ -73,25 +79,32 @@ class Submitter:
             for index, at in enumerate(times):
                 if self._stop.wait(max(0.0, self._started + at - time.monotonic())):
                     break
-                thread = threading.Thread(target=self._submit, args=(client, self.key(index)), daemon=True)
+                args = (client, self.key(index), self._by_reference(index))
+                thread = threading.Thread(target=self._submit, args=args, daemon=True)
                 thread.start()
                 threads.append(thread)
             for thread in threads:
                 thread.join()
 
-    def _submit(self, client: httpx.Client, key: str) -> None:
+    def _by_reference(self, index: int) -> bool:
+        return self._reference is not None and self._every > 0 and index % self._every == self._every - 1
+
+    def _submit(self, client: httpx.Client, key: str, by_reference: bool) -> None:
+        if by_reference:
+            with self._lock:
+                self.by_reference.add(key)
         try:
-            self._retry_until_accepted(client, key)
+            self._retry_until_accepted(client, key, by_reference)
         except Exception as e:  # a bug here must show in the report, not end a thread silently
             logger.exception("submit %s failed", key)
             with self._lock:
                 self.given_up[key] = f"harness error {type(e).__name__}"
 
-    def _retry_until_accepted(self, client: httpx.Client, key: str) -> None:
+    def _retry_until_accepted(self, client: httpx.Client, key: str, by_reference: bool) -> None:
         deadline = time.monotonic() + self._deadline
         failures = 0
         while True:
-            request, job_id, retry_after = self._post(client, key)
+            request, job_id, retry_after = self._post(client, key, by_reference)
             if job_id is not None:
                 with self._lock:
                     self.accepted[key] = job_id
@@ -107,14 +120,18 @@ class Submitter:
             if self._stop.wait(retry_after * self._rng.uniform(0.8, 1.2)):
                 return
 
-    def _post(self, client: httpx.Client, key: str) -> tuple[Request, str | None, float | None]:
+    def _post(self, client: httpx.Client, key: str, by_reference: bool) -> tuple[Request, str | None, float | None]:
         """One request: (its record, the job id when accepted, the seconds to wait before a retry or None)."""
-        headers = {"Content-Type": "image/tiff", "Idempotency-Key": key}
         with self._lock:
             self._in_flight += 1
         started = time.monotonic()
         try:
-            response = client.post(self._url, params={"bands": self._bands}, content=self._image, headers=headers)
+            if by_reference:
+                body = {"image_url": self._reference, "bands": self._bands}
+                response = client.post(self._url, json=body, headers={"Idempotency-Key": key})
+            else:
+                headers = {"Content-Type": "image/tiff", "Idempotency-Key": key}
+                response = client.post(self._url, params={"bands": self._bands}, content=self._image, headers=headers)
         except httpx.TransportError as e:
             request = self._record(key, started, None, type(e).__name__)
             return request, None, 1.0

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from azure.storage.blob import BlobServiceClient
+
 from local.chaos.client import Submitter
 from local.chaos.collect import snapshot, wait_settled
 from local.chaos.faults import FaultRunner
@@ -36,6 +38,10 @@ SETTINGS = {
     "RETRY_BACKOFF_MAX": "PT60S",
     "JOB_MAX_ATTEMPTS": "5",
 }
+
+
+# Every 4th job is submitted by reference: the URL of one blob of the images container holding the same image.
+BY_REFERENCE_EVERY = 4
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,8 @@ def run(options: Options) -> dict[str, Any]:
         watchdog = threading.Thread(target=_watch, args=(supervisor, stop, started, crashed), daemon=True)
         watchdog.start()
         run_id = root.name
+        images = options.settings.get("IMAGES_CONTAINER", "images")
+        reference = _reference(supervisor.state["blob_connection_string"], images, run_id, image)
         submitter = Submitter(
             supervisor.state["api_url"],
             image,
@@ -82,6 +90,8 @@ def run(options: Options) -> dict[str, Any]:
             started=started,
             stop=stop,
             deadline=options.submit_timeout,
+            reference=reference,
+            every=BY_REFERENCE_EVERY,
         )
         runner = FaultRunner(
             supervisor, submitter, started=started, stop=stop, image=image, bands=options.bands, rng=rng
@@ -124,6 +134,14 @@ def run(options: Options) -> dict[str, Any]:
     return report
 
 
+def _reference(blob_connection_string: str, container: str, run_id: str, image: bytes) -> str:
+    """The image as a blob of the stack's images container (``chaos/{run_id}/input.tif``): its URL."""
+    with BlobServiceClient.from_connection_string(blob_connection_string) as service:
+        blob = service.get_blob_client(container, f"chaos/{run_id}/input.tif")
+        blob.upload_blob(image, overwrite=True)
+        return str(blob.url)
+
+
 def _watch(supervisor: Supervisor, stop: threading.Event, started: float, found: list[dict[str, Any]]) -> None:
     """Every second, restart what exited without being told to (a worker's exit 75, a crash), as a supervisor would."""
     while not stop.wait(1.0):
@@ -142,6 +160,7 @@ def _submits(submitter: Submitter, jobs: int) -> dict[str, Any]:
     outcomes = Counter(f"{r.status or 'no answer'} {r.code or ''}".strip() for r in requests)
     return {
         "accepted_via_http": len(submitter.accepted),
+        "accepted_by_reference": len(submitter.by_reference & set(submitter.accepted)),
         "submits": {
             "jobs": jobs,
             "accepted": len(submitter.accepted),
