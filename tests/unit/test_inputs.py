@@ -42,6 +42,7 @@ from shared.ranged import CHUNK, Chunks, inspect_source
 from shared.rejection import Rejected
 from shared.submission import ByReference, submit
 from tests import geotiffs
+from tests.checkpoints import StopsAt
 from tests.fakes import InMemoryBlobStore, InMemoryJobStore, InMemoryPublisher
 from tests.jobs import job_record
 
@@ -458,21 +459,13 @@ def test_a_stopped_stage_stops_the_copy_of_a_blob(tmp_path: Path, monkeypatch: p
             time.sleep(0.05)
             return super().read(offset, length)
 
-    class CancelledAtSecondCheck:
-        checks = 0
-
-        def check(self) -> None:
-            self.checks += 1
-            if self.checks == 2:
-                raise Cancelled("cancellation requested")
-
     source = SlowSource(bytes(100_000))
     worker = JobHandler(InMemoryJobStore(), InMemoryBlobStore(), object(), remote=MemoryInputs(a=source),  # type: ignore[arg-type]
                         tmp_dir=tmp_path)  # fmt: skip
     reference = Reference("blob", "a", '"0x1"', source.size)
     job = job_record(JobStatus.RUNNING, params={"bands": [], "scale": 1.0, "input": reference.params()})
     with pytest.raises(Cancelled):
-        worker.prepare(job, CancelledAtSecondCheck(), Quiet())
+        worker.prepare(job, StopsAt(2, Cancelled("cancellation requested")), Quiet())
     assert list(tmp_path.iterdir()) == []
     copying = [t for t in threading.enumerate() if t.name == f"copy-{job.job_id}"]
     for thread in copying:

@@ -31,6 +31,7 @@ from shared.inputs import InputChanged, InputNotAllowed, InputRefused, Reference
 from shared.jobs import JobStatus
 from shared.ranged import CHUNK, Chunks
 from tests import geotiffs
+from tests.checkpoints import StopsAt
 from tests.fakes import InMemoryBlobStore, InMemoryJobStore
 from tests.jobs import job_record
 
@@ -236,21 +237,13 @@ def test_a_cancellation_stops_the_copy_at_the_next_checkpoint(
     server = serve()
     server.delay = 0.2
 
-    class CancelledAtSecondCheck:
-        checks = 0
-
-        def check(self) -> None:
-            self.checks += 1
-            if self.checks == 2:
-                raise Cancelled("cancellation requested")
-
     worker = JobHandler(InMemoryJobStore(), InMemoryBlobStore(), NoAnalysis(), tmp_dir=tmp_path,  # type: ignore[arg-type]
                         allowed_hosts=("127.0.0.1",), allow_private_urls=True)  # fmt: skip
     reference = Reference("url", server.url, '"v1"', len(DATA))
     job = job_record(JobStatus.RUNNING, params={"bands": [], "scale": 10000.0, "analysis": "crop-health",
                                                 "input": reference.params()})  # fmt: skip
     with pytest.raises(Cancelled):
-        worker.prepare(job, CancelledAtSecondCheck(), Quiet())
+        worker.prepare(job, StopsAt(2, Cancelled("cancellation requested")), Quiet())
     assert list(tmp_path.iterdir()) == []
     for thread in threading.enumerate():
         if thread.name == f"copy-{job.job_id}":
