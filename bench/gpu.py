@@ -227,6 +227,16 @@ def analyses_at_once(device: torch.device, jobs: int, workdir: Path) -> dict[str
     return result
 
 
+def written(report: dict[str, Any], out: Path | None) -> dict[str, Any]:
+    """``report``, also written to ``out`` when given: whole or not at all (a temporary file renamed over it), so a
+    run killed at its time limit leaves the last complete report."""
+    if out is not None:
+        partial = out.with_name(out.name + ".partial")
+        partial.write_text(json.dumps(report, indent=2))
+        os.replace(partial, out)
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (a dry run of the script)")
@@ -241,14 +251,16 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         note = "CUDA is not available on this machine: nothing measured (python -m bench.gpu --device cpu checks it)"
-        print(json.dumps({"benchmark": "gpu", "cuda": False, "torch": torch.__version__, "note": note}))
+        absent = {"benchmark": "gpu", "cuda": False, "torch": torch.__version__, "note": note}
+        print(json.dumps(written(absent, args.out)))
         return 0
-    report: dict[str, Any] = {"benchmark": "gpu", "machine": machine(device)}
+    report: dict[str, Any] = {"benchmark": "gpu"}
 
     def step(name: str, value: Any) -> None:
         report[name] = value
-        if args.out is not None:
-            args.out.write_text(json.dumps(report, indent=2))
+        written(report, args.out)
+
+    step("machine", machine(device))
 
     args.tile_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.tile_dir) as tmp:

@@ -11,8 +11,11 @@ carry. It prints one JSON object: the packages, the archive's bytes, the tracked
 
 On the GPU machine, one call (``carry: [".gpu"]``), as docs/performance.md ("GPU") gives it::
 
-    mkdir -p /tmp/site && tar xJf .gpu/site.tar.xz -C /tmp/site && PYTHONPATH=/tmp/site:. python3 -m bench.gpu \
-      --tile-dir /tmp/bench --out $OUT/gpu.json
+    python3 -c "import tarfile; tarfile.open('.gpu/site.tar.xz').extractall('/tmp/site', filter='data')" && \
+      PYTHONPATH=/tmp/site:. python3 -m bench.gpu --tile-dir /tmp/bench --out $OUT/gpu.json
+
+(Python's ``tarfile`` rather than ``tar xJf``: whether the image has ``xz`` is not known. LightGBM's library needs
+the system's ``libgomp.so.1``, which a CUDA image with a compiler normally has; not checked on the machine.)
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ PACKAGES = (
     "typing-inspection",
     "pyproj",
     "shapely",
+    # In the image too, at versions not known here: pydantic-core needs typing-extensions >= 4.16, LightGBM imports
+    # narwhals (>= 1.15); these small wheels take precedence on PYTHONPATH.
+    "typing-extensions",
+    "narwhals",
 )
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64")  # fmt: skip

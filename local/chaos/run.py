@@ -108,9 +108,11 @@ def run(options: Options) -> dict[str, Any]:
         state = supervisor.state
         rows = snapshot(state["database_url"], state["blob_connection_string"], container, tracked)
         summary = summarize(tracked, rows, container)
+        refused = _refused_by_reference(submitter)
         report = {
-            "ok": summary["ok"],
+            "ok": summary["ok"] and not refused,
             **summary,
+            "by_reference_refused": refused,
             **_submits(submitter, len(times)),
             "orphans": {"count": len(runner.orphans), "job_ids": runner.orphans},
             "timeline": [r.to_json() for r in records],
@@ -140,6 +142,13 @@ def _reference(blob_connection_string: str, container: str, run_id: str, image: 
         blob = service.get_blob_client(container, f"chaos/{run_id}/input.tif")
         blob.upload_blob(image, overwrite=True)
         return str(blob.url)
+
+
+def _refused_by_reference(submitter: Submitter) -> dict[str, str]:
+    """The jobs submitted by reference that got a final refusal (a 4xx) instead of being accepted: the run's
+    reference to its own blob is refused, so that path went untested."""
+    return {key: outcome for key, outcome in sorted(submitter.given_up.items())
+            if key in submitter.by_reference and outcome.startswith("4")}  # fmt: skip
 
 
 def _watch(supervisor: Supervisor, stop: threading.Event, started: float, found: list[dict[str, Any]]) -> None:
