@@ -272,7 +272,7 @@ def validate_image(
 ) -> Image:
     """The image checked (header, bands, scale, analysis; ``fields`` against its footprint) with the job's
     parameters, or :class:`Rejected`."""
-    header = inspect(data, limits)
+    header = inspect(data, limits, georeferencing=fields is not None)  # the CRS only places fields (shared.geotiff)
     params = job_params(header, bands, scale, analysis)
     if fields is not None:
         params.update(placed_fields(fields, header))

@@ -48,7 +48,9 @@ from shared.errors import InvalidImage
 from shared.geotiff import plane_of, stored_blocks
 from shared.inputs import SourceUnavailable
 
-GDAL_ERRORS = (rasterio.errors.RasterioError, CPLE_BaseError)
+# CRSError: a CRS rasterio cannot build from what GDAL read (a ValueError, not a RasterioError). The submit does not
+# build the CRS of an image without fields (shared.geotiff), so the worker is the first to meet one.
+GDAL_ERRORS = (rasterio.errors.RasterioError, rasterio.errors.CRSError, CPLE_BaseError)
 # How GDAL (3.10.3, measured) reports a ranged read of /vsicurl/ that failed (an HTTP error status after its own
 # retries, a timeout, a reset connection): the HTTP status goes to the debug log only. A block read fails short
 # ("TIFFFillTile:Read error at row 4294967295, col 4294967295, tile 0; got 0 bytes, expected 458942"): the network,

@@ -171,6 +171,14 @@ def test_only_what_means_the_network_is_transient(message: str, error: bool) -> 
         raise CPLE_AppDefinedError(1, 1, message)
 
 
+def test_a_crs_rasterio_cannot_build_is_an_invalid_image() -> None:
+    """The submit does not build the CRS of an image without fields: the worker fails the job, never retries it."""
+    from rasterio.errors import CRSError
+
+    with pytest.raises(InvalidImage, match="open: bad crs"), gdal_errors_as_invalid_image("open"):
+        raise CRSError("bad crs")
+
+
 def test_a_network_failure_while_opening_is_transient(analyzer: Analyzer, serve: Any, tmp_path: Path) -> None:
     data = geotiffs.real()  # its directory sits at the end of the file: the second read fetches it
     server = serve(data, fail_after=1)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,17 @@ def test_real_sentinel2_crop_header() -> None:
     assert (header.width, header.height, header.count, header.dtype) == (256, 256, 13, "uint16")
     assert header.descriptions[3] == "B04"
     assert header.crs == "EPSG:32618"
+    assert header.transform is not None
+    assert header.transform[0] == 10.0
     assert header.integer
+
+
+def test_without_georeferencing_the_header_is_the_same_but_crs_and_transform() -> None:
+    """What a submit without fields reads: the CRS (most of the check's cost) and the geotransform are not built."""
+    full = inspect(geotiffs.real(), LIMITS)
+    bare = inspect(geotiffs.real(), LIMITS, georeferencing=False)
+    assert (bare.crs, bare.transform) == (None, None)
+    assert bare == dataclasses.replace(full, crs=None, transform=None)
 
 
 @pytest.mark.parametrize(
