@@ -39,6 +39,12 @@ TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 MAX_BLOCK_LOOKUPS = 1 << 18
 NO_GEOREFERENCING = {"GEOREF_SOURCES": "NONE"}  # GTiff open option: no CRS, no geotransform read
 
+# A file without georeferencing is valid input everywhere here, and a plain upload is checked without reading it:
+# rasterio's NotGeoreferencedWarning is never wanted. Filtered once for the process, when this module is imported
+# (the worker's and the API's readers import it): warnings.catch_warnings() around each open is not thread-safe, two
+# submits in two threads restore each other's filters and the warning escapes.
+warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -72,14 +78,12 @@ def inspect(data: bytes, limits: Limits, *, georeferencing: bool = True) -> Imag
     if data[:4] not in TIFF_MAGIC:
         raise Rejected("not_a_tiff", "the body is not a TIFF file (its first bytes are not a TIFF signature)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with (
-                rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"),
-                MemoryFile(data) as mem,
-                mem.open(driver="GTiff", **({} if georeferencing else NO_GEOREFERENCING)) as ds,
-            ):
-                header = check_dataset(ds, len(data), limits)
+        with (
+            rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"),
+            MemoryFile(data) as mem,
+            mem.open(driver="GTiff", **({} if georeferencing else NO_GEOREFERENCING)) as ds,
+        ):
+            header = check_dataset(ds, len(data), limits)
     except (RasterioError, ValueError) as e:  # ValueError: a band description that is not UTF-8, a CRSError
         raise Rejected("unreadable_image", f"the TIFF cannot be read: {_reason(e)}") from e
     return header

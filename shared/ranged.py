@@ -27,7 +27,6 @@ from __future__ import annotations
 import io
 import os
 import threading
-import warnings
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path, PurePosixPath
@@ -35,7 +34,7 @@ from typing import Protocol
 
 import rasterio
 from rasterio.abc import FileContainer
-from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.errors import RasterioError
 
 from shared.geotiff import TIFF_MAGIC, ImageHeader, Limits, check_dataset
 from shared.rejection import Rejected
@@ -260,13 +259,11 @@ def inspect_source(source: RangeSource, limits: Limits, *, chunk: int = CHUNK) -
     if chunks.range(0, min(4, source.size)) not in TIFF_MAGIC:
         raise Rejected("not_a_tiff", "the image is not a TIFF file (its first bytes are not a TIFF signature)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with (
-                rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"),
-                rasterio.open("input.tif", opener=RangeOpener(chunks)) as ds,
-            ):
-                header = check_dataset(ds, source.size, limits)
+        with (
+            rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"),
+            rasterio.open("input.tif", opener=RangeOpener(chunks)) as ds,
+        ):
+            header = check_dataset(ds, source.size, limits)  # NotGeoreferencedWarning: filtered (shared.geotiff)
     except (RasterioError, ValueError) as e:
         if chunks.error is not None:  # the source failed, not the image
             raise chunks.error from None

@@ -25,7 +25,6 @@ import contextvars
 import math
 import re
 import threading
-import warnings
 from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -198,8 +197,7 @@ class SceneReader:
         self.scale, self.device = scale, device
         self._lock = threading.Lock()  # one GDAL call on the dataset at a time (blocks() reads in a thread)
         opener = self.source.opener if self.source is not None else None
-        with self._errors("not a readable GeoTIFF"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with self._errors("not a readable GeoTIFF"):  # NotGeoreferencedWarning: filtered (shared.geotiff)
             self.dataset: Any = rasterio.open(self.path, opener=opener)
         try:
             self.bands = self._resolve(band_names, required)
