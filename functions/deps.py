@@ -7,6 +7,7 @@ their own with :func:`use`.
 
 from __future__ import annotations
 
+import atexit
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
@@ -18,6 +19,7 @@ from uuid import UUID
 from azure.core.credentials import TokenCredential
 
 from shared.by_reference import StoredSource
+from shared.confirmations import Confirm, ConfirmBehind
 from shared.jobs import JobStore
 from shared.reconciler import DeadLetterInbox
 from shared.settings import Settings
@@ -58,6 +60,12 @@ class Deps:
     queue_stats: QueueCounter
     # Admission control's estimate of the queued jobs (shared.submission.BacklogGauge), one per process.
     backlog: BacklogGauge = field(default_factory=BacklogGauge)
+    # Where submits and batches record their sends after answering (shared.confirmations); None: inline.
+    confirms: ConfirmBehind | None = None
+
+    @property
+    def confirm(self) -> Confirm | None:
+        return None if self.confirms is None else self.confirms.confirm
 
 
 class WebhookDeliverer(Protocol):
@@ -76,6 +84,11 @@ def get() -> Deps:
         with _lock:
             if _current is None:
                 _current = build(Settings.from_env())
+    return _current
+
+
+def current() -> Deps | None:
+    """The dependencies if they are built, without building them."""
     return _current
 
 
@@ -125,9 +138,13 @@ def build(settings: Settings) -> Deps:
         opened.callback(queue_stats.close)
         opened.pop_all()  # built: from here on they live as long as the process
     events = EventStore(pool)
+    jobs = PostgresJobStore(pool)
+    confirms = ConfirmBehind(jobs)
+    atexit.register(confirms.close)  # what is still queued at exit is written, else left to the reconciler
     return Deps(
         settings=settings,
-        jobs=PostgresJobStore(pool),
+        jobs=jobs,
+        confirms=confirms,
         blobs=blobs,
         publisher=publisher,
         dead_letters=lambda: DeadLetterInbox(client, settings.job_queues),

@@ -47,13 +47,16 @@ def submit_job(req: func.HttpRequest) -> func.HttpResponse:
         finder = functools.partial(_find, store=d.blobs, limits=limits, allowed=s.allowed_image_hosts)
         request = by_reference(req, s.max_fields)
         outcome = submit(
-            request, limits=limits, jobs=d.jobs, store=d.blobs, publisher=d.publisher, policy=policy(d), find=finder
-        )
+            request, limits=limits, jobs=d.jobs, store=d.blobs, publisher=d.publisher, policy=policy(d), find=finder,
+            confirm=d.confirm,
+        )  # fmt: skip
         return _accepted(req, outcome, s.retry_after_seconds)
     limits = Limits(d.settings.max_upload_bytes, d.settings.max_pixels, d.settings.max_bands)
     data, geometry = _image_bytes(req, limits.max_bytes)
     upload = Upload(data=data, geometry=geometry, max_fields=d.settings.max_fields, **submit_options(req))
-    outcome = submit(upload, limits=limits, jobs=d.jobs, store=d.blobs, publisher=d.publisher, policy=policy(d))
+    outcome = submit(
+        upload, limits=limits, jobs=d.jobs, store=d.blobs, publisher=d.publisher, policy=policy(d), confirm=d.confirm
+    )
     return _accepted(req, outcome, d.settings.retry_after_seconds)
 
 

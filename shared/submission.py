@@ -10,9 +10,10 @@ The job's row is the outbox: once it is inserted the job exists, and either this
 3. The image goes to ``images/{job_id}/input.tif``. If that fails, no message can have been sent, so the job is
    failed with ``enqueue_failed`` (``abort_submit``) and :class:`EnqueueFailed` (transient: 503 with
    ``Retry-After``) is raised; a retry with the same ``Idempotency-Key`` resubmits the same job.
-4. The message ``{job_id}:1`` is sent, then the send is confirmed on the row (``confirm_sent``). A send that fails
-   is *ambiguous* (it may have reached the broker): the job stays ``queued`` and claimable, the answer is still 202,
-   and the reconciler sends a new generation if no worker has claimed the job after ``RECONCILE_RESEND_AFTER``.
+4. The message ``{job_id}:1`` is sent, then the send is confirmed on the row (``confirm_sent``; the API does it
+   behind its answer, :mod:`shared.confirmations`: a confirm that never lands is a reconciler's resend). A send that
+   fails is *ambiguous* (it may have reached the broker): the job stays ``queued`` and claimable, the answer is still
+   202, and the reconciler sends a new generation if no worker has claimed the job after ``RECONCILE_RESEND_AFTER``.
    A delivered message of either generation claims the job; the other finds it claimed and is dropped.
 5. A process that dies anywhere after 2 leaves a ``queued`` job with an unconfirmed send: the reconciler again.
 
@@ -57,7 +58,8 @@ from pydantic import BaseModel, Field
 from shared import metrics
 from shared.bands import BandError, parse_names, resolve
 from shared.by_reference import Found
-from shared.errors import BusUnavailable, DatabaseUnavailable, StorageUnavailable, TransientError
+from shared.confirmations import Confirm, confirm_now
+from shared.errors import BusUnavailable, StorageUnavailable, TransientError
 from shared.fields import Fields, check_intersects, parse_fields
 from shared.geotiff import ImageHeader, Limits, inspect
 from shared.inputs import reference_blob_name
@@ -216,9 +218,10 @@ def submit(
     publisher: Publisher,
     policy: Policy | None = None,
     find: Callable[[ByReference], Found] | None = None,
+    confirm: Confirm | None = None,
 ) -> Submitted:
     """Submit ``upload`` (an image in the request, or by reference: then ``find`` locates it and checks its header,
-    :func:`shared.by_reference.find`)."""
+    :func:`shared.by_reference.find`); ``confirm``: how :func:`hand_over` records the send (default: inline)."""
     policy = policy or Policy()
     key = idempotency_key(upload.idempotency_key)
     if isinstance(upload, ByReference):
@@ -253,7 +256,7 @@ def submit(
             action = "resubmit" if owned else "replay"
         if owned or (job.status is JobStatus.QUEUED and job.sent_at is None):
             store_input(job, image.data, jobs, store, owned=owned)
-            job = hand_over(job, jobs, publisher)
+            job = hand_over(job, jobs, publisher, confirm)
         if owned:  # a new job (or one resubmitted after enqueue_failed) is on its way to a worker
             metrics.job_submitted(str(job.params.get("analysis", DEFAULT_ANALYSIS)), job.priority)
         extra = {"job_id": str(job.job_id), "action": action}
@@ -373,10 +376,11 @@ def store_input(job: Job, data: bytes, jobs: JobStore, store: InputStore, *, own
         raise EnqueueFailed(job.job_id, "the image could not be stored; submit it again") from e
 
 
-def hand_over(job: Job, jobs: JobStore, publisher: Publisher) -> Job:
-    """Send the message of the job's current generation, then confirm the send on its row (its image is stored);
-    return the job as it now is. A failed send is ambiguous: the job stays queued and unconfirmed, for a worker or
-    the reconciler. A failed confirm leaves it to them too. Neither raises."""
+def hand_over(job: Job, jobs: JobStore, publisher: Publisher, confirm: Confirm | None = None) -> Job:
+    """Send the message of the job's current generation, then confirm the send on its row (its image is stored):
+    inline, or through ``confirm`` (the API's :class:`shared.confirmations.ConfirmBehind`, which answers before the
+    row is written); return the job as it now is. A failed send is ambiguous: the job stays queued and unconfirmed,
+    for a worker or the reconciler. A failed confirm leaves it to them too. Neither raises."""
     message = JobMessage.for_job(job)
     extra = {"job_id": str(job.job_id), "message_id": message.message_id, "action": "enqueue"}
     try:
@@ -384,11 +388,7 @@ def hand_over(job: Job, jobs: JobStore, publisher: Publisher) -> Job:
     except BusUnavailable as e:  # ambiguous: it may have arrived. The job stays claimable; the reconciler heals it.
         log.warning("job %s: send not confirmed, left to the reconciler: %s", job.job_id, e.message, extra=extra)
         return job
-    try:
-        return jobs.confirm_sent(job.job_id, job.generation) or jobs.get(job.job_id) or job
-    except DatabaseUnavailable as e:  # the message is on its way; at worst the reconciler sends a new generation
-        log.warning("job %s: sent, but the send is not recorded: %s", job.job_id, e.message, extra=extra)
-        return job
+    return confirm(job) if confirm is not None else confirm_now(job, jobs)
 
 
 def idempotency_key(value: str | None) -> str | None:

@@ -9,6 +9,7 @@ from typing import Any
 import azure.functions as func
 
 from function_app import app
+from functions import deps
 
 BASE = "http://127.0.0.1:7071/api"
 
@@ -39,7 +40,16 @@ def post_job(
     all_headers.update(headers or {})
     req = func.HttpRequest("POST", f"{BASE}/jobs", headers=all_headers, params=params or {}, body=body)
     response: func.HttpResponse = function("submit_job")(req)
+    confirmed()
     return response
+
+
+def confirmed() -> None:
+    """Wait until the sends a call queued are recorded (the API records them after answering,
+    :mod:`shared.confirmations`), so that a test reads the rows, or reconciles, as they settle within milliseconds."""
+    built = deps.current()
+    if built is not None and built.confirms is not None:
+        assert built.confirms.flush(timeout=10)
 
 
 def get_job(job_id: str) -> func.HttpResponse:

@@ -9,7 +9,7 @@ from typing import Any
 
 import azure.functions as func
 
-from tests.functions_client import BASE, function
+from tests.functions_client import BASE, confirmed, function
 
 
 def call(
@@ -45,8 +45,10 @@ def post_batch(
     field: str = "image",
 ) -> func.HttpResponse:
     body, content_type = form(images, field=field)
-    return call("submit_batch", "POST", "batches", params=params, body=body,
-                headers={"Content-Type": content_type, **(headers or {})})  # fmt: skip
+    response = call("submit_batch", "POST", "batches", params=params, body=body,
+                    headers={"Content-Type": content_type, **(headers or {})})  # fmt: skip
+    confirmed()
+    return response
 
 
 def get_batch(batch_id: object) -> func.HttpResponse:

@@ -62,6 +62,8 @@ def environment(
     yield build
     deps.use(None)
     for each in built:
+        assert each.confirms is not None
+        each.confirms.close()
         assert isinstance(each.jobs, PostgresJobStore)
         each.jobs._pool.close()
         assert isinstance(each.blobs, BlobStore)

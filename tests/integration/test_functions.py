@@ -50,6 +50,8 @@ def _environment(database_url: str, blob_connection_string: str, bus: str, suffi
 
 
 def _close(built: Deps) -> None:
+    assert built.confirms is not None
+    built.confirms.close()
     assert isinstance(built.jobs, PostgresJobStore)
     built.jobs._pool.close()
     assert isinstance(built.blobs, BlobStore)
