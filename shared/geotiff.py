@@ -4,7 +4,8 @@ Only the header is read: the magic bytes, then GDAL's view of the first IFD thro
 never decoded, so a decompression bomb (a few kilobytes declaring 100 000 x 100 000 pixels) is refused by its declared
 size alone. A file cut short is caught either by GDAL (its IFD is gone) or by the last block of each band ending past
 the end of the bytes we were given. A header GDAL opens but Python cannot decode (a band description that is not
-UTF-8, a CRS that does not parse) is unreadable too: the client's mistake, never a 500.
+UTF-8, a CRS that does not parse when the georeferencing is read) is unreadable too: the client's mistake, never a
+500.
 
 The georeferencing (CRS and geotransform) is read only when asked for (``georeferencing``: a submit with field
 boundaries places them with it). Building the CRS from the GeoKeys is most of the check's cost (GDAL looks the keys

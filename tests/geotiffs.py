@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,6 @@ from typing import Any
 import numpy as np
 import rasterio
 from affine import Affine
-from rasterio.errors import NotGeoreferencedWarning
 from rasterio.io import MemoryFile
 from rasterio.windows import Window
 
@@ -44,18 +42,16 @@ def crafted(
         "transform": Affine(10.0, 0.0, 439730.0, 0.0, -10.0, 4175460.0),
         **profile,
     }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with MemoryFile() as mem:
-            with mem.open(**options) as ds:
-                if descriptions is not None:
-                    for band, text in enumerate(descriptions[:count], start=1):
-                        if text:
-                            ds.set_band_description(band, text)
-                if write:
-                    rng = np.random.default_rng(0)
-                    ds.write(rng.integers(1, 5000, size=(count, height, width)).astype(dtype))
-            return bytes(mem.read())
+    with MemoryFile() as mem:
+        with mem.open(**options) as ds:
+            if descriptions is not None:
+                for band, text in enumerate(descriptions[:count], start=1):
+                    if text:
+                        ds.set_band_description(band, text)
+            if write:
+                rng = np.random.default_rng(0)
+                ds.write(rng.integers(1, 5000, size=(count, height, width)).astype(dtype))
+        return bytes(mem.read())
 
 
 def huge_sparse(width: int = 20_000, height: int = 20_000, count: int = 4) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from uuid import UUID
@@ -31,20 +32,30 @@ class Gated(InMemoryJobStore):
         super().__init__()
         self.gate = threading.Event()
         self.gate.set()
-        self.failures: dict[UUID, Exception] = {}
+        self.failures: dict[UUID, BaseException] = {}
         self.confirming: list[threading.Thread] = []
+        self.stuck = False  # a gate never opened (the confirm's thread would swallow an assertion)
 
     def confirm_sent(self, job_id: UUID, generation: int) -> Job | None:
         self.confirming.append(threading.current_thread())
-        assert self.gate.wait(10)
+        self.stuck |= not self.gate.wait(10)
         if job_id in self.failures:
             raise self.failures[job_id]
         return super().confirm_sent(job_id, generation)
 
+    def wait_confirming(self, count: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(self.confirming) < count:
+            assert time.monotonic() < deadline, "no confirm began"
+            time.sleep(0.001)
+
 
 @pytest.fixture
-def jobs() -> Gated:
-    return Gated()
+def jobs() -> Iterator[Gated]:
+    store = Gated()
+    yield store
+    store.gate.set()
+    assert not store.stuck
 
 
 @pytest.fixture
@@ -94,8 +105,7 @@ def test_past_max_pending_the_request_confirms_inline(jobs: Gated) -> None:
     first, second, third = new_job(jobs), new_job(jobs), new_job(jobs)
     jobs.gate.clear()
     confirms.confirm(first)  # taken by the thread, which waits at the gate
-    while not jobs.confirming:
-        threading.Event().wait(0.001)
+    jobs.wait_confirming(1)
     confirms.confirm(second)  # queued: the queue is full now
     done = threading.Event()
 
@@ -126,6 +136,8 @@ def test_close_writes_what_is_queued_and_later_confirms_are_inline(jobs: Gated) 
     late = new_job(jobs)
     assert sent_at(jobs, confirms.confirm(late)) is not None  # inline: returns the confirmed row
     assert jobs.confirming[-1] is threading.current_thread()
+    confirms.close(timeout=5)  # atexit closes again: nothing is left waiting
+    assert confirms.flush(timeout=0.1)
 
 
 def test_close_gives_up_after_its_timeout(jobs: Gated, caplog: pytest.LogCaptureFixture) -> None:
@@ -137,3 +149,33 @@ def test_close_gives_up_after_its_timeout(jobs: Gated, caplog: pytest.LogCapture
         confirms.close(timeout=0.05)
     assert any("left to the reconciler at exit" in r.getMessage() for r in caplog.records)
     jobs.gate.set()
+
+
+def test_close_is_bounded_by_its_timeout_with_the_queue_full_and_a_second_close_does_nothing(jobs: Gated) -> None:
+    confirms = ConfirmBehind(jobs, max_pending=1)
+    jobs.gate.clear()
+    confirms.confirm(new_job(jobs))
+    jobs.wait_confirming(1)
+    confirms.confirm(new_job(jobs))  # the queue is full, the thread stuck on the database
+    started = time.monotonic()
+    confirms.close(timeout=0.2)
+    confirms.close(timeout=0.2)
+    assert time.monotonic() - started < 5  # not until the database answers (10 s here)
+    jobs.gate.set()
+    assert confirms.flush(timeout=5)  # no stray sentinel left unfinished by the second close
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the death this test causes
+def test_a_thread_that_died_is_replaced(jobs: Gated, behind: ConfirmBehind) -> None:
+    fatal, later = new_job(jobs), new_job(jobs)
+    jobs.failures[fatal.job_id] = SystemExit()  # not an Exception: it ends the thread
+    behind.confirm(fatal)
+    assert behind.flush(timeout=5)
+    first = behind._thread
+    assert first is not None
+    first.join(5)
+    assert not first.is_alive()
+    behind.confirm(later)
+    assert behind.flush(timeout=5)
+    assert sent_at(jobs, later) is not None
+    assert behind._thread is not first

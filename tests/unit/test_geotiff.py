@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,19 @@ def test_real_sentinel2_crop_header() -> None:
     assert header.transform is not None
     assert header.transform[0] == 10.0
     assert header.integer
+
+
+def test_the_not_georeferenced_warning_is_filtered_for_the_process_on_import() -> None:
+    """A plain upload is opened without its georeferencing, so rasterio warns on every submit; the filter is installed
+    once, when shared.geotiff is imported (catch_warnings around each open is not thread-safe). A process of its own,
+    with every warning an error: pytest's filters would hide the import's."""
+    code = (
+        "import shared.geotiff as g; from tests import geotiffs; "
+        "g.inspect(geotiffs.crafted(), g.Limits(10**8, 10**8, 32), georeferencing=False)"
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-W", "error", "-c", code], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_without_georeferencing_the_header_is_the_same_but_crs_and_transform() -> None:

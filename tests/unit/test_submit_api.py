@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
+import azure.functions as func
 import pytest
 
 from functions import deps
@@ -52,3 +54,31 @@ def test_a_full_backlog_is_a_429_with_retry_after_and_a_replay_still_answers(wor
 )
 def test_bad_options_are_400(world: World, params: dict[str, str], code: str) -> None:
     assert_problem(post_job(geotiffs.crafted(), params=params), 400, code)
+
+
+def test_the_202_does_not_wait_for_the_send_to_be_recorded() -> None:
+    """functions.submit hands the process's ConfirmBehind to the hand-over: the answer comes while the database has
+    not recorded the send yet, and the record follows."""
+    from shared.confirmations import ConfirmBehind
+    from tests.functions_client import function
+    from tests.unit.test_confirmations import Gated
+
+    w = World()
+    w.jobs = Gated()
+    w.jobs.gate.clear()
+    confirms = ConfirmBehind(w.jobs)
+    deps.use(dataclasses.replace(w.deps(), confirms=confirms))
+    try:
+        request = func.HttpRequest("POST", "http://127.0.0.1:7071/api/jobs", headers={"Content-Type": "image/tiff"},
+                                   params={}, body=geotiffs.crafted())  # fmt: skip
+        answer = function("submit_job")(request)
+        assert answer.status_code == 202
+        job = w.job(body(answer)["job_id"])
+        assert (job.sent_at, [m.message_id for m in w.publisher.messages]) == (None, [f"{job.job_id}:1"])
+        w.jobs.gate.set()
+        assert confirms.flush(timeout=5)
+        assert w.job(job.job_id).sent_at is not None
+    finally:
+        w.jobs.gate.set()
+        confirms.close()
+        deps.use(None)
