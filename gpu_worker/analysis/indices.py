@@ -68,3 +68,56 @@ def compute(spec: IndexSpec, bands: Mapping[str, Tensor], valid: Mapping[str, Te
         mask &= valid[role]
     values = numerator.div_(denominator.masked_fill_(~mask, 1.0))  # in place: the formula's tensors are its own
     return values, mask.logical_and_(torch.isfinite(values))
+
+
+# The row form, for the dynamic batcher (gpu_worker.analysis.batcher): one float64 row per pixel, so that the windows
+# of several scenes share one call. Columns: each role's value as the direct path has it (float32, exact in float64),
+# the stored value of each role a float64 index uses (``Block.exact``), and each role's validity (0 or 1). A role the
+# scene lacks is 0 and invalid, so every index it feeds is masked out. :func:`compute` runs on the columns, element by
+# element, so each pixel gets the values and masks of the direct path, whatever batch it travels in.
+ROW_ROLES = ("blue", "green", "red", "nir")
+EXACT_ROLES = tuple(r for r in ROW_ROLES if any(s.float64 and r in s.roles for s in INDICES))
+ROW_FEATURES = 2 * len(ROW_ROLES) + len(EXACT_ROLES)
+ROW_OUTPUTS = 2 * len(INDICES)  # per index (INDICES order): its value, then its mask (0 or 1)
+
+
+def to_rows(bands: Mapping[str, Tensor], exact: Mapping[str, Tensor], valid: Mapping[str, Tensor]) -> Tensor:
+    """[P, ROW_FEATURES] float64 rows of one window's pixels (row-major); every given tensor has the window's shape."""
+    shape = next(iter(bands.values())).shape
+    device = next(iter(bands.values())).device
+    rows = torch.zeros((shape.numel(), ROW_FEATURES), dtype=torch.float64, device=device)
+    columns = (
+        [bands.get(r) for r in ROW_ROLES] + [exact.get(r) for r in EXACT_ROLES] + [valid.get(r) for r in ROW_ROLES]
+    )
+    for j, column in enumerate(columns):
+        if column is not None:
+            rows[:, j] = column.flatten()
+    return rows
+
+
+def compute_rows(rows: Tensor) -> Tensor:
+    """[N, ROW_FEATURES] -> [N, ROW_OUTPUTS]: :func:`compute` of every index on the rows' pixels."""
+    n = len(ROW_ROLES)
+    bands = {r: rows[:, j].float() for j, r in enumerate(ROW_ROLES)}
+    exact = {r: rows[:, n + j].clone() for j, r in enumerate(EXACT_ROLES)}
+    valid = {r: rows[:, n + len(EXACT_ROLES) + j] != 0 for j, r in enumerate(ROW_ROLES)}
+    out = torch.empty((rows.shape[0], ROW_OUTPUTS), dtype=torch.float64, device=rows.device)
+    for k, spec in enumerate(INDICES):
+        values, mask = compute(spec, exact if spec.float64 else bands, valid)
+        out[:, 2 * k] = values
+        out[:, 2 * k + 1] = mask
+    return out
+
+
+def from_rows(out: Tensor, shape: torch.Size, specs: list[IndexSpec]) -> dict[str, tuple[Tensor, Tensor]]:
+    """``specs``' (values, mask) in ``shape`` from :func:`compute_rows`' output, as :func:`compute` gives them: values
+    in float32 (float64 for a ``float64`` spec; both exact), masks boolean."""
+    result = {}
+    for spec in specs:
+        k = INDICES.index(spec)
+        values = out[:, 2 * k].reshape(shape)
+        result[spec.name] = (
+            values.clone() if spec.float64 else values.float(),
+            (out[:, 2 * k + 1] != 0).reshape(shape),
+        )
+    return result
