@@ -25,10 +25,9 @@ runs every step on the CPU instead: a check of the script, not a GPU figure). St
 * ``analyses_at_once``: the worker's analysis of ``--batch-jobs`` small real scenes (the 256 x 256 x 13 crops of
   ``tests/data``, alternately), as its computing threads run them: one at a time with the cover MLP unbatched
   (``WORKER_ANALYSES=1``, ``ANALYSIS_BATCHING=false``) against 2 and 4 threads sharing one analyzer whose cover MLP
-  and indices go through the dynamic batchers (``WORKER_ANALYSES=N``, ``ANALYSIS_BATCHING=true``): jobs/s each,
-  ``over_one_at_a_time``, the cover model's calls and the index batcher's (``index_calls``: fewer than the scenes'
-  windows when they shared), the largest difference of any job's mean cover fractions from its one-at-a-time
-  result, and whether every job's index statistics equal it (``indices_equal``).
+  goes through the dynamic batcher (``WORKER_ANALYSES=N``, ``ANALYSIS_BATCHING=true``): jobs/s each,
+  ``over_one_at_a_time``, the model calls, and the largest difference of any job's mean cover fractions from its
+  one-at-a-time result.
 """
 
 from __future__ import annotations
@@ -199,11 +198,11 @@ def analyses_at_once(device: torch.device, jobs: int, workdir: Path) -> dict[str
     scenes = [SMALL_SCENES[i % len(SMALL_SCENES)] for i in range(jobs)]
     request = AnalysisRequest("crop-health", [], 10000.0)
 
-    def run(analyzer: Analyzer, threads: int) -> tuple[float, list[tuple[list[float], Any]]]:
-        def one(i: int) -> tuple[list[float], Any]:
+    def run(analyzer: Analyzer, threads: int) -> tuple[float, list[list[float]]]:
+        def one(i: int) -> list[float]:
             with tempfile.TemporaryDirectory(dir=workdir) as out:
-                result = analyzer.analyse(scenes[i], request, Path(out)).result
-                return [result["cover"][k] for k in sorted(result["cover"])], result["indices"]
+                cover = analyzer.analyse(scenes[i], request, Path(out)).result["cover"]
+                return [cover[k] for k in sorted(cover)]
 
         analyzer.analyse(scenes[0], request, Path(tempfile.mkdtemp(dir=workdir)))  # warm-up, untimed
         start = time.perf_counter()
@@ -219,14 +218,11 @@ def analyses_at_once(device: torch.device, jobs: int, workdir: Path) -> dict[str
         analyzer = Analyzer(device, batching=True)
         took, covers = run(analyzer, threads)
         batcher = getattr(analyzer._crop_health, "_batcher", None)
-        indexer = getattr(analyzer._crop_health, "_index_batcher", None)
         result[f"batched_{threads}_at_once"] = {
             "jobs_per_s": round(jobs / took, 2), "over_one_at_a_time": round(seconds / took, 2),
             "model_calls": batcher.batches if batcher is not None else None,
-            "index_calls": indexer.batches if indexer is not None else None,
-            "max_abs_cover_mean_difference": max(abs(a - b) for (x, _), (y, _) in zip(covers, reference, strict=True)
+            "max_abs_cover_mean_difference": max(abs(a - b) for x, y in zip(covers, reference, strict=True)
                                                  for a, b in zip(x, y, strict=True)),
-            "indices_equal": all(x == y for (_, x), (_, y) in zip(covers, reference, strict=True)),
         }  # fmt: skip
     return result
 

@@ -37,8 +37,7 @@ class Analyzer:
     ) -> None:
         """``threads``: CPU threads for torch, LightGBM and GDAL's block decoding (``Settings.analysis_threads``);
         None leaves each library's default (all cores), which is right for one process alone on a machine.
-        ``batching``: the cover MLP and small windows' indices through the process's dynamic batchers, shared by the
-        scenes analysed at once
+        ``batching``: the cover MLP through the process's dynamic batcher, shared by the scenes analysed at once
         (``ANALYSIS_BATCHING``; None: on CUDA only). ``precision``: the cover MLP in bfloat16 or float16 under
         autocast (``ANALYSIS_MIXED_PRECISION``; None: float32, exact)."""
         self.device = device
@@ -47,7 +46,7 @@ class Analyzer:
         if threads is not None:
             torch.set_num_threads(threads)
         rasterio.env.set_gdal_config("GDAL_CACHEMAX", GDAL_CACHE_BYTES)
-        self._crop_health = CropHealth(device, threads=threads, batching=batching, cover_precision=precision)
+        self._crop_health = CropHealth(device, threads=threads, cover_batching=batching, cover_precision=precision)
         self._models = ModelAnalysis(ModelRegistry(models_dir, device))
 
     def analyse(self, image_path: Path, request: AnalysisRequest, workdir: Path) -> AnalysisOutput:

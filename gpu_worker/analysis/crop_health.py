@@ -16,9 +16,8 @@ file leaves empty (sparse blocks, :meth:`SceneReader.holds_data`) are skipped in
 The next window is decoded while the current one is computed (:meth:`SceneReader.blocks`). The cover MLP of a window
 is written one window later: on CUDA its clear land pixels go to a :class:`~gpu_worker.analysis.batcher.
 DynamicBatcher` shared by every analysis of the process, so the GPU runs the MLP while the next window's indices are
-computed, and windows (of one scene, or of scenes analysed at the same time) share batches. The indices of small
-windows go through a second batcher (:data:`INDEX_BATCH_PIXELS`), shared the same way. Elsewhere both run at once,
-unless ``batching`` asks for the batchers (the tests do, on the CPU: the results are the same).
+computed, and windows (of one scene, or of scenes analysed at the same time) share batches. Elsewhere the MLP runs at
+once, unless ``cover_batching`` asks for the batcher (the tests do, on the CPU: the results are the same).
 ``cover_precision`` (``ANALYSIS_MIXED_PRECISION``) runs the MLP under ``torch.autocast`` in bfloat16 or float16, either
 way: faster (bfloat16 on an AVX-512 BF16 CPU: 9.9 -> 20.4 Mpx/s), within the tolerance the batcher's docstring
 measures (bfloat16: fractions within 0.0065 on farmland, 0.023 on sea; one percentage point in the cover COG for 18 %
@@ -45,7 +44,7 @@ from gpu_worker.analysis import cloudmask
 from gpu_worker.analysis.batcher import DynamicBatcher, default_max_rows
 from gpu_worker.analysis.cloud_sources import CloudSource, cloud_source
 from gpu_worker.analysis.cover import CAVEAT, FRACTIONS, USED, FractionalCover, band_indices
-from gpu_worker.analysis.indices import INDICES, ROW_OUTPUTS, IndexSpec, compute, compute_rows, from_rows, to_rows
+from gpu_worker.analysis.indices import INDICES, compute
 from gpu_worker.analysis.placement import FieldPart, Placement
 from gpu_worker.analysis.products import MASK_NODATA, FieldClips, SceneProducts
 from gpu_worker.analysis.raster import SceneReader, every_band, gdal_errors_as_invalid_image
@@ -60,15 +59,6 @@ VERSION = "crop-health/2"
 DEFAULT_WINDOW = 1024
 INDEX_ROLES = ("blue", "green", "red", "nir")
 COVER_MAX_WAIT = 0.005  # seconds a cover batch waits for more rows (the next window, another scene) before it runs
-# The indices of small windows (small scenes, field clips' windows) go through a batcher of their own when batching:
-# on CUDA each window's element-wise indices are some 40 kernels, each launched for a few thousand pixels, which
-# scenes analysed at once can share. A larger window's kernels fill the GPU alone: computed directly, without copying
-# it into rows (11 float64 columns). The window waits for its batch (it needs the indices next), so the wait is
-# short, and only windows that reach it within that millisecond share a call (bench/gpu.py analyses_at_once counts
-# the calls).
-INDEX_BATCH_PIXELS = 512 * 512
-INDEX_MAX_ROWS = 4 * INDEX_BATCH_PIXELS
-INDEX_MAX_WAIT = 0.001
 
 
 @dataclass(frozen=True)
@@ -123,18 +113,17 @@ class CropHealth:
         window: int = DEFAULT_WINDOW,
         *,
         threads: int | None = None,
-        batching: bool | None = None,
+        cover_batching: bool | None = None,
         cover_precision: torch.dtype | None = None,
     ) -> None:
-        """``batching``: run the cover MLP, and the indices of small windows, through :class:`DynamicBatcher`-s
-        (default: on CUDA only);
+        """``cover_batching``: run the cover MLP through a :class:`DynamicBatcher` (default: on CUDA only);
         ``cover_precision``: the MLP under ``torch.autocast`` in that dtype (default: float32, exact)."""
         self._precision = cover_precision
         self.device, self.window = device, window
         self.detector = cloudmask.CloudDetector(threads=threads)
         self.cover = FractionalCover.load(device)
         self.model_version = f"{VERSION}; {cloudmask.VERSION}; {FractionalCover.VERSION}"
-        batching = device.type == "cuda" if batching is None else batching
+        batching = device.type == "cuda" if cover_batching is None else cover_batching
         self._batcher = (
             DynamicBatcher(
                 self._cover_rows,
@@ -148,33 +137,6 @@ class CropHealth:
             if batching
             else None
         )
-        self._index_batcher = (
-            DynamicBatcher(
-                compute_rows,
-                max_rows=INDEX_MAX_ROWS,
-                max_wait=INDEX_MAX_WAIT,
-                device=device,
-                name="indices",
-                out_features=ROW_OUTPUTS,
-            )
-            if batching
-            else None
-        )
-
-    def _indices(
-        self,
-        specs: list[IndexSpec],
-        bands: dict[str, torch.Tensor],
-        exact: dict[str, torch.Tensor],
-        valid: dict[str, torch.Tensor],
-    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Each index's (values, mask) on one window: through the index batcher for a window of at most
-        :data:`INDEX_BATCH_PIXELS` pixels when batching, else directly; the same values either way."""
-        shape = bands["red"].shape
-        if self._index_batcher is None or shape.numel() > INDEX_BATCH_PIXELS:
-            return {s.name: compute(s, exact if s.float64 else bands, valid) for s in specs}
-        rows = self._index_batcher.submit(to_rows(bands, exact, valid)).result()
-        return from_rows(rows, shape, specs)
 
     def _mixed_precision(self) -> contextlib.AbstractContextManager[object]:
         if self._precision is None:
@@ -269,11 +231,12 @@ class CropHealth:
                 union_t = None if union is None else torch.from_numpy(union).to(self.device)
                 measured = valid["red"] & valid["nir"]
                 tally.present += (measured if union_t is None else measured & union_t).sum()
-                computed = self._indices(specs, bands, exact, valid)
-                ndvi, base = computed["ndvi"]  # a valid pixel: NDVI defined (validity.py)
+                ndvi, base = compute(specs[0], bands, valid)  # a valid pixel: NDVI defined (validity.py)
                 base = base if union_t is None else base & union_t
                 cloud = clouds.window(window) if clouds else torch.zeros_like(base)
-                index_values = {"ndvi": (ndvi, base)} | {s.name: _within(computed[s.name], base) for s in specs[1:]}
+                index_values = {"ndvi": (ndvi, base)} | {
+                    s.name: _within(compute(s, exact if s.float64 else bands, valid), base) for s in specs[1:]
+                }
                 land, shares = self._add_parts(parts, summaries, base, cloud, index_values)
                 ndvi_out = torch.where(base, ndvi, float("nan")).float().cpu().numpy()
                 mask = None

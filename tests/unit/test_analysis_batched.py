@@ -1,5 +1,5 @@
-"""The cover MLP and the indices through the dynamic batchers (the CUDA path) give each scene the results of the direct
-path, on the CPU with the same code, also when two scenes are analysed at once and share batches."""
+"""The cover MLP through the dynamic batcher (the CUDA path) gives each scene the results of the direct path, on the
+CPU with the same code, also when two scenes are analysed at once and share batches."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import rasterio
 import torch
 
-from gpu_worker.analysis import AnalysisRequest, crop_health
+from gpu_worker.analysis import AnalysisRequest
 from gpu_worker.analysis.crop_health import CropHealth
 
 DATA = Path(__file__).parents[1] / "data"
@@ -20,67 +20,57 @@ SCENES = ("s2_l1c_fields_256.tif", "s2_l1c_coast_256.tif")
 CPU = torch.device("cpu")
 
 
-def run(health: CropHealth, scene: str, workdir: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """The result, the cover COG's pixels, the NDVI COG's."""
+def run(health: CropHealth, scene: str, workdir: Path) -> tuple[dict[str, Any], np.ndarray]:
     workdir.mkdir()
     out = health.run(DATA / scene, AnalysisRequest("crop-health", [], 10000.0), workdir)
-    with rasterio.open(out.files["cover_cog"][0]) as cover, rasterio.open(out.files["ndvi_cog"][0]) as ndvi:
-        return out.result, cover.read(), ndvi.read()
+    with rasterio.open(out.files["cover_cog"][0]) as cog:
+        return out.result, cog.read()
 
 
 @pytest.fixture(scope="module")
-def direct(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict[str, Any], np.ndarray, np.ndarray]]:
-    health = CropHealth(CPU, window=64, batching=False)
+def direct(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict[str, Any], np.ndarray]]:
+    health = CropHealth(CPU, window=64, cover_batching=False)
     return {scene: run(health, scene, tmp_path_factory.mktemp("direct") / "out") for scene in SCENES}
 
 
-def assert_same(
-    got: tuple[dict[str, Any], np.ndarray, np.ndarray], expected: tuple[dict[str, Any], np.ndarray, np.ndarray]
-) -> None:
-    result, cover, ndvi = got
+def assert_same(got: tuple[dict[str, Any], np.ndarray], expected: tuple[dict[str, Any], np.ndarray]) -> None:
+    result, cover = got
     # Rows in a GEMM of fewer than 12 (a batch's last piece) round differently by up to one float32 ulp (batcher.py).
     assert result["cover"] == pytest.approx(expected[0]["cover"], rel=1e-9)
     assert {k: v for k, v in result.items() if k != "cover"} == {k: v for k, v in expected[0].items() if k != "cover"}
     np.testing.assert_array_equal(cover, expected[1])
-    np.testing.assert_array_equal(ndvi, expected[2])  # NaN where no index: equal too
 
 
 def test_batched_cover_equals_the_direct_path(
-    direct: dict[str, tuple[dict[str, Any], np.ndarray, np.ndarray]], tmp_path: Path
+    direct: dict[str, tuple[dict[str, Any], np.ndarray]], tmp_path: Path
 ) -> None:
-    health = CropHealth(CPU, window=64, batching=True)
+    health = CropHealth(CPU, window=64, cover_batching=True)
     assert health._batcher is not None
-    assert health._index_batcher is not None
     for scene in SCENES:
         assert_same(run(health, scene, tmp_path / scene), direct[scene])
     assert health._batcher.batches < 2 * 16  # 16 windows a scene: windows shared batches
-    assert health._index_batcher.batches == 2 * 16  # one scene at a time: each window waits for its own indices
 
 
 def test_two_scenes_at_once_share_batches_and_keep_their_own_results(
-    direct: dict[str, tuple[dict[str, Any], np.ndarray, np.ndarray]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    direct: dict[str, tuple[dict[str, Any], np.ndarray]], tmp_path: Path
 ) -> None:
-    # A longer wait than the worker's 1 ms, so that the two scenes' windows certainly meet in the index batcher.
-    monkeypatch.setattr(crop_health, "INDEX_MAX_WAIT", 0.05)
-    health = CropHealth(CPU, window=64, batching=True)
+    health = CropHealth(CPU, window=64, cover_batching=True)
     with ThreadPoolExecutor(2) as pool:
         futures = {scene: pool.submit(run, health, scene, tmp_path / scene) for scene in SCENES}
         for scene, future in futures.items():
             assert_same(future.result(), direct[scene])
-    assert health._index_batcher is not None
-    assert health._index_batcher.batches < 2 * 16  # windows of the two scenes shared index batches
 
 
 @pytest.mark.parametrize("batching", [False, True])
 def test_bfloat16_cover_stays_within_its_documented_tolerance_and_changes_nothing_else(
-    direct: dict[str, tuple[dict[str, Any], np.ndarray, np.ndarray]], tmp_path: Path, batching: bool
+    direct: dict[str, tuple[dict[str, Any], np.ndarray]], tmp_path: Path, batching: bool
 ) -> None:
     """ANALYSIS_MIXED_PRECISION=bfloat16, batched or not: the scene's mean fractions move by less than 0.002 (0.0003
     to 0.0011 measured), a pixel of the cover COG by at most 2 percentage points (1 measured; the batcher's docstring
     bounds a pixel's fractions within 0.023 over sea), and every other result is the float32 one."""
-    health = CropHealth(CPU, window=64, batching=batching, cover_precision=torch.bfloat16)
+    health = CropHealth(CPU, window=64, cover_batching=batching, cover_precision=torch.bfloat16)
     for scene in SCENES:
-        (result, cover, _), (expected, expected_cover, _) = run(health, scene, tmp_path / scene), direct[scene]
+        (result, cover), (expected, expected_cover) = run(health, scene, tmp_path / scene), direct[scene]
         assert result["cover"] is not None
         for fraction, value in result["cover"].items():
             assert value == pytest.approx(expected["cover"][fraction], abs=0.002)

@@ -421,7 +421,7 @@ def test_the_batched_cover_path_gives_the_same_fields(tmp_path: Path) -> None:
     for batching in (False, True):
         workdir = tmp_path / str(batching)
         workdir.mkdir()
-        health = CropHealth(torch.device("cpu"), window=64, batching=batching)
+        health = CropHealth(torch.device("cpu"), window=64, cover_batching=batching)
         results.append(health.run(geotiffs.FIELDS, request, workdir).result["fields"])
     direct, batched = results
     for a, b in zip(direct, batched, strict=True):

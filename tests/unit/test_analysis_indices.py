@@ -218,38 +218,3 @@ def test_compute_leaves_the_bands_as_they_were(spec: IndexSpec) -> None:
     expected = numerator / torch.where(expected_mask, denominator, 1.0)
     assert torch.equal(mask, expected_mask & torch.isfinite(expected))
     assert torch.equal(values[mask], expected[mask])
-
-
-@pytest.mark.parametrize("roles", [("blue", "green", "red", "nir"), ("red", "nir"), ("green", "red", "nir")])
-def test_the_batchers_row_form_gives_the_direct_values_and_masks_bit_for_bit(roles: tuple[str, ...]) -> None:
-    """to_rows -> compute_rows -> from_rows (the index batcher's path) against compute, on random reflectances with the
-    corners that change masks: zero denominators, an EVI denominator that cancels, invalid and non-finite values, and
-    bands the scene lacks (their indices are left out)."""
-    from gpu_worker.analysis.indices import compute_rows, from_rows, to_rows
-
-    rng = np.random.default_rng(7)
-    shape = (37, 53)
-    stored = {r: rng.integers(0, 12000, size=shape).astype(np.float64) for r in roles}
-    stored["red"][0, :5] = 0.0
-    stored["nir"][0, :5] = 0.0  # NDVI 0 / 0
-    evi = "blue" in roles
-    if evi:  # nir + 6 red - 7.5 blue + 1 = 0.875 + 0 - 1.875 + 1 = 0, exactly
-        stored["blue"][1, :3], stored["red"][1, :3], stored["nir"][1, :3] = 2500.0, 0.0, 8750.0
-    exact = {r: torch.from_numpy(stored[r] / 10000.0) for r in ("blue", "red", "nir")} if evi else {}
-    bands = {r: torch.from_numpy(v / 10000.0).float() for r, v in stored.items()}
-    bands["nir"][2, 0] = float("nan")
-    valid = {r: torch.from_numpy(rng.random(shape) > 0.1) for r in roles}
-    specs = [s for s in INDICES if all(r in roles for r in s.roles)]
-    got = from_rows(compute_rows(to_rows(bands, exact, valid)), torch.Size(shape), specs)
-    assert list(got) == [s.name for s in specs]
-    for spec in specs:
-        values, mask = compute(spec, exact if spec.float64 else bands, valid)
-        got_values, got_mask = got[spec.name]
-        assert (got_values.dtype, got_mask.dtype) == (values.dtype, torch.bool)
-        assert torch.equal(got_mask, mask)
-        assert mask.any()
-        assert not mask.all()
-        assert torch.equal(got_values[mask], values[mask])
-        assert torch.equal(got_values.isnan(), values.isnan())
-    if evi:
-        assert not got["evi"][1][1, :3].any()  # the cancelled denominator: no EVI there
