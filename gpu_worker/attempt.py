@@ -82,6 +82,7 @@ class AttemptGuard:
         self._clock = threading.Lock()  # the deadline and the pause, read by the guard's thread
         self._deadline = float("inf")
         self._paused_at: float | None = None
+        self._deferred: tuple[float, Callable[[], None]] | None = None  # (when, what) the thread is to call
         self.lost = threading.Event()
         self.cancel_requested = threading.Event()
         self.timed_out = threading.Event()
@@ -116,6 +117,25 @@ class AttemptGuard:
                 self._paused_at = None
             self._idle.clear()
         self._wake.set()
+
+    def defer(self, delay: float, call: Callable[[], None]) -> None:
+        """Have the guard's thread call ``call`` in ``delay`` seconds (a kept progress report,
+        :meth:`gpu_worker.progress.Progress.flush`), unless the attempt has ended by then; a later request replaces
+        an earlier one."""
+        with self._clock:
+            self._deferred = (time.monotonic() + delay, call)
+        self._wake.set()
+
+    def _take_deferred(self) -> tuple[float, Callable[[], None] | None]:
+        """The deferred call when it is due (taken), else when it will be."""
+        with self._clock:
+            if self._deferred is None:
+                return float("inf"), None
+            at, call = self._deferred
+            if time.monotonic() < at:
+                return at, None
+            self._deferred = None
+            return at, call
 
     def _remaining(self) -> float:
         """Seconds left before the time limit (infinite while paused)."""
@@ -152,8 +172,10 @@ class AttemptGuard:
     def _run(self) -> None:
         tick = max(self._lease.total_seconds() / 3, 0.05)
         renew_at = time.monotonic() + tick
+        deferred_at = float("inf")
         while True:
-            self._wake.wait(max(min(renew_at - time.monotonic(), self._remaining()), 0.0))
+            now = time.monotonic()
+            self._wake.wait(max(min(renew_at - now, self._remaining(), deferred_at - now), 0.0))
             self._wake.clear()
             if self._done.is_set():
                 return
@@ -162,6 +184,16 @@ class AttemptGuard:
                 return
             if time.monotonic() >= renew_at:  # a failed renewal is retried soon: the lease is running out
                 renew_at = time.monotonic() + (tick if self._renew() else tick / 4)
+            deferred_at, call = self._take_deferred()
+            if call is not None:
+                self._call(call)
+                deferred_at, _ = self._take_deferred()  # the call may have deferred itself again
+
+    def _call(self, call: Callable[[], None]) -> None:
+        try:
+            call()
+        except Exception:  # a bug: the thread must live on (lease, time limit, hard exit)
+            logger.exception("job %s: a deferred call failed", self.job_id, extra={**self._extra, "action": "deferred"})
 
     def _renew(self) -> bool:
         """Renew the lease; ``False`` when the renewal could not be made (try again soon)."""

@@ -284,3 +284,51 @@ def test_a_forced_shutdown_makes_every_checkpoint_raise_interrupted(jobs: InMemo
     forced.set()
     with pytest.raises(Interrupted):
         g.check()
+
+
+def test_a_deferred_call_runs_on_the_guards_thread_when_due_and_a_later_one_replaces_it(
+    jobs: InMemoryJobStore, running: Job
+) -> None:
+    """What keeps a progress report that was not due (gpu_worker.progress): the guard's thread writes it later."""
+    ran: list[tuple[str, str]] = []
+    done = threading.Event()
+
+    def call(name: str) -> None:
+        ran.append((name, threading.current_thread().name))
+        done.set()
+
+    with guard(jobs, running) as g:
+        g.defer(0.05, lambda: call("replaced"))
+        g.defer(0.1, lambda: call("kept"))
+        assert done.wait(WAIT)
+    assert ran == [("kept", f"attempt-{running.job_id}")]
+
+
+def test_a_deferred_call_never_runs_after_the_attempt_ended_and_a_failing_one_is_logged(
+    jobs: InMemoryJobStore, running: Job, caplog: pytest.LogCaptureFixture
+) -> None:
+    ran = threading.Event()
+    with guard(jobs, running) as g:
+        g.defer(0.2, ran.set)
+    assert not ran.wait(0.4)  # the guard exited first: the settlement comes next, no write may follow it
+
+    failed = threading.Event()
+
+    def broken() -> None:
+        failed.set()
+        raise RuntimeError("a bug")
+
+    with guard(jobs, running) as g:
+        g.defer(0.0, broken)
+        assert failed.wait(WAIT)
+        g.defer(0.05, ran.set)  # the thread lived on
+        assert ran.wait(WAIT)
+        renewed = jobs.get(running.job_id)
+        assert renewed is not None
+        time.sleep(0.15)  # a renewal tick or two after the failure
+        later = jobs.get(running.job_id)
+        assert later is not None
+        assert later.lease_until is not None
+        assert renewed.lease_until is not None
+        assert later.lease_until > renewed.lease_until  # still renewing
+    assert any(getattr(r, "action", None) == "deferred" for r in caplog.records)
