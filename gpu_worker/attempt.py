@@ -185,9 +185,9 @@ class AttemptGuard:
             if time.monotonic() >= renew_at:  # a failed renewal is retried soon: the lease is running out
                 renew_at = time.monotonic() + (tick if self._renew() else tick / 4)
             deferred_at, call = self._take_deferred()
-            if call is not None:
+            while call is not None:  # a call may defer another, due at once (or a report deferred meanwhile)
                 self._call(call)
-                deferred_at, _ = self._take_deferred()  # the call may have deferred itself again
+                deferred_at, call = self._take_deferred()
 
     def _call(self, call: Callable[[], None]) -> None:
         try:

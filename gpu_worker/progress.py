@@ -1,9 +1,10 @@
 """An attempt's progress: its stage and the fraction done within it, written to the job's row, fenced by the attempt.
 
 The handler and the analysis call :meth:`Progress.report` at their checkpoints: each stage as it starts, and long
-stages per window or per file. A report is cheap when nothing is written (a clock read and two flags), so the
-analysis may call it per window without slowing down. Writes (``jobs.progress``: ``{stage, fraction, updated_at}``,
-ISO 8601 UTC) come at most one per ``interval`` (1 s) per job, the first one ``interval`` after the claim:
+stages per window or per file. A report is cheap when nothing is written (a clock read, a few flags, an
+uncontended lock), so the analysis may call it per window without slowing down. Writes (``jobs.progress``:
+``{stage, fraction, updated_at}``, ISO 8601 UTC) come at most one per ``interval`` (1 s) per job, the first one
+``interval`` after the claim:
 
 * a report that is not due is kept (the latest one), and written once it is due, by the next report or, if none
   comes by then, by the attempt guard's thread (:meth:`gpu_worker.attempt.AttemptGuard.defer`), so a long step with
@@ -22,7 +23,10 @@ once ``cover`` is reached, reports of ``indices`` only serve as checkpoints.
 The reports of one attempt come from the pipeline's threads in turn (:mod:`gpu_worker.pipeline`): ``download``
 from the preparing thread, the analysis' stages from the computing thread that analyses it, ``upload`` from the
 finishing thread (as each file completes), one stage after the other and never at once; a kept report may be
-written by the guard's thread meanwhile, so the writes are serialised by a lock.
+written by the guard's thread meanwhile, so the writes are serialised by a lock (which the guard's thread never
+waits for). A write by the guard's thread is no checkpoint: what it learns (a cancellation, a lost attempt) stops the
+attempt at its next report. So a cancellation requested less than ``interval`` before a long step without reports
+(a model's COG build, the cloud detector's run) is acted on after that step, or at the lease's next renewal.
 
 Every report is a checkpoint (:meth:`gpu_worker.attempt.AttemptGuard.check`): each write returns the job, so a
 cancellation requested through the API (``cancel_requested_at``) is seen within about ``interval`` (or at the lease's
@@ -51,6 +55,7 @@ logger = logging.getLogger(__name__)
 STAGES = ("download", "decode", "cloud_mask", "indices", "cover", "outputs", "upload")
 _ORDER = {stage: i for i, stage in enumerate(STAGES)}
 _LAST = _ORDER["upload"]
+BUSY_RETRY = 0.05  # seconds: the guard's thread asks again when a write of the attempt's own is under way
 
 
 class Guard(Protocol):
@@ -117,8 +122,12 @@ class Progress:
 
     def flush(self) -> None:
         """Write the kept report if it is due (the guard's thread calls this when it should be); else ask to be
-        called again when it is."""
-        with self._lock:
+        called again when it is. Never waits for a write of the attempt's own threads (the guard's thread also
+        renews the lease and enforces the time limit): if one is under way, it asks again a little later."""
+        if not self._lock.acquire(blocking=False):
+            self._guard.defer(BUSY_RETRY, self.flush)
+            return
+        try:
             if self._kept is None:
                 return
             now, due = self._clock(), self._due()
@@ -127,6 +136,8 @@ class Progress:
                 return
             (stage, fraction), self._kept = self._kept, None
             self._write(stage, fraction, now)
+        finally:
+            self._lock.release()
 
     def _due(self) -> float:
         return max(self._last_write + self._interval, self._paused_until)

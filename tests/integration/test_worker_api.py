@@ -127,8 +127,10 @@ def test_progress_is_visible_while_a_slow_job_runs_and_its_writes_are_throttled(
     assert stack.job(message.job_id).status is JobStatus.SUCCEEDED
     writes = [r for r in caplog.records if getattr(r, "action", None) == "progress"]
     new_stages = [getattr(r, "stage", None) for r in writes if getattr(r, "notify", False)]
-    # Nothing in the first second after the claim: download and decode were over by then (gpu_worker.progress).
-    assert new_stages == ["indices", "upload"]
+    # Nothing in the first second after the claim (gpu_worker.progress): download and decode are over by then on a
+    # machine that is not too busy; the 3 s of indices and the upload are always written.
+    assert new_stages[-2:] == ["indices", "upload"]
+    assert set(new_stages) <= {"download", "decode", "indices", "upload"}
     indices = [p for p in seen if p["stage"] == "indices"]
     assert len(indices) >= 2  # the client saw it move
     # Reported every 50 ms, written at most once a second: the rows the client read are an interval apart (a slower
@@ -139,9 +141,9 @@ def test_progress_is_visible_while_a_slow_job_runs_and_its_writes_are_throttled(
     assert all(datetime.fromisoformat(p["updated_at"]).utcoffset() is not None for p in seen)
     # Only a stage's first write notifies: one job.progress event per stage written, in the outbox with the
     # transitions.
-    assert _events(stack, message.job_id) == [
-        ("job.progress", "indices"), ("job.progress", "upload"), ("job.succeeded", "upload"),
-    ]  # fmt: skip
+    assert _events(stack, message.job_id) == [("job.progress", stage) for stage in new_stages] + [
+        ("job.succeeded", "upload")
+    ]
 
 
 def test_cancel_of_a_running_job_on_a_slow_analysis_stops_at_its_next_checkpoint(

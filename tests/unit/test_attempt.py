@@ -298,8 +298,8 @@ def test_a_deferred_call_runs_on_the_guards_thread_when_due_and_a_later_one_repl
         done.set()
 
     with guard(jobs, running) as g:
-        g.defer(0.05, lambda: call("replaced"))
-        g.defer(0.1, lambda: call("kept"))
+        g.defer(0.5, lambda: call("replaced"))
+        g.defer(1.0, lambda: call("kept"))
         assert done.wait(WAIT)
     assert ran == [("kept", f"attempt-{running.job_id}")]
 
@@ -332,3 +332,33 @@ def test_a_deferred_call_never_runs_after_the_attempt_ended_and_a_failing_one_is
         assert renewed.lease_until is not None
         assert later.lease_until > renewed.lease_until  # still renewing
     assert any(getattr(r, "action", None) == "deferred" for r in caplog.records)
+
+
+def test_a_deferred_call_that_defers_one_due_at_once_has_it_run(jobs: InMemoryJobStore, running: Job) -> None:
+    """Progress.flush re-defers itself when it runs early, by a delay that may be ~0: that call must not be lost."""
+    ran = threading.Event()
+    with guard(jobs, running) as g:
+        g.defer(0.0, lambda: g.defer(0.0, ran.set))
+        assert ran.wait(WAIT)
+
+
+def test_a_kept_report_is_written_by_the_real_guards_thread(jobs: InMemoryJobStore, running: Job) -> None:
+    """gpu_worker.progress with the real guard: a report not due is written when it is, with no report after it."""
+    from gpu_worker.progress import Progress
+
+    class Flushes:
+        def flush(self, job: Job) -> None: ...
+
+    with guard(jobs, running) as g:
+        progress = Progress(jobs, g, Flushes(), interval=0.2)
+        progress.report("cloud_mask", 0.5)  # within the first interval: kept
+        now = jobs.get(running.job_id)
+        assert now is not None
+        assert now.progress is None
+        deadline = time.monotonic() + WAIT
+        while (now := jobs.get(running.job_id)) is not None and now.progress is None:
+            assert time.monotonic() < deadline, "the kept report was never written"
+            time.sleep(0.01)
+        assert now is not None
+        assert now.progress is not None
+        assert (now.progress["stage"], now.progress["fraction"]) == ("cloud_mask", 0.5)

@@ -122,6 +122,7 @@ class Handler(JobHandler):
     def finish(self, job: Job, output: AnalysisOutput, checkpoint: Checkpoint, progress: Reporter) -> Outcome:
         if self.on_finish is not None:
             self.on_finish(job)
+        progress.report("upload")  # as the real handler: nothing kept is written after the result
         assert self._jobs_store.succeed(job.job_id, job.attempts, output.result) is not None
         self.events.append(("finished", job.job_id))
         return Outcome.SUCCEEDED
@@ -464,9 +465,9 @@ def test_a_database_outage_at_the_failure_write_waits_for_the_database_then_dead
 def test_the_claim_and_the_settlement_hand_the_job_events_on(world: World) -> None:
     job = new_job(world.jobs)
     world.deliver(job)
-    # the claim (job.started) and the succeed (job.succeeded): a job shorter than the progress interval has no
-    # progress write before its upload stage (gpu_worker.progress), which this handler does not report
-    assert world.notifier.flushed == [(job.job_id, "running"), (job.job_id, "succeeded")]
+    # the claim (job.started), the upload's first report (job.progress: a job shorter than the progress interval
+    # writes nothing before it, gpu_worker.progress), the succeed (job.succeeded)
+    assert world.notifier.flushed == [(job.job_id, "running")] * 2 + [(job.job_id, "succeeded")]
 
 
 def test_the_workers_row_names_the_job_in_hand_until_it_is_settled(world: World) -> None:
