@@ -49,17 +49,19 @@ Confirm = Callable[[Job], Job]  # records a job's send: inline (confirm_now) or 
 def confirm_now(job: Job, jobs: JobStore) -> Job:
     """Record the send of ``job``'s current generation on its row; the job as it now is. A failure is logged and
     left to the reconciler (the message is on its way)."""
-    return _record(job, jobs) or jobs.get(job.job_id) or job
+    return _record(job, jobs, reread=True)
 
 
-def _record(job: Job, jobs: JobStore) -> Job | None:
-    """``confirm_sent``: the moved job, or ``None`` (the job had moved on: claimed, resent; or the database failed)."""
+def _record(job: Job, jobs: JobStore, *, reread: bool) -> Job:
+    """``confirm_sent``; the job as it now is (re-read if it had moved on, claimed or resent, when ``reread``), or as
+    given when the database failed."""
     try:
-        return jobs.confirm_sent(job.job_id, job.generation)
+        moved = jobs.confirm_sent(job.job_id, job.generation)
+        return moved or (jobs.get(job.job_id) if reread else None) or job
     except DatabaseUnavailable as e:  # the message is on its way; at worst the reconciler sends a new generation
         extra = {"job_id": str(job.job_id), "action": "confirm_sent"}
         log.warning("job %s: sent, but the send is not recorded: %s", job.job_id, e.message, extra=extra)
-        return None
+        return job
 
 
 class ConfirmBehind:
@@ -115,7 +117,7 @@ class ConfirmBehind:
     def _run(self) -> None:
         while (job := self._queue.get()) is not None:
             try:
-                _record(job, self._jobs)
+                _record(job, self._jobs, reread=False)
             except Exception:  # never let one bad row stop the thread: that job is the reconciler's
                 log.exception("job %s: confirming the send failed", job.job_id, extra={"action": "confirm_sent"})
             finally:

@@ -120,9 +120,9 @@ class Handler(JobHandler):
         return AnalysisOutput(result={"attempt": job.attempts})
 
     def finish(self, job: Job, output: AnalysisOutput, checkpoint: Checkpoint, progress: Reporter) -> Outcome:
+        progress.report("upload")  # first, as the real handler's: nothing kept is written after the result
         if self.on_finish is not None:
             self.on_finish(job)
-        progress.report("upload")  # as the real handler: nothing kept is written after the result
         assert self._jobs_store.succeed(job.job_id, job.attempts, output.result) is not None
         self.events.append(("finished", job.job_id))
         return Outcome.SUCCEEDED
