@@ -177,6 +177,40 @@ def test_the_reconciler_racing_a_late_send_runs_the_job_once(
     assert (stack.queued(), stack.dead_letters()) == ([], [])
 
 
+def test_a_confirm_lost_behind_the_answer_then_landing_late_runs_the_job_once(
+    stack: WorkerStack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The API answers before it records the send (shared.confirmations). Its confirm is lost (the process died with
+    it queued): the reconciler resends generation 2; a late confirm of generation 1 (a slow database) then moves
+    nothing. Both messages arrive: one claims, the other finds the job claimed. One attempt, one result."""
+    from shared.confirmations import confirm_now
+
+    lost: list[Job] = []
+
+    def queued_then_lost(job: Job) -> Job:  # ConfirmBehind.confirm, in a process that then dies
+        lost.append(job)
+        return job
+
+    upload = Upload(data=FIELDS.read_bytes(), bands=",".join(RGBN))
+    publisher = JobPublisher(stack.client, stack.queues)
+    outcome = submit(upload, limits=LIMITS, jobs=stack.jobs, store=stack.store,
+                     publisher=publisher, confirm=queued_then_lost)  # fmt: skip
+    job_id = outcome.job.job_id
+    assert (outcome.created, [j.job_id for j in lost]) == (True, [job_id])  # answered; the confirm never written
+    report = stack.reconcile(RECONCILE_RESEND_AFTER="PT0S")
+    assert report.resent == 1
+    late = confirm_now(lost[0], stack.jobs)  # generation 1's confirm, after the resend: refused by its guard
+    assert (late.generation, late.sent_at is not None) == (2, True)  # the resend's own confirm, not this one's
+    assert sorted(str(m.message_id) for m in stack.queued()) == [f"{job_id}:1", f"{job_id}:2"]
+    analyzer = SlowAnalyzer(0)
+    with caplog.at_level(logging.INFO):
+        run(stack.settings(), analyzer=analyzer, max_jobs=2)
+    job = stack.job(job_id)
+    assert (job.status, job.attempts, analyzer.calls) == (JobStatus.SUCCEEDED, 1, 1)
+    assert [getattr(r, "action", None) for r in caplog.records].count("not_claimed") == 1
+    assert (stack.queued(), stack.dead_letters()) == ([], [])
+
+
 def test_two_deliveries_at_once_run_the_job_once(
     stack: WorkerStack, worker: WorkerFactory, caplog: pytest.LogCaptureFixture
 ) -> None:

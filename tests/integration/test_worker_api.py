@@ -146,6 +146,28 @@ def test_progress_is_visible_while_a_slow_job_runs_and_its_writes_are_throttled(
     ]
 
 
+def test_a_long_step_without_reports_shows_its_stage_after_a_second(stack: WorkerStack) -> None:
+    """The analysis reports decode once, then runs 3 s without a report (a model's COG build, say): the report, kept
+    because it was not due, is written by the attempt guard's thread once it is (gpu_worker.progress), while the
+    step still runs."""
+    message = stack.create_job(FIELDS.read_bytes())
+    stack.send(message)
+    seen: list[tuple[JobStatus, str | None]] = []
+
+    def poll() -> None:
+        job = until(stack, message.job_id, lambda j: j.status is not JobStatus.QUEUED)
+        while not job.status.terminal:
+            seen.append((job.status, job.progress["stage"] if job.progress is not None else None))
+            time.sleep(0.05)
+            job = stack.job(message.job_id)
+
+    with meanwhile(poll):
+        run(stack.settings(), analyzer=SlowAnalyzer(3.0, stubborn=True), max_jobs=1)
+    assert stack.job(message.job_id).status is JobStatus.SUCCEEDED
+    assert (JobStatus.RUNNING, "decode") in seen  # written while nothing reported
+    assert seen.index((JobStatus.RUNNING, "decode")) < len(seen) - 5  # well before the end (polled every 50 ms)
+
+
 def test_cancel_of_a_running_job_on_a_slow_analysis_stops_at_its_next_checkpoint(
     stack: WorkerStack, caplog: pytest.LogCaptureFixture
 ) -> None:
