@@ -53,7 +53,6 @@ def submit_batch_job(req: func.HttpRequest) -> func.HttpResponse:
             store=d.blobs,
             publisher=d.publisher,
             policy=policy(d),
-            confirm=d.confirm,
         )
     except ImageRejected as e:
         return problem(e.code, e.detail, index=e.index)

@@ -19,7 +19,7 @@ from uuid import UUID
 from azure.core.credentials import TokenCredential
 
 from shared.by_reference import StoredSource
-from shared.confirmations import Confirm, ConfirmBehind
+from shared.confirmations import ConfirmBehind
 from shared.jobs import JobStore
 from shared.reconciler import DeadLetterInbox
 from shared.settings import Settings
@@ -62,10 +62,6 @@ class Deps:
     backlog: BacklogGauge = field(default_factory=BacklogGauge)
     # Where submits and batches record their sends after answering (shared.confirmations); None: inline.
     confirms: ConfirmBehind | None = None
-
-    @property
-    def confirm(self) -> Confirm | None:
-        return None if self.confirms is None else self.confirms.confirm
 
 
 class WebhookDeliverer(Protocol):
@@ -140,7 +136,7 @@ def build(settings: Settings) -> Deps:
     events = EventStore(pool)
     jobs = PostgresJobStore(pool)
     confirms = ConfirmBehind(jobs)
-    atexit.register(confirms.close)  # what is still queued at exit is written, else left to the reconciler
+    _close_at_exit(confirms)
     return Deps(
         settings=settings,
         jobs=jobs,
@@ -154,6 +150,17 @@ def build(settings: Settings) -> Deps:
         stats=PostgresStats(pool),
         queue_stats=queue_stats,
     )
+
+
+_at_exit: list[ConfirmBehind] = []
+
+
+def _close_at_exit(confirms: ConfirmBehind) -> None:
+    """At exit, the confirms still queued are written (else left to the reconciler): the latest build's only, by one
+    handler however often the dependencies are built (tests rebuild them)."""
+    if not _at_exit:
+        atexit.register(lambda: _at_exit[-1].close())
+    _at_exit[:] = [confirms]
 
 
 def _credential(settings: Settings) -> TokenCredential | None:

@@ -47,16 +47,13 @@ def submit_job(req: func.HttpRequest) -> func.HttpResponse:
         finder = functools.partial(_find, store=d.blobs, limits=limits, allowed=s.allowed_image_hosts)
         request = by_reference(req, s.max_fields)
         outcome = submit(
-            request, limits=limits, jobs=d.jobs, store=d.blobs, publisher=d.publisher, policy=policy(d), find=finder,
-            confirm=d.confirm,
-        )  # fmt: skip
+            request, limits=limits, jobs=d.jobs, store=d.blobs, publisher=d.publisher, policy=policy(d), find=finder
+        )
         return _accepted(req, outcome, s.retry_after_seconds)
     limits = Limits(d.settings.max_upload_bytes, d.settings.max_pixels, d.settings.max_bands)
     data, geometry = _image_bytes(req, limits.max_bytes)
     upload = Upload(data=data, geometry=geometry, max_fields=d.settings.max_fields, **submit_options(req))
-    outcome = submit(
-        upload, limits=limits, jobs=d.jobs, store=d.blobs, publisher=d.publisher, policy=policy(d), confirm=d.confirm
-    )
+    outcome = submit(upload, limits=limits, jobs=d.jobs, store=d.blobs, publisher=d.publisher, policy=policy(d))
     return _accepted(req, outcome, d.settings.retry_after_seconds)
 
 
@@ -105,7 +102,10 @@ def _media_type(req: func.HttpRequest) -> str:
 
 def policy(d: deps.Deps) -> Policy:
     return Policy(
-        max_backlog=d.settings.max_backlog, allow_private_callbacks=d.settings.webhook_allow_private, gauge=d.backlog
+        max_backlog=d.settings.max_backlog,
+        allow_private_callbacks=d.settings.webhook_allow_private,
+        gauge=d.backlog,
+        confirm=d.confirms.confirm if d.confirms is not None else None,
     )
 
 

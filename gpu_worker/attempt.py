@@ -79,7 +79,7 @@ class AttemptGuard:
         self._done = threading.Event()
         self._wake = threading.Event()  # the deadline moved (resume) or the attempt is done: the thread looks again
         self._idle = threading.Event()  # no code of the attempt runs: paused, or done
-        self._clock = threading.Lock()  # the deadline and the pause, read by the guard's thread
+        self._clock = threading.Lock()  # the deadline, the pause and the deferred call, read by the guard's thread
         self._deadline = float("inf")
         self._paused_at: float | None = None
         self._deferred: tuple[float, Callable[[], None]] | None = None  # (when, what) the thread is to call

@@ -14,7 +14,7 @@ uncontended lock), so the analysis may call it per window without slowing down. 
   could land after the result). Later ``upload`` reports are written when due, else not at all.
 
 So a job shorter than ``interval`` writes one progress row (``upload``); before, each stage's first report was
-written at once (5 to 7 writes for a tiny job: 5 statements of its 8.25, ``bench.db_round_trips``). A write notifies
+written at once (``docs/performance.md``, "Database statements per job"). A write notifies
 (``notify=True``: the ``job.progress`` webhook, then :meth:`shared.events.Notifier.flush`) when it is the first write
 of its stage: a stage that began and ended between two writes is never written, as Replicate throttles its progress
 webhooks. The stage never goes back: the windowed pass interleaves ``indices`` and ``cover`` window by window, and
@@ -107,13 +107,12 @@ class Progress:
             with self._lock:
                 now = self._clock()
                 due = self._due()
-                if index == _LAST:  # nothing is kept from here on: it could be written after the result
-                    self._kept = None
-                    if now >= due or (first and now >= self._paused_until):
-                        self._write(stage, fraction, now)
-                elif now >= due:
+                last = index == _LAST  # nothing is kept from here on: it could be written after the result
+                if now >= due or (last and first and now >= self._paused_until):
                     self._kept = None
                     self._write(stage, fraction, now)
+                elif last:
+                    self._kept = None
                 else:
                     if self._kept is None:
                         self._guard.defer(due - now, self.flush)

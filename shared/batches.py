@@ -36,7 +36,6 @@ from uuid import UUID
 from pydantic import BaseModel, Field
 
 from shared import metrics
-from shared.confirmations import Confirm
 from shared.errors import StorageUnavailable, TransientError
 from shared.fields import Fields, parse_fields
 from shared.geotiff import Limits
@@ -175,7 +174,6 @@ def submit_batch(
     store: InputStore,
     publisher: Publisher,
     policy: Policy,
-    confirm: Confirm | None = None,
 ) -> SubmittedBatch:
     key = idempotency_key(upload.idempotency_key)
     if not upload.images:
@@ -212,7 +210,7 @@ def submit_batch(
     _store_all(batch_id, uploads, jobs, store)
     if not jobs.seal_batch(batch_id, pending):
         _abort(jobs, batch_id, "the batch was aborted while it was submitted")
-    final = [hand_over(job, jobs, publisher, confirm) if job.job_id in pending else job for job in ordered]
+    final = [hand_over(job, jobs, publisher, policy.confirm) if job.job_id in pending else job for job in ordered]
     if created:
         for job in final:
             metrics.job_submitted(str(job.params.get("analysis", DEFAULT_ANALYSIS)), job.priority)

@@ -21,10 +21,7 @@ confirms inline, as before, so a backlog of confirms cannot grow without bound. 
 Function App registers it at exit) writes what is queued, within a timeout, when the interpreter exits normally; a
 process that is killed loses what is queued, to the reconciler.
 
-Measured: ``bench.submit_overhead`` (a 100 KB submit's p50 through the local Functions host over the raw upload,
-insert and send), four alternated pairs: 1.49, 1.59, 1.64, 1.56 with the confirm inline; 1.42, 1.50, 1.41, 1.38
-behind. The confirm was 0.6-0.8 ms of the submit's 8-11 ms in the host; in Azure a round trip to PostgreSQL costs
-about 1 ms more.
+Measured (``bench.submit_overhead``, alternated pairs): ``docs/performance.md``, "Submit and status against raw I/O".
 """
 
 from __future__ import annotations
@@ -90,12 +87,8 @@ class ConfirmBehind:
 
     def flush(self, timeout: float) -> bool:
         """Wait until every confirm queued so far is written (or dropped); ``False`` if ``timeout`` passed first."""
-        deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.002)
-        return True
+        with self._queue.all_tasks_done:  # Queue.join, with a timeout
+            return self._queue.all_tasks_done.wait_for(lambda: not self._queue.unfinished_tasks, timeout)
 
     def close(self, timeout: float = 5.0) -> None:
         """Write what is queued, then stop, within ``timeout`` seconds in all (a confirm still waiting then is the

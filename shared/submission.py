@@ -162,11 +162,13 @@ class BacklogGauge:
 class Policy:
     """``max_backlog``: queued jobs at which new submits are refused (``None``: no bound); whether callbacks may
     target private addresses and plain http (local development only); ``gauge``: the process's
-    :class:`BacklogGauge` (a fresh one counts on every submit)."""
+    :class:`BacklogGauge` (a fresh one counts on every submit); ``confirm``: how :func:`hand_over` records a send
+    (the API's :class:`shared.confirmations.ConfirmBehind`; ``None``: inline)."""
 
     max_backlog: int | None = None
     allow_private_callbacks: bool = False
     gauge: BacklogGauge = field(default_factory=lambda: BacklogGauge(ttl=0.0))
+    confirm: Confirm | None = None
 
 
 @dataclass(frozen=True)
@@ -218,10 +220,9 @@ def submit(
     publisher: Publisher,
     policy: Policy | None = None,
     find: Callable[[ByReference], Found] | None = None,
-    confirm: Confirm | None = None,
 ) -> Submitted:
     """Submit ``upload`` (an image in the request, or by reference: then ``find`` locates it and checks its header,
-    :func:`shared.by_reference.find`); ``confirm``: how :func:`hand_over` records the send (default: inline)."""
+    :func:`shared.by_reference.find`)."""
     policy = policy or Policy()
     key = idempotency_key(upload.idempotency_key)
     if isinstance(upload, ByReference):
@@ -256,7 +257,7 @@ def submit(
             action = "resubmit" if owned else "replay"
         if owned or (job.status is JobStatus.QUEUED and job.sent_at is None):
             store_input(job, image.data, jobs, store, owned=owned)
-            job = hand_over(job, jobs, publisher, confirm)
+            job = hand_over(job, jobs, publisher, policy.confirm)
         if owned:  # a new job (or one resubmitted after enqueue_failed) is on its way to a worker
             metrics.job_submitted(str(job.params.get("analysis", DEFAULT_ANALYSIS)), job.priority)
         extra = {"job_id": str(job.job_id), "action": action}

@@ -34,7 +34,7 @@ from shared.events import open_notifier
 from shared.geotiff import Limits
 from shared.jobs import Job, JobStatus
 from shared.messages import JobMessage
-from shared.submission import Upload, submit
+from shared.submission import Policy, Upload, submit
 from shared.workers import WorkerRegistry
 from tests.integration.worker_helpers import FIELDS, RGBN, SlowAnalyzer, StackFactory, WorkerStack
 from tests.integration.worker_helpers import stack_factory as stack_factory
@@ -194,7 +194,7 @@ def test_a_confirm_lost_behind_the_answer_then_landing_late_runs_the_job_once(
     upload = Upload(data=FIELDS.read_bytes(), bands=",".join(RGBN))
     publisher = JobPublisher(stack.client, stack.queues)
     outcome = submit(upload, limits=LIMITS, jobs=stack.jobs, store=stack.store,
-                     publisher=publisher, confirm=queued_then_lost)  # fmt: skip
+                     publisher=publisher, policy=Policy(confirm=queued_then_lost))  # fmt: skip
     job_id = outcome.job.job_id
     assert (outcome.created, [j.job_id for j in lost]) == (True, [job_id])  # answered; the confirm never written
     report = stack.reconcile(RECONCILE_RESEND_AFTER="PT0S")
