@@ -121,6 +121,7 @@ class Handler(JobHandler):
 
     def finish(self, job: Job, output: AnalysisOutput, checkpoint: Checkpoint, progress: Reporter) -> Outcome:
         progress.report("upload")  # first, as the real handler's: nothing kept is written after the result
+        self.events.append(("uploading", job.job_id))
         if self.on_finish is not None:
             self.on_finish(job)
         assert self._jobs_store.succeed(job.job_id, job.attempts, output.result) is not None

@@ -107,7 +107,7 @@ def test_no_more_than_in_flight_messages_are_in_hand(make_world: Callable[..., W
     if in_flight == 1:  # exactly the sequential worker: the next message only once the last one is settled
         assert world.receiver.log == [(what, f"{j.job_id}:1") for j in jobs for what in ("received", "complete")]
         assert world.handler.events == [
-            (stage, j.job_id) for j in jobs for stage in ("prepared", "analysed", "finished")
+            (stage, j.job_id) for j in jobs for stage in ("prepared", "analysed", "uploading", "finished")
         ]
 
 
@@ -318,7 +318,9 @@ def test_a_forced_shutdown_releases_the_analysed_job_without_waiting_for_an_uplo
             released_during_upload.append(any(m.message_id == f"{b.job_id}:2" for m, _ in world.publisher.sent))
 
     world.handler.on_finish = upload
-    world.handler.before = hooked({b.job_id: forcing_after(world, shutdown, ("analysed", a.job_id))})
+    # Forced once a's upload has begun (its upload stage reported): forced before, a's first upload report, a
+    # checkpoint, would stop a too, as in the real handler.
+    world.handler.before = hooked({b.job_id: forcing_after(world, shutdown, ("uploading", a.job_id))})
     assert world.consumer.run() == 2
     assert released_during_upload == [True]
     assert (world.job(b).status, world.job(b).charged) == (JobStatus.QUEUED, 0)
