@@ -79,6 +79,7 @@ bench: install
 	$(BIN)/python -m bench.worker_latency
 	$(BIN)/python -m bench.submit_overhead
 	$(BIN)/python -m bench.worker_throughput
+	$(BIN)/python -m bench.worker_throughput --db-rtt-ms 1 --blob-rtt-ms 5 --bus-rtt-ms 5
 	$(BIN)/python -m bench.db_round_trips
 	$(BIN)/python -m bench.fields
 	$(BIN)/python -m bench.worker_memory

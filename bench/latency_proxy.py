@@ -5,14 +5,17 @@
 
 Locally a PostgreSQL round trip costs well under 0.1 ms (0.02-0.05 ms measured); between an Azure VM and Azure
 Database for PostgreSQL in the same region it is about 1 ms, so a consumer that sends more statements per job pays
-for them there and not here. The benchmarks give their consumers a ``DATABASE_URL`` through this proxy to measure
-that (``worker_throughput --db-rtt-ms``). Each direction of each connection has a reading thread, which stamps what
-it reads with the time it is due, and a writing thread, which sends it then, in order: the delay is added to every
-exchange without limiting throughput (bytes read while earlier ones wait are on their way too; there is no
-backpressure, which PostgreSQL's small exchanges do not need). ``time.sleep`` wakes within ~0.1 ms here (asyncio's
-timers round up to whole milliseconds). Both sockets have ``TCP_NODELAY``, as libpq's own. An end of stream is passed
-on after the bytes before it (a half-close); once both directions have ended, or either failed, both sockets are
-closed. Leaving the ``with`` closes every connection still open.
+for them there and not here; so with Blob Storage and Service Bus (Azurite and the emulator locally). The benchmarks
+give their consumers settings through this proxy (:meth:`DelayProxy.rehost`) to measure that
+(``worker_throughput --db-rtt-ms``, ``--blob-rtt-ms``, ``--bus-rtt-ms``).
+
+Each direction of each connection has a reading thread, which stamps what it reads with the time it is due, and a
+writing thread, which sends it then, in order: the delay is added to every exchange without limiting throughput
+(bytes read while earlier ones wait are on their way too; there is no backpressure, which exchanges of at most a
+few tens of MB, the benchmarks' largest blobs, do not need). ``time.sleep`` wakes within ~0.1 ms here (asyncio's
+timers round up to whole milliseconds). Both sockets have ``TCP_NODELAY``, as libpq's and urllib3's own. An end
+of stream is passed on after the bytes before it (a half-close); once both directions have ended, or either failed,
+both sockets are closed. Leaving the ``with`` closes every connection still open.
 
 The threads run in the process that opened the proxy (a benchmark's): their CPU is counted in no consumer's.
 """
@@ -21,11 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import re
 import socket
 import threading
 import time
 from types import TracebackType
-from urllib.parse import urlsplit, urlunsplit
 
 from local.ports import LOOPBACK
 
@@ -83,11 +86,14 @@ class DelayProxy:
         for connection in connections:
             connection.close()
 
-    def url(self, database_url: str) -> str:
-        """``database_url`` (a ``postgresql://`` URL of the upstream) through the proxy: its host and port replaced."""
-        parts = urlsplit(database_url)
-        user, at, _ = parts.netloc.rpartition("@")
-        return urlunsplit(parts._replace(netloc=f"{user}{at}{self._upstream[0]}:{self.port}"))
+    def rehost(self, setting: str) -> str:
+        """``setting`` (a ``postgresql://`` URL, a Blob or Service Bus connection string) that names the upstream
+        as ``host:port``, through the proxy: that port replaced by the proxy's. ``ValueError`` unless it names it
+        exactly once."""
+        upstream = f"{self._upstream[0]}:{self._upstream[1]}"
+        if len(re.findall(rf"{re.escape(upstream)}(?!\d)", setting)) != 1:
+            raise ValueError(f"the setting does not name {upstream} once")
+        return re.sub(rf"{re.escape(upstream)}(?!\d)", f"{self._upstream[0]}:{self.port}", setting)
 
     def _accept(self) -> None:
         while True:

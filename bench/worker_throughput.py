@@ -1,7 +1,7 @@
 """Worker throughput: the project's worker against the seeds' naive consumer, side by side in one run, as JSON.
 
 ``python -m bench.worker_throughput [--tiny 60] [--medium 20] [--large 6] [--workers 1,2] [--warmup 1]
-[--db-rtt-ms 0]``
+[--db-rtt-ms 0] [--blob-rtt-ms 0] [--bus-rtt-ms 0]``
 
 Starts the local stack without workers (``local.stack.up``: PostgreSQL, Azurite, the Service Bus emulator, the
 Functions host, its timer out of the way) in a temporary directory on free ports. Then, for each worker count and
@@ -28,6 +28,11 @@ same interval (from ``/proc``), per job. Job sets: ``tiny`` (tests/data/s2_rgbn_
 much to each round trip (about what separates an Azure VM from Azure Database for PostgreSQL; locally a round trip
 is well under 0.1 ms), so a consumer pays for its statements per job as it would there. ``database`` in the output: the
 round trip added, and ``SELECT 1`` medians measured directly and as the consumers reach the database.
+``--blob-rtt-ms`` and ``--bus-rtt-ms`` do the same for Blob Storage (Azurite) and Service Bus (the emulator): locally
+each is a loopback connection, in Azure a network hop to a shared service, so a consumer that waits for each request
+in turn (the naive one) pays for every one of them there, and a pipelined one less. The delay is per direction of
+each exchange, not per byte: the bandwidth stays the loopback's. ``round_trips_added_ms`` in the output. The
+benchmark's own sends and polls go to the backends directly.
 
 The stack shares the machine's cores with the consumers, so its CPU bounds what any consumer can reach. Over the same
 interval, ``stack_cpu_s_per_job``: user + system CPU seconds, per job, of the stack's processes (PostgreSQL, Azurite,
@@ -47,6 +52,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -57,7 +63,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 from uuid import UUID, uuid4
 
 import psycopg
@@ -119,7 +124,7 @@ class Bench:
         self.launcher = services.Launcher(root, REPO_ROOT, environ)
         self.stack = {service["name"]: service["pid"] for service in state["services"]}  # the stack's processes
         self.cores = len(os.sched_getaffinity(0))
-        self.consumer_database_url: str | None = None  # the consumers' DATABASE_URL, when not the stack's own
+        self.consumer_overrides: dict[str, str] = {}  # settings the consumers get instead of the stack's (proxies)
 
     def close(self) -> None:
         self.publisher.close()  # closes the client too
@@ -140,12 +145,10 @@ class Bench:
 
     def consumer_env(self, kind: str, count: int) -> dict[str, str]:
         """The project's workers get what ``local.stack`` gives ``count`` workers (``services.worker_env``: their
-        share of the CPUs); the naive consumer the stack's settings alone. Both reach PostgreSQL at
-        ``consumer_database_url`` when it is set (through :class:`bench.latency_proxy.DelayProxy`)."""
+        share of the CPUs); the naive consumer the stack's settings alone. Both reach the backends as
+        ``consumer_overrides`` says (through :class:`bench.latency_proxy.DelayProxy`), where it says."""
         env = services.worker_env(self.env, count) if kind == "project" else dict(self.env)
-        if self.consumer_database_url is not None:
-            env["DATABASE_URL"] = self.consumer_database_url
-        return env
+        return env | self.consumer_overrides
 
     def start(self, kind: str, count: int, extra: Mapping[str, str] | None = None) -> list[Service]:
         """``count`` processes of the ``kind`` consumer, ready; ``extra``: environment on top of theirs."""
@@ -297,6 +300,15 @@ def worker_settings(settings: Settings) -> dict[str, str]:
     return {f.alias: str(getattr(settings, name)) for name, f in fields if f.alias and f.alias.startswith("WORKER_")}
 
 
+def delayed(proxied: contextlib.ExitStack, setting: str, rtt_ms: float) -> str:
+    """``setting`` (a URL or connection string naming its backend as ``host:port``) through a new
+    :class:`DelayProxy` that adds ``rtt_ms`` to each round trip, open until ``proxied`` closes."""
+    match = re.search(r"(?:@|//)([^:/@;]+):(\d+)", setting)
+    assert match is not None, "the stack's settings name their backends as host:port"
+    proxy = proxied.enter_context(DelayProxy(int(match[2]), delay=rtt_ms / 2000, host=match[1]))
+    return proxy.rehost(setting)
+
+
 def round_trip_ms(database_url: str, count: int = 200) -> float:
     """The median milliseconds of ``SELECT 1`` on one connection to ``database_url``."""
     with psycopg.connect(database_url, autocommit=True) as conn:
@@ -335,22 +347,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="1,2", help="worker process counts, comma-separated")
     parser.add_argument("--warmup", type=int, default=1, help="untimed jobs per process before each job set")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one job set")
-    rtt_help = "milliseconds added to each of the consumers' PostgreSQL round trips (Azure: ~1)"
-    parser.add_argument("--db-rtt-ms", type=float, default=0.0, help=rtt_help)
+    rtt_help = "milliseconds added to each of the consumers' %s round trips (%s)"
+    parser.add_argument("--db-rtt-ms", type=float, default=0.0, help=rtt_help % ("PostgreSQL", "Azure: ~1"))
+    parser.add_argument("--blob-rtt-ms", type=float, default=0.0, help=rtt_help % ("Blob Storage", "Azurite's"))
+    parser.add_argument("--bus-rtt-ms", type=float, default=0.0, help=rtt_help % ("Service Bus", "the emulator's"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(message)s")
     counts = [int(n) for n in args.workers.split(",")]
     with bench_stack("cropai-bench-throughput-") as bench, contextlib.ExitStack() as proxied:
+        added = {"DATABASE_URL": args.db_rtt_ms, "AzureWebJobsStorage": args.blob_rtt_ms,
+                 "ServiceBusConnection": args.bus_rtt_ms}  # fmt: skip
+        for setting, rtt_ms in added.items():
+            if rtt_ms > 0:
+                bench.consumer_overrides[setting] = delayed(proxied, bench.env[setting], rtt_ms)
         direct = str(bench.settings.database_url)
-        if args.db_rtt_ms > 0:
-            port = urlsplit(direct).port
-            assert port is not None, "the stack's DATABASE_URL names its port"
-            proxy = proxied.enter_context(DelayProxy(port, delay=args.db_rtt_ms / 2000))
-            bench.consumer_database_url = proxy.url(direct)
         database = {
             "rtt_ms_added": args.db_rtt_ms,
             "rtt_ms_direct": round_trip_ms(direct),
-            "rtt_ms_consumers": round_trip_ms(bench.consumer_database_url or direct),
+            "rtt_ms_consumers": round_trip_ms(bench.consumer_overrides.get("DATABASE_URL", direct)),
         }
         large = make_scene(bench.root / f"scene_{args.large_size}.tif", args.large_size)
         sets = [
@@ -380,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             "worker_settings": worker_settings(bench.settings),
             "database": database,
+            "round_trips_added_ms": {"database": args.db_rtt_ms, "blob": args.blob_rtt_ms, "bus": args.bus_rtt_ms},
             "machine": {
                 "cpus": os.cpu_count(),
                 "usable_cores": bench.cores,

@@ -1,8 +1,11 @@
-"""bench/latency_proxy.py against a local echo server: bytes pass intact and in order, each way held back."""
+"""bench/latency_proxy.py against a local echo server: bytes pass intact and in order, each way held back; the stack's
+settings rehosted through it (bench.worker_throughput)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import socket
 import threading
 import time
@@ -11,6 +14,10 @@ from collections.abc import Iterator
 import pytest
 
 from bench.latency_proxy import DelayProxy
+from bench.worker_throughput import delayed
+from local import azurite
+from local.ports import is_listening
+from local.servicebus_emulator.process import connection_string as servicebus_connection_string
 
 DELAY = 0.01  # seconds each way: far above this machine's scheduling noise, so the lower bound below cannot flake
 WAIT = 10.0  # seconds: a bound on a hang, never a speed claim
@@ -77,8 +84,44 @@ def test_leaving_the_proxy_closes_the_connections_still_open(echo_port: int) -> 
         assert sock.recv(1) == b""  # the client sees the end, not a hang
 
 
-def test_the_url_names_the_proxy_and_keeps_the_rest() -> None:
+def test_a_setting_rehosted_names_the_proxy_and_keeps_the_rest() -> None:
     with DelayProxy(5432, delay=0.0) as proxy:
-        url = proxy.url("postgresql://postgres@127.0.0.1:5432/jobs?sslmode=disable")
+        url = proxy.rehost("postgresql://postgres@127.0.0.1:5432/jobs?sslmode=disable")
         assert url == f"postgresql://postgres@127.0.0.1:{proxy.port}/jobs?sslmode=disable"
-        assert proxy.url("postgresql://127.0.0.1:5432/jobs") == f"postgresql://127.0.0.1:{proxy.port}/jobs"
+        assert proxy.rehost("postgresql://127.0.0.1:5432/jobs") == f"postgresql://127.0.0.1:{proxy.port}/jobs"
+        blob = "DefaultEndpointsProtocol=http;AccountName=a;BlobEndpoint=http://127.0.0.1:5432/a;"
+        assert (
+            proxy.rehost(blob)
+            == f"DefaultEndpointsProtocol=http;AccountName=a;BlobEndpoint=http://127.0.0.1:{proxy.port}/a;"
+        )
+        bus = "Endpoint=sb://127.0.0.1:5432;SharedAccessKeyName=K;UseDevelopmentEmulator=true;"
+        assert (
+            proxy.rehost(bus)
+            == f"Endpoint=sb://127.0.0.1:{proxy.port};SharedAccessKeyName=K;UseDevelopmentEmulator=true;"
+        )
+
+
+@pytest.mark.parametrize("setting", ["postgresql://127.0.0.1:54320/jobs", "postgresql://127.0.0.2:5432/jobs",
+                                     "Endpoint=sb://127.0.0.1:5432;BlobEndpoint=http://127.0.0.1:5432/a;"])  # fmt: skip
+def test_a_setting_that_does_not_name_the_upstream_once_is_refused(setting: str) -> None:
+    with DelayProxy(5432, delay=0.0) as proxy, pytest.raises(ValueError, match="does not name"):
+        proxy.rehost(setting)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        azurite.connection_string(10000),
+        servicebus_connection_string("127.0.0.1", 5672),
+        "postgresql://postgres@127.0.0.1:5432/postgres",
+    ],
+    ids=["blob", "bus", "database"],
+)
+def test_the_throughput_benchmark_sends_each_stack_setting_through_a_proxy(setting: str) -> None:
+    with contextlib.ExitStack() as proxied:
+        through = delayed(proxied, setting, rtt_ms=2.0)
+        port = int(re.findall(r"127\.0\.0\.1:(\d+)", through)[0])
+        assert through == re.sub(r"127\.0\.0\.1:\d+", f"127.0.0.1:{port}", setting)
+        assert port not in (10000, 5672, 5432)
+        assert is_listening(port)  # the proxy, open until the stack closes
+    assert not is_listening(port)
