@@ -89,8 +89,9 @@ class Receiver:
 class Handler(JobHandler):
     """Runs an attempt's analysis by raising ``error`` (or succeeding); records the attempts it was given. Its
     ``prepare`` downloads nothing; its ``finish`` stores the result. ``events``: ``(stage, job_id)`` as each stage
-    ends (``prepared``, ``analysed``, ``finished``), from whichever thread runs it; ``on_prepare`` and ``on_finish``
-    run first in their stage."""
+    ends (``prepared``, ``analysed``, ``finished``; ``uploading`` once its finish has reported the upload stage, a
+    checkpoint), from whichever thread runs it; ``on_prepare`` runs first in its stage, ``on_finish`` after the
+    upload report."""
 
     def __init__(self, jobs: InMemoryJobStore, tmp_path: Path, error: BaseException | None = None) -> None:
         self._jobs_store = jobs

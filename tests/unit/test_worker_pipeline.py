@@ -42,12 +42,13 @@ def until(world: World, event: tuple[str, UUID]) -> None:
         time.sleep(0.005)
 
 
-def forcing_after(world: World, shutdown: Shutdown, event: tuple[str, UUID]) -> Callable[[], None]:
-    """An analysis hook: once ``event`` happened, force the shutdown (a drain, then a second request) and stay in the
-    analysis until the shutdown interrupts it."""
+def forcing_after(world: World, shutdown: Shutdown, *events: tuple[str, UUID]) -> Callable[[], None]:
+    """An analysis hook: once every one of ``events`` happened, force the shutdown (a drain, then a second request)
+    and stay in the analysis until the shutdown interrupts it."""
 
     def force_while_analysing() -> None:
-        until(world, event)
+        for event in events:
+            until(world, event)
 
         def twice() -> None:
             shutdown.request("SIGTERM")
@@ -192,7 +193,10 @@ def test_a_forced_shutdown_releases_the_analysed_and_the_prepared_jobs_uncharged
     for job in (a, b, c, d):
         world.queue(job)
     world.handler.on_finish = lambda job: job.job_id == a.job_id and shutdown.forced.wait(WAIT)
-    world.handler.before = hooked({b.job_id: forcing_after(world, shutdown, ("prepared", c.job_id))})
+    # Forced once c is prepared and a's upload has begun (its upload stage reported, a checkpoint: forced before it,
+    # a would be stopped too, as in the real handler).
+    forcing = forcing_after(world, shutdown, ("prepared", c.job_id), ("uploading", a.job_id))
+    world.handler.before = hooked({b.job_id: forcing})
     assert world.consumer.run() == 3
     assert world.job(a).status is JobStatus.SUCCEEDED  # finishing: never cut short
     for job in (b, c):
