@@ -91,9 +91,10 @@ class DelayProxy:
         as ``host:port``, through the proxy: that port replaced by the proxy's. ``ValueError`` unless it names it
         exactly once."""
         upstream = f"{self._upstream[0]}:{self._upstream[1]}"
-        if len(re.findall(rf"{re.escape(upstream)}(?!\d)", setting)) != 1:
+        named = re.compile(rf"(?<![\w.-]){re.escape(upstream)}(?!\d)")  # not inside a longer host or port
+        if len(named.findall(setting)) != 1:
             raise ValueError(f"the setting does not name {upstream} once")
-        return re.sub(rf"{re.escape(upstream)}(?!\d)", f"{self._upstream[0]}:{self.port}", setting)
+        return named.sub(f"{self._upstream[0]}:{self.port}", setting)
 
     def _accept(self) -> None:
         while True:

@@ -303,7 +303,7 @@ def worker_settings(settings: Settings) -> dict[str, str]:
 def delayed(proxied: contextlib.ExitStack, setting: str, rtt_ms: float) -> str:
     """``setting`` (a URL or connection string naming its backend as ``host:port``) through a new
     :class:`DelayProxy` that adds ``rtt_ms`` to each round trip, open until ``proxied`` closes."""
-    match = re.search(r"(?:@|//)([^:/@;]+):(\d+)", setting)
+    match = re.search(r"(?:@|//)([^:/@;]+):(\d+)(?=[/;?]|$)", setting)  # the host:port before a path, ; or query
     assert match is not None, "the stack's settings name their backends as host:port"
     proxy = proxied.enter_context(DelayProxy(int(match[2]), delay=rtt_ms / 2000, host=match[1]))
     return proxy.rehost(setting)
@@ -349,8 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one job set")
     rtt_help = "milliseconds added to each of the consumers' %s round trips (%s)"
     parser.add_argument("--db-rtt-ms", type=float, default=0.0, help=rtt_help % ("PostgreSQL", "Azure: ~1"))
-    parser.add_argument("--blob-rtt-ms", type=float, default=0.0, help=rtt_help % ("Blob Storage", "Azurite's"))
-    parser.add_argument("--bus-rtt-ms", type=float, default=0.0, help=rtt_help % ("Service Bus", "the emulator's"))
+    assumed = "Azure: ~5, assumed"
+    parser.add_argument("--blob-rtt-ms", type=float, default=0.0, help=rtt_help % ("Blob Storage", assumed))
+    parser.add_argument("--bus-rtt-ms", type=float, default=0.0, help=rtt_help % ("Service Bus", assumed))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(message)s")
     counts = [int(n) for n in args.workers.split(",")]

@@ -2,10 +2,10 @@
 palette PNG (:data:`PALETTE`): a 1024 px quicklook encodes in a third of the time of an RGB one, and is smaller.
 
 It is read back from the NDVI COG at reduced resolution (GDAL uses the COG's overviews, averaging valid pixels), so
-memory does not depend on the scene size. The COGs are opened without their georeferencing (:data:`shared.geotiff.
-NO_GEOREFERENCING`): only pixels are drawn, and building the CRS (a PROJ database lookup) was 40 % of each open, with
-the GIL held. With fields it is composed from the field clips (:func:`render_clips`) over
-the extent of the fields, at the same bounded size.
+memory does not depend on the scene size. The COGs are opened without their georeferencing
+(:data:`shared.geotiff.NO_GEOREFERENCING`): only pixels are drawn, and building the CRS (a PROJ database lookup) was
+40 % of each open, with the GIL held. With fields it is composed from the field clips (:func:`render_clips`) over the
+extent of the fields, at the same bounded size.
 """
 
 from __future__ import annotations
