@@ -31,8 +31,10 @@ round trip added, and ``SELECT 1`` medians measured directly and as the consumer
 ``--blob-rtt-ms`` and ``--bus-rtt-ms`` do the same for Blob Storage (Azurite) and Service Bus (the emulator): locally
 each is a loopback connection, in Azure a network hop to a shared service, so a consumer that waits for each request
 in turn (the naive one) pays for every one of them there, and a pipelined one less. The delay is per direction of
-each exchange, not per byte: the bandwidth stays the loopback's. ``round_trips_added_ms`` in the output. The
-benchmark's own sends and polls go to the backends directly.
+each exchange, not per byte: the bandwidth stays the loopback's. ``round_trips_added_ms`` in the output, and
+``requests_ms``: the median of one Blob Storage request (a container's properties) and of one Service Bus request
+(a peek), as the benchmark reaches the backends (directly) and as the consumers do. The benchmark's own sends and
+polls go to the backends directly.
 
 The stack shares the machine's cores with the consumers, so its CPU bounds what any consumer can reach. Over the same
 interval, ``stack_cpu_s_per_job``: user + system CPU seconds, per job, of the stack's processes (PostgreSQL, Azurite,
@@ -67,6 +69,8 @@ from uuid import UUID, uuid4
 
 import psycopg
 import rasterio
+from azure.servicebus import ServiceBusClient
+from azure.storage.blob import BlobServiceClient
 
 from bench.analysis import make_scene
 from bench.api_latency import timed
@@ -309,6 +313,20 @@ def delayed(proxied: contextlib.ExitStack, setting: str, rtt_ms: float) -> str:
     return proxy.rehost(setting)
 
 
+def blob_request_ms(connection_string: str, container: str, count: int = 50) -> float:
+    """The median milliseconds of one Blob Storage request (a container's properties) through the SDK."""
+    with BlobServiceClient.from_connection_string(connection_string) as service:
+        client = service.get_container_client(container)
+        return timed(client.get_container_properties, count)["p50"]
+
+
+def bus_request_ms(connection_string: str, queue: str, count: int = 50) -> float:
+    """The median milliseconds of one Service Bus request (a peek: a request and its response on the AMQP link)
+    through the SDK."""
+    with ServiceBusClient.from_connection_string(connection_string) as client, client.get_queue_receiver(queue) as rx:
+        return timed(lambda: rx.peek_messages(1), count)["p50"]
+
+
 def round_trip_ms(database_url: str, count: int = 200) -> float:
     """The median milliseconds of ``SELECT 1`` on one connection to ``database_url``."""
     with psycopg.connect(database_url, autocommit=True) as conn:
@@ -367,6 +385,14 @@ def main(argv: list[str] | None = None) -> int:
             "rtt_ms_direct": round_trip_ms(direct),
             "rtt_ms_consumers": round_trip_ms(bench.consumer_overrides.get("DATABASE_URL", direct)),
         }
+        blob, bus = bench.env["AzureWebJobsStorage"], bench.env["ServiceBusConnection"]
+        container, queue = bench.settings.images_container, bench.settings.jobs_queue
+        requests_ms = {
+            "blob_direct": blob_request_ms(blob, container),
+            "blob_consumers": blob_request_ms(bench.consumer_overrides.get("AzureWebJobsStorage", blob), container),
+            "bus_direct": bus_request_ms(bus, queue),
+            "bus_consumers": bus_request_ms(bench.consumer_overrides.get("ServiceBusConnection", bus), queue),
+        }
         large = make_scene(bench.root / f"scene_{args.large_size}.tif", args.large_size)
         sets = [
             JobSet("tiny", DATA / "s2_rgbn_fields_128.tif", args.tiny),
@@ -396,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             "worker_settings": worker_settings(bench.settings),
             "database": database,
             "round_trips_added_ms": {"database": args.db_rtt_ms, "blob": args.blob_rtt_ms, "bus": args.bus_rtt_ms},
+            "requests_ms": requests_ms,
             "machine": {
                 "cpus": os.cpu_count(),
                 "usable_cores": bench.cores,
