@@ -59,6 +59,15 @@ class _Connection:
             sock.close()
 
 
+def upstream_of(setting: str) -> tuple[str, int]:
+    """The ``(host, port)`` a ``postgresql://`` URL or a Blob or Service Bus connection string names: the first
+    ``host:port`` after ``//`` or ``@`` and before a path, ``;`` or a query (not a ``user:password@``)."""
+    match = re.search(r"(?:@|//)([^:/@;]+):(\d+)(?=[/;?]|$)", setting)
+    if match is None:
+        raise ValueError("the setting names no host:port")
+    return match[1], int(match[2])
+
+
 class DelayProxy:
     def __init__(self, upstream_port: int, *, delay: float, host: str = LOOPBACK) -> None:
         """``delay``: seconds added each way (a round trip gets twice that)."""

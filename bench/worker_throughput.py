@@ -54,7 +54,6 @@ import json
 import logging
 import os
 import platform
-import re
 import shutil
 import sys
 import tempfile
@@ -74,7 +73,7 @@ from azure.storage.blob import BlobServiceClient
 
 from bench.analysis import make_scene
 from bench.api_latency import timed
-from bench.latency_proxy import DelayProxy
+from bench.latency_proxy import DelayProxy, upstream_of
 from local import services
 from local.processes import Service, spawn, stop, wait_ready
 from local.stack import REPO_ROOT, StackConfig, down, up
@@ -307,9 +306,8 @@ def worker_settings(settings: Settings) -> dict[str, str]:
 def delayed(proxied: contextlib.ExitStack, setting: str, rtt_ms: float) -> str:
     """``setting`` (a URL or connection string naming its backend as ``host:port``) through a new
     :class:`DelayProxy` that adds ``rtt_ms`` to each round trip, open until ``proxied`` closes."""
-    match = re.search(r"(?:@|//)([^:/@;]+):(\d+)(?=[/;?]|$)", setting)  # the host:port before a path, ; or query
-    assert match is not None, "the stack's settings name their backends as host:port"
-    proxy = proxied.enter_context(DelayProxy(int(match[2]), delay=rtt_ms / 2000, host=match[1]))
+    host, port = upstream_of(setting)
+    proxy = proxied.enter_context(DelayProxy(port, delay=rtt_ms / 2000, host=host))
     return proxy.rehost(setting)
 
 
