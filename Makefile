@@ -12,7 +12,7 @@ CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
 help:
 	@echo "make demo   - start the local stack, analyse a real Sentinel-2 scene end to end, stop the stack"
-	@echo "make test   - install everything and run the whole test suite"
+	@echo "make test   - install everything and run the whole test suite (~7 min; PYTEST_WORKERS=4 processes)"
 	@echo "make up     - start PostgreSQL, Azurite, the Service Bus emulator, the Functions host and a worker"
 	@echo "make down   - stop what 'make up' started"
 	@echo "make lint   - ruff + mypy strict"
@@ -53,8 +53,11 @@ $(CHECKOV_STAMP):
 
 install: $(STAMP) $(NODE_STAMP) $(CHECKOV_STAMP)
 
+# The suite runs in PYTEST_WORKERS processes (pytest-xdist), a file per process at a time: most of its time is spent
+# waiting on subprocesses, locks and timers, not on the CPU. PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 4
 test: install lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

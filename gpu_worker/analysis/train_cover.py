@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,7 @@ from gpu_worker.analysis.cover import FRACTIONS, FractionalCover, features
 
 PACKAGE = "fractionalcover3==2.0.0"
 DATA_MEMBER = "fractionalcover3/pkgdata/training_data.json"
+LICENSE_MEMBER = "fractionalcover3-2.0.0.dist-info/licenses/LICENSE.txt"
 DATA_SHA256 = "3a399ac30ae9e8abac1889857a03db64aa974b3e603d2c892104a72c790b2570"
 DEFAULT_CACHE = Path(".local/fractionalcover3")
 DEFAULT_OUT = Path(__file__).parent / "weights"
@@ -63,11 +65,15 @@ class Dataset:
 
 
 def fetch_training_data(cache: Path = DEFAULT_CACHE) -> Path:
-    """Path of ``training_data.json``, downloading the wheel once into ``cache``; checks the sha256."""
+    """Path of ``training_data.json``, downloading the wheel once into ``cache``; checks the sha256.
+
+    Safe to call from several processes at once (the test suite's): each downloads into its own directory inside
+    ``cache`` and moves the finished files into place, so nobody reads a half-written file.
+    """
     path = cache / "training_data.json"
     if not path.exists():
         cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
             subprocess.run(
                 [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:", PACKAGE,
                  "-d", tmp],
@@ -75,10 +81,9 @@ def fetch_training_data(cache: Path = DEFAULT_CACHE) -> Path:
             )  # fmt: skip
             (wheel,) = Path(tmp).glob("fractionalcover3-*.whl")
             with zipfile.ZipFile(wheel) as archive:
-                path.write_bytes(archive.read(DATA_MEMBER))
-                (cache / "LICENSE.txt").write_bytes(
-                    archive.read("fractionalcover3-2.0.0.dist-info/licenses/LICENSE.txt")
-                )
+                for member, name in ((LICENSE_MEMBER, "LICENSE.txt"), (DATA_MEMBER, path.name)):
+                    (Path(tmp) / name).write_bytes(archive.read(member))
+                    os.replace(Path(tmp) / name, cache / name)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != DATA_SHA256:
         raise ValueError(f"{path}: sha256 {digest}, expected {DATA_SHA256}; delete it to download again")
