@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from cryptography.x509.oid import NameOID
 
 from shared import webhooks
 from shared.webhooks import post, resolve_target
+from tests.http_server import LoopbackServer
 
 pytestmark = pytest.mark.integration
 
@@ -84,7 +85,7 @@ def tls_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TlsS
         def log_message(self, format: str, *args: Any) -> None:
             return None
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd = LoopbackServer(Handler)
     httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
     server_box.append(TlsServer(int(httpd.server_address[1]), pem))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()

@@ -26,6 +26,7 @@ from shared.inputs import InputChanged, Reference, SourceUnavailable, gdal_path
 from shared.jobs import JobStatus
 from tests import geotiffs
 from tests.fakes import InMemoryBlobStore, InMemoryJobStore
+from tests.http_server import LoopbackServer
 from tests.jobs import job_record
 
 # 4 bands of 1024 x 1024 (random: 8 MB), 256 px DEFLATE tiles.
@@ -74,7 +75,7 @@ class FlakyServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = LoopbackServer(Handler)
         threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}/scene.tif"
 

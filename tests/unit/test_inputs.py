@@ -44,6 +44,7 @@ from shared.submission import ByReference, submit
 from tests import geotiffs
 from tests.checkpoints import StopsAt
 from tests.fakes import InMemoryBlobStore, InMemoryJobStore, InMemoryPublisher
+from tests.http_server import LoopbackServer
 from tests.jobs import job_record
 
 LIMITS = Limits(1 << 30, 130_000_000, 32)
@@ -536,7 +537,7 @@ class RangeServer:
 
         self.data, self.etag, self.ranges = data, etag, ranges
         self.requests: list[dict[str, str]] = []
-        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = LoopbackServer(Handler)
         threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}/scene.tif"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import pytest
@@ -16,6 +16,7 @@ from gpu_worker.preemption import (
     ScheduledEventsUnavailable,
     drain_events,
 )
+from tests.http_server import LoopbackServer
 
 VM = "vmss-cropai_3"
 WAIT = 10.0  # a deadlock guard, never a speed assertion
@@ -85,7 +86,7 @@ def imds() -> Iterator[tuple[IMDS, str]]:
             self._answer(200, b"")
             state.acked.set()
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = LoopbackServer(Handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{server.server_address[1]}"

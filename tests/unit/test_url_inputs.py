@@ -33,6 +33,7 @@ from shared.ranged import CHUNK, Chunks
 from tests import geotiffs
 from tests.checkpoints import StopsAt
 from tests.fakes import InMemoryBlobStore, InMemoryJobStore
+from tests.http_server import LoopbackServer
 from tests.jobs import job_record
 
 # 4 bands of 1024 x 1024 (random: 8 MB), 256 px DEFLATE tiles.
@@ -90,7 +91,7 @@ class UrlServer:
                 self.reply(206, {"Content-Range": f"bytes {first}-{first + len(body) - 1}/{len(server.data)}",
                                  "ETag": server.etag}, body)  # fmt: skip
 
-        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = LoopbackServer(Handler)
         threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}/scene.tif"
 
