@@ -170,10 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     fields, covered = field_polygons(scene)
     data = args.tile_dir / f"azurite-{args.size}"
     data.mkdir(parents=True, exist_ok=True)
-    direct, azurite = start_azurite(data, log_path=args.tile_dir / "azurite-fields.log")
+    direct, azurite, port = start_azurite(data, log_path=args.tile_dir / "azurite-fields.log")
     try:
         upload = upload_once(direct, scene)
-        port = int(direct.split("BlobEndpoint=http://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
         with CountingProxy(port, free_port()) as proxy, tempfile.TemporaryDirectory(dir=args.tile_dir) as work:
             through_proxy = direct.replace(f":{port}/", f":{proxy.port}/")
             reference = {"kind": "blob", "location": BLOB, "etag": upload["etag"], "size": upload["size"]}

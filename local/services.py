@@ -135,15 +135,16 @@ class Launcher:
         logger.info("migrations: applied")
 
     def azurite(self, port: int) -> tuple[str, Service]:
-        port = self._port(port, "Azurite")
+        """On ``port``, or (0) on one Azurite binds itself."""
         log = self.logs / "azurite.log"
         try:
-            conn, proc = start_azurite(self.root / "azurite", port, log)
+            azurite = start_azurite(self.root / "azurite", port or None, log)
         except AzuriteError as e:
             raise SetupFailed(f"azurite: {e}") from e
-        adopt(proc)
-        logger.info("azurite: ready on port %d", port)
-        return conn, Service("azurite", proc.pid, str(log), "azurite-blob", port)
+        adopt(azurite.process)
+        logger.info("azurite: ready on port %d", azurite.port)
+        service = Service("azurite", azurite.process.pid, str(log), "azurite-blob", azurite.port)
+        return azurite.connection_string, service
 
     def containers(self, blob: str, extra: Mapping[str, str]) -> None:
         names = (extra.get("IMAGES_CONTAINER", "images"), extra.get("RESULTS_CONTAINER", "results"))
