@@ -71,13 +71,18 @@ def adopt(proc: subprocess.Popen[bytes]) -> None:
     _CHILDREN[proc.pid] = proc
 
 
-def _log_contains(log: Path, offset: int, text: str) -> bool:
+def _line_after(log: Path, offset: int, text: str) -> str | None:
+    """What follows ``text`` on its first line in the log after ``offset``; None while it is not there."""
     try:
         with log.open("rb") as f:
             f.seek(offset)
-            return text.encode() in f.read()
+            written = f.read()
     except OSError:
-        return False
+        return None
+    at = written.find(text.encode())
+    if at < 0:
+        return None
+    return written[at + len(text.encode()) :].split(b"\n", 1)[0].decode(errors="replace").strip()
 
 
 def wait_ready(
@@ -90,16 +95,17 @@ def wait_ready(
     offset: int = 0,
     port: int | None = None,
     probe: Callable[[], bool] | None = None,
-) -> None:
-    """Return once the ready line is in the log (after ``offset``), the port listens, or ``probe()`` is true."""
+) -> str:
+    """Return once the ready line is in the log (after ``offset``), the port listens, or ``probe()`` is true: what
+    follows ``ready_line`` on its line (where a service says the address it bound), else ``""``."""
     deadline = time.monotonic() + timeout
     while True:
-        if ready_line is not None and _log_contains(log, offset, ready_line):
-            return
+        if ready_line is not None and (rest := _line_after(log, offset, ready_line)) is not None:
+            return rest
         if ready_line is None and port is not None and is_listening(port):
-            return
+            return ""
         if probe is not None and probe():
-            return
+            return ""
         if proc.poll() is not None:
             raise ServiceFailed(f"{name} exited with status {proc.returncode} before it was ready; see {log}")
         if time.monotonic() > deadline:

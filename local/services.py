@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 SERVICEBUS_READY = "Service Bus emulator ready: "
 FUNCTIONS_READY = "Functions host ready: "
+BOUND = re.compile(r"://[^\s/]+:(\d+)")  # the port of the first address in a ready line
 # Settings that would point the services somewhere else than the stack's own backends.
 _REPLACED = (
     "ServiceBusConnection__fullyQualifiedNamespace",
@@ -91,11 +93,13 @@ class Launcher:
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
 
-    def _port(self, port: int, name: str) -> int:
-        if port == 0:
-            return free_port()
-        ensure_free(port, name)
-        return port
+    @staticmethod
+    def _bound_port(ready: str, name: str) -> int:
+        """The port in the address a service's ready line names (``amqp://127.0.0.1:5672 ...``)."""
+        found = BOUND.search(ready)
+        if found is None:
+            raise SetupFailed(f"{name} said it was ready without an address: {ready!r}")
+        return int(found.group(1))
 
     def postgres(self, port: int) -> tuple[str, Service | None]:
         url = self.environ.get("DATABASE_URL")
@@ -154,29 +158,35 @@ class Launcher:
                     client.create_container(name)
 
     def servicebus(self, port: int, config: Path) -> tuple[str, str, Service]:
-        port = self._port(port, "the Service Bus emulator")
+        """On ``port``, or (0) on one the emulator binds itself and names in its ready line."""
+        if port:
+            ensure_free(port, "the Service Bus emulator")
         log = self.logs / "servicebus.log"
         argv = [sys.executable, "-m", "local.servicebus_emulator", "--config", str(config)]
         argv += ["--host", LOOPBACK, "--port", str(port), "--data-dir", str(self.root / "servicebus")]
         proc, offset = spawn(argv, log, self.environ, self.repo)
-        service = Service("servicebus", proc.pid, str(log), "local.servicebus_emulator", port)
         try:
-            wait_ready("servicebus", proc, log, timeout=60, ready_line=SERVICEBUS_READY, offset=offset)
+            ready = wait_ready("servicebus", proc, log, timeout=60, ready_line=SERVICEBUS_READY, offset=offset)
+            port = self._bound_port(ready, "the Service Bus emulator")
         except Exception:
             proc.kill()
             raise
         logger.info("servicebus: ready on port %d", port)
+        service = Service("servicebus", proc.pid, str(log), "local.servicebus_emulator", port)
         return connection_string(LOOPBACK, port), first_queue(config), service
 
     def functions_host(self, port: int, env: Mapping[str, str]) -> tuple[str, Service]:
-        port = self._port(port, "the Functions host")
+        """On ``port``, or (0) on one the host binds itself and names in its ready line."""
+        if port:
+            ensure_free(port, "the Functions host")
         log = self.logs / "functions.log"
         argv = [sys.executable, "-m", "local.functions_host", "--app", "function_app:app"]
         argv += ["--host", LOOPBACK, "--port", str(port), "--host-json", str(self.repo / "host.json")]
         argv += ["--state-dir", str(self.root / "functions-host")]  # the timers' schedule monitor keeps its state here
         proc, offset = spawn(argv, log, env, self.repo)
         try:
-            wait_ready("functions host", proc, log, timeout=60, ready_line=FUNCTIONS_READY, offset=offset)
+            ready = wait_ready("functions host", proc, log, timeout=60, ready_line=FUNCTIONS_READY, offset=offset)
+            port = self._bound_port(ready, "the Functions host")
         except Exception:
             proc.kill()
             raise

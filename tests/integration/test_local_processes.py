@@ -24,13 +24,14 @@ def _service(pid: int, log: Path, *, grace: float = 5.0) -> Service:
 def test_ready_line_then_sigterm(tmp_path: Path) -> None:
     log = tmp_path / "svc.log"
     log.write_text(f"{READY} (from an earlier run: must not count)\n")
+    line = f"{READY} at http://127.0.0.1:1234"
     proc, offset = spawn(
-        [sys.executable, "-c", f"import time; time.sleep(0.3); print({READY!r}, flush=True); time.sleep(60)"],
+        [sys.executable, "-c", f"import time; time.sleep(0.3); print({line!r}, flush=True); time.sleep(60)"],
         log,
         dict(os.environ),
         tmp_path,
     )
-    wait_ready("test", proc, log, timeout=30, ready_line=READY, offset=offset)
+    assert wait_ready("test", proc, log, timeout=30, ready_line=READY, offset=offset) == "at http://127.0.0.1:1234"
     assert is_alive(proc.pid)
     assert log.read_text().count(READY) == 2
     assert stop(_service(proc.pid, log)) == "stopped (SIGTERM)"
