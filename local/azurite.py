@@ -1,9 +1,9 @@
 """Azurite (Blob Storage only) from ``node_modules/.bin/azurite-blob``, installed by ``npm ci`` (package-lock.json).
 
 ``start_azurite(location, port)`` starts it on 127.0.0.1 (without ``port``: on a port the system picks, which Azurite
-binds itself, so no other process can take it between the pick and the bind), waits until Azurite's log says which
-port it listens on and that port accepts connections, and returns the well-known development connection string for
-that port, the process and the port. Azurite's flags:
+binds itself, so no other process can take it between the pick and the bind), waits until Azurite's log says it
+listens and on which port, and returns the well-known development connection string for that port, the process and
+the port. Azurite's flags:
 ``--skipApiVersionCheck`` (the SDK may be newer than Azurite), ``--disableTelemetry``, ``--loose`` (ignore headers
 Azurite does not implement).
 """
@@ -11,13 +11,13 @@ Azurite does not implement).
 from __future__ import annotations
 
 import logging
-import re
+import os
 import subprocess
-import time
 from pathlib import Path
 from typing import NamedTuple
 
-from local.ports import LOOPBACK, ensure_free, is_listening
+from local.ports import LOOPBACK, bound_port, ensure_free
+from local.processes import ServiceFailed, spawn, wait_ready
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +28,9 @@ ACCOUNT = "devstoreaccount1"
 ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
 
-# What azurite-blob prints once its server is bound, with the port it got (the one asked for, or the system's pick).
-LISTENING = re.compile(rb"successfully listens on http://[^\s/]+:(\d+)")
+# What azurite-blob prints once its server is bound, before the address with the port it got (the one asked for, or
+# the system's pick).
+LISTENING = "Azurite Blob service successfully listens on "
 
 
 class Azurite(NamedTuple):
@@ -75,35 +76,21 @@ def start_azurite(
         ensure_free(port, "Azurite")
     location.mkdir(parents=True, exist_ok=True)
     log = log_path or location / "azurite.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as out:
-        start = out.tell()  # the log may hold earlier runs': only what this one writes names its port
-        proc = subprocess.Popen(
-            command(location, port or 0),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=REPO_ROOT,
-            start_new_session=True,  # the stack leaves it running after `make up` exits
-        )
-    deadline = time.monotonic() + timeout
-    while (bound := _listening_port(log, start)) is None or not is_listening(bound):
-        if proc.poll() is not None:
-            raise AzuriteError(f"Azurite exited with {proc.returncode} before it listened; see {log}")
-        if time.monotonic() > deadline:
+    # Detached (the stack leaves it running after `make up` exits), appended to a log that may hold earlier runs':
+    # only what this one writes names its port.
+    proc, start = spawn(command(location, port or 0), log, os.environ, REPO_ROOT)
+    try:
+        ready = wait_ready("Azurite", proc, log, timeout=timeout, ready_line=LISTENING, offset=start)
+        port = bound_port(ready)
+        if port is None:
+            raise ServiceFailed(f"Azurite said it listens without an address: {ready!r}; see {log}")
+    except ServiceFailed as e:
+        if proc.poll() is None:
             proc.kill()
             proc.wait()
-            raise AzuriteError(f"Azurite did not listen within {timeout:.0f} s; see {log}")
-        time.sleep(0.1)
-    logger.info("Azurite ready on port %d", bound, extra={"action": "azurite_ready"})
-    return Azurite(connection_string(bound), proc, bound)
-
-
-def _listening_port(log: Path, start: int) -> int | None:
-    with log.open("rb") as f:
-        f.seek(start)
-        found = LISTENING.search(f.read())
-    return int(found.group(1)) if found else None
+        raise AzuriteError(str(e)) from e
+    logger.info("Azurite ready on port %d", port, extra={"action": "azurite_ready"})
+    return Azurite(connection_string(port), proc, port)
 
 
 def stop_azurite(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:

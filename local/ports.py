@@ -1,10 +1,13 @@
-"""Loopback ports for local services: a free one for tests, and a clear error when a chosen one is taken."""
+"""Loopback ports for local services: a free one for tests, a clear error when a chosen one is taken, and the port a
+service that bound port 0 names in its ready line."""
 
 from __future__ import annotations
 
+import re
 import socket
 
 LOOPBACK = "127.0.0.1"
+_ADDRESS = re.compile(r"://[^\s/]+:(\d+)")
 
 
 class PortBusy(RuntimeError):
@@ -33,3 +36,9 @@ def is_listening(port: int, host: str = LOOPBACK) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
         return sock.connect_ex((host, port)) == 0
+
+
+def bound_port(ready: str) -> int | None:
+    """The port of the first address (``scheme://host:port``) in a service's ready line, if it names one."""
+    found = _ADDRESS.search(ready)
+    return int(found.group(1)) if found else None

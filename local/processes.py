@@ -62,13 +62,8 @@ def spawn(argv: Sequence[str], log: Path, env: Mapping[str, str], cwd: Path) -> 
             cwd=cwd,
             start_new_session=True,
         )
-    adopt(proc)
+    _CHILDREN[proc.pid] = proc  # so that is_alive and stop reap it
     return proc, offset
-
-
-def adopt(proc: subprocess.Popen[bytes]) -> None:
-    """Remember a child started elsewhere (Azurite), so that ``is_alive`` and ``stop`` reap it."""
-    _CHILDREN[proc.pid] = proc
 
 
 def _line_after(log: Path, offset: int, text: str) -> str | None:

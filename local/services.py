@@ -11,7 +11,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -22,9 +21,9 @@ from azure.storage.blob import BlobServiceClient
 
 from local.azurite import AzuriteError, start_azurite
 from local.functions_host.routes import load_route_prefix
-from local.ports import LOOPBACK, ensure_free, free_port, is_listening
+from local.ports import LOOPBACK, bound_port, ensure_free, free_port, is_listening
 from local.postgres import PostgresError, reachable_data_dir, start_postgres
-from local.processes import Service, adopt, spawn, wait_ready
+from local.processes import Service, spawn, wait_ready
 from local.servicebus_emulator.process import connection_string
 from shared.settings import Settings
 
@@ -32,7 +31,6 @@ logger = logging.getLogger(__name__)
 
 SERVICEBUS_READY = "Service Bus emulator ready: "
 FUNCTIONS_READY = "Functions host ready: "
-BOUND = re.compile(r"://[^\s/]+:(\d+)")  # the port of the first address in a ready line
 # Settings that would point the services somewhere else than the stack's own backends.
 _REPLACED = (
     "ServiceBusConnection__fullyQualifiedNamespace",
@@ -96,10 +94,10 @@ class Launcher:
     @staticmethod
     def _bound_port(ready: str, name: str) -> int:
         """The port in the address a service's ready line names (``amqp://127.0.0.1:5672 ...``)."""
-        found = BOUND.search(ready)
-        if found is None:
+        port = bound_port(ready)
+        if port is None:
             raise SetupFailed(f"{name} said it was ready without an address: {ready!r}")
-        return int(found.group(1))
+        return port
 
     def postgres(self, port: int) -> tuple[str, Service | None]:
         url = self.environ.get("DATABASE_URL")
@@ -145,7 +143,6 @@ class Launcher:
             azurite = start_azurite(self.root / "azurite", port or None, log)
         except AzuriteError as e:
             raise SetupFailed(f"azurite: {e}") from e
-        adopt(azurite.process)
         logger.info("azurite: ready on port %d", azurite.port)
         service = Service("azurite", azurite.process.pid, str(log), "azurite-blob", azurite.port)
         return azurite.connection_string, service
