@@ -67,17 +67,20 @@ def spawn(argv: Sequence[str], log: Path, env: Mapping[str, str], cwd: Path) -> 
 
 
 def _line_after(log: Path, offset: int, text: str) -> str | None:
-    """What follows ``text`` on its first line in the log after ``offset``; None while it is not there."""
+    """What follows ``text`` on its first line in the log after ``offset``; None while that line is not there whole
+    (its end not yet written: the address on it could still be cut short)."""
     try:
         with log.open("rb") as f:
             f.seek(offset)
             written = f.read()
     except OSError:
         return None
-    at = written.find(text.encode())
+    wanted = text.encode()
+    at = written.find(wanted)
     if at < 0:
         return None
-    return written[at + len(text.encode()) :].split(b"\n", 1)[0].decode(errors="replace").strip()
+    rest, newline, _ = written[at + len(wanted) :].partition(b"\n")
+    return rest.decode(errors="replace").strip() if newline else None
 
 
 def wait_ready(

@@ -39,6 +39,17 @@ def test_ready_line_then_sigterm(tmp_path: Path) -> None:
     assert stop(_service(proc.pid, log)) == "not running"  # twice is fine
 
 
+def test_a_ready_line_counts_once_its_end_is_written(tmp_path: Path) -> None:
+    log = tmp_path / "svc.log"
+    code = f"import sys, time; sys.stdout.write({READY + ' at http://127.0.0.1:12'!r}); sys.stdout.flush(); "
+    code += "time.sleep(1); print('34', flush=True); time.sleep(60)"
+    proc, offset = spawn([sys.executable, "-c", code], log, dict(os.environ), tmp_path)
+    try:
+        assert wait_ready("test", proc, log, timeout=30, ready_line=READY, offset=offset) == "at http://127.0.0.1:1234"
+    finally:
+        stop(_service(proc.pid, log))
+
+
 def test_early_exit_names_the_log(tmp_path: Path) -> None:
     log = tmp_path / "svc.log"
     proc, offset = spawn([sys.executable, "-c", "import sys; sys.exit(3)"], log, dict(os.environ), tmp_path)
