@@ -16,8 +16,8 @@ import subprocess
 from pathlib import Path
 from typing import NamedTuple
 
-from local.ports import LOOPBACK, bound_port, ensure_free
-from local.processes import ServiceFailed, spawn, wait_ready
+from local.ports import LOOPBACK, ensure_free
+from local.processes import ServiceFailed, spawn, wait_bound
 
 logger = logging.getLogger(__name__)
 
@@ -80,10 +80,7 @@ def start_azurite(
     # only what this one writes names its port.
     proc, start = spawn(command(location, port or 0), log, os.environ, REPO_ROOT)
     try:
-        ready = wait_ready("Azurite", proc, log, timeout=timeout, ready_line=LISTENING, offset=start)
-        port = bound_port(ready)
-        if port is None:
-            raise ServiceFailed(f"Azurite said it listens without an address: {ready!r}; see {log}")
+        port = wait_bound("Azurite", proc, log, timeout=timeout, ready_line=LISTENING, offset=start)
     except ServiceFailed as e:
         if proc.poll() is None:
             proc.kill()

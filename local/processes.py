@@ -2,7 +2,8 @@
 
 ``spawn`` starts a service in its own session (so ``make up`` can exit and Ctrl-C in the terminal does not reach
 it), appending stdout and stderr to its log. ``wait_ready`` watches the log for the service's ready line, or a port,
-and fails with the log's path when the process dies or time runs out. ``stop`` sends a signal, waits a grace period,
+and fails with the log's path when the process dies or time runs out; ``wait_bound`` also reads the port a service
+that bound port 0 names on its ready line. ``stop`` sends a signal, waits a grace period,
 then SIGKILLs, and only ever signals a PID whose command line still carries the service's marker (PIDs are reused).
 """
 
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from local.ports import is_listening
+from local.ports import bound_port, is_listening
 
 # Services this process started and has not reaped yet (the stack runs in-process in tests): keeping the Popen
 # objects lets us reap them on stop and keeps Popen.__del__ from warning about children that are still running.
@@ -109,6 +110,18 @@ def wait_ready(
         if time.monotonic() > deadline:
             raise ServiceFailed(f"{name} was not ready within {timeout:.0f} s; see {log}")
         time.sleep(0.1)
+
+
+def wait_bound(
+    name: str, proc: subprocess.Popen[bytes], log: Path, *, timeout: float, ready_line: str, offset: int = 0
+) -> int:
+    """:func:`wait_ready` for a service that bound a port itself and names its address on its ready line
+    (``amqp://127.0.0.1:5672 ...``): that port."""
+    ready = wait_ready(name, proc, log, timeout=timeout, ready_line=ready_line, offset=offset)
+    port = bound_port(ready)
+    if port is None:
+        raise ServiceFailed(f"{name} said it was ready without an address: {ready!r}; see {log}")
+    return port
 
 
 def is_alive(pid: int) -> bool:

@@ -21,9 +21,9 @@ from azure.storage.blob import BlobServiceClient
 
 from local.azurite import AzuriteError, start_azurite
 from local.functions_host.routes import load_route_prefix
-from local.ports import LOOPBACK, bound_port, ensure_free, free_port, is_listening
+from local.ports import LOOPBACK, ensure_free, free_port, is_listening
 from local.postgres import PostgresError, reachable_data_dir, start_postgres
-from local.processes import Service, spawn, wait_ready
+from local.processes import Service, spawn, wait_bound, wait_ready
 from local.servicebus_emulator.process import connection_string
 from shared.settings import Settings
 
@@ -91,14 +91,6 @@ class Launcher:
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
 
-    @staticmethod
-    def _bound_port(ready: str, name: str) -> int:
-        """The port in the address a service's ready line names (``amqp://127.0.0.1:5672 ...``)."""
-        port = bound_port(ready)
-        if port is None:
-            raise SetupFailed(f"{name} said it was ready without an address: {ready!r}")
-        return port
-
     def postgres(self, port: int) -> tuple[str, Service | None]:
         url = self.environ.get("DATABASE_URL")
         if url:
@@ -163,8 +155,7 @@ class Launcher:
         argv += ["--host", LOOPBACK, "--port", str(port), "--data-dir", str(self.root / "servicebus")]
         proc, offset = spawn(argv, log, self.environ, self.repo)
         try:
-            ready = wait_ready("servicebus", proc, log, timeout=60, ready_line=SERVICEBUS_READY, offset=offset)
-            port = self._bound_port(ready, "the Service Bus emulator")
+            port = wait_bound("servicebus", proc, log, timeout=60, ready_line=SERVICEBUS_READY, offset=offset)
         except Exception:
             proc.kill()
             raise
@@ -182,8 +173,7 @@ class Launcher:
         argv += ["--state-dir", str(self.root / "functions-host")]  # the timers' schedule monitor keeps its state here
         proc, offset = spawn(argv, log, env, self.repo)
         try:
-            ready = wait_ready("functions host", proc, log, timeout=60, ready_line=FUNCTIONS_READY, offset=offset)
-            port = self._bound_port(ready, "the Functions host")
+            port = wait_bound("functions host", proc, log, timeout=60, ready_line=FUNCTIONS_READY, offset=offset)
         except Exception:
             proc.kill()
             raise
